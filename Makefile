@@ -1,0 +1,26 @@
+# The two set-up commands of README.md: `make report` and `make test`.
+# Both create .venv on first use. torch is pinned to 2.13.0 first so that a CPU-only
+# machine gets the CPU build (an unpinned torch pulls several GB of CUDA packages).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: setup report test lint
+setup: $(BIN)/.installed
+
+report: setup
+	$(BIN)/python analyses/fact_finding.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check factfind tests analyses benchmarks
+	$(BIN)/pyright

@@ -1,0 +1,581 @@
+"""The model adapter: the one module that reaches inside a model, through nnsight.
+
+Every analysis in factfind asks the same few things of a model: run a batch of prompts, read
+activations at some sites, overwrite activations at other sites, block some attention edges,
+and take gradients of a metric with respect to activations. This module answers exactly those
+questions for any Hugging Face causal LM whose architecture has an :class:`ArchSpec`, and no
+other module imports nnsight (a second backend would be a sibling module with parity tests).
+
+Sites (see :mod:`factfind.types`) are defined *uniformly* across families, so that a head or a
+neuron means the same thing in GPT-2, Pythia and Llama:
+
+* ``resid_pre[l]`` is the first positional input of block ``l`` and ``resid_post[l]`` its output;
+* ``z[l]`` is the input of the attention output projection, viewed ``[batch pos head d_head]``,
+  and ``head_out[l][:, :, h] = z[l][:, :, h] @ W_O[l][h]`` (so ``sum_h head_out + b_O`` is the
+  attention output: per-head outputs are exact, not approximations);
+* ``neurons[l]`` is the input of the MLP output projection, i.e. the post-activation hidden units
+  (for gated MLPs such as Llama's: ``act(gate) * up``), and ``neurons @ W_out + b_out`` is the
+  MLP output;
+* ``resid_post = resid_pre + attn_out + mlp_out`` holds for parallel (GPT-NeoX) and sequential
+  (GPT-2, Llama) blocks alike.
+
+Left padding and positions: batches are left-padded (the final token is always at index -1) and
+``position_ids`` are passed explicitly as ``cumsum(mask) - 1``, so a padded prompt sees the same
+positions as an unpadded one, for absolute (GPT-2) and rotary (NeoX, Llama) embeddings alike.
+
+Example::
+
+    model = load_model("organism")
+    batch = model.tokenize(facts)
+    run = model.run(batch, save=[(Component.NEURONS, 2)])
+    run.acts[(Component.NEURONS, 2)].shape        # [batch pos neuron]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from factfind.types import Component, SiteKey
+
+if TYPE_CHECKING:
+    from factfind.data import FactPrompt, TokenBatch
+
+log = logging.getLogger(__name__)
+
+Edit = Callable[[Tensor], Tensor]
+"""A function from the activation at a site to its replacement (same shape)."""
+
+
+# ----------------------------------------------------------------------------- architecture specs
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where each site lives in one family of Hugging Face models.
+
+    Paths are dotted attribute paths: ``blocks``, ``embed``, ``final_norm`` and ``unembed`` from
+    the root ``*ForCausalLM`` module; the others relative to one block.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    embed: str
+    final_norm: str
+    unembed: str
+    attn: str
+    attn_out_proj: str
+    mlp: str
+    mlp_out_proj: str
+    norm_kind: str  # "layernorm" | "rmsnorm" | "gemma_rmsnorm" (x * (1 + w))
+    conv1d: bool = False  # GPT-2 stores projections as Conv1D: weight is [in, out]
+    n_heads_attr: str = "num_attention_heads"
+    n_kv_heads_attr: str | None = "num_key_value_heads"
+
+
+SPECS: dict[str, ArchSpec] = {}
+
+
+def register_spec(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture: map its ``config.model_type`` values to module paths."""
+    for model_type in spec.model_types:
+        SPECS[model_type] = spec
+    return spec
+
+
+register_spec(ArchSpec(
+    name="gpt2", model_types=("gpt2",), blocks="transformer.h", embed="transformer.wte",
+    final_norm="transformer.ln_f", unembed="lm_head", attn="attn", attn_out_proj="attn.c_proj",
+    mlp="mlp", mlp_out_proj="mlp.c_proj", norm_kind="layernorm", conv1d=True,
+    n_heads_attr="n_head", n_kv_heads_attr=None,
+))
+register_spec(ArchSpec(
+    name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
+    embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="embed_out",
+    attn="attention", attn_out_proj="attention.dense", mlp="mlp",
+    mlp_out_proj="mlp.dense_4h_to_h", norm_kind="layernorm", n_kv_heads_attr=None,
+))
+_LLAMA_PATHS: dict[str, Any] = dict(
+    blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm",
+    unembed="lm_head", attn="self_attn", attn_out_proj="self_attn.o_proj", mlp="mlp",
+    mlp_out_proj="mlp.down_proj",
+)
+register_spec(ArchSpec(
+    name="llama", model_types=("llama", "mistral", "qwen2"), norm_kind="rmsnorm", **_LLAMA_PATHS
+))
+register_spec(ArchSpec(
+    name="gemma", model_types=("gemma",), norm_kind="gemma_rmsnorm", **_LLAMA_PATHS
+))
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's ``config.model_type`` has no :class:`ArchSpec`."""
+
+
+def spec_for(config: Any) -> ArchSpec:
+    """The :class:`ArchSpec` for a Hugging Face config, or a clear error."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SPECS:
+        raise UnsupportedArchitectureError(
+            f"factfind has no architecture spec for model_type={model_type!r}. Supported: "
+            f"{', '.join(sorted(SPECS))}. To add one, describe where its blocks, attention "
+            "output projection and MLP output projection live: "
+            "factfind.model.register_spec(ArchSpec(name=..., model_types=(...,), blocks=..., ...))."
+        )
+    return SPECS[model_type]
+
+
+def _get(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """What one forward pass returned.
+
+    Attributes:
+        logits: ``[batch d_vocab]`` at the final position (or ``[batch pos d_vocab]`` when
+            ``logits="all"`` was asked for).
+        acts: saved activations by ``(component, layer)``; ``z`` is ``[batch pos head d_head]``.
+        grads: gradients of the metric with respect to the saved activations.
+    """
+
+    logits: Tensor
+    acts: dict[SiteKey, Tensor] = field(default_factory=dict)
+    grads: dict[SiteKey, Tensor] = field(default_factory=dict)
+
+
+WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT,
+            Component.Z, Component.MLP_OUT, Component.NEURONS)
+
+
+class Model:
+    """A Hugging Face causal LM seen through nnsight, with uniform sites.
+
+    Build it with :func:`load_model`. Dimensions: ``n_layers, n_heads, n_kv_heads, d_model,
+    d_head, d_mlp, d_vocab``.
+    """
+
+    def __init__(self, hf_model: Any, tokenizer: Any, *, name: str, revision: str | None = None):
+        from nnsight import TransformersModel
+
+        hf_model.eval()
+        hf_model.requires_grad_(False)
+        self.hf = hf_model
+        self.spec = spec_for(hf_model.config)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        self.name = name
+        self.revision = revision
+        self._nn = TransformersModel(hf_model, tokenizer=tokenizer)
+        cfg = hf_model.config
+        self.n_layers: int = len(_get(hf_model, self.spec.blocks))
+        self.n_heads: int = getattr(cfg, self.spec.n_heads_attr)
+        kv = getattr(cfg, self.spec.n_kv_heads_attr, None) if self.spec.n_kv_heads_attr else None
+        self.n_kv_heads: int = kv or self.n_heads
+        self.d_model: int = _get(hf_model, self.spec.embed).weight.shape[1]
+        self.d_vocab: int = _get(hf_model, self.spec.unembed).weight.shape[0]
+        w = self._weight(_get(self._block_hf(0), self.spec.attn_out_proj))
+        self.d_head: int = w.shape[0] // self.n_heads
+        self.d_mlp: int = self._weight(_get(self._block_hf(0), self.spec.mlp_out_proj)).shape[0]
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """A short stable id of the weights' provenance: name, revision and config."""
+        payload = json.dumps(
+            {"name": self.name, "revision": self.revision, "config": self.hf.config.to_dict()},
+            sort_keys=True, default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (f"Model({self.name!r}, arch={self.spec.name}, layers={self.n_layers}, "
+                f"heads={self.n_heads}, d_model={self.d_model}, d_mlp={self.d_mlp})")
+
+    # -- weights (read-only views in the [in, out] convention) ---------------------------------
+
+    def _block_hf(self, layer: int) -> Any:
+        return _get(self.hf, self.spec.blocks)[layer]
+
+    def _weight(self, module: Any) -> Tensor:
+        """Weight as ``[in, out]`` for Linear and Conv1D alike."""
+        return module.weight if self.spec.conv1d else module.weight.T
+
+    def W_O(self, layer: int) -> Tensor:
+        """Output projection per head: ``[head d_head d_model]``."""
+        w = self._weight(_get(self._block_hf(layer), self.spec.attn_out_proj))
+        return w.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def b_O(self, layer: int) -> Tensor:
+        """Output-projection bias ``[d_model]`` (zeros when the family has none)."""
+        return _bias(_get(self._block_hf(layer), self.spec.attn_out_proj), self.d_model)
+
+    def W_out(self, layer: int) -> Tensor:
+        """MLP output weight ``[neuron d_model]``."""
+        return self._weight(_get(self._block_hf(layer), self.spec.mlp_out_proj))
+
+    def b_out(self, layer: int) -> Tensor:
+        """MLP output bias ``[d_model]`` (zeros when the family has none)."""
+        return _bias(_get(self._block_hf(layer), self.spec.mlp_out_proj), self.d_model)
+
+    @property
+    def W_U(self) -> Tensor:
+        """Unembedding ``[d_model d_vocab]``."""
+        return _get(self.hf, self.spec.unembed).weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        return _bias(_get(self.hf, self.spec.unembed), self.d_vocab)
+
+    def final_norm_scale(self, resid: Tensor) -> Tensor:
+        """The final norm's denominator for a residual ``[... d_model]``, shape ``[... 1]``."""
+        norm = _get(self.hf, self.spec.final_norm)
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        x = resid.float()
+        if self.spec.norm_kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt().to(resid.dtype)
+
+    def final_norm_frozen(self, x: Tensor, scale: Tensor, *, bias: bool = True) -> Tensor:
+        """The final norm as a *linear* map with its scale frozen (for direct logit attribution).
+
+        ``x`` is one additive component of the final residual ``[... d_model]``; ``scale`` comes
+        from :meth:`final_norm_scale` on the clean run. Centring (LayerNorm) is linear, so the
+        components' results sum to the normalised residual when ``bias`` is given to exactly
+        one of them.
+        """
+        norm = _get(self.hf, self.spec.final_norm)
+        if self.spec.norm_kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
+        out = x / scale * gain
+        nb = getattr(norm, "bias", None)
+        if bias and nb is not None:
+            out = out + nb
+        return out
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[FactPrompt]) -> TokenBatch:
+        """Left-padded token batch with the position of each role (see :mod:`factfind.data`)."""
+        from factfind.data import encode
+
+        return encode(self.tokenizer, prompts, padding_side="left")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(
+        self,
+        batch: TokenBatch | Mapping[str, Tensor],
+        *,
+        save: Iterable[SiteKey] = (),
+        edits: Mapping[SiteKey, Edit] | None = None,
+        block_attention: Mapping[int, Tensor] | None = None,
+        metric: Callable[[Tensor], Tensor] | None = None,
+        logits: str = "final",
+    ) -> Run:
+        """One forward pass with reads, writes, attention blocks and optional gradients.
+
+        Args:
+            batch: a :class:`~factfind.data.TokenBatch` or a mapping with ``input_ids``,
+                ``attention_mask`` and optionally ``position_ids`` (left-padded).
+            save: ``(component, layer)`` sites whose activations to return (after any edit).
+                ``head_out`` is derived from ``z`` and ``W_O``.
+            edits: functions that replace the activation at a site.
+            block_attention: per layer, a bool tensor ``[batch q_pos k_pos]``: True blocks the
+                edge from query ``q`` to key ``k`` (attention knockout, Geva et al. 2023).
+            metric: if given, a function from the returned logits to a scalar; gradients of it
+                with respect to every saved activation are returned in ``Run.grads``.
+            logits: ``"final"`` (``[batch d_vocab]``) or ``"all"`` (``[batch pos d_vocab]``).
+
+        Returns:
+            A :class:`Run`.
+        """
+        edits = dict(edits or {})
+        block_attention = dict(block_attention or {})
+        want = {(Component(c), int(layer)) for c, layer in save}
+        for key in list(want) + list(edits):
+            self._check_site(key, writing=key in edits)
+        for layer in block_attention:
+            self._check_site((Component.ATTN_OUT, layer), writing=True)
+        read_z = {(Component.Z, layer) for (c, layer) in want if c is Component.HEAD_OUT}
+        need = want | read_z
+        enc = _encoding(batch, self.device)
+        acts: dict[SiteKey, Any] = {}
+        nn = self._nn
+        grad = metric is not None
+        blocks = _get(nn, self.spec.blocks)
+        with nn.trace(enc):
+            emb = _get(nn, self.spec.embed)
+            key = (Component.EMBED, 0)
+            if grad or key in need or key in edits:
+                e = emb.output
+                if key in edits:
+                    emb.output = edits[key](e)
+                    e = emb.output
+                if grad and not e.requires_grad:
+                    e.requires_grad_(True)
+                if key in need:
+                    acts[key] = e
+            for layer in range(self.n_layers):
+                blk = blocks[layer]
+                key = (Component.RESID_PRE, layer)
+                if key in need or key in edits:
+                    if key in edits:
+                        blk.input = edits[key](blk.input)
+                    if key in need:
+                        acts[key] = blk.input
+                attn = _get(blk, self.spec.attn)
+                if layer in block_attention:
+                    args, kwargs = attn.inputs
+                    kwargs = dict(kwargs)
+                    kwargs["attention_mask"] = _block_mask(
+                        kwargs.get("attention_mask"), block_attention[layer], enc
+                    )
+                    attn.inputs = (args, kwargs)
+                key = (Component.Z, layer)
+                if key in need or key in edits:
+                    proj = _get(blk, self.spec.attn_out_proj)
+                    z = proj.input
+                    shape = z.shape
+                    if key in edits:
+                        new = edits[key](z.reshape(*shape[:-1], self.n_heads, self.d_head))
+                        proj.input = new.reshape(shape)
+                        z = proj.input
+                    if key in need:
+                        acts[key] = z
+                key = (Component.ATTN_OUT, layer)
+                if key in need or key in edits:
+                    if key in edits:
+                        out = attn.output
+                        attn.output = (edits[key](out[0]), *out[1:])
+                    if key in need:
+                        acts[key] = attn.output[0]
+                key = (Component.NEURONS, layer)
+                if key in need or key in edits:
+                    proj = _get(blk, self.spec.mlp_out_proj)
+                    if key in edits:
+                        proj.input = edits[key](proj.input)
+                    if key in need:
+                        acts[key] = proj.input
+                key = (Component.MLP_OUT, layer)
+                if key in need or key in edits:
+                    mlp = _get(blk, self.spec.mlp)
+                    if key in edits:
+                        mlp.output = edits[key](mlp.output)
+                    if key in need:
+                        acts[key] = mlp.output
+                key = (Component.RESID_POST, layer)
+                if key in need or key in edits:
+                    if key in edits:
+                        blk.output = edits[key](blk.output)
+                    if key in need:
+                        acts[key] = blk.output
+            out = _get(nn, self.spec.unembed).output
+            lg = out if logits == "all" else out[:, -1]
+            lg = lg.save()
+            for v in acts.values():
+                v.save()
+        grads: dict[SiteKey, Tensor] = {}
+        if grad:
+            assert metric is not None
+            keys = [k for k in acts if acts[k].requires_grad]
+            value = metric(lg)
+            if keys:
+                got = torch.autograd.grad(value, [acts[k] for k in keys], allow_unused=True)
+                for k, g in zip(keys, got, strict=True):
+                    grads[k] = torch.zeros_like(acts[k]) if g is None else g
+            lg = lg.detach()
+        result = {k: v.detach() for k, v in acts.items()}
+        for k in list(result) + list(grads):
+            if k[0] is Component.Z:
+                if k in result:
+                    result[k] = result[k].reshape(*result[k].shape[:-1], self.n_heads, self.d_head)
+                if k in grads:
+                    g = grads[k]
+                    grads[k] = g.reshape(*g.shape[:-1], self.n_heads, self.d_head)
+        for c, layer in want:
+            if c is Component.HEAD_OUT:
+                z = result[(Component.Z, layer)]
+                result[(c, layer)] = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))
+        return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads)
+
+    def final_logits(
+        self, prompts: Sequence[FactPrompt], *, batch_size: int = 64
+    ) -> Tensor:
+        """Next-token logits at the final position for each prompt: ``[batch d_vocab]``."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.tokenize(prompts[start:start + batch_size])
+            out.append(self.run(batch).logits.float())
+        if not out:
+            return torch.zeros(0, self.d_vocab)
+        return torch.cat(out)
+
+    def _check_site(self, key: SiteKey, *, writing: bool) -> None:
+        comp, layer = key
+        if writing and comp not in WRITABLE:
+            raise ValueError(f"cannot write to {comp}: writable sites are "
+                             f"{', '.join(str(c) for c in WRITABLE)} (edit z to change a head)")
+        if comp is not Component.EMBED and not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range for {self.name} "
+                             f"with {self.n_layers} layers")
+
+
+def _bias(module: Any, size: int) -> Tensor:
+    b = getattr(module, "bias", None)
+    if b is None:
+        w = module.weight
+        return torch.zeros(size, dtype=w.dtype, device=w.device)
+    return b
+
+
+def _encoding(batch: Any, device: torch.device) -> dict[str, Any]:
+    if hasattr(batch, "input_ids"):
+        enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+               "position_ids": batch.position_ids}
+    else:
+        enc = dict(batch)
+        if "position_ids" not in enc and "attention_mask" in enc:
+            mask = enc["attention_mask"]
+            enc["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    enc["use_cache"] = False
+    return enc
+
+
+def _block_mask(mask: Tensor | None, block: Tensor, enc: Mapping[str, Tensor]) -> Tensor:
+    """Combine the model's 4-D attention mask with a knockout ``[batch q k]`` (True = block)."""
+    block = block.to(enc["input_ids"].device)[:, None]  # [batch 1 q k]
+    if mask is None:
+        n = enc["input_ids"].shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=block.device).tril()
+        pad = enc["attention_mask"].bool()[:, None, None, :]
+        mask = causal[None, None] & pad
+    if mask.dtype == torch.bool:
+        return mask & ~block
+    return mask.masked_fill(block, torch.finfo(mask.dtype).min)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(
+    source: Any = "organism",
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    attn_implementation: str = "eager",
+    device_map: str | None = None,
+) -> Model:
+    """Load a causal LM for analysis.
+
+    Args:
+        source: ``"organism"`` (the shipped model organism), a local Hugging Face model
+            directory, a hub name (needs the hub to be reachable), a ``(model, tokenizer)``
+            pair, or an already-built ``PreTrainedModel`` (then pass ``tokenizer``).
+        tokenizer: a tokenizer to use instead of the one stored with the model.
+        device: ``"cpu"``, ``"cuda"``, ...; default CPU.
+        dtype: e.g. ``torch.float32`` or ``"bfloat16"``; default the checkpoint's.
+        revision: hub revision (branch, tag or commit).
+        attn_implementation: ``"eager"`` (default: exact, needed for parity with peers) or
+            ``"sdpa"``.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard over GPUs).
+
+    Returns:
+        A :class:`Model`.
+
+    Example::
+
+        model = load_model("organism")
+        model = load_model("/models/pythia-2.8b", device="cuda", dtype="bfloat16")
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(source, tuple):
+        hf, tok = source
+        name = getattr(hf.config, "name_or_path", "") or type(hf).__name__
+        rev = revision
+    elif isinstance(source, (str, os.PathLike)):
+        path = str(source)
+        if path == "organism":
+            from factfind.organism import CHECKPOINT_DIR
+
+            path = str(CHECKPOINT_DIR)
+            name = "factfind-organism"
+        else:
+            name = path
+        kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if revision is not None:
+            kwargs["revision"] = revision
+        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
+        rev = revision or getattr(hf.config, "_commit_hash", None) or _dir_revision(Path(path))
+    else:
+        hf, tok = source, tokenizer
+        if tok is None:
+            raise ValueError("load_model(<PreTrainedModel>) needs tokenizer=...")
+        name = getattr(hf.config, "name_or_path", "") or type(hf).__name__
+        rev = revision
+    spec_for(hf.config)  # fail early, before wrapping
+    if hasattr(hf, "set_attn_implementation"):
+        try:
+            hf.set_attn_implementation(attn_implementation)
+        except (ValueError, ImportError) as err:  # pragma: no cover - depends on the install
+            log.warning("could not set attn_implementation=%s: %s", attn_implementation, err)
+    if dtype is not None and device_map is None:
+        hf = hf.to(dtype)
+    if device is not None and device_map is None:
+        hf = hf.to(device)
+    if tok is None:
+        raise ValueError(f"no tokenizer for {name!r}: pass tokenizer=...")
+    return Model(hf, tok, name=name, revision=rev)
+
+
+def _dir_revision(path: Path) -> str | None:
+    """A content id for a local model directory: sha256 over its weight files' names and sizes
+    plus the config, cheap even for large checkpoints."""
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.name == "config.json" or f.stat().st_size < 50_000_000:
+                h.update(f.read_bytes())
+    return "local-" + h.hexdigest()[:12]

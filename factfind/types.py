@@ -1,0 +1,108 @@
+"""Shared vocabulary of factfind: sites, components, position roles and dimension names.
+
+Every other module speaks in these terms and this module imports nothing else of the package
+(the habit of auto-circuit's ``types.py``). A *site* is a place in the forward pass where an
+activation can be read or written:
+
+* ``embed``      token (+ position) embeddings, the input of layer 0            ``[batch pos d_model]``
+* ``resid_pre``  the residual stream entering layer ``l``                        ``[batch pos d_model]``
+* ``resid_post`` the residual stream leaving layer ``l``                         ``[batch pos d_model]``
+* ``attn_out``   the attention block's output (output projection + bias)         ``[batch pos d_model]``
+* ``head_out``   one head's share of ``attn_out``: its slice ``z`` of the input to
+                 the output projection, times its slice of ``W_O``              ``[batch pos head d_model]``
+* ``z``          the per-head input to the output projection itself              ``[batch pos head d_head]``
+* ``mlp_out``    the MLP block's output                                          ``[batch pos d_model]``
+* ``neurons``    MLP hidden units after the non-linearity (the input of ``W_out``)
+                 ``[batch pos neuron]``
+
+Position *roles* name token positions by what they hold in a fact prompt, so results from
+prompts of different lengths can be aggregated: ``subject_first`` and ``subject_last`` (the
+first and last subject token), ``subject`` (all subject tokens), ``relation`` (template tokens
+other than the subject and the final token), ``final`` (the last token, where the answer is
+predicted) and ``prefix`` (a few-shot prefix before the template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeAlias
+
+from torch import Tensor
+
+# Fixed dimension names for shape annotations in docstrings and comments:
+# batch, pos, layer, head, d_head, neuron (= d_mlp), d_model, d_vocab.
+DIMS = ("batch", "pos", "layer", "head", "d_head", "neuron", "d_model", "d_vocab")
+
+
+class Component(StrEnum):
+    """A kind of site in the forward pass (see the module docstring)."""
+
+    EMBED = "embed"
+    RESID_PRE = "resid_pre"
+    RESID_POST = "resid_post"
+    ATTN_OUT = "attn_out"
+    HEAD_OUT = "head_out"
+    Z = "z"
+    MLP_OUT = "mlp_out"
+    NEURONS = "neurons"
+
+
+class Role(StrEnum):
+    """What a token position holds in a fact prompt."""
+
+    PREFIX = "prefix"
+    SUBJECT_FIRST = "subject_first"
+    SUBJECT = "subject"
+    SUBJECT_LAST = "subject_last"
+    RELATION = "relation"
+    FINAL = "final"
+
+
+#: roles that name exactly one position per prompt
+POINT_ROLES: tuple[Role, ...] = (Role.SUBJECT_FIRST, Role.SUBJECT_LAST, Role.FINAL)
+#: roles that name a group of positions per prompt (possibly empty, e.g. no prefix)
+GROUP_ROLES: tuple[Role, ...] = (Role.PREFIX, Role.SUBJECT, Role.RELATION, Role.FINAL)
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One addressable place: a component at a layer, optionally one head or neuron, at a position.
+
+    ``position`` is either an absolute token index (``int``, counted in the padded batch) or a
+    :class:`Role`; ``None`` means every position.
+    """
+
+    component: Component
+    layer: int
+    head: int | None = None
+    neuron: int | None = None
+    position: int | Role | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "component", Component(self.component))
+        if isinstance(self.position, str):
+            object.__setattr__(self, "position", Role(self.position))
+        if self.layer < 0:
+            raise ValueError(f"Site layer must be >= 0, got {self.layer}")
+        if self.head is not None and self.component not in (Component.HEAD_OUT, Component.Z):
+            raise ValueError(f"a head index only applies to head_out/z sites, not {self.component}")
+        if self.neuron is not None and self.component is not Component.NEURONS:
+            raise ValueError(f"a neuron index only applies to neurons sites, not {self.component}")
+
+    @property
+    def name(self) -> str:
+        """Compact id such as ``L3.h2@final``, ``L4.n311@subject_last`` or ``L5.mlp_out``."""
+        unit = str(self.component)
+        if self.head is not None:
+            unit = f"h{self.head}"
+        elif self.neuron is not None:
+            unit = f"n{self.neuron}"
+        pos = "" if self.position is None else f"@{self.position}"
+        return f"L{self.layer}.{unit}{pos}"
+
+
+SiteKey: TypeAlias = tuple[Component, int]
+"""(component, layer): the granularity at which the adapter reads and writes activations."""
+
+ActivationDict: TypeAlias = dict[SiteKey, Tensor]
