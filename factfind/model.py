@@ -101,7 +101,7 @@ register_spec(ArchSpec(
 ))
 register_spec(ArchSpec(
     name="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
-    embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="embed_out",
+    embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out",
     attn="attention", attn_out_proj="attention.dense", mlp="mlp",
     mlp_out_proj="mlp.dense_4h_to_h", norm_kind="layernorm", n_kv_heads_attr=None,
 ))
@@ -136,9 +136,20 @@ def spec_for(config: Any) -> ArchSpec:
 
 
 def _get(root: Any, path: str) -> Any:
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
+    """Follow a dotted path; ``a|b`` tries alternatives (module names that changed between
+    transformers releases, e.g. GPT-NeoX's ``embed_out`` became ``lm_head``)."""
+    options = path.split("|")
+    for option in options:
+        node = root
+        try:
+            for part in option.split("."):
+                node = getattr(node, part)
+        except AttributeError:
+            if option == options[-1]:
+                raise
+            continue
+        return node
+    raise AttributeError(path)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -1,0 +1,110 @@
+"""Small deterministic models and tokenizers for tests and benchmarks (no download).
+
+``tiny_model(family)`` builds a randomly initialised Hugging Face causal LM of one supported
+family from a config, with *every* parameter (biases and norm gains included) drawn from a
+normal distribution so that no identity can pass because a term happens to be zero.
+``tiny_tokenizer()`` trains a byte-level BPE tokenizer (the GPT-2 scheme: a leading space is part
+of the following word's token) on a small corpus with the ``tokenizers`` library.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "gemma")
+
+_CORPUS = [
+    "Michael Jordan plays the sport of basketball.",
+    "Tiger Woods plays the sport of golf.",
+    "Serena Williams plays the sport of tennis.",
+    "Fact: Lionel Messi plays the sport of football.",
+    "The Eiffel Tower is located in the city of Paris.",
+    "Zoë Ångström lives in Malmö, and O'Neil lives in Dublin.",
+    "東京 is the capital of Japan.",
+    "Beats Music is owned by Apple. Vinson Massif is located in the continent of Antarctica.",
+]
+
+
+@functools.cache
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (about 400 tokens), built locally."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>",
+    )
+
+
+def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int = 32,
+                n_heads: int = 4) -> Any:
+    """A small config of ``family`` (see :data:`FAMILIES`)."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(vocab_size=vocab_size, attn_implementation="eager")
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=128,
+                             bos_token_id=0, eos_token_id=0, **common)
+    if family.startswith("gpt_neox"):
+        return tf.GPTNeoXConfig(
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
+            intermediate_size=4 * d_model, rotary_pct=0.25, max_position_embeddings=128,
+            use_parallel_residual=family == "gpt_neox", bos_token_id=0, eos_token_id=0, **common,
+        )
+    llama_like = dict(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
+                      num_key_value_heads=max(1, n_heads // 2), intermediate_size=3 * d_model,
+                      max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0, **common)
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "gemma":
+        return tf.GemmaConfig(head_dim=d_model // n_heads, **llama_like)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def tiny_hf_model(family: str, vocab_size: int, *, seed: int = 0, std: float = 0.2,
+                  **kwargs: Any) -> Any:
+    """A randomly initialised ``*ForCausalLM`` of ``family`` with all parameters ~ N(0, std)
+    (norm gains ~ 1 + N(0, std))."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size, **kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_gain = "norm" in name or ".ln_" in name or "layernorm" in name
+            if is_gain and name.endswith("weight") and family != "gemma":
+                p.copy_(1.0 + std * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_model(family: str = "gpt2", *, seed: int = 0, **kwargs: Any) -> Any:
+    """A :class:`factfind.model.Model` around :func:`tiny_hf_model` and :func:`tiny_tokenizer`."""
+    from factfind.model import load_model
+
+    tok = tiny_tokenizer()
+    return load_model((tiny_hf_model(family, len(tok), seed=seed, **kwargs), tok))

@@ -1,0 +1,146 @@
+"""The adapter's sites against plain Hugging Face, for every supported family."""
+
+import pytest
+import torch
+
+from factfind.model import UnsupportedArchitectureError, load_model
+from factfind.testing import FAMILIES, tiny_hf_model, tiny_tokenizer
+from factfind.types import Component as C
+
+SITES = [C.EMBED, C.RESID_PRE, C.Z, C.HEAD_OUT, C.ATTN_OUT, C.NEURONS, C.MLP_OUT, C.RESID_POST]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tok):
+    hf = tiny_hf_model(request.param, len(tok))
+    return hf, load_model((hf, tok))
+
+
+def _batch(n_vocab, seed=1, padded=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, n_vocab, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0  # row 0 is a 4-token prompt, left-padded
+        mask[1, :1] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_logits_equal_hf_unpadded(pair):
+    hf, model = pair
+    batch = _batch(model.d_vocab, padded=False)
+    ref = hf(**batch).logits
+    got = model.run(batch, logits="all").logits
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_left_padding_matches_unpadded_prompt(pair):
+    """A left-padded row gets the same final logits as the same prompt alone."""
+    hf, model = pair
+    batch = _batch(model.d_vocab)
+    got = model.run(batch).logits
+    for row, start in ((0, 3), (1, 1), (2, 0)):
+        alone = hf(input_ids=batch["input_ids"][row:row + 1, start:]).logits[0, -1]
+        torch.testing.assert_close(got[row], alone, atol=1e-5, rtol=0)
+
+
+def test_site_identities(pair):
+    hf, model = pair
+    batch = _batch(model.d_vocab)
+    run = model.run(batch, save=[(c, layer) for layer in range(model.n_layers) for c in SITES])
+    real = batch["attention_mask"].bool()
+    for layer in range(model.n_layers):
+        a = {c: run.acts[(c, layer)] for c in SITES if c is not C.EMBED}
+        assert a[C.HEAD_OUT].abs().max() > 1e-3
+        heads = a[C.HEAD_OUT].sum(2) + model.b_O(layer)
+        torch.testing.assert_close(heads[real], a[C.ATTN_OUT][real], atol=1e-5, rtol=1e-5)
+        mlp = a[C.NEURONS] @ model.W_out(layer) + model.b_out(layer)
+        torch.testing.assert_close(mlp, a[C.MLP_OUT], atol=1e-5, rtol=1e-5)
+        post = a[C.RESID_PRE] + a[C.ATTN_OUT] + a[C.MLP_OUT]
+        torch.testing.assert_close(post[real], a[C.RESID_POST][real], atol=1e-5, rtol=1e-5)
+        if layer + 1 < model.n_layers:
+            torch.testing.assert_close(run.acts[(C.RESID_PRE, layer + 1)], a[C.RESID_POST])
+    # the final norm with the clean scale frozen reproduces the logits from the last residual
+    last = run.acts[(C.RESID_POST, model.n_layers - 1)][:, -1]
+    normed = model.final_norm_frozen(last, model.final_norm_scale(last))
+    logits = normed @ model.W_U + model.b_U
+    torch.testing.assert_close(logits, run.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_edit_changes_downstream_only(pair):
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    clean = model.run(batch, save=[(C.MLP_OUT, 0), (C.ATTN_OUT, 0)])
+    zeroed = model.run(batch, edits={(C.NEURONS, 0): lambda x: torch.zeros_like(x)},
+                       save=[(C.MLP_OUT, 0), (C.ATTN_OUT, 0)])
+    torch.testing.assert_close(zeroed.acts[(C.ATTN_OUT, 0)], clean.acts[(C.ATTN_OUT, 0)])
+    expect = model.b_out(0).expand_as(zeroed.acts[(C.MLP_OUT, 0)])
+    torch.testing.assert_close(zeroed.acts[(C.MLP_OUT, 0)], expect)
+    assert (zeroed.logits - clean.logits).abs().max() > 1e-4
+
+
+def test_gradients_match_finite_difference(pair):
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    metric = lambda lg: lg[:, 5].sum()  # noqa: E731
+    run = model.run(batch, save=[(C.NEURONS, 0)], metric=metric)
+    g = run.grads[(C.NEURONS, 0)]
+    assert g.abs().max() > 0
+    d = torch.zeros_like(g)
+    d[2, -1, 3] = 1e-2
+    bumped = model.run(batch, edits={(C.NEURONS, 0): lambda x: x + d})
+    fd = (metric(bumped.logits) - metric(run.logits)) / 1e-2
+    torch.testing.assert_close(fd, g[2, -1, 3], atol=2e-3, rtol=2e-2)
+
+
+def test_attention_knockout_blocks_edges(pair):
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    n = batch["input_ids"].shape[1]
+    block = torch.zeros(3, n, n, dtype=torch.bool)
+    block[:, -1, :-1] = True  # the final token attends only to itself
+    run = model.run(batch, block_attention={0: block}, save=[(C.RESID_POST, 0)])
+    # with every other key blocked, layer 0's final position cannot depend on earlier tokens
+    other = dict(batch)
+    ids = batch["input_ids"].clone()
+    ids[:, -3] = (ids[:, -3] % (model.d_vocab - 2)) + 1
+    other["input_ids"] = ids
+    run2 = model.run(other, block_attention={0: block}, save=[(C.RESID_POST, 0)])
+    torch.testing.assert_close(run.acts[(C.RESID_POST, 0)][:, -1], run2.acts[(C.RESID_POST, 0)][:, -1])
+    free = model.run(other, save=[(C.RESID_POST, 0)])
+    assert (free.acts[(C.RESID_POST, 0)][:, -1] - run2.acts[(C.RESID_POST, 0)][:, -1]).abs().max() > 1e-4
+
+
+def test_bad_sites_are_clear_errors(pair):
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    with pytest.raises(IndexError, match="layer 99"):
+        model.run(batch, save=[(C.MLP_OUT, 99)])
+    with pytest.raises(ValueError, match="cannot write to head_out"):
+        model.run(batch, edits={(C.HEAD_OUT, 0): lambda x: x})
+
+
+def test_unsupported_architecture_names_supported(tok):
+    import transformers as tf
+
+    hf = tf.BloomForCausalLM(tf.BloomConfig(n_layer=1, hidden_size=16, n_head=2,
+                                             vocab_size=len(tok)))
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*gpt_neox.*llama.*register_spec"):
+        load_model((hf, tok))
+
+
+def test_load_from_directory_roundtrip(tmp_path, tok):
+    hf = tiny_hf_model("gpt_neox", len(tok))
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_model(tmp_path, dtype="float32")
+    batch = _batch(model.d_vocab)
+    torch.testing.assert_close(model.run(batch).logits, load_model((hf, tok)).run(batch).logits)
+    assert model.revision and model.revision.startswith("local-")
