@@ -106,3 +106,21 @@ SiteKey: TypeAlias = tuple[Component, int]
 """(component, layer): the granularity at which the adapter reads and writes activations."""
 
 ActivationDict: TypeAlias = dict[SiteKey, Tensor]
+
+
+#: Columns of the tidy results every analysis returns (one row per site and prompt, or per site
+#: when aggregated). Analyses may add columns; they never rename these.
+#:
+#: * ``method``     e.g. "activation_patching/denoise", "causal_tracing/mlp", "atp", "dla"
+#: * ``component``  a :class:`Component` value (or "mlp"/"attn" windows for causal tracing)
+#: * ``layer``      int;  ``head`` / ``neuron``: int or <NA>
+#: * ``position``   absolute token index or <NA> when the row is per role; ``role``: a Role value
+#:                  or <NA>
+#: * ``prompt``     index into the dataset, or <NA> for an aggregate over prompts
+#: * ``effect``     the number the method measures (documented per method)
+#: * ``ci_low`` / ``ci_high`` / ``n``: a 95% confidence interval and the number of prompts, for
+#:   aggregates
+RESULT_COLUMNS: tuple[str, ...] = (
+    "method", "component", "layer", "head", "neuron", "position", "role", "prompt",
+    "effect", "ci_low", "ci_high", "n",
+)

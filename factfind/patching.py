@@ -1,0 +1,327 @@
+"""Activation patching: which activations carry the fact?
+
+Run the model on a *clean* prompt ("Michael Jordan plays the sport of") and on a *corrupt* one
+whose subject has the same number of tokens but another attribute ("Tiger Woods plays the sport
+of"). Then rerun one of them with the activation at one site (a layer's residual stream,
+attention or MLP output, or one head, at one token position or role) copied from the other:
+
+* **denoising** (corrupt run, clean activation patched in) asks whether the site is
+  *sufficient* to restore the fact: effect = ``(patched - corrupt) / (clean - corrupt)``;
+* **noising** (clean run, corrupt activation patched in) asks whether it is *necessary*:
+  effect = ``(clean - patched) / (clean - corrupt)``.
+
+The metric is the logit difference between the clean and the corrupt attribute's first tokens
+at the final position (Heimersheim & Nanda 2024, Zhang & Nanda 2024 on why). Effects near 1
+mean the site alone carries (denoise) or is indispensable to (noise) the fact.
+
+Speed comes from batching *sites*, not only prompts: for a chunk of S sites and B prompts one
+forward runs S*B rows (the base prompts repeated S times), and at each ``(component, layer)``
+one ``torch.where`` with a per-row mask writes the source activation into exactly the rows
+and positions of the sites that patch there. :func:`activation_patching_reference` is the
+plain loop - one site per forward - kept as the exact reference that tests compare against.
+
+Example::
+
+    pairs = facts.corrupt(model, seed=0)
+    df = activation_patching(model, pairs, components=["resid_pre", "mlp_out"])
+    aggregate(df)   # one row per (component, layer, role) with a 95% CI
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from factfind.metrics import logit_diff
+from factfind.results import tidy
+from factfind.types import GROUP_ROLES, POINT_ROLES, Component, Role, SiteKey
+
+if TYPE_CHECKING:
+    from factfind.data import FactPairs, TokenBatch
+    from factfind.model import Model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROLES: tuple[Role, ...] = (Role.SUBJECT_FIRST, Role.SUBJECT_LAST, Role.RELATION,
+                                   Role.FINAL)
+PATCHABLE = (Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT, Component.MLP_OUT,
+             Component.Z, Component.NEURONS, Component.EMBED)
+
+
+@dataclass(frozen=True)
+class PatchSite:
+    """One patch: a component at a layer (one head for ``z``) at a role or absolute position."""
+
+    component: Component
+    layer: int
+    position: Role | int
+    head: int | None = None
+    neuron: int | None = None
+
+    @property
+    def key(self) -> SiteKey:
+        return (self.component, self.layer)
+
+
+@dataclass
+class PairBatch:
+    """Clean and corrupt prompts tokenized together, so their padding and positions agree."""
+
+    clean: TokenBatch
+    corrupt: TokenBatch
+    correct: Tensor  # [batch] clean attribute token
+    wrong: Tensor  # [batch] corrupt attribute token
+
+
+def encode_pairs(model: Model, pairs: FactPairs) -> PairBatch:
+    """Tokenize clean and corrupt prompts in one padded batch and check they align."""
+    if len(pairs) == 0:
+        raise ValueError("no prompt pairs to patch: the dataset is empty")
+    both = model.tokenize(list(pairs.clean) + list(pairs.corrupt))
+    n = len(pairs)
+    clean, corrupt = both[:n], both[n:]
+    if not torch.equal(clean.attention_mask, corrupt.attention_mask):
+        bad = (clean.attention_mask != corrupt.attention_mask).any(-1).nonzero()[0].item()
+        raise ValueError(
+            f"clean and corrupt prompts differ in token length at pair {bad}: "
+            f"{pairs.clean[bad].prompt!r} vs {pairs.corrupt[bad].prompt!r}"
+        )
+    for role in POINT_ROLES:
+        if not torch.equal(clean.positions[role], corrupt.positions[role]):
+            raise ValueError(f"clean and corrupt prompts put role {role} at different positions")
+    return PairBatch(clean, corrupt, clean.attribute_ids, corrupt.attribute_ids)
+
+
+def position_mask(batch: TokenBatch, position: Role | int) -> Tensor:
+    """``[batch pos]`` bool: the token positions a role (or absolute index) names in each row."""
+    n_rows, n_pos = batch.input_ids.shape
+    if isinstance(position, Role):
+        if position in POINT_ROLES:
+            mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
+            mask[torch.arange(n_rows), batch.positions[position].cpu()] = True
+            return mask
+        if position in GROUP_ROLES:
+            return batch.masks[position].cpu().clone()
+        raise ValueError(f"unknown role {position!r}")
+    if not -n_pos <= position < n_pos:
+        raise IndexError(f"position {position} is beyond the prompts' {n_pos} tokens")
+    mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
+    mask[:, position] = True
+    return mask & batch.attention_mask.bool().cpu()
+
+
+def enumerate_sites(model: Model, *, components: Iterable[str | Component],
+                    positions: Iterable[Role | int | str], layers: Iterable[int] | None = None,
+                    heads: bool = True) -> list[PatchSite]:
+    """Every (component, layer[, head], position) site, validated against the model."""
+    comps = [Component(c) for c in components]
+    pos = [p if isinstance(p, int) else Role(p) for p in positions]
+    layer_list = list(range(model.n_layers)) if layers is None else list(layers)
+    sites = []
+    for comp in comps:
+        if comp not in PATCHABLE or comp in (Component.NEURONS,):
+            raise ValueError(f"cannot patch {comp} here: choose from resid_pre, resid_post, "
+                             "attn_out, mlp_out, z (per head), embed")
+        for layer in layer_list:
+            if not 0 <= layer < model.n_layers:
+                raise IndexError(f"layer {layer} does not exist: {model.name} has "
+                                 f"{model.n_layers} layers")
+            if comp is Component.EMBED and layer != 0:
+                continue
+            head_list = range(model.n_heads) if comp is Component.Z and heads else [None]
+            for head, p in itertools.product(head_list, pos):
+                sites.append(PatchSite(comp, layer, p, head))
+    return sites
+
+
+def auto_chunk(model: Model, rows: int, n_pos: int, *, budget_bytes: int | None = None) -> int:
+    """How many copies of a ``rows``-prompt batch fit in one forward, from free memory."""
+    bytes_per = torch.finfo(model.dtype).bits // 8
+    # activations alive in one forward: a few d_model tensors per layer, the MLP hidden, logits
+    per_row = n_pos * (model.n_layers * (8 * model.d_model + 2 * model.d_mlp)
+                       + model.d_vocab) * bytes_per
+    if budget_bytes is None:
+        if model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        budget_bytes = int(free * 0.25)
+    return max(1, min(256, budget_bytes // max(1, per_row * rows)))
+
+
+def _metric(logits: Tensor, pb: PairBatch, reps: int) -> Tensor:
+    return logit_diff(logits, pb.correct.repeat(reps), pb.wrong.repeat(reps))
+
+
+def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
+                     sites: Sequence[PatchSite], pb: PairBatch) -> Tensor:
+    """Metric ``[site batch]`` for each site patched alone, all sites in one forward."""
+    n_sites, rows = len(sites), base.input_ids.shape[0]
+    masks: dict[SiteKey, Tensor] = {}
+    for s, site in enumerate(sites):
+        pm = position_mask(base, site.position)  # [batch pos]
+        if site.component is Component.Z:
+            full = masks.setdefault(site.key, torch.zeros(n_sites, rows, pm.shape[1],
+                                                          model.n_heads, dtype=torch.bool))
+            if site.head is None:
+                full[s] |= pm[..., None]
+            else:
+                full[s, :, :, site.head] |= pm
+        else:
+            full = masks.setdefault(site.key, torch.zeros(n_sites, rows, pm.shape[1],
+                                                          dtype=torch.bool))
+            full[s] |= pm
+    edits = {}
+    for key, m in masks.items():
+        m = m.flatten(0, 1).to(model.device)
+        src = source[key].repeat(n_sites, *([1] * (source[key].dim() - 1)))
+        edits[key] = _where_edit(m, src)
+    stacked = base.repeat(n_sites)
+    run = model.run(stacked, edits=edits)
+    return _metric(run.logits, pb, n_sites).reshape(n_sites, rows)
+
+
+def _where_edit(mask: Tensor, src: Tensor):
+    def edit(act: Tensor) -> Tensor:
+        m = mask.reshape(*mask.shape, *([1] * (act.dim() - mask.dim())))
+        return torch.where(m, src.to(act.dtype), act)
+    return edit
+
+
+def activation_patching(
+    model: Model,
+    pairs: FactPairs,
+    *,
+    components: Iterable[str | Component] = ("resid_pre", "attn_out", "mlp_out"),
+    positions: Iterable[Role | int | str] = DEFAULT_ROLES,
+    layers: Iterable[int] | None = None,
+    direction: str = "denoise",
+    batch_size: int = 32,
+    chunk: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Patch every site, batched, and return per-prompt effects (tidy frame).
+
+    Args:
+        model: the :class:`~factfind.model.Model`.
+        pairs: clean/corrupt prompt pairs (``facts.corrupt(model)``).
+        components: any of ``resid_pre, resid_post, attn_out, mlp_out, z`` (``z`` patches each
+            head separately), ``embed``.
+        positions: roles (``subject_first``, ``subject_last``, ``subject``, ``relation``,
+            ``final``) or absolute token indices in the padded batch.
+        layers: default all.
+        direction: ``"denoise"`` (corrupt run, clean patched in) or ``"noise"``.
+        batch_size: prompts per forward before stacking sites.
+        chunk: sites stacked per forward (default: from free memory).
+
+    Returns:
+        Per (site, prompt) rows: ``effect`` (normalised, see module docstring), ``metric``
+        (patched logit difference), ``clean`` and ``corrupt`` metrics.
+    """
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+    sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
+    return _run_patching(model, pairs, sites, direction=direction, batch_size=batch_size,
+                         chunk=chunk, progress=progress)
+
+
+def activation_patching_reference(
+    model: Model, pairs: FactPairs, *,
+    components: Iterable[str | Component] = ("resid_pre", "attn_out", "mlp_out"),
+    positions: Iterable[Role | int | str] = DEFAULT_ROLES, layers: Iterable[int] | None = None,
+    direction: str = "denoise",
+) -> pd.DataFrame:
+    """The slow exact reference: one prompt pair and one site per forward, a plain loop that
+    writes the source activation by direct index assignment (no masks, no stacking)."""
+    sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
+    rows: list[dict[str, Any]] = []
+    for i in range(len(pairs)):
+        pb = encode_pairs(model, pairs[i:i + 1])
+        keys = sorted({s.key for s in sites})
+        clean, corrupt = model.run(pb.clean, save=keys), model.run(pb.corrupt, save=keys)
+        m_clean = float(_metric(clean.logits, pb, 1)[0])
+        m_corrupt = float(_metric(corrupt.logits, pb, 1)[0])
+        base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean,
+                                                                             corrupt.acts)
+        for site in sites:
+            where = position_mask(base, site.position)[0].nonzero()[:, 0].tolist()
+
+            def put(a: Tensor, site: PatchSite = site, where: list[int] = where) -> Tensor:
+                a = a.clone()
+                for p in where:
+                    if site.head is None:
+                        a[0, p] = src[site.key][0, p]
+                    else:
+                        a[0, p, site.head] = src[site.key][0, p, site.head]
+                return a
+
+            m = float(_metric(model.run(base, edits={site.key: put}).logits, pb, 1)[0])
+            effect = ((m - m_corrupt) if direction == "denoise" else (m_clean - m)) / (
+                m_clean - m_corrupt)
+            rows.append({
+                "method": f"activation_patching/{direction}",
+                "component": "head_out" if site.component is Component.Z else str(site.component),
+                "layer": site.layer, "head": site.head,
+                "position": site.position if isinstance(site.position, int) else None,
+                "role": str(site.position) if isinstance(site.position, Role) else None,
+                "prompt": i, "effect": effect if where else float("nan"), "metric": m,
+                "clean": m_clean, "corrupt": m_corrupt,
+            })
+    return tidy(rows)
+
+
+def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, direction: str,
+                  batch_size: int, chunk: int | None, progress: bool) -> pd.DataFrame:
+    pb_all = encode_pairs(model, pairs)
+    keys = sorted({s.key for s in sites})
+    rows: list[dict[str, Any]] = []
+    n = len(pairs)
+    bar = tqdm(total=n * len(sites), desc=f"patching ({direction})", disable=not progress,
+               unit="site")
+    for start in range(0, n, batch_size):
+        idx = slice(start, min(n, start + batch_size))
+        pb = PairBatch(pb_all.clean[idx], pb_all.corrupt[idx], pb_all.correct[idx],
+                       pb_all.wrong[idx])
+        clean = model.run(pb.clean, save=keys)
+        corrupt = model.run(pb.corrupt, save=keys)
+        m_clean = _metric(clean.logits, pb, 1)
+        m_corrupt = _metric(corrupt.logits, pb, 1)
+        base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean,
+                                                                             corrupt.acts)
+        size = chunk or auto_chunk(model, len(m_clean), pb.clean.input_ids.shape[1])
+        for c0 in range(0, len(sites), size):
+            group = sites[c0:c0 + size]
+            metric = _patched_metrics(model, base, src, group, pb)
+            bar.update(len(group) * len(m_clean))
+            denom = m_clean - m_corrupt
+            if direction == "denoise":
+                effect = (metric - m_corrupt) / denom
+            else:
+                effect = (m_clean - metric) / denom
+            valid = torch.stack([position_mask(base, s.position).any(-1) for s in group])
+            effect = torch.where(valid.to(effect.device), effect, torch.nan)
+            for s, site in enumerate(group):
+                for b in range(len(m_clean)):
+                    rows.append({
+                        "method": f"activation_patching/{direction}",
+                        "component": "head_out" if site.component is Component.Z
+                        else str(site.component),
+                        "layer": site.layer, "head": site.head,
+                        "position": site.position if isinstance(site.position, int) else None,
+                        "role": str(site.position) if isinstance(site.position, Role) else None,
+                        "prompt": start + b, "effect": float(effect[s, b]),
+                        "metric": float(metric[s, b]), "clean": float(m_clean[b]),
+                        "corrupt": float(m_corrupt[b]),
+                    })
+    bar.close()
+    return tidy(rows)

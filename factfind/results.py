@@ -1,0 +1,59 @@
+"""Tidy result frames: one row per site and prompt, and their aggregates with confidence intervals.
+
+Every analysis returns a :class:`pandas.DataFrame` with the columns of
+:data:`factfind.types.RESULT_COLUMNS` (plus method-specific extras). Per-prompt rows keep the
+raw numbers; :func:`aggregate` reduces them to one row per site with the mean, a 95% Student-t
+confidence interval over prompts, and ``n``. Plots and reports only read these frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from factfind.types import RESULT_COLUMNS
+
+SITE_COLUMNS = ("method", "component", "layer", "head", "neuron", "position", "role")
+
+
+def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """A frame with every result column present (missing ones as <NA>) in the canonical order,
+    extra columns after them, and nullable integer dtypes for indices."""
+    df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows.copy()
+    for col in RESULT_COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.NA
+    for col in ("layer", "head", "neuron", "position", "prompt", "n"):
+        df[col] = pd.array(df[col].astype("Float64").round(), dtype="Int64")
+    for col in ("effect", "ci_low", "ci_high"):
+        df[col] = df[col].astype("float64")
+    for col in ("method", "component", "role"):
+        df[col] = df[col].astype("string")
+    extra = [c for c in df.columns if c not in RESULT_COLUMNS]
+    return df[list(RESULT_COLUMNS) + extra].reset_index(drop=True)
+
+
+def aggregate(df: pd.DataFrame, *, by: Sequence[str] = SITE_COLUMNS, value: str = "effect",
+              confidence: float = 0.95) -> pd.DataFrame:
+    """Mean of ``value`` over prompts for each site, with a Student-t confidence interval.
+
+    NaN values (e.g. a position that is padding for some prompt) are left out of both the mean
+    and ``n``. With a single prompt the interval is NaN.
+    """
+    keys = [c for c in by if c in df.columns]
+    work = df.copy()
+    for c in keys:  # groupby drops NA keys unless told otherwise; keep them as real groups
+        work[c] = work[c].astype("object").where(work[c].notna(), None)
+    groups = work.groupby(keys, dropna=False, sort=False)[value]
+    mean = groups.mean()
+    count = groups.count()
+    sem = groups.sem()
+    half = sem * stats.t.ppf(0.5 + confidence / 2, np.maximum(count - 1, 1))
+    half[count < 2] = np.nan
+    out = pd.DataFrame({value: mean, "ci_low": mean - half, "ci_high": mean + half, "n": count})
+    out = out.reset_index()
+    out["prompt"] = pd.NA
+    return tidy(out)
