@@ -79,6 +79,8 @@ class ArchSpec:
     mlp_out_proj: str
     norm_kind: str  # "layernorm" | "rmsnorm" | "gemma_rmsnorm" (x * (1 + w))
     conv1d: bool = False  # GPT-2 stores projections as Conv1D: weight is [in, out]
+    values: str = "self_attn.v_proj"  # module whose output holds the value vectors
+    values_layout: str = "separate"  # "separate" [.., kv*d_head] | "c_attn" [q|k|v] | "neox"
     n_heads_attr: str = "num_attention_heads"
     n_kv_heads_attr: str | None = "num_key_value_heads"
 
@@ -97,6 +99,7 @@ register_spec(ArchSpec(
     name="gpt2", model_types=("gpt2",), blocks="transformer.h", embed="transformer.wte",
     final_norm="transformer.ln_f", unembed="lm_head", attn="attn", attn_out_proj="attn.c_proj",
     mlp="mlp", mlp_out_proj="mlp.c_proj", norm_kind="layernorm", conv1d=True,
+    values="attn.c_attn", values_layout="c_attn",
     n_heads_attr="n_head", n_kv_heads_attr=None,
 ))
 register_spec(ArchSpec(
@@ -104,6 +107,7 @@ register_spec(ArchSpec(
     embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out",
     attn="attention", attn_out_proj="attention.dense", mlp="mlp",
     mlp_out_proj="mlp.dense_4h_to_h", norm_kind="layernorm", n_kv_heads_attr=None,
+    values="attention.query_key_value", values_layout="neox",
 ))
 _LLAMA_PATHS: dict[str, Any] = dict(
     blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm",
@@ -363,6 +367,9 @@ class Model:
                     if key in need:
                         acts[key] = blk.input
                 attn = _get(blk, self.spec.attn)
+                key = (Component.V, layer)
+                if key in need:
+                    acts[key] = _get(blk, self.spec.values).output
                 if layer in block_attention:
                     args, kwargs = attn.inputs
                     kwargs = dict(kwargs)
@@ -381,6 +388,9 @@ class Model:
                         z = proj.input
                     if key in need:
                         acts[key] = z
+                key = (Component.PATTERN, layer)
+                if key in need:
+                    acts[key] = attn.output[1]
                 key = (Component.ATTN_OUT, layer)
                 if key in need or key in edits:
                     if key in edits:
@@ -431,11 +441,31 @@ class Model:
                 if k in grads:
                     g = grads[k]
                     grads[k] = g.reshape(*g.shape[:-1], self.n_heads, self.d_head)
+        for k in list(result):
+            if k[0] is Component.V:
+                result[k] = self._split_values(result[k])
+            if k[0] is Component.PATTERN and result[k] is None:
+                raise ValueError("attention patterns need eager attention: "
+                                 "load_model(..., attn_implementation='eager')")
         for c, layer in want:
             if c is Component.HEAD_OUT:
                 z = result[(Component.Z, layer)]
                 result[(c, layer)] = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))
         return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads)
+
+    def _split_values(self, out: Tensor) -> Tensor:
+        """The value vectors ``[batch pos head d_head]`` from the values module's output."""
+        b, p = out.shape[:2]
+        dh = self.d_head
+        layout = self.spec.values_layout
+        if layout == "c_attn":
+            v = out[..., 2 * self.d_model:].reshape(b, p, self.n_heads, dh)
+        elif layout == "neox":
+            v = out.reshape(b, p, self.n_heads, 3 * dh)[..., 2 * dh:]
+        else:
+            v = out.reshape(b, p, self.n_kv_heads, dh)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        return v
 
     def final_logits(
         self, prompts: Sequence[FactPrompt], *, batch_size: int = 64

@@ -14,6 +14,9 @@ activation can be read or written:
 * ``mlp_out``    the MLP block's output                                          ``[batch pos d_model]``
 * ``neurons``    MLP hidden units after the non-linearity (the input of ``W_out``)
                  ``[batch pos neuron]``
+* ``pattern``    attention probabilities (read only; eager attention) ``[batch head q_pos k_pos]``
+* ``v``          value vectors per query head (key-value heads repeated for grouped-query
+                 attention; read only)                                         ``[batch pos head d_head]``
 
 Position *roles* name token positions by what they hold in a fact prompt, so results from
 prompts of different lengths can be aggregated: ``subject_first`` and ``subject_last`` (the
@@ -46,6 +49,8 @@ class Component(StrEnum):
     Z = "z"
     MLP_OUT = "mlp_out"
     NEURONS = "neurons"
+    PATTERN = "pattern"
+    V = "v"
 
 
 class Role(StrEnum):

@@ -144,3 +144,17 @@ def test_load_from_directory_roundtrip(tmp_path, tok):
     batch = _batch(model.d_vocab)
     torch.testing.assert_close(model.run(batch).logits, load_model((hf, tok)).run(batch).logits)
     assert model.revision and model.revision.startswith("local-")
+
+
+def test_pattern_and_values_reconstruct_z(pair):
+    """z[q, h] = sum_k pattern[h, q, k] v[k, h]: the decomposition DLA by source token uses."""
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    layer = model.n_layers - 1
+    run = model.run(batch, save=[(C.PATTERN, layer), (C.V, layer), (C.Z, layer)])
+    pattern, v, z = (run.acts[(c, layer)] for c in (C.PATTERN, C.V, C.Z))
+    assert pattern.shape == (3, model.n_heads, 7, 7)
+    rebuilt = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+    real = batch["attention_mask"].bool()
+    assert z.abs().max() > 1e-3
+    torch.testing.assert_close(rebuilt[real], z[real], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,155 @@
+"""Direct logit attribution (DLA): how much each component writes the answer *directly*.
+
+The final residual stream at the last token is a sum of component outputs,
+``resid = embed + sum_l (sum_h head_out[l, h] + b_O[l] + mlp_out[l])``, and the logits are
+``norm(resid) @ W_U + b_U``. With the final norm's scale frozen at its clean-run value the norm
+is linear, so the logit difference ``logit[correct] - logit[wrong]`` splits exactly into one
+term per component: ``norm_frozen(x_c) @ (W_U[:, correct] - W_U[:, wrong])``. That is the
+component's *direct* effect - through the residual stream straight to the unembedding,
+ignoring how later layers read it. Indirect effects need patching.
+
+Finer splits are also exact:
+
+* an MLP layer into its **neurons**: ``mlp_out = sum_n neurons[n] * W_out[n] + b_out``;
+* a head into its **source tokens** (Chughtai et al. 2024, "Summing up the facts"): the head's
+  output at the final query is ``sum_k pattern[h, final, k] * v[k, h] @ W_O[h]``, so each key
+  position ``k`` - grouped here by role (subject, relation, final, ...) - gets its share.
+
+Every row's ``effect`` is in logit-difference units; summed over the component rows (plus the
+``bias`` row holding the norm bias and ``b_U``) they equal the model's logit difference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from factfind.results import tidy
+from factfind.types import GROUP_ROLES, Component, Role
+
+if TYPE_CHECKING:
+    from factfind.data import FactDataset, FactPairs
+    from factfind.model import Model
+
+
+def direct_logit_attribution(
+    model: Model,
+    data: FactDataset | FactPairs,
+    *,
+    neurons: bool = True,
+    sources: bool = True,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Per-prompt DLA of the embedding, every head, attention bias, MLP and (optionally) neuron,
+    and of every head split by source role.
+
+    Args:
+        model: the model (eager attention for ``sources=True``).
+        data: prompts; with :class:`~factfind.data.FactPairs` the direction is
+            ``W_U[correct] - W_U[corrupt attribute]``, otherwise ``W_U[correct]`` alone.
+        neurons: include one row per MLP neuron (``component = "neurons"``).
+        sources: include head rows split by source role (``method = "dla/source"``).
+
+    Returns:
+        Rows with ``method`` ``"dla"`` or ``"dla/source"``, ``component`` in ``embed,
+        head_out, attn_bias, mlp_out, neurons, bias``, ``layer``, ``head``/``neuron``,
+        ``role`` (for ``dla/source``: the source role; else ``final``), ``prompt``,
+        ``effect``, and ``total`` (the prompt's logit difference).
+    """
+    facts = data.clean if hasattr(data, "clean") else data  # type: ignore[union-attr]
+    wrong_facts = data.corrupt if hasattr(data, "corrupt") else None  # type: ignore[union-attr]
+    if len(facts) == 0:
+        raise ValueError("no prompts: the dataset is empty")
+    L = model.n_layers
+    save = [(Component.RESID_PRE, 0)]
+    for layer in range(L):
+        save += [(Component.HEAD_OUT, layer), (Component.MLP_OUT, layer)]
+        if neurons:
+            save.append((Component.NEURONS, layer))
+        if sources:
+            save += [(Component.PATTERN, layer), (Component.V, layer)]
+    save.append((Component.RESID_POST, L - 1))
+    rows: list[dict[str, Any]] = []
+    W_U = model.W_U
+    for start in range(0, len(facts), batch_size):
+        chunk = list(facts[start:start + batch_size])
+        batch = model.tokenize(chunk)
+        if wrong_facts is not None:
+            wrong = model.tokenize(list(wrong_facts[start:start + batch_size])).attribute_ids
+            direction = W_U[:, batch.attribute_ids].T - W_U[:, wrong].T  # [batch d_model]
+            bias_u = model.b_U[batch.attribute_ids] - model.b_U[wrong]
+        else:
+            direction = W_U[:, batch.attribute_ids].T
+            bias_u = model.b_U[batch.attribute_ids]
+        with torch.no_grad():
+            run = model.run(batch, save=save)
+            a = run.acts
+            final = a[(Component.RESID_POST, L - 1)][:, -1]
+            scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
+
+            def dla(x: Tensor) -> Tensor:
+                """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
+                shape = x.shape
+                flat = x.reshape(shape[0], -1, shape[-1])
+                y = model.final_norm_frozen(flat, scale[:, None], bias=False)
+                return torch.einsum("bnd,bd->bn", y, direction).reshape(shape[:-1])
+
+            total = (run.logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
+            if wrong_facts is not None:
+                total = total - run.logits.gather(-1, wrong[:, None])[:, 0]
+            zero = torch.zeros_like(final)
+            bias_term = dla_bias = (model.final_norm_frozen(zero, scale) * direction).sum(-1)
+            bias_term = dla_bias + bias_u
+            add = _collector(rows, start, total)
+            add("dla", "embed", None, None, None, dla(a[(Component.RESID_PRE, 0)][:, -1]))
+            add("dla", "bias", None, None, None, bias_term)
+            roles = [r for r in GROUP_ROLES]
+            for layer in range(L):
+                heads = dla(a[(Component.HEAD_OUT, layer)][:, -1])  # [batch head]
+                for h in range(model.n_heads):
+                    add("dla", "head_out", layer, h, None, heads[:, h])
+                add("dla", "attn_bias", layer, None, None,
+                    dla(model.b_O(layer).expand_as(final)))
+                if neurons:
+                    per = a[(Component.NEURONS, layer)][:, -1, :, None] * model.W_out(layer)
+                    nd = dla(per)  # [batch neuron]
+                    add("dla", "mlp_out", layer, None, None,
+                        nd.sum(-1) + dla(model.b_out(layer).expand_as(final)))
+                    for n in range(model.d_mlp):
+                        add("dla", "neurons", layer, None, n, nd[:, n])
+                else:
+                    add("dla", "mlp_out", layer, None, None,
+                        dla(a[(Component.MLP_OUT, layer)][:, -1]))
+                if sources:
+                    pat = a[(Component.PATTERN, layer)][:, :, -1]  # [batch head k]
+                    v = a[(Component.V, layer)]  # [batch k head d_head]
+                    per_k = torch.einsum("bhk,bkhd,hdm->bhkm", pat, v, model.W_O(layer))
+                    src = dla(per_k)  # [batch head k]
+                    for role in roles:
+                        m = _role_mask(batch, role).to(src.dtype)  # [batch k]
+                        share = (src * m[:, None, :]).sum(-1)  # [batch head]
+                        for h in range(model.n_heads):
+                            add("dla/source", "head_out", layer, h, None, share[:, h],
+                                role=str(role))
+    return tidy(rows)
+
+
+def _role_mask(batch: Any, role: Role) -> Tensor:
+    if role is Role.FINAL:
+        m = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+        m[:, -1] = True
+        return m
+    return batch.masks[role].bool()
+
+
+def _collector(rows: list[dict[str, Any]], start: int, total: Tensor):
+    def add(method: str, component: str, layer: int | None, head: int | None,
+            neuron: int | None, values: Tensor, *, role: str = "final") -> None:
+        for b, value in enumerate(values.tolist()):
+            rows.append({"method": method, "component": component, "layer": layer,
+                         "head": head, "neuron": neuron, "role": role, "prompt": start + b,
+                         "effect": value, "total": float(total[b])})
+    return add
