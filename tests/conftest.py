@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models of each family and a small fact set with corrupt partners."""
+
+import pytest
+
+from factfind.testing import tiny_model
+
+SUBJECTS = {
+    "Michael Jordan": "basketball", "Tiger Woods": "golf", "Serena Williams": "tennis",
+    "Lionel Messi": "football", "Vinson Massif": "golf", "Beats Music": "tennis",
+    "Eiffel Tower": "basketball", "Zoë Ångström": "football", "Tiger Jordan": "tennis",
+    "Michael Woods": "football", "Serena Messi": "basketball", "Lionel Williams": "golf",
+}
+
+
+def fact_records():
+    return [{"subject": s, "relation": "sport", "template": "Fact: {} plays the sport of",
+             "attribute": a} for s, a in SUBJECTS.items()]
+
+
+@pytest.fixture(scope="session")
+def facts():
+    from factfind.data import from_records
+
+    return from_records(fact_records(), name="tiny-sports")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama"])
+def family_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt2_model():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def pairs(facts, gpt2_model):
+    return facts.corrupt(gpt2_model, seed=0, on_missing="skip")

@@ -1,0 +1,116 @@
+"""Batched localization methods against their plain-loop references, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from factfind.dla import direct_logit_attribution
+from factfind.knockout import attention_knockout, attention_knockout_reference
+from factfind.patching import activation_patching, activation_patching_reference
+from factfind.results import aggregate
+from factfind.tracing import causal_tracing, causal_tracing_reference
+
+
+def _pairs(model, facts):
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    assert len(pairs) >= 4, "the fixture facts must give several corrupt partners"
+    return pairs
+
+
+def _close(fast, slow, keys, col="effect"):
+    a = fast.set_index(keys)[col].sort_index()
+    b = slow.set_index(keys)[col].sort_index()
+    assert list(a.index) == list(b.index)
+    finite = np.isfinite(b.to_numpy())
+    assert finite.sum() > 0 and np.abs(b.to_numpy()[finite]).max() > 1e-3
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_patching_matches_reference(family_model, facts, direction):
+    pairs = _pairs(family_model, facts)[:4]
+    kw = dict(components=["resid_pre", "attn_out", "mlp_out", "z"],
+              positions=["subject_first", "subject_last", "relation", "final", 2],
+              direction=direction)
+    fast = activation_patching(family_model, pairs, batch_size=3, chunk=7, progress=False, **kw)
+    slow = activation_patching_reference(family_model, pairs, **kw)
+    _close(fast, slow, ["component", "layer", "head", "position", "role", "prompt"])
+
+
+def test_patching_sanity(gpt2_model, facts):
+    """Patching the whole residual stream at every position restores the clean run exactly."""
+    pairs = _pairs(gpt2_model, facts)
+    n = gpt2_model.n_layers
+    df = activation_patching(gpt2_model, pairs, components=["resid_post"], layers=[n - 1],
+                             positions=["final"], progress=False)
+    np.testing.assert_allclose(df["effect"], 1.0, atol=1e-4)
+    agg = aggregate(df)
+    assert len(agg) == 1 and agg["n"].iloc[0] == len(pairs)
+
+
+def test_causal_tracing_matches_reference(family_model, facts):
+    data = facts[:2]
+    kw = dict(kinds=("hidden", "mlp", "attn"), samples=2, window=2, seed=3)
+    fast = causal_tracing(family_model, data, batch_size=2, chunk=5, progress=False, **kw)
+    slow = causal_tracing_reference(family_model, data, **kw)
+    _close(fast, slow, ["method", "layer", "position", "prompt"])
+
+
+def test_causal_tracing_str_and_severed(gpt2_model, facts):
+    pairs = _pairs(gpt2_model, facts)[:3]
+    df = causal_tracing(gpt2_model, pairs, corruption="str", severed=True, window=1,
+                        progress=False)
+    assert set(df["method"]) == {"causal_tracing/hidden", "causal_tracing/mlp",
+                                 "causal_tracing/attn", "causal_tracing/hidden/severed_mlp"}
+    # restoring the last layer's hidden state at the final token restores p_clean exactly
+    last = df[(df.method == "causal_tracing/hidden") & (df.layer == gpt2_model.n_layers - 1)
+              & (df.role == "final")]
+    np.testing.assert_allclose(last["p_restored"], last["p_clean"], atol=1e-5)
+    np.testing.assert_allclose(last["effect"], last["te"], atol=1e-5)
+
+
+def test_knockout_matches_reference(family_model, facts):
+    data = facts[:3]
+    fast = attention_knockout(family_model, data, window=2, batch_size=2, progress=False)
+    slow = attention_knockout_reference(family_model, data, window=2)
+    _close(fast, slow, ["role", "layer", "prompt"])
+
+
+def test_dla_sums_to_logit_difference(family_model, facts):
+    pairs = _pairs(family_model, facts)[:3]
+    df = direct_logit_attribution(family_model, pairs)
+    main = df[(df.method == "dla") & (df.component != "neurons")]
+    sums = main.groupby("prompt")["effect"].sum()
+    totals = main.groupby("prompt")["total"].first()
+    assert totals.abs().max() > 1e-2
+    np.testing.assert_allclose(sums, totals, atol=1e-4, rtol=1e-4)
+    # neurons sum to their MLP (minus its bias), heads' source shares sum to the head
+    neur = df[df.component == "neurons"].groupby(["prompt", "layer"])["effect"].sum()
+    assert neur.abs().max() > 1e-3
+    src = df[df.method == "dla/source"].groupby(["prompt", "layer", "head"])["effect"].sum()
+    heads = df[(df.method == "dla") & (df.component == "head_out")].set_index(
+        ["prompt", "layer", "head"])["effect"]
+    np.testing.assert_allclose(src.sort_index(), heads.sort_index(), atol=1e-5)
+
+
+def test_bad_input_is_clear(gpt2_model, facts):
+    pairs = _pairs(gpt2_model, facts)
+    with pytest.raises(IndexError, match="layer 50"):
+        activation_patching(gpt2_model, pairs, layers=[50], progress=False)
+    with pytest.raises(IndexError, match="position 99"):
+        activation_patching(gpt2_model, pairs, positions=[99], progress=False)
+    with pytest.raises(ValueError, match="direction"):
+        activation_patching(gpt2_model, pairs, direction="sideways", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        activation_patching(gpt2_model, pairs[:0], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        causal_tracing(gpt2_model, facts[:0], progress=False)
+    with pytest.raises(ValueError, match="kinds"):
+        causal_tracing(gpt2_model, facts, kinds=("mlp", "nope"), progress=False)
+    with pytest.raises(ValueError, match="window"):
+        attention_knockout(gpt2_model, facts, window=0, progress=False)
+    from factfind.data import FactDataError, FactPairs
+
+    with pytest.raises(FactDataError):
+        FactPairs(pairs.clean, pairs.corrupt[:-1])
+    assert torch.is_tensor(gpt2_model.W_U)
