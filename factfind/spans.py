@@ -28,10 +28,10 @@ Padding. Causal LMs are run left-padded (nnsight does so): positions in :class:`
 absolute indices in the padded batch, and ``position_ids = cumsum(mask) - 1`` gives a padded row
 the same position ids as the unpadded prompt. Right padding is supported for comparisons.
 
-Attribute tokens. The answer token is the first token of ``" " + attribute`` tokenized without
-special tokens; when a tokenizer splits the space off as a token of its own (a lone ``"▁"``) the
-next token is taken. This is the token that follows a prompt ending in a word, as in every
-shipped data set.
+Attribute tokens. The answer token is the first token of ``" " + attribute`` as the tokenizer
+produces it after a word (see :func:`attribute_token_ids`): for byte-level BPE simply the first
+token of ``" " + attribute``, for SentencePiece the ``"▁Paris"`` that follows a prompt rather
+than the lone ``"▁"`` that a string-initial space becomes.
 """
 
 from __future__ import annotations
@@ -296,11 +296,17 @@ def encode(tokenizer: Any, prompts: Iterable[FactPrompt], *, padding_side: str =
     )
 
 
-def attribute_token_ids(tokenizer: Any, attributes: Sequence[str]) -> Tensor:
-    """The answer token of each attribute: the first token of ``" " + attribute``.
+_PROBE = "is"
 
-    Tokenized without special tokens; a leading token that decodes to whitespace only (a
-    SentencePiece ``"▁"`` split off on its own) is passed over.
+
+def attribute_token_ids(tokenizer: Any, attributes: Sequence[str]) -> Tensor:
+    """The answer token of each attribute: its first token when it follows a word and a space.
+
+    The text ``"is " + attribute`` is tokenized without special tokens and the token after
+    ``"is"`` is taken. For byte-level BPE (GPT-2, Pythia) this is exactly the first token of
+    ``" " + attribute``; for SentencePiece tokenizers, which split a string-initial ``" Paris"``
+    into ``["▁", "▁Paris"]``, it is ``"▁Paris"``, the token that really follows a prompt. If the
+    probe word merges with the attribute, the first token of ``" " + attribute`` is used.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -310,22 +316,21 @@ def attribute_token_ids(tokenizer: Any, attributes: Sequence[str]) -> Tensor:
         ``[len(attributes)]`` long tensor of token ids.
 
     Raises:
-        FactDataError: an attribute has no non-whitespace token.
+        FactDataError: an attribute has no token.
     """
     if not attributes:
         return torch.zeros(0, dtype=torch.long)
-    enc = tokenizer([" " + a for a in attributes], add_special_tokens=False)["input_ids"]
-    blank: dict[int, bool] = {}
+    probe = list(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    enc = tokenizer([f"{_PROBE} {a}" for a in attributes], add_special_tokens=False)["input_ids"]
     out = []
     for a, ids in zip(attributes, enc, strict=True):
-        for t in ids:
-            if t not in blank:
-                blank[t] = not tokenizer.decode([t]).strip()
-            if not blank[t]:
-                out.append(t)
-                break
-        else:
-            raise FactDataError(f"attribute {a!r} has no non-whitespace token")
+        if list(ids[:len(probe)]) == probe and len(ids) > len(probe):
+            out.append(ids[len(probe)])
+            continue
+        alone = tokenizer(" " + a, add_special_tokens=False)["input_ids"]
+        if not alone:
+            raise FactDataError(f"attribute {a!r} has no token")
+        out.append(alone[0])
     return torch.tensor(out, dtype=torch.long)
 
 
