@@ -206,15 +206,12 @@ def _scored(score: float, method: str, what: str) -> dict[str, Any]:
             "method": str(method)}
 
 
-def _stage(node: Node, parallel: bool) -> tuple[int, int]:
-    """Where in the forward pass a node writes (embed, resid) or reads (the rest)."""
-    sub = {"embed": 0, "resid": 0, "attn": 1, "head": 1, "mlp": 1 + (not parallel),
-           "neuron": 1 + (not parallel), "logits": 3}
-    return (node.layer, sub[node.kind])
-
-
 def _feeds(u: Node, v: Node, parallel: bool) -> bool:
-    if _stage(u, parallel) >= _stage(v, parallel):
+    """Whether ``v`` reads what ``u`` writes into the residual stream."""
+    # stage in the forward pass: (layer, 0) embed and the stream entering the block, (layer, 1)
+    # attention, (layer, 2) MLP (1 in parallel blocks: it reads the same stream), logits last
+    sub = {"attn": 1, "head": 1, "mlp": 2 - parallel, "neuron": 2 - parallel, "logits": 3}
+    if (u.layer, sub.get(u.kind, 0)) >= (v.layer, sub.get(v.kind, 0)):
         return False
     if v.kind in ("attn", "head"):  # attention reads every (earlier) position
         return True
@@ -431,10 +428,7 @@ def prune(graph: CircuitGraph, *, threshold: float | None = None, top_n: int | N
           cumulative: float | None = None) -> CircuitGraph:
     """Keep the edges with ``|score| >= threshold``, the ``top_n`` largest ``|score|`` (ties by
     node order), and/or the fewest largest whose ``|score|`` sums to ``cumulative`` of the
-    total (each given criterion must hold), then only nodes on embed → logits paths.
-
-    >>> circuit = prune(eap_graph, top_n=50)
-    """
+    total (each given criterion must hold), then only nodes on embed → logits paths."""
     data = list(graph.graph.edges(data=True))
     if data and all(d["method"] == STRUCTURAL for *_, d in data):
         raise ValueError("this graph's edges carry no measured scores (built from node scores):"
@@ -449,10 +443,7 @@ def prune_nodes(graph: CircuitGraph, *, top_n: int | None = None,
                 threshold: float | None = None) -> CircuitGraph:
     """Keep the ``top_n`` nodes by ``|score|`` and/or those with ``|score| >= threshold`` (the
     embed and logits endpoints always), the edges among them, then only nodes on embed → logits
-    paths.
-
-    >>> circuit = prune_nodes(patching_graph, threshold=0.1)
-    """
+    paths."""
     inner = [n for n in graph.nodes() if n.kind not in ENDPOINTS]
     attrs = graph.graph.nodes
     if inner and all(attrs[n.id]["method"] == STRUCTURAL for n in inner):
@@ -524,7 +515,7 @@ def to_json(graph: CircuitGraph, path: str | os.PathLike[str], *, overwrite: boo
     """Write node-link JSON; :func:`read_json` gives an equal graph."""
     data = nx.node_link_data(_encoded(graph, graphml=False), edges="edges")
 
-    def write(tmp: str) -> None:
+    def write(tmp: str) -> None:  # streamed, so a failure midway is what atomicity is for
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, allow_nan=False)
 
@@ -532,10 +523,8 @@ def to_json(graph: CircuitGraph, path: str | os.PathLike[str], *, overwrite: boo
 
 
 def read_json(path: str | os.PathLike[str]) -> CircuitGraph:
-    with open(path) as f:
-        data = json.load(f)
-    g = nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")
-    return _decoded(g)
+    data = json.loads(Path(path).read_text())
+    return _decoded(nx.node_link_graph(data, directed=True, multigraph=False, edges="edges"))
 
 
 # --------------------------------------------------------------------------- combine / draw
@@ -575,10 +564,8 @@ _X_OFFSET = {"embed": 0.0, "resid": 0.0, "attn": 0.25, "head": 0.25, "mlp": 0.5,
 
 def layout(graph: CircuitGraph) -> dict[str, tuple[float, float]]:
     """Positions for drawing: x = layer (attention +0.25, MLP +0.5 within a block), y = the
-    role's row in :data:`ROLES`, nodes sharing a cell spread over [row, row + 1).
-
-    >>> nx.draw(g.graph, pos=layout(g))
-    """
+    role's row in :data:`ROLES`, nodes sharing a cell spread over [row, row + 1); for
+    ``nx.draw(g.graph, pos=layout(g))``."""
     cells: dict[tuple[float, str], list[Node]] = defaultdict(list)
     for n in graph.nodes():
         cells[(n.layer + _X_OFFSET[n.kind], n.role)].append(n)

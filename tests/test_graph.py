@@ -27,6 +27,7 @@ from factfind.graph import (
     to_json,
     union,
 )
+from factfind.results import tidy
 
 PROV = Provenance("gpt2", "abc123", "ds-1", "eap", {"seed": 0, "batch": 8},
                   created="2025-01-01T00:00:00+00:00", version="0.1.0")
@@ -164,6 +165,12 @@ def test_from_node_scores_maps_components():
     assert not g.graph.has_edge("L1.attn@final", "L1.resid@final")  # resid[1] is read before
 
 
+def test_from_tidy_result_frame():
+    """The frames analyses return (nullable Int64 and string columns) build the same graph."""
+    df = tidy(node_frame().assign(method="eap", position=pd.NA, n=10))
+    assert set(CircuitGraph.from_node_scores(df, PROV, n_layers=2).graph.edges) == SEQUENTIAL_EDGES
+
+
 @pytest.mark.parametrize("row, match", [
     (dict(component="mlp_out", layer=1, role="final", effect=9.0), "two rows"),
     (dict(component="mlp_out", layer=1, role=pd.NA, position=3, effect=9.0), "position"),
@@ -243,11 +250,20 @@ def test_prune_does_not_touch_its_input_and_validates():
     g = edge_graph()
     prune(g, threshold=1.0)
     assert g == edge_graph()
-    for kw in ({}, dict(cumulative=0.0), dict(cumulative=1.5), dict(top_n=-1)):
-        with pytest.raises(ValueError):
-            prune(g, **kw)
     with pytest.raises(ValueError, match="prune_nodes"):
         prune(CircuitGraph.from_node_scores(node_frame(), PROV, n_layers=2), top_n=3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({}, "at least one"), (dict(cumulative=0.0), r"\(0, 1\]"), (dict(cumulative=1.5), r"\(0, 1\]"),
+    (dict(top_n=-1), ">= 0"),
+])
+def test_prune_validates_criteria(kw, match):
+    with pytest.raises(ValueError, match=match):
+        prune(edge_graph(), **kw)
+    if "cumulative" not in kw:  # prune_nodes has no cumulative criterion
+        with pytest.raises(ValueError, match=match):
+            prune_nodes(CircuitGraph.from_node_scores(node_frame(), PROV, n_layers=2), **kw)
 
 
 OFF_PATH = dict(component="mlp_out", layer=1, role="subject_last", effect=0.9)
@@ -302,6 +318,13 @@ def test_equality_is_exact():
     d = rich_graph()
     d.graph.nodes[H]["note"] = "other"
     assert a != d
+
+
+@pytest.mark.parametrize("write, read", [(to_graphml, read_graphml), (to_json, read_json)])
+def test_round_trip_empty_graph(tmp_path, write, read):
+    empty = prune(edge_graph(), top_n=3)
+    assert len(empty) == 0
+    assert read(write(empty, tmp_path / "empty")) == empty
 
 
 @pytest.mark.parametrize("write", [to_graphml, to_json])
