@@ -332,9 +332,6 @@ class CircuitGraph:
             raise ValueError(f"edges form a cycle: {nx.find_cycle(g.graph)}")
         return g
 
-    def copy(self) -> CircuitGraph:
-        return CircuitGraph(self.provenance, self.graph.copy())
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CircuitGraph):
             return NotImplemented

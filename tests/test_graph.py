@@ -252,6 +252,10 @@ def test_prune_does_not_touch_its_input_and_validates():
     assert g == edge_graph()
     with pytest.raises(ValueError, match="prune_nodes"):
         prune(CircuitGraph.from_node_scores(node_frame(), PROV, n_layers=2), top_n=3)
+    unscored = CircuitGraph(PROV)
+    unscored.add_node(Node("mlp", 0, None, "final"), score=1.0, method=STRUCTURAL)
+    with pytest.raises(ValueError, match="use prune$"):
+        prune_nodes(unscored, top_n=1)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -410,6 +414,12 @@ def test_layout_by_layer_and_role():
     g = small(PROV, [ES, E, M0, H, H1, M2, T], [])
     assert layout(g) == {ES: (-1.0, 3.0), E: (-1.0, 5.0), M0: (0.5, 3.0), H: (1.25, 5.0),
                          H1: (1.25, 5.5), M2: (2.5, 5.0), T: (3.0, 5.0)}
+
+
+def test_container_protocol_and_repr():
+    g = edge_graph()
+    assert len(g) == 9 and ES in g and Node.parse(ES) in g and "L9.mlp@final" not in g
+    assert repr(g) == "CircuitGraph(9 nodes, 9 edges, model=gpt2@abc123, method=eap)"
 
 
 def test_frames_of_empty_graph_have_columns():
