@@ -254,7 +254,7 @@ def test_prune_does_not_touch_its_input_and_validates():
         prune(CircuitGraph.from_node_scores(node_frame(), PROV, n_layers=2), top_n=3)
     unscored = CircuitGraph(PROV)
     unscored.add_node(Node("mlp", 0, None, "final"), score=1.0, method=STRUCTURAL)
-    with pytest.raises(ValueError, match="use prune$"):
+    with pytest.raises(ValueError, match=r"use prune$"):
         prune_nodes(unscored, top_n=1)
 
 
