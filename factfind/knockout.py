@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.metrics import prob
+from factfind.patching import repeat
 from factfind.results import tidy
 from factfind.types import GROUP_ROLES, POINT_ROLES, Role
 
@@ -98,7 +99,7 @@ def attention_knockout(
                 m = per_layer.setdefault(layer, torch.zeros(len(variants), *blocks[role].shape,
                                                             dtype=torch.bool))
                 m[v] = blocks[role]
-        run = model.run(batch.repeat(len(variants)),
+        run = model.run(repeat(batch, len(variants)),
                         block_attention={k: m.flatten(0, 1) for k, m in per_layer.items()})
         p_knock = prob(run.logits, target.repeat(len(variants))).reshape(len(variants), nb)
         for v, (role, first) in enumerate(variants):

@@ -81,13 +81,45 @@ class PairBatch:
     wrong: Tensor  # [batch] corrupt attribute token
 
 
+def take(batch: TokenBatch, index: slice) -> TokenBatch:
+    """Rows ``index`` of a token batch (every per-row tensor sliced alike)."""
+    from dataclasses import replace
+
+    return replace(
+        batch, input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
+        position_ids=batch.position_ids[index],
+        positions={k: v[index] for k, v in batch.positions.items()},
+        masks={k: v[index] for k, v in batch.masks.items()},
+        attribute_ids=batch.attribute_ids[index], lengths=batch.lengths[index],
+        merged=batch.merged[index], prompts=tuple(batch.prompts[index]),
+    )
+
+
+def repeat(batch: TokenBatch, n: int) -> TokenBatch:
+    """The batch stacked ``n`` times along the batch dimension (copy-major: row ``c*B + b``
+    is copy ``c`` of row ``b``)."""
+    from dataclasses import replace
+
+    def rep(t: Tensor) -> Tensor:
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
+    return replace(
+        batch, input_ids=rep(batch.input_ids), attention_mask=rep(batch.attention_mask),
+        position_ids=rep(batch.position_ids),
+        positions={k: rep(v) for k, v in batch.positions.items()},
+        masks={k: rep(v) for k, v in batch.masks.items()},
+        attribute_ids=rep(batch.attribute_ids), lengths=rep(batch.lengths),
+        merged=rep(batch.merged), prompts=tuple(batch.prompts) * n,
+    )
+
+
 def encode_pairs(model: Model, pairs: FactPairs) -> PairBatch:
     """Tokenize clean and corrupt prompts in one padded batch and check they align."""
     if len(pairs) == 0:
         raise ValueError("no prompt pairs to patch: the dataset is empty")
     both = model.tokenize(list(pairs.clean) + list(pairs.corrupt))
     n = len(pairs)
-    clean, corrupt = both[:n], both[n:]
+    clean, corrupt = take(both, slice(0, n)), take(both, slice(n, None))
     if not torch.equal(clean.attention_mask, corrupt.attention_mask):
         bad = (clean.attention_mask != corrupt.attention_mask).any(-1).nonzero()[0].item()
         raise ValueError(
@@ -186,7 +218,7 @@ def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tenso
         m = m.flatten(0, 1).to(model.device)
         src = source[key].repeat(n_sites, *([1] * (source[key].dim() - 1)))
         edits[key] = _where_edit(m, src)
-    stacked = base.repeat(n_sites)
+    stacked = repeat(base, n_sites)
     run = model.run(stacked, edits=edits)
     return _metric(run.logits, pb, n_sites).reshape(n_sites, rows)
 
@@ -241,41 +273,44 @@ def activation_patching_reference(
     positions: Iterable[Role | int | str] = DEFAULT_ROLES, layers: Iterable[int] | None = None,
     direction: str = "denoise",
 ) -> pd.DataFrame:
-    """The slow exact reference: one prompt pair and one site per forward, a plain loop that
-    writes the source activation by direct index assignment (no masks, no stacking)."""
+    """The slow exact reference: one site per forward, a plain loop that writes the source
+    activation by direct index assignment, row by row (no masks, no stacking of sites).
+
+    It runs the same padded batch as :func:`activation_patching`, so the two agree to float
+    precision; that padding does not change results is tested on the adapter itself.
+    """
     sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
     rows: list[dict[str, Any]] = []
-    for i in range(len(pairs)):
-        pb = encode_pairs(model, pairs[i:i + 1])
-        keys = sorted({s.key for s in sites})
-        clean, corrupt = model.run(pb.clean, save=keys), model.run(pb.corrupt, save=keys)
-        m_clean = float(_metric(clean.logits, pb, 1)[0])
-        m_corrupt = float(_metric(corrupt.logits, pb, 1)[0])
-        base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean,
-                                                                             corrupt.acts)
-        for site in sites:
-            where = position_mask(base, site.position)[0].nonzero()[:, 0].tolist()
+    pb = encode_pairs(model, pairs)
+    keys = sorted({s.key for s in sites})
+    clean, corrupt = model.run(pb.clean, save=keys), model.run(pb.corrupt, save=keys)
+    m_clean = _metric(clean.logits, pb, 1).tolist()
+    m_corrupt = _metric(corrupt.logits, pb, 1).tolist()
+    base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean, corrupt.acts)
+    for site in sites:
+        where = [m.nonzero()[:, 0].tolist() for m in position_mask(base, site.position)]
 
-            def put(a: Tensor, site: PatchSite = site, where: list[int] = where) -> Tensor:
-                a = a.clone()
-                for p in where:
+        def put(a: Tensor, site: PatchSite = site, where: list[list[int]] = where) -> Tensor:
+            a = a.clone()
+            for b, cols in enumerate(where):
+                for p in cols:
                     if site.head is None:
-                        a[0, p] = src[site.key][0, p]
+                        a[b, p] = src[site.key][b, p]
                     else:
-                        a[0, p, site.head] = src[site.key][0, p, site.head]
-                return a
+                        a[b, p, site.head] = src[site.key][b, p, site.head]
+            return a
 
-            m = float(_metric(model.run(base, edits={site.key: put}).logits, pb, 1)[0])
-            effect = ((m - m_corrupt) if direction == "denoise" else (m_clean - m)) / (
-                m_clean - m_corrupt)
+        metric = _metric(model.run(base, edits={site.key: put}).logits, pb, 1).tolist()
+        for b, m in enumerate(metric):
+            diff = m - m_corrupt[b] if direction == "denoise" else m_clean[b] - m
             rows.append({
                 "method": f"activation_patching/{direction}",
                 "component": "head_out" if site.component is Component.Z else str(site.component),
                 "layer": site.layer, "head": site.head,
                 "position": site.position if isinstance(site.position, int) else None,
                 "role": str(site.position) if isinstance(site.position, Role) else None,
-                "prompt": i, "effect": effect if where else float("nan"), "metric": m,
-                "clean": m_clean, "corrupt": m_corrupt,
+                "prompt": b, "effect": diff / (m_clean[b] - m_corrupt[b]) if where[b]
+                else float("nan"), "metric": m, "clean": m_clean[b], "corrupt": m_corrupt[b],
             })
     return tidy(rows)
 
@@ -290,7 +325,7 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
                unit="site")
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
-        pb = PairBatch(pb_all.clean[idx], pb_all.corrupt[idx], pb_all.correct[idx],
+        pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
                        pb_all.wrong[idx])
         clean = model.run(pb.clean, save=keys)
         corrupt = model.run(pb.corrupt, save=keys)

@@ -27,9 +27,12 @@ def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = pd.NA
     for col in ("layer", "head", "neuron", "position", "prompt", "n"):
-        df[col] = pd.array(df[col].astype("Float64").round(), dtype="Int64")
+        values = pd.to_numeric(df[col].astype("object").where(df[col].notna(), np.nan),
+                               errors="coerce")
+        df[col] = pd.array(values.round(), dtype="Int64")
     for col in ("effect", "ci_low", "ci_high"):
-        df[col] = df[col].astype("float64")
+        df[col] = pd.to_numeric(df[col].astype("object").where(df[col].notna(), np.nan),
+                                errors="coerce").astype("float64")
     for col in ("method", "component", "role"):
         df[col] = df[col].astype("string")
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]

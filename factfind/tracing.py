@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.metrics import prob
+from factfind.patching import repeat, take
 from factfind.results import tidy
 from factfind.types import Component, Role
 
@@ -127,7 +128,8 @@ def causal_tracing(
         seed: seeds the noise.
 
     Returns:
-        Rows with ``method = "causal_tracing/<kind>"``, ``layer``, ``position``, ``role``,
+        Rows with ``method = "causal_tracing/<kind>"``, ``layer``, ``position`` (token index
+        in the unpadded prompt), ``token``, ``role``,
         ``prompt``, ``effect`` (IE, averaged over samples), ``te``, ``p_clean``,
         ``p_corrupt``, ``p_restored``.
     """
@@ -146,6 +148,7 @@ def causal_tracing(
     if corruption == "str":
         from factfind.patching import encode_pairs
 
+
         pb = encode_pairs(model, data)  # type: ignore[arg-type]
         clean_all, corrupt_all = pb.clean, pb.corrupt
         samples = 1
@@ -160,8 +163,8 @@ def causal_tracing(
     n = len(clean_data)
     bar = tqdm(total=n, desc="causal tracing", unit="prompt", disable=not progress)
     for start in range(0, n, batch_size):
-        clean = clean_all[start:start + batch_size]
-        corrupt = corrupt_all[start:start + batch_size]
+        clean = take(clean_all, slice(start, start + batch_size))
+        corrupt = take(corrupt_all, slice(start, start + batch_size))
         rows_b, n_pos = clean.input_ids.shape
         target = clean.attribute_ids
         keys = [(KINDS[k], layer) for k in kinds for layer in range(n_layers)]
@@ -171,7 +174,7 @@ def causal_tracing(
         clean_run = model.run(clean, save=keys)
         p_clean = prob(clean_run.logits, target)
         # corrupted base: rows = samples x batch
-        base = corrupt.repeat(samples)
+        base = repeat(corrupt, samples)
         subj = corrupt.masks[Role.SUBJECT].repeat(samples, 1).to(model.device)
         if corruption == "noise":
             eps = torch.zeros(samples, rows_b, n_pos, model.d_model)
@@ -223,10 +226,11 @@ def causal_tracing(
                 frozen = corrupt_run.acts[mkey]
                 prev = edits.get(mkey)
                 edits[mkey] = _freeze(m, frozen, g, prev)
-            run = model.run(base.repeat(g), edits=edits)
+            run = model.run(repeat(base, g), edits=edits)
             pr = prob(run.logits, target.repeat(samples * g)).reshape(g, samples, rows_b)
             p_rest[c0:c0 + g] = pr.cpu()
         roles = token_roles(clean)
+        tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in clean.input_ids.tolist()]
         pc = p_corrupt.mean(0).cpu()
         for s, (kind, sev, layer, pos) in enumerate(sites):
             name = "hidden/severed_mlp" if sev else kind
@@ -235,9 +239,11 @@ def causal_tracing(
                 if role is None:
                     continue
                 pr_mean = float(p_rest[s, :, b].mean())
+                offset = n_pos - int(clean.lengths[b])  # left padding: report prompt positions
                 rows.append({
                     "method": f"causal_tracing/{name}", "component": str(KINDS[kind]),
-                    "layer": layer, "position": pos, "role": role, "prompt": start + b,
+                    "layer": layer, "position": pos - offset, "role": role,
+                    "token": tokens[b][pos], "prompt": start + b,
                     "effect": pr_mean - float(pc[b]), "te": float(p_clean[b] - pc[b]),
                     "p_clean": float(p_clean[b]), "p_corrupt": float(pc[b]),
                     "p_restored": pr_mean, "corruption": corruption,
@@ -251,48 +257,55 @@ def causal_tracing_reference(
     model: Model, data: FactDataset, *, kinds: tuple[str, ...] = ("hidden", "mlp", "attn"),
     noise: float = 3.0, samples: int = 10, window: int = 10, seed: int = 0,
 ) -> pd.DataFrame:
-    """The exact reference for Gaussian-noise tracing: a plain loop, one prompt, one noise
-    sample and one restoration per forward, written with direct index assignment."""
+    """The exact reference for Gaussian-noise tracing: a plain loop with one noise sample and
+    one restoration per forward, written with direct index assignment (same padded batch)."""
     rows: list[dict[str, Any]] = []
-    sigma = subject_embedding_std(model, model.tokenize(list(data)))
-    for i, fact in enumerate(data):
-        batch = model.tokenize([fact])
-        target = batch.attribute_ids
-        n_pos = batch.input_ids.shape[1]
-        subj = batch.masks[Role.SUBJECT][0]
-        eps = prompt_noise(seed, i, samples, n_pos, model.d_model) * noise * sigma
-        keys = [(KINDS[k], layer) for k in kinds for layer in range(model.n_layers)]
-        clean = model.run(batch, save=keys)
-        p_clean = float(prob(clean.logits, target)[0])
+    batch = model.tokenize(list(data))
+    sigma = subject_embedding_std(model, batch)
+    n_rows, n_pos = batch.input_ids.shape
+    subj = batch.masks[Role.SUBJECT]
+    eps = torch.zeros(samples, n_rows, n_pos, model.d_model)
+    for b in range(n_rows):
+        length = int(batch.lengths[b])
+        eps[:, b, n_pos - length:] = prompt_noise(seed, b, samples, length, model.d_model)
+    eps = eps * noise * sigma
+    keys = [(KINDS[k], layer) for k in kinds for layer in range(model.n_layers)]
+    clean = model.run(batch, save=keys)
+    target = batch.attribute_ids
+    p_clean = prob(clean.logits, target)
 
-        def noised(e: Tensor, s: int, eps: Tensor = eps, subj: Tensor = subj) -> Tensor:
-            e = e.clone()
-            e[0, subj] = e[0, subj] + eps[s][subj].to(e.dtype)
-            return e
+    def noised(e: Tensor, s: int) -> Tensor:
+        e = e.clone()
+        e[subj] = e[subj] + eps[s][subj].to(e.dtype)
+        return e
 
-        p_corrupt = sum(float(prob(model.run(batch, edits={(Component.EMBED, 0): lambda e, s=s:
-                        noised(e, s)}).logits, target)[0]) for s in range(samples)) / samples
-        roles = token_roles(batch)[0]
-        for kind in kinds:
-            comp = KINDS[kind]
-            for layer in range(model.n_layers):
-                layers = [layer] if kind == "hidden" else list(_window(layer, window,
-                                                                       model.n_layers))
-                for pos in range(n_pos):
-                    total = 0.0
-                    for s in range(samples):
-                        edits = {(Component.EMBED, 0): lambda e, s=s: noised(e, s)}
-                        for lay in layers:
-                            def put(a: Tensor, lay: int = lay, pos: int = pos) -> Tensor:
-                                a = a.clone()
-                                a[0, pos] = clean.acts[(comp, lay)][0, pos]
-                                return a
-                            edits[(comp, lay)] = put
-                        total += float(prob(model.run(batch, edits=edits).logits, target)[0])
+    p_corrupt = sum(prob(model.run(batch, edits={(Component.EMBED, 0): lambda e, s=s:
+                    noised(e, s)}).logits, target) for s in range(samples)) / samples
+    roles = token_roles(batch)
+    for kind in kinds:
+        comp = KINDS[kind]
+        for layer in range(model.n_layers):
+            layers = [layer] if kind == "hidden" else list(_window(layer, window, model.n_layers))
+            for pos in range(n_pos):
+                total = torch.zeros(n_rows)
+                for s in range(samples):
+                    edits = {(Component.EMBED, 0): lambda e, s=s: noised(e, s)}
+                    for lay in layers:
+                        def put(a: Tensor, lay: int = lay, pos: int = pos) -> Tensor:
+                            a = a.clone()
+                            a[:, pos] = clean.acts[(comp, lay)][:, pos]
+                            return a
+                        edits[(comp, lay)] = put
+                    total += prob(model.run(batch, edits=edits).logits, target)
+                for b in range(n_rows):
+                    if roles[b][pos] is None:
+                        continue
                     rows.append({
                         "method": f"causal_tracing/{kind}", "component": str(comp),
-                        "layer": layer, "position": pos, "role": roles[pos], "prompt": i,
-                        "effect": total / samples - p_corrupt, "te": p_clean - p_corrupt,
+                        "layer": layer, "position": pos - (n_pos - int(batch.lengths[b])),
+                        "role": roles[b][pos], "prompt": b,
+                        "effect": float(total[b] / samples - p_corrupt[b]),
+                        "te": float(p_clean[b] - p_corrupt[b]),
                     })
     return tidy(rows)
 

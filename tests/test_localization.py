@@ -17,20 +17,22 @@ def _pairs(model, facts):
     return pairs
 
 
-def _close(fast, slow, keys, col="effect"):
+def _close(fast, slow, keys, col="effect", *, nonzero=1e-3, atol=1e-5):
     a = fast.set_index(keys)[col].sort_index()
     b = slow.set_index(keys)[col].sort_index()
     assert list(a.index) == list(b.index)
     finite = np.isfinite(b.to_numpy())
-    assert finite.sum() > 0 and np.abs(b.to_numpy()[finite]).max() > 1e-3
-    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-5, rtol=1e-4)
+    assert finite.sum() > 0 and np.abs(b.to_numpy()[finite]).max() > nonzero
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_patching_matches_reference(family_model, facts, direction):
+    if direction == "noise" and family_model.spec.name != "gpt2":
+        pytest.skip("noising shares every code path with denoising; one family suffices")
     pairs = _pairs(family_model, facts)[:4]
     kw = dict(components=["resid_pre", "attn_out", "mlp_out", "z"],
-              positions=["subject_first", "subject_last", "relation", "final", 2],
+              positions=["subject_first", "subject_last", "relation", "final", -3],
               direction=direction)
     fast = activation_patching(family_model, pairs, batch_size=3, chunk=7, progress=False, **kw)
     slow = activation_patching_reference(family_model, pairs, **kw)
@@ -53,7 +55,8 @@ def test_causal_tracing_matches_reference(family_model, facts):
     kw = dict(kinds=("hidden", "mlp", "attn"), samples=2, window=2, seed=3)
     fast = causal_tracing(family_model, data, batch_size=2, chunk=5, progress=False, **kw)
     slow = causal_tracing_reference(family_model, data, **kw)
-    _close(fast, slow, ["method", "layer", "position", "prompt"])
+    # effects are probabilities here: small on a random model, so compare at 1e-7
+    _close(fast, slow, ["method", "layer", "position", "prompt"], nonzero=1e-5, atol=1e-7)
 
 
 def test_causal_tracing_str_and_severed(gpt2_model, facts):
