@@ -259,7 +259,7 @@ def test_tokenizer_that_appends_eos_is_refused():
         backend.post_processor = saved
 
 
-# -- property: any subject, in any template, aligns consistently --------------------------------
+# -- property: any subject, in any template, aligns consistently ----------------------------------
 
 SUBJECT_TEXT = st.lists(
     st.sampled_from([*"abcJMOZ'-., ëÅö北京東", "Jordan", "Michael", " Tiger"]),
