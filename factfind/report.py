@@ -372,7 +372,7 @@ def _by_magnitude(df: pd.DataFrame, column: str) -> pd.DataFrame:
 
 
 def _axis_order(values: pd.Series | pd.Index, name: str) -> list[Any]:
-    present = list(pd.unique(values))
+    present = [v for v in pd.unique(values) if not _missing(v)]
     if name == "role":
         known = [r for r in ROLE_ORDER if r in present]
         return known + sorted((v for v in present if v not in ROLE_ORDER), key=str)
@@ -384,15 +384,18 @@ def heatmap(df: pd.DataFrame, *, x: str = "layer", y: str = "role", value: str =
             annotate: bool | None = None) -> Figure:
     """A seaborn heatmap of ``value`` over ``y`` (rows) × ``x`` (columns).
 
-    Rows of the same cell are averaged (aggregate rows are preferred, see module notes); role axes
-    follow :data:`ROLE_ORDER`. Values of both signs get a diverging map centred on 0.
+    If the frame has aggregate rows (``prompt`` is <NA>) only those are drawn, else per-prompt
+    rows are averaged; several rows in one cell (every relation token under role ``relation``)
+    are averaged too, and rows without an ``x`` or ``y`` are left out. Role axes follow
+    :data:`ROLE_ORDER`. Values of both signs get a diverging map (blue positive) centred on 0.
 
     Example::
 
         fig = heatmap(tracing[tracing.method == "causal_tracing/mlp"], title="MLP windows")
     """
+    df = df.loc[(df[x].notna() & df[y].notna()).to_numpy()]  # e.g. tokens outside every role
     if df.empty:
-        raise ValueError("heatmap of an empty frame")
+        raise ValueError(f"heatmap of a frame with no rows that have both {x} and {y}")
     agg = _aggregate(df, [y, x], value)
     grid = agg.pivot_table(index=y, columns=x, values=value, aggfunc="mean", dropna=False)
     grid = grid.reindex(index=_axis_order(grid.index, y), columns=_axis_order(grid.columns, x))
@@ -563,11 +566,11 @@ def _wilson(c: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------- circuit graph view
 
-_KIND_ORDER = {"embed": 0, "attn": 1, "head": 2, "mlp": 3, "neuron": 4, "logits": 5}
+_KIND_ORDER = {"embed": 0, "resid": 1, "attn": 2, "head": 3, "mlp": 4, "neuron": 5, "logits": 6}
 
 
 def graph_view(graph: Any, *, caption: str = "", lane_height: int = 64,
-               max_width: int = 980) -> GraphView:
+               max_width: int = 760) -> GraphView:
     """Draw a circuit as SVG: columns are layers (embeddings left, logits right), lanes are
     position roles (:data:`ROLE_ORDER`), circles are nodes and curves are edges.
 
@@ -580,9 +583,13 @@ def graph_view(graph: Any, *, caption: str = "", lane_height: int = 64,
     g = _as_graph(graph)
     nodes = list(g.nodes(data=True))
     roles = _axis_order(pd.Index([_lane(a) for _, a in nodes]), "role") if nodes else []
-    columns = sorted({_column(a) for _, a in nodes})
+    present = {_column(a) for _, a in nodes}
+    layers = [c[1] for c in present if c[0] == 1]
+    # every layer between the first and the last, so that x is proportional to depth
+    columns = sorted(present | {(1, i) for i in range(min(layers), max(layers) + 1)} if layers
+                     else present)
     left, top, bottom, right = 112, 16, 34, 24
-    col_w = max(46.0, min(120.0, (max_width - left - right) / max(1, len(columns))))
+    col_w = max(30.0, min(120.0, (max_width - left - right) / max(1, len(columns))))
     width = left + right + col_w * len(columns)
     height = top + bottom + lane_height * max(1, len(roles))
 

@@ -34,22 +34,34 @@ def _row(**kw: object) -> dict[str, object]:
     return base | kw
 
 
+def _tidy(rows: list[dict[str, object]]) -> pd.DataFrame:
+    """The dtypes of factfind.results.tidy: nullable integers and strings."""
+    df = pd.DataFrame(rows)
+    for col in ("layer", "head", "neuron", "position", "prompt", "n"):
+        df[col] = pd.array([None if pd.isna(v) else int(v) for v in df[col]], dtype="Int64")
+    for col in ("method", "component", "role"):
+        df[col] = df[col].astype("string")
+    return df
+
+
 def _frames() -> dict[str, pd.DataFrame]:
     rng = np.random.default_rng(0)
-    tracing = pd.DataFrame([
-        _row(method=f"causal_tracing/{w}", component=w, layer=layer, role=role,
-             effect=float(np.exp(-((layer - 2) ** 2)) * (role == "subject_last")
-                          + 0.1 * rng.random()))
-        for w in ("mlp", "attn") for layer in range(6) for role in ROLES])
-    patching = pd.DataFrame([
+    # per prompt and position, as causal_tracing returns them; position 0 has no role
+    tracing = _tidy([
+        _row(method=f"causal_tracing/{w}", component=w, layer=layer, position=pos, prompt=p,
+             role=pd.NA if pos == 0 else ROLES[pos - 1],
+             effect=float(np.exp(-((layer - 2) ** 2)) * (pos == 3) + 0.1 * rng.random()))
+        for w in ("mlp", "attn") for layer in range(6) for pos in range(6) for p in range(2)])
+    patching = _tidy([
         _row(method="activation_patching/denoise", component=c, layer=layer, role=role,
              effect=float(rng.normal(0, 0.5)))
         for c in ("attn_out", "mlp_out") for layer in range(6) for role in ROLES])
-    units = pd.DataFrame(
+    units = _tidy(
         [_row(method="atp", component="head_out", layer=layer, head=h, role="final",
               effect=float(rng.normal())) for layer in range(4) for h in range(4)]
         + [_row(method="atp", component="neurons", layer=layer, neuron=7 * i, role="subject_last",
-                effect=float(rng.normal())) for layer in range(4) for i in range(30)])
+                effect=float(rng.normal())) for layer in range(4) for i in range(30)]
+        + [_row(method="atp", component="mlp_out", layer=1, role="subject_last", effect=9.0)])
     faith = pd.DataFrame([{"method": m, "size": k, "faithfulness": 1 - np.exp(-k / s)}
                           for m, s in (("eap", 4.0), ("atp", 6.0)) for k in (1, 2, 5, 10, 20, 50)])
     faith = faith.assign(ci_low=faith.faithfulness - 0.05, ci_high=faith.faithfulness + 0.05)
@@ -214,6 +226,23 @@ def test_tables_limit_rows_and_carry_numeric_sort_keys() -> None:
     assert "Showing 10 of 30 rows." in html
     assert f'data-sort="{float(df.effect[1])!r}"' in html
     assert '<td class="num" data-sort=""></td>' in html  # <NA> is an empty cell, sorted last
+
+
+def test_graph_view_of_circuit_graph_attributes() -> None:
+    # the attributes factfind.graph.CircuitGraph sets: embed at layer -1, index None, role "all"
+    g = nx.DiGraph()
+    for node, kind, layer, role in (("embed@subject_last", "embed", -1, "subject_last"),
+                                    ("L0.resid@all", "resid", 0, "all"),
+                                    ("L1.n5@subject_last", "neuron", 1, "subject_last"),
+                                    ("logits@final", "logits", 2, "final")):
+        g.add_node(node, kind=kind, layer=layer, index=5 if kind == "neuron" else None,
+                   role=role, score=0.5, abs_score=0.5, sign=1, method="atp")
+    g.add_edge("embed@subject_last", "L1.n5@subject_last", score=0.0, method="structural")
+    g.add_edge("L1.n5@subject_last", "logits@final", score=float("nan"))
+    svg = R.graph_view(g).svg
+    lanes = [svg.index(f">{r}</text>") for r in ("subject_last", "final", "all")]
+    assert lanes == sorted(lanes)  # unknown roles after the known ones
+    assert "&#34;index&#34;: null" in svg and "NaN" not in svg  # data-info stays valid JSON
 
 
 def test_graph_view_takes_a_digraph_or_a_wrapper() -> None:

@@ -26,6 +26,11 @@ document.querySelectorAll("table.sortable").forEach((table) => {
 // Circuit graph views: show a node's or an edge's attributes in the details panel.
 document.querySelectorAll(".graph-view").forEach((view) => {
   const panel = view.querySelector(".graph-details");
+  const svg = view.querySelector("svg.graph");
+  const clear = () => {
+    svg.classList.remove("focus");
+    view.querySelectorAll(".active, .hl").forEach((x) => x.classList.remove("active", "hl"));
+  };
   const edges = Array.from(view.querySelectorAll(".edge"));
   const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v));
   const add = (parent, tag, text) => {
@@ -49,13 +54,14 @@ document.querySelectorAll(".graph-view").forEach((view) => {
     add(panel, "h3", heading);
     const dl = add(panel, "dl");
     Object.entries(info).forEach(([k, v]) => {
-      if (k === "node" || k === "edge") return;
+      if (k === "node" || k === "edge" || v === null) return;
       add(dl, "dt", k);
-      add(dl, "dd", v === null ? "—" : fmt(v));
+      add(dl, "dd", fmt(v));
     });
-    view.querySelectorAll(".active, .hl").forEach((x) => x.classList.remove("active", "hl"));
+    clear();
     el.classList.add("active");
     if (el.classList.contains("node")) {
+      svg.classList.add("focus");  // dim the edges that do not touch this node
       const id = el.dataset.id;
       const incoming = edges.filter((e) => e.dataset.target === id);
       const outgoing = edges.filter((e) => e.dataset.source === id);
@@ -67,4 +73,5 @@ document.querySelectorAll(".graph-view").forEach((view) => {
   view.querySelectorAll(".node, .edge").forEach((el) => {
     ["mouseover", "focus", "click"].forEach((type) => el.addEventListener(type, () => show(el)));
   });
+  svg.addEventListener("mouseleave", clear);  // the panel keeps the last item shown
 });
