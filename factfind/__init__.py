@@ -1,0 +1,28 @@
+"""factfind: discover how transformer language models recall facts.
+
+The public API in one place; each name lives in a module that teaches its method::
+
+    import factfind as ff
+    model = ff.load_model("organism")
+    facts = ff.load_facts("organism:sport").known_by(model)
+    pairs = facts.corrupt(model, seed=0)
+    ff.aggregate(ff.activation_patching(model, pairs))
+"""
+
+from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt
+from factfind.dla import direct_logit_attribution
+from factfind.knockout import attention_knockout
+from factfind.loaders import from_records, load_facts
+from factfind.model import ArchSpec, Model, load_model, register_spec
+from factfind.patching import activation_patching
+from factfind.results import aggregate
+from factfind.tracing import causal_tracing
+from factfind.types import Component, Role, Site
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchSpec", "Component", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "Model",
+    "Role", "Site", "activation_patching", "aggregate", "attention_knockout", "causal_tracing",
+    "direct_logit_attribution", "from_records", "load_facts", "load_model", "register_spec",
+]
