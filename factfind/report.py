@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -71,8 +72,11 @@ ROLE_ORDER: tuple[str, ...] = tuple(
 _ID = re.compile(r"[a-z][a-z0-9-]*\Z")
 _SVG_FORBIDDEN = re.compile(  # active content or a reference outside the document
     r"<script|<foreignobject|\son[a-z]+\s*=|(?:href|src)\s*=\s*[\"'](?!#|data:)", re.IGNORECASE)
-_RC: dict[Any, Any] = {"svg.hashsalt": "factfind", "svg.fonttype": "none", "figure.dpi": 100,
-       "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9}
+# a fixed salt makes matplotlib's SVG ids reproducible; fonttype "none" writes <text>, not paths
+_RC: dict[Any, Any] = {
+    "svg.hashsalt": "factfind", "svg.fonttype": "none", "figure.dpi": 100,
+    "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9,
+}
 _SVG_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}
 _POS, _NEG, _ZERO = "#2563eb", "#dc2626", "#9ca3af"
 
@@ -173,23 +177,23 @@ class _Assets:
     js: Markup
 
 
-_ASSETS: _Assets | None = None
-
-
+@functools.cache
 def _assets() -> _Assets:
-    global _ASSETS
-    if _ASSETS is None:
-        env = jinja2.Environment(loader=jinja2.PackageLoader("factfind", "templates"),
-                                 autoescape=True, undefined=jinja2.StrictUndefined,
-                                 trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-        assert env.loader is not None
-        css, js = (env.loader.get_source(env, name)[0] for name in ("report.css", "report.js"))
-        _ASSETS = _Assets(env, Markup(css), Markup(js))
-    return _ASSETS
+    env = jinja2.Environment(loader=jinja2.PackageLoader("factfind", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    assert env.loader is not None
+    css, js = (env.loader.get_source(env, name)[0] for name in ("report.css", "report.js"))
+    return _Assets(env, Markup(css), Markup(js))
 
 
 def render_report(data: ReportData) -> str:
-    """Render ``data`` as one self-contained HTML page (deterministic: same data, same bytes)."""
+    """Render ``data`` as one self-contained HTML page (deterministic: same data, same bytes).
+
+    Example::
+
+        html = render_report(ReportData(title="t", sections=[model_section({"name": "gpt2"})]))
+    """
     assets = _assets()
     script_hash = base64.b64encode(hashlib.sha256(str(assets.js).encode()).digest()).decode()
     sections = []
