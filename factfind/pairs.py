@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import random
 from collections.abc import Iterator
@@ -68,6 +69,7 @@ def corrupt(dataset: FactDataset, model_or_tokenizer: Any, *, seed: int = 0,
     pools: dict[str, dict[tuple[str, str], tuple[FactPrompt, int]]] = {}
     for f, a in zip(facts, attr_ids, strict=True):
         pools.setdefault(f.relation, {}).setdefault((f.subject, f.attribute), (f, a))
+    pool_lists = {rel: list(pool.values()) for rel, pool in pools.items()}
     cache: dict[tuple[str, str, str], Alignment | FactDataError] = {}
     clean: list[FactPrompt] = []
     bad: list[FactPrompt] = []
@@ -78,25 +80,25 @@ def corrupt(dataset: FactDataset, model_or_tokenizer: Any, *, seed: int = 0,
             raise ref.at(record=label)
         rng = random.Random(f"{seed}|{fact.relation}|{fact.prefix}|{fact.template}|"
                             f"{fact.subject}|{fact.attribute}")
-        cands = [(c, a) for (s, _), (c, a) in pools[fact.relation].items()
-                 if s != fact.subject and a != attr_ids[i]]
-        rng.shuffle(cands)
-        partner = None
-        for start in range(0, len(cands), 16):
-            chunk = [dataclasses.replace(fact, subject=c.subject, attribute=c.attribute,
-                                         source=c.source, meta=c.meta)
-                     for c, _ in cands[start:start + 16]]
-            todo = [p for p in chunk if (p.prefix, p.template, p.subject) not in cache]
-            for p, al in zip(todo, align_rows(tok, todo) if todo else [], strict=True):
-                cache[(p.prefix, p.template, p.subject)] = al
-            partner = next((p for p in chunk
-                            if ref.matches(cache[(p.prefix, p.template, p.subject)])), None)
-            if partner is not None:
-                break
+        cands = (c for c, a in _shuffled(pool_lists[fact.relation], rng)
+                 if c.subject != fact.subject and a != attr_ids[i])
+        partner, n_tried = None, 0
+        while partner is None and (chunk := list(itertools.islice(cands, 16))):
+            n_tried += len(chunk)
+            todo = [c for c in chunk if (fact.prefix, fact.template, c.subject) not in cache]
+            if todo:  # align each (context, subject) once; a context is shared by many prompts
+                prompts = [dataclasses.replace(fact, subject=c.subject) for c in todo]
+                for c, al in zip(todo, align_rows(tok, prompts), strict=True):
+                    cache[(fact.prefix, fact.template, c.subject)] = al
+            hit = next((c for c in chunk
+                        if ref.matches(cache[(fact.prefix, fact.template, c.subject)])), None)
+            if hit is not None:
+                partner = dataclasses.replace(fact, subject=hit.subject, attribute=hit.attribute,
+                                              source=hit.source, meta=hit.meta)
         if partner is None:
             missing.append((label, f"no subject of relation {fact.relation!r} with the same "
                                    f"token length ({ref.n_subject}) and a different "
-                                   f"attribute among {len(cands)} candidates"))
+                                   f"attribute among {n_tried} candidates"))
             continue
         clean.append(fact)
         bad.append(partner)
@@ -108,7 +110,16 @@ def corrupt(dataset: FactDataset, model_or_tokenizer: Any, *, seed: int = 0,
                     dataset.name, len(missing), len(facts), *missing[0])
     return FactPairs(FactDataset(clean, name=dataset.name),
                      FactDataset(bad, name=f"{dataset.name}|corrupt(seed={seed})"),
-                     seed=seed, skipped=tuple(missing), tokenizer=tok)
+                     seed=seed, skipped=tuple(missing))  # aligned above: no re-check
+
+
+def _shuffled(items: list[Any], rng: random.Random) -> Iterator[Any]:
+    """``items`` in a random order drawn lazily (Fisher-Yates), so taking k costs O(k) draws."""
+    items = list(items)
+    for k in range(len(items)):
+        j = rng.randrange(k, len(items))
+        items[k], items[j] = items[j], items[k]
+        yield items[k]
 
 
 @dataclass(frozen=True)
