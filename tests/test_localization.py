@@ -117,3 +117,35 @@ def test_bad_input_is_clear(gpt2_model, facts):
     with pytest.raises(FactDataError):
         FactPairs(pairs.clean, pairs.corrupt[:-1])
     assert torch.is_tensor(gpt2_model.W_U)
+
+
+@pytest.mark.parametrize("how", ["mean", "resample", "zero"])
+def test_ablation_matches_reference(gpt2_model, facts, how):
+    from factfind.ablation import ablate_sets, ablate_sets_reference
+    from factfind.types import Component, Role, Site
+
+    data = facts.corrupt(gpt2_model, seed=0, on_missing="skip").clean[:4]
+    sets = [[Site(Component.MLP_OUT, 0, position=Role.SUBJECT_LAST)],
+            [Site(Component.Z, 1, head=2, position=Role.FINAL),
+             Site(Component.NEURONS, 0, neuron=5)],
+            [Site(Component.ATTN_OUT, layer) for layer in range(2)]]
+    kw = dict(how=how, resamples=2, seed=0, reference=facts)
+    fast = ablate_sets(gpt2_model, data, sets, batch_size=3, **kw)
+    slow = ablate_sets_reference(gpt2_model, data, sets, **kw)
+    _close(fast, slow, ["set", "prompt"])
+    _close(fast, slow, ["set", "prompt"], col="correct", nonzero=0.5)
+
+
+def test_effective_model_and_mean_ablation_identity(gpt2_model, facts):
+    from factfind.ablation import effective_model, mean_activations
+    from factfind.types import Component
+
+    df = effective_model(gpt2_model, facts)
+    assert list(df["layer"]) == list(range(gpt2_model.n_layers + 1))
+    # k = n_layers ablates nothing: accuracy equals the clean accuracy
+    last = df.iloc[-1]
+    assert last["accuracy"] == pytest.approx(last["clean_accuracy"])
+    assert last["effect"] == pytest.approx(0.0, abs=1e-6)
+    assert df["effect"].abs().max() > 1e-3
+    means = mean_activations(gpt2_model, facts, [(Component.MLP_OUT, 0)], batch_size=5)
+    assert means[(Component.MLP_OUT, 0)].shape == (6, gpt2_model.d_model)

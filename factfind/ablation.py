@@ -1,0 +1,347 @@
+"""Ablation: what breaks when a component is removed - and how to remove it fairly.
+
+Setting an activation to zero takes the model off its distribution; interpretability work
+instead *replaces* it with a typical value:
+
+* **mean ablation** - the activation's mean over a reference dataset, taken separately for each
+  token role (the mean at "final" tokens differs from the mean at subject tokens), so only
+  the prompt-specific information is removed;
+* **resample ablation** - the activation from a *different* prompt of the same relation and
+  token length (Chan et al. 2022, causal scrubbing; Fact Finding resamples a neuron from K other
+  athletes), averaged over ``K`` resamples;
+* **zero ablation**, for comparison.
+
+Sites are :class:`~factfind.types.Site` values - a layer's ``attn_out``/``mlp_out``/
+``resid_*``, one head (``z`` with ``head``), one neuron (``neurons`` with ``neuron``), at a role
+or at every position (``position=None``). :func:`ablation` removes each site alone (one row per
+site and prompt); :func:`ablate_sets` removes whole sets at once - the primitive behind circuit
+faithfulness and behind the **effective model** of Fact Finding (:func:`effective_model`): mean-
+ablate the attention at the subject tokens from layer ``k`` on and see whether the model still
+recalls the fact; the smallest ``k`` that keeps accuracy says how many attention layers the
+subject's tokens need to be joined before the MLP lookup.
+
+The metric is the logit of the correct attribute minus the mean logit of the relation's other
+attributes, and "correct" means the attribute is the top-1 among the relation's attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from factfind.metrics import logit_diff_vs_mean
+from factfind.patching import repeat, take
+from factfind.results import tidy
+from factfind.tracing import token_roles
+from factfind.types import Component, Role, Site, SiteKey
+
+if TYPE_CHECKING:
+    from factfind.data import FactDataset, TokenBatch
+    from factfind.model import Model
+
+TOKEN_ROLES = ("prefix", "subject_first", "subject", "subject_last", "relation", "final")
+ABLATABLE = (Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT, Component.MLP_OUT,
+             Component.Z, Component.NEURONS)
+
+
+def _role_index(batch: TokenBatch) -> Tensor:
+    """``[batch pos]`` index into TOKEN_ROLES (-1 for padding)."""
+    labels = token_roles(batch)
+    return torch.tensor([[TOKEN_ROLES.index(r) if r else -1 for r in row] for row in labels])
+
+
+def mean_activations(model: Model, facts: FactDataset, keys: Iterable[SiteKey], *,
+                     batch_size: int = 64) -> dict[SiteKey, Tensor]:
+    """Per-role mean activation ``[n_roles ...]`` (roles in :data:`TOKEN_ROLES` order) for each
+    ``(component, layer)``, streamed over the dataset (memory independent of its size)."""
+    keys = sorted({(Component(c), layer) for c, layer in keys})
+    sums: dict[SiteKey, Tensor] = {}
+    counts = torch.zeros(len(TOKEN_ROLES))
+    for start in range(0, len(facts), batch_size):
+        batch = model.tokenize(list(facts[start:start + batch_size]))
+        roles = _role_index(batch)
+        run = model.run(batch, save=keys)
+        onehot = torch.nn.functional.one_hot(roles.clamp(min=0), len(TOKEN_ROLES)).float()
+        onehot = onehot * (roles >= 0)[..., None]  # [batch pos role]
+        counts += onehot.sum((0, 1))
+        for key in keys:
+            act = run.acts[key].float().cpu()
+            flat = act.flatten(2)  # [batch pos features]
+            s = torch.einsum("bpr,bpf->rf", onehot, flat).reshape(len(TOKEN_ROLES),
+                                                                   *act.shape[2:])
+            sums[key] = sums[key] + s if key in sums else s
+    denom = counts.clamp(min=1)
+    return {k: v / denom.reshape(-1, *([1] * (v.dim() - 1))) for k, v in sums.items()}
+
+
+def _site_mask(model: Model, batch: TokenBatch, site: Site) -> Tensor:
+    """Boolean mask over the site's activation ``[batch pos (head|neuron)]``."""
+    rows, n_pos = batch.input_ids.shape
+    if site.position is None:
+        pm = batch.attention_mask.bool().cpu()
+    elif isinstance(site.position, Role):
+        pm = batch.mask(site.position).cpu().bool()
+    else:
+        pm = torch.zeros(rows, n_pos, dtype=torch.bool)
+        pm[:, site.position] = True
+    if site.component is Component.Z:
+        m = torch.zeros(rows, n_pos, model.n_heads, dtype=torch.bool)
+        if site.head is None:
+            m[:] = pm[..., None]
+        else:
+            m[..., site.head] = pm
+        return m
+    if site.component is Component.NEURONS:
+        m = torch.zeros(rows, n_pos, model.d_mlp, dtype=torch.bool)
+        if site.neuron is None:
+            m[:] = pm[..., None]
+        else:
+            m[..., site.neuron] = pm
+        return m
+    return pm
+
+
+def _check(model: Model, site: Site) -> None:
+    if site.component not in ABLATABLE:
+        raise ValueError(f"cannot ablate {site.component}; choose from "
+                         f"{', '.join(str(c) for c in ABLATABLE)}")
+    if site.layer >= model.n_layers:
+        raise IndexError(f"layer {site.layer} does not exist ({model.n_layers} layers)")
+    if site.head is not None and site.head >= model.n_heads:
+        raise IndexError(f"head {site.head} does not exist ({model.n_heads} heads)")
+    if site.neuron is not None and site.neuron >= model.d_mlp:
+        raise IndexError(f"neuron {site.neuron} does not exist ({model.d_mlp} neurons)")
+
+
+def ablate_sets(
+    model: Model,
+    facts: FactDataset,
+    sets: Sequence[Sequence[Site]],
+    *,
+    how: str = "mean",
+    means: dict[SiteKey, Tensor] | None = None,
+    reference: FactDataset | None = None,
+    resamples: int = 3,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Ablate each *set* of sites together; one row per (set, prompt).
+
+    Args:
+        model: the model.
+        facts: the prompts measured (targets are their own attributes).
+        sets: each a list of :class:`~factfind.types.Site` removed at once.
+        how: ``"mean"``, ``"resample"`` or ``"zero"``.
+        means: precomputed :func:`mean_activations` (default: over ``reference``/``facts``).
+        reference: dataset for the means (default ``facts``).
+        resamples: K partners per prompt for ``"resample"``.
+
+    Returns:
+        Rows with ``set`` (index into ``sets``), ``prompt``, ``effect`` (ablated minus clean
+        metric), ``metric``, ``clean``, ``correct`` and ``clean_correct``.
+    """
+    if how not in ("mean", "resample", "zero"):
+        raise ValueError(f"how must be 'mean', 'resample' or 'zero', not {how!r}")
+    if len(facts) == 0:
+        raise ValueError("no prompts: the dataset is empty")
+    for group in sets:
+        for site in group:
+            _check(model, site)
+    keys = sorted({(s.component, s.layer) for g in sets for s in g})
+    if how == "mean" and means is None:
+        means = mean_activations(model, reference or facts, keys)
+    candidates = {r: model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
+                  for r in facts.relations}
+    partners = _partners(model, facts, reference, resamples, seed) if how == "resample" else []
+    rows: list[dict[str, Any]] = []
+    reps = max(1, len(partners))
+    for start in tqdm(range(0, len(facts), batch_size), disable=not progress, desc="ablation"):
+        batch = model.tokenize(list(facts[start:start + batch_size]))
+        nb = len(batch)
+        cand = [candidates[f.relation] for f in batch.prompts]
+        clean = model.run(batch)
+        m_clean = _metric(clean.logits, batch.attribute_ids, cand)
+        ok_clean = _correct(clean.logits, batch.attribute_ids, cand)
+        sources = []
+        if how == "resample":
+            for pairs in partners:
+                src_batch = model.tokenize(list(pairs.corrupt[start:start + batch_size]))
+                sources.append(model.run(src_batch, save=keys).acts)
+        roles = _role_index(batch)
+        chunk = max(1, 512 // (nb * reps))
+        for g0 in range(0, len(sets), chunk):
+            groups = sets[g0:g0 + chunk]
+            n_rows = len(groups) * reps * nb
+            edits = {}
+            for key in keys:
+                masks, repl = [], []
+                for group in groups:
+                    m = torch.zeros_like(_site_mask(model, batch, Site(key[0], key[1])))
+                    for site in group:
+                        if (site.component, site.layer) == key:
+                            m |= _site_mask(model, batch, site)
+                    for r in range(reps):
+                        masks.append(m)
+                        if how == "resample":
+                            repl.append(sources[r][key].cpu())
+                if not any(bool(m.any()) for m in masks):
+                    continue
+                mask = torch.cat(masks).to(model.device)
+                if how == "mean":
+                    assert means is not None
+                    table = means[key].to(model.dtype)  # [roles ...]
+                    value = table[roles.clamp(min=0)]  # [batch pos ...]
+                    value = value.repeat(n_rows // nb, *([1] * (value.dim() - 1)))
+                elif how == "resample":
+                    value = torch.cat(repl)
+                else:
+                    value = None
+                edits[key] = _replace(mask, value)
+            run = model.run(repeat(batch, n_rows // nb), edits=edits)
+            ids = batch.attribute_ids.repeat(n_rows // nb)
+            metric = _metric(run.logits, ids, cand * (n_rows // nb)).reshape(len(groups), reps,
+                                                                             nb)
+            ok = _correct(run.logits, ids, cand * (n_rows // nb)).reshape(len(groups), reps, nb)
+            for g in range(len(groups)):
+                for b in range(nb):
+                    m = float(metric[g, :, b].mean())
+                    rows.append({"method": f"ablation/{how}", "set": g0 + g,
+                                 "prompt": start + b, "effect": m - float(m_clean[b]),
+                                 "metric": m, "clean": float(m_clean[b]),
+                                 "correct": float(ok[g, :, b].float().mean()),
+                                 "clean_correct": float(ok_clean[b])})
+    return tidy(rows)
+
+
+def ablation(model: Model, facts: FactDataset, sites: Sequence[Site], **kwargs: Any
+             ) -> pd.DataFrame:
+    """Ablate each site alone (see :func:`ablate_sets` for options); rows carry the site."""
+    df = ablate_sets(model, facts, [[s] for s in sites], **kwargs)
+    site = [sites[i] for i in df["set"]]
+    df["component"] = pd.array([str(s.component) for s in site], dtype="string")
+    df["layer"] = pd.array([s.layer for s in site], dtype="Int64")
+    df["head"] = pd.array([s.head for s in site], dtype="Int64")
+    df["neuron"] = pd.array([s.neuron for s in site], dtype="Int64")
+    df["role"] = pd.array([None if s.position is None else str(s.position) for s in site],
+                          dtype="string")
+    return df
+
+
+def effective_model(model: Model, facts: FactDataset, *, how: str = "mean",
+                    positions: Sequence[Role] = (Role.SUBJECT,), **kwargs: Any) -> pd.DataFrame:
+    """Fact Finding's effective model: accuracy with attention at ``positions`` (default the
+    subject tokens) ablated in every layer from ``k`` on, for each ``k`` (``k = n_layers``
+    ablates nothing). Returns one row per ``k`` with mean ``accuracy`` and ``effect``."""
+    L = model.n_layers
+    sets = [[Site(Component.ATTN_OUT, layer, position=p) for layer in range(k, L)
+             for p in positions] for k in range(L + 1)]
+    df = ablate_sets(model, facts, sets, how=how, **kwargs)
+    out = df.groupby("set").agg(effect=("effect", "mean"), accuracy=("correct", "mean"),
+                                clean_accuracy=("clean_correct", "mean"), n=("prompt", "count"))
+    out = out.reset_index().rename(columns={"set": "layer"})
+    out["method"] = f"effective_model/{how}"
+    out["component"] = "attn_out"
+    out["role"] = ",".join(str(p) for p in positions)
+    return tidy(out)
+
+
+def _replace(mask: Tensor, value: Tensor | None):
+    def edit(act: Tensor) -> Tensor:
+        m = mask.reshape(*mask.shape, *([1] * (act.dim() - mask.dim())))
+        v = torch.zeros_like(act) if value is None else value.to(act.device, act.dtype)
+        return torch.where(m, v, act)
+    return edit
+
+
+def _metric(logits: Tensor, ids: Tensor, cand: list[Tensor]) -> Tensor:
+    out = torch.empty(len(ids))
+    for b in range(len(ids)):
+        out[b] = logit_diff_vs_mean(logits[b:b + 1], ids[b:b + 1], cand[b])[0]
+    return out
+
+
+def _correct(logits: Tensor, ids: Tensor, cand: list[Tensor]) -> Tensor:
+    out = torch.empty(len(ids), dtype=torch.bool)
+    for b in range(len(ids)):
+        c = cand[b].to(logits.device)
+        out[b] = c[logits[b, c].argmax()] == ids[b]
+    return out
+
+
+def _partners(model: Model, facts: FactDataset, reference: FactDataset | None, k: int,
+              seed: int) -> list[Any]:
+    """K resample partners per prompt, drawn from ``facts + reference`` (same relation and token
+    length, different attribute); every prompt must get one."""
+    pool = facts if reference is None else facts + reference
+    out = []
+    for r in range(k):
+        pairs = pool.corrupt(model, seed=seed + r, on_missing="skip")[:len(facts)]
+        if [p.subject for p in pairs.clean] != [p.subject for p in facts]:
+            raise ValueError("resample ablation needs a partner for every prompt; pass a larger "
+                             "reference= pool")
+        out.append(pairs)
+    return out
+
+
+def ablate_sets_reference(model: Model, facts: FactDataset, sets: Sequence[Sequence[Site]], *,
+                          how: str = "mean", means: dict[SiteKey, Tensor] | None = None,
+                          reference: FactDataset | None = None, resamples: int = 3,
+                          seed: int = 0) -> pd.DataFrame:
+    """The exact reference of :func:`ablate_sets`: one prompt, one set and one resample per
+    forward, each replaced value written by direct index assignment (same padded batch)."""
+    keys = sorted({(s.component, s.layer) for g in sets for s in g})
+    if how == "mean" and means is None:
+        means = mean_activations(model, reference or facts, keys)
+    batch = model.tokenize(list(facts))
+    roles = _role_index(batch)
+    cand = {r: model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
+            for r in facts.relations}
+    cands = [cand[f.relation] for f in facts]
+    clean = model.run(batch)
+    m_clean = _metric(clean.logits, batch.attribute_ids, cands)
+    sources = []
+    if how == "resample":
+        for pairs in _partners(model, facts, reference, resamples, seed):
+            sources.append(model.run(model.tokenize(list(pairs.corrupt)), save=keys).acts)
+    rows: list[dict[str, Any]] = []
+    for g, group in enumerate(sets):
+        for b in range(len(facts)):
+            one = take(batch, slice(b, b + 1))
+            ms, oks = [], []
+            for r in range(max(1, len(sources))):
+                edits = {}
+                for key in {(s.component, s.layer) for s in group}:
+                    mask = torch.zeros_like(_site_mask(model, batch, Site(*key)))
+                    for site in group:
+                        if (site.component, site.layer) == key:
+                            mask |= _site_mask(model, batch, site)
+
+                    def put(a: Tensor, key: SiteKey = key, mask: Tensor = mask, r: int = r,
+                            b: int = b) -> Tensor:
+                        a = a.clone()
+                        for idx in mask[b].nonzero().tolist():
+                            p = idx[0]
+                            if how == "zero":
+                                value = torch.zeros_like(a[(0, *idx)])
+                            elif how == "mean":
+                                assert means is not None
+                                value = means[key][(int(roles[b, p]), *idx[1:])]
+                            else:
+                                value = sources[r][key][(b, *idx)]
+                            a[(0, *idx)] = value
+                        return a
+                    edits[key] = put
+                lg = model.run(one, edits=edits).logits
+                ms.append(float(_metric(lg, one.attribute_ids, [cands[b]])[0]))
+                oks.append(float(_correct(lg, one.attribute_ids, [cands[b]])[0]))
+            m = sum(ms) / len(ms)
+            rows.append({"method": f"ablation/{how}", "set": g, "prompt": b,
+                         "effect": m - float(m_clean[b]), "metric": m,
+                         "clean": float(m_clean[b]), "correct": sum(oks) / len(oks)})
+    return tidy(rows)
