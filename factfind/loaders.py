@@ -378,9 +378,9 @@ def from_records(records: Iterable[Mapping[str, Any]], *, name: str = "records",
 
     Example::
 
-        >>> from_records([{"subject": "Paris", "template": "{} is in", "attribute": "France"}])[0]
-        ... # doctest: +ELLIPSIS
-        FactPrompt(subject='Paris', relation='{} is in', template='{} is in', ...)
+        >>> ds = from_records([{"subject": "Paris", "template": "{} is in", "attribute": "France"}])
+        >>> ds[0].prompt, ds[0].relation, ds[0].source
+        ('Paris is in', '{} is in', 'records#0')
     """
     if isinstance(records, str | bytes | Mapping) or not isinstance(records, Iterable):
         raise FactDataError(f"records must be a list of mappings, got {type(records).__name__}",
