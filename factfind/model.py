@@ -343,6 +343,7 @@ class Model:
         need = want | read_z
         enc = _encoding(batch, self.device)
         acts: dict[SiteKey, Any] = {}
+        attn_in: dict[int, Any] = {}
         nn = self._nn
         grad = metric is not None
         blocks = _get(nn, self.spec.blocks)
@@ -367,9 +368,8 @@ class Model:
                     if key in need:
                         acts[key] = blk.input
                 attn = _get(blk, self.spec.attn)
-                key = (Component.V, layer)
-                if key in need:
-                    acts[key] = _get(blk, self.spec.values).output
+                if (Component.Q, layer) in need or (Component.K, layer) in need:
+                    attn_in[layer] = attn.inputs
                 if layer in block_attention:
                     args, kwargs = attn.inputs
                     kwargs = dict(kwargs)
@@ -377,6 +377,9 @@ class Model:
                         kwargs.get("attention_mask"), block_attention[layer], enc
                     )
                     attn.inputs = (args, kwargs)
+                key = (Component.V, layer)
+                if key in need:
+                    acts[key] = _get(blk, self.spec.values).output
                 key = (Component.Z, layer)
                 if key in need or key in edits:
                     proj = _get(blk, self.spec.attn_out_proj)
@@ -423,6 +426,8 @@ class Model:
             lg = lg.save()
             for v in acts.values():
                 v.save()
+            for v in attn_in.values():
+                v.save()
         grads: dict[SiteKey, Tensor] = {}
         if grad:
             assert metric is not None
@@ -433,7 +438,7 @@ class Model:
                 for k, g in zip(keys, got, strict=True):
                     grads[k] = torch.zeros_like(acts[k]) if g is None else g
             lg = lg.detach()
-        result = {k: v.detach() for k, v in acts.items()}
+        result = {k: v.detach() if isinstance(v, Tensor) else v for k, v in acts.items()}
         for k in list(result) + list(grads):
             if k[0] is Component.Z:
                 if k in result:
@@ -447,11 +452,47 @@ class Model:
             if k[0] is Component.PATTERN and result[k] is None:
                 raise ValueError("attention patterns need eager attention: "
                                  "load_model(..., attn_implementation='eager')")
+        for layer, (args, kwargs) in attn_in.items():
+            q, k = self._queries_keys(layer, args, kwargs)
+            result[(Component.Q, layer)], result[(Component.K, layer)] = q, k
         for c, layer in want:
             if c is Component.HEAD_OUT:
                 z = result[(Component.Z, layer)]
                 result[(c, layer)] = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))
         return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads)
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor on ``q . k`` before the softmax (``1/sqrt(d_head)`` in most families)."""
+        return float(_get(self._block_hf(layer), self.spec.attn).scaling)
+
+    @torch.no_grad()
+    def _queries_keys(self, layer: int, args: Any, kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Queries and keys ``[batch pos head d_head]`` (rotary applied; key-value heads
+        repeated), recomputed from the attention module's input with its own weights."""
+        import importlib
+
+        attn = _get(self._block_hf(layer), self.spec.attn)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b, p = hidden.shape[:2]
+        dh, layout = self.d_head, self.spec.values_layout
+        if layout == "c_attn":
+            out = attn.c_attn(hidden)
+            q = out[..., :self.d_model].reshape(b, p, self.n_heads, dh)
+            k = out[..., self.d_model:2 * self.d_model].reshape(b, p, self.n_heads, dh)
+        elif layout == "neox":
+            out = attn.query_key_value(hidden).reshape(b, p, self.n_heads, 3 * dh)
+            q, k = out[..., :dh], out[..., dh:2 * dh]
+        else:
+            q = attn.q_proj(hidden).reshape(b, p, self.n_heads, dh)
+            k = attn.k_proj(hidden).reshape(b, p, self.n_kv_heads, dh)
+        rope = kwargs.get("position_embeddings")
+        if rope is not None:
+            module = importlib.import_module(type(attn).__module__)
+            cos, sin = rope
+            qr, kr = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = qr.transpose(1, 2), kr.transpose(1, 2)
+        k = k.repeat_interleave(self.n_heads // k.shape[2], dim=2)
+        return q, k
 
     def _split_values(self, out: Tensor) -> Tensor:
         """The value vectors ``[batch pos head d_head]`` from the values module's output."""

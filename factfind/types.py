@@ -15,6 +15,8 @@ activation can be read or written:
 * ``neurons``    MLP hidden units after the non-linearity (the input of ``W_out``)
                  ``[batch pos neuron]``
 * ``pattern``    attention probabilities (read only; eager attention) ``[batch head q_pos k_pos]``
+* ``q``, ``k``   queries and keys (rotary applied, key-value heads repeated; read only)
+                 ``[batch pos head d_head]``
 * ``v``          value vectors per query head (key-value heads repeated for grouped-query
                  attention; read only)                                         ``[batch pos head d_head]``
 
@@ -50,6 +52,8 @@ class Component(StrEnum):
     MLP_OUT = "mlp_out"
     NEURONS = "neurons"
     PATTERN = "pattern"
+    Q = "q"
+    K = "k"
     V = "v"
 
 

@@ -158,3 +158,21 @@ def test_pattern_and_values_reconstruct_z(pair):
     real = batch["attention_mask"].bool()
     assert z.abs().max() > 1e-3
     torch.testing.assert_close(rebuilt[real], z[real], atol=1e-5, rtol=1e-5)
+
+
+def test_queries_keys_reproduce_pattern(pair):
+    """softmax(q . k * scale + causal/padding mask) equals the model's attention pattern."""
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    layer = model.n_layers - 1
+    run = model.run(batch, save=[(C.Q, layer), (C.K, layer), (C.PATTERN, layer)])
+    q, k, pattern = (run.acts[(c, layer)] for c in (C.Q, C.K, C.PATTERN))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * model.attn_scale(layer)
+    n = q.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & batch[
+        "attention_mask"].bool()[:, None, None, :]
+    rebuilt = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    real = batch["attention_mask"].bool()
+    assert q.abs().max() > 1e-3
+    torch.testing.assert_close(rebuilt.transpose(1, 2)[real], pattern.transpose(1, 2)[real],
+                               atol=1e-5, rtol=1e-4)
