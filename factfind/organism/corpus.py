@@ -1,0 +1,168 @@
+"""Training text for the organism: fact sentences and filler, packed into token rows.
+
+Facts are memorised only by being seen, and a small model on two CPU cores sees few tokens, so
+the text is dense in facts and the loss is weighted toward them:
+
+* **Epochs over facts.** Each epoch visits every (known person, relation) pair once, in a fresh
+  random order, each time in a training template drawn at random. So every fact is seen equally
+  often, in many phrasings, and the model must store it independently of the phrasing.
+* **Mixed documents.** Rows of ``seq_len`` tokens are packed with consecutive sentences: facts
+  about different people and relations, interleaved with filler (biography sentences about known
+  people that reveal no attribute, and generic sentences). A row starts with ``<|endoftext|>``
+  (except a small share, so that prompts without it still work). No (person, relation) pair
+  occurs twice in an epoch, so a fact can never be copied from earlier in the row: it has to be
+  recalled from the weights.
+* **Weighted loss.** The attribute token of a fact sentence has weight ``attr_weight``; every
+  other token (templates, names, filler) keeps a smaller ``lm_weight``, so the model still
+  learns the language, the names and the templates.
+
+The rows are built from token ids encoded once per sentence (not per row), and every random
+choice comes from one seeded ``numpy`` generator, so the stream of batches is a function of the
+world, the tokenizer and the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from factfind.organism.tokenizer import PAD, attribute_token_ids
+from factfind.organism.world import people as split_people
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch.
+
+    Attributes:
+        input_ids: ``[batch pos]`` token ids, right-padded with ``<|padding|>``.
+        weights: ``[batch pos]`` loss weight of predicting token ``pos`` (from ``pos - 1``);
+            zero on padding and on the first token.
+        is_attribute: ``[batch pos]`` True where the token is the attribute of a fact.
+    """
+
+    input_ids: Tensor
+    weights: Tensor
+    is_attribute: Tensor
+
+
+class FactCorpus:
+    """Sentences of a world, encoded once; :meth:`batches` packs them into rows.
+
+    Args:
+        world: the world (only its known people are used).
+        tokenizer: the organism tokenizer.
+        n_filler_person: how many biography filler sentences to pre-encode (person x predicate
+            pairs drawn at random).
+        seed: seeds the filler pool and the batch stream.
+    """
+
+    def __init__(self, world: dict[str, Any], tokenizer: Any, *, n_filler_person: int = 20000,
+                 seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.bos_id = tokenizer.bos_token_id
+        self.pad_id = tokenizer.convert_tokens_to_ids(PAD)
+        known = split_people(world, "known")
+        self.relations = list(world["relations"])
+        attr_ids = attribute_token_ids(tokenizer, world)
+        encode = tokenizer._tokenizer.encode_batch  # raw `tokenizers`: fast, no special tokens
+
+        # facts[r][t] is a list over known people of (ids, index of the attribute token)
+        self.facts: list[list[list[np.ndarray]]] = []
+        self.fact_pos: list[list[np.ndarray]] = []
+        for rel in self.relations:
+            per_template, per_template_pos = [], []
+            for template in world["relations"][rel]["templates"]:
+                texts = [template.format(p["name"]) + " " + p["attributes"][rel] + "."
+                         for p in known]
+                encs = encode(texts, add_special_tokens=False)
+                ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+                pos = np.array([len(x) - 2 for x in ids])
+                want = np.array([attr_ids[rel][p["attributes"][rel]] for p in known])
+                got = np.array([x[i] for x, i in zip(ids, pos, strict=True)])
+                if not np.array_equal(got, want):
+                    raise ValueError(f"attribute not where expected in {template!r}")
+                per_template.append(ids)
+                per_template_pos.append(pos)
+            self.facts.append(per_template)
+            self.fact_pos.append(per_template_pos)
+        self.n_people = len(known)
+
+        person_filler = world["filler"]["person"]
+        who = self.rng.integers(len(known), size=n_filler_person)
+        what = self.rng.integers(len(person_filler), size=n_filler_person)
+        texts = [person_filler[j].format(known[i]["name"]) for i, j in zip(who, what, strict=True)]
+        self.filler_person = [np.asarray(e.ids) for e in encode(texts, add_special_tokens=False)]
+        self.filler_generic = [np.asarray(e.ids) for e in
+                               encode(world["filler"]["generic"], add_special_tokens=False)]
+        log.info("corpus: %d facts x %d templates on average, %d + %d filler sentences",
+                 self.n_people * len(self.relations),
+                 np.mean([len(t) for t in self.facts]), len(self.filler_person),
+                 len(self.filler_generic))
+
+    @property
+    def n_facts(self) -> int:
+        """Number of (known person, relation) pairs: the facts of one epoch."""
+        return self.n_people * len(self.relations)
+
+    def sentences(self, *, p_filler: float, p_generic: float) -> Iterator[tuple[np.ndarray, int]]:
+        """An endless stream of ``(ids, attribute index or -1)``, epoch after epoch of facts.
+
+        Before each fact, a filler sentence is inserted with probability ``p_filler``; it is
+        generic with probability ``p_generic`` and about a known person otherwise.
+        """
+        rng = self.rng
+        n_rel = len(self.relations)
+        while True:
+            order = rng.permutation(self.n_facts)
+            templates = rng.random(self.n_facts)
+            fill = rng.random(self.n_facts) < p_filler
+            generic = rng.random(self.n_facts) < p_generic
+            for k, fact in enumerate(order):
+                if fill[k]:
+                    pool = self.filler_generic if generic[k] else self.filler_person
+                    yield pool[rng.integers(len(pool))], -1
+                person, r = divmod(int(fact), n_rel)
+                t = int(templates[k] * len(self.facts[r]))
+                yield self.facts[r][t][person], int(self.fact_pos[r][t][person])
+
+    def batches(
+        self, *, batch_size: int, seq_len: int, p_filler: float, p_generic: float,
+        p_no_bos: float, attr_weight: float, lm_weight: float,
+    ) -> Iterator[Batch]:
+        """An endless stream of packed, weighted batches (see the module docstring)."""
+        stream = self.sentences(p_filler=p_filler, p_generic=p_generic)
+        pending: tuple[np.ndarray, int] | None = None
+        while True:
+            ids = np.full((batch_size, seq_len), self.pad_id, dtype=np.int64)
+            w = np.zeros((batch_size, seq_len), dtype=np.float32)
+            is_attr = np.zeros((batch_size, seq_len), dtype=bool)
+            for b in range(batch_size):
+                n = 0
+                if self.rng.random() >= p_no_bos:
+                    ids[b, 0] = self.bos_id
+                    n = 1
+                while True:
+                    sent, attr = pending if pending is not None else next(stream)
+                    if len(sent) >= seq_len:
+                        raise ValueError(f"a sentence of {len(sent)} tokens > seq_len={seq_len}")
+                    if n + len(sent) > seq_len:
+                        pending = (sent, attr)
+                        break
+                    pending = None
+                    ids[b, n:n + len(sent)] = sent
+                    w[b, n:n + len(sent)] = lm_weight
+                    if attr >= 0:
+                        w[b, n + attr] = attr_weight
+                        is_attr[b, n + attr] = True
+                    n += len(sent)
+                w[b, 0] = 0.0  # nothing predicts the first token
+            yield Batch(torch.from_numpy(ids), torch.from_numpy(w), torch.from_numpy(is_attr))
