@@ -1,0 +1,225 @@
+"""Fact Finding, end to end: where does a model look up a fact, and how does it reach the answer?
+
+The workflow of Nanda, Rajamanoharan, Kramár & Shah (2023), on one relation:
+
+ 1. keep the facts the model knows, pair each with a same-length corrupt subject;
+ 2. causal tracing (Meng et al. 2022): which (layer, token) states carry the fact;
+ 3. activation patching by layer and token role: what is sufficient to restore it;
+ 4. attention knockout (Geva et al. 2023): from which positions the final token reads it;
+ 5. direct logit attribution of heads, MLPs and neurons: who writes the answer;
+ 6. the effective model and probes: how many attention layers the subject needs, where the
+    attribute becomes linearly readable;
+ 7. neuron attribution (AtP*), path patching, the circuit graph and its faithfulness;
+ 8. a self-contained HTML report in reports/.
+
+Every step is cached on disk (keyed by model, dataset and configuration): re-running skips
+finished work and a killed run resumes. Runs on the shipped model organism by default:
+
+    python analyses/fact_finding.py                       # organism, relation "sport"
+    python analyses/fact_finding.py --model /models/pythia-2.8b --facts rome_known --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import factfind as ff
+from factfind import report as rp
+from factfind.ablation import effective_model
+from factfind.cache import RunCache
+from factfind.probing import linear_probes, mechanistic_probes
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("fact_finding")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines the run's results (saved beside them)."""
+
+    model: str = "organism"
+    facts: str = "organism:sport"
+    n_prompts: int = 48
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str | None = None
+    batch_size: int = 16
+    tracing_samples: int = 5
+    tracing_window: int = 3
+    knockout_window: int = 1
+    version: str = ff.__version__
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=Config.model, help="'organism', a HF directory or hub name")
+    p.add_argument("--facts", default=Config.facts,
+                   help="dataset: organism:<relation>, rome_known, counterfact:val, a file")
+    p.add_argument("--n-prompts", type=int, default=Config.n_prompts)
+    p.add_argument("--seed", type=int, default=Config.seed)
+    p.add_argument("--device", default=Config.device)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--tracing-samples", type=int, default=Config.tracing_samples)
+    p.add_argument("--tracing-window", type=int, default=Config.tracing_window)
+    p.add_argument("--knockout-window", type=int, default=Config.knockout_window)
+    p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
+    p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    a = p.parse_args(argv)
+    cfg = Config(model=a.model, facts=a.facts, n_prompts=a.n_prompts, seed=a.seed,
+                 device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                 tracing_samples=a.tracing_samples, tracing_window=a.tracing_window,
+                 knockout_window=a.knockout_window)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg, args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    t0 = time.time()
+
+    # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
+    model = ff.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    facts = ff.load_facts(cfg.facts)
+    cache = RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
+                          dataset=facts.fingerprint(), config=asdict(cfg))
+    log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
+    scores = cache.table("attribute_scores", lambda: facts.attribute_scores(
+        model, batch_size=cfg.batch_size * 4))
+    known_mask = (scores["rank"] == 1).tolist()
+    known = facts.filter(lambda f, it=iter(known_mask): next(it), name=f"{facts.name}|known")
+    if len(known) == 0:
+        raise SystemExit(f"{model.name} knows none of the {len(facts)} facts of {facts.name}")
+    sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
+    pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip")
+    log.info("knows %d of %d facts; analysing %d prompt pairs", len(known), len(facts),
+             len(pairs))
+
+    # 2. causal tracing ------------------------------------------------------------------------
+    def trace(start: int, stop: int) -> pd.DataFrame:
+        df = ff.causal_tracing(model, pairs.clean[start:stop], samples=cfg.tracing_samples,
+                               window=cfg.tracing_window, severed=True, seed=cfg.seed,
+                               batch_size=cfg.batch_size, progress=False)
+        df["prompt"] = df["prompt"] + start
+        return df
+
+    tracing = cache.chunked("causal_tracing", len(pairs), trace, chunk=cfg.batch_size)
+    log.info("causal tracing done (%.0fs)", time.time() - t0)
+
+    # 3. activation patching by layer and role; heads at the final position ---------------------
+    def patch(start: int, stop: int) -> pd.DataFrame:
+        df = ff.activation_patching(model, pairs[start:stop],
+                                    components=["resid_pre", "attn_out", "mlp_out", "z"],
+                                    batch_size=cfg.batch_size, progress=False)
+        df["prompt"] = df["prompt"] + start
+        return df
+
+    patching = cache.chunked("activation_patching", len(pairs), patch, chunk=cfg.batch_size)
+    log.info("activation patching done (%.0fs)", time.time() - t0)
+
+    # 4. attention knockout ------------------------------------------------------------------
+    knockout = cache.table("attention_knockout", lambda: ff.attention_knockout(
+        model, pairs.clean, window=cfg.knockout_window, batch_size=cfg.batch_size))
+
+    # 5. direct logit attribution -------------------------------------------------------------
+    dla = cache.table("dla", lambda: ff.aggregate(ff.direct_logit_attribution(
+        model, pairs, batch_size=cfg.batch_size)))
+
+    # 6. effective model and probes -------------------------------------------------------------
+    eff = cache.table("effective_model", lambda: effective_model(
+        model, pairs.clean, reference=known.sample(min(256, len(known)), seed=cfg.seed + 1)))
+    probes = cache.table("linear_probes", lambda: linear_probes(
+        model, known.sample(min(400, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
+    mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
+    log.info("localization done (%.0fs)", time.time() - t0)
+
+    # 8. the report ----------------------------------------------------------------------------
+    sections = [
+        rp.model_section({"name": model.name, "revision": model.revision,
+                          "architecture": model.spec.name, "layers": model.n_layers,
+                          "heads": model.n_heads, "d_model": model.d_model,
+                          "d_mlp": model.d_mlp, "d_vocab": model.d_vocab}),
+        rp.dataset_section({"name": facts.name, "fingerprint": facts.fingerprint()[:16],
+                            "facts": len(facts), "relations": ", ".join(facts.relations),
+                            "known": len(known), "analysed pairs": len(pairs)},
+                           sample=pairs.clean.to_frame().head(20)),
+        rp.accuracy_section(rp.accuracy_table(
+            facts.to_frame().assign(correct=[bool(k) for k in known_mask]), by="relation")),
+        rp.tracing_section(ff.aggregate(tracing)),
+        rp.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),
+        _knockout_section(knockout),
+        rp.units_section(pd.concat([
+            ff.aggregate(patching[patching["component"] == "head_out"]),
+            dla[dla["component"] == "neurons"]], ignore_index=True)),
+        _effective_section(eff, probes, mech),
+        rp.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
+                                        "model_fingerprint": model.fingerprint(),
+                                        "dataset": facts.fingerprint(),
+                                        "cache": str(cache.root),
+                                        "seconds": round(time.time() - t0, 1)}),
+    ]
+    name = f"fact_finding-{Path(str(cfg.model)).name}-{cfg.facts.replace(':', '_')}"
+    out = Path(args.out) / f"{name}-{cache.root.name[:8]}.html"
+    data = rp.ReportData(title=f"Fact finding: {cfg.facts} in {model.name}",
+                         subtitle=f"{len(pairs)} prompt pairs · seed {cfg.seed}",
+                         sections=sections)
+    if out.exists() and not args.overwrite:
+        log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
+    else:
+        rp.write_report(data, out, overwrite=args.overwrite)
+    log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
+             len(cache.hits), len(cache.computed))
+    print(out)
+    return out
+
+
+def _knockout_section(knockout: pd.DataFrame) -> rp.Section:
+    agg = ff.aggregate(knockout)
+    return rp.Section(
+        id="knockout", title="Attention knockout",
+        explanation=("Geva et al. (2023): the edges from the final token to a source role are "
+                     "blocked in a window of layers starting at each layer; the effect is the "
+                     "relative change in the probability of the answer. A large drop when "
+                     "blocking final→subject in middle layers marks attribute extraction."),
+        figures=[rp.heatmap(agg, x="layer", y="role", title="Knockout: relative change in p",
+                            caption="Relative change in the answer's probability when the "
+                            "final position cannot attend to the role (window start layer).",
+                            alt="knockout heatmap")],
+        tables=[rp.Table(agg[["role", "layer", "effect", "ci_low", "ci_high", "n"]],
+                         caption="Mean relative change with 95% CI")])
+
+
+def _effective_section(eff: pd.DataFrame, probes: pd.DataFrame, mech: pd.DataFrame
+                       ) -> rp.Section:
+    return rp.Section(
+        id="effective-model", title="Effective model and probes",
+        explanation=("Effective model (Fact Finding): attention at the subject tokens is "
+                     "mean-ablated in every layer from k on; the accuracy per k shows how many "
+                     "attention layers the subject's tokens need to be joined before the MLP "
+                     "lookup. Linear probes: held-out accuracy of a logistic probe for the "
+                     "attribute per layer and role (split by subject). Mechanistic probes: "
+                     "accuracy of each head's OV circuit read at the last subject token."),
+        figures=[rp.line_plot(eff.assign(size=eff["layer"]), x="layer", y="accuracy",
+                              title="Effective model accuracy",
+                              caption="Accuracy with subject attention ablated from layer k on",
+                              alt="effective model accuracy", band=None),
+                 rp.heatmap(probes, x="layer", y="role", value="effect",
+                            title="Linear probe accuracy (held-out subjects)",
+                            caption="Held-out accuracy per layer and role", alt="probes")],
+        tables=[rp.Table(mech.sort_values("effect", ascending=False).head(10)[
+            ["layer", "head", "role", "effect", "n"]],
+            caption="Top mechanistic probes (head OV read at the last subject token)")])
+
+
+if __name__ == "__main__":
+    main()
