@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                       if not p.stem.startswith("_")) if ANALYSES.exists() else ["fact-finding"]
     for name in analyses:
         sub.add_parser(name, help=f"run analyses/{name.replace('-', '_')}.py", add_help=False)
-    sub.add_parser("train-organism", help="retrain the model organism", add_help=False)
+    if "train-organism" not in analyses:
+        sub.add_parser("train-organism", help="retrain the model organism", add_help=False)
     info = sub.add_parser("info", help="describe a model's architecture and sites")
     info.add_argument("--model", default="organism")
     sub.add_parser("datasets", help="list the shipped fact datasets")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in analyses:
+    if command in analyses and command != "train-organism":
         return _run_analysis(command, rest)
     if command == "train-organism":
         from factfind.organism.train import main as train_main
