@@ -1,0 +1,45 @@
+"""Shared set-up for the benchmarks: models and prompts, and a timer that takes the best of n."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def best_of(fn: Callable[[], Any], n: int = 3) -> float:
+    """Best wall time of ``n`` runs (the machine is noisy; the minimum is the least disturbed)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
+
+
+def organism_or_tiny(family: str = "gpt_neox"):
+    """The shipped organism with its known sport facts, or a tiny random model and fixture facts."""
+    import factfind as ff
+
+    try:
+        model = ff.load_model("organism")
+        facts = ff.load_facts("organism:sport").known_by(model)
+        return model, facts, "organism"
+    except (FileNotFoundError, OSError, ImportError, ff.FactDataError):
+        from factfind.testing import tiny_model
+
+        model = tiny_model(family, n_layers=4, d_model=128)
+        facts = ff.from_records([{"subject": f"{a} {b}", "relation": "sport",
+                                  "template": "Fact: {} plays the sport of", "attribute": s}
+                                 for a in ("Michael", "Tiger", "Serena", "Lionel")
+                                 for b, s in (("Jordan", "basketball"), ("Woods", "golf"),
+                                              ("Williams", "tennis"), ("Messi", "football"))])
+        return model, facts, f"tiny random {family}"
