@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -319,7 +320,7 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
                   batch_size: int, chunk: int | None, progress: bool) -> pd.DataFrame:
     pb_all = encode_pairs(model, pairs)
     keys = sorted({s.key for s in sites})
-    rows: list[dict[str, Any]] = []
+    frames: list[pd.DataFrame] = []
     n = len(pairs)
     bar = tqdm(total=n * len(sites), desc=f"patching ({direction})", disable=not progress,
                unit="site")
@@ -345,18 +346,25 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
                 effect = (m_clean - metric) / denom
             valid = torch.stack([position_mask(base, s.position).any(-1) for s in group])
             effect = torch.where(valid.to(effect.device), effect, torch.nan)
-            for s, site in enumerate(group):
-                for b in range(len(m_clean)):
-                    rows.append({
-                        "method": f"activation_patching/{direction}",
-                        "component": "head_out" if site.component is Component.Z
-                        else str(site.component),
-                        "layer": site.layer, "head": site.head,
-                        "position": site.position if isinstance(site.position, int) else None,
-                        "role": str(site.position) if isinstance(site.position, Role) else None,
-                        "prompt": start + b, "effect": float(effect[s, b]),
-                        "metric": float(metric[s, b]), "clean": float(m_clean[b]),
-                        "corrupt": float(m_corrupt[b]),
-                    })
+            nb = len(m_clean)
+            frames.append(pd.DataFrame({
+                "method": f"activation_patching/{direction}",
+                "component": np.repeat([_component_name(x) for x in group], nb),
+                "layer": np.repeat([x.layer for x in group], nb),
+                "head": np.repeat([x.head for x in group], nb),
+                "position": np.repeat([x.position if isinstance(x.position, int) else None
+                                       for x in group], nb),
+                "role": np.repeat([str(x.position) if isinstance(x.position, Role) else None
+                                   for x in group], nb),
+                "prompt": np.tile(np.arange(start, start + nb), len(group)),
+                "effect": effect.reshape(-1).cpu().numpy(),
+                "metric": metric.reshape(-1).cpu().numpy(),
+                "clean": np.tile(m_clean.cpu().numpy(), len(group)),
+                "corrupt": np.tile(m_corrupt.cpu().numpy(), len(group)),
+            }))
     bar.close()
-    return tidy(rows)
+    return tidy(pd.concat(frames, ignore_index=True))
+
+
+def _component_name(site: PatchSite) -> str:
+    return "head_out" if site.component is Component.Z else str(site.component)
