@@ -1,0 +1,655 @@
+"""Attribution patching (AtP) and AtP*: estimate every node's patching effect at once.
+
+Activation patching (:mod:`factfind.patching`) measures one site per forward pass. For a
+model with ``L`` layers of ``d_mlp`` neurons at ``P`` positions that is ``L * d_mlp * P``
+forward passes - too many to patch *every neuron*. **Attribution patching** (Nanda 2023;
+Syed et al. 2023) replaces each of them with a first-order Taylor estimate. Write ``M(x)`` for
+the metric (here the logit difference ``logit[clean attribute] - logit[corrupt attribute]`` at
+the final token), ``n(x)`` for a node's activation on prompt ``x``, and run the *base* prompt
+with the node set to its value on the *source* prompt. The effect of that patch is
+
+    c(n) = M(base | do(n = n(source))) - M(base)
+         ≈ (n(source) - n(base)) . dM/dn (base)                                       (AtP)
+
+and every node's estimate comes from the same **two forward passes and one backward pass**:
+the base run with gradients, and the source run. The default direction is *noising*, as in
+AtP* (base = clean, source = corrupt: ``c(n) < 0`` for a node the fact needs); ``direction=
+"denoise"`` swaps them. Effects are raw metric differences (logit-difference units), per prompt
+or averaged over prompts.
+
+Nodes (:class:`NodeIndex`) are a component at a layer at a *position spec* - a role such as
+``subject_last`` or an absolute index (negative indices count from the final token) - and a
+unit: every MLP **neuron** (``neurons``, the input of ``W_out``), the MLP layer (``mlp_out``),
+and per attention head its output (``head_out``, patched through ``z``) and its inputs at a
+position: the query (``q``), key (``k``) and value (``v``) vectors. A role that names several
+tokens (``relation``) patches all of them together; AtP is linear, so its estimate is the sum.
+
+**AtP*** (Kramár, Lieberum, Shah & Nanda 2024, "AtP*: An efficient and scalable method for
+localizing LLM behaviour to components") fixes AtP's two failure modes:
+
+* **QK fix** (their §3.1.1). A head's attention softmax saturates: patching a key from
+  irrelevant to dominant can move a probability from 0 to 1 while the gradient at 0 says
+  nothing. The attention *logits* are linear in a query (for fixed keys) and in a key (for
+  fixed queries), so the only non-linearity between a q or k node and the rest of the network
+  is the softmax. AtP* computes that part exactly and stays linear downstream:
+
+      c_AtP*(q_t) = sum_s (A'_ts - A_ts) dM/dA_ts,
+          A'_t = softmax(scale * q_t(source) . k_s(base) | mask)       (query row t replaced)
+      c_AtP*(k_s) = sum_t (A'_t - A_t) . dM/dA_t,
+          A'_t = softmax of row t with logit s replaced by scale * q_t(base) . k_s(source)
+
+  with ``A`` the base attention pattern and ``dM/dA`` the gradient at it. *What this
+  implements:* the fix applies to the **q and k nodes themselves** (a head's query or key at
+  a position, rotary applied); a node *upstream* of a head (an earlier neuron) still reaches
+  that head's pattern through the gradient, i.e. linearised, as in the paper. Values, head
+  outputs, MLP layers and neurons are estimated as by AtP.
+
+* **GradDrop** (their §3.1.2). A node can act through several paths whose effects cancel in
+  the total gradient but not under patching. For each layer ``l`` the backward pass is rerun
+  with the gradient through layer ``l``'s residual-stream contributions (its ``attn_out`` and
+  ``mlp_out``) blocked - their forward values unchanged, via ``detach`` edits - giving
+  ``c_l(n)``; the sign-agnostic score
+
+      GD(n) = 1/(L-1) * sum_{l != layer(n)} |c_l(n)|
+
+  is large when any path-restricted estimate is, even if the total cancels. Layers ``l`` below
+  the node leave its gradient unchanged (``c_l = c_AtP*``); the node's own layer is left out
+  (it would block the node itself). Nodes are ranked for verification by ``score =
+  max(|c_AtP*(n)|, GD(n))``: GradDrop *flags* nodes, exact patching then measures them.
+
+Estimates are not effects: :mod:`factfind.attribution` patches candidates exactly in order of
+``score`` until a stopping rule, and bounds what it may have missed (the AtP* recipe).
+
+**Streaming.** Over many prompts, per-node statistics (count, mean, variance, mean |effect|)
+are accumulated batch by batch with Chan et al.'s parallel update (:class:`RunningStats`), so
+memory grows with the number of nodes, never with the number of prompts.
+
+Example::
+
+    pairs = facts.corrupt(model, seed=0)
+    est = atp_star(model, pairs, components=["neurons", "head_out", "q", "k"])
+    est.nlargest(20, "score")          # candidates for exact verification
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from factfind.metrics import logit_diff
+from factfind.patching import DEFAULT_ROLES, PairBatch, PatchSite, encode_pairs, position_mask, take
+from factfind.types import RESULT_COLUMNS, Component, Role, SiteKey
+
+if TYPE_CHECKING:
+    from factfind.data import FactPairs, TokenBatch
+    from factfind.model import Model
+
+log = logging.getLogger(__name__)
+
+#: node components in their canonical order (``z`` is reported as ``head_out``)
+NODE_COMPONENTS: tuple[Component, ...] = (Component.NEURONS, Component.MLP_OUT, Component.Z,
+                                          Component.Q, Component.K, Component.V)
+ATTENTION_INPUTS: tuple[Component, ...] = (Component.Q, Component.K, Component.V)
+DIRECTIONS = ("noise", "denoise")
+
+
+def node_component(c: str | Component) -> Component:
+    """The node component for a name: ``head_out`` and ``z`` both mean a head's output."""
+    comp = Component(c)
+    if comp is Component.HEAD_OUT:
+        comp = Component.Z
+    if comp not in NODE_COMPONENTS:
+        raise ValueError(f"{comp} is not a node component; choose from neurons, mlp_out, "
+                         "head_out, q, k, v")
+    return comp
+
+
+def component_name(c: Component) -> str:
+    """The name a node component has in result frames (``z`` -> ``head_out``)."""
+    return "head_out" if c is Component.Z else str(c)
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+@dataclass(frozen=True)
+class NodeIndex:
+    """A flat numbering of nodes: component-major, then layer, position spec and unit.
+
+    Per component the nodes form a ``[layer position unit]`` block, with ``unit`` the neuron
+    (``d_mlp`` of them), the head (``n_heads``), or a single unit for ``mlp_out``.
+    """
+
+    components: tuple[Component, ...]
+    layers: tuple[int, ...]
+    positions: tuple[Role | int, ...]
+    n_heads: int
+    d_mlp: int
+
+    @classmethod
+    def build(cls, model: Model, *, components: Iterable[str | Component],
+              positions: Iterable[Role | int | str], layers: Iterable[int] | None = None
+              ) -> NodeIndex:
+        comps = tuple(sorted({node_component(c) for c in components}, key=NODE_COMPONENTS.index))
+        pos = tuple(p if isinstance(p, int) else Role(p) for p in positions)
+        lays = tuple(range(model.n_layers)) if layers is None else tuple(sorted(set(layers)))
+        if not comps or not pos or not lays:
+            raise ValueError("need at least one component, position and layer")
+        for layer in lays:
+            if not 0 <= layer < model.n_layers:
+                raise IndexError(f"layer {layer} does not exist: {model.name} has "
+                                 f"{model.n_layers} layers")
+        return cls(comps, lays, pos, model.n_heads, model.d_mlp)
+
+    def units(self, comp: Component) -> int:
+        if comp is Component.NEURONS:
+            return self.d_mlp
+        return 1 if comp is Component.MLP_OUT else self.n_heads
+
+    def size(self, comp: Component) -> int:
+        return len(self.layers) * len(self.positions) * self.units(comp)
+
+    @cached_property
+    def offsets(self) -> dict[Component, int]:
+        sizes = [self.size(c) for c in self.components]
+        return dict(zip(self.components, itertools.accumulate([0, *sizes[:-1]]), strict=True))
+
+    def __len__(self) -> int:
+        return sum(self.size(c) for c in self.components)
+
+    def site(self, i: int) -> PatchSite:
+        """The node numbered ``i`` as a :class:`~factfind.patching.PatchSite`."""
+        for comp in reversed(self.components):
+            if i >= self.offsets[comp]:
+                layer_i, pos_i, unit = np.unravel_index(
+                    i - self.offsets[comp],
+                    (len(self.layers), len(self.positions), self.units(comp)))
+                unit = int(unit)
+                return PatchSite(comp, self.layers[int(layer_i)], self.positions[int(pos_i)],
+                                 head=None if comp in (Component.NEURONS, Component.MLP_OUT)
+                                 else unit,
+                                 neuron=unit if comp is Component.NEURONS else None)
+        raise IndexError(i)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Per node: component, layer, head, neuron, position, role (NaN / None when absent)."""
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("component", "layer", "head",
+                                                              "neuron", "position", "role")}
+        for comp in self.components:
+            shape = (len(self.layers), len(self.positions), self.units(comp))
+            li, pi, ui = (a.ravel() for a in np.indices(shape))
+            n = li.size
+            cols["component"].append(np.full(n, component_name(comp), dtype=object))
+            cols["layer"].append(np.asarray(self.layers)[li].astype(float))
+            is_neuron = comp is Component.NEURONS
+            has_head = comp not in (Component.NEURONS, Component.MLP_OUT)
+            cols["head"].append(ui.astype(float) if has_head else np.full(n, np.nan))
+            cols["neuron"].append(ui.astype(float) if is_neuron else np.full(n, np.nan))
+            pos = np.array([p if isinstance(p, int) else np.nan for p in self.positions])
+            role = np.array([str(p) if isinstance(p, Role) else None for p in self.positions],
+                            dtype=object)
+            cols["position"].append(pos[pi].astype(float))
+            cols["role"].append(role[pi])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+    def node_layers(self) -> Tensor:
+        """``[node]`` the layer of every node."""
+        return torch.cat([torch.tensor(self.layers).repeat_interleave(
+            len(self.positions) * self.units(c)) for c in self.components])
+
+    def node_positions(self) -> Tensor:
+        """``[node]`` the index into :attr:`positions` of every node."""
+        return torch.cat([torch.arange(len(self.positions)).repeat_interleave(self.units(c))
+                          .repeat(len(self.layers)) for c in self.components])
+
+
+def node_frame(index: NodeIndex, method: str, values: dict[str, np.ndarray | Tensor],
+               *, prompts: np.ndarray | None = None) -> pd.DataFrame:
+    """A tidy frame (:data:`~factfind.types.RESULT_COLUMNS` first) with one row per node - or
+    per (prompt, node) when ``prompts`` gives each row's prompt and ``values`` are
+    ``[prompt * node]`` - built column-wise, so a million rows take well under a second."""
+    cols = index.columns()
+    reps = 1 if prompts is None else len(prompts) // len(index)
+    data: dict[str, object] = {"method": pd.array([method] * (len(index) * reps),
+                                                  dtype="string")}
+    n_rows = len(index) * reps
+    for name in ("component", "layer", "head", "neuron", "position", "role"):
+        col = np.tile(cols[name], reps)
+        if name in ("component", "role"):
+            data[name] = pd.array(col, dtype="string")
+        else:
+            data[name] = pd.array(col, dtype="Float64").astype("Int64")
+    data["prompt"] = (pd.array([pd.NA] * n_rows, dtype="Int64") if prompts is None
+                      else pd.array(prompts, dtype="Int64"))
+    for name in ("effect", "ci_low", "ci_high", "n"):
+        v = values.get(name)
+        arr = np.full(n_rows, np.nan) if v is None else _np(v)
+        data[name] = (pd.array(arr, dtype="Float64").astype("Int64") if name == "n"
+                      else arr.astype("float64"))
+    for name, v in values.items():
+        if name not in data:
+            data[name] = _np(v)
+    df = pd.DataFrame(data)
+    return df.reindex(columns=list(RESULT_COLUMNS)
+                      + [c for c in df.columns if c not in RESULT_COLUMNS])
+
+
+def _np(v: np.ndarray | Tensor) -> np.ndarray:
+    return v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+
+
+# ----------------------------------------------------------------------------- streaming stats
+
+
+@dataclass
+class RunningStats:
+    """Per-node count, mean, variance, mean |x| and max |x| over a stream of prompts.
+
+    ``update`` takes a ``[batch node]`` block (and which entries are valid); memory is
+    ``O(node)`` however many prompts pass (Chan, Golub & LeVeque's parallel variance update).
+
+    Example::
+
+        >>> s = RunningStats(2)
+        >>> s.update(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
+        >>> s.mean.tolist(), s.var.tolist()
+        ([2.0, 2.0], [2.0, 0.0])
+    """
+
+    n_nodes: int
+    count: Tensor = field(init=False)
+    mean: Tensor = field(init=False)
+    m2: Tensor = field(init=False)
+    abs_sum: Tensor = field(init=False)
+    abs_max: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        z = torch.zeros(self.n_nodes, dtype=torch.float64)
+        self.count, self.mean, self.m2, self.abs_sum, self.abs_max = (z.clone() for _ in range(5))
+
+    def update(self, x: Tensor, valid: Tensor | None = None) -> None:
+        """Add a ``[batch node]`` block; ``valid`` (bool, broadcastable) masks entries out."""
+        x = x.detach().to("cpu", torch.float64)
+        w = (torch.ones_like(x) if valid is None
+             else valid.to("cpu").expand_as(x).to(torch.float64))
+        x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count as 0 with weight 0
+        nb = w.sum(0)
+        mb = x.sum(0) / nb.clamp(min=1)
+        m2b = (((x - mb) * w) ** 2).sum(0)
+        tot = self.count + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * nb / tot.clamp(min=1)
+        self.m2 = self.m2 + m2b + delta ** 2 * self.count * nb / tot.clamp(min=1)
+        self.count = tot
+        self.abs_sum += x.abs().sum(0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().max(0).values if len(x) else
+                                     self.abs_max)
+
+    @property
+    def var(self) -> Tensor:
+        """Sample variance (NaN with fewer than two values)."""
+        return torch.where(self.count > 1, self.m2 / (self.count - 1).clamp(min=1),
+                           torch.full_like(self.m2, float("nan")))
+
+    @property
+    def abs_mean(self) -> Tensor:
+        return self.abs_sum / self.count.clamp(min=1)
+
+    def ci(self, confidence: float = 0.95) -> tuple[Tensor, Tensor]:
+        """Student-t interval for the mean (NaN with fewer than two values)."""
+        sem = (self.var / self.count.clamp(min=1)).sqrt()
+        t = torch.from_numpy(stats.t.ppf(0.5 + confidence / 2,
+                                         np.maximum(self.count.numpy() - 1, 1)))
+        half = sem * t
+        return self.mean - half, self.mean + half
+
+    def values(self) -> dict[str, Tensor]:
+        """``effect`` (mean; NaN where no prompt was valid), ``ci_low``, ``ci_high``, ``n``,
+        ``abs_mean`` - ready for :func:`node_frame`."""
+        low, high = self.ci()
+        mean = torch.where(self.count > 0, self.mean, torch.full_like(self.mean, float("nan")))
+        return {"effect": mean, "ci_low": low, "ci_high": high, "n": self.count,
+                "abs_mean": self.abs_mean}
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'noise' or 'denoise', not {direction!r}")
+
+
+def pair_batches(model: Model, pairs: FactPairs, batch_size: int) -> Iterator[
+        tuple[int, PairBatch]]:
+    """``(first prompt, PairBatch)`` slices of all pairs tokenized together, so absolute
+    positions mean the same in every batch."""
+    pb = encode_pairs(model, pairs)
+    n = len(pairs)
+    for start in range(0, n, batch_size):
+        idx = slice(start, min(n, start + batch_size))
+        yield start, PairBatch(take(pb.clean, idx), take(pb.corrupt, idx), pb.correct[idx],
+                               pb.wrong[idx])
+
+
+def base_and_source(pb: PairBatch, direction: str) -> tuple[TokenBatch, TokenBatch]:
+    """Noising runs the clean prompt with corrupt activations patched in; denoising the
+    reverse."""
+    return (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
+
+
+def metric_of(logits: Tensor, pb: PairBatch, reps: int = 1) -> Tensor:
+    """Logit difference clean minus corrupt attribute, ``[reps * batch]``."""
+    return logit_diff(logits, pb.correct.repeat(reps), pb.wrong.repeat(reps)).float()
+
+
+def position_masks(batch: TokenBatch, positions: Sequence[Role | int], device: torch.device
+                   ) -> Tensor:
+    """``[position batch pos]`` float: the tokens each position spec names in each row."""
+    return torch.stack([position_mask(batch, p) for p in positions]).to(device, torch.float32)
+
+
+def attention_allow(batch: TokenBatch, device: torch.device) -> Tensor:
+    """``[batch q k]`` bool: causal and not padding (plus the diagonal, so that no row of a
+    softmax is empty - padded query rows never reach the metric)."""
+    am = batch.attention_mask.to(device).bool()
+    n = am.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    return (causal[None] & am[:, None, :]) | eye[None]
+
+
+def attention_logits(q: Tensor, k: Tensor, scale: float, allow: Tensor) -> Tensor:
+    """``[... head q k]`` masked attention logits from ``q, k [... pos head d_head]``."""
+    s = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
+    return s.masked_fill(~allow.unsqueeze(-3), float("-inf"))
+
+
+# ----------------------------------------------------------------------------- AtP
+
+
+@dataclass
+class _Batch:
+    """One batch's base and source activations, the deltas and the cached softmax fixes."""
+
+    base: dict[SiteKey, Tensor]
+    src: dict[SiteKey, Tensor]
+    masks: Tensor  # [position batch pos]
+    qvalid: Tensor  # [batch pos] float: real tokens
+    allow: Tensor  # [batch q k]
+    cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+
+def _saves(index: NodeIndex, *, grads: bool) -> list[SiteKey]:
+    """Sites to read for ``index``: base runs (with a metric) read z through ``attn_out``'s
+    gradient and the pattern (``z = pattern @ v``); source runs read ``z`` directly."""
+    keys: set[SiteKey] = set()
+    for comp, layer in itertools.product(index.components, index.layers):
+        if comp is Component.NEURONS:
+            keys.add((Component.NEURONS, layer))
+        elif comp is Component.MLP_OUT:
+            keys.add((Component.MLP_OUT, layer))
+        else:
+            if grads:
+                keys |= {(Component.ATTN_OUT, layer), (Component.PATTERN, layer),
+                         (Component.V, layer)}
+            else:
+                keys |= {(Component.Z, layer), (Component.V, layer)}
+            if comp in (Component.Q, Component.K):
+                keys |= {(Component.Q, layer), (Component.K, layer)}
+    return sorted(keys)
+
+
+def _z_grad(model: Model, grads: dict[SiteKey, Tensor], layer: int, like: Tensor) -> Tensor:
+    """``dM/dz [batch pos head d_head]`` from ``dM/d attn_out`` (``attn_out = z @ W_O + b``)."""
+    g = grads.get((Component.ATTN_OUT, layer))
+    if g is None:
+        return torch.zeros_like(like)
+    return torch.einsum("btm,hdm->bthd", g.float(), model.W_O(layer).float())
+
+
+def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tensor], *,
+            qk_fix: bool) -> Tensor:
+    """``[batch node]`` estimates ``(source - base) . grad`` for every node (QK-fixed for q, k
+    when asked), from one set of gradients."""
+    out = []
+    masks = b.masks  # [P B T]
+    for comp in index.components:
+        per_layer = []
+        for layer in index.layers:
+            key = (comp, layer)
+            if comp in (Component.NEURONS, Component.MLP_OUT):
+                d = (b.src[key].float() - b.base[key].float())
+                g = grads.get(key)
+                g = torch.zeros_like(d) if g is None else g.float()
+                if comp is Component.NEURONS:
+                    per_layer.append(torch.einsum("pbt,btu->bpu", masks, d * g))
+                else:
+                    per_layer.append(torch.einsum("pbt,bt->bp", masks, (d * g).sum(-1))[..., None])
+                continue
+            A = b.base[(Component.PATTERN, layer)].float()  # [B H T T]
+            v = b.base[(Component.V, layer)].float()
+            z = torch.einsum("bhqk,bkhd->bqhd", A, v)
+            g_z = _z_grad(model, grads, layer, z)
+            if comp is Component.Z:
+                dz = b.src[(Component.Z, layer)].float() - z
+                per_layer.append(torch.einsum("pbt,bth->bph", masks, (dz * g_z).sum(-1)))
+            elif comp is Component.V:
+                g_v = torch.einsum("bhts,bthd->bshd", A, g_z)
+                dv = b.src[(Component.V, layer)].float() - v
+                per_layer.append(torch.einsum("pbt,bth->bph", masks, (dv * g_v).sum(-1)))
+            else:
+                g_a = grads.get((Component.PATTERN, layer))
+                g_a = torch.zeros_like(A) if g_a is None else g_a.float()
+                per_layer.append(_qk_scores(model, b, comp, layer, A, g_a, qk_fix=qk_fix))
+        out.append(torch.stack(per_layer, 1).flatten(1))  # [B L*P*U]
+    return torch.cat(out, 1)
+
+
+def _qk_scores(model: Model, b: _Batch, comp: Component, layer: int, A: Tensor, g: Tensor,
+               *, qk_fix: bool) -> Tensor:
+    """``[batch position head]`` estimates for query or key nodes at one layer.
+
+    Linear (AtP): ``sum dM/dS * dS`` with the softmax Jacobian ``dM/dS = A * (g - sum_s A g)``.
+    QK fix (AtP*): ``sum (A' - A) * g`` with ``A'`` the exact softmax of the patched logits.
+    """
+    scale = model.attn_scale(layer)
+    q0, k0 = b.base[(Component.Q, layer)].float(), b.base[(Component.K, layer)].float()
+    q1, k1 = b.src[(Component.Q, layer)].float(), b.src[(Component.K, layer)].float()
+    qv = b.qvalid[:, None, :, None]  # [B 1 T 1]
+    if not qk_fix:
+        dmds = A * (g - (A * g).sum(-1, keepdim=True)) * qv  # [B H T T]
+        if comp is Component.Q:
+            ds = attention_logits(q1 - q0, k0, scale, b.allow).nan_to_num(0.0, 0.0, 0.0)
+            row = (dmds * ds).sum(-1)  # [B H T]: per query row
+            return torch.einsum("pbt,bht->bph", b.masks, row)
+        ds = attention_logits(q0, k1 - k0, scale, b.allow).nan_to_num(0.0, 0.0, 0.0)
+        col = (dmds * ds).sum(-2)  # [B H S]: per key column
+        return torch.einsum("pbs,bhs->bph", b.masks, col)
+    s0 = attention_logits(q0, k0, scale, b.allow)
+    a0 = s0.softmax(-1)
+    if comp is Component.Q:
+        key = ("dA_q", layer)
+        if key not in b.cache:  # rows are independent: patch every query row at once
+            b.cache[key] = (attention_logits(q1, k0, scale, b.allow).softmax(-1) - a0) * qv
+        row = (b.cache[key] * g).sum(-1)  # [B H T]
+        return torch.einsum("pbt,bht->bph", b.masks, row)
+    key = ("dA_k", layer)
+    if key not in b.cache:  # one softmax per position spec: all of its keys patched together
+        ds = attention_logits(q0, k1, scale, b.allow) - s0  # [B H T S] (NaN where masked)
+        ds = ds.nan_to_num(0.0, 0.0, 0.0)
+        b.cache[key] = torch.stack([
+            ((s0 + ds * m[:, None, None, :]).softmax(-1) - a0) * qv for m in b.masks])
+    return torch.einsum("pbhts,bhts->bph", b.cache[key], g)
+
+
+@dataclass
+class Estimates:
+    """AtP / AtP* over a set of prompts: streamed statistics per node.
+
+    Attributes:
+        index: the nodes.
+        method: ``"atp"`` or ``"atp*"``.
+        direction: ``"noise"`` or ``"denoise"``.
+        stats: :class:`RunningStats` of the per-prompt estimates.
+        grad_drop: ``[node]`` the GradDrop score, or ``None``.
+        per_prompt: ``[prompt node]`` estimates (NaN where the position is absent) when asked.
+    """
+
+    index: NodeIndex
+    method: str
+    direction: str
+    stats: RunningStats
+    grad_drop: Tensor | None = None
+    per_prompt: Tensor | None = None
+
+    @property
+    def effect(self) -> Tensor:
+        """``[node]`` mean estimate over the prompts where the node's position exists."""
+        return self.stats.values()["effect"]
+
+    @property
+    def score(self) -> Tensor:
+        """``[node]`` ranking score: ``|effect|``, or ``max(|effect|, GradDrop)`` for AtP*."""
+        s = self.effect.abs().nan_to_num(0.0)
+        return s if self.grad_drop is None else torch.maximum(s, self.grad_drop)
+
+    def frame(self, *, per_prompt: bool = False) -> pd.DataFrame:
+        """Tidy frame: one row per node (mean over prompts with a 95% CI), or per prompt."""
+        if per_prompt:
+            if self.per_prompt is None:
+                raise ValueError("per-prompt estimates were not kept: pass per_prompt=True")
+            n_prompts = self.per_prompt.shape[0]
+            prompts = np.repeat(np.arange(n_prompts), len(self.index))
+            df = node_frame(self.index, self.method,
+                            {"effect": self.per_prompt.flatten()}, prompts=prompts)
+        else:
+            values: dict[str, np.ndarray | Tensor] = dict(self.stats.values())
+            values["score"] = self.score
+            if self.grad_drop is not None:
+                values["grad_drop"] = self.grad_drop
+            df = node_frame(self.index, self.method, values)
+        df["direction"] = self.direction
+        return df
+
+
+def estimate(
+    model: Model,
+    pairs: FactPairs,
+    *,
+    components: Iterable[str | Component] = ("neurons",),
+    positions: Iterable[Role | int | str] = DEFAULT_ROLES,
+    layers: Iterable[int] | None = None,
+    direction: str = "noise",
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+    batch_size: int = 32,
+    per_prompt: bool = False,
+    progress: bool = False,
+) -> Estimates:
+    """AtP (optionally with AtP*'s QK fix and GradDrop) for every node, streamed over prompts.
+
+    Per batch: one source forward, one base forward + backward (all nodes at once), and with
+    ``grad_drop`` one more backward-carrying forward per layer above the lowest node layer.
+
+    Args:
+        model: the model (eager attention for head, q, k, v nodes).
+        pairs: clean/corrupt prompt pairs.
+        components: any of ``neurons, mlp_out, head_out, q, k, v``.
+        positions: roles or absolute indices (negative: from the final token).
+        layers: default all.
+        direction: ``"noise"`` (default, as AtP*) or ``"denoise"``.
+        qk_fix: exact softmax for q and k nodes.
+        grad_drop: compute the GradDrop score.
+        batch_size: prompts per forward.
+        per_prompt: also keep ``[prompt node]`` estimates (memory grows with prompts).
+
+    Returns:
+        :class:`Estimates` (use ``.frame()`` for a tidy frame).
+    """
+    check_direction(direction)
+    index = NodeIndex.build(model, components=components, positions=positions, layers=layers)
+    L = model.n_layers
+    stats_ = RunningStats(len(index))
+    node_layer = index.node_layers()
+    node_pos = index.node_positions()
+    drops = list(range(min(index.layers) + 1, L)) if grad_drop else []
+    gd_sums = torch.zeros(len(drops), len(index), dtype=torch.float64)
+    kept: list[Tensor] = []
+    base_keys, src_keys = _saves(index, grads=True), _saves(index, grads=False)
+    batches = list(pair_batches(model, pairs, batch_size))
+    for _, pb in tqdm(batches, desc="atp", disable=not progress):
+        base_tb, src_tb = base_and_source(pb, direction)
+        fn = lambda lg, pb=pb: metric_of(lg, pb).sum()
+        run = model.run(base_tb, save=base_keys, metric=fn)
+        src = model.run(src_tb, save=src_keys).acts
+        dev = model.device
+        b = _Batch(run.acts, src, position_masks(base_tb, index.positions, dev),
+                   base_tb.attention_mask.to(dev).float(), attention_allow(base_tb, dev))
+        est = _scores(model, index, b, run.grads, qk_fix=qk_fix)  # [B N]
+        valid = b.masks.sum(-1).gt(0).T[:, node_pos]  # [B N]
+        stats_.update(est, valid)
+        if per_prompt:
+            kept.append(torch.where(valid, est, torch.nan).cpu())
+        for i, drop in enumerate(drops):
+            blocked = {(Component.ATTN_OUT, drop): _detach, (Component.MLP_OUT, drop): _detach}
+            g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
+            est_l = _scores(model, index, b, g, qk_fix=qk_fix)
+            gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
+    gd = None
+    if grad_drop:
+        n = stats_.count.clamp(min=1)
+        own = stats_.mean.abs() * node_layer.double()  # layers below the node: unchanged
+        terms = (gd_sums / n).abs()  # [drop node]
+        above = torch.stack([node_layer < d for d in drops]) if drops else None
+        gd = own + ((terms * above).sum(0) if above is not None else 0.0)
+        gd = gd / max(1, L - 1)
+    return Estimates(index, "atp*" if (qk_fix or grad_drop) else "atp", direction, stats_,
+                     grad_drop=gd, per_prompt=torch.cat(kept) if per_prompt else None)
+
+
+def _detach(x: Tensor) -> Tensor:
+    """Same forward value, no gradient: GradDrop's edit."""
+    return x.detach()
+
+
+def atp(model: Model, pairs: FactPairs, **kwargs) -> pd.DataFrame:
+    """Attribution patching of every node (see :func:`estimate` for the options).
+
+    Returns:
+        One row per node: ``method="atp"``, ``effect`` the mean estimate over prompts with a
+        95% CI, ``n``, ``abs_mean``, ``score = |effect|`` and ``direction`` (or one row per
+        prompt and node with ``per_prompt=True``).
+
+    Example::
+
+        df = atp(model, pairs, components=["neurons"], positions=["subject_last"])
+        df.nsmallest(10, "effect")      # noising: the most necessary neurons
+    """
+    per_prompt = kwargs.pop("per_prompt", False)
+    return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)
+
+
+def atp_star(model: Model, pairs: FactPairs, **kwargs) -> pd.DataFrame:
+    """AtP*: AtP with the QK fix and GradDrop (see :func:`estimate`).
+
+    Returns:
+        One row per node with ``method="atp*"``, ``effect`` (QK-fixed AtP estimate),
+        ``grad_drop`` and ``score = max(|effect|, grad_drop)``, the order in which
+        :func:`factfind.attribution.verify` patches candidates.
+    """
+    kwargs.setdefault("qk_fix", True)
+    kwargs.setdefault("grad_drop", True)
+    per_prompt = kwargs.pop("per_prompt", False)
+    return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)

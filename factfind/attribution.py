@@ -1,0 +1,604 @@
+"""Verified attribution: exact patching of AtP* candidates, a stopping rule, and a bound.
+
+:mod:`factfind.atp` *estimates* every node's patching effect ``c(n)`` in a few passes. AtP*
+(Kramár, Lieberum, Shah & Nanda 2024) treats those estimates as a *ranking*: candidates are
+patched exactly in order of their score until the remaining ones are unlikely to matter, and a
+subsampling diagnostic bounds what the search may have missed. This module does both, and
+keeps the brute-force reference that everything is tested against.
+
+**Exact node patching.** A node is a :class:`~factfind.patching.PatchSite` (a neuron, an MLP
+layer, a head's output, or a head's query, key or value at a position spec). As in
+:mod:`factfind.patching`, sites are batched by *stacking*: ``S`` node sets times ``B`` prompts
+run as ``S*B`` rows of one forward, and at each ``(component, layer)`` one ``torch.where`` with
+a per-row mask over ``[pos, unit]`` writes the source activation into exactly the rows,
+positions and units of that row's set. The effect is ``c = mean over prompts of M(patched) -
+M(base)``, raw logit-difference units, prompts where the node's position is absent left out.
+
+Queries, keys and values are read-only in the adapter, yet patching them is exact: a head's
+``q, k, v`` at layer ``l`` reach the rest of the network *only* through its ``z = softmax(scale
+* q k^T) v``, and nothing upstream of layer ``l`` changes when only they are patched. So the
+patched ``z`` is recomputed from the base and source runs' ``q, k, v`` and written as an
+additive edit ``z + (z' - z)``. (A set may therefore not patch a head input together with any
+node of an earlier layer; this is checked.)
+
+**Verification** (:func:`verify`). Candidates are patched in chunks in descending order of
+``score`` (for AtP*, ``max(|AtP*|, GradDrop)``). The stopping rule: with ``theta`` either given
+or ``rel_threshold`` times the largest exact ``|c|`` found so far, stop once ``patience``
+consecutive candidates have ``|c| < theta`` (after at least ``min_verified``), or after
+``budget`` candidates, or when none are left.
+
+**What the loop may have missed** (:func:`missed_effect_bound`), AtP*'s subsampling
+diagnostic. The unverified nodes are split, within each ``(component, layer)``, into random
+subsets of ``subset_size`` nodes, ``coverage`` times over (each node lands in exactly
+``coverage`` subsets), and every subset is patched *as a whole*. Under the assumption of **no
+cancellation** - patching a set moves the metric at least as much as its largest member,
+``|c(S)| >= max_{n in S} |c(n)|`` - each node's effect is bounded by the smallest ``|c(S)|``
+among the subsets that contain it, ``u(n) = min_{S ∋ n} |c(S)|``, and a rank bucket's bound is
+``max u(n)`` over its nodes. The bound is exactly as good as the assumption: effects of
+opposite sign within a subset (or across prompts, since ``c`` is a mean) can hide a node, which
+smaller subsets and more coverage make less likely. It costs ``coverage * N / subset_size``
+stacked copies for ``N`` unverified nodes, versus ``N`` for brute force.
+
+Example::
+
+    est = atp_star(model, pairs, components=["neurons"], positions=["subject_last"])
+    ver = verify(model, pairs, est)
+    ver.frame.head(20)                       # exact effects, in AtP* order
+    missed_effect_bound(model, pairs, ver).buckets
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from factfind.atp import (
+    ATTENTION_INPUTS,
+    Estimates,
+    NodeIndex,
+    RunningStats,
+    attention_allow,
+    attention_logits,
+    base_and_source,
+    check_direction,
+    metric_of,
+    node_component,
+    node_frame,
+    pair_batches,
+)
+from factfind.patching import (
+    DEFAULT_ROLES,
+    PairBatch,
+    PatchSite,
+    auto_chunk,
+    encode_pairs,
+    position_mask,
+    repeat,
+)
+from factfind.results import tidy
+from factfind.types import Component, Role, SiteKey
+
+if TYPE_CHECKING:
+    from factfind.data import FactPairs, TokenBatch
+    from factfind.model import Model
+
+log = logging.getLogger(__name__)
+
+NodeSet = Sequence[PatchSite]
+
+
+# ----------------------------------------------------------------------------- prepared batches
+
+
+@dataclass
+class _Prepared:
+    """One prompt batch: the base tokens and metric, source activations, head inputs."""
+
+    start: int
+    pb: PairBatch
+    base: TokenBatch
+    m_base: Tensor  # [B]
+    src: dict[SiteKey, Tensor]
+    qkv: dict[int, tuple[Tensor, ...]]  # layer -> base q, k, v, source q, k, v
+    allow: Tensor  # [B q k]
+    masks: dict[Role | int, Tensor] = field(default_factory=dict)
+
+    def mask(self, position: Role | int) -> Tensor:
+        """``[B pos]`` bool on the model's device."""
+        if position not in self.masks:
+            self.masks[position] = position_mask(self.base, position).to(self.allow.device)
+        return self.masks[position]
+
+
+def _check_set(group: NodeSet) -> None:
+    heads = [s for s in group if s.component in ATTENTION_INPUTS]
+    if not heads:
+        return
+    top = min(s.layer for s in heads)
+    if any(s.layer < top for s in group) or any(s.layer != top for s in heads):
+        raise ValueError("a set that patches a head's q, k or v may not patch anything at an "
+                         "earlier layer (q, k, v are patched through z; see the module doc)")
+    out = {(s.layer, s.head) for s in group if s.component is Component.Z}
+    if out & {(s.layer, s.head) for s in heads}:
+        raise ValueError("a set may not patch a head's output together with its inputs")
+
+
+def _prepare(model: Model, pairs: FactPairs, sites: Iterable[PatchSite], *, direction: str,
+             batch_size: int) -> list[_Prepared]:
+    check_direction(direction)
+    sites = list(sites)
+    keys = sorted({(s.component, s.layer) for s in sites if s.component not in ATTENTION_INPUTS})
+    qkv_layers = sorted({s.layer for s in sites if s.component in ATTENTION_INPUTS})
+    qkv_keys = [(c, layer) for layer in qkv_layers for c in ATTENTION_INPUTS]
+    out = []
+    for start, pb in pair_batches(model, pairs, batch_size):
+        base, source = base_and_source(pb, direction)
+        b_run = model.run(base, save=qkv_keys)
+        s_run = model.run(source, save=keys + qkv_keys)
+        qkv = {layer: tuple(r.acts[(c, layer)] for r in (b_run, s_run) for c in ATTENTION_INPUTS)
+               for layer in qkv_layers}
+        out.append(_Prepared(start, pb, base, metric_of(b_run.logits, pb),
+                             {k: s_run.acts[k] for k in keys}, qkv,
+                             attention_allow(base, model.device)))
+    return out
+
+
+# ----------------------------------------------------------------------------- stacked patching
+
+
+def _delta_z(model: Model, p: _Prepared, layer: int, m: Tensor) -> Tensor:
+    """``[s B pos head d_head]``: the change of ``z`` at ``layer`` when each set's queries, keys
+    and values (``m [3 s B pos head]``: q, k, v masks) take their source values."""
+    q0, k0, v0, q1, k1, v1 = (t.float() for t in p.qkv[layer])
+    q = torch.where(m[0, ..., None], q1, q0)  # [s B T H D]
+    k = torch.where(m[1, ..., None], k1, k0)
+    v = torch.where(m[2, ..., None], v1, v0)
+    scale = model.attn_scale(layer)
+    a = attention_logits(q, k, scale, p.allow).softmax(-1)  # [s B H T T]
+    a0 = attention_logits(q0, k0, scale, p.allow).softmax(-1)
+    z = torch.einsum("sbhqk,sbkhd->sbqhd", a, v)
+    z0 = torch.einsum("bhqk,bkhd->bqhd", a0, v0)
+    touched = m.any(0).any(-2)  # [s B H]
+    rows = p.base.attention_mask.to(z.device).float()[None, :, :, None, None]
+    return (z - z0) * touched[:, :, None, :, None] * rows
+
+
+def _where_edit(mask: Tensor, src: Tensor | None, delta: Tensor | None):
+    """``act [S*B ...] -> where(mask, src, act) + delta`` with mask ``[S B ...]`` and src
+    ``[B ...]`` broadcast over the stacked copies (no copy of the source)."""
+    def edit(act: Tensor) -> Tensor:
+        a = act.reshape(*mask.shape[:2], *act.shape[1:])
+        if src is not None:
+            m = mask.reshape(*mask.shape, *([1] * (a.dim() - mask.dim())))
+            a = torch.where(m, src[None].to(a.dtype), a)
+        if delta is not None:
+            a = a + delta.to(a.dtype)
+        return a.reshape(act.shape)
+    return edit
+
+
+def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[Tensor, Tensor]:
+    """Effects ``[set B]`` of patching each set alone (all sets in one forward) and which
+    prompts each set touches ``[set B]``."""
+    S = len(sets)
+    B, T = p.base.input_ids.shape
+    dev = p.allow.device
+    masks: dict[SiteKey, Tensor] = {}
+    heads: dict[int, Tensor] = {}
+    valid = torch.zeros(S, B, dtype=torch.bool, device=dev)
+    for i, group in enumerate(sets):
+        _check_set(group)
+        for s in group:
+            pm = p.mask(s.position)  # [B T]
+            valid[i] |= pm.any(-1)
+            if s.component is Component.NEURONS:
+                masks.setdefault(s.key, torch.zeros(S, B, T, model.d_mlp, dtype=torch.bool,
+                                                    device=dev))[i, :, :, s.neuron] |= pm
+            elif s.component is Component.MLP_OUT:
+                masks.setdefault(s.key, torch.zeros(S, B, T, dtype=torch.bool, device=dev))[i] |= pm
+            elif s.component is Component.Z:
+                masks.setdefault(s.key, torch.zeros(S, B, T, model.n_heads, dtype=torch.bool,
+                                                    device=dev))[i, :, :, s.head] |= pm
+            else:
+                which = ATTENTION_INPUTS.index(s.component)
+                heads.setdefault(s.layer, torch.zeros(3, S, B, T, model.n_heads,
+                                                      dtype=torch.bool, device=dev))[
+                    which, i, :, :, s.head] |= pm
+    edits = {}
+    for key, m in masks.items():
+        edits[key] = _where_edit(m, p.src[key], None)
+    for layer, m in heads.items():
+        idx = m.flatten(2).any(-1).any(0).nonzero()[:, 0]  # sets with head inputs here
+        delta = torch.zeros(S, B, T, model.n_heads, model.d_head, device=dev)
+        delta[idx] = _delta_z(model, p, layer, m[:, idx])
+        key = (Component.Z, layer)
+        src = p.src.get(key)
+        edits[key] = _where_edit(masks.get(key, torch.zeros(S, B, T, model.n_heads,
+                                                            dtype=torch.bool, device=dev)),
+                                 src, delta)
+    run = model.run(repeat(p.base, S), edits=edits)
+    effect = metric_of(run.logits, p.pb, S).reshape(S, B) - p.m_base[None]
+    return effect, valid
+
+
+def patch_node_sets(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
+                    direction: str = "noise", batch_size: int = 32, chunk: int | None = None,
+                    per_prompt: bool = False, progress: bool = False,
+                    prepared: list[_Prepared] | None = None) -> RunningStats | Tensor:
+    """Exactly patch each set of nodes together (one set per stacked copy).
+
+    Args:
+        sets: each a sequence of :class:`~factfind.patching.PatchSite` patched at once.
+        direction: ``"noise"`` (clean base, corrupt source) or ``"denoise"``.
+        chunk: sets stacked per forward (default from free memory).
+        per_prompt: return ``[set prompt]`` effects (NaN where the set touches nothing)
+            instead of streamed :class:`~factfind.atp.RunningStats`.
+
+    Returns:
+        Per set, ``M(patched) - M(base)`` statistics over prompts (or per prompt).
+    """
+    if prepared is None:
+        prepared = _prepare(model, pairs, [s for g in sets for s in g], direction=direction,
+                            batch_size=batch_size)
+    stats = RunningStats(len(sets))
+    rows = []
+    bar = tqdm(total=len(sets) * len(prepared), desc="exact patching", disable=not progress)
+    for p in prepared:
+        size = chunk or auto_chunk(model, len(p.m_base), p.base.input_ids.shape[1])
+        effects, valids = [], []
+        for c0 in range(0, len(sets), size):
+            e, v = _patch_chunk(model, p, sets[c0:c0 + size])
+            effects.append(e)
+            valids.append(v)
+            bar.update(len(e))
+        e, v = torch.cat(effects), torch.cat(valids)  # [set B]
+        stats.update(e.T, v.T)
+        if per_prompt:
+            rows.append(torch.where(v, e, torch.nan).cpu())
+    bar.close()
+    return torch.cat(rows, 1) if per_prompt else stats
+
+
+def exact_patching(
+    model: Model,
+    pairs: FactPairs,
+    *,
+    components: Iterable[str | Component] = ("neurons",),
+    positions: Iterable[Role | int | str] = DEFAULT_ROLES,
+    layers: Iterable[int] | None = None,
+    direction: str = "noise",
+    batch_size: int = 32,
+    chunk: int | None = None,
+    per_prompt: bool = False,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Brute force: patch every node of :func:`~factfind.atp.estimate`'s node set exactly.
+
+    Returns:
+        The same layout as :func:`~factfind.atp.atp` with ``method="exact"``: one row per node
+        (mean effect over prompts, 95% CI, ``n``) or per prompt and node.
+    """
+    index = NodeIndex.build(model, components=components, positions=positions, layers=layers)
+    sets = [[index.site(i)] for i in range(len(index))]
+    out = patch_node_sets(model, pairs, sets, direction=direction, batch_size=batch_size,
+                          chunk=chunk, per_prompt=per_prompt, progress=progress)
+    if isinstance(out, Tensor):  # [node prompt]
+        prompts = np.repeat(np.arange(out.shape[1]), len(index))
+        df = node_frame(index, "exact", {"effect": out.T.flatten()}, prompts=prompts)
+    else:
+        df = node_frame(index, "exact", dict(out.values()))
+    df["direction"] = direction
+    return df
+
+
+def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
+                             direction: str = "noise") -> Tensor:
+    """The slow reference of :func:`patch_node_sets`: one set per forward over the whole padded
+    batch, values written by direct index assignment in plain loops, and patched heads'
+    ``z`` recomputed query row by query row from ``q, k, v`` (a softmax per row).
+
+    Returns:
+        ``[set prompt]`` effects (NaN where the set touches nothing in a prompt).
+    """
+    check_direction(direction)
+    pb = encode_pairs(model, pairs)
+    base, source = base_and_source(pb, direction)
+    flat = [s for g in sets for s in g]
+    keys = sorted({(s.component, s.layer) for s in flat if s.component not in ATTENTION_INPUTS})
+    qkv_keys = sorted({(c, s.layer) for s in flat if s.component in ATTENTION_INPUTS
+                       for c in ATTENTION_INPUTS})
+    b_run, s_run = model.run(base, save=qkv_keys), model.run(source, save=keys + qkv_keys)
+    m_base = metric_of(b_run.logits, pb)
+    am = base.attention_mask.bool()
+    out = torch.full((len(sets), len(m_base)), float("nan"))
+    for i, group in enumerate(sets):
+        _check_set(group)
+        where = {s: [m.nonzero()[:, 0].tolist() for m in position_mask(base, s.position)]
+                 for s in group}
+        edits: dict[SiteKey, Any] = {}
+        for key in {s.key for s in group if s.component not in ATTENTION_INPUTS}:
+            mine = [s for s in group if s.key == key]
+
+            def put(a: Tensor, mine: list[PatchSite] = mine, key: SiteKey = key,
+                    where: dict[PatchSite, list[list[int]]] = where) -> Tensor:
+                a = a.clone()
+                src = s_run.acts[key]
+                for s in mine:
+                    for b, cols in enumerate(where[s]):
+                        for t in cols:
+                            unit = s.neuron if s.neuron is not None else s.head
+                            if unit is None:
+                                a[b, t] = src[b, t]
+                            else:
+                                a[b, t, unit] = src[b, t, unit]
+                return a
+            edits[key] = put
+        for layer in {s.layer for s in group if s.component in ATTENTION_INPUTS}:
+            mine = [s for s in group if s.layer == layer and s.component in ATTENTION_INPUTS]
+            new = {}
+            for head in {s.head for s in mine}:
+                assert head is not None
+                qkv = {}
+                for c in ATTENTION_INPUTS:
+                    val = b_run.acts[(c, layer)][:, :, head].clone()
+                    for s in mine:
+                        if s.component is c and s.head == head:
+                            for b, cols in enumerate(where[s]):
+                                for t in cols:
+                                    val[b, t] = s_run.acts[(c, layer)][b, t, head]
+                    qkv[c] = val.float()
+                q, k, v = (qkv[c] for c in ATTENTION_INPUTS)
+                z = torch.zeros_like(q)
+                for b in range(len(m_base)):
+                    for t in am[b].nonzero()[:, 0].tolist():
+                        ks = [s for s in range(t + 1) if am[b, s]]
+                        w = torch.softmax(model.attn_scale(layer) * (k[b, ks] @ q[b, t]), 0)
+                        z[b, t] = w @ v[b, ks]
+                new[head] = z
+
+            def put_z(a: Tensor, new: dict[int, Tensor] = new) -> Tensor:
+                a = a.clone()
+                for head, z in new.items():
+                    for b in range(a.shape[0]):
+                        for t in am[b].nonzero()[:, 0].tolist():
+                            a[b, t, head] = z[b, t].to(a.dtype)
+                return a
+            edits[(Component.Z, layer)] = put_z
+        metric = metric_of(model.run(base, edits=edits).logits, pb)
+        for b in range(len(m_base)):
+            if any(where[s][b] for s in group):
+                out[i, b] = float(metric[b] - m_base[b])
+    return out
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def sites_from_frame(df: pd.DataFrame) -> list[PatchSite]:
+    """Nodes from the site columns of a node frame (``component, layer, head, neuron,
+    position, role``)."""
+    out = []
+    for comp, layer, head, neuron, pos, role in zip(
+            df["component"], df["layer"], df["head"], df["neuron"], df["position"], df["role"],
+            strict=True):
+        where: Role | int = Role(role) if not pd.isna(role) else int(pos)
+        out.append(PatchSite(node_component(comp), int(layer), where,
+                             head=None if pd.isna(head) else int(head),
+                             neuron=None if pd.isna(neuron) else int(neuron)))
+    return out
+
+
+@dataclass
+class Verification:
+    """The outcome of :func:`verify`.
+
+    Attributes:
+        frame: the verified nodes in rank order: ``method="exact"``, ``effect`` (exact mean
+            effect) with CI and ``n``, the candidate's ``estimate``, ``score`` and ``rank``.
+        candidates: every candidate in rank order with ``rank`` and ``verified``.
+        threshold: the final ``theta`` of the stopping rule.
+        stopped: ``"patience"``, ``"budget"`` or ``"exhausted"``.
+        direction: of the patches.
+    """
+
+    frame: pd.DataFrame
+    candidates: pd.DataFrame
+    threshold: float
+    stopped: str
+    direction: str
+
+    @property
+    def n_verified(self) -> int:
+        return len(self.frame)
+
+
+def _as_frame(estimates: pd.DataFrame | Estimates) -> pd.DataFrame:
+    df = estimates.frame() if isinstance(estimates, Estimates) else estimates
+    if "score" not in df.columns:
+        df = df.assign(score=df["effect"].abs())
+    if bool(df["prompt"].notna().any()):
+        raise ValueError("verify() ranks nodes: pass the aggregate frame (one row per node)")
+    return df
+
+
+def verify(
+    model: Model,
+    pairs: FactPairs,
+    estimates: pd.DataFrame | Estimates,
+    *,
+    threshold: float | None = None,
+    rel_threshold: float = 0.05,
+    patience: int = 64,
+    min_verified: int = 0,
+    budget: int | None = None,
+    chunk: int = 32,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Verification:
+    """Patch candidates exactly in descending ``score`` until the stopping rule (module doc).
+
+    Args:
+        estimates: an :class:`~factfind.atp.Estimates` or its frame (``score`` column; else
+            ``|effect|``); its ``direction`` column sets the patch direction.
+        threshold: absolute ``theta`` in metric units; default ``rel_threshold`` times the
+            largest exact ``|c|`` verified so far.
+        patience: consecutive candidates below ``theta`` before stopping.
+        min_verified: never stop before this many.
+        budget: never verify more than this many.
+        chunk: candidates patched per stacked forward.
+
+    Returns:
+        A :class:`Verification`.
+
+    Example::
+
+        ver = verify(model, pairs, atp_star(model, pairs), patience=32)
+        ver.frame.nlargest(20, "effect", keep="all")
+    """
+    df = _as_frame(estimates)
+    direction = str(df["direction"].iloc[0]) if "direction" in df.columns else "noise"
+    order = np.argsort(-df["score"].to_numpy(dtype=float), kind="stable")
+    cand = df.iloc[order].reset_index(drop=True)
+    cand["rank"] = np.arange(len(cand))
+    sites = sites_from_frame(cand)
+    limit = len(sites) if budget is None else min(budget, len(sites))
+    prepared = _prepare(model, pairs, sites[:limit], direction=direction,
+                        batch_size=batch_size)
+    stats: list[dict[str, Tensor]] = []
+    best, below, theta, stopped = 0.0, 0, threshold or 0.0, "exhausted"
+    done = 0
+    bar = tqdm(total=limit, desc="verify", disable=not progress)
+    while done < limit:
+        group = [[s] for s in sites[done:min(limit, done + chunk)]]
+        st = patch_node_sets(model, pairs, group, chunk=chunk, prepared=prepared)
+        assert isinstance(st, RunningStats)
+        vals = st.values()
+        stats.append(vals)
+        bar.update(len(group))
+        for e in vals["effect"].nan_to_num(0.0).tolist():
+            done += 1
+            best = max(best, abs(e))
+            theta = threshold if threshold is not None else rel_threshold * best
+            below = below + 1 if abs(e) < theta else 0
+            if below >= patience and done >= min_verified:
+                stopped = "patience"
+                break
+        if stopped == "patience":
+            break
+    bar.close()
+    if stopped != "patience" and done < len(sites):
+        stopped = "budget"
+    got = {k: torch.cat([s[k] for s in stats])[:done] for k in ("effect", "ci_low", "ci_high",
+                                                               "n")}
+    ver = cand.iloc[:done].copy()
+    ver["estimate"] = ver["effect"]
+    ver["method"] = pd.array(["exact"] * done, dtype="string")
+    for k, v in got.items():
+        ver[k] = v.numpy() if k != "n" else pd.array(v.numpy().round(), dtype="Int64")
+    cand["verified"] = cand["rank"] < done
+    log.info("verify: %d of %d candidates patched (stopped: %s, theta=%.4g)", done, len(cand),
+             stopped, theta)
+    return Verification(ver.reset_index(drop=True), cand, float(theta), stopped, direction)
+
+
+# ----------------------------------------------------------------------------- missed effects
+
+
+@dataclass
+class Bound:
+    """The subsampling bound of :func:`missed_effect_bound`.
+
+    Attributes:
+        nodes: per unverified node: ``rank`` and ``bound`` (``u(n)``, NaN if not covered).
+        buckets: per rank bucket ``[rank_start, rank_stop)``: ``nodes``, ``covered`` and
+            ``effect`` = the bucket's bound ``max u(n)`` (a tidy frame, ``method="atp*/bound"``).
+        max: the largest bound over every covered unverified node.
+        subsets: how many subsets were patched.
+    """
+
+    nodes: pd.DataFrame
+    buckets: pd.DataFrame
+    max: float
+    subsets: int
+
+
+def missed_effect_bound(
+    model: Model,
+    pairs: FactPairs,
+    verification: Verification,
+    *,
+    subset_size: int = 16,
+    coverage: int = 2,
+    max_nodes: int | None = None,
+    seed: int = 0,
+    chunk: int | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Bound:
+    """Bound the exact effect of the candidates :func:`verify` did not patch (module doc).
+
+    Args:
+        verification: the result of :func:`verify`.
+        subset_size: nodes patched together per subset.
+        coverage: subsets each node lands in (the bound is the minimum over them).
+        max_nodes: only the first ``max_nodes`` unverified ranks (default all).
+        seed: the subsets' shuffle.
+
+    Returns:
+        A :class:`Bound`; valid under the no-cancellation assumption stated in the module doc.
+    """
+    if subset_size < 1 or coverage < 1:
+        raise ValueError("subset_size and coverage must be >= 1")
+    cand = verification.candidates
+    todo = cast(pd.DataFrame, cand.loc[~cand["verified"].to_numpy(dtype=bool)])
+    if max_nodes is not None:
+        todo = cast(pd.DataFrame, todo.iloc[:max_nodes])
+    sites = sites_from_frame(todo)
+    ranks = todo["rank"].to_numpy()
+    strata: dict[tuple[Component, int], list[int]] = {}
+    for j, s in enumerate(sites):
+        strata.setdefault((s.component, s.layer), []).append(j)
+    rng = np.random.default_rng(seed)
+    members: list[np.ndarray] = []
+    for _, idx in sorted(strata.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        for _ in range(coverage):
+            perm = rng.permutation(idx)
+            members += [perm[i:i + subset_size] for i in range(0, len(perm), subset_size)]
+    sets = [[sites[j] for j in m] for m in members]
+    stats = patch_node_sets(model, pairs, sets, direction=verification.direction,
+                            batch_size=batch_size, chunk=chunk, progress=progress)
+    assert isinstance(stats, RunningStats)
+    size = stats.values()["effect"].abs().nan_to_num(0.0).numpy()
+    bound = np.full(len(sites), np.inf)
+    for m, e in zip(members, size, strict=True):
+        bound[m] = np.minimum(bound[m], e)
+    bound[~np.isfinite(bound)] = np.nan
+    nodes = cast(pd.DataFrame, todo[["component", "layer", "head", "neuron", "position", "role",
+                                     "rank", "score"]]).copy()
+    nodes["bound"] = bound
+    n_ver = verification.n_verified
+    edges = [n_ver]
+    while edges[-1] < len(cand):
+        edges.append(min(len(cand), max(edges[-1] + 1, 2 * edges[-1])))
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (ranks >= lo) & (ranks < hi)
+        if not sel.any():
+            continue
+        b = bound[sel]
+        rows.append({"method": "atp*/bound", "rank_start": lo, "rank_stop": hi,
+                     "nodes": int(sel.sum()), "covered": int(np.isfinite(b).sum()),
+                     "effect": float(np.nanmax(b)) if np.isfinite(b).any() else math.nan})
+    top = float(np.nanmax(bound)) if np.isfinite(bound).any() else math.nan
+    return Bound(nodes.reset_index(drop=True), tidy(rows), top, len(sets))
+
