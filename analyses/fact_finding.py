@@ -27,7 +27,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> Path:
     scores = cache.table("attribute_scores", lambda: facts.attribute_scores(
         model, batch_size=cfg.batch_size * 4))
     known_mask = (scores["rank"] == 1).tolist()
-    known = facts.filter(lambda f, it=iter(known_mask): next(it), name=f"{facts.name}|known")
+    known = ff.FactDataset([f for f, k in zip(facts, known_mask, strict=True) if k],
+                           name=f"{facts.name}|known")
     if len(known) == 0:
         raise SystemExit(f"{model.name} knows none of the {len(facts)} facts of {facts.name}")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)

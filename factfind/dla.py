@@ -90,7 +90,7 @@ def direct_logit_attribution(
             final = a[(Component.RESID_POST, L - 1)][:, -1]
             scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
 
-            def dla(x: Tensor) -> Tensor:
+            def dla(x: Tensor, scale: Tensor = scale, direction: Tensor = direction) -> Tensor:
                 """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
                 shape = x.shape
                 flat = x.reshape(shape[0], -1, shape[-1])

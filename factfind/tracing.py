@@ -291,7 +291,8 @@ def causal_tracing_reference(
                 for s in range(samples):
                     edits = {(Component.EMBED, 0): lambda e, s=s: noised(e, s)}
                     for lay in layers:
-                        def put(a: Tensor, lay: int = lay, pos: int = pos) -> Tensor:
+                        def put(a: Tensor, lay: int = lay, pos: int = pos,
+                                comp: Component = comp) -> Tensor:
                             a = a.clone()
                             a[:, pos] = clean.acts[(comp, lay)][:, pos]
                             return a

@@ -4,21 +4,20 @@ Every other module speaks in these terms and this module imports nothing else of
 (the habit of auto-circuit's ``types.py``). A *site* is a place in the forward pass where an
 activation can be read or written:
 
-* ``embed``      token (+ position) embeddings, the input of layer 0            ``[batch pos d_model]``
-* ``resid_pre``  the residual stream entering layer ``l``                        ``[batch pos d_model]``
-* ``resid_post`` the residual stream leaving layer ``l``                         ``[batch pos d_model]``
-* ``attn_out``   the attention block's output (output projection + bias)         ``[batch pos d_model]``
-* ``head_out``   one head's share of ``attn_out``: its slice ``z`` of the input to
-                 the output projection, times its slice of ``W_O``              ``[batch pos head d_model]``
-* ``z``          the per-head input to the output projection itself              ``[batch pos head d_head]``
-* ``mlp_out``    the MLP block's output                                          ``[batch pos d_model]``
-* ``neurons``    MLP hidden units after the non-linearity (the input of ``W_out``)
-                 ``[batch pos neuron]``
-* ``pattern``    attention probabilities (read only; eager attention) ``[batch head q_pos k_pos]``
-* ``q``, ``k``   queries and keys (rotary applied, key-value heads repeated; read only)
-                 ``[batch pos head d_head]``
-* ``v``          value vectors per query head (key-value heads repeated for grouped-query
-                 attention; read only)                                         ``[batch pos head d_head]``
+* ``embed`` ``[batch pos d_model]``: token embeddings (for GPT-2 the position embedding is added
+  before layer 0, so ``resid_pre[0]`` differs from it);
+* ``resid_pre`` / ``resid_post`` ``[batch pos d_model]``: the residual stream entering / leaving
+  layer ``l``;
+* ``attn_out`` ``[batch pos d_model]``: the attention block's output (projection + bias);
+* ``head_out`` ``[batch pos head d_model]``: one head's share of ``attn_out``, its slice ``z`` of
+  the output projection's input times its slice of ``W_O``;
+* ``z`` ``[batch pos head d_head]``: the per-head input to the output projection;
+* ``mlp_out`` ``[batch pos d_model]``: the MLP block's output;
+* ``neurons`` ``[batch pos neuron]``: MLP hidden units after the non-linearity (input of
+  ``W_out``);
+* ``pattern`` ``[batch head q_pos k_pos]``: attention probabilities (read only; eager attention);
+* ``q``, ``k``, ``v`` ``[batch pos head d_head]``: queries and keys (rotary applied) and values,
+  key-value heads repeated for grouped-query attention (read only).
 
 Position *roles* name token positions by what they hold in a fact prompt, so results from
 prompts of different lengths can be aggregated: ``subject_first`` and ``subject_last`` (the

@@ -1,4 +1,4 @@
-"""Peer parity: activation patching equals TransformerLens's `patching` on the same GPT-2 weights."""
+"""Peer parity: activation patching equals TransformerLens `patching` on the same GPT-2 weights."""
 
 import numpy as np
 import pytest
@@ -13,8 +13,8 @@ tl = pytest.importorskip("transformer_lens")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, facts):
-    from transformers import AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
 
     path = tmp_path_factory.mktemp("gpt2")
     tok = tiny_tokenizer()
