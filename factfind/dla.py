@@ -59,8 +59,10 @@ def direct_logit_attribution(
         ``role`` (for ``dla/source``: the source role; else ``final``), ``prompt``,
         ``effect``, and ``total`` (the prompt's logit difference).
     """
-    facts = data.clean if hasattr(data, "clean") else data  # type: ignore[union-attr]
-    wrong_facts = data.corrupt if hasattr(data, "corrupt") else None  # type: ignore[union-attr]
+    from factfind.data import FactPairs
+
+    facts = data.clean if isinstance(data, FactPairs) else data
+    wrong_facts = data.corrupt if isinstance(data, FactPairs) else None
     if len(facts) == 0:
         raise ValueError("no prompts: the dataset is empty")
     L = model.n_layers

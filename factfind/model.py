@@ -640,9 +640,9 @@ def load_model(
         except (ValueError, ImportError) as err:  # pragma: no cover - depends on the install
             log.warning("could not set attn_implementation=%s: %s", attn_implementation, err)
     if dtype is not None and device_map is None:
-        hf = hf.to(dtype)
+        hf = hf.to(dtype=dtype)  # pyright: ignore[reportCallIssue]
     if device is not None and device_map is None:
-        hf = hf.to(device)
+        hf = hf.to(device=torch.device(device))  # pyright: ignore[reportCallIssue]
     if tok is None:
         raise ValueError(f"no tokenizer for {name!r}: pass tokenizer=...")
     return Model(hf, tok, name=name, revision=rev)

@@ -122,7 +122,7 @@ def encode_pairs(model: Model, pairs: FactPairs) -> PairBatch:
     n = len(pairs)
     clean, corrupt = take(both, slice(0, n)), take(both, slice(n, None))
     if not torch.equal(clean.attention_mask, corrupt.attention_mask):
-        bad = (clean.attention_mask != corrupt.attention_mask).any(-1).nonzero()[0].item()
+        bad = int((clean.attention_mask != corrupt.attention_mask).any(-1).nonzero()[0, 0])
         raise ValueError(
             f"clean and corrupt prompts differ in token length at pair {bad}: "
             f"{pairs.clean[bad].prompt!r} vs {pairs.corrupt[bad].prompt!r}"
@@ -349,12 +349,12 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
             nb = len(m_clean)
             frames.append(pd.DataFrame({
                 "method": f"activation_patching/{direction}",
-                "component": np.repeat([_component_name(x) for x in group], nb),
-                "layer": np.repeat([x.layer for x in group], nb),
-                "head": np.repeat([x.head for x in group], nb),
-                "position": np.repeat([x.position if isinstance(x.position, int) else None
+                "component": _per_site([_component_name(x) for x in group], nb),
+                "layer": _per_site([x.layer for x in group], nb),
+                "head": _per_site([x.head for x in group], nb),
+                "position": _per_site([x.position if isinstance(x.position, int) else None
                                        for x in group], nb),
-                "role": np.repeat([str(x.position) if isinstance(x.position, Role) else None
+                "role": _per_site([str(x.position) if isinstance(x.position, Role) else None
                                    for x in group], nb),
                 "prompt": np.tile(np.arange(start, start + nb), len(group)),
                 "effect": effect.reshape(-1).cpu().numpy(),
@@ -364,6 +364,11 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
             }))
     bar.close()
     return tidy(pd.concat(frames, ignore_index=True))
+
+
+def _per_site(values: list[Any], n: int) -> list[Any]:
+    """Each site's value repeated for its ``n`` prompts (site-major, like the metrics)."""
+    return [v for v in values for _ in range(n)]
 
 
 def _component_name(site: PatchSite) -> str:

@@ -9,6 +9,7 @@ confidence interval over prompts, and ``n``. Plots and reports only read these f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,16 +28,19 @@ def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = pd.NA
     for col in ("layer", "head", "neuron", "position", "prompt", "n"):
-        values = pd.to_numeric(df[col].astype("object").where(df[col].notna(), np.nan),
-                               errors="coerce")
-        df[col] = pd.array(values.round(), dtype="Int64")
+        df[col] = pd.array(_numeric(df[col]).round(), dtype="Int64")
     for col in ("effect", "ci_low", "ci_high"):
-        df[col] = pd.to_numeric(df[col].astype("object").where(df[col].notna(), np.nan),
-                                errors="coerce").astype("float64")
+        df[col] = _numeric(df[col])
     for col in ("method", "component", "role"):
         df[col] = df[col].astype("string")
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]
-    return df[list(RESULT_COLUMNS) + extra].reset_index(drop=True)
+    return pd.DataFrame(df[list(RESULT_COLUMNS) + extra]).reset_index(drop=True)
+
+
+def _numeric(col: Any) -> pd.Series:
+    """A float64 column with every missing marker (None, pd.NA, NaN) as NaN."""
+    values = col.astype("object").where(col.notna(), np.nan)
+    return pd.Series(pd.to_numeric(values, errors="coerce"), index=col.index, dtype="float64")
 
 
 def aggregate(df: pd.DataFrame, *, by: Sequence[str] = SITE_COLUMNS, value: str = "effect",

@@ -31,6 +31,7 @@ All restorations for a chunk of sites, noise samples and prompts run in one stac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -140,8 +141,10 @@ def causal_tracing(
         raise ValueError(f"unknown kinds {bad}; choose from {sorted(KINDS)}")
     if window < 1:
         raise ValueError("window must be >= 1")
-    clean_data = data.clean if hasattr(data, "clean") else data  # type: ignore[union-attr]
-    if corruption == "str" and not hasattr(data, "clean"):
+    from factfind.data import FactPairs
+
+    clean_data = data.clean if isinstance(data, FactPairs) else data
+    if corruption == "str" and not isinstance(data, FactPairs):
         raise ValueError("symmetric token replacement needs FactPairs (facts.corrupt(model))")
     if len(clean_data) == 0:
         raise ValueError("no prompts to trace: the dataset is empty")
@@ -149,7 +152,8 @@ def causal_tracing(
         from factfind.patching import encode_pairs
 
 
-        pb = encode_pairs(model, data)  # type: ignore[arg-type]
+        assert isinstance(data, FactPairs)
+        pb = encode_pairs(model, data)
         clean_all, corrupt_all = pb.clean, pb.corrupt
         samples = 1
         sigma = 0.0
@@ -184,7 +188,8 @@ def causal_tracing(
                                                           model.d_model)
             eps = eps.flatten(0, 1)
             eps = (eps * noise * sigma).to(model.device, model.dtype) * subj[..., None]
-            base_edits = {(Component.EMBED, 0): lambda e, eps=eps: e + eps}
+            base_edits: dict[tuple[Component, int], Callable[[Tensor], Tensor]] = {
+                (Component.EMBED, 0): lambda e, eps=eps: e + eps}
         else:
             base_edits = {}
         corrupt_run = model.run(base, edits=base_edits, save=keys)
@@ -212,7 +217,7 @@ def causal_tracing(
                         m = masks.setdefault(("sever", lay), torch.zeros(  # type: ignore[arg-type]
                             g, samples * rows_b, n_pos, dtype=torch.bool))
                         m[s, :, pos] = True
-            edits = dict(base_edits)
+            edits: dict[tuple[Component, int], Callable[[Tensor], Tensor]] = dict(base_edits)
             if base_edits:
                 edits = {(Component.EMBED, 0): lambda e, eps=eps, g=g: e + eps.repeat(g, 1, 1)}
             for key, m in masks.items():
@@ -279,8 +284,8 @@ def causal_tracing_reference(
         e[subj] = e[subj] + eps[s][subj].to(e.dtype)
         return e
 
-    p_corrupt = sum(prob(model.run(batch, edits={(Component.EMBED, 0): lambda e, s=s:
-                    noised(e, s)}).logits, target) for s in range(samples)) / samples
+    p_corrupt = torch.stack([prob(model.run(batch, edits={(Component.EMBED, 0): lambda e, s=s:
+                             noised(e, s)}).logits, target) for s in range(samples)]).mean(0)
     roles = token_roles(batch)
     for kind in kinds:
         comp = KINDS[kind]
@@ -289,7 +294,8 @@ def causal_tracing_reference(
             for pos in range(n_pos):
                 total = torch.zeros(n_rows)
                 for s in range(samples):
-                    edits = {(Component.EMBED, 0): lambda e, s=s: noised(e, s)}
+                    edits: dict[tuple[Component, int], Callable[[Tensor], Tensor]] = {
+                        (Component.EMBED, 0): lambda e, s=s: noised(e, s)}
                     for lay in layers:
                         def put(a: Tensor, lay: int = lay, pos: int = pos,
                                 comp: Component = comp) -> Tensor:
