@@ -252,7 +252,7 @@ class _Context:
                 for ids, v in self.senders((r.layer, 1), g_all[c], None):
                     keep = [i for i, s in enumerate(ids) if self.feasible[_role_of(s), r.role]]
                     self.add([ids[i] for i in keep], dst, v[keep])
-            else:
+            elif r.kind == "neuron" or not self.neurons:  # neuron mode: MLP copies only subtract
                 for role in self.roles:
                     dst = _node(r.kind, r.layer, r.index, role)
                     for ids, v in self.senders((r.layer, 2 - self.parallel), g_all[c], role):
@@ -338,7 +338,8 @@ def to_graph(scores: pd.DataFrame, model: Model, pairs: FactPairs, *,
     model's and the pairs' provenance; prune it with :func:`factfind.graph.prune`."""
     method = str(scores["method"].iloc[0]) if len(scores) else "eap"
     prov = provenance(model, pairs, method, {"n": len(pairs), **(config or {})})
-    return CircuitGraph.from_edge_scores(scores[["src", "dst", "score"]], prov,
+    frame = pd.DataFrame({c: scores[c] for c in ("src", "dst", "score")})
+    return CircuitGraph.from_edge_scores(frame, prov,
                                          n_layers=model.n_layers)
 
 

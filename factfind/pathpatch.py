@@ -353,8 +353,8 @@ def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str 
                 qkv_ = [got[(c, layer)] if c.value in qkv else
                         base[(c, layer)][None].expand_as(got[(c, layer)])
                         for c in (Component.Q, Component.K, Component.V)]
-                flat = [t.flatten(0, 1) for t in qkv_]
-                z = attend(model, layer, *flat, repeat(base_b, len(r1)).attention_mask)
+                q, k, v = (t.flatten(0, 1) for t in qkv_)
+                z = attend(model, layer, q, k, v, repeat(base_b, len(r1)).attention_mask)
                 got[(Component.Z, layer)] = z.reshape(len(r1), B, *z.shape[1:])
     slot = {j: i for i, j in enumerate(r1)}
 
@@ -454,8 +454,8 @@ def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
             value = run[key]
             if qkv != "qkv" and not is_mlp:
                 base_qkv = model.run(base_b, save=qk).acts
-                mix = [run[k] if k[0].value in qkv else base_qkv[k] for k in qk]
-                value = attend(model, layer, *mix, base_b.attention_mask)
+                q, k, v = (run[key] if key[0].value in qkv else base_qkv[key] for key in qk)
+                value = attend(model, layer, q, k, v, base_b.attention_mask)
             for r in here:
                 for b, p in r.mask.nonzero().tolist():
                     if r.index is None:
@@ -708,10 +708,10 @@ def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 
             continue
         df = edge_patching(model, pairs, [(u, v) for u in upstream], metric=metric,
                            batch_size=batch_size, progress=progress)
-        for row in df.itertuples():
-            if abs(row.score) >= cut:
-                kept.append({"src": row.src, "dst": row.dst, "score": row.score})
-                u = Node.parse(str(row.src), n_layers=model.n_layers)
+        for src, dst, score in zip(df["src"], df["dst"], df["score"], strict=True):
+            if abs(score) >= cut:
+                kept.append({"src": src, "dst": dst, "score": score})
+                u = Node.parse(str(src), n_layers=model.n_layers)
                 if u.kind != "embed" and u.id not in seen and u not in todo:
                     todo.append(u)
         todo.sort()
