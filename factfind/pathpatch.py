@@ -136,7 +136,7 @@ class Placed:
     @property
     def key(self) -> SiteKey:
         comp = {"embed": Component.EMBED, "head": Component.Z, "attn": Component.Z,
-                "mlp": Component.MLP_OUT, "neuron": Component.NEURONS}[self.kind]
+                "mlp": Component.NEURONS, "neuron": Component.NEURONS}[self.kind]
         return (comp, max(self.layer, 0))
 
 
@@ -206,14 +206,60 @@ def writes(model: Model, acts: dict[SiteKey, Tensor], p: Placed) -> Tensor:
             out = z[:, :, p.index] @ w[p.index]
         else:
             out = torch.einsum("bphd,hdm->bpm", z, w)
-    elif p.kind == "mlp":
-        out = acts[(Component.MLP_OUT, p.layer)]
+    elif p.kind == "mlp":  # mlp_out = neurons @ W_out + b_out
+        n = acts[(Component.NEURONS, p.layer)]
+        out = n @ model.W_out(p.layer).to(n.dtype)
     elif p.kind == "neuron":
         n = acts[(Component.NEURONS, p.layer)][:, :, p.index]
         out = n[..., None] * model.W_out(p.layer)[p.index].to(n.dtype)
     else:
         raise ValueError(f"{p.kind} writes nothing into the residual stream")
     return out * p.mask.to(out.device)[..., None]
+
+
+def unit_mask(model: Model, p: Placed) -> Tensor:
+    """``p``'s mask over its site's activation: ``[batch pos head]`` for heads, ``[batch pos
+    neuron]`` for MLPs and neurons (an MLP is all of its neurons), ``[batch pos]`` for
+    embeddings."""
+    if p.kind in ("head", "attn"):
+        m = torch.zeros(*p.mask.shape, model.n_heads, dtype=torch.bool)
+        if p.kind == "head":
+            m[..., p.index] = p.mask
+        else:
+            m[:] = p.mask[..., None]
+        return m
+    if p.kind in ("mlp", "neuron"):
+        m = torch.zeros(*p.mask.shape, model.d_mlp, dtype=torch.bool)
+        if p.kind == "neuron":
+            m[..., p.index] = p.mask
+        else:
+            m[:] = p.mask[..., None]
+        return m
+    return p.mask.clone()
+
+
+def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Tensor],
+                placed: Sequence[Placed]) -> list[tuple[str, int, Tensor]]:
+    """What a *set* of senders changes in the residual stream, ``src`` minus ``base``, one
+    ``(kind, layer, [batch pos d_model])`` per embed / attention layer / MLP layer; senders that
+    overlap (a head and its whole layer, an MLP and one of its neurons) count once."""
+    masks: dict[SiteKey, Tensor] = {}
+    for p in placed:
+        m = unit_mask(model, p)
+        masks[p.key] = masks[p.key] | m if p.key in masks else m
+    out = []
+    for (comp, layer), m in sorted(masks.items()):
+        d = src[(comp, layer)] - base[(comp, layer)]
+        m = m.to(d.device).reshape(*m.shape, *([1] * (d.dim() - m.dim())))
+        d = d * m
+        if comp is Component.EMBED:
+            out.append(("embed", -1, d))
+        elif comp is Component.Z:
+            out.append(("head", layer, torch.einsum("bphd,hdm->bpm", d,
+                                                    model.W_O(layer).to(d.dtype))))
+        else:
+            out.append(("mlp", layer, d @ model.W_out(layer).to(d.dtype)))
+    return out
 
 
 def attend(model: Model, layer: int, q: Tensor, k: Tensor, v: Tensor,
@@ -269,22 +315,6 @@ def _keys(job_list: Sequence[Job], *, qkv: str, parallel: bool, n_layers: int
     return base, src
 
 
-def _receiver_mask(model: Model, r: Placed, shape: tuple[int, ...]) -> Tensor:
-    """Bool mask of the receiver over its site's activation ``[batch pos (head|neuron)]``."""
-    if r.kind in ("head", "attn"):
-        m = torch.zeros(*shape[:2], model.n_heads, dtype=torch.bool)
-        if r.kind == "head":
-            m[..., r.index] = r.mask
-        else:
-            m[:] = r.mask[..., None]
-        return m
-    if r.kind == "neuron":
-        m = torch.zeros(*shape[:2], model.d_mlp, dtype=torch.bool)
-        m[..., r.index] = r.mask
-        return m
-    return r.mask.clone()
-
-
 def _where(mask: Tensor, value: Tensor) -> Callable[[Tensor], Tensor]:
     def edit(act: Tensor) -> Tensor:
         m = mask.to(act.device).reshape(*mask.shape, *([1] * (act.dim() - mask.dim())))
@@ -298,8 +328,9 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str = "qkv",
                   direct: bool = False, direction: str = "noise",
-                  metric: Metric | None = None) -> Tensor:
-    """Metric ``[job batch]`` of each job's patched run; all jobs stacked in two forwards."""
+                  metric: Metric | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Metric ``[job batch]`` of each job's patched run (all jobs stacked in two forwards),
+    and the clean and corrupt metrics ``[batch]``."""
     metric = metric or logit_diff
     parallel = is_parallel(model)
     L = model.n_layers
@@ -307,16 +338,17 @@ def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str 
         _check_job(model, job, parallel)
     base_b, src_b = (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
     base_keys, src_keys = _keys(jobs, qkv=qkv, parallel=parallel, n_layers=L)
-    base = model.run(base_b, save=base_keys).acts
-    src = model.run(src_b, save=src_keys).acts
+    base_run, src_run = model.run(base_b, save=base_keys), model.run(src_b, save=src_keys)
+    base, src = base_run.acts, src_run.acts
+    ends = _ends(metric, pb, base_run.logits, src_run.logits, direction)
     B = base_b.input_ids.shape[0]
-    delta = [[writes(model, src, s) - writes(model, base, s) for s in j.senders] for j in jobs]
+    delta = [set_changes(model, src, base, j.senders) for j in jobs]
 
     def upstream(j: int, st: tuple[int, int], only_layer: int | None = None) -> Tensor:
         out = torch.zeros_like(base[(Component.RESID_POST, L - 1)])
-        for s, d in zip(jobs[j].senders, delta[j], strict=True):
-            if stage(s.kind, s.layer, parallel) < st and (only_layer is None or (
-                    s.layer == only_layer and s.kind in ("head", "attn"))):
+        for kind, layer, d in delta[j]:
+            if stage(kind, layer, parallel) < st and (only_layer is None or (
+                    layer == only_layer and kind == "head")):
                 out = out + d.to(out.dtype)
         return out
 
@@ -378,13 +410,12 @@ def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str 
         elif direct:
             final = base[final_key].clone()
             mine = {k: v[slot[j]] for k, v in got.items()}
-            for r in job.receivers:
-                final = final + writes(model, mine, r) - writes(model, base, r)
+            for _, _, d in set_changes(model, mine, base, job.receivers):
+                final = final + d.to(final.dtype)
             put(final_key, j, torch.ones(B, dtype=torch.bool), final)
         else:
             for r in job.receivers:
-                m = _receiver_mask(model, r, tuple(base[r.key].shape))
-                put(r.key, j, m, got[r.key][slot[j]])
+                put(r.key, j, unit_mask(model, r), got[r.key][slot[j]])
     edits2 = {}
     for key, ms in masks.items():
         shape = next(m for m in ms if m is not None).shape
@@ -392,12 +423,20 @@ def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str 
         vals = [base[key] if v is None else v for v in values[key]]
         edits2[key] = _where(_stack(full), _stack(vals))
     logits = model.run(repeat(base_b, J), edits=edits2).logits
-    return metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)).reshape(J, B).double().cpu()
+    out = metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)).reshape(J, B).double().cpu()
+    return out, *ends
+
+
+def _ends(metric: Metric, pb: PairBatch, base: Tensor, src: Tensor, direction: str
+          ) -> tuple[Tensor, Tensor]:
+    """(clean, corrupt) metrics from the base and source runs' logits."""
+    mb, ms = (metric(lg, pb.correct, pb.wrong).double().cpu() for lg in (base, src))
+    return (mb, ms) if direction == "noise" else (ms, mb)
 
 
 def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
                             qkv: str = "qkv", direct: bool = False, direction: str = "noise",
-                            metric: Metric | None = None) -> Tensor:
+                            metric: Metric | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The literal recipe, one forward per receiver group: freeze every head (``z``) and MLP
     (``neurons``) upstream of the receivers at its base value, senders at their source values,
     written entry by entry; then write the receivers' values (or, ``direct``, freeze everything
@@ -408,8 +447,9 @@ def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
     base_b, src_b = (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
     every = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L)
                                       for c in (Component.Z, Component.NEURONS)]
-    base = model.run(base_b, save=every).acts
-    src = model.run(src_b, save=every).acts
+    base_run, src_run = model.run(base_b, save=every), model.run(src_b, save=every)
+    base, src = base_run.acts, src_run.acts
+    ends = _ends(metric, pb, base_run.logits, src_run.logits, direction)
 
     def frozen(senders: Sequence[Placed], below: tuple[int, int],
                own: dict[SiteKey, list[tuple[tuple[int, ...], Tensor]]] | None = None
@@ -436,6 +476,7 @@ def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
         return edits
 
     out = torch.zeros(len(jobs), base_b.input_ids.shape[0], dtype=torch.float64)
+    qkv_cache: dict[int, dict[SiteKey, Tensor]] = {}
     for j, job in enumerate(jobs):
         if job.receivers is None:
             lg = model.run(base_b, edits=frozen(job.senders, (L, 3))).logits
@@ -453,7 +494,9 @@ def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
                             edits=frozen(job.senders, below)).acts
             value = run[key]
             if qkv != "qkv" and not is_mlp:
-                base_qkv = model.run(base_b, save=qk).acts
+                base_qkv = model.run(base_b, save=qk).acts if layer not in qkv_cache else \
+                    qkv_cache[layer]
+                qkv_cache[layer] = base_qkv
                 q, k, v = (run[key] if key[0].value in qkv else base_qkv[key] for key in qk)
                 value = attend(model, layer, q, k, v, base_b.attention_mask)
             for r in here:
@@ -476,7 +519,7 @@ def _path_metrics_reference(model: Model, pb: PairBatch, jobs: Sequence[Job], *,
                 edits[key] = put
         out[j] = metric(model.run(base_b, edits=edits).logits, pb.correct,
                         pb.wrong).double().cpu()
-    return out
+    return out, *ends
 
 
 # ----------------------------------------------------------------------------- public API
@@ -509,7 +552,6 @@ def _run_sets(model: Model, pairs: FactPairs, make: Callable[[TokenBatch, Tensor
               desc: str, **opts: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Metrics ``[job prompt]`` plus clean and corrupt metrics ``[prompt]``."""
     pb_all = encode_pairs(model, pairs)
-    metric = opts.get("metric") or logit_diff
     n = len(pairs)
     cols, m_clean, m_corrupt = [], [], []
     bar = tqdm(total=n, disable=not progress, desc=desc, unit="prompt")
@@ -517,14 +559,15 @@ def _run_sets(model: Model, pairs: FactPairs, make: Callable[[TokenBatch, Tensor
         pb = _sub(pb_all, idx)
         labels = role_labels(pb.clean)
         jobs = make(pb.clean, labels)
-        m_clean.append(metric(model.run(pb.clean).logits, pb.correct, pb.wrong).double().cpu())
-        m_corrupt.append(metric(model.run(pb.corrupt).logits, pb.correct, pb.wrong).double().cpu())
         if reference:
-            cols.append(_path_metrics_reference(model, pb, jobs, **opts))
+            got = [_path_metrics_reference(model, pb, jobs, **opts)]
         else:
-            size = chunk or auto_chunk(model, len(m_clean[-1]), pb.clean.input_ids.shape[1])
-            cols.append(torch.cat([_path_metrics(model, pb, jobs[s], **opts)
-                                   for s in _chunks(len(jobs), max(1, size // 2))]))
+            size = chunk or auto_chunk(model, len(pb.correct), pb.clean.input_ids.shape[1])
+            got = [_path_metrics(model, pb, jobs[s], **opts)
+                   for s in _chunks(len(jobs), max(1, size // 2))]
+        cols.append(torch.cat([g[0] for g in got]))
+        m_clean.append(got[0][1])
+        m_corrupt.append(got[0][2])
         bar.update(idx.stop - idx.start)
     bar.close()
     return torch.cat(cols, dim=1), torch.cat(m_clean), torch.cat(m_corrupt)
@@ -697,27 +740,26 @@ def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 
     gap = float((metric_(model.run(pb.clean).logits, pb.correct, pb.wrong)
                  - metric_(model.run(pb.corrupt).logits, pb.correct, pb.wrong)).mean())
     cut = threshold * abs(gap)
-    todo = [Node("logits", model.n_layers, None, "final")]
+    frontier = [Node("logits", model.n_layers, None, "final")]
     seen: set[str] = set()
     kept: list[dict[str, Any]] = []
-    while todo and len(seen) < max_receivers:
-        v = todo.pop()
-        seen.add(v.id)
-        upstream = [u for u in embeds + universe if feeds(u, v, parallel)]
-        if not upstream:
+    while frontier and len(seen) < max_receivers:  # one wave of receivers per call
+        wave, frontier = frontier[:max_receivers - len(seen)], frontier[max_receivers:]
+        seen |= {v.id for v in wave}
+        edges = [(u, v) for v in wave for u in embeds + universe if feeds(u, v, parallel)]
+        if not edges:
             continue
-        df = edge_patching(model, pairs, [(u, v) for u in upstream], metric=metric,
-                           batch_size=batch_size, progress=progress)
+        df = edge_patching(model, pairs, edges, metric=metric, batch_size=batch_size,
+                           progress=progress)
         for src, dst, score in zip(df["src"], df["dst"], df["score"], strict=True):
             if abs(score) >= cut:
                 kept.append({"src": src, "dst": dst, "score": score})
                 u = Node.parse(str(src), n_layers=model.n_layers)
-                if u.kind != "embed" and u.id not in seen and u not in todo:
-                    todo.append(u)
-        todo.sort()
-    if todo:
+                if u.kind != "embed" and u.id not in seen and u not in frontier:
+                    frontier.append(u)
+    if frontier:
         log.warning("path_patching_circuit stopped after %d receivers with %d left",
-                    len(seen), len(todo))
+                    len(seen), len(frontier))
     prov = provenance(model, pairs, "path_patching",
                       {"threshold": threshold, "neurons": neurons, "n": len(pairs)})
     frame = pd.DataFrame(kept, columns=["src", "dst", "score"])
