@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 class Receiver:
     """One copy of the batch: the reader whose input gradient it isolates."""
 
-    kind: str  # "mlp" (the whole MLP, every role), "neuron" (every role), "head" (one role)
+    kind: str  # "mlp"/"neuron" (every role), "head" (one query role), "logits"
     layer: int
     index: int | None = None
     role: int | None = None  # index into TOKEN_ROLES, for heads
@@ -141,16 +142,6 @@ def _input_grads(model: Model, pb: PairBatch, recv: Sequence[Receiver], labels: 
     return through, g[(Component.RESID_POST, L - 1)][0]
 
 
-def _node(kind: str, layer: int, index: int | None, role: int) -> str:
-    r = TOKEN_ROLES[role]
-    if kind == "embed":
-        return f"embed@{r}"
-    if kind == "logits":
-        return f"logits@{r}"
-    unit = {"head": f"h{index}", "neuron": f"n{index}"}.get(kind, kind)
-    return f"L{layer}.{unit}@{r}"
-
-
 def edge_attribution(
     model: Model, pairs: FactPairs, *, steps: int = 0, neurons: bool = False,
     metric: Metric | None = None, batch_size: int = 8, copies: int = 64,
@@ -181,115 +172,132 @@ def edge_attribution(
     pb_all = encode_pairs(model, pairs)
     roles = [TOKEN_ROLES.index(r) for r in roles_present(pb_all.clean)]
     labels_all = role_labels(pb_all.clean)
-    ctx = _Context(model, metric or logit_diff, roles, _feasible(labels_all, roles),
-                   _receivers(model, roles, neurons), neurons, steps, copies)
+    acc = _Scores(model, roles, neurons)
+    recv = _receivers(model, roles, neurons)
+    metric = metric or logit_diff
     n = len(pairs)
     bar = tqdm(total=n, disable=not progress, desc="eap-ig" if steps else "eap", unit="prompt")
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
         pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
                        pb_all.wrong[idx])
-        ctx.add_chunk(pb, labels_all[idx])
+        labels = labels_all[idx]
+        deltas, emb = acc.deltas(pb)
+        points: list[Tensor | None] = [None] if steps == 0 else [
+            emb[1] + k / steps * (emb[0] - emb[1]) for k in range(steps)]
+        onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
+        for point in points:
+            for c0 in range(0, len(recv), copies):
+                part = recv[c0:c0 + copies]
+                through, g_out = _input_grads(model, pb, _with_mlps(part), labels, metric, point)
+                acc.add(part, through[:len(part)], deltas, onehot, 1 / len(points))
+            acc.add([Receiver("logits", model.n_layers)], g_out[None], deltas, onehot,
+                    1 / len(points))
         bar.update(idx.stop - idx.start)
     bar.close()
     method = f"eap-ig/{steps}" if steps else "eap"
-    present = {TOKEN_ROLES[r] for r in roles}
-    rows = [{"method": method, "src": s, "dst": d, "score": v / n, "n": n}
-            for (s, d), v in ctx.sums.items() if s.split("@")[1] in present]
-    return pd.DataFrame(rows, columns=["method", "src", "dst", "score", "n"])
+    return acc.frame(method, n, _feasible(labels_all, roles))
 
 
-@dataclass
-class _Context:
-    """What one EAP run shares across prompt chunks, and its running sums of edge scores."""
+class _Scores:
+    """Edge scores summed over prompts, as tensors.
 
-    model: Model
-    metric: Metric
-    roles: list[int]
-    feasible: Tensor
-    recv: list[Receiver]
-    neurons: bool
-    steps: int
-    copies: int
+    Senders are (role, unit): units are the embedding, then per layer its heads and its MLP
+    (or its neurons), in forward order, so the senders upstream of a receiver are a prefix of
+    the units. Receivers: heads ``[layer head role_dst role_src unit]``, MLPs or neurons
+    ``[layer (neuron) role unit]`` (their senders share their role), the logits ``[unit]``.
+    """
 
-    def __post_init__(self) -> None:
-        self.sums: dict[tuple[str, str], float] = {}
-        self.parallel = is_parallel(self.model)
+    def __init__(self, model: Model, roles: Sequence[int], neurons: bool) -> None:
+        self.model, self.roles, self.neurons = model, list(roles), neurons
+        self.parallel = is_parallel(model)
+        L, H, R, N = model.n_layers, model.n_heads, len(TOKEN_ROLES), model.d_mlp
+        self.units = ["embed"]
+        self.prefix_head, self.prefix_mlp = [], []  # units upstream of layer l's heads / MLP
+        for layer in range(L):
+            self.prefix_head.append(len(self.units))
+            if self.parallel:
+                self.prefix_mlp.append(len(self.units))
+            self.units += [f"L{layer}.h{h}" for h in range(H)]
+            if not self.parallel:
+                self.prefix_mlp.append(len(self.units))
+            self.units += [f"L{layer}.n{k}" for k in range(N)] if neurons else [f"L{layer}.mlp"]
+        U = len(self.units)
+        self.head = torch.zeros(L, H, R, R, U, dtype=torch.float64)
+        self.mlp = torch.zeros(L, N if neurons else 1, R, U, dtype=torch.float64)
+        self.logits = torch.zeros(U, dtype=torch.float64)
 
-    def add(self, src: Sequence[str], dst: str, values: Tensor) -> None:
-        for s, v in zip(src, values.tolist(), strict=True):
-            self.sums[(s, dst)] = self.sums.get((s, dst), 0.0) + v
-
-    def add_chunk(self, pb: PairBatch, labels: Tensor) -> None:
+    def deltas(self, pb: PairBatch) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+        """Per unit block, what it writes in the corrupt run minus the clean run: embedding
+        ``[B P 1 d]``, heads ``[B P H d]``, MLPs ``[B P 1 d]`` or neuron activations
+        ``[B P N]``; and the (clean, corrupt) embeddings."""
         model, L = self.model, self.model.n_layers
-        self.onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
         mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
-        keys = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L)
-                                         for c in (Component.Z, mlp)]
+        emb = (Component.EMBED, 0)
+        keys = [emb] + [(c, layer) for layer in range(L) for c in (Component.Z, mlp)]
         clean = model.run(pb.clean, save=keys).acts
         bad = model.run(pb.corrupt, save=keys).acts
-        emb = (Component.EMBED, 0)
-        self.d_embed = (bad[emb] - clean[emb]).double()  # [B P d_model]
-        self.d_head = [torch.einsum("bphd,hdm->bphm", (bad[(Component.Z, layer)]  # [B P H d]
-                                                        - clean[(Component.Z, layer)]).double(),
-                                    model.W_O(layer).double()) for layer in range(L)]
-        self.d_mlp = [(bad[(mlp, layer)] - clean[(mlp, layer)]).double() for layer in range(L)]
-        points: list[Tensor | None] = [None] if self.steps == 0 else [
-            bad[emb] + k / self.steps * (clean[emb] - bad[emb]) for k in range(self.steps)]
-        g_all = torch.zeros(len(self.recv), *self.d_embed.shape, dtype=torch.float64)
-        g_logits = torch.zeros_like(self.d_embed)
-        for point in points:
-            for c0 in range(0, len(self.recv), self.copies):
-                part = self.recv[c0:c0 + self.copies]
-                through, g_out = _input_grads(model, pb, _with_mlps(part), labels, self.metric,
-                                              point)
-                g_all[c0:c0 + len(part)] += through[:len(part)].double() / len(points)
-            g_logits += g_out.double() / len(points)
-        for c, r in enumerate(self.recv):
+        out = [(bad[emb] - clean[emb]).double()[:, :, None]]
+        for layer in range(L):
+            dz = (bad[(Component.Z, layer)] - clean[(Component.Z, layer)]).double()
+            out.append(torch.einsum("bphd,hdm->bphm", dz, model.W_O(layer).double()))
+            dm = (bad[(mlp, layer)] - clean[(mlp, layer)]).double()
+            out.append(dm if self.neurons else dm[:, :, None])
+        return out, (clean[emb], bad[emb])
+
+    def add(self, recv: Sequence[Receiver], G: Tensor, deltas: list[Tensor], onehot: Tensor,
+            weight: float) -> None:
+        """Add ``weight * (delta_u · G_v)``, summed over each role's positions and the batch,
+        for receivers ``recv`` with input gradients ``G [C B P d]``."""
+        G = G.double()
+        parts = [torch.einsum("bpud,cbpd->cbpu", deltas[0], G)]
+        for layer in range(self.model.n_layers):
+            parts.append(torch.einsum("bpud,cbpd->cbpu", deltas[1 + 2 * layer], G))
+            d = deltas[2 + 2 * layer]
+            if self.neurons:  # a_n * (W_out[n] · G): no [B P N d] tensor
+                w = self.model.W_out(layer).double()
+                parts.append(d[None] * torch.einsum("cbpd,nd->cbpn", G, w))
+            else:
+                parts.append(torch.einsum("bpud,cbpd->cbpu", d, G))
+        T = torch.einsum("bpr,cbpu->cru", onehot, torch.cat(parts, -1)) * weight  # [C R U]
+        for c, r in enumerate(recv):
             if r.kind == "head":
-                assert r.role is not None
-                dst = _node("head", r.layer, r.index, r.role)
-                for ids, v in self.senders((r.layer, 1), g_all[c], None):
-                    keep = [i for i, s in enumerate(ids) if self.feasible[_role_of(s), r.role]]
-                    self.add([ids[i] for i in keep], dst, v[keep])
-            elif r.kind == "neuron" or not self.neurons:  # neuron mode: MLP copies only subtract
-                for role in self.roles:
-                    dst = _node(r.kind, r.layer, r.index, role)
-                    for ids, v in self.senders((r.layer, 2 - self.parallel), g_all[c], role):
-                        self.add(ids, dst, v)
-        final = TOKEN_ROLES.index("final")
-        for ids, v in self.senders((L, 3), g_logits, final):
-            self.add(ids, _node("logits", L, None, final), v)
+                assert r.role is not None and r.index is not None
+                k = self.prefix_head[r.layer]
+                self.head[r.layer, r.index, r.role, :, :k] += T[c, :, :k]
+            elif r.kind == "logits":
+                self.logits += T[c, TOKEN_ROLES.index("final")]
+            elif r.kind == "neuron" or not self.neurons:
+                k = self.prefix_mlp[r.layer]
+                self.mlp[r.layer, r.index or 0, :, :k] += T[c, :, :k]
 
-    def per_role(self, x: Tensor) -> Tensor:
-        """``[B P ...] -> [R ...]``: summed over the batch and each role's positions."""
-        return torch.einsum("bpr,bp...->r...", self.onehot, x)
+    def frame(self, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
+        """The non-structural-zero edges as rows (mean over the ``n`` prompts)."""
+        model, names = self.model, TOKEN_ROLES
+        units = np.array(self.units, dtype=object)
+        src, dst, score = [], [], []
 
-    def senders(self, before: tuple[int, int], G: Tensor, role: int | None
-                ) -> list[tuple[list[str], Tensor]]:
-        """(ids, summed scores ``a_u · G``) of every sender upstream of stage ``before``; with a
-        ``role``, only senders at that role (readers of one position)."""
-        R, H, model = len(TOKEN_ROLES), self.model.n_heads, self.model
-        out = [([_node("embed", -1, None, r) for r in range(R)],
-                self.per_role((self.d_embed * G).sum(-1)))]
+        def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
+            src.append(units[:k] + "@" + names[role_src])
+            dst.append(np.full(k, dst_id, dtype=object))
+            score.append(values[:k].numpy() / n)
+
         for layer in range(model.n_layers):
-            if (layer, 1) < before:
-                s = self.per_role(torch.einsum("bphm,bpm->bph", self.d_head[layer], G))
-                out.append(([_node("head", layer, h, r) for r in range(R) for h in range(H)],
-                            s.flatten()))
-            if (layer, 2 - self.parallel) < before:
-                if self.neurons:
-                    gw = G @ model.W_out(layer).double().T  # [B P neuron]
-                    s = self.per_role(self.d_mlp[layer] * gw)
-                    out.append(([_node("neuron", layer, k, r) for r in range(R)
-                                 for k in range(model.d_mlp)], s.flatten()))
-                else:
-                    s = self.per_role((self.d_mlp[layer] * G).sum(-1))
-                    out.append(([_node("mlp", layer, None, r) for r in range(R)], s))
-        if role is None:
-            return out
-        return [([i for i in ids if i.endswith("@" + TOKEN_ROLES[role])],
-                 v.reshape(R, -1)[role]) for ids, v in out]
+            for h in range(model.n_heads):
+                for q in self.roles:
+                    for r in self.roles:
+                        if feasible[r, q]:
+                            emit(f"L{layer}.h{h}@{names[q]}", r, self.prefix_head[layer],
+                                 self.head[layer, h, q, r])
+            for i in range(self.mlp.shape[1]):
+                unit = f"L{layer}.n{i}" if self.neurons else f"L{layer}.mlp"
+                for q in self.roles:
+                    emit(f"{unit}@{names[q]}", q, self.prefix_mlp[layer], self.mlp[layer, i, q])
+        final = names.index("final")
+        emit("logits@final", final, len(self.units), self.logits)
+        return pd.DataFrame({"method": method, "src": np.concatenate(src),
+                             "dst": np.concatenate(dst), "score": np.concatenate(score),
+                             "n": n})
 
 
 def _with_mlps(chunk: Sequence[Receiver]) -> list[Receiver]:
@@ -299,10 +307,6 @@ def _with_mlps(chunk: Sequence[Receiver]) -> list[Receiver]:
         if Receiver("mlp", layer) not in out:
             out.append(Receiver("mlp", layer))
     return out
-
-
-def _role_of(node_id: str) -> int:
-    return TOKEN_ROLES.index(node_id.split("@")[1])
 
 
 def _feasible(labels: Tensor, roles: Sequence[int]) -> Tensor:

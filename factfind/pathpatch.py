@@ -239,26 +239,38 @@ def unit_mask(model: Model, p: Placed) -> Tensor:
 
 
 def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Tensor],
-                placed: Sequence[Placed]) -> list[tuple[str, int, Tensor]]:
+                placed: Sequence[Placed], cache: dict[Any, Tensor] | None = None
+                ) -> list[tuple[str, int, Tensor]]:
     """What a *set* of senders changes in the residual stream, ``src`` minus ``base``, one
     ``(kind, layer, [batch pos d_model])`` per embed / attention layer / MLP layer; senders that
-    overlap (a head and its whole layer, an MLP and one of its neurons) count once."""
+    overlap (a head and its whole layer, an MLP and one of its neurons) count once. ``cache``
+    keeps per-head and per-layer changes between calls on the same two runs."""
+    cache = {} if cache is None else cache
     masks: dict[SiteKey, Tensor] = {}
     for p in placed:
         m = unit_mask(model, p)
         masks[p.key] = masks[p.key] | m if p.key in masks else m
     out = []
     for (comp, layer), m in sorted(masks.items()):
-        d = src[(comp, layer)] - base[(comp, layer)]
-        m = m.to(d.device).reshape(*m.shape, *([1] * (d.dim() - m.dim())))
-        d = d * m
+        key = (comp, layer)
+        if key not in cache:
+            d = src[key] - base[key]
+            if comp is Component.Z:  # per head, in the residual stream: [B P H d_model]
+                d = torch.einsum("bphd,hdm->bphm", d, model.W_O(layer).to(d.dtype))
+            cache[key] = d
+        d = cache[key]
         if comp is Component.EMBED:
-            out.append(("embed", -1, d))
+            out.append(("embed", -1, d * m[..., None].to(d.dtype)))
         elif comp is Component.Z:
-            out.append(("head", layer, torch.einsum("bphd,hdm->bpm", d,
-                                                    model.W_O(layer).to(d.dtype))))
+            out.append(("head", layer, torch.einsum("bph,bphm->bpm", m.to(d.dtype), d)))
         else:
-            out.append(("mlp", layer, d @ model.W_out(layer).to(d.dtype)))
+            rows = m.any(-1)
+            if bool((m == rows[..., None]).all()):  # whole MLPs at some positions
+                if ("mlp", layer) not in cache:
+                    cache[("mlp", layer)] = d @ model.W_out(layer).to(d.dtype)
+                out.append(("mlp", layer, cache[("mlp", layer)] * rows[..., None].to(d.dtype)))
+            else:
+                out.append(("mlp", layer, (d * m.to(d.dtype)) @ model.W_out(layer).to(d.dtype)))
     return out
 
 
@@ -342,7 +354,8 @@ def _path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str 
     base, src = base_run.acts, src_run.acts
     ends = _ends(metric, pb, base_run.logits, src_run.logits, direction)
     B = base_b.input_ids.shape[0]
-    delta = [set_changes(model, src, base, j.senders) for j in jobs]
+    cache: dict[Any, Tensor] = {}
+    delta = [set_changes(model, src, base, j.senders, cache) for j in jobs]
 
     def upstream(j: int, st: tuple[int, int], only_layer: int | None = None) -> Tensor:
         out = torch.zeros_like(base[(Component.RESID_POST, L - 1)])

@@ -1,0 +1,158 @@
+"""Edge attribution patching: exact on a linearised model (against edge-by-edge patching), and
+recovery of the planted circuit."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from factfind.data import FactDataset
+from factfind.eap import eap, eap_ig, edge_attribution, to_graph
+from factfind.graph import prune
+from factfind.model import load_model
+from factfind.pairs import FactPairs
+from factfind.pathpatch import edge_patching
+from factfind.planted import planted_model
+from factfind.testing import tiny_hf_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def linearised(family: str):
+    """A tiny model that is affine in its input embeddings, in float64: LayerNorms with a huge
+    epsilon (their scale is constant), no query or key weights (uniform causal attention),
+    identity MLP activations. First-order attribution is exact on it."""
+    tok = tiny_tokenizer()
+    hf = tiny_hf_model(family, len(tok)).to(torch.float64)
+    H = hf.config.num_attention_heads
+    with torch.no_grad():
+        for mod in hf.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.eps = 1e12
+                mod.weight.mul_(1e6)
+            if hasattr(mod, "act"):
+                mod.act = torch.nn.Identity()
+            if hasattr(mod, "c_attn"):  # GPT-2: [in, q|k|v]
+                d = mod.c_attn.weight.shape[0]
+                mod.c_attn.weight[:, :2 * d] = 0
+                mod.c_attn.bias[:2 * d] = 0
+            if hasattr(mod, "query_key_value"):  # GPT-NeoX: per head [q|k|v]
+                w = mod.query_key_value.weight
+                w.view(H, 3, -1, w.shape[1])[:, :2] = 0
+                mod.query_key_value.bias.view(H, 3, -1)[:, :2] = 0
+    return load_model((hf, tok))
+
+
+def _same_length(model, facts):
+    """Pairs of one token length (float64 eager attention gives NaN rows under padding)."""
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    lengths = model.tokenize(list(pairs.clean)).lengths
+    keep = [i for i in range(len(pairs)) if lengths[i] == lengths.max()]
+    assert len(keep) >= 3
+    return FactPairs(FactDataset([pairs.clean[i] for i in keep]),
+                     FactDataset([pairs.corrupt[i] for i in keep]))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+def linear(request, facts):
+    model = linearised(request.param)
+    return model, _same_length(model, facts)
+
+
+def test_eap_equals_edge_patching_on_a_linear_model(linear):
+    model, pairs = linear
+    df = eap(model, pairs)
+    assert df["src"].str.startswith("embed@").any() and (df["dst"] == "logits@final").any()
+    assert not df.duplicated(["src", "dst"]).any() and len(df) > 400
+    # every edge into the logits and into the last layer's heads at the final token, the 30
+    # largest and 40 more at random: batched edge-by-edge patching
+    last = f"L{model.n_layers - 1}."
+    into = df["dst"].eq("logits@final") | (df["dst"].str.startswith(last)
+                                          & df["dst"].str.endswith("@final"))
+    sample = pd.concat([df[into], df.reindex(df["score"].abs().sort_values().index[-30:]),
+                        df[~into].sample(40, random_state=0)]).drop_duplicates(["src", "dst"])
+    fast = edge_patching(model, pairs, list(zip(sample["src"], sample["dst"], strict=True)))
+    assert np.abs(fast["score"]).max() > 1e-2 and (np.abs(fast["score"]) > 1e-3).sum() > 20
+    np.testing.assert_allclose(sample["score"], fast["score"], atol=1e-5, rtol=0)
+    # the slow reference (literal freeze-everything path patching, one edge at a time)
+    few = sample.reindex(sample["score"].abs().sort_values().index[-5:])
+    slow = edge_patching(model, pairs, list(zip(few["src"], few["dst"], strict=True)),
+                         reference=True)
+    np.testing.assert_allclose(few["score"], slow["score"], atol=1e-5, rtol=0)
+
+
+def test_eap_ig_and_neurons_on_a_linear_model(linear):
+    model, pairs = linear
+    base = eap(model, pairs)
+    ig = eap_ig(model, pairs, steps=2)
+    assert (ig["method"] == "eap-ig/2").all()
+    np.testing.assert_allclose(base["score"], ig["score"], atol=1e-8)  # constant gradients
+    nd = edge_attribution(model, pairs, neurons=True, copies=512)
+    assert nd["dst"].str.contains(r"\.n\d+@").any() and not nd["dst"].str.contains("mlp").any()
+    top = nd.reindex(nd["score"].abs().sort_values().index[-4:])
+    top = pd.concat([top, nd[nd["src"].str.contains(r"\.n")].head(3)])
+    exact = edge_patching(model, pairs, list(zip(top["src"], top["dst"], strict=True)))
+    assert np.abs(exact["score"]).max() > 1e-3
+    np.testing.assert_allclose(top["score"], exact["score"], atol=1e-5, rtol=0)
+
+
+def test_node_scores_sum_the_outgoing_edges(linear):
+    """Summed over a node's outgoing edges, EAP is attribution patching of the node: for the
+    embeddings of a linear model, exactly the activation-patching effect of the input."""
+    model, pairs = linear
+    df = eap(model, pairs)
+    graph = to_graph(df, model, pairs)
+    assert graph.provenance.method == "eap" and graph.provenance.dataset == pairs.fingerprint()
+    embeds = [n for n in graph.graph if n.startswith("embed@")]
+    total = sum(graph.graph.nodes[n]["score"] for n in embeds)
+    pb_clean = model.run(model.tokenize(list(pairs.clean))).logits
+    pb_bad = model.run(model.tokenize(list(pairs.corrupt))).logits
+    ids = model.tokenize(list(pairs.clean)).attribute_ids
+    wrong = model.tokenize(list(pairs.corrupt)).attribute_ids
+    diff = lambda lg: (lg.gather(1, ids[:, None]) - lg.gather(1, wrong[:, None]))[:, 0]
+    assert total == pytest.approx(float((diff(pb_bad) - diff(pb_clean)).mean()), abs=1e-6)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+def planted(request):
+    model, facts, truth = planted_model(request.param)
+    return model, facts.corrupt(model, seed=0), truth
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_eap_recovers_the_planted_circuit(planted, steps):
+    model, pairs, truth = planted
+    df = edge_attribution(model, pairs, steps=steps)
+    graph = to_graph(df, model, pairs)
+    top = df["score"].abs().max()
+    circuit = prune(graph, threshold=0.01 * top)
+    assert truth.precision_recall(circuit.graph.nodes) == (1.0, 1.0)
+    assert set(circuit.graph.edges) == set(truth.edges)
+    # everything off the planted path scores (numerically) zero
+    off = df[~df.apply(lambda r: (r["src"], r["dst"]) in truth.edges, axis=1)]
+    assert off["score"].abs().max() < 1e-6 * top
+    by_top = prune(graph, top_n=len(truth.edges))
+    assert set(by_top.graph.edges) == set(truth.edges)
+
+
+def test_eap_recovers_the_planted_neurons(planted):
+    model, pairs, truth = planted
+    df = eap(model, pairs, neurons=True, copies=256)
+    circuit = prune(to_graph(df, model, pairs), threshold=1e-3 * df["score"].abs().max())
+    assert truth.precision_recall(circuit.graph.nodes, neurons=True) == (1.0, 1.0)
+
+
+def test_bad_options(planted):
+    model, pairs, _ = planted
+    with pytest.raises(ValueError, match="steps"):
+        eap_ig(model, pairs, steps=0)
+    with pytest.raises(ValueError, match="steps"):
+        edge_attribution(model, pairs, steps=-1)
