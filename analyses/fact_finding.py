@@ -93,16 +93,19 @@ def main(argv: list[str] | None = None) -> Path:
     cache = RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
                           dataset=facts.fingerprint(), config=asdict(cfg))
     log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
-    scores = cache.table("attribute_scores", lambda: facts.attribute_scores(
+    # the accuracy check runs on a seeded sample (4x what is analysed), not the whole dataset
+    pool = facts.sample(min(len(facts), max(4 * cfg.n_prompts, 256)), seed=cfg.seed)
+    scores = cache.table("attribute_scores", lambda: pool.attribute_scores(
         model, batch_size=cfg.batch_size * 4))
     known_mask = (scores["rank"] == 1).tolist()
-    known = ff.FactDataset([f for f, k in zip(facts, known_mask, strict=True) if k],
+    known = ff.FactDataset([f for f, k in zip(pool, known_mask, strict=True) if k],
                            name=f"{facts.name}|known")
     if len(known) == 0:
-        raise SystemExit(f"{model.name} knows none of the {len(facts)} facts of {facts.name}")
+        raise SystemExit(f"{model.name} knows none of the {len(pool)} sampled facts of "
+                         f"{facts.name}")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
     pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip")
-    log.info("knows %d of %d facts; analysing %d prompt pairs", len(known), len(facts),
+    log.info("knows %d of %d sampled facts; analysing %d prompt pairs", len(known), len(pool),
              len(pairs))
 
     # 2. causal tracing ------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> Path:
                             "known": len(known), "analysed pairs": len(pairs)},
                            sample=pairs.clean.to_frame().head(20)),
         rp.accuracy_section(rp.accuracy_table(
-            facts.to_frame().assign(correct=[bool(k) for k in known_mask]), by="relation")),
+            pool.to_frame().assign(correct=[bool(k) for k in known_mask]), by="relation")),
         rp.tracing_section(ff.aggregate(tracing)),
         rp.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),
         _knockout_section(knockout),
@@ -168,7 +171,9 @@ def main(argv: list[str] | None = None) -> Path:
                                         "cache": str(cache.root),
                                         "seconds": round(time.time() - t0, 1)}),
     ]
-    name = f"fact_finding-{Path(str(cfg.model)).name}-{cfg.facts.replace(':', '_')}"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_"
+                   for c in f"{Path(cfg.model).name}-{Path(cfg.facts).stem}")
+    name = f"fact_finding-{slug}"
     out = Path(args.out) / f"{name}-{cache.root.name[:8]}.html"
     data = rp.ReportData(title=f"Fact finding: {cfg.facts} in {model.name}",
                          subtitle=f"{len(pairs)} prompt pairs · seed {cfg.seed}",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -74,7 +75,7 @@ def direct_logit_attribution(
         if sources:
             save += [(Component.PATTERN, layer), (Component.V, layer)]
     save.append((Component.RESID_POST, L - 1))
-    rows: list[dict[str, Any]] = []
+    rows: list[pd.DataFrame] = []
     W_U = model.W_U
     for start in range(0, len(facts), batch_size):
         chunk = list(facts[start:start + batch_size])
@@ -111,8 +112,7 @@ def direct_logit_attribution(
             roles = [r for r in GROUP_ROLES]
             for layer in range(L):
                 heads = dla(a[(Component.HEAD_OUT, layer)][:, -1])  # [batch head]
-                for h in range(model.n_heads):
-                    add("dla", "head_out", layer, h, None, heads[:, h])
+                add("dla", "head_out", layer, range(model.n_heads), None, heads)
                 add("dla", "attn_bias", layer, None, None,
                     dla(model.b_O(layer).expand_as(final)))
                 if neurons:
@@ -120,8 +120,7 @@ def direct_logit_attribution(
                     nd = dla(per)  # [batch neuron]
                     add("dla", "mlp_out", layer, None, None,
                         nd.sum(-1) + dla(model.b_out(layer).expand_as(final)))
-                    for n in range(model.d_mlp):
-                        add("dla", "neurons", layer, None, n, nd[:, n])
+                    add("dla", "neurons", layer, None, range(model.d_mlp), nd)
                 else:
                     add("dla", "mlp_out", layer, None, None,
                         dla(a[(Component.MLP_OUT, layer)][:, -1]))
@@ -133,10 +132,9 @@ def direct_logit_attribution(
                     for role in roles:
                         m = _role_mask(batch, role).to(src.dtype)  # [batch k]
                         share = (src * m[:, None, :]).sum(-1)  # [batch head]
-                        for h in range(model.n_heads):
-                            add("dla/source", "head_out", layer, h, None, share[:, h],
-                                role=str(role))
-    return tidy(rows)
+                        add("dla/source", "head_out", layer, range(model.n_heads), None,
+                            share, role=str(role))
+    return tidy(pd.concat(rows, ignore_index=True))
 
 
 def _role_mask(batch: Any, role: Role) -> Tensor:
@@ -147,11 +145,20 @@ def _role_mask(batch: Any, role: Role) -> Tensor:
     return batch.masks[role].bool()
 
 
-def _collector(rows: list[dict[str, Any]], start: int, total: Tensor):
-    def add(method: str, component: str, layer: int | None, head: int | None,
-            neuron: int | None, values: Tensor, *, role: str = "final") -> None:
-        for b, value in enumerate(values.tolist()):
-            rows.append({"method": method, "component": component, "layer": layer,
-                         "head": head, "neuron": neuron, "role": role, "prompt": start + b,
-                         "effect": value, "total": float(total[b])})
+def _collector(rows: list[pd.DataFrame], start: int, total: Tensor):
+    """``add(...)`` appends one block of rows: ``values`` is ``[batch]`` (one component) or
+    ``[batch n]`` (``n`` heads or neurons, indexed by the ``head``/``neuron`` argument's range)."""
+    tot = total.detach().cpu().numpy()
+
+    def add(method: str, component: str, layer: int | None, head: Any, neuron: Any,
+            values: Tensor, *, role: str = "final") -> None:
+        v = values.detach().cpu().numpy()
+        nb = v.shape[0]
+        units = 1 if v.ndim == 1 else v.shape[1]
+        rows.append(pd.DataFrame({
+            "method": method, "component": component, "layer": layer,
+            "head": np.tile(np.asarray(head), nb) if head is not None else None,
+            "neuron": np.tile(np.asarray(neuron), nb) if neuron is not None else None,
+            "role": role, "prompt": np.repeat(np.arange(start, start + nb), units),
+            "effect": v.reshape(-1), "total": np.repeat(tot, units)}))
     return add

@@ -342,6 +342,8 @@ class Model:
         read_z = {(Component.Z, layer) for (c, layer) in want if c is Component.HEAD_OUT}
         need = want | read_z
         enc = _encoding(batch, self.device)
+        if logits == "final":
+            enc["logits_to_keep"] = 1  # the unembedding only at the last position
         acts: dict[SiteKey, Any] = {}
         attn_in: dict[int, Any] = {}
         nn = self._nn
