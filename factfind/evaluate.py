@@ -382,7 +382,8 @@ def faithfulness_curve(
     df = evaluate_circuits(model, data, circuits, how=how, neurons=neurons, **kwargs)
     df.insert(0, "size", list(sizes))
     df["nodes"] = [";".join(c) for c in circuits]
-    return df.drop(columns=["circuit"])
+    first = ["size", "n_nodes", "fraction", "faithfulness"]
+    return df[first + [c for c in df.columns if c not in first and c != "circuit"]]
 
 
 # ----------------------------------------------------------------------------- paths
@@ -471,43 +472,53 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
 
     for layer in range(L):
         here = sorted({v for v in into if v.kind not in ENDPOINTS and v.layer == layer})
-        if not here:
-            continue
-        # one copy per head node; one per neuron index; one for the MLP nodes (per position)
-        copies: list[list[Node]] = [[v] for v in here if v.kind in ("head", "attn")]
-        mlps = [v for v in here if v.kind == "mlp"]
-        if mlps:
-            copies.append(mlps)
-        for k in sorted({v.index or 0 for v in here if v.kind == "neuron"}):
-            copies.append([v for v in here if v.kind == "neuron" and v.index == k])
-        pre, mid = [], []
-        for group in copies:
-            x = ref[(Component.RESID_PRE, layer)].clone()
-            y = ref[(Component.ATTN_OUT, layer)].clone()
-            for v in group:
-                mask = place(v).mask[..., None].to(x.dtype)
-                if v.kind in ("head", "attn"):
-                    x = x + incoming(v, stage("head", layer, parallel))
-                else:  # per position: only this role's rows change
-                    x = x + incoming(v, stage("head", layer, parallel)) * mask
-                    y = y + incoming(v, (layer, 2), only_layer=layer) * mask
-            pre.append(x)
-            mid.append(y)
-        edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(torch.cat(pre))}
-        if not parallel:
-            edits[(Component.ATTN_OUT, layer)] = _constant(torch.cat(mid))
-        C, B = len(copies), len(correct)
-        run = model.run(repeat(clean, C), edits=edits, save=[
-            (Component.Z, layer), (Component.MLP_OUT, layer), (Component.NEURONS, layer)]).acts
-        for c, group in enumerate(copies):
-            mine = {k: a[c * B:(c + 1) * B] for k, a in run.items()}
-            for v in group:
-                p = place(v)
-                change[v] = writes(model, mine, p) - writes(model, ref, p)
+        heads = [v for v in here if v.kind in ("head", "attn")]
+        mlps = [v for v in here if v.kind in ("mlp", "neuron")]
+        # sequential blocks: the MLP reads this layer's heads, so they run first
+        for stage_nodes in ([heads + mlps] if parallel else [heads, mlps]):
+            if stage_nodes:
+                _run_stage(model, clean, ref, layer, stage_nodes, place, incoming, change)
     final = Node("logits", L, None, "final")
     x = ref[(Component.RESID_POST, L - 1)] + incoming(final, (L, 3))
     logits = model.run(clean, edits={(Component.RESID_POST, L - 1): _constant(x)}).logits
     return metric(logits, correct, wrong)
+
+
+def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: int,
+               here: list[Node], place: Any, incoming: Any, change: dict[Node, Tensor]) -> None:
+    """Recompute the nodes ``here`` of one layer (one copy of the batch per head node, one per
+    neuron index, one for all MLP nodes) and record their (patched - corrupt) changes."""
+    parallel = is_parallel(model)
+    copies: list[list[Node]] = [[v] for v in here if v.kind in ("head", "attn")]
+    mlps = [v for v in here if v.kind == "mlp"]
+    if mlps:
+        copies.append(mlps)
+    for k in sorted({v.index or 0 for v in here if v.kind == "neuron"}):
+        copies.append([v for v in here if v.kind == "neuron" and v.index == k])
+    pre, mid = [], []
+    for group in copies:
+        x = ref[(Component.RESID_PRE, layer)].clone()
+        y = ref[(Component.ATTN_OUT, layer)].clone()
+        for v in group:
+            if v.kind in ("head", "attn"):
+                x = x + incoming(v, stage("head", layer, parallel))
+            else:  # MLPs act per position: only this node's positions change
+                mask = place(v).mask[..., None].to(x.dtype)
+                x = x + incoming(v, stage("head", layer, parallel)) * mask
+                y = y + incoming(v, (layer, 2), only_layer=layer) * mask
+        pre.append(x)
+        mid.append(y)
+    edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(torch.cat(pre))}
+    if not parallel:  # the MLP reads resid_pre + attn_out: pin the attention output too
+        edits[(Component.ATTN_OUT, layer)] = _constant(torch.cat(mid))
+    B = clean.input_ids.shape[0]
+    run = model.run(repeat(clean, len(copies)), edits=edits, save=[
+        (Component.Z, layer), (Component.NEURONS, layer)]).acts
+    for c, group in enumerate(copies):
+        mine = {k: a[c * B:(c + 1) * B] for k, a in run.items()}
+        for v in group:
+            p = place(v)
+            change[v] = writes(model, mine, p) - writes(model, ref, p)
 
 
 def _constant(value: Tensor):
