@@ -15,7 +15,9 @@ from factfind.evaluate import (
     evaluate_circuits,
     faithfulness,
     faithfulness_curve,
+    greedy_circuit,
     minimality,
+    minimize_circuit,
     node_scores,
     proportion_explained,
 )
@@ -183,6 +185,20 @@ def test_planted_curve_from_eap_scores(planted):
     assert curve.set_index("size").loc[2, "faithfulness"] == pytest.approx(0.0, abs=1e-6)
     assert sorted(scores, key=lambda k: -abs(scores[k]))[:3] == sorted(
         truth.nodes, key=lambda k: -abs(scores[k]))
+
+
+def test_search_by_faithfulness(planted):
+    """Backward elimination from EAP's top ten nodes keeps exactly the planted AND; forward
+    selection cannot see an AND (each planted node alone explains nothing) until it has two."""
+    model, _, pairs, truth = planted
+    scores = node_scores(eap(model, pairs))
+    top = sorted(scores, key=lambda k: -abs(scores[k]))[:10]
+    path = minimize_circuit(model, pairs, top, target=0.99)
+    assert path["size"].iloc[0] == 10 and path["size"].iloc[-1] == 3
+    assert set(path["nodes"].iloc[-1].split(";")) == truth.nodes
+    assert (path["faithfulness"] >= 0.99).all()
+    forward = greedy_circuit(model, pairs, candidates=top, max_nodes=3, how="mean")
+    assert list(forward["size"]) == [1, 2, 3] and forward["faithfulness"].iloc[0] == 0
 
 
 def test_bad_circuits_are_clear_errors(gpt2_model, known):
