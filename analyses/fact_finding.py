@@ -51,7 +51,8 @@ class Config:
     device: str = "cpu"
     dtype: str | None = None
     batch_size: int = 16
-    tracing_samples: int = 5
+    tracing_prompts: int = 24
+    tracing_samples: int = 3
     tracing_window: int = 3
     knockout_window: int = 1
     version: str = ff.__version__
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--device", default=Config.device)
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--tracing-prompts", type=int, default=Config.tracing_prompts)
     p.add_argument("--tracing-samples", type=int, default=Config.tracing_samples)
     p.add_argument("--tracing-window", type=int, default=Config.tracing_window)
     p.add_argument("--knockout-window", type=int, default=Config.knockout_window)
@@ -76,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     a = p.parse_args(argv)
     cfg = Config(model=a.model, facts=a.facts, n_prompts=a.n_prompts, seed=a.seed,
                  device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                 tracing_samples=a.tracing_samples, tracing_window=a.tracing_window,
+                 tracing_prompts=a.tracing_prompts, tracing_samples=a.tracing_samples, tracing_window=a.tracing_window,
                  knockout_window=a.knockout_window)
     return cfg, a
 
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> Path:
         df["prompt"] = df["prompt"] + start
         return df
 
-    tracing = cache.chunked("causal_tracing", len(pairs), trace, chunk=cfg.batch_size)
+    tracing = cache.chunked("causal_tracing", min(len(pairs), cfg.tracing_prompts), trace,
+                            chunk=cfg.batch_size)
     log.info("causal tracing done (%.0fs)", time.time() - t0)
 
     # 3. activation patching by layer and role; heads at the final position ---------------------
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> Path:
     eff = cache.table("effective_model", lambda: effective_model(
         model, pairs.clean, reference=known.sample(min(256, len(known)), seed=cfg.seed + 1)))
     probes = cache.table("linear_probes", lambda: linear_probes(
-        model, known.sample(min(400, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
+        model, known.sample(min(256, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
     mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
     log.info("localization done (%.0fs)", time.time() - t0)
 
