@@ -25,10 +25,15 @@ Nodes are heads and MLPs (or, with ``neurons=True``, single MLP neurons) at posi
 (as key/value) and their own (as query), the logits read the final token.
 
 **EAP-IG** replaces the gradient at the clean input by its average along the straight line
-between the corrupt and clean *input embeddings*, ``m`` points ``x_corrupt + k/m (x_clean -
-x_corrupt)`` for ``k = 0..m-1`` (Hanna et al. 2024's left Riemann sum), which is more faithful
-when the model saturates. On a model that is linear in its inputs EAP is exact: the tests check
-EAP against :func:`~factfind.pathpatch.edge_patching` to 1e-5 there.
+between the corrupt and clean *input embeddings*, at ``m`` points ``x_corrupt + k/m (x_clean -
+x_corrupt)``, ``k = 1..m`` (the Riemann sum of Hanna et al. 2024's code; ``m = 1`` is EAP),
+which is more faithful when the model saturates. On a model that is linear in its inputs EAP is
+exact: the tests check EAP against :func:`~factfind.pathpatch.edge_patching` to 1e-5 there.
+
+Cost: one forward and backward pass per receiver copy - ``layers x (1 + heads x roles)``, plus
+``layers x d_mlp`` with neurons - stacked as batch rows (``copies`` per pass), times ``m`` for
+EAP-IG; exact edge patching needs a pair of stacked passes per edge. On the organism (3,489
+edges) EAP is ~30x faster than patching every edge, EAP-IG(5) ~6x.
 
 Example::
 
@@ -184,7 +189,7 @@ def edge_attribution(
         labels = labels_all[idx]
         deltas, emb = acc.deltas(pb)
         points: list[Tensor | None] = [None] if steps == 0 else [
-            emb[1] + k / steps * (emb[0] - emb[1]) for k in range(steps)]
+            emb[1] + k / steps * (emb[0] - emb[1]) for k in range(1, steps + 1)]
         onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
         for point in points:
             for c0 in range(0, len(recv), copies):

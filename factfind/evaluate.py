@@ -24,8 +24,17 @@ answer minus the mean logit of the relation's other answers):
   proportion is ``(m(H) - m(corrupt)) / (m(clean) - m(corrupt))``. For the graph induced by a
   node set it equals resample faithfulness on the pairs - the tests check that.
 
+Two searches optimise faithfulness directly: :func:`greedy_circuit` (forward selection) and
+:func:`minimize_circuit` (backward elimination, which keeps nodes that only matter together,
+like the two inputs of an AND).
+
 All circuits of a call, plus the full and the empty one, run stacked as copies of each prompt
-batch: one forward per batch and chunk of circuits.
+batch: one forward per batch and chunk of circuits. The replacement values are those of
+:mod:`factfind.ablation` (:func:`~factfind.ablation.mean_activations` per role; the same
+resample partners), and the tests check the engine against
+:func:`~factfind.ablation.ablate_sets`; it is a separate engine because circuits address the
+subject's inner tokens apart from its first and last (a :class:`~factfind.types.Site` cannot)
+and because many circuits share one forward.
 
 Example::
 
@@ -322,13 +331,12 @@ def completeness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLi
     batch = model.tokenize(list(facts[:64]))
     roles = roles_present(batch)
     inner = circuit_nodes(model, circuit, roles)
+    # with single neurons in the circuit, keep the other neurons of their MLPs
     neurons = any(n.kind == "neuron" for n in inner)
-    universe = set(all_nodes(model, batch, neurons=neurons))
-    if neurons:  # knock out single neurons: keep the MLPs' other neurons
-        universe |= {n for n in all_nodes(model, batch) if n.kind == "head"}
-    rest = universe - inner
-    if neurons:
-        rest = {n for n in rest if n.kind != "mlp"}
+    if neurons:  # an MLP node is all of its neurons
+        inner |= {Node("neuron", n.layer, k, n.role) for n in inner if n.kind == "mlp"
+                  for k in range(model.d_mlp)}
+    rest = set(all_nodes(model, batch, neurons=neurons)) - inner
     df = evaluate_circuits(model, data, [sorted(rest)], how=how, **kwargs)
     r = df.iloc[0]
     return float((r["full"] - r["metric"]) / (r["full"] - r["empty"]))

@@ -143,6 +143,13 @@ def test_eap_recovers_the_planted_circuit(planted, steps):
     assert set(by_top.graph.edges) == set(truth.edges)
 
 
+def test_eap_ig_with_one_step_is_eap(planted):
+    model, pairs, _ = planted
+    a, b = eap(model, pairs[:6]), eap_ig(model, pairs[:6], steps=1)
+    assert np.abs(a["score"]).max() > 1
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-9)
+
+
 def test_eap_recovers_the_planted_neurons(planted):
     model, pairs, truth = planted
     df = eap(model, pairs, neurons=True, copies=256)
