@@ -441,7 +441,7 @@ class Model:
                     grads[k] = torch.zeros_like(acts[k]) if g is None else g
             lg = lg.detach()
         result = {k: v.detach() if isinstance(v, Tensor) else v for k, v in acts.items()}
-        for k in list(result) + list(grads):
+        for k in set(result) | set(grads):
             if k[0] is Component.Z:
                 if k in result:
                     result[k] = result[k].reshape(*result[k].shape[:-1], self.n_heads, self.d_head)

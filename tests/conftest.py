@@ -1,8 +1,13 @@
 """Shared fixtures: tiny models of each family and a small fact set with corrupt partners."""
 
 import pytest
+import torch
 
 from factfind.testing import tiny_model
+
+# The suite's models are tiny: one intra-op thread is as fast as two and does not thrash when
+# the machine is shared (measured ~20x faster under load).
+torch.set_num_threads(1)
 
 SUBJECTS = {
     "Michael Jordan": "basketball", "Tiger Woods": "golf", "Serena Williams": "tennis",

@@ -177,3 +177,12 @@ def test_queries_keys_reproduce_pattern(pair):
     assert q.abs().max() > 1e-3
     torch.testing.assert_close(rebuilt.transpose(1, 2)[real], pattern.transpose(1, 2)[real],
                                atol=1e-5, rtol=1e-4)
+
+
+def test_z_grads_have_head_shape(pair):
+    _, model = pair
+    batch = _batch(model.d_vocab)
+    run = model.run(batch, save=[(C.Z, 0), (C.HEAD_OUT, 0)], metric=lambda lg: lg[:, 3].sum())
+    shape = (3, 7, model.n_heads, model.d_head)
+    assert run.acts[(C.Z, 0)].shape == shape and run.grads[(C.Z, 0)].shape == shape
+    assert run.grads[(C.Z, 0)].abs().max() > 0
