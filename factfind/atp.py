@@ -281,12 +281,16 @@ class RunningStats:
     def update(self, x: Tensor, valid: Tensor | None = None) -> None:
         """Add a ``[batch node]`` block; ``valid`` (bool, broadcastable) masks entries out."""
         x = x.detach().to("cpu", torch.float64)
-        w = (torch.ones_like(x) if valid is None
-             else valid.to("cpu").expand_as(x).to(torch.float64))
-        x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count as 0 with weight 0
-        nb = w.sum(0)
-        mb = x.sum(0) / nb.clamp(min=1)
-        m2b = (((x - mb) * w) ** 2).sum(0)
+        if valid is None or bool(valid.all()):
+            nb = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64)
+            mb = x.mean(0) if len(x) else torch.zeros_like(nb)
+            m2b = ((x - mb) ** 2).sum(0)
+        else:
+            w = valid.to("cpu").expand_as(x).to(torch.float64)
+            x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count 0 with weight 0
+            nb = w.sum(0)
+            mb = x.sum(0) / nb.clamp(min=1)
+            m2b = (((x - mb) * w) ** 2).sum(0)
         tot = self.count + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * nb / tot.clamp(min=1)
@@ -309,8 +313,8 @@ class RunningStats:
     def ci(self, confidence: float = 0.95) -> tuple[Tensor, Tensor]:
         """Student-t interval for the mean (NaN with fewer than two values)."""
         sem = (self.var / self.count.clamp(min=1)).sqrt()
-        t = torch.from_numpy(stats.t.ppf(0.5 + confidence / 2,
-                                         np.maximum(self.count.numpy() - 1, 1)))
+        dof, inverse = np.unique(np.maximum(self.count.numpy() - 1, 1), return_inverse=True)
+        t = torch.from_numpy(stats.t.ppf(0.5 + confidence / 2, dof)[inverse])  # few distinct n
         half = sem * t
         return self.mean - half, self.mean + half
 
@@ -331,12 +335,13 @@ def check_direction(direction: str) -> None:
         raise ValueError(f"direction must be 'noise' or 'denoise', not {direction!r}")
 
 
-def pair_batches(model: Model, pairs: FactPairs, batch_size: int) -> Iterator[
+def pair_batches(model: Model, pairs: FactPairs | PairBatch, batch_size: int) -> Iterator[
         tuple[int, PairBatch]]:
-    """``(first prompt, PairBatch)`` slices of all pairs tokenized together, so absolute
-    positions mean the same in every batch."""
-    pb = encode_pairs(model, pairs)
-    n = len(pairs)
+    """``(first prompt, PairBatch)`` slices of all pairs tokenized together (or of an already
+    encoded :class:`~factfind.patching.PairBatch`), so absolute positions mean the same in
+    every batch."""
+    pb = pairs if isinstance(pairs, PairBatch) else encode_pairs(model, pairs)
+    n = len(pb.correct)
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
         yield start, PairBatch(take(pb.clean, idx), take(pb.corrupt, idx), pb.correct[idx],
@@ -517,12 +522,12 @@ class Estimates:
     @property
     def effect(self) -> Tensor:
         """``[node]`` mean estimate over the prompts where the node's position exists."""
-        return self.stats.values()["effect"]
+        return torch.where(self.stats.count > 0, self.stats.mean, torch.nan)
 
     @property
     def score(self) -> Tensor:
         """``[node]`` ranking score: ``|effect|``, or ``max(|effect|, GradDrop)`` for AtP*."""
-        s = self.effect.abs().nan_to_num(0.0)
+        s = self.stats.mean.abs()
         return s if self.grad_drop is None else torch.maximum(s, self.grad_drop)
 
     def frame(self, *, per_prompt: bool = False) -> pd.DataFrame:
@@ -546,7 +551,7 @@ class Estimates:
 
 def estimate(
     model: Model,
-    pairs: FactPairs,
+    pairs: FactPairs | PairBatch,
     *,
     components: Iterable[str | Component] = ("neurons",),
     positions: Iterable[Role | int | str] = DEFAULT_ROLES,
@@ -565,7 +570,7 @@ def estimate(
 
     Args:
         model: the model (eager attention for head, q, k, v nodes).
-        pairs: clean/corrupt prompt pairs.
+        pairs: clean/corrupt prompt pairs (or their encoded :class:`~factfind.patching.PairBatch`).
         components: any of ``neurons, mlp_out, head_out, q, k, v``.
         positions: roles or absolute indices (negative: from the final token).
         layers: default all.
@@ -624,7 +629,7 @@ def _detach(x: Tensor) -> Tensor:
     return x.detach()
 
 
-def atp(model: Model, pairs: FactPairs, **kwargs) -> pd.DataFrame:
+def atp(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
     """Attribution patching of every node (see :func:`estimate` for the options).
 
     Returns:
@@ -641,7 +646,7 @@ def atp(model: Model, pairs: FactPairs, **kwargs) -> pd.DataFrame:
     return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)
 
 
-def atp_star(model: Model, pairs: FactPairs, **kwargs) -> pd.DataFrame:
+def atp_star(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
     """AtP*: AtP with the QK fix and GradDrop (see :func:`estimate`).
 
     Returns:

@@ -22,10 +22,14 @@ additive edit ``z + (z' - z)``. (A set may therefore not patch a head input toge
 node of an earlier layer; this is checked.)
 
 **Verification** (:func:`verify`). Candidates are patched in chunks in descending order of
-``score`` (for AtP*, ``max(|AtP*|, GradDrop)``). The stopping rule: with ``theta`` either given
-or ``rel_threshold`` times the largest exact ``|c|`` found so far, stop once ``patience``
+``score`` (for AtP*, ``max(|AtP*|, GradDrop)``). The stopping rule: stop once ``patience``
 consecutive candidates have ``|c| < theta`` (after at least ``min_verified``), or after
-``budget`` candidates, or when none are left.
+``budget`` candidates, or when none are left, where ``theta`` is
+
+* a given absolute ``threshold`` ("find every node with ``|c| >= theta``"), or
+* with ``top_k``, the ``k``-th largest exact ``|c|`` verified so far ("find the top ``k``":
+  stop when ``patience`` candidates in a row fail to enter the current top ``k``), or else
+* ``rel_threshold`` times the largest exact ``|c|`` verified so far.
 
 **What the loop may have missed** (:func:`missed_effect_bound`), AtP*'s subsampling
 diagnostic. The unverified nodes are split, within each ``(component, layer)``, into random
@@ -133,8 +137,8 @@ def _check_set(group: NodeSet) -> None:
         raise ValueError("a set may not patch a head's output together with its inputs")
 
 
-def _prepare(model: Model, pairs: FactPairs, sites: Iterable[PatchSite], *, direction: str,
-             batch_size: int) -> list[_Prepared]:
+def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSite], *,
+             direction: str, batch_size: int) -> list[_Prepared]:
     check_direction(direction)
     sites = list(sites)
     keys = sorted({(s.component, s.layer) for s in sites if s.component not in ATTENTION_INPUTS})
@@ -231,7 +235,7 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
     return effect, valid
 
 
-def patch_node_sets(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
+def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[NodeSet], *,
                     direction: str = "noise", batch_size: int = 32, chunk: int | None = None,
                     per_prompt: bool = False, progress: bool = False,
                     prepared: list[_Prepared] | None = None) -> RunningStats | Tensor:
@@ -271,7 +275,7 @@ def patch_node_sets(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
 
 def exact_patching(
     model: Model,
-    pairs: FactPairs,
+    pairs: FactPairs | PairBatch,
     *,
     components: Iterable[str | Component] = ("neurons",),
     positions: Iterable[Role | int | str] = DEFAULT_ROLES,
@@ -433,15 +437,16 @@ def _as_frame(estimates: pd.DataFrame | Estimates) -> pd.DataFrame:
 
 def verify(
     model: Model,
-    pairs: FactPairs,
+    pairs: FactPairs | PairBatch,
     estimates: pd.DataFrame | Estimates,
     *,
     threshold: float | None = None,
+    top_k: int | None = None,
     rel_threshold: float = 0.05,
-    patience: int = 64,
+    patience: int = 32,
     min_verified: int = 0,
     budget: int | None = None,
-    chunk: int = 32,
+    chunk: int = 16,
     batch_size: int = 32,
     progress: bool = False,
 ) -> Verification:
@@ -450,8 +455,10 @@ def verify(
     Args:
         estimates: an :class:`~factfind.atp.Estimates` or its frame (``score`` column; else
             ``|effect|``); its ``direction`` column sets the patch direction.
-        threshold: absolute ``theta`` in metric units; default ``rel_threshold`` times the
-            largest exact ``|c|`` verified so far.
+        threshold: absolute ``theta`` in metric units.
+        top_k: ``theta`` is the ``top_k``-th largest exact ``|c|`` verified so far (0 until
+            ``top_k`` are verified).
+        rel_threshold: otherwise ``theta`` is this times the largest exact ``|c|`` so far.
         patience: consecutive candidates below ``theta`` before stopping.
         min_verified: never stop before this many.
         budget: never verify more than this many.
@@ -462,8 +469,8 @@ def verify(
 
     Example::
 
-        ver = verify(model, pairs, atp_star(model, pairs), patience=32)
-        ver.frame.nlargest(20, "effect", keep="all")
+        ver = verify(model, pairs, atp_star(model, pairs), top_k=20, patience=16)
+        ver.frame.assign(size=ver.frame.effect.abs()).nlargest(20, "size")
     """
     df = _as_frame(estimates)
     direction = str(df["direction"].iloc[0]) if "direction" in df.columns else "noise"
@@ -475,7 +482,10 @@ def verify(
     prepared = _prepare(model, pairs, sites[:limit], direction=direction,
                         batch_size=batch_size)
     stats: list[dict[str, Tensor]] = []
-    best, below, theta, stopped = 0.0, 0, threshold or 0.0, "exhausted"
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    seen: list[float] = []
+    below, theta, stopped = 0, threshold or 0.0, "exhausted"
     done = 0
     bar = tqdm(total=limit, desc="verify", disable=not progress)
     while done < limit:
@@ -487,8 +497,13 @@ def verify(
         bar.update(len(group))
         for e in vals["effect"].nan_to_num(0.0).tolist():
             done += 1
-            best = max(best, abs(e))
-            theta = threshold if threshold is not None else rel_threshold * best
+            seen.append(abs(e))
+            if threshold is not None:
+                theta = threshold
+            elif top_k is not None:
+                theta = sorted(seen, reverse=True)[top_k - 1] if len(seen) >= top_k else 0.0
+            else:
+                theta = rel_threshold * max(seen)
             below = below + 1 if abs(e) < theta else 0
             if below >= patience and done >= min_verified:
                 stopped = "patience"
@@ -534,7 +549,7 @@ class Bound:
 
 def missed_effect_bound(
     model: Model,
-    pairs: FactPairs,
+    pairs: FactPairs | PairBatch,
     verification: Verification,
     *,
     subset_size: int = 16,

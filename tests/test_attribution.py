@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import spearmanr
 
 from factfind.atp import RunningStats, atp, atp_star, estimate, node_frame
 from factfind.attribution import (
@@ -285,3 +286,43 @@ def test_bad_input_is_clear(neox, neox_pairs):
     with pytest.raises(ValueError, match="subset_size"):
         missed_effect_bound(neox, neox_pairs, verify(neox, neox_pairs, atp(
             neox, neox_pairs, positions=["final"]), budget=2), subset_size=0)
+
+
+# ----------------------------------------------------------------------------- organism
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from factfind.organism import CHECKPOINT_DIR
+
+    if not (CHECKPOINT_DIR / "model.safetensors").is_file():
+        pytest.skip(f"the organism checkpoint is not built yet ({CHECKPOINT_DIR})")
+    from factfind import load_facts, load_model
+
+    model = load_model("organism")
+    known = load_facts("organism:sport").sample(200, seed=0).known_by(model)
+    return model, known.corrupt(model, seed=0, on_missing="skip")[:8]
+
+
+def test_atp_star_on_organism(organism, record_property, capsys):
+    """AtP ranks the organism's neurons at the last subject token like exact patching does, and
+    AtP*'s verification (top-20 stopping rule) recovers the exact top 20 from a small share."""
+    model, pairs = organism
+    kw = dict(components=["neurons"], positions=["subject_last"])
+    exact = exact_patching(model, pairs, **kw).set_index(KEYS)["effect"]
+    star = atp_star(model, pairs, **kw)
+    est = star.set_index(KEYS)["effect"].loc[exact.index]
+    rho = spearmanr(est.to_numpy(), exact.to_numpy()).statistic
+    ver = verify(model, pairs, star, top_k=20, patience=16)
+    top = set(exact.abs().nlargest(20).index)
+    recall = len(top & set(ver.frame.set_index(KEYS).index)) / len(top)
+    record_property("spearman_atp_exact_subject_last", rho)
+    record_property("atp_star_top20_recall", recall)
+    with capsys.disabled():
+        print(f"\norganism, {len(pairs)} pairs, {len(exact)} neurons at subject_last: "
+              f"Spearman(AtP, exact) = {rho:.3f}; AtP* verified {ver.n_verified} "
+              f"({ver.stopped}), exact top-20 recall {recall:.0%}")
+    assert exact.abs().max() > 1e-2
+    assert rho > 0.8
+    assert recall >= 0.95
+    assert ver.n_verified < len(exact) / 10
