@@ -31,9 +31,12 @@ from pathlib import Path
 import pandas as pd
 
 import factfind as ff
+from factfind import graph as cg
 from factfind import report as rp
 from factfind.ablation import effective_model
 from factfind.cache import RunCache
+from factfind.eap import eap_ig, to_graph
+from factfind.evaluate import faithfulness_curve
 from factfind.probing import linear_probes, mechanistic_probes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +58,9 @@ class Config:
     tracing_samples: int = 3
     tracing_window: int = 3
     knockout_window: int = 1
+    circuit_prompts: int = 24
+    eap_ig_steps: int = 5
+    circuit_edges: int = 60
     version: str = ff.__version__
 
 
@@ -72,18 +78,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--tracing-samples", type=int, default=Config.tracing_samples)
     p.add_argument("--tracing-window", type=int, default=Config.tracing_window)
     p.add_argument("--knockout-window", type=int, default=Config.knockout_window)
+    p.add_argument("--circuit-prompts", type=int, default=Config.circuit_prompts)
+    p.add_argument("--circuit-edges", type=int, default=Config.circuit_edges)
     p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
     p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     a = p.parse_args(argv)
     cfg = Config(model=a.model, facts=a.facts, n_prompts=a.n_prompts, seed=a.seed,
                  device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                 tracing_prompts=a.tracing_prompts, tracing_samples=a.tracing_samples, tracing_window=a.tracing_window,
-                 knockout_window=a.knockout_window)
+                 tracing_prompts=a.tracing_prompts, tracing_samples=a.tracing_samples,
+                 tracing_window=a.tracing_window, knockout_window=a.knockout_window,
+                 circuit_prompts=a.circuit_prompts, circuit_edges=a.circuit_edges)
     return cfg, a
 
 
-def main(argv: list[str] | None = None) -> Path:
+@dataclass(frozen=True)
+class Outcome:
+    """What a run produced: the report's path and the cache (which steps were hits)."""
+
+    report: Path
+    cache: RunCache
+
+
+def main(argv: list[str] | None = None) -> Outcome:
     cfg, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -149,6 +166,19 @@ def main(argv: list[str] | None = None) -> Path:
     mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
     log.info("localization done (%.0fs)", time.time() - t0)
 
+    # 7. edge attribution (EAP-IG), the circuit graph and its faithfulness ---------------------
+    circuit_pairs = pairs[:cfg.circuit_prompts]
+    edges = cache.table("eap_ig", lambda: eap_ig(model, circuit_pairs, steps=cfg.eap_ig_steps,
+                                                  batch_size=cfg.batch_size))
+    full = to_graph(edges, model, circuit_pairs, config=asdict(cfg))
+    circuit = cg.prune(full, top_n=cfg.circuit_edges)
+    n_nodes = full.graph.number_of_nodes()
+    sizes = sorted({s for s in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64) if s < n_nodes})
+    curve = cache.table("faithfulness_curve", lambda: faithfulness_curve(
+        model, circuit_pairs, full, sizes=sizes, how="resample"))
+    log.info("circuit: %d of %d nodes, %d edges (%.0fs)", circuit.graph.number_of_nodes(),
+             n_nodes, circuit.graph.number_of_edges(), time.time() - t0)
+
     # 8. the report ----------------------------------------------------------------------------
     sections = [
         rp.model_section({"name": model.name, "revision": model.revision,
@@ -168,6 +198,10 @@ def main(argv: list[str] | None = None) -> Path:
             ff.aggregate(patching[patching["component"] == "head_out"]),
             dla[dla["component"] == "neurons"]], ignore_index=True)),
         _effective_section(eff, probes, mech),
+        rp.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
+                           f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
+                           "kept and pruned to paths from the embeddings to the logits."),
+        rp.faithfulness_section(curve.assign(method="resample ablation"), x="size"),
         rp.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
@@ -185,10 +219,13 @@ def main(argv: list[str] | None = None) -> Path:
         log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
     else:
         rp.write_report(data, out, overwrite=args.overwrite)
+        for path, write in ((out.with_suffix(".graphml"), cg.to_graphml),
+                            (out.with_suffix(".json"), cg.to_json)):
+            write(circuit, path, overwrite=args.overwrite)
     log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
              len(cache.hits), len(cache.computed))
     print(out)
-    return out
+    return Outcome(out, cache)
 
 
 def _knockout_section(knockout: pd.DataFrame) -> rp.Section:
