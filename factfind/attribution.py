@@ -53,6 +53,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -484,8 +485,8 @@ def verify(
     stats: list[dict[str, Tensor]] = []
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    seen: list[float] = []
-    below, theta, stopped = 0, threshold or 0.0, "exhausted"
+    heap: list[float] = []
+    largest, below, theta, stopped = 0.0, 0, threshold or 0.0, "exhausted"
     done = 0
     bar = tqdm(total=limit, desc="verify", disable=not progress)
     while done < limit:
@@ -497,13 +498,15 @@ def verify(
         bar.update(len(group))
         for e in vals["effect"].nan_to_num(0.0).tolist():
             done += 1
-            seen.append(abs(e))
+            largest = max(largest, abs(e))
+            if top_k is not None:  # a min-heap of the top_k largest |c| seen
+                (heapq.heappush if len(heap) < top_k else heapq.heappushpop)(heap, abs(e))
             if threshold is not None:
                 theta = threshold
             elif top_k is not None:
-                theta = sorted(seen, reverse=True)[top_k - 1] if len(seen) >= top_k else 0.0
+                theta = heap[0] if len(heap) == top_k else 0.0
             else:
-                theta = rel_threshold * max(seen)
+                theta = rel_threshold * largest
             below = below + 1 if abs(e) < theta else 0
             if below >= patience and done >= min_verified:
                 stopped = "patience"

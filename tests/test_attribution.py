@@ -204,6 +204,13 @@ def test_verify_and_bound(neox, neox_pairs):
     assert (np.diff(ver.frame["score"]) <= 0).all()
     assert (ver.frame["effect"].abs().iloc[-5:] < ver.threshold).all()
     assert verify(neox, neox_pairs, est, budget=3).stopped == "budget"
+    # top-k rule: theta is the k-th largest exact |c| verified, the last `patience` fall short
+    top = verify(neox, neox_pairs, est, top_k=3, patience=4, chunk=5)
+    sizes = top.frame["effect"].abs()
+    assert top.threshold == pytest.approx(sizes.nlargest(3).iloc[-1])
+    assert top.stopped == "patience" and (sizes.iloc[-4:] < top.threshold).all()
+    with pytest.raises(ValueError, match="top_k"):
+        verify(neox, neox_pairs, est, top_k=0)
     # singleton subsets make the bound exact: u(n) = |c(n)| for every unverified node
     bound = missed_effect_bound(neox, neox_pairs, ver, subset_size=1, coverage=1)
     nodes = bound.nodes.set_index(KEYS)
