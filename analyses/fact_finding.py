@@ -37,7 +37,9 @@ from factfind.ablation import effective_model
 from factfind.cache import RunCache
 from factfind.eap import eap_ig, to_graph
 from factfind.evaluate import faithfulness_curve
+from factfind.pathpatch import path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
+from factfind.types import Site
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")
@@ -166,8 +168,22 @@ def main(argv: list[str] | None = None) -> Outcome:
     mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
     log.info("localization done (%.0fs)", time.time() - t0)
 
-    # 7. edge attribution (EAP-IG), the circuit graph and its faithfulness ---------------------
+    # 7. path patching: heads' direct effects, and MLPs at the subject -> heads at the final token
     circuit_pairs = pairs[:cfg.circuit_prompts]
+    L, H = model.n_layers, model.n_heads
+    final_heads = [Site("z", layer, head=h, position="final") for layer in range(L)
+                   for h in range(H)]
+    subject_mlps = [Site("mlp_out", layer, position=role) for layer in range(L)
+                    for role in ("subject_first", "subject_last")]
+    paths = cache.table("path_patching", lambda: pd.concat([
+        path_patching_sweep(model, circuit_pairs, final_heads, batch_size=cfg.batch_size
+                            ).assign(path="head -> logits (direct)"),
+        path_patching_sweep(model, circuit_pairs, subject_mlps, final_heads,
+                            batch_size=cfg.batch_size).assign(path="subject MLP -> final heads"),
+    ], ignore_index=True))
+    log.info("path patching done (%.0fs)", time.time() - t0)
+
+    # 8. edge attribution (EAP-IG), the circuit graph and its faithfulness ---------------------
     edges = cache.table("eap_ig", lambda: eap_ig(model, circuit_pairs, steps=cfg.eap_ig_steps,
                                                   batch_size=cfg.batch_size))
     full = to_graph(edges, model, circuit_pairs, config=asdict(cfg))
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     log.info("circuit: %d of %d nodes, %d edges (%.0fs)", circuit.graph.number_of_nodes(),
              n_nodes, circuit.graph.number_of_edges(), time.time() - t0)
 
-    # 8. the report ----------------------------------------------------------------------------
+    # 9. the report ----------------------------------------------------------------------------
     sections = [
         rp.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
@@ -198,6 +214,7 @@ def main(argv: list[str] | None = None) -> Outcome:
             ff.aggregate(patching[patching["component"] == "head_out"]),
             dla[dla["component"] == "neurons"]], ignore_index=True)),
         _effective_section(eff, probes, mech),
+        _paths_section(paths),
         rp.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
                            f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
                            "kept and pruned to paths from the embeddings to the logits."),
@@ -242,6 +259,25 @@ def _knockout_section(knockout: pd.DataFrame) -> rp.Section:
                             alt="knockout heatmap")],
         tables=[rp.Table(agg[["role", "layer", "effect", "ci_low", "ci_high", "n"]],
                          caption="Mean relative change with 95% CI")])
+
+
+def _paths_section(paths: pd.DataFrame) -> rp.Section:
+    agg = ff.aggregate(paths, by=("path", "component", "layer", "head", "role"))
+    return rp.Section(
+        id="path-patching", title="Path patching",
+        explanation=("Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the sender's "
+                     "corrupt activation reaches the answer only along the named paths, "
+                     "everything else frozen at its clean value. 'head -> logits' is each "
+                     "final-position head's direct effect; 'subject MLP -> final heads' is the "
+                     "effect an MLP at a subject token has through the heads at the final "
+                     "token. Effect = (clean - patched) / (clean - corrupt)."),
+        figures=[rp.heatmap(agg[agg["path"] == p], x="layer", y=y, title=p,
+                            caption=f"Path patching: {p}", alt=p)
+                 for p, y in (("head -> logits (direct)", "head"),
+                              ("subject MLP -> final heads", "role"))],
+        tables=[rp.Table(agg.sort_values("effect", key=abs, ascending=False).head(15)[
+            ["path", "component", "layer", "head", "role", "effect", "ci_low", "ci_high"]],
+            caption="Strongest paths (mean over prompts, 95% CI)")])
 
 
 def _effective_section(eff: pd.DataFrame, probes: pd.DataFrame, mech: pd.DataFrame
