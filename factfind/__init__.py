@@ -9,6 +9,7 @@ The public API in one place; each name lives in a module that teaches its method
     ff.aggregate(ff.activation_patching(model, pairs))
 """
 
+from factfind import eap, graph
 from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt
 from factfind.dla import direct_logit_attribution
 from factfind.knockout import attention_knockout
@@ -24,5 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchSpec", "Component", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "Model",
     "Role", "Site", "activation_patching", "aggregate", "attention_knockout", "causal_tracing",
-    "direct_logit_attribution", "from_records", "load_facts", "load_model", "register_spec",
+    "direct_logit_attribution", "eap", "from_records", "graph", "load_facts", "load_model",
+    "register_spec",
 ]
