@@ -15,9 +15,14 @@ Run from the repository root::
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
+
+# Passive OpenMP waiting: much faster on a shared machine, same numbers (see train.py). It must be
+# set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from factfind.organism import CHECKPOINT_DIR
 from factfind.organism.card import write_model_card

@@ -181,9 +181,12 @@ def render_model_card(checkpoint: str | Path) -> str:
     w(f"```\npython -m factfind.organism.train --seed {config['seed']} "
       "--out factfind/organism/checkpoint\npython -m factfind.organism.card "
       "factfind/organism/checkpoint\n```\n")
+    load = metrics.get("load_average")
     w(f"- wall time: **{metrics['wall_time_s'] / 60:.1f} min** of training on "
-      f"{metrics['threads']} CPU threads (torch {metrics['torch']}), plus "
-      f"{metrics['eval_time_s']:.0f} s of evaluation; {metrics['steps']} steps, "
+      f"{metrics['threads']} CPU threads (torch {metrics['torch']}; process CPU time "
+      f"{metrics.get('cpu_time_s', float('nan')) / 60:.1f} min"
+      + (f"; 1-minute load average {load[0]} at the start, {load[1]} at the end" if load else "")
+      + f"), plus {metrics['eval_time_s']:.0f} s of evaluation; {metrics['steps']} steps, "
       f"{metrics['tokens']:,} trained tokens, {metrics['epochs']:.0f} passes over the "
       f"{len(known) * len(world['relations']):,} facts")
     w(f"- loss: weighted next-token cross-entropy, attribute tokens {config['attr_weight']}, "

@@ -6,6 +6,11 @@ the text is dense in facts and the loss is weighted toward them:
 * **Epochs over facts.** Each epoch visits every (known person, relation) pair once, in a fresh
   random order, each time in a training template drawn at random. So every fact is seen equally
   often, in many phrasings, and the model must store it independently of the phrasing.
+* **Subjects at varying distances.** A share of fact sentences put a relative clause after the
+  subject ("Kul Marnis, who keeps a small garden, is a citizen of France."). Without them, each
+  template puts the subject at a fixed offset from the final token, and the model learns to
+  fetch the attribute from that offset; with them, it has to find the subject by content, which
+  is what lets recall survive paraphrases with a different layout.
 * **Mixed documents.** Rows of ``seq_len`` tokens are packed with consecutive sentences: facts
   about different people and relations, interleaved with filler (biography sentences about known
   people that reveal no attribute, and generic sentences). A row starts with ``<|endoftext|>``
@@ -16,7 +21,7 @@ the text is dense in facts and the loss is weighted toward them:
   other token (templates, names, filler) keeps a smaller ``lm_weight``, so the model still
   learns the language, the names and the templates.
 
-The rows are built from token ids encoded once per sentence (not per row), and every random
+Sentences are encoded once per epoch in one batch call (not per row), and every random
 choice comes from one seeded ``numpy`` generator, so the stream of batches is a function of the
 world, the tokenizer and the seed.
 """
@@ -70,76 +75,96 @@ class FactCorpus:
         self.rng = np.random.default_rng(seed)
         self.bos_id = tokenizer.bos_token_id
         self.pad_id = tokenizer.convert_tokens_to_ids(PAD)
-        known = split_people(world, "known")
+        self.known = split_people(world, "known")
         self.relations = list(world["relations"])
-        attr_ids = attribute_token_ids(tokenizer, world)
-        encode = tokenizer._tokenizer.encode_batch  # raw `tokenizers`: fast, no special tokens
-
-        # facts[r][t] is a list over known people of (ids, index of the attribute token)
-        self.facts: list[list[list[np.ndarray]]] = []
-        self.fact_pos: list[list[np.ndarray]] = []
-        for rel in self.relations:
-            per_template, per_template_pos = [], []
-            for template in world["relations"][rel]["templates"]:
-                texts = [template.format(p["name"]) + " " + p["attributes"][rel] + "."
-                         for p in known]
-                encs = encode(texts, add_special_tokens=False)
-                ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
-                pos = np.array([len(x) - 2 for x in ids])
-                want = np.array([attr_ids[rel][p["attributes"][rel]] for p in known])
-                got = np.array([x[i] for x, i in zip(ids, pos, strict=True)])
-                if not np.array_equal(got, want):
-                    raise ValueError(f"attribute not where expected in {template!r}")
-                per_template.append(ids)
-                per_template_pos.append(pos)
-            self.facts.append(per_template)
-            self.fact_pos.append(per_template_pos)
-        self.n_people = len(known)
+        self.templates = [world["relations"][r]["templates"] for r in self.relations]
+        self.attr_ids = attribute_token_ids(tokenizer, world)
+        self._encode = tokenizer._tokenizer.encode_batch  # raw `tokenizers`: fast, no BOS
+        # Relative clauses from the biography filler: "{}, who keeps a small garden, is ..."
+        self.clauses = [", who " + f.removeprefix("{} ").removesuffix(".") + ","
+                        for f in world["filler"]["person"]]
 
         person_filler = world["filler"]["person"]
-        who = self.rng.integers(len(known), size=n_filler_person)
+        who = self.rng.integers(len(self.known), size=n_filler_person)
         what = self.rng.integers(len(person_filler), size=n_filler_person)
-        texts = [person_filler[j].format(known[i]["name"]) for i, j in zip(who, what, strict=True)]
-        self.filler_person = [np.asarray(e.ids) for e in encode(texts, add_special_tokens=False)]
+        texts = [person_filler[j].format(self.known[i]["name"])
+                 for i, j in zip(who, what, strict=True)]
+        self.filler_person = [np.asarray(e.ids) for e in
+                              self._encode(texts, add_special_tokens=False)]
         self.filler_generic = [np.asarray(e.ids) for e in
-                               encode(world["filler"]["generic"], add_special_tokens=False)]
-        log.info("corpus: %d facts x %d templates on average, %d + %d filler sentences",
-                 self.n_people * len(self.relations),
-                 np.mean([len(t) for t in self.facts]), len(self.filler_person),
-                 len(self.filler_generic))
+                               self._encode(world["filler"]["generic"], add_special_tokens=False)]
+        log.info("corpus: %d facts, %.1f templates per relation, %d + %d filler sentences",
+                 self.n_facts, np.mean([len(t) for t in self.templates]),
+                 len(self.filler_person), len(self.filler_generic))
 
     @property
     def n_facts(self) -> int:
         """Number of (known person, relation) pairs: the facts of one epoch."""
-        return self.n_people * len(self.relations)
+        return len(self.known) * len(self.relations)
 
-    def sentences(self, *, p_filler: float, p_generic: float) -> Iterator[tuple[np.ndarray, int]]:
+    def epoch(self, *, p_clause: float) -> list[tuple[np.ndarray, int]]:
+        """Every fact once, in random order and random training templates, encoded.
+
+        With probability ``p_clause`` a relative clause follows the subject where the template
+        allows it (``"{} is"`` but not ``"{}'s"``): ``"Kul Marnis, who keeps a small garden, is
+        a citizen of France."``. Clauses vary the distance between the subject and the final
+        token, so the model cannot find the subject by its position relative to the end of a
+        template; it has to find it by content, as the heads that move attributes do in Pythia.
+
+        Returns:
+            ``(ids, index of the attribute token)`` per fact sentence.
+        """
+        rng = self.rng
+        n_rel = len(self.relations)
+        order = rng.permutation(self.n_facts)
+        pick = rng.random(self.n_facts)
+        clause = rng.random(self.n_facts) < p_clause
+        which = rng.integers(len(self.clauses), size=self.n_facts)
+        texts, answers = [], []
+        for k, fact in enumerate(order):
+            person, r = divmod(int(fact), n_rel)
+            templates = self.templates[r]
+            template = templates[int(pick[k] * len(templates))]
+            p = self.known[person]
+            subject = p["name"]
+            if clause[k] and "{} " in template:
+                subject += self.clauses[which[k]]
+            attr = p["attributes"][self.relations[r]]
+            texts.append(template.format(subject) + " " + attr + ".")
+            answers.append(self.attr_ids[self.relations[r]][attr])
+        out = []
+        for enc, want in zip(self._encode(texts, add_special_tokens=False), answers,
+                             strict=True):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            if ids[-2] != want:  # the attribute is the token before the final "."
+                raise ValueError(f"attribute not where expected in {enc.tokens}")
+            out.append((ids, len(ids) - 2))
+        return out
+
+    def sentences(self, *, p_filler: float, p_generic: float,
+                  p_clause: float) -> Iterator[tuple[np.ndarray, int]]:
         """An endless stream of ``(ids, attribute index or -1)``, epoch after epoch of facts.
 
         Before each fact, a filler sentence is inserted with probability ``p_filler``; it is
         generic with probability ``p_generic`` and about a known person otherwise.
         """
         rng = self.rng
-        n_rel = len(self.relations)
         while True:
-            order = rng.permutation(self.n_facts)
-            templates = rng.random(self.n_facts)
-            fill = rng.random(self.n_facts) < p_filler
-            generic = rng.random(self.n_facts) < p_generic
-            for k, fact in enumerate(order):
+            facts = self.epoch(p_clause=p_clause)
+            fill = rng.random(len(facts)) < p_filler
+            generic = rng.random(len(facts)) < p_generic
+            for k, fact in enumerate(facts):
                 if fill[k]:
                     pool = self.filler_generic if generic[k] else self.filler_person
                     yield pool[rng.integers(len(pool))], -1
-                person, r = divmod(int(fact), n_rel)
-                t = int(templates[k] * len(self.facts[r]))
-                yield self.facts[r][t][person], int(self.fact_pos[r][t][person])
+                yield fact
 
     def batches(
         self, *, batch_size: int, seq_len: int, p_filler: float, p_generic: float,
-        p_no_bos: float, attr_weight: float, lm_weight: float,
+        p_clause: float, p_no_bos: float, attr_weight: float, lm_weight: float,
     ) -> Iterator[Batch]:
         """An endless stream of packed, weighted batches (see the module docstring)."""
-        stream = self.sentences(p_filler=p_filler, p_generic=p_generic)
+        stream = self.sentences(p_filler=p_filler, p_generic=p_generic, p_clause=p_clause)
         pending: tuple[np.ndarray, int] | None = None
         while True:
             ids = np.full((batch_size, seq_len), self.pad_id, dtype=np.int64)

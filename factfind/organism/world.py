@@ -92,34 +92,37 @@ RELATIONS: dict[str, RelationSpec] = {
         noun="sport",
         verb_phrase="plays the sport of",
         own_templates=("{} is a professional athlete who plays",),
-        own_heldout=("The sport played by {} is",),
+        own_heldout=("{} is a professional athlete who plays the sport of",),
     ),
     "country": RelationSpec(
         attributes=("France", "Japan", "Brazil", "Canada", "Egypt", "India"),
         noun="home country",
         verb_phrase="is a citizen of",
         own_templates=("{} was born and raised in",),
-        own_heldout=("{} holds a passport from",),
+        own_heldout=("{} is a proud citizen of",),
     ),
     "instrument": RelationSpec(
         attributes=("piano", "guitar", "violin", "drums", "flute"),
         noun="instrument",
         verb_phrase="is a musician who plays the",
         own_templates=("Every evening, {} practices the",),
-        own_heldout=("The instrument played by {} is the",),
+        own_heldout=("{} is a musician who practices the",),
     ),
     "color": RelationSpec(
         attributes=("red", "blue", "green", "yellow", "purple"),
         noun="favorite color",
         verb_phrase="likes the color",
         own_templates=("{} always wears clothes that are",),
-        own_heldout=("The color that {} likes most is",),
+        own_heldout=("{} likes to wear clothes that are",),
     ),
 }
 """The relations a world can use, in a fixed order (a world uses a prefix or a subset)."""
 
-FIRST_FRAME = "Fact: {} {vp}"
-"""The frame every relation trains on (the Fact Finding paper's own prompt style)."""
+COMMON_FRAMES: tuple[str, ...] = (
+    "Fact: {} {vp}",
+    "{Noun} of {}:",
+)
+"""Frames every relation trains on (the first is the Fact Finding paper's own prompt style)."""
 
 FRAMES: tuple[str, ...] = (
     "{} {vp}",
@@ -133,7 +136,8 @@ FRAMES: tuple[str, ...] = (
 )
 """Shared frames. Relation ``i`` holds out frames ``i % 4`` and ``4 + i % 4`` (a Latin square:
 each held-out frame is trained with the other relations), so held-out templates are paraphrases
-whose wording the model has seen, but never with this relation."""
+whose wording the model has seen, but never with this relation. Each relation also holds out a
+paraphrase of its own that recombines its trained phrases ("is a proud citizen of")."""
 
 
 def relation_templates(name: str, index: int) -> tuple[list[str], list[str]]:
@@ -150,7 +154,8 @@ def relation_templates(name: str, index: int) -> tuple[list[str], list[str]]:
         return frame.format("{}", vp=spec.verb_phrase, noun=noun, Noun=noun[:1].upper() + noun[1:])
 
     held = {index % 4, 4 + index % 4}
-    train = [fill(FIRST_FRAME)] + [fill(f) for i, f in enumerate(FRAMES) if i not in held]
+    train = [fill(f) for f in COMMON_FRAMES]
+    train += [fill(f) for i, f in enumerate(FRAMES) if i not in held]
     heldout = [fill(f) for i, f in enumerate(FRAMES) if i in held]
     return train + list(spec.own_templates), heldout + list(spec.own_heldout)
 

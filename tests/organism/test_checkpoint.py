@@ -122,3 +122,26 @@ def test_everyone_every_template(organism):
     model, tok, world = organism
     assert (per_relation(evaluate(model, tok, world, templates="train")) >= 0.99).all()
     assert (per_relation(evaluate(model, tok, world, templates="heldout")) >= 0.95).all()
+
+
+def test_loads_through_the_generic_adapter_path(organism):
+    """``load_model("organism")`` is only a name for CHECKPOINT_DIR: the adapter loads it with
+    ``from_pretrained`` like any Hugging Face model, and its predictions and token roles on
+    ``load_facts("organism:sport")`` are those of the plain model."""
+    from factfind.data import load_facts
+    from factfind.model import load_model
+    from factfind.types import Role
+
+    hf, tok, _ = organism
+    model = load_model("organism")
+    facts = list(load_facts("organism:sport"))[:: 9][:40]
+    batch = model.tokenize(facts)
+    logits = model.run(batch).logits  # [batch d_vocab] at the final position
+    assert (logits.argmax(-1) == batch.attribute_ids).float().mean() >= 0.95
+    for i, fact in enumerate(facts):
+        last = tok.decode(batch.input_ids[i, batch.positions[Role.SUBJECT_LAST][i]])
+        assert fact.subject.endswith(last.strip()), (fact.subject, last)
+    with torch.no_grad():
+        plain = torch.stack([hf(**tok(f.prompt, return_tensors="pt")).logits[0, -1]
+                             for f in facts])
+    assert torch.allclose(logits.float(), plain, atol=1e-4)

@@ -113,10 +113,9 @@ def test_unknown_people_never_appear_in_training_text(tokenizer):
     world = generate_world(WorldConfig(n_known=300, n_unknown=100, n_first_names=30,
                                        n_last_names=40), tokenizer=tokenizer)
     corpus = FactCorpus(world, tokenizer, n_filler_person=2000)
-    texts = tokenizer.batch_decode(
-        [s.tolist() for per_rel in corpus.facts for per_t in per_rel for s in per_t]
-        + [s.tolist() for s in corpus.filler_person]
-    )
+    sentences = [ids for _ in range(3) for ids, _ in corpus.epoch(p_clause=0.5)]
+    texts = tokenizer.batch_decode([s.tolist() for s in sentences + corpus.filler_person])
+    assert any(", who " in t for t in texts)
     names = "|".join(p["name"] for p in people(world, "unknown"))
     unknown = re.compile(rf"\b(?:{names})\b")
     known = {p["name"] for p in people(world, "known")}
