@@ -42,7 +42,12 @@ localizing LLM behaviour to components") fixes AtP's two failure modes:
   implements:* the fix applies to the **q and k nodes themselves** (a head's query or key at
   a position, rotary applied); a node *upstream* of a head (an earlier neuron) still reaches
   that head's pattern through the gradient, i.e. linearised, as in the paper. Values, head
-  outputs, MLP layers and neurons are estimated as by AtP.
+  outputs, MLP layers and neurons are estimated as by AtP. Query rows are independent, so all
+  rows are patched in one softmax; a key spec naming several tokens patches all of its keys
+  in one softmax per spec (``O(specs * batch * heads * pos^2)``). Plain AtP's q/k estimates use
+  the same pattern gradient through the softmax Jacobian, ``dM/dS = A * (g - sum_s A g)``
+  with ``dS = scale * dq . k`` (or ``q . dk``), so the two differ exactly by the softmax's
+  curvature.
 
 * **GradDrop** (their §3.1.2). A node can act through several paths whose effects cancel in
   the total gradient but not under patching. For each layer ``l`` the backward pass is rerun
@@ -54,8 +59,10 @@ localizing LLM behaviour to components") fixes AtP's two failure modes:
 
   is large when any path-restricted estimate is, even if the total cancels. Layers ``l`` below
   the node leave its gradient unchanged (``c_l = c_AtP*``); the node's own layer is left out
-  (it would block the node itself). Nodes are ranked for verification by ``score =
-  max(|c_AtP*(n)|, GD(n))``: GradDrop *flags* nodes, exact patching then measures them.
+  (it would block the node itself); ``c_l`` is averaged over prompts before the ``|.|``, as
+  ``c`` is. That is ``L - 1`` extra forward+backward passes. Nodes are ranked for
+  verification by ``score = max(|c_AtP*(n)|, GD(n))``: GradDrop *flags* nodes, exact patching
+  then measures them.
 
 Estimates are not effects: :mod:`factfind.attribution` patches candidates exactly in order of
 ``score`` until a stopping rule, and bounds what it may have missed (the AtP* recipe).

@@ -198,6 +198,8 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
     S = len(sets)
     B, T = p.base.input_ids.shape
     dev = p.allow.device
+    units = {Component.NEURONS: (model.d_mlp,), Component.MLP_OUT: (),
+             Component.Z: (model.n_heads,)}
     masks: dict[SiteKey, Tensor] = {}
     heads: dict[int, Tensor] = {}
     valid = torch.zeros(S, B, dtype=torch.bool, device=dev)
@@ -206,19 +208,20 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
         for s in group:
             pm = p.mask(s.position)  # [B T]
             valid[i] |= pm.any(-1)
-            if s.component is Component.NEURONS:
-                masks.setdefault(s.key, torch.zeros(S, B, T, model.d_mlp, dtype=torch.bool,
-                                                    device=dev))[i, :, :, s.neuron] |= pm
-            elif s.component is Component.MLP_OUT:
-                masks.setdefault(s.key, torch.zeros(S, B, T, dtype=torch.bool, device=dev))[i] |= pm
-            elif s.component is Component.Z:
-                masks.setdefault(s.key, torch.zeros(S, B, T, model.n_heads, dtype=torch.bool,
-                                                    device=dev))[i, :, :, s.head] |= pm
+            if s.component in ATTENTION_INPUTS:
+                if s.layer not in heads:
+                    heads[s.layer] = torch.zeros(3, S, B, T, model.n_heads, dtype=torch.bool,
+                                                 device=dev)
+                heads[s.layer][ATTENTION_INPUTS.index(s.component), i, :, :, s.head] |= pm
+                continue
+            if s.key not in masks:  # [S B T (unit)]
+                masks[s.key] = torch.zeros(S, B, T, *units[s.component], dtype=torch.bool,
+                                           device=dev)
+            unit = s.neuron if s.component is Component.NEURONS else s.head
+            if unit is None:
+                masks[s.key][i] |= pm
             else:
-                which = ATTENTION_INPUTS.index(s.component)
-                heads.setdefault(s.layer, torch.zeros(3, S, B, T, model.n_heads,
-                                                      dtype=torch.bool, device=dev))[
-                    which, i, :, :, s.head] |= pm
+                masks[s.key][i, :, :, unit] |= pm
     edits = {}
     for key, m in masks.items():
         edits[key] = _where_edit(m, p.src[key], None)
@@ -234,6 +237,15 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
     run = model.run(repeat(p.base, S), edits=edits)
     effect = metric_of(run.logits, p.pb, S).reshape(S, B) - p.m_base[None]
     return effect, valid
+
+
+def _chunk(model: Model, p: _Prepared) -> int:
+    """Stacked copies per forward: what fits in memory, and on CPU at most ~4096 rows (larger
+    forwards run slower per row there: measured 0.67 ms/row at 4096 vs 1.0 at 8192 rows on
+    the organism)."""
+    rows = len(p.m_base)
+    size = auto_chunk(model, rows, p.base.input_ids.shape[1])
+    return size if model.device.type != "cpu" else max(1, min(size, 4096 // rows))
 
 
 def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[NodeSet], *,
@@ -259,7 +271,7 @@ def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[N
     rows = []
     bar = tqdm(total=len(sets) * len(prepared), desc="exact patching", disable=not progress)
     for p in prepared:
-        size = chunk or auto_chunk(model, len(p.m_base), p.base.input_ids.shape[1])
+        size = chunk or _chunk(model, p)
         effects, valids = [], []
         for c0 in range(0, len(sets), size):
             e, v = _patch_chunk(model, p, sets[c0:c0 + size])
