@@ -33,7 +33,8 @@ def _run_analysis(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="factfind", description=(__doc__ or "factfind").splitlines()[0])
+    summary = (__doc__ or "factfind").splitlines()[0]
+    parser = argparse.ArgumentParser(prog="factfind", description=summary)
     sub = parser.add_subparsers(dest="command", required=True)
     analyses = sorted(p.stem.replace("_", "-") for p in ANALYSES.glob("*.py")
                       if not p.stem.startswith("_")) if ANALYSES.exists() else ["fact-finding"]

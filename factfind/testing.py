@@ -71,7 +71,8 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int
                              "rope_type": "default"},
             use_parallel_residual=family == "gpt_neox", bos_token_id=0, eos_token_id=0, **common,
         )
-    llama_like: dict[str, Any] = dict(num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
+    llama_like: dict[str, Any] = dict(
+                      num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
                       num_key_value_heads=max(1, n_heads // 2), intermediate_size=3 * d_model,
                       max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
                       pad_token_id=0, **common)
