@@ -32,9 +32,12 @@ consecutive candidates have ``|c| < theta`` (after at least ``min_verified``), o
 * ``rel_threshold`` times the largest exact ``|c|`` verified so far.
 
 **What the loop may have missed** (:func:`missed_effect_bound`), AtP*'s subsampling
-diagnostic. The unverified nodes are split, within each ``(component, layer)``, into random
-subsets of ``subset_size`` nodes, ``coverage`` times over (each node lands in exactly
-``coverage`` subsets), and every subset is patched *as a whole*. Under the assumption of **no
+diagnostic. The unverified nodes are grouped by rank bucket (``[V, 2V), [2V, 4V), ...`` in
+score order, ``V`` verified), component and layer - so that nodes with similar estimates share
+subsets and one large effect does not inflate the bound of many small ones - and each group is
+split into random subsets of ``subset_size`` nodes, ``coverage`` times over (each node lands
+in exactly ``coverage`` subsets), and every subset is patched *as a whole*. Under the
+assumption of **no
 cancellation** - patching a set moves the metric at least as much as its largest member,
 ``|c(S)| >= max_{n in S} |c(n)|`` - each node's effect is bounded by the smallest ``|c(S)|``
 among the subsets that contain it, ``u(n) = min_{S ∋ n} |c(S)|``, and a rank bucket's bound is
@@ -475,7 +478,8 @@ def verify(
         patience: consecutive candidates below ``theta`` before stopping.
         min_verified: never stop before this many.
         budget: never verify more than this many.
-        chunk: candidates patched per stacked forward.
+        chunk: candidates patched per stacked forward (fewer once the stopping rule is
+            within reach, so no candidate is patched after the stop).
 
     Returns:
         A :class:`Verification`.
@@ -502,7 +506,10 @@ def verify(
     done = 0
     bar = tqdm(total=limit, desc="verify", disable=not progress)
     while done < limit:
-        group = [[s] for s in sites[done:min(limit, done + chunk)]]
+        # never patch past a possible stop: with `below` misses in a row, `patience - below`
+        # more could end the search
+        size = chunk if below == 0 or done < min_verified else min(chunk, patience - below)
+        group = [[s] for s in sites[done:min(limit, done + max(1, size))]]
         st = patch_node_sets(model, pairs, group, chunk=chunk, prepared=prepared)
         assert isinstance(st, RunningStats)
         vals = st.values()
@@ -595,12 +602,17 @@ def missed_effect_bound(
         todo = cast(pd.DataFrame, todo.iloc[:max_nodes])
     sites = sites_from_frame(todo)
     ranks = todo["rank"].to_numpy()
-    strata: dict[tuple[Component, int], list[int]] = {}
+    n_ver = verification.n_verified
+    edges = [n_ver]  # rank buckets [V, 2V), [2V, 4V), ... over the candidates
+    while edges[-1] < len(cand):
+        edges.append(min(len(cand), max(edges[-1] + 1, 2 * edges[-1])))
+    bucket = np.searchsorted(edges, ranks, side="right")
+    strata: dict[tuple[int, str, int], list[int]] = {}
     for j, s in enumerate(sites):
-        strata.setdefault((s.component, s.layer), []).append(j)
+        strata.setdefault((int(bucket[j]), str(s.component), s.layer), []).append(j)
     rng = np.random.default_rng(seed)
     members: list[np.ndarray] = []
-    for _, idx in sorted(strata.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+    for _, idx in sorted(strata.items()):
         for _ in range(coverage):
             perm = rng.permutation(idx)
             members += [perm[i:i + subset_size] for i in range(0, len(perm), subset_size)]
@@ -616,10 +628,6 @@ def missed_effect_bound(
     nodes = cast(pd.DataFrame, todo[["component", "layer", "head", "neuron", "position", "role",
                                      "rank", "score"]]).copy()
     nodes["bound"] = bound
-    n_ver = verification.n_verified
-    edges = [n_ver]
-    while edges[-1] < len(cand):
-        edges.append(min(len(cand), max(edges[-1] + 1, 2 * edges[-1])))
     rows = []
     for lo, hi in itertools.pairwise(edges):
         sel = (ranks >= lo) & (ranks < hi)
