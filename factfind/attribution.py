@@ -36,15 +36,15 @@ diagnostic. The unverified nodes are grouped by rank bucket (``[V, 2V), [2V, 4V)
 score order, ``V`` verified), component and layer - so that nodes with similar estimates share
 subsets and one large effect does not inflate the bound of many small ones - and each group is
 split into random subsets of ``subset_size`` nodes, ``coverage`` times over (each node lands
-in exactly ``coverage`` subsets), and every subset is patched *as a whole*. Under the
-assumption of **no
-cancellation** - patching a set moves the metric at least as much as its largest member,
-``|c(S)| >= max_{n in S} |c(n)|`` - each node's effect is bounded by the smallest ``|c(S)|``
-among the subsets that contain it, ``u(n) = min_{S ∋ n} |c(S)|``, and a rank bucket's bound is
-``max u(n)`` over its nodes. The bound is exactly as good as the assumption: effects of
-opposite sign within a subset (or across prompts, since ``c`` is a mean) can hide a node, which
-smaller subsets and more coverage make less likely. It costs ``coverage * N / subset_size``
-stacked copies for ``N`` unverified nodes, versus ``N`` for brute force.
+in exactly ``coverage`` subsets). Every subset is patched *as a whole*. Under the assumption
+of **no cancellation** - patching a set moves the metric at least as much as its largest
+member, ``|c(S)| >= max_{n in S} |c(n)|`` - each node's effect is bounded by the smallest
+``|c(S)|`` among the subsets that contain it, ``u(n) = min_{S ∋ n} |c(S)|``, and a rank
+bucket's bound is ``max u(n)`` over its nodes. The bound is only as good as the assumption:
+effects of opposite sign within a subset (or across prompts, since ``c`` is a mean) can hide
+a node, which smaller subsets and more coverage make less likely; and same-sign effects add
+up, which makes the bound loose where many nodes matter a little. It costs ``coverage * N /
+subset_size`` stacked copies for ``N`` unverified nodes, versus ``N`` for brute force.
 
 Example::
 
