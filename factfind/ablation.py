@@ -26,7 +26,7 @@ attributes, and "correct" means the attribute is the top-1 among the relation's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -42,7 +42,7 @@ from factfind.types import Component, Role, Site, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, TokenBatch
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 TOKEN_ROLES = ("prefix", "subject_first", "subject", "subject_last", "relation", "final")
 ABLATABLE = (Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT, Component.MLP_OUT,
@@ -56,15 +56,30 @@ def _role_index(batch: TokenBatch) -> Tensor:
 
 
 def mean_activations(model: Model, facts: FactDataset, keys: Iterable[SiteKey], *,
-                     batch_size: int = 64) -> dict[SiteKey, Tensor]:
+                     batch_size: int = 64, remote: Remote = None) -> dict[SiteKey, Tensor]:
     """Per-role mean activation ``[n_roles ...]`` (roles in :data:`TOKEN_ROLES` order) for each
     ``(component, layer)``, streamed over the dataset (memory independent of its size)."""
     keys = sorted({(Component(c), layer) for c, layer in keys})
-    sums: dict[SiteKey, Tensor] = {}
-    counts = torch.zeros(len(TOKEN_ROLES))
+    return model.session(_mean_sweep, model, _role_batches(model, facts, batch_size), keys,
+                         remote=remote)
+
+
+def _role_batches(model: Model, facts: FactDataset, batch_size: int
+                  ) -> list[tuple[TokenBatch, Tensor]]:
+    """Token batches with each token's role index (tokenized here, before any session)."""
+    out = []
     for start in range(0, len(facts), batch_size):
         batch = model.tokenize(list(facts[start:start + batch_size]))
-        roles = _role_index(batch)
+        out.append((batch, _role_index(batch)))
+    return out
+
+
+def _mean_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor]], keys: list[SiteKey]
+                ) -> dict[SiteKey, Tensor]:
+    """The model-side half of :func:`mean_activations` (torch only, one session)."""
+    sums: dict[SiteKey, Tensor] = {}
+    counts = torch.zeros(len(TOKEN_ROLES))
+    for batch, roles in batches:
         run = model.run(batch, save=keys)
         onehot = torch.nn.functional.one_hot(roles.clamp(min=0), len(TOKEN_ROLES)).float()
         onehot = onehot * (roles >= 0)[..., None]  # [batch pos role]
@@ -130,6 +145,7 @@ def ablate_sets(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = False,
+    remote: Remote = None,
 ) -> pd.DataFrame:
     """Ablate each *set* of sites together; one row per (set, prompt).
 
@@ -141,6 +157,8 @@ def ablate_sets(
         means: precomputed :func:`mean_activations` (default: over ``reference``/``facts``).
         reference: dataset for the means (default ``facts``).
         resamples: K partners per prompt for ``"resample"``.
+        remote: run the forwards (means included) as one nnsight session, ``"local"`` or on
+            NDIF (``True``); see :meth:`~factfind.model.Model.session`.
 
     Returns:
         Rows with ``set`` (index into ``sets``), ``prompt``, ``effect`` (ablated minus clean
@@ -154,26 +172,43 @@ def ablate_sets(
         for site in group:
             _check(model, site)
     keys = sorted({(s.component, s.layer) for g in sets for s in g})
-    if how == "mean" and means is None:
-        means = mean_activations(model, reference or facts, keys)
+    mean_batches = (_role_batches(model, reference or facts, 64)
+                    if how == "mean" and means is None else None)
     candidates = {r: model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
                   for r in facts.relations}
     partners = _partners(model, facts, reference, resamples, seed) if how == "resample" else []
-    rows: list[dict[str, Any]] = []
-    reps = max(1, len(partners))
-    for start in tqdm(range(0, len(facts), batch_size), disable=not progress, desc="ablation"):
+    batches = []
+    for start in range(0, len(facts), batch_size):
         batch = model.tokenize(list(facts[start:start + batch_size]))
-        nb = len(batch)
         cand = [candidates[f.relation] for f in batch.prompts]
+        srcs = [model.tokenize(list(pairs.corrupt[start:start + batch_size]))
+                for pairs in partners]
+        batches.append((batch, cand, _role_index(batch), srcs))
+    bar = tqdm(total=len(facts), disable=not progress, desc="ablation")
+    rows = model.session(_ablation_sweep, model, batches, sets, keys, how=how, means=means,
+                         mean_batches=mean_batches, progress=bar.update, remote=remote)
+    bar.close()
+    return tidy(rows)
+
+
+def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], Tensor,
+                                                     list[TokenBatch]]],
+                    sets: Sequence[Sequence[Site]], keys: list[SiteKey], *, how: str,
+                    means: dict[SiteKey, Tensor] | None,
+                    mean_batches: list[tuple[TokenBatch, Tensor]] | None,
+                    progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+    """The model-side half of :func:`ablate_sets` (one nnsight session, torch only): rows."""
+    if mean_batches is not None:
+        means = _mean_sweep(model, mean_batches, keys)
+    rows: list[dict[str, Any]] = []
+    start = 0
+    for batch, cand, roles, src_batches in batches:
+        nb = len(batch)
+        reps = max(1, len(src_batches))
         clean = model.run(batch)
         m_clean = _metric(clean.logits, batch.attribute_ids, cand)
         ok_clean = _correct(clean.logits, batch.attribute_ids, cand)
-        sources = []
-        if how == "resample":
-            for pairs in partners:
-                src_batch = model.tokenize(list(pairs.corrupt[start:start + batch_size]))
-                sources.append(model.run(src_batch, save=keys).acts)
-        roles = _role_index(batch)
+        sources = [model.run(src, save=keys).acts for src in src_batches]
         chunk = max(1, 512 // (nb * reps))
         for g0 in range(0, len(sets), chunk):
             groups = sets[g0:g0 + chunk]
@@ -216,7 +251,10 @@ def ablate_sets(
                                  "metric": m, "clean": float(m_clean[b]),
                                  "correct": float(ok[g, :, b].float().mean()),
                                  "clean_correct": float(ok_clean[b])})
-    return tidy(rows)
+        start += nb
+        if progress is not None:
+            progress(nb)
+    return rows
 
 
 def ablation(model: Model, facts: FactDataset, sites: Sequence[Site], **kwargs: Any

@@ -82,10 +82,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +100,7 @@ from factfind.types import RESULT_COLUMNS, Component, Role, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs, TokenBatch
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,34 @@ def _np(v: np.ndarray | Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- streaming stats
 
 
+def running_update(state: dict[str, Tensor], x: Tensor, valid: Tensor | None = None
+                   ) -> dict[str, Tensor]:
+    """:meth:`RunningStats.update` as a pure function of the accumulators (torch only, so a
+    remote sweep can run it without shipping the class)."""
+    x = x.detach().to("cpu", torch.float64)
+    if valid is None or bool(valid.all()):
+        nb = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64)
+        mb = x.mean(0) if len(x) else torch.zeros_like(nb)
+        m2b = ((x - mb) ** 2).sum(0)
+    else:
+        w = valid.to("cpu").expand_as(x).to(torch.float64)
+        x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count 0 with weight 0
+        nb = w.sum(0)
+        mb = x.sum(0) / nb.clamp(min=1)
+        m2b = (((x - mb) * w) ** 2).sum(0)
+    count, mean = state["count"], state["mean"]
+    tot = count + nb
+    delta = mb - mean
+    return {
+        "count": tot,
+        "mean": mean + delta * nb / tot.clamp(min=1),
+        "m2": state["m2"] + m2b + delta ** 2 * count * nb / tot.clamp(min=1),
+        "abs_sum": state["abs_sum"] + x.abs().sum(0),
+        "abs_max": torch.maximum(state["abs_max"], x.abs().max(0).values if len(x)
+                                 else state["abs_max"]),
+    }
+
+
 @dataclass
 class RunningStats:
     """Per-node count, mean, variance, mean |x| and max |x| over a stream of prompts.
@@ -287,25 +315,21 @@ class RunningStats:
 
     def update(self, x: Tensor, valid: Tensor | None = None) -> None:
         """Add a ``[batch node]`` block; ``valid`` (bool, broadcastable) masks entries out."""
-        x = x.detach().to("cpu", torch.float64)
-        if valid is None or bool(valid.all()):
-            nb = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64)
-            mb = x.mean(0) if len(x) else torch.zeros_like(nb)
-            m2b = ((x - mb) ** 2).sum(0)
-        else:
-            w = valid.to("cpu").expand_as(x).to(torch.float64)
-            x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count 0 with weight 0
-            nb = w.sum(0)
-            mb = x.sum(0) / nb.clamp(min=1)
-            m2b = (((x - mb) * w) ** 2).sum(0)
-        tot = self.count + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * nb / tot.clamp(min=1)
-        self.m2 = self.m2 + m2b + delta ** 2 * self.count * nb / tot.clamp(min=1)
-        self.count = tot
-        self.abs_sum += x.abs().sum(0)
-        self.abs_max = torch.maximum(self.abs_max, x.abs().max(0).values if len(x) else
-                                     self.abs_max)
+        state = running_update(self.state(), x, valid)
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+        self.abs_sum, self.abs_max = state["abs_sum"], state["abs_max"]
+
+    def state(self) -> dict[str, Tensor]:
+        """The accumulators as plain tensors (what a remote sweep sends back)."""
+        return {"count": self.count, "mean": self.mean, "m2": self.m2,
+                "abs_sum": self.abs_sum, "abs_max": self.abs_max}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> RunningStats:
+        out = cls(len(state["count"]))
+        out.count, out.mean, out.m2 = state["count"], state["mean"], state["m2"]
+        out.abs_sum, out.abs_max = state["abs_sum"], state["abs_max"]
+        return out
 
     @property
     def var(self) -> Tensor:
@@ -569,6 +593,7 @@ def estimate(
     batch_size: int = 32,
     per_prompt: bool = False,
     progress: bool = False,
+    remote: Remote = None,
 ) -> Estimates:
     """AtP (optionally with AtP*'s QK fix and GradDrop) for every node, streamed over prompts.
 
@@ -586,6 +611,8 @@ def estimate(
         grad_drop: compute the GradDrop score.
         batch_size: prompts per forward.
         per_prompt: also keep ``[prompt node]`` estimates (memory grows with prompts).
+        remote: run every forward and backward as one nnsight session, ``"local"`` or on
+            NDIF (``True``); see :meth:`~factfind.model.Model.session`.
 
     Returns:
         :class:`Estimates` (use ``.frame()`` for a tidy frame).
@@ -593,32 +620,15 @@ def estimate(
     check_direction(direction)
     index = NodeIndex.build(model, components=components, positions=positions, layers=layers)
     L = model.n_layers
-    stats_ = RunningStats(len(index))
     node_layer = index.node_layers()
-    node_pos = index.node_positions()
     drops = list(range(min(index.layers) + 1, L)) if grad_drop else []
-    gd_sums = torch.zeros(len(drops), len(index), dtype=torch.float64)
-    kept: list[Tensor] = []
-    base_keys, src_keys = _saves(index, grads=True), _saves(index, grads=False)
-    batches = list(pair_batches(model, pairs, batch_size))
-    for _, pb in tqdm(batches, desc="atp", disable=not progress):
-        base_tb, src_tb = base_and_source(pb, direction)
-        fn = lambda lg, pb=pb: metric_of(lg, pb).sum()
-        run = model.run(base_tb, save=base_keys, metric=fn)
-        src = model.run(src_tb, save=src_keys).acts
-        dev = model.device
-        b = _Batch(run.acts, src, position_masks(base_tb, index.positions, dev),
-                   base_tb.attention_mask.to(dev).float(), attention_allow(base_tb, dev))
-        est = _scores(model, index, b, run.grads, qk_fix=qk_fix)  # [B N]
-        valid = b.masks.sum(-1).gt(0).T[:, node_pos]  # [B N]
-        stats_.update(est, valid)
-        if per_prompt:
-            kept.append(torch.where(valid, est, torch.nan).cpu())
-        for i, drop in enumerate(drops):
-            blocked = {(Component.ATTN_OUT, drop): _detach, (Component.MLP_OUT, drop): _detach}
-            g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
-            est_l = _scores(model, index, b, g, qk_fix=qk_fix)
-            gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
+    batches = [pb for _, pb in pair_batches(model, pairs, batch_size)]
+    bar = tqdm(total=len(batches), desc="atp", disable=not progress)
+    state, gd_sums, kept = model.session(
+        _atp_sweep, model, batches, index, direction=direction, qk_fix=qk_fix, drops=drops,
+        per_prompt=per_prompt, progress=bar.update, remote=remote)
+    bar.close()
+    stats_ = RunningStats.from_state(state)
     gd = None
     if grad_drop:
         n = stats_.count.clamp(min=1)
@@ -629,6 +639,43 @@ def estimate(
         gd = gd / max(1, L - 1)
     return Estimates(index, "atp*" if (qk_fix or grad_drop) else "atp", direction, stats_,
                      grad_drop=gd, per_prompt=torch.cat(kept) if per_prompt else None)
+
+
+def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, direction: str,
+               qk_fix: bool, drops: list[int], per_prompt: bool,
+               progress: Callable[[int], Any] | None = None
+               ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
+    """The model-side half of :func:`estimate` (one nnsight session, torch only): the running
+    statistics' accumulators, GradDrop's per-layer sums ``[drop node]`` and, if asked, the
+    per-prompt estimates - ``O(node)`` memory however many prompts stream through."""
+    n_nodes = len(index)
+    zero = torch.zeros(n_nodes, dtype=torch.float64)
+    state = {k: zero.clone() for k in ("count", "mean", "m2", "abs_sum", "abs_max")}
+    node_pos = index.node_positions()
+    gd_sums = torch.zeros(len(drops), n_nodes, dtype=torch.float64)
+    kept: list[Tensor] = []
+    base_keys, src_keys = _saves(index, grads=True), _saves(index, grads=False)
+    for pb in batches:
+        base_tb, src_tb = base_and_source(pb, direction)
+        fn = lambda lg, pb=pb: metric_of(lg, pb).sum()
+        run = model.run(base_tb, save=base_keys, metric=fn)
+        src = model.run(src_tb, save=src_keys).acts
+        dev = model.device
+        b = _Batch(run.acts, src, position_masks(base_tb, index.positions, dev),
+                   base_tb.attention_mask.to(dev).float(), attention_allow(base_tb, dev))
+        est = _scores(model, index, b, run.grads, qk_fix=qk_fix)  # [B N]
+        valid = b.masks.sum(-1).gt(0).T[:, node_pos]  # [B N]
+        state = running_update(state, est, valid)
+        if per_prompt:
+            kept.append(torch.where(valid, est, torch.nan).cpu())
+        for i, drop in enumerate(drops):
+            blocked = {(Component.ATTN_OUT, drop): _detach, (Component.MLP_OUT, drop): _detach}
+            g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
+            est_l = _scores(model, index, b, g, qk_fix=qk_fix)
+            gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
+        if progress is not None:
+            progress(1)
+    return state, gd_sums, kept
 
 
 def _detach(x: Tensor) -> Tensor:

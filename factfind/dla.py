@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from factfind.results import tidy
-from factfind.types import GROUP_ROLES, Component, Role
+from factfind.types import GROUP_ROLES, Component, Role, SiteKey
 
 if TYPE_CHECKING:
-    from factfind.data import FactDataset, FactPairs
-    from factfind.model import Model
+    from factfind.data import FactDataset, FactPairs, TokenBatch
+    from factfind.model import Model, Remote
 
 
 def direct_logit_attribution(
@@ -43,6 +43,7 @@ def direct_logit_attribution(
     neurons: bool = True,
     sources: bool = True,
     batch_size: int = 32,
+    remote: Remote = None,
 ) -> pd.DataFrame:
     """Per-prompt DLA of the embedding, every head, attention bias, MLP and (optionally) neuron,
     and of every head split by source role.
@@ -53,6 +54,8 @@ def direct_logit_attribution(
             ``W_U[correct] - W_U[corrupt attribute]``, otherwise ``W_U[correct]`` alone.
         neurons: include one row per MLP neuron (``component = "neurons"``).
         sources: include head rows split by source role (``method = "dla/source"``).
+        remote: run the forwards as one nnsight session, ``"local"`` or on NDIF (``True``);
+            see :meth:`~factfind.model.Model.session`.
 
     Returns:
         Rows with ``method`` ``"dla"`` or ``"dla/source"``, ``component`` in ``embed,
@@ -75,66 +78,97 @@ def direct_logit_attribution(
         if sources:
             save += [(Component.PATTERN, layer), (Component.V, layer)]
     save.append((Component.RESID_POST, L - 1))
-    rows: list[pd.DataFrame] = []
-    W_U = model.W_U
+    batches = []
     for start in range(0, len(facts), batch_size):
-        chunk = list(facts[start:start + batch_size])
-        batch = model.tokenize(chunk)
-        if wrong_facts is not None:
-            wrong = model.tokenize(list(wrong_facts[start:start + batch_size])).attribute_ids
+        batch = model.tokenize(list(facts[start:start + batch_size]))
+        wrong = (model.tokenize(list(wrong_facts[start:start + batch_size])).attribute_ids
+                 if wrong_facts is not None else None)
+        batches.append((batch, wrong))
+    blocks = model.session(_dla_sweep, model, batches, save, neurons=neurons, sources=sources,
+                           remote=remote)
+    frames: list[pd.DataFrame] = []
+    start = 0
+    for total, parts in blocks:
+        add = _collector(frames, start, total)
+        for method, component, layer, head, neuron, values, role in parts:
+            add(method, component, layer, head, neuron, values, role=role)
+        start += len(total)
+    return tidy(pd.concat(frames, ignore_index=True))
+
+
+Block = tuple[str, str, int | None, Any, Any, Tensor, str]
+"""One block of DLA rows: method, component, layer, heads, neurons, values, role."""
+
+
+@torch.no_grad()
+def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
+               save: list[SiteKey], *, neurons: bool, sources: bool
+               ) -> list[tuple[Tensor, list[Block]]]:
+    """The model-side half of :func:`direct_logit_attribution` (one nnsight session, torch
+    only): per batch the logit difference ``[batch]`` and the blocks of effects, each reduced
+    to the final position before it leaves the model's device."""
+    L = model.n_layers
+    W_U = model.W_U
+    out: list[tuple[Tensor, list[Block]]] = []
+    for batch, wrong in batches:
+        if wrong is not None:
             direction = W_U[:, batch.attribute_ids].T - W_U[:, wrong].T  # [batch d_model]
             bias_u = model.b_U[batch.attribute_ids] - model.b_U[wrong]
         else:
             direction = W_U[:, batch.attribute_ids].T
             bias_u = model.b_U[batch.attribute_ids]
-        with torch.no_grad():
-            run = model.run(batch, save=save)
-            a = run.acts
-            final = a[(Component.RESID_POST, L - 1)][:, -1]
-            scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
+        run = model.run(batch, save=save)
+        a = run.acts
+        final = a[(Component.RESID_POST, L - 1)][:, -1]
+        scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
 
-            def dla(x: Tensor, scale: Tensor = scale, direction: Tensor = direction) -> Tensor:
-                """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
-                shape = x.shape
-                flat = x.reshape(shape[0], -1, shape[-1])
-                y = model.final_norm_frozen(flat, scale[:, None], bias=False)
-                return torch.einsum("bnd,bd->bn", y, direction).reshape(shape[:-1])
+        def dla(x: Tensor, scale: Tensor = scale, direction: Tensor = direction) -> Tensor:
+            """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
+            shape = x.shape
+            flat = x.reshape(shape[0], -1, shape[-1])
+            y = model.final_norm_frozen(flat, scale[:, None], bias=False)
+            return torch.einsum("bnd,bd->bn", y, direction).reshape(shape[:-1])
 
-            total = (run.logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
-            if wrong_facts is not None:
-                total = total - run.logits.gather(-1, wrong[:, None])[:, 0]
-            zero = torch.zeros_like(final)
-            bias_term = dla_bias = (model.final_norm_frozen(zero, scale) * direction).sum(-1)
-            bias_term = dla_bias + bias_u
-            add = _collector(rows, start, total)
-            add("dla", "embed", None, None, None, dla(a[(Component.RESID_PRE, 0)][:, -1]))
-            add("dla", "bias", None, None, None, bias_term)
-            roles = [r for r in GROUP_ROLES]
-            for layer in range(L):
-                heads = dla(a[(Component.HEAD_OUT, layer)][:, -1])  # [batch head]
-                add("dla", "head_out", layer, range(model.n_heads), None, heads)
-                add("dla", "attn_bias", layer, None, None,
-                    dla(model.b_O(layer).expand_as(final)))
-                if neurons:
-                    per = a[(Component.NEURONS, layer)][:, -1, :, None] * model.W_out(layer)
-                    nd = dla(per)  # [batch neuron]
-                    add("dla", "mlp_out", layer, None, None,
-                        nd.sum(-1) + dla(model.b_out(layer).expand_as(final)))
-                    add("dla", "neurons", layer, None, range(model.d_mlp), nd)
-                else:
-                    add("dla", "mlp_out", layer, None, None,
-                        dla(a[(Component.MLP_OUT, layer)][:, -1]))
-                if sources:
-                    pat = a[(Component.PATTERN, layer)][:, :, -1]  # [batch head k]
-                    v = a[(Component.V, layer)]  # [batch k head d_head]
-                    per_k = torch.einsum("bhk,bkhd,hdm->bhkm", pat, v, model.W_O(layer))
-                    src = dla(per_k)  # [batch head k]
-                    for role in roles:
-                        m = _role_mask(batch, role).to(src.dtype)  # [batch k]
-                        share = (src * m[:, None, :]).sum(-1)  # [batch head]
-                        add("dla/source", "head_out", layer, range(model.n_heads), None,
-                            share, role=str(role))
-    return tidy(pd.concat(rows, ignore_index=True))
+        total = (run.logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
+        if wrong is not None:
+            total = total - run.logits.gather(-1, wrong[:, None])[:, 0]
+        zero = torch.zeros_like(final)
+        bias_term = dla_bias = (model.final_norm_frozen(zero, scale) * direction).sum(-1)
+        bias_term = dla_bias + bias_u
+        parts: list[Block] = []
+
+        def add(method: str, component: str, layer: int | None, head: Any, neuron: Any,
+                values: Tensor, *, role: str = "final", parts: list[Block] = parts) -> None:
+            parts.append((method, component, layer, head, neuron, values.detach().cpu(), role))
+
+        add("dla", "embed", None, None, None, dla(a[(Component.RESID_PRE, 0)][:, -1]))
+        add("dla", "bias", None, None, None, bias_term)
+        for layer in range(L):
+            heads = dla(a[(Component.HEAD_OUT, layer)][:, -1])  # [batch head]
+            add("dla", "head_out", layer, range(model.n_heads), None, heads)
+            add("dla", "attn_bias", layer, None, None,
+                dla(model.b_O(layer).expand_as(final)))
+            if neurons:
+                per = a[(Component.NEURONS, layer)][:, -1, :, None] * model.W_out(layer)
+                nd = dla(per)  # [batch neuron]
+                add("dla", "mlp_out", layer, None, None,
+                    nd.sum(-1) + dla(model.b_out(layer).expand_as(final)))
+                add("dla", "neurons", layer, None, range(model.d_mlp), nd)
+            else:
+                add("dla", "mlp_out", layer, None, None,
+                    dla(a[(Component.MLP_OUT, layer)][:, -1]))
+            if sources:
+                pat = a[(Component.PATTERN, layer)][:, :, -1]  # [batch head k]
+                v = a[(Component.V, layer)]  # [batch k head d_head]
+                per_k = torch.einsum("bhk,bkhd,hdm->bhkm", pat, v, model.W_O(layer))
+                src = dla(per_k)  # [batch head k]
+                for role in GROUP_ROLES:
+                    m = _role_mask(batch, role).to(src.dtype)  # [batch k]
+                    share = (src * m[:, None, :]).sum(-1)  # [batch head]
+                    add("dla/source", "head_out", layer, range(model.n_heads), None,
+                        share, role=str(role))
+        out.append((total.detach().cpu(), parts))
+    return out
 
 
 def _role_mask(batch: Any, role: Role) -> Tensor:

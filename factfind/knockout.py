@@ -17,7 +17,7 @@ loops one variant per forward.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -32,7 +32,7 @@ from factfind.types import GROUP_ROLES, POINT_ROLES, Role
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, TokenBatch
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 DEFAULT_SOURCES: tuple[Role, ...] = (Role.SUBJECT, Role.RELATION, Role.FINAL)
 
@@ -65,6 +65,7 @@ def attention_knockout(
     window: int = 1,
     batch_size: int = 16,
     progress: bool = True,
+    remote: Remote = None,
 ) -> pd.DataFrame:
     """Relative change in the attribute's probability when final -> source edges are blocked.
 
@@ -73,6 +74,8 @@ def attention_knockout(
         facts: prompts (their own attribute is the target).
         sources: roles whose positions the final token may no longer attend to.
         window: number of consecutive layers blocked, starting at each ``layer``.
+        remote: run the forwards as one nnsight session, ``"local"`` or on NDIF (``True``);
+            see :meth:`~factfind.model.Model.session`.
 
     Returns:
         Rows with ``method = "attention_knockout"``, ``role`` (the blocked source), ``layer``
@@ -85,14 +88,26 @@ def attention_knockout(
         raise ValueError("no prompts: the dataset is empty")
     starts = list(range(model.n_layers - window + 1))
     variants = [(r, s) for r in roles for s in starts]
-    rows: list[dict[str, Any]] = []
+    batches = [model.tokenize(list(facts[start:start + batch_size]))
+               for start in range(0, len(facts), batch_size)]
     bar = tqdm(total=len(facts), desc="attention knockout", unit="prompt", disable=not progress)
-    for start in range(0, len(facts), batch_size):
-        batch = model.tokenize(list(facts[start:start + batch_size]))
+    rows = model.session(_knockout_sweep, model, batches, variants, window=window,
+                         progress=bar.update, remote=remote)
+    bar.close()
+    return tidy(rows)
+
+
+def _knockout_sweep(model: Model, batches: list[TokenBatch], variants: list[tuple[Role, int]],
+                    *, window: int, progress: Callable[[int], Any] | None = None
+                    ) -> list[dict[str, Any]]:
+    """The model-side half of :func:`attention_knockout` (one nnsight session): plain rows."""
+    rows: list[dict[str, Any]] = []
+    start = 0
+    for batch in batches:
         nb = batch.input_ids.shape[0]
         target = batch.attribute_ids
         p_clean = prob(model.run(batch).logits, target)
-        blocks = {r: _edge_block(batch, r) for r in roles}
+        blocks = {r: _edge_block(batch, r) for r, _ in variants}
         per_layer: dict[int, Tensor] = {}
         for v, (role, first) in enumerate(variants):
             for layer in range(first, first + window):
@@ -109,9 +124,10 @@ def attention_knockout(
                              "layer": first, "role": str(role), "prompt": start + b,
                              "effect": (pk - pc) / pc, "p_clean": pc, "p_knockout": pk,
                              "window": window})
-        bar.update(nb)
-    bar.close()
-    return tidy(rows)
+        start += nb
+        if progress is not None:
+            progress(nb)
+    return rows
 
 
 def attention_knockout_reference(model: Model, facts: FactDataset, *,

@@ -33,6 +33,9 @@ Example::
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +54,10 @@ if TYPE_CHECKING:
     from factfind.data import FactPrompt, TokenBatch
 
 log = logging.getLogger(__name__)
+
+Remote = bool | str | None
+"""Where a sweep's traces run: ``None``/``False`` here, ``"local"`` through nnsight's serialised
+request path without a server, ``True`` on NDIF (or a host URL). See :meth:`Model.session`."""
 
 Edit = Callable[[Tensor], Tensor]
 """A function from the activation at a site to its replacement (same shape)."""
@@ -463,6 +470,79 @@ class Model:
                 result[(c, layer)] = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))
         return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads)
 
+    # -- sessions: a whole sweep as one (possibly remote) nnsight job -------------------------
+
+    def session(self, sweep: Callable[..., Any], /, *args: Any, remote: Remote = None,
+                **kwargs: Any) -> Any:
+        """Run ``sweep(*args, **kwargs)`` - a function that calls :meth:`run` many times - as
+        one nnsight session, locally or on NDIF.
+
+        With ``remote=None`` (or ``False``) the sweep is simply called here. Otherwise its
+        traces run inside a single ``with nnsight_model.session(remote=remote):`` block, so
+        the whole sweep is *one* request: ``remote=True`` ships it to NDIF (the model is named
+        by its key, never uploaded), and ``remote="local"`` goes through the same path without
+        a server - nnsight serialises the request, deserialises it with every non-installed
+        module hidden (as a server would see it) and runs it here. factfind's own code is not
+        installed on a server, so it is registered to travel *by value* (its functions'
+        source); the Hugging Face module and tokenizer travel as persistent ids that the
+        server resolves to its own copies. Only the sweep's return value comes back, moved
+        to the CPU first, so a sweep should return just the numbers it needs (tensors, plain
+        Python; not DataFrames: pandas need not exist server-side - tidy them here).
+
+        Constraints of the remote path: the sweep and everything it calls may use torch,
+        numpy, the standard library and factfind (by value), but no other third-party
+        package; progress bars and callbacks cannot run server-side (``progress`` is dropped);
+        values in ``args`` must pickle (tensors, numbers, dataclasses of them).
+
+        Args:
+            sweep: the function to run; it receives ``args`` and ``kwargs``.
+            remote: ``None``/``False`` (here), ``"local"`` (serialised dry run), ``True``
+                (NDIF) or a host URL.
+
+        Returns:
+            ``sweep``'s return value (tensors on the CPU when run remotely).
+
+        Example::
+
+            metrics = model.session(my_sweep, model, batches, remote="local")
+        """
+        if not remote:
+            return sweep(*args, **kwargs)
+        if "progress" in kwargs:
+            kwargs["progress"] = None  # a progress callback cannot run on a server
+        import cloudpickle
+        import nnsight
+
+        import factfind
+
+        registered = "factfind" in cloudpickle.list_registry_pickle_by_value()
+        if not registered:
+            cloudpickle.register_pickle_by_value(factfind)
+        # classes shipped by value carry their cached_property descriptors, which hold a lock
+        # on Python 3.11: rebuild them from their function instead
+        had = copyreg.dispatch_table.get(functools.cached_property)
+        copyreg.dispatch_table[functools.cached_property] = _reduce_cached_property
+        args, kwargs = _for_server(args), _for_server(kwargs)
+        nn = self._nn
+        try:
+            with nn.session(remote=remote):
+                out = sweep(*args, **kwargs)
+                out = nnsight.save(to_cpu(out))
+        finally:
+            if not registered:
+                cloudpickle.unregister_pickle_by_value(factfind)
+            if had is None:
+                copyreg.dispatch_table.pop(functools.cached_property, None)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a remote session), the model's weights and tokenizer travel as the
+        persistent ids nnsight's server resolves to its own loaded copies."""
+        self.hf.__dict__["_persistent_id"] = f"Module:{self._nn.path}"
+        if getattr(self._nn, "tokenizer", None) is self.tokenizer:
+            self.tokenizer.__dict__["_persistent_id"] = "Tokenizer"
+        return dict(self.__dict__)
+
     def attn_scale(self, layer: int) -> float:
         """The factor on ``q . k`` before the softmax (``1/sqrt(d_head)`` in most families)."""
         return float(_get(self._block_hf(layer), self.spec.attn).scaling)
@@ -530,6 +610,46 @@ class Model:
         if comp is not Component.EMBED and not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range for {self.name} "
                              f"with {self.n_layers} layers")
+
+
+def _tree_map(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``leaf`` applied inside dicts, lists and plain tuples (the containers a sweep returns)."""
+    if isinstance(value, dict):
+        return {k: _tree_map(v, leaf) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_map(v, leaf) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):  # not a namedtuple
+        return tuple(_tree_map(v, leaf) for v in value)
+    return leaf(value)
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor inside (lists, tuples, dicts) detached and on the CPU."""
+    return _tree_map(value, lambda v: v.detach().cpu() if isinstance(v, Tensor) else v)
+
+
+def _reduce_cached_property(prop: functools.cached_property) -> tuple[Any, ...]:
+    return _cached_property, (prop.func, prop.attrname)
+
+
+def _cached_property(func: Callable[[Any], Any], name: str) -> functools.cached_property:
+    prop = functools.cached_property(func)
+    prop.__set_name__(object, name)
+    return prop
+
+
+def _for_server(value: Any) -> Any:
+    """``value`` as it travels to a server: tensors and numbers as they are, dataclasses field by
+    field, but a token batch's ``prompts`` (text records, not needed to run the model) left
+    here."""
+    def leaf(v: Any) -> Any:
+        if not dataclasses.is_dataclass(v) or isinstance(v, type):
+            return v
+        changes = {f.name: () if f.name == "prompts" else _for_server(getattr(v, f.name))
+                   for f in dataclasses.fields(v) if f.init}
+        return dataclasses.replace(v, **changes)
+
+    return _tree_map(value, leaf)
 
 
 def _bias(module: Any, size: int) -> Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ from factfind.types import GROUP_ROLES, POINT_ROLES, Component, Role, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs, TokenBatch
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def activation_patching(
     batch_size: int = 32,
     chunk: int | None = None,
     progress: bool = True,
+    remote: Remote = None,
 ) -> pd.DataFrame:
     """Patch every site, batched, and return per-prompt effects (tidy frame).
 
@@ -256,6 +257,8 @@ def activation_patching(
         direction: ``"denoise"`` (corrupt run, clean patched in) or ``"noise"``.
         batch_size: prompts per forward before stacking sites.
         chunk: sites stacked per forward (default: from free memory).
+        remote: run the sweep's forwards as one nnsight session: ``"local"`` (serialised
+            dry run) or ``True`` (NDIF); see :meth:`~factfind.model.Model.session`.
 
     Returns:
         Per (site, prompt) rows: ``effect`` (normalised, see module docstring), ``metric``
@@ -265,7 +268,7 @@ def activation_patching(
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
     return _run_patching(model, pairs, sites, direction=direction, batch_size=batch_size,
-                         chunk=chunk, progress=progress)
+                         chunk=chunk, progress=progress, remote=remote)
 
 
 def activation_patching_reference(
@@ -316,14 +319,16 @@ def activation_patching_reference(
     return tidy(rows)
 
 
-def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, direction: str,
-                  batch_size: int, chunk: int | None, progress: bool) -> pd.DataFrame:
-    pb_all = encode_pairs(model, pairs)
+def _patching_sweep(model: Model, pb_all: PairBatch, sites: list[PatchSite], *, direction: str,
+                    batch_size: int, chunk: int | None,
+                    progress: Callable[[int], Any] | None = None) -> list[Tensor]:
+    """The model-side half of :func:`activation_patching`: every forward of the sweep, and only
+    the numbers the table needs - per prompt batch a ``[2 + site, batch]`` tensor (clean
+    metric, corrupt metric, then each site's patched metric). Runs as one nnsight session
+    (possibly remote, see :meth:`~factfind.model.Model.session`), so it uses torch only."""
     keys = sorted({s.key for s in sites})
-    frames: list[pd.DataFrame] = []
-    n = len(pairs)
-    bar = tqdm(total=n * len(sites), desc=f"patching ({direction})", disable=not progress,
-               unit="site")
+    out: list[Tensor] = []
+    n = pb_all.correct.shape[0]
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
         pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
@@ -335,34 +340,54 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
         base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean,
                                                                              corrupt.acts)
         size = chunk or auto_chunk(model, len(m_clean), pb.clean.input_ids.shape[1])
+        parts = [m_clean[None], m_corrupt[None]]
         for c0 in range(0, len(sites), size):
             group = sites[c0:c0 + size]
-            metric = _patched_metrics(model, base, src, group, pb)
-            bar.update(len(group) * len(m_clean))
-            denom = m_clean - m_corrupt
-            if direction == "denoise":
-                effect = (metric - m_corrupt) / denom
-            else:
-                effect = (m_clean - metric) / denom
-            valid = torch.stack([position_mask(base, s.position).any(-1) for s in group])
-            effect = torch.where(valid.to(effect.device), effect, torch.nan)
-            nb = len(m_clean)
-            frames.append(pd.DataFrame({
-                "method": f"activation_patching/{direction}",
-                "component": _per_site([_component_name(x) for x in group], nb),
-                "layer": _per_site([x.layer for x in group], nb),
-                "head": _per_site([x.head for x in group], nb),
-                "position": _per_site([x.position if isinstance(x.position, int) else None
-                                       for x in group], nb),
-                "role": _per_site([str(x.position) if isinstance(x.position, Role) else None
-                                   for x in group], nb),
-                "prompt": np.tile(np.arange(start, start + nb), len(group)),
-                "effect": effect.reshape(-1).cpu().numpy(),
-                "metric": metric.reshape(-1).cpu().numpy(),
-                "clean": np.tile(m_clean.cpu().numpy(), len(group)),
-                "corrupt": np.tile(m_corrupt.cpu().numpy(), len(group)),
-            }))
+            parts.append(_patched_metrics(model, base, src, group, pb))
+            if progress is not None:
+                progress(len(group) * len(m_clean))
+        out.append(torch.cat(parts).detach().cpu())
+    return out
+
+
+def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, direction: str,
+                  batch_size: int, chunk: int | None, progress: bool,
+                  remote: Remote = None) -> pd.DataFrame:
+    pb_all = encode_pairs(model, pairs)
+    bar = tqdm(total=len(pairs) * len(sites), desc=f"patching ({direction})",
+               disable=not progress, unit="site")
+    metrics = model.session(_patching_sweep, model, pb_all, sites,
+                            direction=direction, batch_size=batch_size, chunk=chunk,
+                            progress=bar.update, remote=remote)
     bar.close()
+    frames: list[pd.DataFrame] = []
+    for k, block in enumerate(metrics):
+        start = k * batch_size
+        base = take(pb_all.corrupt if direction == "denoise" else pb_all.clean,
+                    slice(start, start + block.shape[1]))
+        m_clean, m_corrupt, metric = block[0], block[1], block[2:]
+        if direction == "denoise":
+            effect = (metric - m_corrupt) / (m_clean - m_corrupt)
+        else:
+            effect = (m_clean - metric) / (m_clean - m_corrupt)
+        valid = torch.stack([position_mask(base, s.position).any(-1) for s in sites])
+        effect = torch.where(valid, effect, torch.nan)
+        nb = block.shape[1]
+        frames.append(pd.DataFrame({
+            "method": f"activation_patching/{direction}",
+            "component": _per_site([_component_name(x) for x in sites], nb),
+            "layer": _per_site([x.layer for x in sites], nb),
+            "head": _per_site([x.head for x in sites], nb),
+            "position": _per_site([x.position if isinstance(x.position, int) else None
+                                   for x in sites], nb),
+            "role": _per_site([str(x.position) if isinstance(x.position, Role) else None
+                               for x in sites], nb),
+            "prompt": np.tile(np.arange(start, start + nb), len(sites)),
+            "effect": effect.reshape(-1).numpy(),
+            "metric": metric.reshape(-1).numpy(),
+            "clean": np.tile(m_clean.numpy(), len(sites)),
+            "corrupt": np.tile(m_corrupt.numpy(), len(sites)),
+        }))
     return tidy(pd.concat(frames, ignore_index=True))
 
 

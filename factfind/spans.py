@@ -209,7 +209,7 @@ class TokenBatch:
     padding_side: str = "left"
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return self.input_ids.shape[0]  # not len(prompts): a batch shipped to a server has none
 
     def mask(self, role: Role | str) -> Tensor:
         """``[batch pos]`` bool mask of a role (point roles give one position per row)."""

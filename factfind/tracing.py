@@ -46,7 +46,7 @@ from factfind.types import Component, Role
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs, TokenBatch
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def causal_tracing(
     batch_size: int = 8,
     chunk: int | None = None,
     progress: bool = True,
+    remote: Remote = None,
 ) -> pd.DataFrame:
     """Indirect effect of restoring each (kind, layer, token) state; one row per prompt.
 
@@ -127,6 +128,8 @@ def causal_tracing(
         severed: also report hidden-state restores with later MLPs at that token frozen at
             their corrupted values (``kind = "hidden/severed_mlp"``).
         seed: seeds the noise.
+        remote: run the forwards as one nnsight session, ``"local"`` or on NDIF (``True``);
+            see :meth:`~factfind.model.Model.session`.
 
     Returns:
         Rows with ``method = "causal_tracing/<kind>"``, ``layer``, ``position`` (token index
@@ -151,28 +154,70 @@ def causal_tracing(
     if corruption == "str":
         from factfind.patching import encode_pairs
 
-
         assert isinstance(data, FactPairs)
         pb = encode_pairs(model, data)
         clean_all, corrupt_all = pb.clean, pb.corrupt
         samples = 1
-        sigma = 0.0
     else:
         clean_all = model.tokenize(list(clean_data))
         corrupt_all = clean_all
-        sigma = subject_embedding_std(model, clean_all)
     variants = [(k, False) for k in kinds] + ([("hidden", True)] if severed else [])
     n_layers = model.n_layers
     rows: list[dict[str, Any]] = []
     n = len(clean_data)
     bar = tqdm(total=n, desc="causal tracing", unit="prompt", disable=not progress)
+    probs = model.session(_tracing_sweep, model, clean_all, corrupt_all, kinds=kinds,
+                          variants=variants, corruption=corruption, noise=noise,
+                          samples=samples, window=window, seed=seed, batch_size=batch_size,
+                          chunk=chunk, progress=bar.update, remote=remote)
+    bar.close()
+    for k, (p_clean, p_corrupt, p_rest) in enumerate(probs):
+        start = k * batch_size
+        clean = take(clean_all, slice(start, start + batch_size))
+        rows_b, n_pos = clean.input_ids.shape
+        sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
+                 for pos in range(n_pos)]
+        roles = token_roles(clean)
+        tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in clean.input_ids.tolist()]
+        pc = p_corrupt.mean(0)
+        for s, (kind, sev, layer, pos) in enumerate(sites):
+            name = "hidden/severed_mlp" if sev else kind
+            for b in range(rows_b):
+                role = roles[b][pos]
+                if role is None:
+                    continue
+                pr_mean = float(p_rest[s, :, b].mean())
+                offset = n_pos - int(clean.lengths[b])  # left padding: report prompt positions
+                rows.append({
+                    "method": f"causal_tracing/{name}", "component": str(KINDS[kind]),
+                    "layer": layer, "position": pos - offset, "role": role,
+                    "token": tokens[b][pos], "prompt": start + b,
+                    "effect": pr_mean - float(pc[b]), "te": float(p_clean[b] - pc[b]),
+                    "p_clean": float(p_clean[b]), "p_corrupt": float(pc[b]),
+                    "p_restored": pr_mean, "corruption": corruption,
+                })
+    return tidy(rows)
+
+
+def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch, *,
+                   kinds: tuple[str, ...], variants: list[tuple[str, bool]], corruption: str,
+                   noise: float, samples: int, window: int, seed: int, batch_size: int,
+                   chunk: int | None, progress: Callable[[int], Any] | None = None
+                   ) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The model-side half of :func:`causal_tracing` (one nnsight session, torch only): per
+    prompt batch ``p_clean [batch]``, ``p_corrupt [sample batch]`` and the restored
+    probabilities ``[site sample batch]`` (sites ordered variant, layer, position)."""
+    n_layers = model.n_layers
+    sigma = subject_embedding_std(model, clean_all) if corruption == "noise" else 0.0
+    n = clean_all.input_ids.shape[0]
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
     for start in range(0, n, batch_size):
         clean = take(clean_all, slice(start, start + batch_size))
         corrupt = take(corrupt_all, slice(start, start + batch_size))
         rows_b, n_pos = clean.input_ids.shape
         target = clean.attribute_ids
         keys = [(KINDS[k], layer) for k in kinds for layer in range(n_layers)]
-        if severed:
+        if any(sev for _, sev in variants):
             keys += [(Component.MLP_OUT, layer) for layer in range(n_layers)]
         keys = sorted(set(keys))
         clean_run = model.run(clean, save=keys)
@@ -213,7 +258,6 @@ def causal_tracing(
                     sources[(comp, lay)] = clean_run.acts[(comp, lay)].repeat(samples, 1, 1)
                 if sev:  # freeze later MLPs at this token to their corrupted values
                     for lay in range(layer + 1, n_layers):
-                        key = (Component.MLP_OUT, lay)
                         m = masks.setdefault(("sever", lay), torch.zeros(  # type: ignore[arg-type]
                             g, samples * rows_b, n_pos, dtype=torch.bool))
                         m[s, :, pos] = True
@@ -234,28 +278,10 @@ def causal_tracing(
             run = model.run(repeat(base, g), edits=edits)
             pr = prob(run.logits, target.repeat(samples * g)).reshape(g, samples, rows_b)
             p_rest[c0:c0 + g] = pr.cpu()
-        roles = token_roles(clean)
-        tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in clean.input_ids.tolist()]
-        pc = p_corrupt.mean(0).cpu()
-        for s, (kind, sev, layer, pos) in enumerate(sites):
-            name = "hidden/severed_mlp" if sev else kind
-            for b in range(rows_b):
-                role = roles[b][pos]
-                if role is None:
-                    continue
-                pr_mean = float(p_rest[s, :, b].mean())
-                offset = n_pos - int(clean.lengths[b])  # left padding: report prompt positions
-                rows.append({
-                    "method": f"causal_tracing/{name}", "component": str(KINDS[kind]),
-                    "layer": layer, "position": pos - offset, "role": role,
-                    "token": tokens[b][pos], "prompt": start + b,
-                    "effect": pr_mean - float(pc[b]), "te": float(p_clean[b] - pc[b]),
-                    "p_clean": float(p_clean[b]), "p_corrupt": float(pc[b]),
-                    "p_restored": pr_mean, "corruption": corruption,
-                })
-        bar.update(rows_b)
-    bar.close()
-    return tidy(rows)
+        out.append((p_clean.cpu(), p_corrupt.cpu(), p_rest))
+        if progress is not None:
+            progress(rows_b)
+    return out
 
 
 def causal_tracing_reference(
