@@ -139,7 +139,8 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
 
         def add(method: str, component: str, layer: int | None, head: Any, neuron: Any,
                 values: Tensor, *, role: str = "final", parts: list[Block] = parts) -> None:
-            parts.append((method, component, layer, head, neuron, values.detach().cpu(), role))
+            parts.append((method, component, layer, head, neuron, values.detach().float().cpu(),
+                          role))
 
         add("dla", "embed", None, None, None, dla(a[(Component.RESID_PRE, 0)][:, -1]))
         add("dla", "bias", None, None, None, bias_term)
@@ -167,7 +168,7 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
                     share = (src * m[:, None, :]).sum(-1)  # [batch head]
                     add("dla/source", "head_out", layer, range(model.n_heads), None,
                         share, role=str(role))
-        out.append((total.detach().cpu(), parts))
+        out.append((total.detach().float().cpu(), parts))
     return out
 
 

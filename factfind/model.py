@@ -222,7 +222,44 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the embedding's device (the first GPU of a ``device_map``)."""
+        return _get(self.hf, self.spec.embed).weight.device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding a parameter (several when loaded with ``device_map``)."""
+        return list(dict.fromkeys(p.device for p in self.hf.parameters()))
+
+    def free_memory(self) -> int:
+        """Bytes free for activations: on GPUs the least free memory among the devices the
+        model spans (``torch.cuda.mem_get_info``), on the CPU the available RAM (psutil)."""
+        cuda = [d for d in self.devices if d.type == "cuda"]
+        if cuda:
+            return min(int(torch.cuda.mem_get_info(d)[0]) for d in cuda)
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+    def activation_bytes(self, n_pos: int) -> int:
+        """A generous estimate of the activation memory one prompt row of ``n_pos`` tokens holds
+        during a forward: a few ``d_model`` tensors and the MLP hidden per layer, and the
+        logits, in the model's dtype."""
+        per_token = self.n_layers * (8 * self.d_model + 2 * self.d_mlp) + self.d_vocab
+        return n_pos * per_token * (torch.finfo(self.dtype).bits // 8)
+
+    def rows_that_fit(self, bytes_per_row: int, *, fraction: float = 0.25,
+                      budget_bytes: int | None = None, cap: int | None = None) -> int:
+        """How many rows of ``bytes_per_row`` fit in ``fraction`` of :meth:`free_memory` (or
+        in ``budget_bytes``), at least 1 and at most ``cap``: automatic batch sizing.
+
+        Example::
+
+            rows = model.rows_that_fit(model.activation_bytes(n_pos))  # prompts per forward
+        """
+        if budget_bytes is None:
+            budget_bytes = int(self.free_memory() * fraction)
+        rows = max(1, budget_bytes // max(1, bytes_per_row))
+        return rows if cap is None else max(1, min(cap, rows))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -698,7 +735,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     attn_implementation: str = "eager",
-    device_map: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> Model:
     """Load a causal LM for analysis.
 
@@ -712,7 +749,10 @@ def load_model(
         revision: hub revision (branch, tag or commit).
         attn_implementation: ``"eager"`` (default: exact, needed for parity with peers) or
             ``"sdpa"``.
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard over GPUs).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard the layers over
+            every visible GPU, spilling to CPU; needs ``accelerate``). Inputs then go to the
+            embedding's device and activations stay where their layer runs; batch sizes follow
+            the least free memory among the devices (:meth:`Model.rows_that_fit`).
 
     Returns:
         A :class:`Model`.
@@ -721,11 +761,23 @@ def load_model(
 
         model = load_model("organism")
         model = load_model("/models/pythia-2.8b", device="cuda", dtype="bfloat16")
+        model = load_model("/models/Llama-3.1-70B", device_map="auto", dtype="bfloat16")
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if device_map is not None:
+        import importlib.util
+
+        if not isinstance(source, (str, os.PathLike)):
+            raise ValueError("device_map shards a checkpoint while it loads: pass a model "
+                             "directory or hub name (or dispatch a built module yourself with "
+                             "accelerate.dispatch_model and pass it without device_map)")
+        if device is not None:
+            raise ValueError("pass device or device_map, not both")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ImportError("device_map needs the accelerate package: pip install accelerate")
     if isinstance(source, tuple):
         hf, tok = source
         name = getattr(hf.config, "name_or_path", "") or type(hf).__name__

@@ -176,24 +176,15 @@ def enumerate_sites(model: Model, *, components: Iterable[str | Component],
 
 
 def auto_chunk(model: Model, rows: int, n_pos: int, *, budget_bytes: int | None = None) -> int:
-    """How many copies of a ``rows``-prompt batch fit in one forward, from free memory."""
-    bytes_per = torch.finfo(model.dtype).bits // 8
-    # activations alive in one forward: a few d_model tensors per layer, the MLP hidden, logits
-    per_row = n_pos * (model.n_layers * (8 * model.d_model + 2 * model.d_mlp)
-                       + model.d_vocab) * bytes_per
-    if budget_bytes is None:
-        if model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(model.device)
-        else:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        budget_bytes = int(free * 0.25)
-    return max(1, min(256, budget_bytes // max(1, per_row * rows)))
+    """How many copies of a ``rows``-prompt batch fit in one forward, from free memory (a
+    quarter of it: CUDA's free memory on GPUs, available RAM on the CPU), at most 256."""
+    return model.rows_that_fit(model.activation_bytes(n_pos) * rows, budget_bytes=budget_bytes,
+                               cap=256)
 
 
 def _metric(logits: Tensor, pb: PairBatch, reps: int) -> Tensor:
-    return logit_diff(logits, pb.correct.repeat(reps), pb.wrong.repeat(reps))
+    # float32 whatever the model's dtype (bf16 logits would lose the difference's precision)
+    return logit_diff(logits.float(), pb.correct.repeat(reps), pb.wrong.repeat(reps))
 
 
 def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
