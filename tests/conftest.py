@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny models of each family and a small fact set with corrupt partners."""
+"""Shared fixtures: tiny models of each family, a small fact set with corrupt partners, and the
+planted-circuit models (:mod:`factfind.planted`) of both families."""
+
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 import torch
 
 from factfind.testing import tiny_model
+
+if TYPE_CHECKING:
+    from factfind.data import FactDataset, FactPairs
+    from factfind.model import Model
+    from factfind.planted import PlantedCircuit
 
 # The suite's models are tiny: one intra-op thread is as fast as two and does not thrash when
 # the machine is shared (measured ~20x faster under load).
@@ -42,3 +50,20 @@ def gpt2_model():
 @pytest.fixture(scope="session")
 def pairs(facts, gpt2_model):
     return facts.corrupt(gpt2_model, seed=0, on_missing="skip")
+
+
+class Planted(NamedTuple):
+    """A planted-circuit model, its 16 facts, their corrupt partners (seed 0) and the truth."""
+
+    model: "Model"
+    facts: "FactDataset"
+    pairs: "FactPairs"
+    truth: "PlantedCircuit"
+
+
+@pytest.fixture(scope="session", params=["gpt2", "gpt_neox"])
+def planted(request) -> Planted:
+    from factfind.planted import planted_model
+
+    model, facts, truth = planted_model(request.param)
+    return Planted(model, facts, facts.corrupt(model, seed=0), truth)

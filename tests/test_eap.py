@@ -12,18 +12,7 @@ from factfind.graph import prune
 from factfind.model import load_model
 from factfind.pairs import FactPairs
 from factfind.pathpatch import edge_patching
-from factfind.planted import planted_model
 from factfind.testing import tiny_hf_model, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 def linearised(family: str):
@@ -121,15 +110,9 @@ def test_node_scores_sum_the_outgoing_edges(linear):
     assert total == pytest.approx(float((diff(pb_bad) - diff(pb_clean)).mean()), abs=1e-6)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
-def planted(request):
-    model, facts, truth = planted_model(request.param)
-    return model, facts.corrupt(model, seed=0), truth
-
-
 @pytest.mark.parametrize("steps", [0, 3])
 def test_eap_recovers_the_planted_circuit(planted, steps):
-    model, pairs, truth = planted
+    model, _, pairs, truth = planted
     df = edge_attribution(model, pairs, steps=steps)
     graph = to_graph(df, model, pairs)
     top = df["score"].abs().max()
@@ -144,21 +127,21 @@ def test_eap_recovers_the_planted_circuit(planted, steps):
 
 
 def test_eap_ig_with_one_step_is_eap(planted):
-    model, pairs, _ = planted
+    model, _, pairs, _ = planted
     a, b = eap(model, pairs[:6]), eap_ig(model, pairs[:6], steps=1)
     assert np.abs(a["score"]).max() > 1
     np.testing.assert_allclose(a["score"], b["score"], atol=1e-9)
 
 
 def test_eap_recovers_the_planted_neurons(planted):
-    model, pairs, truth = planted
+    model, _, pairs, truth = planted
     df = eap(model, pairs, neurons=True, copies=256)
     circuit = prune(to_graph(df, model, pairs), threshold=1e-3 * df["score"].abs().max())
     assert truth.precision_recall(circuit.graph.nodes, neurons=True) == (1.0, 1.0)
 
 
 def test_bad_options(planted):
-    model, pairs, _ = planted
+    model, _, pairs, _ = planted
     with pytest.raises(ValueError, match="steps"):
         eap_ig(model, pairs, steps=0)
     with pytest.raises(ValueError, match="steps"):

@@ -4,8 +4,8 @@ against node ablation, and the known answers on the planted circuit."""
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
-import torch
 
 from factfind.ablation import ablate_sets
 from factfind.eap import eap, to_graph
@@ -23,18 +23,7 @@ from factfind.evaluate import (
 )
 from factfind.graph import CircuitGraph, Node, Provenance
 from factfind.pathpatch import all_nodes, roles_present
-from factfind.planted import planted_model
 from factfind.types import Role, Site
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 BLOCKS = (Role.PREFIX, Role.SUBJECT, Role.RELATION, Role.FINAL)  # Role.SUBJECT = every token
 
@@ -107,6 +96,21 @@ def tiny_pairs(family_model, facts):
     return family_model, facts.corrupt(family_model, seed=0, on_missing="skip")[:5]
 
 
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_the_full_circuit_is_exactly_faithful(tiny_pairs, how):
+    """Nothing ablated: the circuit of every node (and of every neuron) is the full model, so
+    its metric is the clean run's and its faithfulness exactly 1."""
+    model, pairs = tiny_pairs
+    batch = model.tokenize(list(pairs.clean))
+    df = pd.concat([evaluate_circuits(model, pairs, [all_nodes(model, batch, neurons=n)],
+                                      how=how, neurons=n) for n in (False, True)])
+    gap = np.abs(df["full"].to_numpy() - df["empty"].to_numpy())
+    assert gap.min() > 1e-2, "ablating everything must matter"
+    np.testing.assert_allclose(df["metric"], df["full"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(df["faithfulness"], 1.0, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(df["fraction"], 1.0)
+
+
 def test_proportion_explained_of_a_node_set_is_resample_faithfulness(tiny_pairs):
     """Edge-level path patching of the graph a node set induces is node-level resample
     ablation: two independent computations of one number."""
@@ -139,20 +143,12 @@ def test_proportion_explained_of_edges(gpt2_model, pairs):
 
 
 def _frame(nodes):
-    import pandas as pd
-
     return pd.DataFrame({"component": ["z" if n.kind == "head" else "mlp_out" for n in nodes],
                          "layer": [n.layer for n in nodes], "head": [n.index for n in nodes],
                          "neuron": None, "role": [n.role for n in nodes], "effect": 1.0})
 
 
 # ----------------------------------------------------------------------------- planted truth
-
-
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
-def planted(request):
-    model, facts, truth = planted_model(request.param)
-    return model, facts, facts.corrupt(model, seed=0), truth
 
 
 def test_planted_circuit_is_faithful_complete_and_minimal(planted):

@@ -16,21 +16,6 @@ from factfind.planted import (
 from factfind.types import Component, Role, Site
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
-def planted(request):
-    return planted_model(request.param)
-
-
 def test_one_token_per_word_and_roles():
     tok = planted_tokenizer()
     ids = tok("Ada Kim plays the sport of")["input_ids"]
@@ -44,7 +29,7 @@ def test_one_token_per_word_and_roles():
 
 
 def test_real_architectures(planted):
-    model, _, _ = planted
+    model = planted.model
     cfg = model.hf.config
     if model.spec.name == "gpt_neox":
         assert cfg.use_parallel_residual and model.hf.gpt_neox.layers[0].attention.rotary_ndims
@@ -52,7 +37,7 @@ def test_real_architectures(planted):
 
 
 def test_knows_every_fact(planted):
-    model, facts, _ = planted
+    model, facts = planted.model, planted.facts
     assert len(facts) == len(FIRST) * len(LAST)
     assert facts.known_by(model) == facts.known_by(model)  # deterministic
     assert len(facts.known_by(model)) == len(facts)
@@ -68,7 +53,7 @@ def test_no_single_name_determines_the_sport():
 
 
 def test_mechanism_runs_as_planted(planted):
-    model, facts, _ = planted
+    model, facts = planted.model, planted.facts
     batch = model.tokenize(list(facts))
     run = model.run(batch, save=[(Component.PATTERN, 0), (Component.PATTERN, 2),
                                  (Component.NEURONS, 1)])
@@ -82,7 +67,7 @@ def test_mechanism_runs_as_planted(planted):
 
 
 def test_ablating_planted_components_breaks_recall_and_distractors_do_not(planted):
-    model, facts, truth = planted
+    model, facts, _, truth = planted
     planted_sites = [Site("z", 0, head=0, position="subject_last"),
                      Site("mlp_out", 1, position="subject_last"),
                      Site("z", 2, head=0, position="final")]
