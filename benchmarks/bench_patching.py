@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 
 import numpy as np
+import torch
 from _common import best_of, machine
 
 import factfind as ff
@@ -17,6 +18,7 @@ from factfind.testing import tiny_hf_model, tiny_tokenizer
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # the machine is shared; ratios are single-threaded
     from transformer_lens import patching
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer

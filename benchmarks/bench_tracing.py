@@ -7,6 +7,7 @@ ROME-style loop (one restoration per forward, `causal_tracing_reference`); one r
 from __future__ import annotations
 
 import numpy as np
+import torch
 from _common import best_of, machine, organism_or_tiny
 
 import factfind as ff
@@ -14,6 +15,7 @@ from factfind.tracing import causal_tracing_reference
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # the machine is shared; ratios are single-threaded
     model, facts, what = organism_or_tiny()
     data = facts.sample(min(4, len(facts)), seed=0)
     kw = dict(kinds=("hidden", "mlp", "attn"), samples=3, window=3, seed=0)
