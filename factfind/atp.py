@@ -191,24 +191,47 @@ class NodeIndex:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per node: component, layer, head, neuron, position, role (NaN / None when absent)."""
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in ("component", "layer", "head",
-                                                              "neuron", "position", "role")}
-        for comp in self.components:
+        cols = self.frame_columns
+        return {k: (v.to_numpy(dtype=object, na_value=None) if k in ("component", "role")
+                    else v.to_numpy(dtype=float, na_value=np.nan)) for k, v in cols.items()}
+
+    @cached_property
+    def frame_columns(self) -> dict[str, pd.api.extensions.ExtensionArray]:
+        """Per node, as the nullable arrays of a result frame: ``component`` and ``role``
+        (``string``), ``layer``, ``head``, ``neuron`` and ``position`` (``Int64``).
+
+        Built from integer codes (a string column is a ``take`` from its few distinct
+        values), so a frame of ~10^5 nodes costs a few milliseconds, not a Python loop."""
+        ints: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "neuron",
+                                                             "position")}
+        comp_codes, pos_codes = [], []
+        pos_values = np.array([p if isinstance(p, int) else 0 for p in self.positions])
+        pos_given = np.array([isinstance(p, int) for p in self.positions])
+        for ci, comp in enumerate(self.components):
             shape = (len(self.layers), len(self.positions), self.units(comp))
             li, pi, ui = (a.ravel() for a in np.indices(shape))
             n = li.size
-            cols["component"].append(np.full(n, component_name(comp), dtype=object))
-            cols["layer"].append(np.asarray(self.layers)[li].astype(float))
-            is_neuron = comp is Component.NEURONS
+            comp_codes.append(np.full(n, ci))
+            pos_codes.append(pi)
+            none = np.full(n, -1)
+            ints["layer"].append(np.asarray(self.layers)[li])
             has_head = comp not in (Component.NEURONS, Component.MLP_OUT)
-            cols["head"].append(ui.astype(float) if has_head else np.full(n, np.nan))
-            cols["neuron"].append(ui.astype(float) if is_neuron else np.full(n, np.nan))
-            pos = np.array([p if isinstance(p, int) else np.nan for p in self.positions])
-            role = np.array([str(p) if isinstance(p, Role) else None for p in self.positions],
-                            dtype=object)
-            cols["position"].append(pos[pi].astype(float))
-            cols["role"].append(role[pi])
-        return {k: np.concatenate(v) for k, v in cols.items()}
+            ints["head"].append(ui if has_head else none)
+            ints["neuron"].append(ui if comp is Component.NEURONS else none)
+            ints["position"].append(np.where(pos_given[pi], pos_values[pi], -1))
+        out: dict[str, pd.api.extensions.ExtensionArray] = {}
+        names = [component_name(c) for c in self.components]
+        out["component"] = pd.array(names, dtype="string").take(np.concatenate(comp_codes))
+        for k in ("layer", "head", "neuron"):
+            v = np.concatenate(ints[k]).astype(np.int64)
+            out[k] = pd.arrays.IntegerArray(v, v < 0)
+        v = np.concatenate(ints["position"]).astype(np.int64)
+        out["position"] = pd.arrays.IntegerArray(
+            v, ~pos_given[np.concatenate(pos_codes)])
+        roles = [str(p) if isinstance(p, Role) else None for p in self.positions]
+        out["role"] = pd.array(roles, dtype="string").take(np.concatenate(pos_codes))
+        return {k: out[k] for k in ("component", "layer", "head", "neuron", "position",
+                                    "role")}
 
     def node_layers(self) -> Tensor:
         """``[node]`` the layer of every node."""
@@ -226,30 +249,32 @@ def node_frame(index: NodeIndex, method: str, values: dict[str, np.ndarray | Ten
     """A tidy frame (:data:`~factfind.types.RESULT_COLUMNS` first) with one row per node - or
     per (prompt, node) when ``prompts`` gives each row's prompt and ``values`` are
     ``[prompt * node]`` - built column-wise, so a million rows take well under a second."""
-    cols = index.columns()
+    cols = index.frame_columns
     reps = 1 if prompts is None else len(prompts) // len(index)
-    data: dict[str, object] = {"method": pd.array([method] * (len(index) * reps),
-                                                  dtype="string")}
     n_rows = len(index) * reps
-    for name in ("component", "layer", "head", "neuron", "position", "role"):
-        col = np.tile(cols[name], reps)
-        if name in ("component", "role"):
-            data[name] = pd.array(col, dtype="string")
-        else:
-            data[name] = pd.array(col, dtype="Float64").astype("Int64")
-    data["prompt"] = (pd.array([pd.NA] * n_rows, dtype="Int64") if prompts is None
+    tile = np.tile(np.arange(len(index)), reps) if reps > 1 else None
+    data: dict[str, object] = {"method": pd.array([method], dtype="string").take(
+        np.zeros(n_rows, dtype=np.intp))}
+    for name, col in cols.items():
+        data[name] = col.copy() if tile is None else col.take(tile)
+    data["prompt"] = (_int_array(np.full(n_rows, np.nan)) if prompts is None
                       else pd.array(prompts, dtype="Int64"))
     for name in ("effect", "ci_low", "ci_high", "n"):
         v = values.get(name)
-        arr = np.full(n_rows, np.nan) if v is None else _np(v)
-        data[name] = (pd.array(arr, dtype="Float64").astype("Int64") if name == "n"
-                      else arr.astype("float64"))
+        arr = np.full(n_rows, np.nan) if v is None else _np(v).astype("float64")
+        data[name] = _int_array(arr) if name == "n" else arr
     for name, v in values.items():
         if name not in data:
             data[name] = _np(v)
     df = pd.DataFrame(data)
     return df.reindex(columns=list(RESULT_COLUMNS)
                       + [c for c in df.columns if c not in RESULT_COLUMNS])
+
+
+def _int_array(v: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """Float counts (NaN: missing) as a nullable ``Int64`` array."""
+    missing = np.isnan(v)
+    return pd.arrays.IntegerArray(np.where(missing, 0, v).round().astype(np.int64), missing)
 
 
 def _np(v: np.ndarray | Tensor) -> np.ndarray:
@@ -262,28 +287,44 @@ def _np(v: np.ndarray | Tensor) -> np.ndarray:
 def running_update(state: dict[str, Tensor], x: Tensor, valid: Tensor | None = None
                    ) -> dict[str, Tensor]:
     """:meth:`RunningStats.update` as a pure function of the accumulators (torch only, so a
-    remote sweep can run it without shipping the class)."""
-    x = x.detach().to("cpu", torch.float64)
-    if valid is None or bool(valid.all()):
-        nb = torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64)
-        mb = x.mean(0) if len(x) else torch.zeros_like(nb)
-        m2b = ((x - mb) ** 2).sum(0)
-    else:
-        w = valid.to("cpu").expand_as(x).to(torch.float64)
-        x = torch.where(w > 0, x, 0.0)  # masked entries (even NaN) count 0 with weight 0
-        nb = w.sum(0)
-        mb = x.sum(0) / nb.clamp(min=1)
-        m2b = (((x - mb) * w) ** 2).sum(0)
+    remote sweep can run it without shipping the class).
+
+    The block's own count, mean, centred sum of squares and |x| statistics are reduced on the
+    block's device and dtype (at least float32) with one temporary of its size, and only the
+    ``[node]`` results are moved to the CPU and merged in float64 (Chan et al.'s update). A
+    ``[batch node]`` block is as large as everything else AtP computes: a float64 copy per
+    elementwise step once cost more than the forward pass."""
+    x = x.detach()
+    if not x.dtype.is_floating_point or x.dtype.itemsize < 4:
+        x = x.float()
+    cpu64 = {"device": "cpu", "dtype": torch.float64}
     count, mean = state["count"], state["mean"]
+    if x.shape[0] == 0:
+        return dict(state)
+    if valid is None:
+        w = None
+        nb_dev = torch.full((x.shape[1],), float(x.shape[0]), device=x.device, dtype=x.dtype)
+    else:  # masked entries (even NaN) count 0 with weight 0
+        valid = valid.to(x.device, torch.bool).expand_as(x)
+        w = valid.to(x.dtype)
+        x = torch.where(valid, x, 0.0)
+        nb_dev = w.sum(0)
+    mb_dev = x.sum(0) / nb_dev.clamp(min=1)
+    tmp = x - mb_dev
+    if w is not None:
+        tmp.mul_(w)
+    m2b = tmp.mul_(tmp).sum(0).to(**cpu64)
+    torch.abs(x, out=tmp)
+    abs_sum, abs_max = tmp.sum(0).to(**cpu64), tmp.amax(0).to(**cpu64)
+    nb, mb = nb_dev.to(**cpu64), mb_dev.to(**cpu64)
     tot = count + nb
     delta = mb - mean
     return {
         "count": tot,
         "mean": mean + delta * nb / tot.clamp(min=1),
         "m2": state["m2"] + m2b + delta ** 2 * count * nb / tot.clamp(min=1),
-        "abs_sum": state["abs_sum"] + x.abs().sum(0),
-        "abs_max": torch.maximum(state["abs_max"], x.abs().max(0).values if len(x)
-                                 else state["abs_max"]),
+        "abs_sum": state["abs_sum"] + abs_sum,
+        "abs_max": torch.maximum(state["abs_max"], abs_max),
     }
 
 
