@@ -51,12 +51,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def chunk_files(folder: Path) -> list[Path]:
+    """The finished chunk files of a chunked step, in order (temporary files left by a killed
+    writer start with a dot and are not among them)."""
+    return sorted(folder.glob("chunk-*.parquet"))
+
+
 def _write_table(path: Path, df: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:  # on disk before it gets its final name
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -128,25 +136,33 @@ class RunCache:
         as soon as it is done, so a killed run recomputes only unfinished chunks.
 
         ``compute(start, stop)`` returns the rows for items ``start..stop-1``; a ``prompt``
-        column, if present, must use global indices.
+        column, if present, must use global indices. The chunks are loaded and concatenated;
+        use :meth:`stream` to leave them on disk (memory flat in ``n``).
         """
+        folder = self.stream(name, n, compute, chunk=chunk, params=params, progress=progress)
+        parts = [pd.read_parquet(path) for path in chunk_files(folder)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+    def stream(self, name: str, n: int, compute: Callable[[int, int], pd.DataFrame], *,
+               chunk: int, params: dict[str, Any] | None = None,
+               progress: Callable[[int], None] | None = None) -> Path:
+        """Like :meth:`chunked`, but return the folder of chunk files (a parquet dataset that
+        ``pd.read_parquet(folder)`` reads whole) without holding any chunk past its write:
+        finished chunks are skipped without being read."""
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
         folder = self._path(name, dict(params or {}, chunk=chunk, n=n), "")
-        parts: list[pd.DataFrame] = []
+        folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, n, chunk):
             path = folder / f"chunk-{start:08d}.parquet"
             if path.exists():
-                parts.append(pd.read_parquet(path))
                 self.hits.append(f"{name}[{start}]")
             else:
-                df = compute(start, min(n, start + chunk))
-                _write_table(path, df)
-                parts.append(df)
+                _write_table(path, compute(start, min(n, start + chunk)))
                 self.computed.append(f"{name}[{start}]")
             if progress is not None:
                 progress(min(n, start + chunk) - start)
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        return folder
 
     def files(self) -> Sequence[Path]:
         return sorted(p for p in self.root.rglob("*") if p.is_file())
