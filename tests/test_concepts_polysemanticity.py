@@ -1,10 +1,10 @@
 """Polysemanticity and the neuron-vs-PCA basis comparison: known answers on the planted model
 (one AND neuron per subject, distractor neurons per first or last name) and a loop reference."""
 
+import numpy as np
 import pytest
 import torch
 
-from factfind.planted import planted_model
 from factfind.polysemanticity import (
     basis_comparison,
     monosemantic_fraction,
@@ -13,27 +13,21 @@ from factfind.polysemanticity import (
 )
 
 
-@pytest.fixture(scope="module")
-def planted():
-    model, facts, _ = planted_model("gpt2")
-    return model, facts, facts.corrupt(model, seed=0)
-
-
 def test_planted_lookup_neurons_are_monosemantic(planted):
-    model, facts, _ = planted
+    model, facts = planted.model, planted.facts
     lookup = [(1, n) for n in range(16)]  # one AND neuron per subject
     first_name = [(1, 16 + i) for i in range(4)]  # fire for every subject with first name i
     last_name = [(0, j) for j in range(4)]  # fire for every subject with last name j
     df = neuron_selectivity(model, facts, lookup + first_name + last_name,
                             keys=("attribute", "subject"))
-    got = df.set_index(["layer", "neuron", "key"])["effect"]
+    got = df.set_index(["layer", "neuron", "key"])["effect"].to_dict()
     for layer, n in lookup:
         assert got[(layer, n, "subject")] == 1
         assert got[(layer, n, "attribute")] == 1
     for layer, n in first_name + last_name:
         assert got[(layer, n, "subject")] == 4
         assert got[(layer, n, "attribute")] == 0  # a Latin square: equal class means
-    eff = df.set_index(["layer", "neuron", "key"])["effective_values"]
+    eff = df.set_index(["layer", "neuron", "key"])["effective_values"].to_dict()
     assert eff[(1, 0, "subject")] == pytest.approx(1.0)
     assert eff[(1, 16, "subject")] == pytest.approx(4.0)
     frac = monosemantic_fraction(df).set_index("key")
@@ -75,9 +69,9 @@ def test_basis_comparison_planted(planted):
     """16 lookup neurons carry the whole lookup; their outputs live in the 4 ATTR features, so
     4 principal directions of the MLP output do too, and one neuron carries 1/8 of it (each
     pair uses two of the sixteen: its clean and its corrupt subject's)."""
-    model, _, pairs = planted
+    model, pairs = planted.model, planted.pairs
     df = basis_comparison(model, pairs, layer=1, ks=(1, 4, 16))
-    r = df.set_index(["basis", "k"])["ratio"]
+    r = df.set_index(["basis", "k"])["ratio"].to_dict()
     assert r[("neurons", 16)] == pytest.approx(1.0, abs=1e-4)
     assert r[("neurons", 1)] == pytest.approx(1 / 8, abs=1e-3)
     assert r[("pca/variance", 4)] == pytest.approx(1.0, abs=1e-3)
@@ -86,7 +80,7 @@ def test_basis_comparison_planted(planted):
 
 
 def test_bad_input(planted):
-    model, facts, pairs = planted
+    model, facts, pairs = planted.model, planted.facts, planted.pairs
     with pytest.raises(ValueError, match="unknown key"):
         neuron_selectivity(model, facts, [(1, 0)], keys=("colour",))
     with pytest.raises(ValueError, match="no neurons"):
@@ -113,5 +107,5 @@ def test_organism_polysemanticity_runs():
     assert frac["effect"].dropna().between(0, 1).all()
     bc = basis_comparison(model, pairs, layer=0, ks=(4, 64), neuron_scores=top)
     full = bc[bc["basis"] == "full"]
-    assert full["effect"].iloc[0] > 0.05  # MLP0 at the last subject token restores the fact
-    assert bc["ratio"].notna().all()
+    assert float(np.asarray(full["effect"], dtype=float)[0]) > 0.05  # MLP0 restores some
+    assert bool(bc["ratio"].notna().all())

@@ -4,7 +4,7 @@ on the planted model, whose attribute lives in known residual directions."""
 import pytest
 import torch
 
-from factfind.planted import ANSWER, ATTR, D_MODEL, SINK, SPORTS, planted_model
+from factfind.planted import ANSWER, ATTR, D_MODEL, SINK, SPORTS
 from factfind.representation import (
     Directions,
     attribute_directions,
@@ -20,12 +20,6 @@ from factfind.subspace import (
     subspace_patching,
     subspace_patching_reference,
 )
-
-
-@pytest.fixture(scope="module")
-def planted():
-    model, facts, _ = planted_model("gpt_neox")
-    return model, facts, facts.corrupt(model, seed=0)
 
 
 def _feature_basis(features) -> torch.Tensor:
@@ -67,7 +61,7 @@ def test_known_direction_rank1_equals_full(planted):
     pair's one contrast direction) at the last subject token restores exactly what the full
     patch does; a random subspace restores little; the unembedding directions (which read the
     ANSWER features) restore nothing there but everything at the final token after layer 2."""
-    model, _, pairs = planted
+    model, pairs = planted.model, planted.pairs
     n = len(pairs)
     attr = _feature_basis(ATTR)
     idx = {s: i for i, s in enumerate(SPORTS)}
@@ -80,7 +74,7 @@ def test_known_direction_rank1_equals_full(planted):
         SubspacePatch("contrast", *site, basis=contrast),
         SubspacePatch("random", *site, basis=torch.randn(D_MODEL, 4)),
         SubspacePatch("answer", *site, basis=_feature_basis(ANSWER))])
-    r = patch_ratio(df).set_index("subspace")["ratio"]
+    r = patch_ratio(df).set_index("subspace")["ratio"].to_dict()
     assert r[FULL] == pytest.approx(1.0)
     assert r["attr"] == pytest.approx(1.0, abs=1e-4)
     assert r["contrast"] == pytest.approx(1.0, abs=1e-4)
@@ -90,15 +84,15 @@ def test_known_direction_rank1_equals_full(planted):
 
 
 def test_fitted_directions_on_planted(planted):
-    model, facts, pairs = planted
+    model, facts, pairs = planted.model, planted.facts, planted.pairs
     dirs = attribute_directions(model, facts, layers=[1, 2], roles=["subject_last", "final"],
                                 test_fraction=0.25)
-    dec = dirs.decodability.set_index(["layer", "role", "direction"])["effect"]
+    dec = dirs.decodability.set_index(["layer", "role", "direction"])["effect"].to_dict()
     assert dec[(2, "final", "unembed")] == 1.0  # the answer is in the unembedding's direction
     assert dec[(1, "subject_last", "mean")] == 1.0
     assert dec[(1, "subject_last", "unembed")] < 1.0  # ATTR is not what W_U reads
     r = direction_patching(model, pairs, dirs)
-    r = r.set_index(["layer", "role", "subspace"])["ratio"]
+    r = r.set_index(["layer", "role", "subspace"])["ratio"].to_dict()
     assert r[(2, "final", "unembed/rank1")] == pytest.approx(1.0, abs=1e-4)
     assert r[(2, "final", "unembed/rank_k")] == pytest.approx(1.0, abs=1e-4)
     assert abs(r[(1, "subject_last", "unembed/rank1")]) < 1e-4
@@ -106,14 +100,14 @@ def test_fitted_directions_on_planted(planted):
     assert r[(1, "subject_last", "mean/rank1")] > 0.95
     agree = direction_agreement(dirs)
     layers = agree[(agree["kind"] == "layers") & (agree["direction"] == "unembed")]
-    assert layers["effect"].to_numpy() == pytest.approx(1.0)  # one W_U, every layer
+    assert list(layers["effect"]) == pytest.approx([1.0] * len(layers))  # one W_U, every layer
     m = agree[(agree["kind"] == "methods") & (agree["layer"] == 2) & (agree["role"] == "final")]
-    assert m.set_index(["method_a", "method_b"])["effect"][("mean", "unembed")] > 0.99
+    assert m.set_index(["method_a", "method_b"])["effect"].to_dict()[("mean", "unembed")] > 0.95
 
 
 def test_unembed_direction_reads_logits(planted):
     """``u . resid / scale`` is the logit (up to the bias): the direction is the readout."""
-    model, facts, _ = planted
+    model, facts = planted.model, planted.facts
     from factfind.types import Component
 
     batch = model.tokenize(list(facts[:4]))
@@ -129,7 +123,7 @@ def test_unembed_direction_reads_logits(planted):
 
 
 def test_errors_name_the_record(planted, gpt2_model, pairs):
-    model, facts, ppairs = planted
+    model, facts, ppairs = planted.model, planted.facts, planted.pairs
     with pytest.raises(ValueError, match="basis has 3 rows"):
         subspace_patching(model, ppairs, [SubspacePatch("x", "resid_post", 0, "final",
                                                         basis=torch.ones(3, 1))])
@@ -156,7 +150,7 @@ def test_organism_representation_runs():
     facts = ff.load_facts("organism:sport").sample(160, seed=0).known_by(model)
     dirs = attribute_directions(model, facts, layers=[model.n_layers - 1], roles=["final"])
     dec = dirs.decodability.set_index("direction")
-    assert (dec["effect"] > dec["chance"] + 0.2).all()
+    assert bool((dec["effect"] > dec["chance"] + 0.2).all())
     pairs = facts[:8].corrupt(model, seed=0, on_missing="skip")
     r = direction_patching(model, pairs, dirs).set_index("subspace")
     assert r.loc[FULL, "effect"] > 0.5

@@ -102,4 +102,4 @@ def test_organism_superposition_runs():
     assert cap["neurons"] == model.d_mlp and cap["facts"] > 10
     er = lookup_effective_rank(model, facts, layers=[0])
     assert set(er["component"]) == {"mlp_out", "neurons"}
-    assert (er["effect"] > 1).all() and (er["effect"] <= er["dims"]).all()
+    assert bool((er["effect"] > 1).all() and (er["effect"] <= er["dims"]).all())
