@@ -17,6 +17,7 @@ from factfind.loaders import from_records, load_facts
 from factfind.model import ArchSpec, Model, load_model, register_spec
 from factfind.patching import activation_patching
 from factfind.results import aggregate
+from factfind.streaming import stream
 from factfind.tracing import causal_tracing
 from factfind.types import Component, Role, Site
 
@@ -26,5 +27,5 @@ __all__ = [
     "ArchSpec", "Component", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "Model",
     "Role", "Site", "activation_patching", "aggregate", "attention_knockout", "causal_tracing",
     "direct_logit_attribution", "eap", "from_records", "graph", "load_facts", "load_model",
-    "register_spec",
+    "register_spec", "stream",
 ]
