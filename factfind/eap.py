@@ -45,7 +45,7 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,7 @@ from factfind.types import Component
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
-    from factfind.model import Model
+    from factfind.model import Model, Remote
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _input_grads(model: Model, pb: PairBatch, recv: Sequence[Receiver], labels: 
 def edge_attribution(
     model: Model, pairs: FactPairs, *, steps: int = 0, neurons: bool = False,
     metric: Metric | None = None, batch_size: int = 8, copies: int = 64,
-    progress: bool = False,
+    progress: bool = False, remote: Remote = None,
 ) -> pd.DataFrame:
     """EAP (``steps=0``) or EAP-IG (``steps=m``) scores of every edge of the graph.
 
@@ -161,6 +161,8 @@ def edge_attribution(
         neurons: nodes are single MLP neurons instead of whole MLPs.
         metric: ``metric(logits, correct, wrong) -> [rows]`` (default logit difference).
         batch_size: prompts per forward; copies: receiver copies stacked per forward.
+        remote: every forward and backward as one nnsight session, ``"local"`` or on NDIF
+            (``True``); see :meth:`~factfind.model.Model.session`.
 
     Returns:
         One row per edge: ``method``, ``src``, ``dst`` (node ids), ``score`` (mean over prompts
@@ -177,11 +179,26 @@ def edge_attribution(
     pb_all = encode_pairs(model, pairs)
     roles = [TOKEN_ROLES.index(r) for r in roles_present(pb_all.clean)]
     labels_all = role_labels(pb_all.clean)
-    acc = _Scores(model, roles, neurons)
-    recv = _receivers(model, roles, neurons)
-    metric = metric or logit_diff
     n = len(pairs)
     bar = tqdm(total=n, disable=not progress, desc="eap-ig" if steps else "eap", unit="prompt")
+    sums = model.session(_eap_sweep, model, pb_all, labels_all, roles, steps=steps,
+                         neurons=neurons, metric=metric or logit_diff, batch_size=batch_size,
+                         copies=copies, progress=bar.update, remote=remote)
+    bar.close()
+    acc = _Scores(model, roles, neurons)
+    acc.head, acc.mlp, acc.logits = sums
+    method = f"eap-ig/{steps}" if steps else "eap"
+    return _edge_frame(acc, method, n, _feasible(labels_all, roles))
+
+
+def _eap_sweep(model: Model, pb_all: PairBatch, labels_all: Tensor, roles: list[int], *,
+               steps: int, neurons: bool, metric: Metric, batch_size: int, copies: int,
+               progress: Callable[[int], Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The model-side half of :func:`edge_attribution` (one nnsight session, torch only): the
+    summed edge scores of heads, MLPs (or neurons) and logits."""
+    acc = _Scores(model, roles, neurons)
+    recv = _receivers(model, roles, neurons)
+    n = pb_all.correct.shape[0]
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
         pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
@@ -198,10 +215,9 @@ def edge_attribution(
                 acc.add(part, through[:len(part)], deltas, onehot, 1 / len(points))
             acc.add([Receiver("logits", model.n_layers)], g_out[None], deltas, onehot,
                     1 / len(points))
-        bar.update(idx.stop - idx.start)
-    bar.close()
-    method = f"eap-ig/{steps}" if steps else "eap"
-    return acc.frame(method, n, _feasible(labels_all, roles))
+        if progress is not None:
+            progress(idx.stop - idx.start)
+    return acc.head, acc.mlp, acc.logits
 
 
 class _Scores:
@@ -276,33 +292,34 @@ class _Scores:
                 k = self.prefix_mlp[r.layer]
                 self.mlp[r.layer, r.index or 0, :, :k] += T[c, :, :k]
 
-    def frame(self, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
-        """The non-structural-zero edges as rows (mean over the ``n`` prompts)."""
-        model, names = self.model, TOKEN_ROLES
-        units = np.array(self.units, dtype=object)
-        src, dst, score = [], [], []
 
-        def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
-            src.append(units[:k] + "@" + names[role_src])
-            dst.append(np.full(k, dst_id, dtype=object))
-            score.append(values[:k].numpy() / n)
+def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
+    """The non-structural-zero edges of ``acc`` as rows (mean over the ``n`` prompts); a free
+    function, so that the class a remote sweep ships carries no pandas."""
+    model, names = acc.model, TOKEN_ROLES
+    units = np.array(acc.units, dtype=object)
+    src, dst, score = [], [], []
 
-        for layer in range(model.n_layers):
-            for h in range(model.n_heads):
-                for q in self.roles:
-                    for r in self.roles:
-                        if feasible[r, q]:
-                            emit(f"L{layer}.h{h}@{names[q]}", r, self.prefix_head[layer],
-                                 self.head[layer, h, q, r])
-            for i in range(self.mlp.shape[1]):
-                unit = f"L{layer}.n{i}" if self.neurons else f"L{layer}.mlp"
-                for q in self.roles:
-                    emit(f"{unit}@{names[q]}", q, self.prefix_mlp[layer], self.mlp[layer, i, q])
-        final = names.index("final")
-        emit("logits@final", final, len(self.units), self.logits)
-        return pd.DataFrame({"method": method, "src": np.concatenate(src),
-                             "dst": np.concatenate(dst), "score": np.concatenate(score),
-                             "n": n})
+    def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
+        src.append(units[:k] + "@" + names[role_src])
+        dst.append(np.full(k, dst_id, dtype=object))
+        score.append(values[:k].numpy() / n)
+
+    for layer in range(model.n_layers):
+        for h in range(model.n_heads):
+            for q in acc.roles:
+                for r in acc.roles:
+                    if feasible[r, q]:
+                        emit(f"L{layer}.h{h}@{names[q]}", r, acc.prefix_head[layer],
+                             acc.head[layer, h, q, r])
+        for i in range(acc.mlp.shape[1]):
+            unit = f"L{layer}.n{i}" if acc.neurons else f"L{layer}.mlp"
+            for q in acc.roles:
+                emit(f"{unit}@{names[q]}", q, acc.prefix_mlp[layer], acc.mlp[layer, i, q])
+    final = names.index("final")
+    emit("logits@final", final, len(acc.units), acc.logits)
+    return pd.DataFrame({"method": method, "src": np.concatenate(src),
+                         "dst": np.concatenate(dst), "score": np.concatenate(score), "n": n})
 
 
 def _with_mlps(chunk: Sequence[Receiver]) -> list[Receiver]:

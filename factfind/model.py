@@ -40,6 +40,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -559,6 +561,11 @@ class Model:
         # on Python 3.11: rebuild them from their function instead
         had = copyreg.dispatch_table.get(functools.cached_property)
         copyreg.dispatch_table[functools.cached_property] = _reduce_cached_property
+        # factfind's modules import pandas, scipy, tqdm for their local halves; references to
+        # such modules travel as lazy imports, so a server needs them only if it runs them
+        table = cloudpickle.CloudPickler._dispatch_table
+        module_reduce = table[types.ModuleType]
+        table[types.ModuleType] = functools.partial(_reduce_module, default=module_reduce)
         args, kwargs = _for_server(args), _for_server(kwargs)
         nn = self._nn
         try:
@@ -566,6 +573,7 @@ class Model:
                 out = sweep(*args, **kwargs)
                 out = nnsight.save(to_cpu(out))
         finally:
+            table[types.ModuleType] = module_reduce
             if not registered:
                 cloudpickle.unregister_pickle_by_value(factfind)
             if had is None:
@@ -663,6 +671,32 @@ def _tree_map(value: Any, leaf: Callable[[Any], Any]) -> Any:
 def to_cpu(value: Any) -> Any:
     """``value`` with every tensor inside (lists, tuples, dicts) detached and on the CPU."""
     return _tree_map(value, lambda v: v.detach().cpu() if isinstance(v, Tensor) else v)
+
+
+class LazyModule:
+    """A module imported on first attribute access (how client-side modules travel to a
+    server: see :meth:`Model.session`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr == "name":
+            raise AttributeError(attr)
+        import importlib
+
+        return getattr(importlib.import_module(self.name), attr)
+
+
+def _reduce_module(module: types.ModuleType, *, default: Callable[[Any], Any]) -> Any:
+    """Modules a server has (torch, numpy, transformers, nnsight, the standard library) and
+    factfind's own go as usual; any other becomes a :class:`LazyModule`."""
+    from nnsight.intervention.backends.local import _SERVER_MODULES
+
+    root = module.__name__.split(".")[0]
+    if root in _SERVER_MODULES or root in sys.stdlib_module_names or root == "factfind":
+        return default(module)
+    return LazyModule, (module.__name__,)
 
 
 def _reduce_cached_property(prop: functools.cached_property) -> tuple[Any, ...]:

@@ -1,10 +1,11 @@
 """Remote execution: every analysis through nnsight's serialised request path (``remote="local"``)
 gives the numbers of a local run, as one session whose payload carries code, not weights.
 
-The simulation is made *stricter* than nnsight's own: while the request is deserialised, not
-only the user's local modules but also factfind, pandas and scipy cannot be imported - a server
-has torch, numpy and transformers, not factfind (its code must travel by value) nor the
-table libraries (sweeps must send back tensors and plain rows, tidied here).
+The simulation is made *stricter* than nnsight's own: while the request is deserialised and
+run, not only the user's local modules but also factfind, pandas and scipy cannot be imported -
+a server has torch, numpy and transformers, not factfind (its code must travel by value) nor
+the table libraries (sweeps must send back tensors and plain rows, tidied here; factfind's
+references to them travel as lazy imports that the sweeps never trigger).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nnsight.schema.request import RequestModel
 import factfind as ff
 from factfind.ablation import ablation
 from factfind.atp import atp_star
+from factfind.eap import edge_attribution
 from factfind.results import tidy
 from factfind.types import Component, Role, Site
 
@@ -36,22 +38,21 @@ class _NotInstalled(importlib.abc.MetaPathFinder):
 
 @pytest.fixture()
 def server(monkeypatch):
-    """A strict simulated server; records each request's payload size."""
-    hide, restore = LocalSimulationBackend._hide_local_modules, LocalSimulationBackend._restore
+    """A strict simulated server for the whole request (loading and running it); records each
+    request's payload size."""
+    call = LocalSimulationBackend.__call__
     blocker = _NotInstalled()
     payloads: list[int] = []
 
-    def strict_hide(self):
-        hidden = hide(self)
-        for name in list(sys.modules):
-            if name.split(".")[0] in NOT_ON_SERVER:
-                hidden["modules"][name] = sys.modules.pop(name)
+    def strict_call(self, tracer):
+        gone = {name: sys.modules.pop(name) for name in list(sys.modules)
+                if name.split(".")[0] in NOT_ON_SERVER}
         sys.meta_path.insert(0, blocker)
-        return hidden
-
-    def strict_restore(self, hidden):
-        sys.meta_path.remove(blocker)
-        restore(self, hidden)
+        try:
+            return call(self, tracer)
+        finally:
+            sys.meta_path.remove(blocker)
+            sys.modules.update(gone)
 
     serialize = RequestModel.serialize.__func__
 
@@ -60,8 +61,7 @@ def server(monkeypatch):
         payloads.append(len(blob))
         return blob
 
-    monkeypatch.setattr(LocalSimulationBackend, "_hide_local_modules", strict_hide)
-    monkeypatch.setattr(LocalSimulationBackend, "_restore", strict_restore)
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", strict_call)
     monkeypatch.setattr(RequestModel, "serialize", classmethod(counting_serialize))
     return payloads
 
@@ -90,7 +90,8 @@ def test_patching_sweep_is_one_request_with_local_numbers(gpt2_model, pairs, ser
     assert len(set(remote["role"])) == 4
 
 
-@pytest.mark.parametrize("analysis", ["tracing", "knockout", "dla", "ablation", "atp*"])
+@pytest.mark.parametrize("analysis", ["tracing", "knockout", "dla", "ablation", "atp*",
+                                      "eap-ig"])
 def test_each_analysis_remote_equals_local(family_model, facts, analysis, server):
     model = family_model
     pairs = facts.corrupt(model, seed=0, on_missing="skip")
@@ -105,6 +106,8 @@ def test_each_analysis_remote_equals_local(family_model, facts, analysis, server
         "ablation": lambda **k: ablation(model, facts, sites, batch_size=5, **k),
         "atp*": lambda **k: atp_star(model, pairs, batch_size=4,
                                      components=["neurons", "head_out", "q", "k"], **k),
+        "eap-ig": lambda **k: edge_attribution(model, pairs[:4], steps=2, **k).rename(
+            columns={"score": "effect"}),
     }[analysis]
     local = run()
     remote = run(remote="local")
