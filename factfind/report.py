@@ -9,9 +9,10 @@ escapes every dataset string (a subject called ``<script>alert(1)</script>`` is 
 
 The parts, from the bottom up:
 
-* :func:`heatmap`, :func:`line_plot`, :func:`bar_plot` draw tidy result frames (the columns of
-  :data:`factfind.types.RESULT_COLUMNS`) with seaborn into a :class:`Figure` (inline SVG, made
-  deterministic by a fixed ``svg.hashsalt``, no date and per-figure element ids);
+* :func:`heatmap`, :func:`line_plot`, :func:`bar_plot`, :func:`scatter_plot` draw tidy result
+  frames (the columns of :data:`factfind.types.RESULT_COLUMNS`) with seaborn into a
+  :class:`Figure` (inline SVG, made deterministic by a fixed ``svg.hashsalt``, no date and
+  per-figure element ids);
   :func:`accuracy_table` and :func:`top_units` summarise frames for :class:`Table` s, which render
   with sortable columns (click a header).
 * :func:`graph_view` draws a circuit (a networkx ``DiGraph``, or anything with such a ``.graph``)
@@ -492,6 +493,35 @@ def bar_plot(df: pd.DataFrame, *, label: str, value: str = "effect", k: int = 20
         if title:
             ax.set_title(title, loc="left")
         return from_matplotlib(fig, caption=caption, alt=alt or f"Top {len(top)} by |{value}|")
+
+
+def scatter_plot(df: pd.DataFrame, *, x: str, y: str, hue: str | None = None, title: str = "",
+                 caption: str = "", alt: str = "", diagonal: bool = True,
+                 xlabel: str | None = None, ylabel: str | None = None) -> Figure:
+    """Points of ``y`` against ``x`` (one colour per ``hue`` value), with the dashed line
+    ``y = x`` when ``diagonal`` (e.g. an estimate against the exact value it estimates)."""
+    df = df.loc[(df[x].notna() & df[y].notna()).to_numpy()]
+    if df.empty:
+        raise ValueError(f"scatter plot of a frame with no rows that have both {x} and {y}")
+    groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=True))
+    palette = sns.color_palette("colorblind", max(1, len(groups)))
+    with _new_figure(5.2, 4.2) as fig:
+        ax = fig.subplots()
+        for (name, g), color in zip(groups, palette, strict=False):
+            label = None if name is None else str(name[0] if isinstance(name, tuple) else name)
+            ax.scatter(g[x].astype(float), g[y].astype(float), s=18, color=color, alpha=0.8,
+                       label=label, lw=0)
+        if diagonal:
+            both = np.concatenate([df[x].to_numpy(dtype=float), df[y].to_numpy(dtype=float)])
+            lo, hi = float(both.min()), float(both.max())
+            ax.plot([lo, hi], [lo, hi], color="#6b7280", lw=1, ls="--")
+        if hue is not None:
+            ax.legend(title=hue, frameon=False, fontsize=8)
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel or y)
+        if title:
+            ax.set_title(title, loc="left")
+        return from_matplotlib(fig, caption=caption, alt=alt or f"{y} against {x}")
 
 
 def site_label(row: Mapping[str, Any]) -> str:
