@@ -1,0 +1,131 @@
+"""Circuit-graph nodes: a component at a position role, named by a readable id.
+
+The residual stream makes a transformer a directed acyclic graph: every block reads the sum of
+everything written before it, so any component can feed any later one. A node is one component
+at one position role:
+
+* ``L5.mlp@subject_last``  layer 5's MLP at the subject's last token;
+* ``L3.h2@final``          head 2 of layer 3 at the final token;
+* ``L4.n311@subject_last`` neuron 311 of layer 4's MLP; ``L2.attn@final``, ``L6.resid@final``
+  (the stream *entering* block 6) likewise; role ``all`` means every position;
+* ``embed@<role>``         the inputs, and ``logits@final`` the one output.
+
+Which node reads which (:func:`feeds`): a node reads only what was written at an earlier
+*stage* of the forward pass (:func:`stage`). MLPs and neurons act per position, so they read
+only nodes at their own role; heads move information between positions, so they read any role.
+Only the final position's stream reaches the logits. In parallel blocks (GPT-NeoX) attention
+and MLP of one layer read the same stream and do not feed each other.
+
+Example::
+
+    Node.parse("L3.h2@final")                      # Node("head", 3, 2, "final")
+    feeds(Node.parse("embed@final"), Node("head", 0, 1, "final"), parallel=False)   # True
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from factfind.types import Role
+
+KINDS = ("embed", "resid", "attn", "head", "mlp", "neuron", "logits")  # order within a layer
+ROLES = (*(r.value for r in Role), "all")
+ENDPOINTS = ("embed", "logits")
+_ID = re.compile(r"(?:(?P<end>embed|logits)|L(?P<layer>\d+)\."
+                 r"(?:h(?P<head>\d+)|n(?P<neuron>\d+)|(?P<block>mlp|attn|resid)))@(?P<role>\w+)")
+
+
+@functools.total_ordering
+@dataclass(frozen=True)
+class Node:
+    """A component at a position role; ordered by (layer, kind, index, role).
+
+    ``layer`` is -1 for ``embed`` and ``n_layers`` for ``logits``; ``index`` is the head or
+    neuron index (``None`` for the other kinds); ``role`` is a :class:`Role` value or ``"all"``.
+    """
+
+    kind: str
+    layer: int
+    index: int | None = None
+    role: str = "all"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer", int(self.layer))
+        object.__setattr__(self, "role", str(self.role))
+        if self.index is not None:
+            object.__setattr__(self, "index", int(self.index))
+        if self.kind not in KINDS:
+            raise ValueError(f"node kind must be one of {KINDS}, got {self.kind!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"node role must be one of {ROLES}, got {self.role!r}")
+        if (self.index is None) == (self.kind in ("head", "neuron")):
+            raise ValueError(f"{self.kind} nodes {'need' if self.index is None else 'take no'} "
+                             f"index, got {self.index!r}")
+        if self.index is not None and self.index < 0:
+            raise ValueError(f"node index must be >= 0, got {self.index}")
+        if (self.layer == -1) != (self.kind == "embed") or self.layer < -1:
+            raise ValueError(f"layer must be -1 exactly for embed nodes, got {self.kind} "
+                             f"at layer {self.layer}")
+
+    @property
+    def id(self) -> str:
+        """``L5.mlp@subject_last``, ``L3.h2@final``, ``L4.n311@subject_last``, ``embed@final``."""
+        if self.kind in ENDPOINTS:
+            return f"{self.kind}@{self.role}"
+        unit = {"head": f"h{self.index}", "neuron": f"n{self.index}"}.get(self.kind, self.kind)
+        return f"L{self.layer}.{unit}@{self.role}"
+
+    @classmethod
+    def parse(cls, node_id: str, *, n_layers: int | None = None) -> Node:
+        """The node with this id. ``logits`` ids carry no layer, so they need ``n_layers``;
+        with it, other ids are also checked to lie inside the model."""
+        m = _ID.fullmatch(node_id)
+        if m is None:
+            raise ValueError(f"malformed node id {node_id!r}: expected e.g. 'L5.mlp@subject_last',"
+                             " 'L3.h2@final', 'L4.n311@final', 'embed@final' or 'logits@final'")
+        role = m["role"]
+        if m["end"] == "embed":
+            return cls("embed", -1, None, role)
+        if m["end"] == "logits":
+            if n_layers is None:
+                raise ValueError(f"{node_id!r} carries no layer: pass n_layers to parse it")
+            return cls("logits", n_layers, None, role)
+        kind = "head" if m["head"] else "neuron" if m["neuron"] else m["block"]
+        index = m["head"] or m["neuron"]
+        node = cls(kind, int(m["layer"]), None if index is None else int(index), role)
+        if n_layers is not None and node.layer >= n_layers + (kind == "resid"):
+            raise ValueError(f"{node_id!r} lies outside a model with {n_layers} layers")
+        return node
+
+    def _key(self) -> tuple[int, int, int, int]:
+        index = -1 if self.index is None else self.index
+        return (self.layer, KINDS.index(self.kind), index, ROLES.index(self.role))
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self._key() < other._key()
+
+
+def stage(kind: str, layer: int, parallel: bool) -> tuple[int, int]:
+    """Order in the forward pass: ``(layer, 0)`` the embeddings and the stream entering block
+    ``layer``, ``(layer, 1)`` attention, ``(layer, 2)`` the MLP (1 in parallel blocks: it reads
+    the same stream as attention), ``(n_layers, 3)`` the logits. ``u`` can feed ``v`` only if
+    ``stage(u) < stage(v)``."""
+    sub = {"embed": 0, "resid": 0, "head": 1, "attn": 1, "mlp": 2 - parallel,
+           "neuron": 2 - parallel, "logits": 3}[kind]
+    return (layer, sub)
+
+
+def feeds(u: Node, v: Node, parallel: bool) -> bool:
+    """Whether ``v`` reads what ``u`` writes into the residual stream."""
+    if stage(u.kind, u.layer, parallel) >= stage(v.kind, v.layer, parallel):
+        return False
+    if v.kind in ("attn", "head"):  # attention reads every (earlier) position
+        return True
+    return u.role == v.role or "all" in (u.role, v.role)  # MLPs, stream, logits: per position
+
+
+__all__ = ["ENDPOINTS", "KINDS", "ROLES", "Node", "feeds", "stage"]
