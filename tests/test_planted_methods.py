@@ -298,3 +298,19 @@ def test_pruned_graph_is_the_planted_circuit(planted, method):
         assert set(graph.graph.edges) == set(planted.truth.edges)
         scores = np.array([graph.graph.edges[e]["score"] for e in planted.truth.edges])
     assert (np.abs(scores) > 0.1).all(), "every planted node (edge) has a sizeable score"
+
+
+def test_noise_tracing_sees_the_lookup_and_the_extraction_but_not_the_join(planted):
+    """ROME's Gaussian-noise corruption noises *both* subject tokens, so restoring one state
+    restores a planted effect only where that state alone carries the subject: the lookup MLP's
+    output at the last subject token and the extraction layer's at the final token. The
+    previous-token head's output is one input of an AND whose other input (the last name)
+    stays noised, so its restoration does (almost) nothing - a known blind spot of single-state
+    restoration that the symmetric-token-replacement run above does not have."""
+    model, facts = planted.model, planted.facts
+    df = causal_tracing(model, facts, kinds=("mlp", "attn"), window=1, samples=3,
+                        progress=False)
+    ie: dict[str, float] = _by_unit(df).to_dict()
+    lookup, extract = "L1.mlp@subject_last", "L2.attn@final"
+    assert ie.pop(lookup) > 0.3 and ie.pop(extract) > 0.5
+    assert max(abs(v) for v in ie.values()) < 0.05
