@@ -1,0 +1,40 @@
+"""Evaluating circuits: faithfulness, completeness, minimality, curves, proportion explained.
+
+A circuit is a claim: *these* heads and MLPs, at *these* token roles, compute the behaviour. It
+is tested by removing everything else: every head and MLP outside the circuit is ablated (mean
+or resample, per token role; the embeddings never are), and the metric ``m`` is compared with
+the full model ``M`` and the empty circuit ``∅``. The pieces, one module each:
+
+* :mod:`~factfind.evaluate.engine`: :func:`evaluate_circuits`, many circuits ablated in one
+  stacked forward per batch; :func:`circuit_nodes` (graphs, ids, nodes or sites as nodes at
+  roles) and :func:`node_scores`;
+* :mod:`~factfind.evaluate.measures`: :func:`faithfulness` ``(m(C) - m(∅)) / (m(M) - m(∅))``
+  (Wang et al. 2022; Hanna et al. 2024), :func:`completeness`, :func:`minimality` and
+  :func:`faithfulness_curve`;
+* :mod:`~factfind.evaluate.search`: :func:`greedy_circuit` (forward selection) and
+  :func:`minimize_circuit` (backward elimination, which keeps nodes that only matter together,
+  like the two inputs of an AND);
+* :mod:`~factfind.evaluate.paths`: :func:`proportion_explained` (Goldowsky-Dill et al. 2023),
+  a graph tested as a hypothesis about paths by edge-level path patching.
+
+Example::
+
+    circuit = ["L0.h0@subject_last", "L1.mlp@subject_last", "L2.h0@final"]
+    faithfulness(model, pairs, circuit), completeness(model, pairs, circuit)
+    proportion_explained(model, pairs, circuit)           # the paths the nodes induce
+"""
+
+from factfind.evaluate.engine import (
+    HOW,
+    CircuitLike,
+    circuit_nodes,
+    evaluate_circuits,
+    node_scores,
+)
+from factfind.evaluate.measures import completeness, faithfulness, faithfulness_curve, minimality
+from factfind.evaluate.paths import proportion_explained
+from factfind.evaluate.search import greedy_circuit, minimize_circuit
+
+__all__ = ["HOW", "CircuitLike", "circuit_nodes", "completeness", "evaluate_circuits",
+           "faithfulness", "faithfulness_curve", "greedy_circuit", "minimality",
+           "minimize_circuit", "node_scores", "proportion_explained"]

@@ -1,0 +1,181 @@
+"""Proportion explained: a circuit graph as a hypothesis about *paths* (Goldowsky-Dill et al.
+2023, "Localizing Model Behavior with Path Patching").
+
+Node ablation (:mod:`factfind.evaluate.engine`) asks whether a *set of components* suffices.
+A graph says more: which component reads which. Edge-level path patching tests that: the model
+runs with every edge of the graph ``H`` carrying the clean (recomputed) value of its sender and
+every edge outside it the corrupt value, and the proportion explained is
+``(m(H) - m(corrupt)) / (m(clean) - m(corrupt))``: 1 for the complete graph, 0 for the empty
+one. For the graph induced by a node set it equals resample faithfulness on the pairs; the
+tests check that.
+
+The run goes layer by layer on the corrupt stream: each node of ``H`` is recomputed from the
+corrupt residual stream plus, for each of its incoming edges, the sender's (patched - corrupt)
+change (:func:`~factfind.placement.writes`), one copy of the batch per head node; the logits
+read the corrupt final stream plus the changes of their incoming edges.
+
+Example::
+
+    proportion_explained(model, pairs, prune(eap_graph, top_n=30))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from factfind.evaluate.engine import CircuitLike, circuit_nodes
+from factfind.graph import ENDPOINTS, CircuitGraph, Node, feeds, stage
+from factfind.metrics import logit_diff
+from factfind.patching import encode_pairs, repeat, take
+from factfind.pathpatch_engine import Metric
+from factfind.placement import Placed, is_parallel, node_mask, role_labels, roles_present, writes
+from factfind.types import Component
+
+if TYPE_CHECKING:
+    from factfind.data import FactPairs, TokenBatch
+    from factfind.model import Model
+
+
+def _edges(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> set[tuple[Node, Node]]:
+    """The graph's edges, or for a node set the edges it induces with every embedding and the
+    logits."""
+    parallel = is_parallel(model)
+    if isinstance(circuit, CircuitGraph) and circuit.graph.number_of_edges():
+        return {(circuit.node(u), circuit.node(v)) for u, v in circuit.graph.edges}
+    inner = circuit_nodes(model, circuit, roles)
+    nodes = sorted(inner) + [Node("embed", -1, None, r) for r in roles] + [
+        Node("logits", model.n_layers, None, "final")]
+    return {(u, v) for u in nodes for v in nodes if feeds(u, v, parallel)}
+
+
+def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *,
+                         metric: Metric | None = None, batch_size: int = 16) -> float:
+    """The proportion of the clean-corrupt effect a path hypothesis explains (Goldowsky-Dill et
+    al. 2023): ``(m(H) - m(corrupt)) / (m(clean) - m(corrupt))``, where ``m(H)`` runs the model
+    with every edge of the graph ``H`` carrying its sender's value in this run (computed from
+    the clean input along ``H``'s paths) and every other edge its sender's corrupt value.
+
+    Args:
+        circuit: a :class:`~factfind.graph.CircuitGraph` (its edges), or nodes (the edges they
+            induce, with the embeddings and the logits).
+
+    Returns:
+        The proportion (1 for the complete graph, 0 for the empty one).
+    """
+    metric = metric or logit_diff
+    pb_all = encode_pairs(model, pairs)
+    roles = roles_present(pb_all.clean)
+    edges = _edges(model, circuit, roles)
+    n = len(pairs)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        idx = slice(start, min(n, start + batch_size))
+        clean, bad = take(pb_all.clean, idx), take(pb_all.corrupt, idx)
+        correct, wrong = pb_all.correct[idx], pb_all.wrong[idx]
+        m_h = _edge_patched_metric(model, clean, bad, edges, correct, wrong, metric)
+        m_c = metric(model.run(clean).logits, correct, wrong)
+        m_k = metric(model.run(bad).logits, correct, wrong)
+        sums += torch.stack([m_h.double().sum(), m_c.double().sum(), m_k.double().sum()]).cpu()
+    m_h, m_c, m_k = (float(x) / n for x in sums)
+    return (m_h - m_k) / (m_c - m_k)
+
+
+def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
+                         edges: set[tuple[Node, Node]], correct: Tensor, wrong: Tensor,
+                         metric: Metric) -> Tensor:
+    """``m(H)`` per prompt: layer by layer, each node of ``H`` recomputed from the corrupt
+    stream plus, for each of its incoming edges, the sender's (patched - corrupt) change."""
+    L, parallel = model.n_layers, is_parallel(model)
+    labels = role_labels(clean)
+    keys = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L) for c in (
+        Component.Z, Component.MLP_OUT, Component.NEURONS, Component.RESID_PRE,
+        Component.ATTN_OUT, Component.RESID_POST)]
+    ref = model.run(bad, save=keys).acts
+    cl = model.run(clean, save=[(Component.EMBED, 0)]).acts
+    placed: dict[Node, Placed] = {}
+
+    def place(n: Node) -> Placed:
+        if n not in placed:
+            placed[n] = Placed(n.kind, n.layer, n.index, node_mask(clean, n.role, labels))
+        return placed[n]
+
+    change: dict[Node, Tensor] = {}  # node -> (patched - corrupt) writes [B P d]
+    into: dict[Node, list[Node]] = {}
+    for u, v in edges:
+        into.setdefault(v, []).append(u)
+    for u in {u for u, _ in edges if u.kind == "embed"}:
+        p = place(u)
+        change[u] = writes(model, cl, p) - writes(model, ref, p)
+
+    def incoming(v: Node, below: tuple[int, int], only_layer: int | None = None) -> Tensor:
+        out = torch.zeros_like(ref[(Component.RESID_PRE, 0)])
+        for u in into.get(v, []):
+            if stage(u.kind, u.layer, parallel) >= below or u not in change:
+                continue
+            if only_layer is not None and not (u.layer == only_layer and u.kind == "head"):
+                continue
+            out = out + change[u]
+        return out
+
+    for layer in range(L):
+        here = sorted({v for v in into if v.kind not in ENDPOINTS and v.layer == layer})
+        heads = [v for v in here if v.kind in ("head", "attn")]
+        mlps = [v for v in here if v.kind in ("mlp", "neuron")]
+        # sequential blocks: the MLP reads this layer's heads, so they run first
+        for stage_nodes in ([heads + mlps] if parallel else [heads, mlps]):
+            if stage_nodes:
+                _run_stage(model, clean, ref, layer, stage_nodes, place, incoming, change)
+    final = Node("logits", L, None, "final")
+    x = ref[(Component.RESID_POST, L - 1)] + incoming(final, (L, 3))
+    logits = model.run(clean, edits={(Component.RESID_POST, L - 1): _constant(x)}).logits
+    return metric(logits, correct, wrong)
+
+
+def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: int,
+               here: list[Node], place: Any, incoming: Any, change: dict[Node, Tensor]) -> None:
+    """Recompute the nodes ``here`` of one layer (one copy of the batch per head node, one per
+    neuron index, one for all MLP nodes) and record their (patched - corrupt) changes."""
+    parallel = is_parallel(model)
+    copies: list[list[Node]] = [[v] for v in here if v.kind in ("head", "attn")]
+    mlps = [v for v in here if v.kind == "mlp"]
+    if mlps:
+        copies.append(mlps)
+    for k in sorted({v.index or 0 for v in here if v.kind == "neuron"}):
+        copies.append([v for v in here if v.kind == "neuron" and v.index == k])
+    pre, mid = [], []
+    for group in copies:
+        x = ref[(Component.RESID_PRE, layer)].clone()
+        y = ref[(Component.ATTN_OUT, layer)].clone()
+        for v in group:
+            if v.kind in ("head", "attn"):
+                x = x + incoming(v, stage("head", layer, parallel))
+            else:  # MLPs act per position: only this node's positions change
+                mask = place(v).mask[..., None].to(x.dtype)
+                x = x + incoming(v, stage("head", layer, parallel)) * mask
+                y = y + incoming(v, (layer, 2), only_layer=layer) * mask
+        pre.append(x)
+        mid.append(y)
+    edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(torch.cat(pre))}
+    if not parallel:  # the MLP reads resid_pre + attn_out: pin the attention output too
+        edits[(Component.ATTN_OUT, layer)] = _constant(torch.cat(mid))
+    B = clean.input_ids.shape[0]
+    run = model.run(repeat(clean, len(copies)), edits=edits, save=[
+        (Component.Z, layer), (Component.NEURONS, layer)]).acts
+    for c, group in enumerate(copies):
+        mine = {k: a[c * B:(c + 1) * B] for k, a in run.items()}
+        for v in group:
+            p = place(v)
+            change[v] = writes(model, mine, p) - writes(model, ref, p)
+
+
+def _constant(value: Tensor):
+    def edit(act: Tensor) -> Tensor:
+        return value.to(act.device, act.dtype)
+    return edit
+
+
+__all__ = ["proportion_explained"]
