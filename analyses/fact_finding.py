@@ -9,8 +9,10 @@ The workflow of Nanda, Rajamanoharan, Kramár & Shah (2023), on one relation:
  5. direct logit attribution of heads, MLPs and neurons: who writes the answer;
  6. the effective model and probes: how many attention layers the subject needs, where the
     attribute becomes linearly readable;
- 7. neuron attribution (AtP*), path patching, the circuit graph and its faithfulness;
- 8. a self-contained HTML report in reports/.
+ 7. path patching, the circuit graph and its faithfulness;
+ 8. neurons and heads: AtP* verified by exact patching, then Fact Finding's neuron analyses
+    (resample ablation, the AND test, MLP norms of known vs unknown subjects, neuron DLA);
+ 9. a self-contained HTML report in reports/.
 
 Every step is cached on disk (keyed by model, dataset and configuration): re-running skips
 finished work and a killed run resumes. Runs on the shipped model organism by default:
@@ -28,18 +30,30 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
+from factfind import report_neurons as rn
 from factfind.ablation import effective_model
+from factfind.atp import estimate
+from factfind.attribution import missed_effect_bound, verify
 from factfind.cache import RunCache
 from factfind.eap import eap_ig, to_graph
 from factfind.evaluate import faithfulness_curve
+from factfind.neurons import (
+    mlp_output_norms,
+    neuron_dla,
+    neuron_nonlinearity,
+    resample_neurons,
+    swap_variants,
+)
+from factfind.patching import DEFAULT_ROLES
 from factfind.pathpatch import path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
-from factfind.types import Site
+from factfind.types import Role, Site
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")
@@ -63,6 +77,10 @@ class Config:
     circuit_prompts: int = 24
     eap_ig_steps: int = 5
     circuit_edges: int = 60
+    atp_prompts: int = 24
+    atp_top_k: int = 20
+    top_neurons: int = 10
+    resample_k: int = 8
     version: str = ff.__version__
 
 
@@ -82,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--knockout-window", type=int, default=Config.knockout_window)
     p.add_argument("--circuit-prompts", type=int, default=Config.circuit_prompts)
     p.add_argument("--circuit-edges", type=int, default=Config.circuit_edges)
+    p.add_argument("--atp-prompts", type=int, default=Config.atp_prompts,
+                   help="pairs for AtP* and the neuron analyses")
     p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
     p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -90,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
                  device=a.device, dtype=a.dtype, batch_size=a.batch_size,
                  tracing_prompts=a.tracing_prompts, tracing_samples=a.tracing_samples,
                  tracing_window=a.tracing_window, knockout_window=a.knockout_window,
-                 circuit_prompts=a.circuit_prompts, circuit_edges=a.circuit_edges)
+                 circuit_prompts=a.circuit_prompts, circuit_edges=a.circuit_edges,
+                 atp_prompts=a.atp_prompts)
     return cfg, a
 
 
@@ -195,7 +216,11 @@ def main(argv: list[str] | None = None) -> Outcome:
     log.info("circuit: %d of %d nodes, %d edges (%.0fs)", circuit.graph.number_of_nodes(),
              n_nodes, circuit.graph.number_of_edges(), time.time() - t0)
 
-    # 9. the report ----------------------------------------------------------------------------
+    # 9. neurons and heads: AtP* verified exactly; Fact Finding's neuron analyses ---------------
+    neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, known_mask)
+    log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
+
+    # 10. the report ---------------------------------------------------------------------------
     sections = [
         rp.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
@@ -219,6 +244,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                            f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
                            "kept and pruned to paths from the embeddings to the logits."),
         rp.faithfulness_section(curve.assign(method="resample ablation"), x="size"),
+        *rn.neuron_sections(neurons),
         rp.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
@@ -243,6 +269,72 @@ def main(argv: list[str] | None = None) -> Outcome:
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactPairs,
+                  known: ff.FactDataset, pool: ff.FactDataset, known_mask: list[bool]
+                  ) -> dict[str, pd.DataFrame]:
+    """AtP* over every neuron at the subject tokens and every head's output, query, key and
+    value at each role, each search verified by exact patching (top-k rule) and bounded by
+    subsampling; then Fact Finding's analyses of the strongest neurons. Each table cached."""
+    bs = cfg.batch_size
+    searches = {"neurons": (["neurons"], [Role.SUBJECT_FIRST, Role.SUBJECT_LAST]),
+                "heads": (["head_out", "q", "k", "v"], list(DEFAULT_ROLES))}
+
+    def search(name: str) -> pd.DataFrame:
+        components, positions = searches[name]
+        est = estimate(model, pairs, components=components, positions=positions,
+                       qk_fix=True, grad_drop=True, batch_size=bs)
+        ver = verify(model, pairs, est, top_k=cfg.atp_top_k, patience=16, batch_size=bs)
+        return rn.verified_candidates(ver, search=name)
+
+    cands = cache.table("atp_star", lambda: pd.concat([search(n) for n in searches],
+                                                      ignore_index=True))
+    bound = cache.table("atp_star_bound", lambda: pd.concat([
+        missed_effect_bound(model, pairs, rn.verification_of(g), max_nodes=1024,
+                            batch_size=bs).buckets.assign(search=name)
+        for name, g in cands.groupby("search", sort=False)], ignore_index=True))
+    neurons = pd.DataFrame(cands.loc[(cands["component"] == "neurons").to_numpy()])
+    verified = pd.DataFrame(neurons.loc[neurons["verified"].to_numpy(dtype=bool)])
+    top = verified.iloc[np.argsort(-np.abs(verified["exact"].to_numpy(dtype=float)),
+                                   kind="stable")].head(cfg.top_neurons)
+    # AND test: per layer, the neurons at the last subject token AtP* scores highest (> 0)
+    at_last = pd.DataFrame(neurons.loc[((neurons["role"] == str(Role.SUBJECT_LAST))
+                                        & (neurons["score"] > 0)).to_numpy()])
+    at_last = at_last.sort_values("score", ascending=False, kind="stable")
+    per_layer = at_last.groupby("layer", sort=True).head(max(1, cfg.top_neurons // 2))
+    reference = known.sample(min(len(known), 4 * cfg.n_prompts), seed=cfg.seed + 3)
+
+    def unknown() -> ff.FactDataset:
+        """Subjects the model does not know: for the organism, people of its world it never
+        saw (and does not guess right); otherwise the sampled facts it gets wrong."""
+        if cfg.facts == "organism" or cfg.facts.startswith("organism:"):
+            extra = ff.load_facts(cfg.facts, split="unknown")
+            pool_u = extra.sample(min(len(extra), 2 * len(reference)), seed=cfg.seed)
+            wrong = (pool_u.attribute_scores(model)["rank"] != 1).tolist()
+        else:
+            pool_u, wrong = pool, [not k for k in known_mask]
+        return ff.FactDataset([f for f, w in zip(pool_u, wrong, strict=True) if w],
+                              name=f"{pool_u.name}|unknown")
+
+    def norms() -> pd.DataFrame:
+        groups = {"known": reference, "unknown": unknown()}
+        groups = {k: v for k, v in groups.items() if len(v)}
+        return mlp_output_norms(model, groups, positions=[Role.SUBJECT_FIRST,
+                                                          Role.SUBJECT_LAST, Role.FINAL])
+
+    return {
+        "atp": cands, "bound": bound,
+        "resample": cache.table("neuron_resample", lambda: resample_neurons(
+            model, pairs.clean, top, k=cfg.resample_k, reference=reference, seed=cfg.seed,
+            batch_size=bs)),
+        "and": cache.table("neuron_and", lambda: neuron_nonlinearity(
+            model, reference, per_layer, samples=4, seed=cfg.seed)
+            if len(per_layer) and swap_variants(reference, samples=1) else pd.DataFrame()),
+        "norms": cache.table("mlp_norms", norms),
+        "dla": cache.table("neuron_dla", lambda: neuron_dla(
+            model, pairs, positions=[Role.SUBJECT_LAST, Role.FINAL], batch_size=bs)),
+    }
 
 
 def _knockout_section(knockout: pd.DataFrame) -> rp.Section:

@@ -307,7 +307,7 @@ def _pearson(x: Tensor, y: Tensor, *, dim: int) -> Tensor:
 
 
 def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
-                     positions: Sequence[Role | int] = (Role.SUBJECT_LAST,),
+                     positions: Sequence[Role | int | str] = (Role.SUBJECT_LAST,),
                      batch_size: int = 64) -> pd.DataFrame:
     """``||mlp_out||`` per layer and position for groups of prompts (e.g. ``{"known": ...,
     "unknown": ...}``), streamed.
@@ -318,6 +318,7 @@ def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
         ``group``.
     """
     L = model.n_layers
+    positions = [p if isinstance(p, int) else Role(p) for p in positions]
     frames = []
     keys = [(Component.MLP_OUT, layer) for layer in range(L)]
     for name, facts in groups.items():
@@ -346,7 +347,7 @@ def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
 
 
 def neuron_dla(model: Model, data: FactDataset | FactPairs, *,
-               positions: Sequence[Role | int] = (Role.SUBJECT_LAST, Role.FINAL),
+               positions: Sequence[Role | int | str] = (Role.SUBJECT_LAST, Role.FINAL),
                layers: Iterable[int] | None = None, batch_size: int = 32) -> pd.DataFrame:
     """Direct logit attribution of every neuron to the attribute, at each position (module doc).
 
