@@ -17,7 +17,7 @@ batch grows (nnsight's cost per trace is roughly fixed), so two batch sizes are 
 The logits of all four variants are checked to agree first.
 
     python benchmarks/bench_overhead.py                # the shipped organism (or a tiny model)
-    python benchmarks/bench_overhead.py --rounds 50 --batch 1 16 64
+    python benchmarks/bench_overhead.py --batch 1 16 64 --rounds 100
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
