@@ -173,6 +173,13 @@ def neuron_nonlinearity(model: Model, facts: FactDataset, neurons: Sequence[Site
     if not quads:
         raise ValueError("no multi-word subjects to swap names between")
     layers = sorted({s.layer for s in sites})
+    by_group: dict[tuple[int, Role], tuple[list[int], list[int]]] = {}
+    for i, s in enumerate(sites):
+        role = s.position if isinstance(s.position, Role) else Role.SUBJECT_LAST
+        cols, units = by_group.setdefault((s.layer, role), ([], []))
+        cols.append(i)
+        units.append(int(s.neuron or 0))
+    groups = {k: (torch.tensor(c), torch.tensor(u)) for k, (c, u) in by_group.items()}
     acts = [RunningStats(len(sites)) for _ in range(4)]
     inter = RunningStats(len(sites))
     per = max(1, batch_size // 4)
@@ -181,13 +188,13 @@ def neuron_nonlinearity(model: Model, facts: FactDataset, neurons: Sequence[Site
         prompts = [p for _, q in chunk for p in q]  # quad-major: 4 rows per quadruple
         batch = model.tokenize(prompts)
         run = model.run(batch, save=[(Component.NEURONS, layer) for layer in layers])
-        cols = []
-        for s in sites:
-            role = s.position if isinstance(s.position, Role) else Role.SUBJECT_LAST
+        val = torch.empty(len(prompts), len(sites), device=model.device)
+        for (layer, role), (cols, units) in groups.items():  # every neuron of a group at once
             m = batch.mask(role).to(model.device).float()  # [rows pos]
-            a = run.acts[(Component.NEURONS, s.layer)][..., s.neuron].float()
-            cols.append((a * m).sum(-1) / m.sum(-1).clamp(min=1))  # [rows]
-        val = torch.stack(cols, -1).reshape(len(chunk), 4, len(sites))
+            a = torch.einsum("rt,rtu->ru", m, run.acts[(Component.NEURONS, layer)][..., units]
+                             .float())
+            val[:, cols] = a / m.sum(-1, keepdim=True).clamp(min=1)
+        val = val.cpu().reshape(len(chunk), 4, len(sites))
         for j in range(4):
             acts[j].update(val[:, j])
         inter.update(val[:, 0] - val[:, 1] - val[:, 2] + val[:, 3])
