@@ -303,6 +303,7 @@ def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactP
                                         & (neurons["score"] > 0)).to_numpy()])
     at_last = at_last.sort_values("score", ascending=False, kind="stable")
     per_layer = at_last.groupby("layer", sort=True).head(max(1, cfg.top_neurons // 2))
+    per_layer = per_layer.sort_values(["layer", "score"], ascending=[True, False])
     reference = known.sample(min(len(known), 4 * cfg.n_prompts), seed=cfg.seed + 3)
 
     def unknown() -> ff.FactDataset:

@@ -163,17 +163,22 @@ def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, 
                         ylabel="exact effect (noising)", title="AtP* estimate vs exact patch",
                         caption="Every verified candidate: its AtP* estimate against the effect "
                         "of patching it exactly (dashed: equal)."),
-        rp.bar_plot(ver.assign(ci_low=ver["exact_ci_low"], ci_high=ver["exact_ci_high"]),
-                    label="site", value="exact", k=k, title="Strongest verified nodes",
-                    caption=f"The {min(k, len(ver))} verified nodes of largest exact |effect| "
-                    "(95% interval over prompts)."),
     ]
-    shown = _cols(ver.iloc[np.argsort(-ver["exact"].abs().to_numpy(), kind="stable")],
-                  ["site", "search", "component", "layer", "head", "neuron", "role", "rank",
-                   "effect", "grad_drop", "score", "exact", "exact_ci_low", "exact_ci_high",
-                   "exact_n"]).rename(columns={"effect": "atp*"})
-    tables = [rp.Table(shown, caption="Verified nodes by exact |effect| (atp*: the estimate)",
-                       max_rows=max(k, 20))]
+    for name, g in ver.groupby("search", sort=False):
+        figures.append(rp.bar_plot(
+            g.assign(ci_low=g["exact_ci_low"], ci_high=g["exact_ci_high"]), label="site",
+            value="exact", k=k, title=f"Strongest verified {name}",
+            caption=f"The {min(k, len(g))} verified {name} of largest exact |effect| (95% "
+            "interval over prompts)."))
+    tables = []
+    for name, g in ver.groupby("search", sort=False):
+        shown = _cols(g.iloc[np.argsort(-g["exact"].abs().to_numpy(), kind="stable")],
+                      ["site", "component", "layer", "head", "neuron", "role", "rank", "effect",
+                       "grad_drop", "score", "exact", "exact_ci_low", "exact_ci_high",
+                       "exact_n"]).rename(columns={"effect": "atp*"}).dropna(axis=1, how="all")
+        tables.append(rp.Table(shown, caption=f"Verified {name} by exact |effect| (atp*: the "
+                               "estimate; rank: the order AtP* proposed them in)",
+                               max_rows=max(k, 20)))
     if bound is not None and not bound.empty:
         for name, g in bound.groupby("search", sort=False) if "search" in bound.columns \
                 else [("all", bound)]:
@@ -224,21 +229,34 @@ def and_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_AND) -> rp.Secti
 
 
 def mlp_norms_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_NORMS) -> rp.Section:
-    """Section ``mlp-norms`` from :func:`~factfind.neurons.mlp_output_norms` (one line per
-    group and role)."""
+    """Section ``mlp-norms`` from :func:`~factfind.neurons.mlp_output_norms`: the mean norms
+    per group, and (with groups ``known`` and ``unknown``) their difference per layer and
+    role with a 95% interval (normal approximation from the two groups' intervals)."""
     where = df["role"].astype(object).where(df["role"].notna(), df["position"].astype(object))
-    lines = df.assign(series=[f"{g} @ {w}" for g, w in zip(df["group"], where, strict=True)])
-    fig = rp.line_plot(lines, x="layer", y="effect", hue="series", ylabel="||mlp_out||",
-                       title="MLP output norm: known vs unknown subjects",
-                       caption="Mean L2 norm of each layer's MLP output (95% interval).")
-    wide = lines.pivot_table(index=["layer", "role"], columns="group", values="effect",
-                             dropna=False).reset_index()
+    lines = df.assign(where=where.astype(str))
+    figures = []
+    if {"known", "unknown"} <= set(lines["group"]):
+        se = (lines["ci_high"] - lines["ci_low"]) / (2 * 1.959964)
+        w = lines.assign(se=se).pivot_table(index=["layer", "where"], columns="group",
+                                            values=["effect", "se"])
+        diff = w["effect"]["known"] - w["effect"]["unknown"]
+        half = 1.959964 * np.sqrt(w["se"]["known"] ** 2 + w["se"]["unknown"] ** 2)
+        d = pd.DataFrame({"effect": diff, "ci_low": diff - half, "ci_high": diff + half})
+        figures.append(rp.line_plot(
+            d.reset_index(), x="layer", y="effect", hue="where", reference=0.0,
+            ylabel="known - unknown ||mlp_out||", title="MLP output norm: known - unknown",
+            caption="Mean norm for known subjects minus unknown ones, per layer and role "
+            "(95% interval); above 0: the MLP writes more for known subjects."))
+    figures.append(rp.line_plot(
+        lines.assign(series=[f"{g} @ {r}" for g, r in zip(lines["group"], lines["where"],
+                                                           strict=True)]),
+        x="layer", y="effect", hue="series", ylabel="||mlp_out||", title="MLP output norm",
+        caption="Mean L2 norm of each layer's MLP output (95% interval)."))
+    table = _cols(lines, ["group", "layer", "role", "position", "effect", "ci_low", "ci_high",
+                          "n"]).dropna(axis=1, how="all")
     return rp.Section(id="mlp-norms", title="MLP output norms: known vs unknown subjects",
-                      explanation=explanation, figures=[fig], tables=[
-                          rp.Table(_cols(lines, ["group", "layer", "role", "position", "effect",
-                                                 "ci_low", "ci_high", "n"]),
-                                   caption="Mean ||mlp_out|| per group, layer and role"),
-                          rp.Table(pd.DataFrame(wide), caption="Side by side")])
+                      explanation=explanation, figures=figures, tables=[
+                          rp.Table(table, caption="Mean ||mlp_out|| per group, layer and role")])
 
 
 def neuron_dla_section(df: pd.DataFrame, *, k: int = 15,

@@ -68,17 +68,19 @@ def test_every_section_renders(facts, searched):
     assert ids == ["atp-star", "neuron-resample", "neuron-and", "mlp-norms", "neuron-dla"]
     for s in sections:
         assert s.explanation and (s.figures or s.tables)
+    assert len(sections[0].figures) == 3  # scatter, then a bar chart per search
+    assert len(sections[3].figures) == 2  # known - unknown, and both groups' norms
     atp = sections[0]
     assert atp.facts["neurons: verified"] == ver.n_verified
     assert atp.facts["heads: verified"] == heads.n_verified
-    shown = atp.tables[0].data
-    assert set(shown["search"]) == {"neurons", "heads"}
+    neurons, shown = (t.data for t in atp.tables[:2])  # one table per search
+    assert set(neurons["component"]) == {"neurons"} and len(neurons) == ver.n_verified
+    assert len(shown) == heads.n_verified and "neurons" not in set(shown["component"])
     for comp, site, layer, head in zip(shown["component"], shown["site"], shown["layer"],
                                        shown["head"], strict=True):
         want = {"q": f"L{layer}.h{head}.q@final", "k": f"L{layer}.h{head}.k@final",
-                "head_out": f"L{layer}.h{head}@final"}.get(comp)
-        assert want is None or site == want, (comp, site)
-    assert 0 < np.sum(shown["component"].to_numpy() == "neurons") < len(shown)
+                "head_out": f"L{layer}.h{head}@final"}[comp]
+        assert site == want, (comp, site)
     html = rp.render_report(rp.ReportData(title="neurons", sections=sections))
     for i in ids:
         assert f'id="{i}"' in html
