@@ -44,6 +44,7 @@ def test_report_cache_and_resume(script, tmp_path, monkeypatch):
     assert report.exists() and report.with_suffix(".graphml").exists()
     html = report.read_text()
     for section in ("causal-tracing", "patching", "knockout", "circuit", "faithfulness",
+                    "atp-star", "neuron-resample", "neuron-and", "mlp-norms", "neuron-dla",
                     "config"):
         assert f'id="{section}"' in html
     # a second run with the same configuration is served entirely from the cache
