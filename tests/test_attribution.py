@@ -253,6 +253,27 @@ def test_running_stats_stream_equals_in_memory(chunks, seed):
     np.testing.assert_allclose(agg["ci_high"].to_numpy()[finite], high.numpy()[finite])
 
 
+def test_running_stats_float32_blocks_and_nan_outside_the_mask():
+    """Blocks are reduced in their own dtype (float32 here), merged in float64; masked
+    entries may hold anything, NaN included."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(40, 5))
+    valid = rng.random((40, 5)) < 0.7
+    valid[:2] = True
+    s64, s32 = RunningStats(5), RunningStats(5)
+    for i in range(0, 40, 16):
+        block = torch.from_numpy(x[i:i + 16])
+        s64.update(block, torch.from_numpy(valid[i:i + 16]))
+        dirty = torch.where(torch.from_numpy(valid[i:i + 16]), block, torch.nan).float()
+        s32.update(dirty, torch.from_numpy(valid[i:i + 16]))
+    assert s32.mean.dtype == torch.float64 and torch.isfinite(s32.mean).all()
+    for a, b in ((s32.mean, s64.mean), (s32.var, s64.var), (s32.abs_mean, s64.abs_mean),
+                 (s32.abs_max, s64.abs_max)):
+        assert b.abs().min() > 0.1
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(s32.count.numpy(), valid.sum(0))
+
+
 def test_frames_are_tidy(neox, neox_pairs):
     df = atp(neox, neox_pairs, components=ALL, positions=["final", -2])
     assert list(df.columns[:len(RESULT_COLUMNS)]) == list(RESULT_COLUMNS)
