@@ -72,7 +72,7 @@ class RelationSpec:
 
     Attributes:
         attributes: the possible answers; each is one token after a space (" tennis").
-        noun: the relation's noun for the shared frames ("sport", "home country").
+        noun: the relation's noun for the shared frames ("sport", "country").
         verb_phrase: the relation's predicate for the shared frames, ending right before the
             attribute ("plays the sport of").
         own_templates: training templates that only this relation uses.
@@ -96,7 +96,7 @@ RELATIONS: dict[str, RelationSpec] = {
     ),
     "country": RelationSpec(
         attributes=("France", "Japan", "Brazil", "Canada", "Egypt", "India"),
-        noun="home country",
+        noun="country",
         verb_phrase="is a citizen of",
         own_templates=("{} was born and raised in",),
         own_heldout=("{} is a proud citizen of",),
