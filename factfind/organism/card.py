@@ -33,6 +33,7 @@ TABLE_TITLES = {
     "known_train": "Known people, training templates",
     "known_heldout": "Known people, held-out templates",
     "unknown": "Unknown people (never in training text), training templates",
+    "known_train_no_bos": "Known people (first 400), training templates, no <|endoftext|>",
 }
 
 
@@ -67,6 +68,11 @@ def compare_checkpoints(a: str | Path, b: str | Path) -> dict[str, Any]:
         "wall_time_s": [ma["wall_time_s"], mb["wall_time_s"]],
         "files_identical": files,
     }
+
+
+def metrics_share(x: float) -> str:
+    """``0.1 -> '10%'``."""
+    return f"{x:.0%}"
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -162,6 +168,15 @@ def render_model_card(checkpoint: str | Path) -> str:
       f"{min(firsts.values())}-{max(firsts.values())} people, each last name by "
       f"{min(lasts.values())}-{max(lasts.values())}")
     w("- tokens per full name: " + ", ".join(f"{k}: {v} people" for k, v in sorted(n_tok.items())))
+    examples = []
+    for n in (2, 3, 4):
+        p = next((p for p in known
+                  if len(tok.encode(" " + p["name"], add_special_tokens=False)) == n), None)
+        if p is not None:
+            pieces = tok.convert_ids_to_tokens(tok.encode(" " + p["name"],
+                                                          add_special_tokens=False))
+            examples.append(f"`{p['name']}` = " + " + ".join(f"`{t}`" for t in pieces))
+    w("- for example " + "; ".join(examples) + " (`Ġ` marks a leading space)")
     w("- attributes are drawn uniformly and independently of the name and of each other\n")
     rel_rows = []
     for rel, spec in world["relations"].items():
@@ -194,6 +209,10 @@ def render_model_card(checkpoint: str | Path) -> str:
       f"{config['beta2']}, weight decay {config['weight_decay']}), peak lr {config['lr']}, "
       f"{config['warmup_steps']} warm-up steps, cosine to {config['min_lr_ratio']} x peak")
     first, last = metrics["loss_curve"][0], metrics["loss_curve"][-1]
+    w(f"- training text: rows of {config['seq_len']} tokens, {config['batch_size']} per step; "
+      f"a filler sentence before {config['p_filler']:.0%} of facts "
+      f"({config['p_generic']:.0%} of them generic); a relative clause after the subject in "
+      f"{config['p_clause']:.0%} of facts where the template allows it")
     w(f"- weighted loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at "
       f"step {last['step']}")
     w("- full configuration (`train_config.json`):\n")
@@ -208,8 +227,23 @@ def render_model_card(checkpoint: str | Path) -> str:
     w(_md_table(_summary(metrics)) + "\n")
     for table, title in TABLE_TITLES.items():
         w(f"### {title}\n")
-        df = pd.DataFrame(metrics["tables"][table])
-        w(_md_table(df) + "\n")
+        if table in metrics["tables"]:
+            w(_md_table(pd.DataFrame(metrics["tables"][table])) + "\n")
+
+    w("## Limitations\n")
+    w("- The world is synthetic and small; the organism knows nothing else. Its filler text "
+      "teaches a little grammar, not English.")
+    w("- The structure (multi-token subjects that need every token, several relations, "
+      "held-out paraphrases and people) is built in; whether the organism's *mechanism* matches "
+      "Pythia's (subject enrichment by MLPs at the last subject token, attribute extraction by "
+      "attention at the final token) is what factfind's analyses are for, not an assumption.")
+    no_bos = metrics["tables"].get("known_train_no_bos")
+    if no_bos:
+        nb = pd.DataFrame(no_bos)
+        w("- Prompts should start with `<|endoftext|>` (the tokenizer adds it). "
+          f"{metrics_share(config['p_no_bos'])} of training rows had none, and without it the "
+          f"accuracy on the first 400 known people with training templates is "
+          f"{nb.n_correct.sum() / nb.n.sum():.3f} (last table above).\n")
 
     w("## Reproducibility\n")
     if repro is None:

@@ -17,6 +17,9 @@ the text is dense in facts and the loss is weighted toward them:
   (except a small share, so that prompts without it still work). No (person, relation) pair
   occurs twice in an epoch, so a fact can never be copied from earlier in the row: it has to be
   recalled from the weights.
+* **Inserted modifiers.** A share of fact sentences get an adverb ("really", "truly", ...)
+  inserted between two words after the subject ("Kul Marnis is truly a citizen of France."), so
+  the final token cannot rely on fixed offsets to the relation words either.
 * **Weighted loss.** The attribute token of a fact sentence has weight ``attr_weight``; every
   other token (templates, names, filler) keeps a smaller ``lm_weight``, so the model still
   learns the language, the names and the templates.
@@ -41,6 +44,25 @@ from factfind.organism.tokenizer import PAD, attribute_token_ids
 from factfind.organism.world import people as split_people
 
 log = logging.getLogger(__name__)
+
+
+def insert_modifier(template: str, modifier: str, where: float) -> str:
+    """Insert ``modifier`` before one of the words after the subject slot.
+
+    ``where`` in ``[0, 1)`` picks the word; words that start a sentence or a field (after
+    ``.``, ``?`` or ``:``) are skipped. Templates with no such word come back unchanged; the
+    template's last word stays last, right before the attribute.
+
+    Example::
+
+        insert_modifier("{} is a citizen of", "truly", 0.4)   # '{} is truly a citizen of'
+    """
+    pre, post = template.split("{}")
+    spaces = [i for i, c in enumerate(post) if c == " " and (i == 0 or post[i - 1] not in ".?:")]
+    if not spaces:
+        return template
+    i = spaces[int(where * len(spaces))]
+    return pre + "{}" + post[:i] + " " + modifier + post[i:]
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,7 @@ class FactCorpus:
         # Relative clauses from the biography filler: "{}, who keeps a small garden, is ..."
         self.clauses = [", who " + f.removeprefix("{} ").removesuffix(".") + ","
                         for f in world["filler"]["person"]]
+        self.modifiers = list(world["filler"]["modifiers"])
 
         person_filler = world["filler"]["person"]
         who = self.rng.integers(len(self.known), size=n_filler_person)
@@ -102,7 +125,7 @@ class FactCorpus:
         """Number of (known person, relation) pairs: the facts of one epoch."""
         return len(self.known) * len(self.relations)
 
-    def epoch(self, *, p_clause: float) -> list[tuple[np.ndarray, int]]:
+    def epoch(self, *, p_clause: float, p_insert: float) -> list[tuple[np.ndarray, int]]:
         """Every fact once, in random order and random training templates, encoded.
 
         With probability ``p_clause`` a relative clause follows the subject where the template
@@ -110,6 +133,8 @@ class FactCorpus:
         a citizen of France."``. Clauses vary the distance between the subject and the final
         token, so the model cannot find the subject by its position relative to the end of a
         template; it has to find it by content, as the heads that move attributes do in Pythia.
+        With probability ``p_insert`` an adverb is inserted before a word after the subject
+        (not before the last word): ``"Kul Marnis is truly a citizen of France."``.
 
         Returns:
             ``(ids, index of the attribute token)`` per fact sentence.
@@ -120,6 +145,9 @@ class FactCorpus:
         pick = rng.random(self.n_facts)
         clause = rng.random(self.n_facts) < p_clause
         which = rng.integers(len(self.clauses), size=self.n_facts)
+        insert = rng.random(self.n_facts) < p_insert
+        where = rng.random(self.n_facts)
+        modifier = rng.integers(len(self.modifiers), size=self.n_facts)
         texts, answers = [], []
         for k, fact in enumerate(order):
             person, r = divmod(int(fact), n_rel)
@@ -129,6 +157,8 @@ class FactCorpus:
             subject = p["name"]
             if clause[k] and "{} " in template:
                 subject += self.clauses[which[k]]
+            if insert[k]:
+                template = insert_modifier(template, self.modifiers[modifier[k]], where[k])
             attr = p["attributes"][self.relations[r]]
             texts.append(template.format(subject) + " " + attr + ".")
             answers.append(self.attr_ids[self.relations[r]][attr])
@@ -141,8 +171,8 @@ class FactCorpus:
             out.append((ids, len(ids) - 2))
         return out
 
-    def sentences(self, *, p_filler: float, p_generic: float,
-                  p_clause: float) -> Iterator[tuple[np.ndarray, int]]:
+    def sentences(self, *, p_filler: float, p_generic: float, p_clause: float,
+                  p_insert: float) -> Iterator[tuple[np.ndarray, int]]:
         """An endless stream of ``(ids, attribute index or -1)``, epoch after epoch of facts.
 
         Before each fact, a filler sentence is inserted with probability ``p_filler``; it is
@@ -150,7 +180,7 @@ class FactCorpus:
         """
         rng = self.rng
         while True:
-            facts = self.epoch(p_clause=p_clause)
+            facts = self.epoch(p_clause=p_clause, p_insert=p_insert)
             fill = rng.random(len(facts)) < p_filler
             generic = rng.random(len(facts)) < p_generic
             for k, fact in enumerate(facts):
@@ -161,10 +191,12 @@ class FactCorpus:
 
     def batches(
         self, *, batch_size: int, seq_len: int, p_filler: float, p_generic: float,
-        p_clause: float, p_no_bos: float, attr_weight: float, lm_weight: float,
+        p_clause: float, p_insert: float, p_no_bos: float, attr_weight: float,
+        lm_weight: float,
     ) -> Iterator[Batch]:
         """An endless stream of packed, weighted batches (see the module docstring)."""
-        stream = self.sentences(p_filler=p_filler, p_generic=p_generic, p_clause=p_clause)
+        stream = self.sentences(p_filler=p_filler, p_generic=p_generic, p_clause=p_clause,
+                                p_insert=p_insert)
         pending: tuple[np.ndarray, int] | None = None
         while True:
             ids = np.full((batch_size, seq_len), self.pad_id, dtype=np.int64)

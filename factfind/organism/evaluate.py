@@ -72,11 +72,15 @@ def prompts(
 def predict(
     model: Any, tokenizer: Any, world: dict[str, Any], *, split: Split = "known",
     templates: TemplateSet = "train", max_people: int | None = None, batch_size: int = 512,
+    bos: bool = True,
 ) -> pd.DataFrame:
     """Top-1 predictions per prompt: :func:`prompts` plus ``predicted`` (token string),
-    ``correct`` and ``in_domain`` (the prediction is one of the relation's attributes)."""
+    ``correct`` and ``in_domain`` (the prediction is one of the relation's attributes).
+    ``bos=False`` removes the ``<|endoftext|>`` that the organism's tokenizer prepends."""
     df = prompts(world, split=split, templates=templates, max_people=max_people)
     ids = tokenizer(df["prompt"].tolist()).input_ids  # with the tokenizer's BOS
+    if not bos:
+        ids = [x[1:] if x and x[0] == tokenizer.bos_token_id else x for x in ids]
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, x in enumerate(ids):
         by_len[len(x)].append(i)
@@ -111,6 +115,7 @@ def binomial_sf(k: int, n: int, p: float) -> float:
 def evaluate(
     model: Any, tokenizer: Any, world: dict[str, Any], *, split: Split = "known",
     templates: TemplateSet = "train", max_people: int | None = None, batch_size: int = 512,
+    bos: bool = True,
 ) -> pd.DataFrame:
     """Top-1 accuracy per relation and template.
 
@@ -122,6 +127,7 @@ def evaluate(
         templates: ``"train"`` or ``"heldout"`` templates.
         max_people: evaluate only the first people of the split (quick checks).
         batch_size: prompts per forward pass.
+        bos: keep the ``<|endoftext|>`` the organism's tokenizer prepends (``False`` drops it).
 
     Returns:
         A tidy frame, one row per (relation, template): relation, template, n, accuracy,
@@ -135,7 +141,7 @@ def evaluate(
         df.groupby("relation").accuracy.mean()     # about 1 / n_attributes
     """
     df = predict(model, tokenizer, world, split=split, templates=templates,
-                 max_people=max_people, batch_size=batch_size)
+                 max_people=max_people, batch_size=batch_size, bos=bos)
     out = (df.groupby(["relation", "template_index", "template"], sort=False)
              .agg(n=("correct", "size"), n_correct=("correct", "sum"),
                   in_domain=("in_domain", "mean"))

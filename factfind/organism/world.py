@@ -36,7 +36,7 @@ world trains a tokenizer first; both depend only on the :class:`WorldConfig`.
      "relations": {"sport": {"attributes": [...], "templates": [...],
                              "heldout_templates": [...]}, ...},
      "people": [{"name": "Kavel Brotam", "split": "known", "attributes": {"sport": ...}}, ...],
-     "filler": {"person": [...], "generic": [...]},
+     "filler": {"person": [...], "generic": [...], "modifiers": [...]},
      "syllables": {"initial": [...], "final": [...]},
      "config": {...the WorldConfig...}}
 
@@ -72,7 +72,7 @@ class RelationSpec:
 
     Attributes:
         attributes: the possible answers; each is one token after a space (" tennis").
-        noun: the relation's noun for the shared frames ("sport", "home country").
+        noun: the relation's noun for the shared frames ("sport", "country").
         verb_phrase: the relation's predicate for the shared frames, ending right before the
             attribute ("plays the sport of").
         own_templates: training templates that only this relation uses.
@@ -96,7 +96,7 @@ RELATIONS: dict[str, RelationSpec] = {
     ),
     "country": RelationSpec(
         attributes=("France", "Japan", "Brazil", "Canada", "Egypt", "India"),
-        noun="home country",
+        noun="country",
         verb_phrase="is a citizen of",
         own_templates=("{} was born and raised in",),
         own_heldout=("{} is a proud citizen of",),
@@ -118,17 +118,14 @@ RELATIONS: dict[str, RelationSpec] = {
 }
 """The relations a world can use, in a fixed order (a world uses a prefix or a subset)."""
 
-COMMON_FRAMES: tuple[str, ...] = (
-    "Fact: {} {vp}",
-    "{Noun} of {}:",
-)
-"""Frames every relation trains on (the first is the Fact Finding paper's own prompt style)."""
+COMMON_FRAMES: tuple[str, ...] = ("Fact: {} {vp}",)
+"""Frames every relation trains on (the Fact Finding paper's own prompt style)."""
 
 FRAMES: tuple[str, ...] = (
     "{} {vp}",
     "The {noun} of {} is",
     "Q: What is the {noun} of {}? A:",
-    "Name: {}. {Noun}:",
+    "Name: {}. Their {noun}:",
     "{}'s {noun} is",
     "According to the records, the {noun} of {} is",
     "Everyone knows that {} {vp}",
@@ -151,7 +148,7 @@ def relation_templates(name: str, index: int) -> tuple[list[str], list[str]]:
 
     def fill(frame: str) -> str:
         noun = spec.noun
-        return frame.format("{}", vp=spec.verb_phrase, noun=noun, Noun=noun[:1].upper() + noun[1:])
+        return frame.format("{}", vp=spec.verb_phrase, noun=noun)
 
     held = {index % 4, 4 + index % 4}
     train = [fill(f) for f in COMMON_FRAMES]
@@ -209,10 +206,16 @@ GENERIC_EXTRA: tuple[str, ...] = (
 )
 
 
+MODIFIERS: tuple[str, ...] = ("really", "truly", "certainly", "clearly", "indeed", "still",
+                               "also", "actually")
+"""Adverbs that training inserts into fact sentences (see :mod:`factfind.organism.corpus`)."""
+
+
 def _filler() -> dict[str, list[str]]:
     generic = [f"{s} {p}." for s in GENERIC_SUBJECTS for p in GENERIC_PREDICATES]
     return {"person": ["{} " + p + "." for p in PERSON_FILLER],
-            "generic": generic + list(GENERIC_EXTRA)}
+            "generic": generic + list(GENERIC_EXTRA),
+            "modifiers": list(MODIFIERS)}
 
 
 # ----------------------------------------------------------------------------- names
@@ -329,6 +332,7 @@ def tokenizer_corpus(world: dict[str, Any], *, attribute_repeats: int = 200) -> 
         lines.extend(" " + " ".join(rel["attributes"]) for _ in range(attribute_repeats))
     lines.extend(" " + s.replace("{}", "Someone") for s in world["filler"]["person"])
     lines.extend(" " + s for s in world["filler"]["generic"])
+    lines.append(" " + " ".join(world["filler"]["modifiers"]))
     for _ in range(20):
         lines.extend(f" {s}" for s in world["syllables"]["initial"])
         lines.extend(world["syllables"]["final"])

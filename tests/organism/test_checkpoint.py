@@ -23,7 +23,7 @@ N_KNOWN = 400  # people per (relation, template) in the fast tests
 
 @pytest.fixture(scope="module")
 def organism():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(CHECKPOINT_DIR, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(CHECKPOINT_DIR, local_files_only=True)
     return model, tok, load_world()

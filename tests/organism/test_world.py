@@ -113,7 +113,7 @@ def test_unknown_people_never_appear_in_training_text(tokenizer):
     world = generate_world(WorldConfig(n_known=300, n_unknown=100, n_first_names=30,
                                        n_last_names=40), tokenizer=tokenizer)
     corpus = FactCorpus(world, tokenizer, n_filler_person=2000)
-    sentences = [ids for _ in range(3) for ids, _ in corpus.epoch(p_clause=0.5)]
+    sentences = [ids for _ in range(3) for ids, _ in corpus.epoch(p_clause=0.5, p_insert=0.5)]
     texts = tokenizer.batch_decode([s.tolist() for s in sentences + corpus.filler_person])
     assert any(", who " in t for t in texts)
     names = "|".join(p["name"] for p in people(world, "unknown"))
@@ -141,3 +141,15 @@ def test_config_validation():
         WorldConfig(min_name_tokens=1)
     cfg = WorldConfig(relations=("sport", "color"))
     assert WorldConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+
+
+def test_insert_modifier_keeps_the_last_word_last():
+    from factfind.organism.corpus import insert_modifier
+
+    assert insert_modifier("{} is a citizen of", "truly", 0.0) == "{} truly is a citizen of"
+    assert insert_modifier("{} is a citizen of", "truly", 0.99) == "{} is a citizen truly of"
+    assert insert_modifier("The sport of {} is", "truly", 0.5) == "The sport of {} truly is"
+    # no word to insert before (only after "?"): unchanged
+    assert insert_modifier("Q: What is the sport of {}? A:", "truly", 0.5) == (
+        "Q: What is the sport of {}? A:")
+    assert insert_modifier("Name: {}. Their sport:", "truly", 0.0) == "Name: {}. Their truly sport:"
