@@ -5,6 +5,8 @@ family from a config, with *every* parameter (biases and norm gains included) dr
 normal distribution so that no identity can pass because a term happens to be zero.
 ``tiny_tokenizer()`` trains a byte-level BPE tokenizer (the GPT-2 scheme: a leading space is part
 of the following word's token) on a small corpus with the ``tokenizers`` library.
+``linearised_model(family)`` is a tiny model that is affine in every activation (first-order
+attribution is exact on it), and ``same_length_pairs`` the pairs of one token length it needs.
 """
 
 from __future__ import annotations
@@ -111,3 +113,47 @@ def tiny_model(family: str = "gpt2", *, seed: int = 0, **kwargs: Any) -> Any:
 
     tok = tiny_tokenizer()
     return load_model((tiny_hf_model(family, len(tok), seed=seed, **kwargs), tok))
+
+
+def linearised_model(family: str) -> Any:
+    """A tiny model that is affine in its input embeddings, in float64: LayerNorms with a huge
+    epsilon (their scale is constant), no query or key weights (uniform causal attention),
+    identity MLP activations. First-order attribution is exact on it."""
+    tok = tiny_tokenizer()
+    hf: Any = tiny_hf_model(family, len(tok)).to(torch.float64)
+    H = hf.config.num_attention_heads
+    mods: list[Any] = list(hf.modules())
+    with torch.no_grad():
+        for mod in mods:
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.eps = 1e12
+                mod.weight.mul_(1e6)
+            if hasattr(mod, "act"):
+                mod.act = torch.nn.Identity()
+            c_attn: Any = getattr(mod, "c_attn", None)
+            if c_attn is not None:  # GPT-2: [in, q|k|v]
+                d = c_attn.weight.shape[0]
+                c_attn.weight[:, :2 * d] = 0
+                c_attn.bias[:2 * d] = 0
+            qkv: Any = getattr(mod, "query_key_value", None)
+            if qkv is not None:  # GPT-NeoX: per head [q|k|v]
+                w = qkv.weight
+                w.view(H, 3, -1, w.shape[1])[:, :2] = 0
+                qkv.bias.view(H, 3, -1)[:, :2] = 0
+    from factfind.model import load_model
+
+    return load_model((hf, tok))
+
+
+def same_length_pairs(model: Any, facts: Any) -> Any:
+    """Pairs of one token length (float64 eager attention gives NaN rows under padding)."""
+    from factfind.data import FactDataset
+    from factfind.pairs import FactPairs
+
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    lengths = model.tokenize(list(pairs.clean)).lengths
+    keep = [i for i in range(len(pairs)) if lengths[i] == lengths.max()]
+    if len(keep) < 3:
+        raise ValueError(f"only {len(keep)} pairs of the longest length; need 3")
+    return FactPairs(FactDataset([pairs.clean[i] for i in keep]),
+                     FactDataset([pairs.corrupt[i] for i in keep]))

@@ -4,56 +4,17 @@ recovery of the planted circuit."""
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from factfind.data import FactDataset
 from factfind.eap import eap, eap_ig, edge_attribution, to_graph
 from factfind.graph import prune
-from factfind.model import load_model
-from factfind.pairs import FactPairs
 from factfind.pathpatch import edge_patching
-from factfind.testing import tiny_hf_model, tiny_tokenizer
-
-
-def linearised(family: str):
-    """A tiny model that is affine in its input embeddings, in float64: LayerNorms with a huge
-    epsilon (their scale is constant), no query or key weights (uniform causal attention),
-    identity MLP activations. First-order attribution is exact on it."""
-    tok = tiny_tokenizer()
-    hf = tiny_hf_model(family, len(tok)).to(torch.float64)
-    H = hf.config.num_attention_heads
-    with torch.no_grad():
-        for mod in hf.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.eps = 1e12
-                mod.weight.mul_(1e6)
-            if hasattr(mod, "act"):
-                mod.act = torch.nn.Identity()
-            if hasattr(mod, "c_attn"):  # GPT-2: [in, q|k|v]
-                d = mod.c_attn.weight.shape[0]
-                mod.c_attn.weight[:, :2 * d] = 0
-                mod.c_attn.bias[:2 * d] = 0
-            if hasattr(mod, "query_key_value"):  # GPT-NeoX: per head [q|k|v]
-                w = mod.query_key_value.weight
-                w.view(H, 3, -1, w.shape[1])[:, :2] = 0
-                mod.query_key_value.bias.view(H, 3, -1)[:, :2] = 0
-    return load_model((hf, tok))
-
-
-def _same_length(model, facts):
-    """Pairs of one token length (float64 eager attention gives NaN rows under padding)."""
-    pairs = facts.corrupt(model, seed=0, on_missing="skip")
-    lengths = model.tokenize(list(pairs.clean)).lengths
-    keep = [i for i in range(len(pairs)) if lengths[i] == lengths.max()]
-    assert len(keep) >= 3
-    return FactPairs(FactDataset([pairs.clean[i] for i in keep]),
-                     FactDataset([pairs.corrupt[i] for i in keep]))
+from factfind.testing import linearised_model, same_length_pairs
 
 
 @pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
 def linear(request, facts):
-    model = linearised(request.param)
-    return model, _same_length(model, facts)
+    model = linearised_model(request.param)
+    return model, same_length_pairs(model, facts)
 
 
 def test_eap_equals_edge_patching_on_a_linear_model(linear):

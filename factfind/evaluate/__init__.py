@@ -14,6 +14,9 @@ the full model ``M`` and the empty circuit ``∅``. The pieces, one module each:
 * :mod:`~factfind.evaluate.search`: :func:`greedy_circuit` (forward selection) and
   :func:`minimize_circuit` (backward elimination, which keeps nodes that only matter together,
   like the two inputs of an AND);
+* :mod:`~factfind.evaluate.prune`: :func:`prune_circuit`, backward elimination for thousands
+  of nodes (heads and single neurons): attribution scores re-taken in each pruned circuit's
+  context order the removals, exact faithfulness accepts them (:func:`removal_scores`);
 * :mod:`~factfind.evaluate.paths`: :func:`proportion_explained` (Goldowsky-Dill et al. 2023),
   a graph tested as a hypothesis about paths by edge-level path patching.
 
@@ -33,8 +36,10 @@ from factfind.evaluate.engine import (
 )
 from factfind.evaluate.measures import completeness, faithfulness, faithfulness_curve, minimality
 from factfind.evaluate.paths import proportion_explained
+from factfind.evaluate.prune import prune_circuit, removal_scores
 from factfind.evaluate.search import greedy_circuit, minimize_circuit
 
 __all__ = ["HOW", "CircuitLike", "circuit_nodes", "completeness", "evaluate_circuits",
            "faithfulness", "faithfulness_curve", "greedy_circuit", "minimality",
-           "minimize_circuit", "node_scores", "proportion_explained"]
+           "minimize_circuit", "node_scores", "proportion_explained", "prune_circuit",
+           "removal_scores"]

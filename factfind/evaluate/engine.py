@@ -41,13 +41,13 @@ from torch import Tensor
 from factfind.ablation import TOKEN_ROLES, mean_activations
 from factfind.graph import ENDPOINTS, CircuitGraph, Node
 from factfind.metrics import logit_diff, logit_diff_vs_mean
-from factfind.patching import encode_pairs, repeat, take
+from factfind.patching import PairBatch, encode_pairs, repeat, take
 from factfind.pathpatch_engine import Metric, where_edit
 from factfind.placement import all_nodes, role_labels, roles_present
 from factfind.types import Component, Role, Site
 
 if TYPE_CHECKING:
-    from factfind.data import FactDataset, FactPairs
+    from factfind.data import FactDataset, FactPairs, TokenBatch
     from factfind.model import Model
 
 CircuitLike = CircuitGraph | Iterable[Node | str | Site]
@@ -178,11 +178,60 @@ def _pairs_type() -> type:
     return FactPairs
 
 
+def ablation_edits(model: Model, group: Sequence[tuple[Tensor, Tensor]], labels: Tensor, *,
+                   means: dict[Any, Tensor] | None, sources: Sequence[dict[Any, Tensor]]
+                   ) -> dict[Any, Any]:
+    """Edits for ``len(group) * reps`` stacked copies of a batch (``labels`` ``[B P]``): copy
+    ``i`` keeps the heads and neurons of ``group[i // reps]`` (masks of :func:`_keep_masks`)
+    and replaces every other one by its per-role mean (``means``) or, with ``sources`` (one
+    activation dict per resample partner, ``reps`` of them), by the partner's activation."""
+    reps = max(1, len(sources))
+    C = len(group) * reps
+    edits = {}
+    for comp, k in ((Component.Z, 0), (Component.NEURONS, 1)):
+        for layer in range(model.n_layers):
+            keep = torch.stack([g[k][layer] for g in group for _ in range(reps)])
+            if not sources:
+                assert means is not None
+                value = means[(comp, layer)][labels.clamp(min=0)]  # [B P units ...]
+                value = value.repeat(C, *([1] * (value.dim() - 1)))
+            else:
+                value = torch.cat([a[(comp, layer)] for _ in group for a in sources])
+            edits[(comp, layer)] = _ablate(keep, labels, value)
+    return edits
+
+
+def metric_rows(logits: Tensor, b: TokenBatch, copies: int, *, pb: PairBatch | None,
+                idx: slice, metric: Metric, cand: Mapping[str, Tensor]) -> Tensor:
+    """The metric per row ``[copies*B]`` of ``copies`` stacked copies of batch ``b`` (prompts
+    ``idx`` of the data): ``metric`` on the pair's answers, or for a plain dataset the
+    answer's logit minus the mean logit of the relation's other answers (``cand``)."""
+    if pb is not None:
+        return metric(logits, pb.correct[idx].repeat(copies), pb.wrong[idx].repeat(copies))
+    ids = b.attribute_ids.repeat(copies)
+    cands = [cand[p.relation] for p in b.prompts] * copies
+    return torch.cat([logit_diff_vs_mean(logits[i:i + 1], ids[i:i + 1], cands[i])
+                      for i in range(len(ids))])
+
+
+def count_nodes(model: Model, nodes: set[Node], *, neurons: bool, name: str = "circuit") -> int:
+    """Nodes of a circuit at the granularity: with ``neurons`` an MLP node counts as its
+    ``d_mlp`` neurons; without, a single-neuron node is an error (it has no whole-MLP count,
+    and counting it as one node would compare it with the wrong universe)."""
+    if not neurons:
+        bad = sorted(n.id for n in nodes if n.kind == "neuron")
+        if bad:
+            raise ValueError(f"{name} holds {len(bad)} single-neuron nodes (e.g. {bad[0]}): "
+                             f"pass neurons=True to count nodes at neuron granularity")
+        return len(nodes)
+    return sum(model.d_mlp if n.kind == "mlp" else 1 for n in nodes)
+
+
 def evaluate_circuits(
     model: Model, data: FactPairs | FactDataset, circuits: Sequence[CircuitLike], *,
     how: str = "mean", reference: FactDataset | None = None,
     means: dict[Any, Tensor] | None = None, resamples: int = 3, seed: int = 0,
-    metric: Metric | None = None, neurons: bool = False, batch_size: int = 16,
+    metric: Metric | None = None, neurons: bool | None = None, batch_size: int = 16,
     chunk: int = 16,
 ) -> pd.DataFrame:
     """Mean metric with everything outside each circuit ablated, and its faithfulness.
@@ -198,18 +247,22 @@ def evaluate_circuits(
         reference: prompts for the means (default the clean prompts); means: precomputed
             :func:`~factfind.ablation.mean_activations` over ``z`` and ``neurons``.
         metric: for pairs, ``metric(logits, correct, wrong) -> [rows]``.
-        neurons: count nodes at neuron granularity (``fraction``'s denominator).
+        neurons: count nodes at neuron granularity: ``fraction``'s denominator is every head
+            and every MLP neuron at every role, and an MLP node counts as its ``d_mlp``
+            neurons. ``None`` (default): at neuron granularity if any circuit holds a
+            single-neuron node; ``False`` with such a node is a ``ValueError``.
         batch_size: prompts per forward; chunk: circuits stacked per forward.
 
     Returns:
-        One row per circuit: ``circuit`` (index), ``n_nodes``, ``fraction`` (of all nodes at
-        the granularity), ``metric`` (mean ``m(C)``), ``full`` (``m(M)``), ``empty``
-        (``m(∅)``), ``faithfulness``, ``n`` (prompts).
+        One row per circuit: ``circuit`` (index), ``n_nodes`` (at the granularity),
+        ``fraction`` (of all nodes at the granularity), ``metric`` (mean ``m(C)``), ``full``
+        (``m(M)``), ``empty`` (``m(∅)``), ``faithfulness``, ``n`` (prompts).
     """
     if how not in HOW:
         raise ValueError(f"how must be one of {HOW}, got {how!r}")
     pairs: FactPairs | None = data if isinstance(data, _pairs_type()) else None  # type: ignore[assignment]
     facts = _facts(data)
+    pb = None
     if len(facts) == 0:
         raise ValueError("no prompts: the dataset is empty")
     L = model.n_layers
@@ -223,8 +276,12 @@ def evaluate_circuits(
         sources = [model.tokenize(list(_partners(model, facts, seed + r)))
                    for r in range(resamples)] if how == "resample" else []
     roles = roles_present(batch)
-    universe = len(all_nodes(model, batch, neurons=neurons))
     sets = [circuit_nodes(model, c, roles) for c in circuits]
+    if neurons is None:
+        neurons = any(n.kind == "neuron" for s in sets for n in s)
+    universe = len(all_nodes(model, batch, neurons=neurons))
+    sizes = [count_nodes(model, s, neurons=neurons, name=f"circuit {i}")
+             for i, s in enumerate(sets)]
     full = set(all_nodes(model, batch, neurons=False))
     keeps = [_keep_masks(model, s) for s in [*sets, full, set()]]
     if how == "mean" and means is None:
@@ -243,37 +300,22 @@ def evaluate_circuits(
         reps = max(1, len(src_acts))
         for c0 in range(0, len(keeps), chunk):
             group = keeps[c0:c0 + chunk]
-            C = len(group) * reps
-            edits = {}
-            for comp, k in ((Component.Z, 0), (Component.NEURONS, 1)):
-                for layer in range(L):
-                    keep = torch.stack([g[k][layer] for g in group for _ in range(reps)])
-                    if how == "mean":
-                        assert means is not None
-                        value = means[(comp, layer)][labels.clamp(min=0)]  # [B P units ...]
-                        value = value.repeat(C, *([1] * (value.dim() - 1)))
-                    else:
-                        value = torch.cat([a[(comp, layer)] for _ in group for a in src_acts])
-                    edits[(comp, layer)] = _ablate(keep, labels, value)
-            logits = model.run(repeat(b, C), edits=edits).logits
-            if pairs is not None:
-                m = metric(logits, pb.correct[idx].repeat(C), pb.wrong[idx].repeat(C))
-            else:
-                ids = b.attribute_ids.repeat(C)
-                cands = [cand[p.relation] for p in b.prompts] * C
-                m = torch.cat([logit_diff_vs_mean(logits[i:i + 1], ids[i:i + 1], cands[i])
-                               for i in range(len(ids))])
+            edits = ablation_edits(model, group, labels, means=means, sources=src_acts)
+            logits = model.run(repeat(b, len(group) * reps), edits=edits).logits
+            m = metric_rows(logits, b, len(group) * reps, pb=pb, idx=idx, metric=metric,
+                            cand=cand)
             total[c0:c0 + len(group)] += m.double().cpu().reshape(len(group), reps, B).mean(1) \
                 .sum(1)
     mean = total / n
     m_full, m_empty = float(mean[-2]), float(mean[-1])
     rows = []
-    for i, s in enumerate(sets):
-        rows.append({"circuit": i, "n_nodes": len(s), "fraction": len(s) / universe,
+    for i in range(len(sets)):
+        rows.append({"circuit": i, "n_nodes": sizes[i], "fraction": sizes[i] / universe,
                      "metric": float(mean[i]), "full": m_full, "empty": m_empty,
                      "faithfulness": (float(mean[i]) - m_empty) / (m_full - m_empty),
                      "n": n, "how": how})
     return pd.DataFrame(rows)
 
 
-__all__ = ["HOW", "CircuitLike", "circuit_nodes", "evaluate_circuits", "node_scores"]
+__all__ = ["HOW", "CircuitLike", "ablation_edits", "circuit_nodes", "count_nodes",
+           "evaluate_circuits", "metric_rows", "node_scores"]

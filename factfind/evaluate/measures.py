@@ -96,7 +96,7 @@ def minimality(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike
 def faithfulness_curve(
     model: Model, data: FactPairs | FactDataset,
     scores: CircuitGraph | pd.DataFrame | Mapping[str, float], *,
-    sizes: Sequence[int] | None = None, how: str = "mean", neurons: bool = False,
+    sizes: Sequence[int] | None = None, how: str = "mean", neurons: bool | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Faithfulness of the top-``n`` nodes by ``|score|`` for each ``n`` in ``sizes``.
@@ -105,7 +105,8 @@ def faithfulness_curve(
         scores: node scores (see :func:`node_scores`): a scored graph, an EAP edge frame, a
             node frame or a mapping id -> score.
         sizes: circuit sizes (default 1, 2, 4, ... up to every scored node).
-        neurons: nodes are counted at neuron granularity (``fraction``'s denominator).
+        neurons: nodes are counted at neuron granularity (``fraction``'s denominator; see
+            :func:`evaluate_circuits`, default: if any scored node is a neuron).
 
     Returns:
         A tidy frame: ``size`` (asked), ``n_nodes`` (in the circuit), ``fraction`` (of all nodes

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def greedy_circuit(
     model: Model, data: FactPairs | FactDataset, *, candidates: Iterable[str] | None = None,
     max_nodes: int = 12, target: float | None = None, how: str = "resample",
-    neurons: bool = False, **kwargs: Any,
+    neurons: bool | None = None, **kwargs: Any,
 ) -> pd.DataFrame:
     """Forward selection: start from the empty circuit and add, one at a time, the node whose
     addition raises faithfulness most (every candidate is tried, stacked in few forwards).
@@ -52,7 +52,7 @@ def greedy_circuit(
     facts = _facts(data)
     batch = model.tokenize(list(facts[:64]))
     pool = list(candidates) if candidates is not None else [
-        n.id for n in all_nodes(model, batch, neurons=neurons)]
+        n.id for n in all_nodes(model, batch, neurons=bool(neurons))]
     chosen: list[str] = []
     rows = []
     while pool and len(chosen) < max_nodes:
