@@ -42,7 +42,7 @@ from factfind.atp import estimate
 from factfind.attribution import missed_effect_bound, verify
 from factfind.cache import RunCache
 from factfind.eap import eap_ig, to_graph
-from factfind.evaluate import faithfulness_curve
+from factfind.evaluate import faithfulness_curve, prune_circuit
 from factfind.neurons import (
     mlp_output_norms,
     neuron_dla,
@@ -51,7 +51,7 @@ from factfind.neurons import (
     swap_variants,
 )
 from factfind.patching import DEFAULT_ROLES
-from factfind.pathpatch import path_patching_sweep
+from factfind.pathpatch import all_nodes, path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
 from factfind.types import Role, Site
 
@@ -213,8 +213,15 @@ def main(argv: list[str] | None = None) -> Outcome:
     sizes = sorted({s for s in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64) if s < n_nodes})
     curve = cache.table("faithfulness_curve", lambda: faithfulness_curve(
         model, circuit_pairs, full, sizes=sizes, how="resample"))
-    log.info("circuit: %d of %d nodes, %d edges (%.0fs)", circuit.graph.number_of_nodes(),
-             n_nodes, circuit.graph.number_of_edges(), time.time() - t0)
+    # the same at neuron granularity: every head and neuron x role, pruned to faithfulness 0.9
+    everything = all_nodes(model, model.tokenize(list(circuit_pairs.clean)), neurons=True)
+    pruned = cache.table("neuron_circuit", lambda: prune_circuit(
+        model, circuit_pairs, everything, target=0.9, step=0.5, how="mean", max_rounds=12,
+        batch_size=cfg.batch_size))
+    pruned = pd.DataFrame(pruned[pruned["accepted"].to_numpy()])
+    log.info("circuit: %d of %d nodes, %d edges; %d of %d head/neuron nodes at F >= 0.9 (%.0fs)",
+             circuit.graph.number_of_nodes(), n_nodes, circuit.graph.number_of_edges(),
+             int(pruned["size"].to_numpy()[-1]), len(everything), time.time() - t0)
 
     # 9. neurons and heads: AtP* verified exactly; Fact Finding's neuron analyses ---------------
     neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, known_mask)
@@ -243,7 +250,11 @@ def main(argv: list[str] | None = None) -> Outcome:
         rp.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
                            f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
                            "kept and pruned to paths from the embeddings to the logits."),
-        rp.faithfulness_section(curve.assign(method="resample ablation"), x="size"),
+        rp.faithfulness_section(pd.concat([
+            curve.assign(method="EAP-IG top n, head/MLP x role nodes, resample ablation"),
+            pruned.drop(columns=["nodes"]).assign(
+                method="pruning, head/neuron x role nodes, mean ablation")],
+            ignore_index=True), x="fraction"),
         *rn.neuron_sections(neurons),
         rp.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
                                         "model_fingerprint": model.fingerprint(),

@@ -47,6 +47,7 @@ def test_report_cache_and_resume(script, tmp_path, monkeypatch):
                     "atp-star", "neuron-resample", "neuron-and", "mlp-norms", "neuron-dla",
                     "config"):
         assert f'id="{section}"' in html
+    assert "head/neuron x role nodes, mean ablation" in html  # the neuron-level curve
     # a second run with the same configuration is served entirely from the cache
     again = script["main"](args)
     assert again.cache.computed == [] and len(again.cache.hits) >= 10

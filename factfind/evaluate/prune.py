@@ -201,8 +201,9 @@ def prune_circuit(
     if kwargs.get("means") is None and how == "mean":
         keys = [(c, layer) for layer in range(model.n_layers)
                 for c in (Component.Z, Component.NEURONS)]
-        kwargs["means"] = mean_activations(model, facts, keys)
-    score_kw = {k: v for k, v in kwargs.items() if k != "neurons"}
+        kwargs["means"] = mean_activations(model, kwargs.get("reference") or facts, keys)
+    score_kw = {k: kwargs[k] for k in ("means", "resamples", "seed", "metric", "batch_size",
+                                       "chunk") if k in kwargs}
 
     def measure(nodes: list[Node]) -> dict[str, Any]:
         return evaluate_circuits(model, data, [nodes], how=how, neurons=neurons,
