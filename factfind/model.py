@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_VOLATILE_CONFIG = frozenset({"architectures", "_name_or_path", "transformers_version",
+                               "_commit_hash", "torch_dtype"})
+"""Config keys that :meth:`Model.fingerprint` ignores (bookkeeping, not the model)."""
+
 Remote = bool | str | None
 """Where a sweep's traces run: ``None``/``False`` here, ``"local"`` through nnsight's serialised
 request path without a server, ``True`` on NDIF (or a host URL). See :meth:`Model.session`."""
@@ -268,9 +272,18 @@ class Model:
         return next(self.hf.parameters()).dtype
 
     def fingerprint(self) -> str:
-        """A short stable id of the weights' provenance: name, revision and config."""
+        """A short stable id of the weights' provenance: name, revision and config.
+
+        Config keys that record bookkeeping rather than the model (``_VOLATILE_CONFIG``) are
+        left out, and the dtype is the weights' own: ``save_pretrained`` writes
+        ``architectures`` and ``dtype`` into the live config, and a cache keyed on them would
+        miss after saving the same model.
+        """
+        config = {k: v for k, v in self.hf.config.to_dict().items()
+                  if k not in _VOLATILE_CONFIG}
+        config["dtype"] = str(self.dtype)  # the weights' dtype, whatever the config says
         payload = json.dumps(
-            {"name": self.name, "revision": self.revision, "config": self.hf.config.to_dict()},
+            {"name": self.name, "revision": self.revision, "config": config},
             sort_keys=True, default=str,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

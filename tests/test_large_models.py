@@ -124,3 +124,17 @@ def test_batch_size_from_the_tightest_gpu(gpt2_model, monkeypatch):
 def test_half_precision_halves_the_estimate(gpt2_model, saved):
     half = load_model(saved, dtype="bfloat16")
     assert half.activation_bytes(10) * 2 == gpt2_model.activation_bytes(10)
+
+
+def test_saving_keeps_the_fingerprint(tmp_path):
+    """save_pretrained writes ``architectures`` and ``dtype`` into the live config; keys stay."""
+    from factfind.testing import tiny_model
+
+    model = tiny_model("gpt2")
+    before = model.fingerprint()
+    model.hf.config.architectures = None
+    model.hf.save_pretrained(tmp_path / "m")
+    assert model.hf.config.architectures  # transformers did write it
+    assert model.fingerprint() == before
+    model.hf.config.n_embd_extra = 1  # a real config change still moves it
+    assert model.fingerprint() != before
