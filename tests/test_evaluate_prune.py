@@ -103,6 +103,7 @@ def test_pruning_the_planted_model_keeps_its_circuit(planted):
     assert nodes <= truth.neuron_nodes() | truth.nodes
     assert best["faithfulness"] >= 0.99
     assert faithfulness(model, pairs, sorted(nodes)) == pytest.approx(best["faithfulness"])
-    assert bool(path["accepted"].iloc[0]) and not bool(path["accepted"].all())  # it was pushed to a limit
+    # it was pushed to a limit: the first step is accepted, a later one is not
+    assert bool(path["accepted"].iloc[0]) and not bool(path["accepted"].all())
     with pytest.raises(ValueError, match="step"):
         prune_circuit(model, pairs, sorted(nodes), step=1.5)
