@@ -19,8 +19,18 @@ The tables are printed and written to ``reports/concepts-<model>.html`` with a `
 summary beside it:
 
     python analyses/concepts.py                                   # organism vs itself
-    python analyses/concepts.py --models organism /work/checkpoints/organism-seed1
-    python analyses/concepts.py --world-sizes organism /ckpt/world-small /ckpt/world-large
+    python analyses/concepts.py --models organism checkpoints/organism-seed1 \
+        --world-sizes checkpoints/organism-800 organism
+
+The extra organisms are trained with the organism's own command into ``checkpoints/`` (ignored
+by git; about 20 min of one CPU core each):
+
+    python -m factfind.organism.train --seed 1 --out checkpoints/organism-seed1
+    python -m factfind.organism.train --seed 0 --config world800.json --out checkpoints/organism-800
+
+where ``world800.json`` is the default ``train_config.json`` with ``n_known`` 800,
+``n_unknown`` 200 and ``steps`` 1200. The seed-1 organism is the default second model when it
+exists.
 
 A checkpoint is a Hugging Face directory with the organism's ``world.json`` inside (facts are
 read from it); ``organism`` is the shipped one.
@@ -56,7 +66,7 @@ from factfind.types import Role
 from factfind.universality import compare_graphs, signature_counts
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED1 = Path("/work/checkpoints/organism-seed1")
+SEED1 = ROOT / "checkpoints" / "organism-seed1"
 log = logging.getLogger("concepts")
 
 
