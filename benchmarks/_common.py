@@ -43,3 +43,17 @@ def organism_or_tiny(family: str = "gpt_neox"):
                                  for b, s in (("Jordan", "basketball"), ("Woods", "golf"),
                                               ("Williams", "tennis"), ("Messi", "football"))])
         return model, facts, f"tiny random {family}"
+
+
+def load_checkpoint(model_path: str, relation: str):
+    """A model and its facts: the shipped organism, or a checkpoint with its ``world.json``."""
+    from pathlib import Path
+
+    import factfind as ff
+
+    model = ff.load_model(model_path)
+    if model_path == "organism":
+        return model, ff.load_facts(f"organism:{relation}")
+    from factfind.loaders import load_organism
+
+    return model, load_organism(relation, world_path=Path(model_path) / "world.json")

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from _common import best_of, machine
+from _common import best_of, load_checkpoint, machine
 from scipy.stats import spearmanr
 
-import factfind as ff
 from factfind.atp import NodeIndex, atp, estimate
 from factfind.attribution import (
     exact_patching,
@@ -44,17 +42,6 @@ from factfind.attribution import (
     verify,
 )
 from factfind.patching import DEFAULT_ROLES, encode_pairs
-
-
-def load(model_path: str, relation: str):
-    model = ff.load_model(model_path)
-    if model_path == "organism":
-        facts = ff.load_facts(f"organism:{relation}")
-    else:
-        from factfind.loaders import load_organism
-
-        facts = load_organism(relation, world_path=Path(model_path) / "world.json")
-    return model, facts
 
 
 def node_ids(df) -> list[str]:
@@ -107,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, facts = load(args.model, args.relation)
+    model, facts = load_checkpoint(args.model, args.relation)
     known = facts.sample(min(len(facts), 8 * args.prompts), seed=0).known_by(model)
     pairs = known.corrupt(model, seed=0, on_missing="skip")[:args.prompts]
     n = len(pairs)

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from _common import best_of, machine
+from _common import best_of, load_checkpoint, machine
 from scipy.stats import spearmanr
 
-import factfind as ff
 from factfind.eap import eap, eap_ig, to_graph
 from factfind.evaluate import (
     faithfulness_curve,
@@ -53,17 +51,6 @@ from factfind.planted import planted_model
 from factfind.types import Site
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
-
-
-def load(model_path: str, relation: str):
-    model = ff.load_model(model_path)
-    if model_path == "organism":
-        facts = ff.load_facts(f"organism:{relation}")
-    else:
-        from factfind.loaders import load_organism
-
-        facts = load_organism(relation, world_path=Path(model_path) / "world.json")
-    return model, facts
 
 
 def parser_for(doc: str | None) -> argparse.ArgumentParser:
@@ -105,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, facts = load(args.model, args.relation)
+    model, facts = load_checkpoint(args.model, args.relation)
     known = facts.sample(min(len(facts), 6 * args.prompts), seed=0).known_by(model)
     pairs = known.corrupt(model, seed=0, on_missing="skip")[:args.prompts]
     n = len(pairs)
