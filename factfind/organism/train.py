@@ -306,12 +306,15 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Command line: ``python -m factfind.organism.train --seed 0 --out DIR [--steps N]``."""
+    """Command line: ``python -m factfind.organism.train --seed 0 --out DIR [--steps N]
+    [--threads N]``."""
     parser = argparse.ArgumentParser(description="Train the factfind model organism.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and the run")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--config", type=Path, help="a train_config.json to start from")
     parser.add_argument("--steps", type=int, help="override the number of steps")
+    parser.add_argument("--threads", type=int,
+                        help="override the CPU thread count (changes the weights' last bits)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = (TrainConfig.from_dict(json.loads(args.config.read_text())) if args.config
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  world=dataclasses.replace(config.world, seed=args.seed))
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.threads is not None:
+        config = dataclasses.replace(config, threads=args.threads)
     return train(config, args.out)
 
 
