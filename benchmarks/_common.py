@@ -57,3 +57,10 @@ def load_checkpoint(model_path: str, relation: str):
     from factfind.loaders import load_organism
 
     return model, load_organism(relation, world_path=Path(model_path) / "world.json")
+
+
+def known_pairs(model: Any, facts: Any, n: int, *, oversample: int = 8):
+    """Up to ``n`` (clean, corrupt) pairs of facts the model knows: sample ``oversample * n``
+    facts (seed 0), keep the known ones, pair each with a same-shape corrupt partner."""
+    known = facts.sample(min(len(facts), oversample * n), seed=0).known_by(model)
+    return known.corrupt(model, seed=0, on_missing="skip")[:n]

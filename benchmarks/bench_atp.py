@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from _common import best_of, load_checkpoint, machine
+from _common import best_of, known_pairs, load_checkpoint, machine
 from scipy.stats import spearmanr
 
 from factfind.atp import NodeIndex, atp, estimate
@@ -95,8 +95,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, facts = load_checkpoint(args.model, args.relation)
-    known = facts.sample(min(len(facts), 8 * args.prompts), seed=0).known_by(model)
-    pairs = known.corrupt(model, seed=0, on_missing="skip")[:args.prompts]
+    pairs = known_pairs(model, facts, args.prompts, oversample=8)
     n = len(pairs)
     pb = encode_pairs(model, pairs)
     n_pos = pb.clean.input_ids.shape[1]

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from _common import best_of, load_checkpoint, machine
+from _common import best_of, known_pairs, load_checkpoint, machine
 from scipy.stats import spearmanr
 
 from factfind.eap import eap, eap_ig, to_graph
@@ -93,8 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, facts = load_checkpoint(args.model, args.relation)
-    known = facts.sample(min(len(facts), 6 * args.prompts), seed=0).known_by(model)
-    pairs = known.corrupt(model, seed=0, on_missing="skip")[:args.prompts]
+    pairs = known_pairs(model, facts, args.prompts, oversample=6)
     n = len(pairs)
     batch = model.tokenize(list(pairs.clean))
     universe = all_nodes(model, batch)

@@ -454,13 +454,18 @@ def line_plot(df: pd.DataFrame, *, x: str, y: str, hue: str | None = None, title
                 ax.fill_between(g[x], g[band[0]], g[band[1]], color=color, alpha=0.18, lw=0)
         if reference is not None:
             ax.axhline(reference, color="#6b7280", lw=1, ls="--")
-        if hue is not None:
-            ax.legend(title=hue, frameon=False, fontsize=8)
-        ax.set_xlabel(xlabel or x)
-        ax.set_ylabel(ylabel or y)
-        if title:
-            ax.set_title(title, loc="left")
+        _label_axes(ax, hue=hue, xlabel=xlabel or x, ylabel=ylabel or y, title=title)
         return from_matplotlib(fig, caption=caption, alt=alt or f"{y} against {x}")
+
+
+def _label_axes(ax: Any, *, hue: str | None, xlabel: str, ylabel: str, title: str) -> None:
+    """The finishing touches every x-y plot shares: legend (when coloured), labels, title."""
+    if hue is not None:
+        ax.legend(title=hue, frameon=False, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, loc="left")
 
 
 def bar_plot(df: pd.DataFrame, *, label: str, value: str = "effect", k: int = 20,
@@ -515,12 +520,7 @@ def scatter_plot(df: pd.DataFrame, *, x: str, y: str, hue: str | None = None, ti
             both = np.concatenate([df[x].to_numpy(dtype=float), df[y].to_numpy(dtype=float)])
             lo, hi = float(both.min()), float(both.max())
             ax.plot([lo, hi], [lo, hi], color="#6b7280", lw=1, ls="--")
-        if hue is not None:
-            ax.legend(title=hue, frameon=False, fontsize=8)
-        ax.set_xlabel(xlabel or x)
-        ax.set_ylabel(ylabel or y)
-        if title:
-            ax.set_title(title, loc="left")
+        _label_axes(ax, hue=hue, xlabel=xlabel or x, ylabel=ylabel or y, title=title)
         return from_matplotlib(fig, caption=caption, alt=alt or f"{y} against {x}")
 
 
