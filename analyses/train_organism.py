@@ -8,7 +8,7 @@ factfind/organism/checkpoint`` calls, then renders ``MODEL_CARD.md``.
 
 Run from the repository root::
 
-    python analyses/train_organism.py                # about 10 minutes on 2 CPU cores
+    python analyses/train_organism.py                # about 13 minutes on 2 idle CPU cores
     python analyses/train_organism.py --check-reproduction   # train twice, compare weights
 """
 
