@@ -23,7 +23,8 @@ summary beside it:
         --world-sizes checkpoints/organism-800 organism
 
 The extra organisms are trained with the organism's own command into ``checkpoints/`` (ignored
-by git; about 20 min of one CPU core each):
+by git; about 13 min on two CPU cores each; the recorded ones were trained with
+``--threads 1``, the default before the shipped run moved to two threads):
 
     python -m factfind.organism.train --seed 1 --out checkpoints/organism-seed1
     python -m factfind.organism.train --seed 0 --config world800.json --out checkpoints/organism-800
