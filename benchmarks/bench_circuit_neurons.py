@@ -26,8 +26,8 @@ import time
 
 import pandas as pd
 import torch
-from _common import machine
-from bench_circuit import load, parser_for
+from _common import load_checkpoint, machine
+from bench_circuit import parser_for
 
 from factfind.evaluate import evaluate_circuits, faithfulness_curve, prune_circuit, removal_scores
 from factfind.placement import all_nodes
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, facts = load(args.model, args.relation)
+    model, facts = load_checkpoint(args.model, args.relation)
     print(f"machine: {machine()}")
     paths = []
     t_all = time.perf_counter()
