@@ -55,11 +55,11 @@ import torch
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
-from factfind import report_concepts as rc
 from factfind.atp import atp
 from factfind.data import FactDataset, FactPairs, load_organism
 from factfind.eap import eap_ig, to_graph
 from factfind.polysemanticity import basis_comparison, monosemantic_fraction, neuron_selectivity
+from factfind.report import concepts as rc
 from factfind.representation import attribute_directions, direction_agreement, direction_patching
 from factfind.subspace import FULL, SubspacePatch, subspace_patching
 from factfind.superposition import interference, lookup_effective_rank, storage_counts

@@ -36,7 +36,6 @@ import pandas as pd
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
-from factfind import report_neurons as rn
 from factfind.ablation import effective_model
 from factfind.atp import estimate
 from factfind.attribution import missed_effect_bound, verify
@@ -53,6 +52,7 @@ from factfind.neurons import (
 from factfind.patching import DEFAULT_ROLES
 from factfind.pathpatch import all_nodes, path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
+from factfind.report import neurons as rn
 from factfind.types import Role, Site
 
 ROOT = Path(__file__).resolve().parents[1]

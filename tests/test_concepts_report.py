@@ -4,9 +4,9 @@ writes a report with all four sections (organism, opt-in: slow)."""
 import pytest
 
 from factfind import report as rp
-from factfind import report_concepts as rc
 from factfind.planted import planted_model
 from factfind.polysemanticity import basis_comparison, monosemantic_fraction, neuron_selectivity
+from factfind.report import concepts as rc
 from factfind.representation import attribute_directions, direction_agreement, direction_patching
 from factfind.superposition import interference, lookup_effective_rank, storage_counts
 from factfind.universality import compare_graphs, signature_counts

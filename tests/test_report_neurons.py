@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from factfind import report as rp
-from factfind import report_neurons as rn
 from factfind.atp import estimate
 from factfind.attribution import missed_effect_bound, verify
 from factfind.neurons import mlp_output_norms, neuron_dla, neuron_nonlinearity, resample_neurons
+from factfind.report import neurons as rn
 from factfind.testing import tiny_model
 
 

@@ -1,0 +1,291 @@
+"""The report's data model and its rendering: :class:`Figure`, :class:`Table`,
+:class:`GraphView`, :class:`Section`, :class:`ReportData`, :func:`render_report` and the atomic
+:func:`write_report`.
+
+The page is one Jinja2 template (``factfind/templates/report.html.j2``) with autoescaping on, its
+CSS and JavaScript inlined and pinned by a Content-Security-Policy hash; figures arrive as SVG
+(checked for active content and namespaced per figure) or PNG data URIs.
+"""
+
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import pandas as pd
+from markupsafe import Markup, escape
+
+from factfind.types import Role
+
+#: Order of position roles on every role axis (the order of tokens in a fact prompt).
+ROLE_ORDER: tuple[str, ...] = tuple(
+    str(r) for r in (Role.PREFIX, Role.SUBJECT_FIRST, Role.SUBJECT, Role.SUBJECT_LAST,
+                     Role.RELATION, Role.FINAL)
+)
+_ID = re.compile(r"[a-z][a-z0-9-]*\Z")
+_SVG_FORBIDDEN = re.compile(  # active content or a reference outside the document
+    r"<script|<foreignobject|\son[a-z]+\s*=|(?:href|src)\s*=\s*[\"'](?!#|data:)", re.IGNORECASE)
+_POS, _NEG, _ZERO = "#2563eb", "#dc2626", "#9ca3af"
+
+
+# ----------------------------------------------------------------------------- data model
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure: inline SVG markup (``svg``) or PNG bytes (``png``), a caption and alt text.
+
+    ``svg`` is trusted markup (from :func:`from_matplotlib` or this module); it must not contain
+    scripts, event handlers, ``foreignObject`` or references outside the document.
+    """
+
+    svg: str | None = None
+    png: bytes | None = None
+    caption: str = ""
+    alt: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.svg is None) == (self.png is None):
+            raise ValueError("a Figure needs exactly one of svg= or png=")
+        if self.svg is not None and _SVG_FORBIDDEN.search(self.svg):
+            raise ValueError("Figure svg contains a script, event handler or external reference")
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """A DataFrame shown as a sortable HTML table of at most ``max_rows`` rows (cells escaped)."""
+
+    data: pd.DataFrame
+    caption: str = ""
+    max_rows: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+
+
+@dataclass(frozen=True)
+class GraphView:
+    """An interactive circuit drawing made by :func:`graph_view` (SVG plus a details panel)."""
+
+    svg: str
+    caption: str = ""
+    n_nodes: int = 0
+    n_edges: int = 0
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of a report: ``id`` (lowercase, digits, hyphens; unique in the report), a title,
+    a plain-text ``explanation`` (blank lines separate paragraphs), then ``facts`` (shown as a
+    definition list), ``graphs``, ``figures``, ``tables`` and a preformatted ``code`` block."""
+
+    id: str
+    title: str
+    explanation: str = ""
+    figures: Sequence[Figure] = ()
+    tables: Sequence[Table] = ()
+    graphs: Sequence[GraphView] = ()
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    code: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _ID.match(self.id):
+            raise ValueError(f"section id must match [a-z][a-z0-9-]*, got {self.id!r}")
+        for name in ("figures", "tables", "graphs"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "facts", dict(self.facts))
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything one report shows. ``sections`` appear in order, each listed in the contents."""
+
+    title: str
+    sections: Sequence[Section]
+    subtitle: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sections", tuple(self.sections))
+        seen: set[str] = set()
+        for s in self.sections:
+            if s.id in seen:
+                raise ValueError(f"duplicate section id {s.id!r}")
+            seen.add(s.id)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class _Assets:
+    env: jinja2.Environment
+    css: Markup
+    js: Markup
+
+
+@functools.cache
+def _assets() -> _Assets:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("factfind", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    assert env.loader is not None
+    css, js = (env.loader.get_source(env, name)[0] for name in ("report.css", "report.js"))
+    return _Assets(env, Markup(css), Markup(js))
+
+
+def render_report(data: ReportData) -> str:
+    """Render ``data`` as one self-contained HTML page (deterministic: same data, same bytes).
+
+    Example::
+
+        html = render_report(ReportData(title="t", sections=[model_section({"name": "gpt2"})]))
+    """
+    assets = _assets()
+    script_hash = base64.b64encode(hashlib.sha256(str(assets.js).encode()).digest()).decode()
+    sections = []
+    for s in data.sections:
+        sections.append({
+            "id": s.id, "title": s.title,
+            "paragraphs": [p.strip() for p in re.split(r"\n\s*\n", s.explanation) if p.strip()],
+            "facts": [(k, _format_fact(v)) for k, v in s.facts.items()],
+            # the first graph of the "circuit" section has the stable id #circuit-graph
+            "graphs": [{"id": "circuit-graph" if (s.id, i) == ("circuit", 0)
+                        else f"{s.id}-graph{i}", "svg": Markup(g.svg), "caption": g.caption}
+                       for i, g in enumerate(s.graphs)],
+            "figures": [_figure_context(f, f"{s.id}-fig{i}") for i, f in enumerate(s.figures)],
+            "tables": [_table_context(t, f"{s.id}-table{i}") for i, t in enumerate(s.tables)],
+            "code": s.code,
+        })
+    return assets.env.get_template("report.html.j2").render(
+        title=data.title, subtitle=data.subtitle, sections=sections,
+        css=assets.css, js=assets.js, script_hash=script_hash,
+    )
+
+
+def write_report(data: ReportData | str, path: str | os.PathLike[str], *,
+                 overwrite: bool = False) -> Path:
+    """Render ``data`` (or take ready HTML) and write it to ``path`` atomically.
+
+    The page is written to a temporary file beside ``path`` and moved into place, so a reader never
+    sees half a report. An existing ``path`` raises :class:`FileExistsError` unless
+    ``overwrite=True``; without it the final step is a hard link, which fails atomically if another
+    writer got there first.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    html = data if isinstance(data, str) else render_report(data)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(html)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it") from None
+            except OSError:  # a file system without hard links: check, then replace
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass overwrite=True") from None
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return path
+
+
+def _missing(v: Any) -> bool:
+    """None, NaN, <NA> or NaT (a scalar test; arrays are never missing)."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float | np.floating)
+                                                      and math.isnan(v))
+
+
+def _format_value(v: Any) -> str:
+    if _missing(v):
+        return ""
+    if isinstance(v, bool | np.bool_):
+        return "true" if v else "false"
+    if isinstance(v, float | np.floating):
+        return f"{float(v):.4g}"
+    return str(v)
+
+
+def _format_fact(v: Any) -> str:
+    if isinstance(v, Mapping | list | tuple):
+        return json.dumps(v, default=str, ensure_ascii=False)
+    return _format_value(v)
+
+
+def _figure_context(f: Figure, fid: str) -> dict[str, Any]:
+    if f.svg is not None:
+        svg = _namespace_svg_ids(f.svg, fid)
+        svg = re.sub(r"<svg\b", f'<svg role="img" aria-label="{escape(f.alt or f.caption)}"',
+                     svg, count=1)
+        return {"id": fid, "svg": Markup(svg), "src": None, "alt": f.alt, "caption": f.caption}
+    assert f.png is not None
+    src = "data:image/png;base64," + base64.b64encode(f.png).decode()
+    return {"id": fid, "svg": None, "src": src, "alt": f.alt, "caption": f.caption}
+
+
+def _namespace_svg_ids(svg: str, prefix: str) -> str:
+    """Strip the XML prologue and comments and prefix every id, so figures inlined in one page
+    cannot clash (matplotlib names elements ``figure_1``, ``axes_1``, … in every file)."""
+    svg = re.sub(r"<\?xml.*?\?>|<!DOCTYPE[^>]*>|<!--.*?-->", "", svg, flags=re.DOTALL).strip()
+    ids = set(re.findall(r'\sid="([^"]+)"', svg))
+    if not ids:
+        return svg
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(2)
+        return f"{m.group(1)}{prefix}-{name}{m.group(3)}" if name in ids else m.group(0)
+
+    svg = re.sub(r'(\sid=")([^"]+)(")', sub, svg)
+    svg = re.sub(r'(href="#)([^"]+)(")', sub, svg)
+    return re.sub(r"(url\(#)([^)]+)(\))", sub, svg)
+
+
+def _table_context(t: Table, tid: str) -> dict[str, Any]:
+    df = t.data
+    if not isinstance(df.index, pd.RangeIndex):
+        df = df.reset_index()
+    shown = df.head(t.max_rows)
+    columns = [str(c) for c in shown.columns]
+    numeric = [pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
+               for c in shown.columns]
+    rows = []
+    for values in shown.itertuples(index=False, name=None):
+        cells = []
+        for v, is_num in zip(values, numeric, strict=True):
+            text = _format_value(v)
+            key = repr(float(v)) if is_num and text else text
+            cells.append({"text": text, "key": key, "numeric": is_num})
+        rows.append(cells)
+    note = f"Showing {len(shown)} of {len(df)} rows." if len(df) > len(shown) else ""
+    return {"id": tid, "caption": t.caption, "note": note, "columns": columns,
+            "numeric": numeric, "rows": rows}
+
+

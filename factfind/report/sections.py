@@ -1,0 +1,183 @@
+"""The standard report sections, each a plain-text explanation of its method followed by
+figures and tables: :func:`model_section`, :func:`dataset_section`, :func:`accuracy_section`,
+:func:`tracing_section`, :func:`patching_section`, :func:`units_section`,
+:func:`circuit_section`, :func:`faithfulness_section`, :func:`config_section`.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from factfind.report.circuit_view import _as_graph, _score, graph_view
+from factfind.report.document import Figure, Section, Table, _missing
+from factfind.report.figures import _by_magnitude, bar_plot, heatmap, line_plot
+from factfind.report.tables import top_units
+
+# ----------------------------------------------------------------------------- standard sections
+
+EXPLAIN_MODEL = "The model whose recall of facts this report dissects."
+EXPLAIN_DATASET = (
+    "Each prompt states a fact (subject, relation) and asks the model to complete the object, "
+    "e.g. a subject followed by 'plays the sport of'. Token positions are named by role: the first "
+    "and last subject token, the relation tokens and the final token, where the answer is read."
+)
+EXPLAIN_ACCURACY = (
+    "Accuracy is the share of prompts whose top-1 next token is the first token of the correct "
+    "object. Later analyses use the prompts the model gets right. Intervals are Wilson 95% "
+    "intervals."
+)
+EXPLAIN_TRACING = (
+    "Causal tracing (Meng et al. 2022, ROME) corrupts the subject token embeddings with noise and "
+    "restores one hidden state (or a window of MLP or attention outputs) at a single layer and "
+    "token from the clean run. The effect is how much of the correct answer's probability the "
+    "restoration brings back. Facts are typically recalled through MLPs at the last subject token "
+    "in middle layers and moved to the final token by attention in later layers."
+)
+EXPLAIN_PATCHING = (
+    "Activation patching (Vig et al. 2020; Heimersheim and Nanda 2024) runs the model on a clean "
+    "and a corrupted prompt that differ only in the subject, and copies one activation from one "
+    "run into the other. Denoising (clean into corrupted) finds sites that suffice to restore the "
+    "answer; noising (corrupted into clean) finds sites the answer needs. The effect is the "
+    "normalised change in the logit difference between the correct and the counterfactual answer."
+)
+EXPLAIN_UNITS = (
+    "The attention heads and MLP neurons with the largest effects (attribution patching, direct "
+    "logit attribution or exact patching, as named in the method column). Click a column header "
+    "to sort."
+)
+EXPLAIN_CIRCUIT = (
+    "The circuit is the subgraph of components and connections that carries the fact from the "
+    "subject to the prediction. Columns are layers, lanes are token roles; circle size and edge "
+    "width show the size of a score, blue positive and red negative. Hover over or click a node or "
+    "edge to see its scores."
+)
+EXPLAIN_FAITHFULNESS = (
+    "Faithfulness is the share of the full model's metric (the logit difference) recovered when "
+    "only the circuit's top-k edges are kept and everything else is ablated, as k grows. A "
+    "faithful circuit reaches 1 (dashed line) with few edges."
+)
+EXPLAIN_CONFIG = (
+    "The configuration reproduces this run on its own (model revision, dataset fingerprint, "
+    "seeds); provenance records where and with what it ran."
+)
+
+
+def model_section(info: Mapping[str, Any], *, explanation: str = EXPLAIN_MODEL) -> Section:
+    """Section ``model``: name, revision, ``n_layers``, ``d_model`` … as a definition list."""
+    return Section(id="model", title="Model", explanation=explanation, facts=info)
+
+
+def dataset_section(info: Mapping[str, Any], sample: pd.DataFrame | None = None, *,
+                    max_rows: int = 20, explanation: str = EXPLAIN_DATASET) -> Section:
+    """Section ``dataset``: name, fingerprint, counts, relations, and a sample of prompts."""
+    tables = [] if sample is None else [Table(sample, caption="Sample of prompts",
+                                              max_rows=max_rows)]
+    return Section(id="dataset", title="Dataset", explanation=explanation, facts=info,
+                   tables=tables)
+
+
+def accuracy_section(table: pd.DataFrame, *, label: str = "relation",
+                     explanation: str = EXPLAIN_ACCURACY) -> Section:
+    """Section ``accuracy`` from :func:`accuracy_table` output: the table and a bar per group."""
+    figures = []
+    if label in table.columns and len(table) > 1:
+        groups = table.loc[(table[label] != "all").to_numpy()]
+        if not groups.empty:
+            figures.append(bar_plot(
+                groups, label=label, value="accuracy", k=len(groups), sort=False, xlim=(0.0, 1.0),
+                title=f"Accuracy by {label}",
+                caption=f"Top-1 accuracy by {label} with Wilson 95% intervals."))
+    return Section(id="accuracy", title="Accuracy", explanation=explanation, figures=figures,
+                   tables=[Table(table, caption="Top-1 accuracy")])
+
+
+def _heatmaps(df: pd.DataFrame, group_by: Sequence[str], *, x: str, y: str, value: str,
+              noun: str) -> list[Figure]:
+    keys = [c for c in group_by if c in df.columns]
+    groups = [((), df)] if not keys else df.groupby(keys, sort=True, dropna=False)
+    figures = []
+    for names, g in groups:
+        names = names if isinstance(names, tuple) else (names,)
+        title = " · ".join(str(n) for n in names if not _missing(n))
+        figures.append(heatmap(g, x=x, y=y, value=value, title=title,
+                               caption=f"{noun}: mean {value} by {y} and {x}"
+                                       + (f" ({title})." if title else ".")))
+    return figures
+
+
+def tracing_section(df: pd.DataFrame, *, x: str = "layer", y: str = "role", value: str = "effect",
+                    group_by: Sequence[str] = ("method",),
+                    explanation: str = EXPLAIN_TRACING) -> Section:
+    """Section ``causal-tracing``: one layer × role heatmap per method (state, MLP, attention)."""
+    return Section(id="causal-tracing", title="Causal tracing", explanation=explanation,
+                   figures=_heatmaps(df, group_by, x=x, y=y, value=value, noun="Causal tracing"))
+
+
+def patching_section(df: pd.DataFrame, *, x: str = "layer", y: str = "role",
+                     value: str = "effect", group_by: Sequence[str] = ("method", "component"),
+                     explanation: str = EXPLAIN_PATCHING) -> Section:
+    """Section ``patching``: one heatmap per (method, component), layer × role by default (pass
+    ``x="head", y="layer"`` for per-head patching)."""
+    return Section(id="patching", title="Activation patching", explanation=explanation,
+                   figures=_heatmaps(df, group_by, x=x, y=y, value=value, noun="Patching"))
+
+
+def units_section(df: pd.DataFrame, *, k: int = 20, value: str = "effect",
+                  explanation: str = EXPLAIN_UNITS) -> Section:
+    """Section ``top-units``: bar chart and sortable table of the top heads and top neurons."""
+    figures, tables = [], []
+    for unit, plural in (("head", "heads"), ("neuron", "neurons")):
+        top = top_units(df, unit, k=k, value=value)
+        if top.empty:
+            continue
+        figures.append(bar_plot(top, label="site", value=value, k=k, title=f"Top {plural}",
+                                caption=f"The {len(top)} {plural} of largest |{value}|."))
+        tables.append(Table(top, caption=f"Top {plural} by |{value}|", max_rows=k))
+    return Section(id="top-units", title="Top heads and neurons", explanation=explanation,
+                   figures=figures, tables=tables)
+
+
+def circuit_section(graph: Any, *, caption: str = "", top_edges: int = 30,
+                    explanation: str = EXPLAIN_CIRCUIT) -> Section:
+    """Section ``circuit``: the interactive graph view (id ``circuit-graph``) and a sortable
+    table of its strongest edges."""
+    g = _as_graph(graph)
+    view = graph_view(g, caption=caption or f"{g.number_of_nodes()} nodes, "
+                                            f"{g.number_of_edges()} edges.")
+    edges = pd.DataFrame([{"source": str(u), "target": str(v), "score": _score(a)}
+                          for u, v, a in g.edges(data=True)], columns=["source", "target", "score"])
+    edges = _by_magnitude(edges, "score")
+    return Section(id="circuit", title="Circuit", explanation=explanation, graphs=[view],
+                   tables=[Table(edges.reset_index(drop=True), caption="Strongest edges",
+                                 max_rows=top_edges)])
+
+
+def faithfulness_section(df: pd.DataFrame, *, x: str = "size", y: str = "faithfulness",
+                         hue: str | None = "method",
+                         explanation: str = EXPLAIN_FAITHFULNESS) -> Section:
+    """Section ``faithfulness``: the faithfulness curve against circuit size, and its table."""
+    hue = hue if hue is not None and hue in df.columns else None
+    fig = line_plot(df, x=x, y=y, hue=hue, reference=1.0, title="Faithfulness",
+                    caption=f"{y} against {x}; the band is the 95% interval where given.")
+    return Section(id="faithfulness", title="Faithfulness", explanation=explanation,
+                   figures=[fig], tables=[Table(df, caption="Faithfulness by circuit size")])
+
+
+def config_section(config: Any, provenance: Mapping[str, Any] | None = None, *,
+                   explanation: str = EXPLAIN_CONFIG) -> Section:
+    """Section ``config``: provenance as a definition list and the config as pretty JSON.
+
+    ``config`` may be a dataclass instance (serialised with :func:`dataclasses.asdict`) or a
+    mapping.
+    """
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    text = json.dumps(config, indent=2, default=str, ensure_ascii=False, sort_keys=False)
+    return Section(id="config", title="Configuration and provenance", explanation=explanation,
+                   facts=provenance or {}, code=text)
