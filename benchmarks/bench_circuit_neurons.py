@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--how", default="mean", choices=["mean", "resample"],
                         help="the ablation to prune under")
     parser.add_argument("--step", type=float, default=0.5, help="largest fraction per round")
+    parser.add_argument("--reserve", type=float, default=0.5,
+                        help="keep this share of the faithfulness budget in proportion to size")
     parser.add_argument("--out", default=None, help="write the pruning paths as CSV")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +77,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         path = prune_circuit(model, pairs, universe, target=0.9, step=args.step, how=args.how,
-                             batch_size=64)
+                             reserve=args.reserve, batch_size=64)
         t_prune = time.perf_counter() - t0
         acc = path[path["accepted"]].reset_index(drop=True)
         circuits = [c.split(";") for c in acc["nodes"]]

@@ -107,3 +107,51 @@ def test_pruning_the_planted_model_keeps_its_circuit(planted):
     assert bool(path["accepted"].iloc[0]) and not bool(path["accepted"].all())
     with pytest.raises(ValueError, match="step"):
         prune_circuit(model, pairs, sorted(nodes), step=1.5)
+    with pytest.raises(ValueError, match="reserve"):
+        prune_circuit(model, pairs, sorted(nodes), reserve=1.5)
+
+
+@pytest.mark.parametrize("reserve", [0.0, 1.0])
+def test_pruning_accepts_by_its_rule(linear, reserve):
+    """Every accepted circuit keeps ``reserve`` of the faithfulness budget in proportion to its
+    size and every rejected one fell short of it (real exact measurements)."""
+    model, pairs = linear
+    universe = all_nodes(model, model.tokenize(list(pairs.clean)), neurons=True)
+    target = 0.9
+    path = prune_circuit(model, pairs, universe, target=target, step=0.5, how="mean",
+                         reserve=reserve)
+    f0, n0 = path["faithfulness"].iloc[0], path["size"].iloc[0]
+    need = target + reserve * max(0.0, f0 - target) * path["size"] / n0
+    acc = path["accepted"].to_numpy(bool)
+    assert (path["faithfulness"][acc] >= need[acc]).all()
+    assert (path["faithfulness"][~acc] < need[~acc]).all() and (~acc).any()
+
+
+@pytest.mark.parametrize(("reserve", "smallest"), [(0.0, 1 / 6), (0.5, 0.05 / 0.175), (1.0, 1.0)])
+def test_the_reserve_stops_early_steps_from_spending_the_budget(linear, monkeypatch, reserve,
+                                                                 smallest):
+    """With faithfulness falling linearly in the nodes removed, F(s) = 0.85 + 0.3 s/n (so
+    F(start) = 1.15 and the budget above target 0.9 is 0.25), the smallest circuit the rule
+    admits is s/n = 1/6 without reserve, 0.05 / 0.175 with reserve 0.5 and none smaller than
+    the start with reserve 1; circuits above target are refused when they spent the reserve."""
+    import factfind.evaluate.prune as prune_module
+
+    model, pairs = linear
+    universe = all_nodes(model, model.tokenize(list(pairs.clean)), neurons=True)
+    n = len(universe)
+
+    def fake_evaluate(model, data, circuits, **kwargs):
+        import pandas as pd
+
+        return pd.DataFrame([{"n_nodes": len(c), "fraction": len(c) / n,
+                              "faithfulness": 0.85 + 0.3 * len(c) / n, "metric": 0.0}
+                             for c in circuits])
+
+    monkeypatch.setattr(prune_module, "evaluate_circuits", fake_evaluate)
+    path = prune_circuit(model, pairs, universe, target=0.9, step=0.5, how="mean",
+                         reserve=reserve)
+    acc = path[path["accepted"]]
+    assert acc["fraction"].min() >= smallest - 1e-12
+    assert acc["fraction"].min() <= smallest + 0.05  # and it got close to the limit
+    refused_above = path[~path["accepted"] & (path["faithfulness"] >= 0.9)]
+    assert refused_above.empty == (reserve == 0)

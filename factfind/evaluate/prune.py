@@ -20,9 +20,10 @@ seen, which a single ranking of the full model misses.
 :func:`prune_circuit` is the loop (an iterative, attribution-guided backward elimination):
 drop the fraction ``step`` of the circuit with the *highest* ``Δ`` (the least harmful to
 remove), measure the new circuit's faithfulness **exactly**; accept it if it stays at least
-``target``, else halve the step and retry from the last accepted circuit; double it again
-after a success; stop when a single node cannot be dropped. Every accepted circuit is
-measured exactly; only the order is estimated.
+``target`` plus a reserve that shrinks with the circuit's size (so early big steps cannot
+spend the whole faithfulness budget), else halve the step and retry from the last accepted
+circuit; double it again after a success; stop when a single node cannot be dropped. Every
+accepted circuit is measured exactly; only the order is estimated.
 
 The exact reference is :func:`~factfind.evaluate.measures.minimality` (``F(C) - F(C∖{v})``
 by ablating each node); the tests check the estimate against it on a model whose metric is
@@ -169,7 +170,8 @@ def removal_scores(
 def prune_circuit(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *, target: float = 0.9,
     step: float = 0.25, min_nodes: int = 1, how: str = "mean", neurons: bool | None = None,
-    max_rounds: int = 200, exact: Sequence[str] = ("head", "mlp"), **kwargs: Any,
+    max_rounds: int = 200, exact: Sequence[str] = ("head", "mlp"), reserve: float = 0.5,
+    **kwargs: Any,
 ) -> pd.DataFrame:
     """Iterative attribution-guided backward elimination (see the module docstring).
 
@@ -183,6 +185,15 @@ def prune_circuit(
         how: ``"mean"`` or ``"resample"`` ablation, for the scores and the exact checks.
         neurons: count nodes at neuron granularity (as :func:`evaluate_circuits`).
         max_rounds: the most exact evaluations.
+        reserve: how much of the faithfulness budget ``F(start) - target`` a circuit must keep
+            in proportion to its remaining size: a circuit of ``s`` of the ``n`` starting nodes
+            is accepted only if ``F >= target + reserve * (F(start) - target) * s / n``. With
+            0 any circuit at or above ``target`` is accepted, so one large early step may spend
+            the whole budget on nodes that each help a little and leave nothing for the many
+            later steps: on the organism (128 pairs, 12,384 head and neuron nodes) the first
+            halving landed at F 0.902 and the search stalled at 3,381 nodes; with 0.5 it
+            reached 657 (and the same 206 / 341 nodes for 32 / 64 pairs). 1 spends the budget
+            in proportion to the nodes removed.
         exact: node kinds scored exactly rather than by attribution (see
             :func:`removal_scores`; heads and whole MLPs by default).
         kwargs: passed to :func:`removal_scores` and :func:`evaluate_circuits` (``means``,
@@ -209,8 +220,11 @@ def prune_circuit(
         return evaluate_circuits(model, data, [nodes], how=how, neurons=neurons,
                                  **kwargs).iloc[0].to_dict()
 
+    if not 0.0 <= reserve <= 1.0:
+        raise ValueError(f"reserve must be in [0, 1], got {reserve}")
     first = measure(current)
     rows = [_row(0, first, True, 0, current)]
+    n0, budget = len(current), max(0.0, first["faithfulness"] - target)
     frac, rounds, scores = step, 0, None
     while rounds < max_rounds and len(current) > min_nodes:
         k = min(int(frac * len(current)), len(current) - min_nodes)
@@ -222,7 +236,7 @@ def prune_circuit(
         trial = [v for v in current if v.id not in drop]
         r = measure(trial)
         rounds += 1
-        ok = r["faithfulness"] >= target
+        ok = r["faithfulness"] >= target + reserve * budget * len(trial) / n0
         rows.append(_row(rounds, r, ok, k, trial))
         if ok:
             current, scores = trial, None
