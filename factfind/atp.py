@@ -17,12 +17,13 @@ AtP* (base = clean, source = corrupt: ``c(n) < 0`` for a node the fact needs); `
 "denoise"`` swaps them. Effects are raw metric differences (logit-difference units), per prompt
 or averaged over prompts.
 
-Nodes (:class:`NodeIndex`) are a component at a layer at a *position spec* - a role such as
-``subject_last`` or an absolute index (negative indices count from the final token) - and a
-unit: every MLP **neuron** (``neurons``, the input of ``W_out``), the MLP layer (``mlp_out``),
-and per attention head its output (``head_out``, patched through ``z``) and its inputs at a
-position: the query (``q``), key (``k``) and value (``v``) vectors. A role that names several
-tokens (``relation``) patches all of them together; AtP is linear, so its estimate is the sum.
+Nodes (:class:`~factfind.node_index.NodeIndex`) are a component at a layer at a *position spec*
+(a role such as ``subject_last`` or an absolute index (negative indices count from the final
+token)) and a unit: every MLP **neuron** (``neurons``, the input of ``W_out``), the MLP layer
+(``mlp_out``), and per attention head its output (``head_out``, patched through ``z``) and its
+inputs at a position: the query (``q``), key (``k``) and value (``v``) vectors. A role that
+names several tokens (``relation``) patches all of them together; AtP is linear, so its estimate
+is the sum.
 
 **AtP*** (Kramár, Lieberum, Shah & Nanda 2024, "AtP*: An efficient and scalable method for
 localizing LLM behaviour to components") fixes AtP's two failure modes:
@@ -67,9 +68,9 @@ localizing LLM behaviour to components") fixes AtP's two failure modes:
 Estimates are not effects: :mod:`factfind.attribution` patches candidates exactly in order of
 ``score`` until a stopping rule, and bounds what it may have missed (the AtP* recipe).
 
-**Streaming.** Over many prompts, per-node statistics (count, mean, variance, mean |effect|)
-are accumulated batch by batch with Chan et al.'s parallel update (:class:`RunningStats`), so
-memory grows with the number of nodes, never with the number of prompts.
+**Streaming.** Over many prompts, per-node statistics (count, mean, variance, mean |effect|) are
+accumulated batch by batch with Chan et al.'s parallel update (:mod:`factfind.running_stats`),
+so memory grows with the number of nodes, never with the number of prompts.
 
 Example::
 
@@ -84,19 +85,19 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.metrics import logit_diff
-from factfind.patching import DEFAULT_ROLES, PairBatch, PatchSite, encode_pairs, position_mask, take
-from factfind.types import RESULT_COLUMNS, Component, Role, SiteKey
+from factfind.node_index import NodeIndex, node_frame
+from factfind.patching import DEFAULT_ROLES, PairBatch, encode_pairs, position_mask, take
+from factfind.running_stats import RunningStats, running_update
+from factfind.types import Component, Role, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs, TokenBatch
@@ -104,299 +105,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: node components in their canonical order (``z`` is reported as ``head_out``)
-NODE_COMPONENTS: tuple[Component, ...] = (Component.NEURONS, Component.MLP_OUT, Component.Z,
-                                          Component.Q, Component.K, Component.V)
-ATTENTION_INPUTS: tuple[Component, ...] = (Component.Q, Component.K, Component.V)
 DIRECTIONS = ("noise", "denoise")
-
-
-def node_component(c: str | Component) -> Component:
-    """The node component for a name: ``head_out`` and ``z`` both mean a head's output."""
-    comp = Component(c)
-    if comp is Component.HEAD_OUT:
-        comp = Component.Z
-    if comp not in NODE_COMPONENTS:
-        raise ValueError(f"{comp} is not a node component; choose from neurons, mlp_out, "
-                         "head_out, q, k, v")
-    return comp
-
-
-def component_name(c: Component) -> str:
-    """The name a node component has in result frames (``z`` -> ``head_out``)."""
-    return "head_out" if c is Component.Z else str(c)
-
-
-# ----------------------------------------------------------------------------- nodes
-
-
-@dataclass(frozen=True)
-class NodeIndex:
-    """A flat numbering of nodes: component-major, then layer, position spec and unit.
-
-    Per component the nodes form a ``[layer position unit]`` block, with ``unit`` the neuron
-    (``d_mlp`` of them), the head (``n_heads``), or a single unit for ``mlp_out``.
-    """
-
-    components: tuple[Component, ...]
-    layers: tuple[int, ...]
-    positions: tuple[Role | int, ...]
-    n_heads: int
-    d_mlp: int
-
-    @classmethod
-    def build(cls, model: Model, *, components: Iterable[str | Component],
-              positions: Iterable[Role | int | str], layers: Iterable[int] | None = None
-              ) -> NodeIndex:
-        comps = tuple(sorted({node_component(c) for c in components}, key=NODE_COMPONENTS.index))
-        pos = tuple(p if isinstance(p, int) else Role(p) for p in positions)
-        lays = tuple(range(model.n_layers)) if layers is None else tuple(sorted(set(layers)))
-        if not comps or not pos or not lays:
-            raise ValueError("need at least one component, position and layer")
-        for layer in lays:
-            if not 0 <= layer < model.n_layers:
-                raise IndexError(f"layer {layer} does not exist: {model.name} has "
-                                 f"{model.n_layers} layers")
-        return cls(comps, lays, pos, model.n_heads, model.d_mlp)
-
-    def units(self, comp: Component) -> int:
-        if comp is Component.NEURONS:
-            return self.d_mlp
-        return 1 if comp is Component.MLP_OUT else self.n_heads
-
-    def size(self, comp: Component) -> int:
-        return len(self.layers) * len(self.positions) * self.units(comp)
-
-    @cached_property
-    def offsets(self) -> dict[Component, int]:
-        sizes = [self.size(c) for c in self.components]
-        return dict(zip(self.components, itertools.accumulate([0, *sizes[:-1]]), strict=True))
-
-    def __len__(self) -> int:
-        return sum(self.size(c) for c in self.components)
-
-    def site(self, i: int) -> PatchSite:
-        """The node numbered ``i`` as a :class:`~factfind.patching.PatchSite`."""
-        for comp in reversed(self.components):
-            if i >= self.offsets[comp]:
-                layer_i, pos_i, unit = np.unravel_index(
-                    i - self.offsets[comp],
-                    (len(self.layers), len(self.positions), self.units(comp)))
-                unit = int(unit)
-                return PatchSite(comp, self.layers[int(layer_i)], self.positions[int(pos_i)],
-                                 head=None if comp in (Component.NEURONS, Component.MLP_OUT)
-                                 else unit,
-                                 neuron=unit if comp is Component.NEURONS else None)
-        raise IndexError(i)
-
-    def columns(self) -> dict[str, np.ndarray]:
-        """Per node: component, layer, head, neuron, position, role (NaN / None when absent)."""
-        cols = self.frame_columns
-        return {k: (v.to_numpy(dtype=object, na_value=None) if k in ("component", "role")
-                    else v.to_numpy(dtype=float, na_value=np.nan)) for k, v in cols.items()}
-
-    @cached_property
-    def frame_columns(self) -> dict[str, pd.api.extensions.ExtensionArray]:
-        """Per node, as the nullable arrays of a result frame: ``component`` and ``role``
-        (``string``), ``layer``, ``head``, ``neuron`` and ``position`` (``Int64``).
-
-        Built from integer codes (a string column is a ``take`` from its few distinct
-        values), so a frame of ~10^5 nodes costs a few milliseconds, not a Python loop."""
-        ints: dict[str, list[np.ndarray]] = {k: [] for k in ("layer", "head", "neuron",
-                                                             "position")}
-        comp_codes, pos_codes = [], []
-        pos_values = np.array([p if isinstance(p, int) else 0 for p in self.positions])
-        pos_given = np.array([isinstance(p, int) for p in self.positions])
-        for ci, comp in enumerate(self.components):
-            shape = (len(self.layers), len(self.positions), self.units(comp))
-            li, pi, ui = (a.ravel() for a in np.indices(shape))
-            n = li.size
-            comp_codes.append(np.full(n, ci))
-            pos_codes.append(pi)
-            none = np.full(n, -1)
-            ints["layer"].append(np.asarray(self.layers)[li])
-            has_head = comp not in (Component.NEURONS, Component.MLP_OUT)
-            ints["head"].append(ui if has_head else none)
-            ints["neuron"].append(ui if comp is Component.NEURONS else none)
-            ints["position"].append(np.where(pos_given[pi], pos_values[pi], -1))
-        out: dict[str, pd.api.extensions.ExtensionArray] = {}
-        names = [component_name(c) for c in self.components]
-        out["component"] = pd.array(names, dtype="string").take(np.concatenate(comp_codes))
-        for k in ("layer", "head", "neuron"):
-            v = np.concatenate(ints[k]).astype(np.int64)
-            out[k] = pd.arrays.IntegerArray(v, v < 0)
-        v = np.concatenate(ints["position"]).astype(np.int64)
-        out["position"] = pd.arrays.IntegerArray(
-            v, ~pos_given[np.concatenate(pos_codes)])
-        roles = [str(p) if isinstance(p, Role) else None for p in self.positions]
-        out["role"] = pd.array(roles, dtype="string").take(np.concatenate(pos_codes))
-        return {k: out[k] for k in ("component", "layer", "head", "neuron", "position",
-                                    "role")}
-
-    def node_layers(self) -> Tensor:
-        """``[node]`` the layer of every node."""
-        return torch.cat([torch.tensor(self.layers).repeat_interleave(
-            len(self.positions) * self.units(c)) for c in self.components])
-
-    def node_positions(self) -> Tensor:
-        """``[node]`` the index into :attr:`positions` of every node."""
-        return torch.cat([torch.arange(len(self.positions)).repeat_interleave(self.units(c))
-                          .repeat(len(self.layers)) for c in self.components])
-
-
-def node_frame(index: NodeIndex, method: str, values: dict[str, np.ndarray | Tensor],
-               *, prompts: np.ndarray | None = None) -> pd.DataFrame:
-    """A tidy frame (:data:`~factfind.types.RESULT_COLUMNS` first) with one row per node - or
-    per (prompt, node) when ``prompts`` gives each row's prompt and ``values`` are
-    ``[prompt * node]`` - built column-wise, so a million rows take well under a second."""
-    cols = index.frame_columns
-    reps = 1 if prompts is None else len(prompts) // len(index)
-    n_rows = len(index) * reps
-    tile = np.tile(np.arange(len(index)), reps) if reps > 1 else None
-    data: dict[str, object] = {"method": pd.array([method], dtype="string").take(
-        np.zeros(n_rows, dtype=np.intp))}
-    for name, col in cols.items():
-        data[name] = col.copy() if tile is None else col.take(tile)
-    data["prompt"] = (_int_array(np.full(n_rows, np.nan)) if prompts is None
-                      else pd.array(prompts, dtype="Int64"))
-    for name in ("effect", "ci_low", "ci_high", "n"):
-        v = values.get(name)
-        arr = np.full(n_rows, np.nan) if v is None else _np(v).astype("float64")
-        data[name] = _int_array(arr) if name == "n" else arr
-    for name, v in values.items():
-        if name not in data:
-            data[name] = _np(v)
-    df = pd.DataFrame(data)
-    return df.reindex(columns=list(RESULT_COLUMNS)
-                      + [c for c in df.columns if c not in RESULT_COLUMNS])
-
-
-def _int_array(v: np.ndarray) -> pd.api.extensions.ExtensionArray:
-    """Float counts (NaN: missing) as a nullable ``Int64`` array."""
-    missing = np.isnan(v)
-    return pd.arrays.IntegerArray(np.where(missing, 0, v).round().astype(np.int64), missing)
-
-
-def _np(v: np.ndarray | Tensor) -> np.ndarray:
-    return v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
-
-
-# ----------------------------------------------------------------------------- streaming stats
-
-
-def running_update(state: dict[str, Tensor], x: Tensor, valid: Tensor | None = None
-                   ) -> dict[str, Tensor]:
-    """:meth:`RunningStats.update` as a pure function of the accumulators (torch only, so a
-    remote sweep can run it without shipping the class).
-
-    The block's own count, mean, centred sum of squares and |x| statistics are reduced on the
-    block's device and dtype (at least float32) with one temporary of its size, and only the
-    ``[node]`` results are moved to the CPU and merged in float64 (Chan et al.'s update). A
-    ``[batch node]`` block is as large as everything else AtP computes: a float64 copy per
-    elementwise step once cost more than the forward pass."""
-    x = x.detach()
-    if not x.dtype.is_floating_point or x.dtype.itemsize < 4:
-        x = x.float()
-    cpu64 = {"device": "cpu", "dtype": torch.float64}
-    count, mean = state["count"], state["mean"]
-    if x.shape[0] == 0:
-        return dict(state)
-    if valid is None:
-        w = None
-        nb_dev = torch.full((x.shape[1],), float(x.shape[0]), device=x.device, dtype=x.dtype)
-    else:  # masked entries (even NaN) count 0 with weight 0
-        valid = valid.to(x.device, torch.bool).expand_as(x)
-        w = valid.to(x.dtype)
-        x = torch.where(valid, x, 0.0)
-        nb_dev = w.sum(0)
-    mb_dev = x.sum(0) / nb_dev.clamp(min=1)
-    tmp = x - mb_dev
-    if w is not None:
-        tmp.mul_(w)
-    m2b = tmp.mul_(tmp).sum(0).to(**cpu64)
-    torch.abs(x, out=tmp)
-    abs_sum, abs_max = tmp.sum(0).to(**cpu64), tmp.amax(0).to(**cpu64)
-    nb, mb = nb_dev.to(**cpu64), mb_dev.to(**cpu64)
-    tot = count + nb
-    delta = mb - mean
-    return {
-        "count": tot,
-        "mean": mean + delta * nb / tot.clamp(min=1),
-        "m2": state["m2"] + m2b + delta ** 2 * count * nb / tot.clamp(min=1),
-        "abs_sum": state["abs_sum"] + abs_sum,
-        "abs_max": torch.maximum(state["abs_max"], abs_max),
-    }
-
-
-@dataclass
-class RunningStats:
-    """Per-node count, mean, variance, mean |x| and max |x| over a stream of prompts.
-
-    ``update`` takes a ``[batch node]`` block (and which entries are valid); memory is
-    ``O(node)`` however many prompts pass (Chan, Golub & LeVeque's parallel variance update).
-
-    Example::
-
-        >>> s = RunningStats(2)
-        >>> s.update(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
-        >>> s.mean.tolist(), s.var.tolist()
-        ([2.0, 2.0], [2.0, 0.0])
-    """
-
-    n_nodes: int
-    count: Tensor = field(init=False)
-    mean: Tensor = field(init=False)
-    m2: Tensor = field(init=False)
-    abs_sum: Tensor = field(init=False)
-    abs_max: Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        z = torch.zeros(self.n_nodes, dtype=torch.float64)
-        self.count, self.mean, self.m2, self.abs_sum, self.abs_max = (z.clone() for _ in range(5))
-
-    def update(self, x: Tensor, valid: Tensor | None = None) -> None:
-        """Add a ``[batch node]`` block; ``valid`` (bool, broadcastable) masks entries out."""
-        state = running_update(self.state(), x, valid)
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-        self.abs_sum, self.abs_max = state["abs_sum"], state["abs_max"]
-
-    def state(self) -> dict[str, Tensor]:
-        """The accumulators as plain tensors (what a remote sweep sends back)."""
-        return {"count": self.count, "mean": self.mean, "m2": self.m2,
-                "abs_sum": self.abs_sum, "abs_max": self.abs_max}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Tensor]) -> RunningStats:
-        out = cls(len(state["count"]))
-        out.count, out.mean, out.m2 = state["count"], state["mean"], state["m2"]
-        out.abs_sum, out.abs_max = state["abs_sum"], state["abs_max"]
-        return out
-
-    @property
-    def var(self) -> Tensor:
-        """Sample variance (NaN with fewer than two values)."""
-        return torch.where(self.count > 1, self.m2 / (self.count - 1).clamp(min=1),
-                           torch.full_like(self.m2, float("nan")))
-
-    @property
-    def abs_mean(self) -> Tensor:
-        return self.abs_sum / self.count.clamp(min=1)
-
-    def ci(self, confidence: float = 0.95) -> tuple[Tensor, Tensor]:
-        """Student-t interval for the mean (NaN with fewer than two values)."""
-        sem = (self.var / self.count.clamp(min=1)).sqrt()
-        dof, inverse = np.unique(np.maximum(self.count.numpy() - 1, 1), return_inverse=True)
-        t = torch.from_numpy(stats.t.ppf(0.5 + confidence / 2, dof)[inverse])  # few distinct n
-        half = sem * t
-        return self.mean - half, self.mean + half
-
-    def values(self) -> dict[str, Tensor]:
-        """``effect`` (mean; NaN where no prompt was valid), ``ci_low``, ``ci_high``, ``n``,
-        ``abs_mean`` - ready for :func:`node_frame`."""
-        low, high = self.ci()
-        mean = torch.where(self.count > 0, self.mean, torch.full_like(self.mean, float("nan")))
-        return {"effect": mean, "ci_low": low, "ci_high": high, "n": self.count,
-                "abs_mean": self.abs_mean}
 
 
 # ----------------------------------------------------------------------------- batches

@@ -71,19 +71,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.atp import (
-    ATTENTION_INPUTS,
     Estimates,
-    NodeIndex,
-    RunningStats,
     attention_allow,
     attention_logits,
     base_and_source,
     check_direction,
     metric_of,
-    node_component,
-    node_frame,
     pair_batches,
 )
+from factfind.node_index import ATTENTION_INPUTS, NodeIndex, node_component, node_frame
 from factfind.patching import (
     DEFAULT_ROLES,
     PairBatch,
@@ -94,6 +90,7 @@ from factfind.patching import (
     repeat,
 )
 from factfind.results import tidy
+from factfind.running_stats import RunningStats
 from factfind.types import Component, Role, SiteKey
 
 if TYPE_CHECKING:

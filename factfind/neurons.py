@@ -53,8 +53,10 @@ import torch
 from torch import Tensor
 
 from factfind.ablation import ablation
-from factfind.atp import NodeIndex, RunningStats, estimate, node_frame, position_masks
+from factfind.atp import estimate, position_masks
+from factfind.node_index import NodeIndex, node_frame
 from factfind.results import aggregate, tidy
+from factfind.running_stats import RunningStats
 from factfind.types import Component, Role, Site
 
 if TYPE_CHECKING:

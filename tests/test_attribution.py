@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from factfind.atp import RunningStats, atp, atp_star, estimate, node_frame
+from factfind.atp import atp, atp_star, estimate
 from factfind.attribution import (
     exact_patching,
     exact_patching_reference,
@@ -23,8 +23,10 @@ from factfind.attribution import (
     patch_node_sets,
     verify,
 )
+from factfind.node_index import node_frame
 from factfind.patching import PatchSite, encode_pairs
 from factfind.results import aggregate, tidy
+from factfind.running_stats import RunningStats
 from factfind.testing import tiny_model
 from factfind.types import RESULT_COLUMNS, Component, Role
 
@@ -290,7 +292,7 @@ def test_frames_are_tidy(neox, neox_pairs):
 
 
 def est_index(model):
-    from factfind.atp import NodeIndex
+    from factfind.node_index import NodeIndex
 
     return NodeIndex.build(model, components=["neurons"], positions=["final"])
 
