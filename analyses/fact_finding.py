@@ -38,7 +38,6 @@ from factfind import graph as cg
 from factfind import report as rp
 from factfind.ablation import effective_model
 from factfind.atp import estimate
-from factfind.attribution import missed_effect_bound, verify
 from factfind.cache import RunCache
 from factfind.eap import eap_ig, to_graph
 from factfind.evaluate import faithfulness_curve, prune_circuit
@@ -54,6 +53,7 @@ from factfind.pathpatch import all_nodes, path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
 from factfind.report import neurons as rn
 from factfind.types import Role, Site
+from factfind.verification import missed_effect_bound, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")

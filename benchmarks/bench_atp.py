@@ -35,14 +35,10 @@ from _common import best_of, known_pairs, load_checkpoint, machine
 from scipy.stats import spearmanr
 
 from factfind.atp import atp, estimate
-from factfind.attribution import (
-    exact_patching,
-    missed_effect_bound,
-    patch_node_sets,
-    verify,
-)
+from factfind.attribution import exact_patching, patch_node_sets
 from factfind.node_index import NodeIndex
 from factfind.patching import DEFAULT_ROLES, encode_pairs
+from factfind.verification import missed_effect_bound, verify
 
 
 def node_ids(df) -> list[str]:

@@ -65,7 +65,7 @@ localizing LLM behaviour to components") fixes AtP's two failure modes:
   verification by ``score = max(|c_AtP*(n)|, GD(n))``: GradDrop *flags* nodes, exact patching
   then measures them.
 
-Estimates are not effects: :mod:`factfind.attribution` patches candidates exactly in order of
+Estimates are not effects: :mod:`factfind.verification` patches candidates exactly in order of
 ``score`` until a stopping rule, and bounds what it may have missed (the AtP* recipe).
 
 **Streaming.** Over many prompts, per-node statistics (count, mean, variance, mean |effect|) are
@@ -456,7 +456,7 @@ def atp_star(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFra
     Returns:
         One row per node with ``method="atp*"``, ``effect`` (QK-fixed AtP estimate),
         ``grad_drop`` and ``score = max(|effect|, grad_drop)``, the order in which
-        :func:`factfind.attribution.verify` patches candidates.
+        :func:`factfind.verification.verify` patches candidates.
     """
     kwargs.setdefault("qk_fix", True)
     kwargs.setdefault("grad_drop", True)

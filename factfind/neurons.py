@@ -103,7 +103,7 @@ def resample_neurons(model: Model, facts: FactDataset, neurons: Sequence[Site] |
 
     Args:
         facts: the prompts measured.
-        neurons: Sites, or a node frame (e.g. :func:`~factfind.attribution.verify`'s).
+        neurons: Sites, or a node frame (e.g. :func:`~factfind.verification.verify`'s).
         k: resampled subjects per prompt (same relation and token length, other attribute).
         reference: extra prompts to draw partners from.
 

@@ -4,9 +4,9 @@ A node (:class:`NodeIndex`) is a component at a layer at a *position spec* - a r
 ``subject_last`` or an absolute index (negative indices count from the final token) - and a
 unit: every MLP **neuron** (``neurons``, the input of ``W_out``), the MLP layer (``mlp_out``),
 and per attention head its output (``head_out``, patched through ``z``) and its inputs at a
-position: the query (``q``), key (``k``) and value (``v``) vectors. AtP
-(:mod:`factfind.atp`), exact patching and verification (:mod:`factfind.attribution`) and the
-neuron analyses (:mod:`factfind.neurons`) all number nodes this way, so their ``[node]``
+position: the query (``q``), key (``k``) and value (``v``) vectors. AtP (:mod:`factfind.atp`),
+exact patching (:mod:`factfind.attribution`), verification (:mod:`factfind.verification`) and
+the neuron analyses (:mod:`factfind.neurons`) all number nodes this way, so their ``[node]``
 tensors line up, and :func:`node_frame` turns them into one tidy frame.
 
 Example::

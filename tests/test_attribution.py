@@ -16,19 +16,14 @@ from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
 from factfind.atp import atp, atp_star, estimate
-from factfind.attribution import (
-    exact_patching,
-    exact_patching_reference,
-    missed_effect_bound,
-    patch_node_sets,
-    verify,
-)
+from factfind.attribution import exact_patching, exact_patching_reference, patch_node_sets
 from factfind.node_index import node_frame
 from factfind.patching import PatchSite, encode_pairs
 from factfind.results import aggregate, tidy
 from factfind.running_stats import RunningStats
 from factfind.testing import tiny_model
 from factfind.types import RESULT_COLUMNS, Component, Role
+from factfind.verification import missed_effect_bound, verify
 
 ALL = ["neurons", "mlp_out", "head_out", "q", "k", "v"]
 KEYS = ["component", "layer", "head", "neuron", "position", "role"]

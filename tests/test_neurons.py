@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from factfind.atp import estimate
-from factfind.attribution import verify
 from factfind.data import FactDataset, from_records
 from factfind.dla import direct_logit_attribution
 from factfind.neurons import (
@@ -20,6 +19,7 @@ from factfind.neurons import (
 )
 from factfind.testing import tiny_model
 from factfind.types import RESULT_COLUMNS, Component, Role, Site
+from factfind.verification import verify
 
 COUNTRIES = ["Paris", "Japan", "Dublin", "Apple", "Antarctica", "Malmö"]
 

@@ -39,7 +39,7 @@ import pandas as pd
 import pytest
 
 from factfind.atp import atp, atp_star
-from factfind.attribution import exact_patching, missed_effect_bound, verify
+from factfind.attribution import exact_patching
 from factfind.dla import direct_logit_attribution
 from factfind.eap import eap, eap_ig, to_graph
 from factfind.graph import CircuitGraph, Provenance, prune, prune_nodes
@@ -47,6 +47,7 @@ from factfind.knockout import attention_knockout
 from factfind.patching import activation_patching
 from factfind.pathpatch import edge_patching, path_patching_circuit
 from factfind.tracing import causal_tracing
+from factfind.verification import missed_effect_bound, verify
 
 ROLES = ["subject_first", "subject_last", "relation", "final"]
 NODES = ["neurons", "mlp_out", "head_out", "q", "k", "v"]  # AtP / exact node set

@@ -7,10 +7,10 @@ import pytest
 
 from factfind import report as rp
 from factfind.atp import estimate
-from factfind.attribution import missed_effect_bound, verify
 from factfind.neurons import mlp_output_norms, neuron_dla, neuron_nonlinearity, resample_neurons
 from factfind.report import neurons as rn
 from factfind.testing import tiny_model
+from factfind.verification import missed_effect_bound, verify
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Report sections for neuron-level attribution: AtP* with exact verification, and Fact
-Finding's neuron analyses (:mod:`factfind.atp`, :mod:`factfind.attribution`,
+Finding's neuron analyses (:mod:`factfind.atp`, :mod:`factfind.verification`,
 :mod:`factfind.neurons`).
 
 Each builder takes the tidy frames those modules return and gives a
@@ -15,7 +15,7 @@ its numbers are defined, figures drawn by :mod:`factfind.report` and sortable ta
 
 and :func:`neuron_sections` all of them from a dict of those frames.
 
-:func:`verified_candidates` turns a :class:`~factfind.attribution.Verification` into the one
+:func:`verified_candidates` turns a :class:`~factfind.verification.Verification` into the one
 frame :func:`atp_section` reads (and an analysis caches).
 
 Example::
@@ -36,7 +36,7 @@ import pandas as pd
 from factfind import report as rp
 
 if TYPE_CHECKING:
-    from factfind.attribution import Verification
+    from factfind.verification import Verification
 
 EXPLAIN_ATP = (
     "Attribution patching (AtP; Nanda 2023, Syed et al. 2023) estimates the effect of patching "
@@ -106,9 +106,9 @@ def verified_candidates(ver: Verification, *, search: str) -> pd.DataFrame:
 
 
 def verification_of(candidates: pd.DataFrame) -> Verification:
-    """The :class:`~factfind.attribution.Verification` that :func:`verified_candidates` (one
+    """The :class:`~factfind.verification.Verification` that :func:`verified_candidates` (one
     search) was made from, e.g. to bound what it missed after a cached run."""
-    from factfind.attribution import Verification
+    from factfind.verification import Verification
 
     if len(set(candidates["search"].tolist())) != 1:
         raise ValueError("pass the candidates of one search")
@@ -149,7 +149,7 @@ def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, 
                 explanation: str = EXPLAIN_ATP) -> rp.Section:
     """Section ``atp-star`` from :func:`verified_candidates` frames (one or several searches,
     told apart by ``search``) and optionally the bound's rank buckets
-    (:attr:`~factfind.attribution.Bound.buckets` with a ``search`` column)."""
+    (:attr:`~factfind.verification.Bound.buckets` with a ``search`` column)."""
     ver = _labelled(candidates.loc[candidates["verified"].to_numpy(dtype=bool)])
     if ver.empty:
         raise ValueError("no verified candidates to show")
