@@ -10,11 +10,12 @@ The public API in one place; each name lives in a module that teaches its method
 """
 
 from factfind import eap, graph
+from factfind.architectures import ArchSpec, register_spec
 from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt
 from factfind.dla import direct_logit_attribution
 from factfind.knockout import attention_knockout
 from factfind.loaders import from_records, load_facts
-from factfind.model import ArchSpec, Model, load_model, register_spec
+from factfind.model import Model, load_model
 from factfind.patching import activation_patching
 from factfind.results import aggregate
 from factfind.streaming import stream

@@ -19,8 +19,7 @@ keeps every activation on-distribution. :func:`corrupt` implements that scheme:
 Example::
 
     pairs = corrupt(facts, tokenizer, seed=0)
-    for clean, bad in pairs:
-        print(clean.prompt, "->", bad.prompt)
+    [(clean.prompt, bad.prompt) for clean, bad in pairs]   # each fact and its corruption
 """
 
 from __future__ import annotations

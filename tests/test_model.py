@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from factfind.model import UnsupportedArchitectureError, load_model
+from factfind.architectures import UnsupportedArchitectureError
+from factfind.model import load_model
 from factfind.testing import FAMILIES, tiny_hf_model, tiny_tokenizer
 from factfind.types import Component as C
 
