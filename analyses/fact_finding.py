@@ -27,16 +27,20 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
 from factfind.ablation import effective_model
+from factfind.console import configure_logging, run_cli
+from factfind.errors import NotEnoughFactsError
 from factfind.atp import estimate
 from factfind.cache import RunCache
 from factfind.eap import eap_ig, to_graph
@@ -59,59 +63,58 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A :class:`Config` field with its command-line help (``--field-name``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    """Everything that determines the run's results (saved beside them)."""
+    """Everything that determines the run's results (saved beside them). Every field is a
+    command-line flag: ``n_prompts`` is ``--n-prompts``."""
 
-    model: str = "organism"
-    facts: str = "organism:sport"
-    n_prompts: int = 48
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None
-    batch_size: int = 16
-    tracing_prompts: int = 24
-    tracing_samples: int = 3
-    tracing_window: int = 3
-    knockout_window: int = 1
-    circuit_prompts: int = 24
-    eap_ig_steps: int = 5
-    circuit_edges: int = 60
-    atp_prompts: int = 24
-    atp_top_k: int = 20
-    top_neurons: int = 10
-    resample_k: int = 8
+    model: str = _opt("organism", "'organism', 'smollm2-135m', a .gguf file, a HF directory "
+                      "or hub name")
+    facts: str = _opt("organism:sport", "dataset: organism:<relation>, athletes, rome_known, "
+                      "counterfact:val, lre:factual/<relation>, a CSV/JSON file")
+    n_prompts: int = _opt(48, "known facts to pair and analyse")
+    seed: int = _opt(0, "seed of every sample")
+    device: str = _opt("cpu", "cpu, cuda, ...")
+    dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")
+    batch_size: int = _opt(16, "prompts per forward pass")
+    known_min_prob: float = _opt(0.5, "a fact is known when p(attribute) exceeds this "
+                                 "(Fact Finding's rule: 0.5)")
+    known_top_k: int = _opt(1, "... and its attribute token is within the top k")
+    min_pairs: int = _opt(4, "stop with an error below this many known, paired facts")
+    tracing_prompts: int = _opt(24, "pairs for causal tracing")
+    tracing_samples: int = _opt(3, "noise samples per traced prompt")
+    tracing_window: int = _opt(3, "layers restored together around each layer")
+    knockout_window: int = _opt(1, "layers blocked together from each layer")
+    circuit_prompts: int = _opt(24, "pairs for path patching, EAP-IG and the circuit")
+    eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
+    circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
+    atp_prompts: int = _opt(24, "pairs for AtP* and the neuron analyses")
+    atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
+    top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
+    resample_k: int = _opt(8, "subjects resampled per neuron")
     version: str = ff.__version__
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=Config.model, help="'organism', a HF directory or hub name")
-    p.add_argument("--facts", default=Config.facts,
-                   help="dataset: organism:<relation>, rome_known, counterfact:val, a file")
-    p.add_argument("--n-prompts", type=int, default=Config.n_prompts)
-    p.add_argument("--seed", type=int, default=Config.seed)
-    p.add_argument("--device", default=Config.device)
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--tracing-prompts", type=int, default=Config.tracing_prompts)
-    p.add_argument("--tracing-samples", type=int, default=Config.tracing_samples)
-    p.add_argument("--tracing-window", type=int, default=Config.tracing_window)
-    p.add_argument("--knockout-window", type=int, default=Config.knockout_window)
-    p.add_argument("--circuit-prompts", type=int, default=Config.circuit_prompts)
-    p.add_argument("--circuit-edges", type=int, default=Config.circuit_edges)
-    p.add_argument("--atp-prompts", type=int, default=Config.atp_prompts,
-                   help="pairs for AtP* and the neuron analyses")
+    """The :class:`Config` from the command line (one flag per field, its default and help
+    from the field) plus the run's paths."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    for f in fields(Config):
+        if f.name == "version":
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
     p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
     p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     a = p.parse_args(argv)
-    cfg = Config(model=a.model, facts=a.facts, n_prompts=a.n_prompts, seed=a.seed,
-                 device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                 tracing_prompts=a.tracing_prompts, tracing_samples=a.tracing_samples,
-                 tracing_window=a.tracing_window, knockout_window=a.knockout_window,
-                 circuit_prompts=a.circuit_prompts, circuit_edges=a.circuit_edges,
-                 atp_prompts=a.atp_prompts)
+    cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config) if f.name != "version"})
     return cfg, a
 
 
@@ -125,8 +128,7 @@ class Outcome:
 
 def main(argv: list[str] | None = None) -> Outcome:
     cfg, args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    configure_logging()
     t0 = time.time()
 
     # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
@@ -137,18 +139,31 @@ def main(argv: list[str] | None = None) -> Outcome:
     log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
     # the accuracy check runs on a seeded sample (4x what is analysed), not the whole dataset
     pool = facts.sample(min(len(facts), max(4 * cfg.n_prompts, 256)), seed=cfg.seed)
-    scores = cache.table("attribute_scores", lambda: pool.attribute_scores(
-        model, batch_size=cfg.batch_size * 4))
-    known_mask = (scores["rank"] == 1).tolist()
+    scores = _chunked(cache, "attribute_scores", len(pool), lambda a, b: pool[a:b].attribute_scores(
+        model, batch_size=cfg.batch_size * 4), chunk=cfg.batch_size * 4, desc="known facts")
+    known_mask = ((scores["prob"] > cfg.known_min_prob)
+                  & (scores["rank"] <= cfg.known_top_k)).tolist()
     known = ff.FactDataset([f for f, k in zip(pool, known_mask, strict=True) if k],
                            name=f"{facts.name}|known")
-    if len(known) == 0:
-        raise SystemExit(f"{model.name} knows none of the {len(pool)} sampled facts of "
-                         f"{facts.name}")
+    rule = f"p(attribute) > {cfg.known_min_prob:g} and rank <= {cfg.known_top_k}"
+    if len(known) < cfg.min_pairs:
+        top = _top_predictions(model, pool, scores)
+        raise NotEnoughFactsError(
+            f"{model.name} knows {len(known)} of {len(pool)} sampled facts of {facts.name} "
+            f"({rule}; its most common top answers: {top}), fewer than --min-pairs "
+            f"{cfg.min_pairs}. Fix: use a prompt format the model completes with the "
+            "attribute (e.g. --facts athletes, which has Fact Finding's one-shot prefix), "
+            "lower --known-min-prob, or use a larger model.")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
     pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip")
-    log.info("knows %d of %d sampled facts; analysing %d prompt pairs", len(known), len(pool),
-             len(pairs))
+    if len(pairs) < cfg.min_pairs:
+        raise NotEnoughFactsError(
+            f"only {len(pairs)} of {len(sample)} known facts of {facts.name} found a corrupt "
+            f"partner (a subject of the same token length with another attribute), fewer "
+            f"than --min-pairs {cfg.min_pairs}. Fix: a dataset with more subjects per "
+            "relation, a larger --n-prompts, or lower --min-pairs.")
+    log.info("knows %d of %d sampled facts (%s); analysing %d prompt pairs", len(known),
+             len(pool), rule, len(pairs))
 
     # 2. causal tracing ------------------------------------------------------------------------
     def trace(start: int, stop: int) -> pd.DataFrame:
@@ -158,8 +173,8 @@ def main(argv: list[str] | None = None) -> Outcome:
         df["prompt"] = df["prompt"] + start
         return df
 
-    tracing = cache.chunked("causal_tracing", min(len(pairs), cfg.tracing_prompts), trace,
-                            chunk=cfg.batch_size)
+    tracing = _chunked(cache, "causal_tracing", min(len(pairs), cfg.tracing_prompts), trace,
+                       chunk=cfg.batch_size, desc="causal tracing")
     log.info("causal tracing done (%.0fs)", time.time() - t0)
 
     # 3. activation patching by layer and role; heads at the final position ---------------------
@@ -170,7 +185,8 @@ def main(argv: list[str] | None = None) -> Outcome:
         df["prompt"] = df["prompt"] + start
         return df
 
-    patching = cache.chunked("activation_patching", len(pairs), patch, chunk=cfg.batch_size)
+    patching = _chunked(cache, "activation_patching", len(pairs), patch, chunk=cfg.batch_size,
+                        desc="activation patching")
     log.info("activation patching done (%.0fs)", time.time() - t0)
 
     # 4. attention knockout ------------------------------------------------------------------
@@ -280,6 +296,24 @@ def main(argv: list[str] | None = None) -> Outcome:
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, desc: str
+             ) -> pd.DataFrame:
+    """A cached step over ``n`` prompts in chunks, with a progress bar (prompts, ETA)."""
+    with tqdm(total=n, desc=desc, unit="prompt", disable=n == 0) as bar:
+        return cache.chunked(name, n, compute, chunk=chunk, progress=bar.update)
+
+
+def _top_predictions(model: ff.Model, pool: ff.FactDataset, scores: pd.DataFrame,
+                     n: int = 3) -> str:
+    """The model's most frequent top-1 next tokens on (up to 64 of) the facts it got wrong."""
+    wrong = [f for f, r in zip(pool, scores["rank"].tolist(), strict=True) if r != 1][:64]
+    if not wrong:
+        return "none wrong"
+    top = model.final_logits(wrong).argmax(-1).tolist()
+    counts = pd.Series([repr(model.tokenizer.decode([t])) for t in top]).value_counts()
+    return ", ".join(f"{tok} x{c}" for tok, c in counts.head(n).items())
 
 
 def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactPairs,
@@ -407,4 +441,4 @@ def _effective_section(eff: pd.DataFrame, probes: pd.DataFrame, mech: pd.DataFra
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="fact_finding"))

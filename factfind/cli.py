@@ -16,6 +16,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from factfind.console import run_cli
+
 ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
 
@@ -27,8 +29,15 @@ def _run_analysis(name: str, argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     module = runpy.run_path(str(script), run_name="factfind_analysis")
-    module["main"](argv)
-    return 0
+    return run_cli(module["main"], argv)
+
+
+def _info(source: str) -> None:
+    from factfind.model import load_model
+
+    model = load_model(source)
+    print(model)
+    print(f"revision: {model.revision}\nfingerprint: {model.fingerprint()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     if args.command == "info":
-        from factfind.model import load_model
-
-        model = load_model(args.model)
-        print(model)
-        print(f"revision: {model.revision}\nfingerprint: {model.fingerprint()}")
-        return 0
+        return run_cli(_info, args.model)
     if args.command == "datasets":
         from factfind.loaders import available_datasets
 

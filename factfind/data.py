@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
+from factfind.errors import FactfindError
+
 if TYPE_CHECKING:
     from factfind.dataset import FactDataset
     from factfind.loaders import (
@@ -96,7 +98,7 @@ OnError = Literal["raise", "skip"]
 # ----------------------------------------------------------------------------- errors
 
 
-class FactDataError(ValueError):
+class FactDataError(FactfindError, ValueError):
     """Bad fact data: a missing or malformed file or record, or a prompt that cannot be aligned.
 
     Attributes:

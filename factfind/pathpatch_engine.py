@@ -79,13 +79,16 @@ def _check_job(model: Model, job: Job, parallel: bool) -> None:
             raise ValueError("the logits cannot be a sender")
     if job.receivers is None:
         return
+    empty = []
     for r in job.receivers:
         if r.kind in ("embed", "logits"):
             raise ValueError(f"{r.kind} cannot be a receiver: use receivers=None for the logits")
         if not any(stage(s.kind, s.layer, parallel) < stage(r.kind, r.layer, parallel)
                    for s in job.senders):
-            log.info("receiver %s at layer %d has no upstream sender: its path is empty",
-                     r.kind, r.layer)
+            empty.append(f"{r.kind}@{r.layer}")
+    if empty:  # one line per job, not one per receiver
+        log.debug("%d receivers have no upstream sender, so their paths are empty: %s",
+                  len(empty), ", ".join(dict.fromkeys(empty)))
 
 
 def _keys(job_list: Sequence[Job], *, qkv: str, parallel: bool, n_layers: int
