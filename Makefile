@@ -23,4 +23,4 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check factfind tests analyses benchmarks
-	$(BIN)/pyright
+	$(BIN)/pyright --pythonpath $(BIN)/python

@@ -39,11 +39,11 @@ import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
 from factfind.ablation import effective_model
-from factfind.console import configure_logging, run_cli
-from factfind.errors import NotEnoughFactsError
 from factfind.atp import estimate
 from factfind.cache import RunCache
+from factfind.console import configure_logging, run_cli
 from factfind.eap import eap_ig, to_graph
+from factfind.errors import NotEnoughFactsError
 from factfind.evaluate import faithfulness_curve, prune_circuit
 from factfind.neurons import (
     mlp_output_norms,
