@@ -45,6 +45,7 @@ from factfind.console import configure_logging, run_cli
 from factfind.eap import eap_ig, to_graph
 from factfind.errors import NotEnoughFactsError
 from factfind.evaluate import faithfulness_curve, prune_circuit
+from factfind.findings import literature_findings
 from factfind.neurons import (
     mlp_output_norms,
     neuron_dla,
@@ -203,6 +204,11 @@ def main(argv: list[str] | None = None) -> Outcome:
     probes = cache.table("linear_probes", lambda: linear_probes(
         model, known.sample(min(256, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
     mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
+    findings = literature_findings(
+        n_layers=model.n_layers, tracing=ff.aggregate(tracing), knockout=ff.aggregate(knockout),
+        effective=eff, probes=probes)
+    for row in findings.itertuples():
+        log.info("%s: %s (%s)", row.finding, "holds" if row.holds else "differs", row.measured)
     log.info("localization done (%.0fs)", time.time() - t0)
 
     # 7. path patching: heads' direct effects, and MLPs at the subject -> heads at the final token
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                            sample=pairs.clean.to_frame().head(20)),
         rp.accuracy_section(rp.accuracy_table(
             pool.to_frame().assign(correct=[bool(k) for k in known_mask]), by="relation")),
+        rp.findings_section(findings),
         rp.tracing_section(ff.aggregate(tracing)),
         rp.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),
         _knockout_section(knockout),

@@ -1,7 +1,8 @@
 """The standard report sections, each a plain-text explanation of its method followed by
 figures and tables: :func:`model_section`, :func:`dataset_section`, :func:`accuracy_section`,
 :func:`tracing_section`, :func:`patching_section`, :func:`units_section`,
-:func:`circuit_section`, :func:`faithfulness_section`, :func:`config_section`.
+:func:`circuit_section`, :func:`faithfulness_section`, :func:`findings_section`,
+:func:`config_section`.
 """
 
 
@@ -61,6 +62,15 @@ EXPLAIN_FAITHFULNESS = (
     "Faithfulness is the share of the full model's metric (the logit difference) recovered when "
     "only the circuit's top-k edges are kept and everything else is ablated, as k grows. A "
     "faithful circuit reaches 1 (dashed line) with few edges."
+)
+EXPLAIN_FINDINGS = (
+    "What the papers found, measured on this model: ROME's early site (MLPs at the last subject "
+    "token) and late site (attention at the final token) from causal tracing; Geva et al.'s "
+    "attention knockout (final -> subject matters in middle and upper layers, the relation "
+    "arrives earlier); Fact Finding's effective model (how many layers of attention the subject "
+    "needs) and the layer where a linear probe first decodes the attribute. Each row states the "
+    "rule it was judged by; 'holds' is False where this model differs, with the numbers. Depth "
+    "is layer / (layers - 1)."
 )
 EXPLAIN_CONFIG = (
     "The configuration reproduces this run on its own (model revision, dataset fingerprint, "
@@ -167,6 +177,20 @@ def faithfulness_section(df: pd.DataFrame, *, x: str = "size", y: str = "faithfu
                     caption=f"{y} against {x}; the band is the 95% interval where given.")
     return Section(id="faithfulness", title="Faithfulness", explanation=explanation,
                    figures=[fig], tables=[Table(df, caption="Faithfulness by circuit size")])
+
+
+def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -> Section:
+    """Section ``findings``: :func:`factfind.findings.literature_findings` as a table, with the
+    count of findings that hold among those measured."""
+    measured = df[df["holds"].notna()]
+    n_hold = int(measured["holds"].astype(bool).sum())
+    facts = {"findings that hold": f"{n_hold} of {len(measured)} measured"}
+    cols = [c for c in ("finding", "source", "claim", "measured", "holds", "layer", "depth")
+            if c in df.columns]
+    return Section(id="findings", title="The literature's findings on this model",
+                   explanation=explanation, facts=facts,
+                   tables=[Table(df[cols], caption="Findings, the rule each was judged by, "
+                                 "and what this model shows")])
 
 
 def config_section(config: Any, provenance: Mapping[str, Any] | None = None, *,
