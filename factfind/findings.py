@@ -47,13 +47,26 @@ def _depth(layer: float, n_layers: int) -> float:
 
 def _curve(df: pd.DataFrame, *, method: str | None = None, role: str | None = None,
            value: str = "effect") -> pd.Series:
-    """Mean ``value`` by layer of the rows matching ``method`` and ``role``."""
-    rows = df
+    """Mean ``value`` by layer (index: layer, sorted) of the rows matching ``method`` and
+    ``role``."""
+    keep = np.ones(len(df), dtype=bool)
     if method is not None:
-        rows = rows[rows["method"] == method]
+        keep &= (df["method"] == method).to_numpy()
     if role is not None:
-        rows = rows[rows["role"].astype(str) == role]
-    return rows.groupby("layer")[value].mean().sort_index()
+        keep &= (df["role"].astype(str) == role).to_numpy()
+    layers = df["layer"].to_numpy()[keep].astype(int)
+    values = df[value].to_numpy()[keep].astype(float)
+    index = np.unique(layers)
+    means = [float(values[layers == layer].mean()) for layer in index]
+    return pd.Series(means, index=index, dtype=float)
+
+
+def _argmax(curve: pd.Series) -> int:
+    return int(curve.index.to_numpy()[int(np.argmax(curve.to_numpy()))])
+
+
+def _argmin(curve: pd.Series) -> int:
+    return int(curve.index.to_numpy()[int(np.argmin(curve.to_numpy()))])
 
 
 def _row(finding: str, source: str, claim: str, measured: str, holds: bool | None, *,
@@ -87,7 +100,7 @@ def tracing_sites(tracing: pd.DataFrame, n_layers: int, *, early_max_depth: floa
             rows.append(_row(name, "Meng et al. 2022", claim, "not measured", None,
                              n_layers=n_layers))
             continue
-        layer = int(curve.idxmax())
+        layer = _argmax(curve)
         peak, rival_peak = float(curve.max()), float(rival.max()) if len(rival) else np.nan
         depth = _depth(layer, n_layers)
         early = name.endswith("early site")
@@ -116,16 +129,16 @@ def knockout_flow(knockout: pd.DataFrame, n_layers: int, *, min_drop: float = 0.
     rows = []
     cents: dict[str, float] = {}
     for role, curve in curves.items():
-        damage = (-curve).clip(lower=0)
+        damage = np.clip(-curve.to_numpy(), 0, None)
         if damage.sum() > 0:
-            cents[role] = float((damage * damage.index.to_numpy()).sum() / damage.sum())
+            cents[role] = float((damage * curve.index.to_numpy()).sum() / damage.sum())
     subj = curves["subject"]
     claim = "blocking final -> subject hurts in middle and upper layers"
     if subj.empty:
         rows.append(_row("Geva knockout: final -> subject", "Geva et al. 2023", claim,
                          "not measured", None, n_layers=n_layers))
     else:
-        worst = int(subj.idxmin())
+        worst = _argmin(subj)
         drop = -float(subj.min())
         cent = cents.get("subject")
         holds = bool(drop >= min_drop and cent is not None
@@ -171,7 +184,7 @@ def effective_model_depth(effective: pd.DataFrame, n_layers: int, *, keep: float
         if acc < keep * clean:
             break
         k = int(layer)
-    acc0 = float(eff.loc[eff["layer"] == 0, "accuracy"].mean())
+    acc0 = float(eff["accuracy"].to_numpy()[eff["layer"].to_numpy() == 0].mean())
     measured = (f"attention at the subject can be mean-ablated from layer {k} of {n_layers} "
                 f"on keeping >= {keep:.0%} of the clean accuracy {clean:.2f} (depth "
                 f"{_depth(k, n_layers):.2f}; ablating from layer 0 leaves {acc0:.2f})")
@@ -194,7 +207,7 @@ def probe_onset(probes: pd.DataFrame, n_layers: int, *, role: str = "subject_las
     chance = float(_curve(probes, role=role, value="chance").mean())
     best = float(curve.max())
     bar = chance + reach * (best - chance)
-    onset = int(curve[curve >= bar].index.min())
+    onset = int(curve.index.to_numpy()[curve.to_numpy() >= bar].min())
     measured = (f"held-out accuracy rises from {float(curve.iloc[0]):.2f} (layer 0) to "
                 f"{best:.2f} (chance {chance:.2f}); {reach:.0%} of the way at layer {onset} "
                 f"(depth {_depth(onset, n_layers):.2f})")

@@ -182,14 +182,13 @@ def faithfulness_section(df: pd.DataFrame, *, x: str = "size", y: str = "faithfu
 def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -> Section:
     """Section ``findings``: :func:`factfind.findings.literature_findings` as a table, with the
     count of findings that hold among those measured."""
-    measured = df[df["holds"].notna()]
-    n_hold = int(measured["holds"].astype(bool).sum())
-    facts = {"findings that hold": f"{n_hold} of {len(measured)} measured"}
+    holds = [h for h in df["holds"].tolist() if h is not None and not _missing(h)]
+    facts = {"findings that hold": f"{sum(bool(h) for h in holds)} of {len(holds)} measured"}
     cols = [c for c in ("finding", "source", "claim", "measured", "holds", "layer", "depth")
             if c in df.columns]
     return Section(id="findings", title="The literature's findings on this model",
                    explanation=explanation, facts=facts,
-                   tables=[Table(df[cols], caption="Findings, the rule each was judged by, "
+                   tables=[Table(pd.DataFrame(df.loc[:, cols]), caption="Findings, the rule each was judged by, "
                                  "and what this model shows")])
 
 
