@@ -176,7 +176,7 @@ def effective_model_depth(effective: pd.DataFrame, n_layers: int, *, keep: float
         return _row("Fact Finding effective model", "Nanda et al. 2023", claim,
                     "not measured", None, n_layers=n_layers)
     eff = effective.sort_values("layer")
-    clean = float(eff["clean_accuracy"].mean())
+    clean = float(eff["clean_accuracy"].to_numpy(dtype=float).mean())
     # the smallest k from which every larger k also keeps the accuracy
     k = n_layers
     for layer, acc in zip(eff["layer"].to_numpy()[::-1], eff["accuracy"].to_numpy()[::-1],
