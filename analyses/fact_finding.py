@@ -43,7 +43,7 @@ from factfind.atp import estimate
 from factfind.cache import RunCache
 from factfind.console import configure_logging, run_cli
 from factfind.eap import eap_ig, to_graph
-from factfind.errors import NotEnoughFactsError
+from factfind.errors import FactfindError, NotEnoughFactsError
 from factfind.evaluate import faithfulness_curve, prune_circuit
 from factfind.findings import literature_findings
 from factfind.neurons import (
@@ -283,16 +283,21 @@ def main(argv: list[str] | None = None) -> Outcome:
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
                                         "cache": str(cache.root),
-                                        "seconds": round(time.time() - t0, 1)}),
+                                        "wall time (s)": round(time.time() - t0, 1),
+                                        "steps computed / from cache":
+                                            f"{len(cache.computed)} / {len(cache.hits)}",
+                                        "machine": _machine(cfg.device)}),
     ]
     slug = "".join(c if c.isalnum() or c in "-_." else "_"
                    for c in f"{Path(cfg.model).name}-{Path(cfg.facts).stem}")
-    name = f"fact_finding-{slug}"
-    out = Path(args.out) / f"{name}-{cache.root.name[:8]}.html"
+    out = Path(args.out) / f"fact_finding-{slug}.html"
     data = rp.ReportData(title=f"Fact finding: {cfg.facts} in {model.name}",
                          subtitle=f"{len(pairs)} prompt pairs · seed {cfg.seed}",
                          sections=sections)
     if out.exists() and not args.overwrite:
+        if cache.root.name not in out.read_text(encoding="utf-8"):  # the provenance names it
+            raise FactfindError(f"{out} exists from another configuration; pass --overwrite "
+                                "to replace it, or --out DIR to write elsewhere")
         log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
     else:
         rp.write_report(data, out, overwrite=args.overwrite)
@@ -303,6 +308,19 @@ def main(argv: list[str] | None = None) -> Outcome:
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _machine(device: str) -> str:
+    """Where the run ran: CPU cores and torch threads, or the GPU's name."""
+    import os
+    import platform
+
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"torch threads, torch {torch.__version__}")
 
 
 def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, desc: str
