@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 
+from factfind.errors import FactfindError
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FACTFIND_CACHE"
@@ -60,7 +62,7 @@ _DEQUANT_NOTE = ("dequantized from a quantized GGUF: a real trained model, but n
                  "full-precision weights; numbers can differ from the original checkpoint's")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FactfindError, ValueError):
     """A checkpoint that cannot be resolved or read: a missing or corrupt GGUF file, an unknown
     short name. ``argument`` names the argument at fault."""
 
