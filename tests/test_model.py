@@ -62,7 +62,9 @@ def test_site_identities(pair):
         assert a[C.HEAD_OUT].abs().max() > 1e-3
         heads = a[C.HEAD_OUT].sum(2) + model.b_O(layer)
         torch.testing.assert_close(heads[real], a[C.ATTN_OUT][real], atol=1e-5, rtol=1e-5)
-        mlp = a[C.NEURONS] @ model.W_out(layer) + model.b_out(layer)
+        # post-norm families: the post norm's scale frozen at this run (ones elsewhere)
+        mlp = ((a[C.NEURONS] @ model.W_out(layer) + model.b_out(layer))
+               * model.mlp_write_scale(layer, a[C.NEURONS]))
         torch.testing.assert_close(mlp, a[C.MLP_OUT], atol=1e-5, rtol=1e-5)
         post = a[C.RESID_PRE] + a[C.ATTN_OUT] + a[C.MLP_OUT]
         torch.testing.assert_close(post[real], a[C.RESID_POST][real], atol=1e-5, rtol=1e-5)
@@ -72,7 +74,10 @@ def test_site_identities(pair):
     last = run.acts[(C.RESID_POST, model.n_layers - 1)][:, -1]
     normed = model.final_norm_frozen(last, model.final_norm_scale(last))
     logits = normed @ model.W_U + model.b_U
-    torch.testing.assert_close(logits, run.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.softcap_logits(logits), run.logits, atol=1e-4, rtol=1e-4)
+    if model.final_logit_softcap is not None:  # the raw logits are the linear ones
+        torch.testing.assert_close(logits, run.logits_raw, atol=1e-4, rtol=1e-4)
+        assert (run.logits_raw - run.logits).abs().max() > 0.1
 
 
 def test_edit_changes_downstream_only(pair):
@@ -82,7 +87,9 @@ def test_edit_changes_downstream_only(pair):
     zeroed = model.run(batch, edits={(C.NEURONS, 0): lambda x: torch.zeros_like(x)},
                        save=[(C.MLP_OUT, 0), (C.ATTN_OUT, 0)])
     torch.testing.assert_close(zeroed.acts[(C.ATTN_OUT, 0)], clean.acts[(C.ATTN_OUT, 0)])
-    expect = model.b_out(0).expand_as(zeroed.acts[(C.MLP_OUT, 0)])
+    zeros = torch.zeros(3, 7, model.d_mlp)
+    expect = (model.b_out(0) * model.mlp_write_scale(0, zeros)).expand_as(
+        zeroed.acts[(C.MLP_OUT, 0)])
     torch.testing.assert_close(zeroed.acts[(C.MLP_OUT, 0)], expect)
     assert (zeroed.logits - clean.logits).abs().max() > 1e-4
 
@@ -169,7 +176,7 @@ def test_queries_keys_reproduce_pattern(pair):
     layer = model.n_layers - 1
     run = model.run(batch, save=[(C.Q, layer), (C.K, layer), (C.PATTERN, layer)])
     q, k, pattern = (run.acts[(c, layer)] for c in (C.Q, C.K, C.PATTERN))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * model.attn_scale(layer)
+    scores = model.attn_logits(layer, torch.einsum("bqhd,bkhd->bhqk", q, k))
     n = q.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & batch[
         "attention_mask"].bool()[:, None, None, :]
