@@ -274,3 +274,74 @@ def _get(root: Any, path: str) -> Any:
             continue
         return node
     raise AttributeError(path)
+
+
+def check_spec(model: Any) -> ArchSpec:
+    """Test a derived spec on one short forward pass of ``model`` (a
+    :class:`factfind.model.Model`) before trusting it, and measure whether its blocks are
+    parallel. Checks, on 6 tokens: the adapter's logits equal the model's own forward; per
+    layer ``sum_h head_out + b_O == attn_out``, ``mlp_out`` from the neurons, ``resid_pre +
+    attn_out + mlp_out == resid_post``, and the next block reads ``resid_post``; the frozen final
+    norm reproduces the logits. A block is parallel when editing ``attn_out`` leaves that
+    block's ``mlp_out`` unchanged. Cost: 3 forward passes of 6 tokens.
+
+    Returns:
+        The spec, with ``parallel`` as measured.
+
+    Raises:
+        UnsupportedArchitectureError: naming the first identity that fails (e.g. Granite's
+            ``residual_multiplier`` scales what enters the residual stream).
+    """
+    import dataclasses
+
+    import torch
+
+    from factfind.types import Component as C
+
+    spec = model.spec
+    model_type = spec.model_types[0]
+    ids = (torch.arange(6) % (model.d_vocab - 1) + 1)[None].to(model.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    L = model.n_layers
+    sites = (C.RESID_PRE, C.HEAD_OUT, C.ATTN_OUT, C.NEURONS, C.MLP_OUT, C.RESID_POST)
+    try:
+        run = model.run(batch, save=[(c, layer) for layer in range(L) for c in sites],
+                        logits="all")
+        with torch.no_grad():
+            ref = model.hf(**batch).logits
+        bumped = model.run(batch, save=[(C.MLP_OUT, 0)],
+                           edits={(C.ATTN_OUT, 0): lambda x: x + x.abs().mean()})
+    except Exception as err:  # noqa: BLE001 - whatever broke, the layout is not the usual one
+        raise _unsupported(model_type, f"a forward pass through the derived sites failed "
+                                       f"({type(err).__name__}: {err})") from err
+    tol = 1e-3 if model.dtype in (torch.float32, torch.float64) else 3e-2
+
+    def require(what: str, got: Any, want: Any) -> None:
+        err = float((got.float() - want.float()).abs().max())
+        if not err <= tol * (1.0 + float(want.float().abs().max())):
+            raise _unsupported(model_type, f"with the derived spec {what} fails (max error "
+                                           f"{err:.3g}): the model computes something the "
+                                           "usual layout does not")
+
+    a = run.acts
+    require("logits == the model's own forward", run.logits, ref)
+    for layer in range(L):
+        heads = a[(C.HEAD_OUT, layer)].sum(-2) + model.b_O(layer)
+        require(f"sum_h head_out + b_O == attn_out at layer {layer}", heads,
+                a[(C.ATTN_OUT, layer)])
+        n = a[(C.NEURONS, layer)]
+        mlp = (n @ model.W_out(layer) + model.b_out(layer)) * model.mlp_write_scale(layer, n)
+        require(f"neurons @ W_out + b_out == mlp_out at layer {layer}", mlp,
+                a[(C.MLP_OUT, layer)])
+        post = a[(C.RESID_PRE, layer)] + a[(C.ATTN_OUT, layer)] + a[(C.MLP_OUT, layer)]
+        require(f"resid_pre + attn_out + mlp_out == resid_post at layer {layer}", post,
+                a[(C.RESID_POST, layer)])
+        if layer + 1 < L:
+            require(f"resid_post[{layer}] == resid_pre[{layer + 1}]", a[(C.RESID_POST, layer)],
+                    a[(C.RESID_PRE, layer + 1)])
+    last = a[(C.RESID_POST, L - 1)]
+    normed = model.final_norm_frozen(last, model.final_norm_scale(last))
+    require("the final norm and unembedding reproduce the logits",
+            model.softcap_logits(normed @ model.W_U + model.b_U), run.logits)
+    parallel = bool(torch.equal(bumped.acts[(C.MLP_OUT, 0)], a[(C.MLP_OUT, 0)]))
+    return dataclasses.replace(spec, parallel=parallel)
