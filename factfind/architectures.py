@@ -163,7 +163,7 @@ def _meta_model(config: Any) -> Any:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # noqa: BLE001 - any failure means: not a known causal LM
+    except Exception as err:  # any failure: not a known causal LM
         raise _unsupported(getattr(config, "model_type", None),
                            f"transformers cannot build it as a causal LM ({err})") from err
 
@@ -183,8 +183,8 @@ def derive_spec(model: Any) -> ArchSpec:
     """
     config = model.config
     model_type = getattr(config, "model_type", None)
-    paths = dict(blocks="model.layers", embed="model.embed_tokens", final_norm="model.norm",
-                 unembed="lm_head")
+    paths: dict[str, Any] = dict(blocks="model.layers", embed="model.embed_tokens",
+                                 final_norm="model.norm", unembed="lm_head")
     for role, path in paths.items():
         if not _has(model, path):
             raise _unsupported(model_type, f"no {role} at {path!r} (not the usual layout)")
@@ -200,7 +200,7 @@ def derive_spec(model: Any) -> ArchSpec:
     else:
         raise _unsupported(model_type, "its attention has neither q_proj/k_proj/v_proj nor "
                                        "qkv_proj")
-    post: dict[str, str] = {}
+    post: dict[str, Any] = {}
     if _has(block, "post_feedforward_layernorm"):
         gemma_like = _has(block, "pre_feedforward_layernorm")
         olmo_like = not _has(block, "input_layernorm")
@@ -311,7 +311,7 @@ def check_spec(model: Any) -> ArchSpec:
             ref = model.hf(**batch).logits
         bumped = model.run(batch, save=[(C.MLP_OUT, 0)],
                            edits={(C.ATTN_OUT, 0): lambda x: x + x.abs().mean()})
-    except Exception as err:  # noqa: BLE001 - whatever broke, the layout is not the usual one
+    except Exception as err:  # whatever broke: not the usual layout
         raise _unsupported(model_type, f"a forward pass through the derived sites failed "
                                        f"({type(err).__name__}: {err})") from err
     tol = 1e-3 if model.dtype in (torch.float32, torch.float64) else 3e-2

@@ -656,9 +656,10 @@ class Model:
                 q, k = out[..., :nq], out[..., nq:nq + nk]
             else:
                 q, k = attn.q_proj(hidden), attn.k_proj(hidden)
-            q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            q_norm: Any = getattr(attn, "q_norm", None)
+            k_norm: Any = getattr(attn, "k_norm", None)
             whole = q_norm is not None and q_norm.weight.numel() == q.shape[-1]
-            if whole:  # OLMo 2: over the whole projection
+            if q_norm is not None and whole:  # OLMo 2: over the whole projection
                 q, k = q_norm(q), k_norm(k)
             q = q.reshape(b, p, self.n_heads, dh)
             k = k.reshape(b, p, self.n_kv_heads, dh)

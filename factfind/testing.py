@@ -115,7 +115,7 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int
     if family == "helium":
         return tf.HeliumConfig(head_dim=head_dim, **llama_like)
     if family == "exaone4":
-        return tf.Exaone4Config(head_dim=head_dim, **llama_like)
+        return tf.Exaone4Config(**llama_like)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + DERIVED_FAMILIES}")
 
 
