@@ -156,9 +156,13 @@ def attention_allow(batch: TokenBatch, device: torch.device) -> Tensor:
     return (causal[None] & am[:, None, :]) | eye[None]
 
 
-def attention_logits(q: Tensor, k: Tensor, scale: float, allow: Tensor) -> Tensor:
-    """``[... head q k]`` masked attention logits from ``q, k [... pos head d_head]``."""
+def attention_logits(q: Tensor, k: Tensor, scale: float, allow: Tensor,
+                     cap: float | None = None) -> Tensor:
+    """``[... head q k]`` masked attention logits from ``q, k [... pos head d_head]``, softcapped
+    as ``cap * tanh(s / cap)`` when ``cap`` is given (:meth:`Model.attn_softcap`)."""
     s = torch.einsum("...qhd,...khd->...hqk", q.float(), k.float()) * scale
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
     return s.masked_fill(~allow.unsqueeze(-3), float("-inf"))
 
 
@@ -197,12 +201,13 @@ def _saves(index: NodeIndex, *, grads: bool) -> list[SiteKey]:
     return sorted(keys)
 
 
-def _z_grad(model: Model, grads: dict[SiteKey, Tensor], layer: int, like: Tensor) -> Tensor:
-    """``dM/dz [batch pos head d_head]`` from ``dM/d attn_out`` (``attn_out = z @ W_O + b``)."""
+def _z_grad(model: Model, grads: dict[SiteKey, Tensor], layer: int, z: Tensor) -> Tensor:
+    """``dM/dz [batch pos head d_head]`` at ``z`` from ``dM/d attn_out`` (``attn_out = z @ W_O
+    + b``, through the post norm in families that have one: :meth:`Model.z_grad`)."""
     g = grads.get((Component.ATTN_OUT, layer))
     if g is None:
-        return torch.zeros_like(like)
-    return torch.einsum("btm,hdm->bthd", g.float(), model.W_O(layer).float())
+        return torch.zeros_like(z)
+    return model.z_grad(layer, z, g)
 
 
 def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tensor], *,
@@ -250,30 +255,30 @@ def _qk_scores(model: Model, b: _Batch, comp: Component, layer: int, A: Tensor, 
     Linear (AtP): ``sum dM/dS * dS`` with the softmax Jacobian ``dM/dS = A * (g - sum_s A g)``.
     QK fix (AtP*): ``sum (A' - A) * g`` with ``A'`` the exact softmax of the patched logits.
     """
-    scale = model.attn_scale(layer)
+    scale, cap = model.attn_scale(layer), model.attn_softcap(layer)
     q0, k0 = b.base[(Component.Q, layer)].float(), b.base[(Component.K, layer)].float()
     q1, k1 = b.src[(Component.Q, layer)].float(), b.src[(Component.K, layer)].float()
     qv = b.qvalid[:, None, :, None]  # [B 1 T 1]
     if not qk_fix:
         dmds = A * (g - (A * g).sum(-1, keepdim=True)) * qv  # [B H T T]
         if comp is Component.Q:
-            ds = attention_logits(q1 - q0, k0, scale, b.allow).nan_to_num(0.0, 0.0, 0.0)
+            ds = attention_logits(q1 - q0, k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0)
             row = (dmds * ds).sum(-1)  # [B H T]: per query row
             return torch.einsum("pbt,bht->bph", b.masks, row)
-        ds = attention_logits(q0, k1 - k0, scale, b.allow).nan_to_num(0.0, 0.0, 0.0)
+        ds = attention_logits(q0, k1 - k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0)
         col = (dmds * ds).sum(-2)  # [B H S]: per key column
         return torch.einsum("pbs,bhs->bph", b.masks, col)
-    s0 = attention_logits(q0, k0, scale, b.allow)
+    s0 = attention_logits(q0, k0, scale, b.allow, cap)
     a0 = s0.softmax(-1)
     if comp is Component.Q:
         key = ("dA_q", layer)
         if key not in b.cache:  # rows are independent: patch every query row at once
-            b.cache[key] = (attention_logits(q1, k0, scale, b.allow).softmax(-1) - a0) * qv
+            b.cache[key] = (attention_logits(q1, k0, scale, b.allow, cap).softmax(-1) - a0) * qv
         row = (b.cache[key] * g).sum(-1)  # [B H T]
         return torch.einsum("pbt,bht->bph", b.masks, row)
     key = ("dA_k", layer)
     if key not in b.cache:  # one softmax per position spec: all of its keys patched together
-        ds = attention_logits(q0, k1, scale, b.allow) - s0  # [B H T S] (NaN where masked)
+        ds = attention_logits(q0, k1, scale, b.allow, cap) - s0  # [B H T S] (NaN where masked)
         ds = ds.nan_to_num(0.0, 0.0, 0.0)
         b.cache[key] = torch.stack([
             ((s0 + ds * m[:, None, None, :]).softmax(-1) - a0) * qv for m in b.masks])

@@ -135,9 +135,9 @@ def _delta_z(model: Model, p: _Prepared, layer: int, m: Tensor) -> Tensor:
     q = torch.where(m[0, ..., None], q1, q0)  # [s B T H D]
     k = torch.where(m[1, ..., None], k1, k0)
     v = torch.where(m[2, ..., None], v1, v0)
-    scale = model.attn_scale(layer)
-    a = attention_logits(q, k, scale, p.allow).softmax(-1)  # [s B H T T]
-    a0 = attention_logits(q0, k0, scale, p.allow).softmax(-1)
+    scale, cap = model.attn_scale(layer), model.attn_softcap(layer)
+    a = attention_logits(q, k, scale, p.allow, cap).softmax(-1)  # [s B H T T]
+    a0 = attention_logits(q0, k0, scale, p.allow, cap).softmax(-1)
     z = torch.einsum("sbhqk,sbkhd->sbqhd", a, v)
     z0 = torch.einsum("bhqk,bkhd->bqhd", a0, v0)
     touched = m.any(0).any(-2)  # [s B H]
@@ -346,7 +346,7 @@ def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[Node
                 for b in range(len(m_base)):
                     for t in am[b].nonzero()[:, 0].tolist():
                         ks = [s for s in range(t + 1) if am[b, s]]
-                        w = torch.softmax(model.attn_scale(layer) * (k[b, ks] @ q[b, t]), 0)
+                        w = torch.softmax(model.attn_logits(layer, k[b, ks] @ q[b, t]), 0)
                         z[b, t] = w @ v[b, ks]
                 new[head] = z
 

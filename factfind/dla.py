@@ -17,6 +17,14 @@ Finer splits are also exact:
 
 Every row's ``effect`` is in logit-difference units; summed over the component rows (plus the
 ``bias`` row holding the norm bias and ``b_U``) they equal the model's logit difference.
+
+Post-norm families (Gemma 2/3, OLMo 2): a head's or neuron's write is taken *after* its block's
+post norm, with that norm's scale frozen at the run's value (``head_out`` already is;
+neurons and source shares are multiplied by :meth:`~factfind.model.Model.mlp_write_scale` /
+:meth:`~factfind.model.Model.attn_write_scale` at the final position), so the splits stay
+exact. Softcapped logits (Gemma 2/3: ``cap * tanh(raw / cap)``) are not additive, so DLA
+attributes the **pre-softcap** logit difference: ``total`` is then ``raw[correct] -
+raw[wrong]`` (``Run.logits_raw``), which the rows sum to.
 """
 
 from __future__ import annotations
@@ -129,9 +137,10 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
             y = model.final_norm_frozen(flat, scale[:, None], bias=False)
             return torch.einsum("bnd,bd->bn", y, direction).reshape(shape[:-1])
 
-        total = (run.logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
+        logits = run.logits if run.logits_raw is None else run.logits_raw  # pre-softcap
+        total = (logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
         if wrong is not None:
-            total = total - run.logits.gather(-1, wrong[:, None])[:, 0]
+            total = total - logits.gather(-1, wrong[:, None])[:, 0]
         zero = torch.zeros_like(final)
         bias_term = dla_bias = (model.final_norm_frozen(zero, scale) * direction).sum(-1)
         bias_term = dla_bias + bias_u
@@ -150,10 +159,12 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
             add("dla", "attn_bias", layer, None, None,
                 dla(model.b_O(layer).expand_as(final)))
             if neurons:
-                per = a[(Component.NEURONS, layer)][:, -1, :, None] * model.W_out(layer)
+                n = a[(Component.NEURONS, layer)][:, -1]
+                f = model.mlp_write_scale(layer, n)  # [batch d_model]; ones without post norm
+                per = n[:, :, None] * model.W_out(layer) * f[:, None, :]
                 nd = dla(per)  # [batch neuron]
                 add("dla", "mlp_out", layer, None, None,
-                    nd.sum(-1) + dla(model.b_out(layer).expand_as(final)))
+                    nd.sum(-1) + dla(model.b_out(layer) * f))
                 add("dla", "neurons", layer, None, range(model.d_mlp), nd)
             else:
                 add("dla", "mlp_out", layer, None, None,
@@ -162,6 +173,8 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
                 pat = a[(Component.PATTERN, layer)][:, :, -1]  # [batch head k]
                 v = a[(Component.V, layer)]  # [batch k head d_head]
                 per_k = torch.einsum("bhk,bkhd,hdm->bhkm", pat, v, model.W_O(layer))
+                f = model.attn_write_scale(layer, torch.einsum("bhk,bkhd->bhd", pat, v))
+                per_k = per_k * f[:, None, None, :]
                 src = dla(per_k)  # [batch head k]
                 for role in GROUP_ROLES:
                     m = _role_mask(batch, role).to(src.dtype)  # [batch k]

@@ -169,6 +169,12 @@ def edge_attribution(
         of ``(a_u(corrupt) - a_u(clean)) · ∂m/∂x_v``, in metric units), ``n`` (prompts).
         Feed it to :func:`to_graph`.
 
+    Post-norm families (Gemma 2/3, OLMo 2): a head's ``a_u`` is its write after the post norm,
+    each run at its own frozen scale (:meth:`~factfind.model.Model.head_out`), so a layer's
+    heads sum to its ``attn_out`` change; single-neuron senders are refused there (a neuron's
+    post-norm write depends on its whole layer's scale, which this streaming form does not
+    carry).
+
     Example::
 
         df = edge_attribution(model, pairs, steps=5)      # EAP-IG
@@ -176,6 +182,10 @@ def edge_attribution(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if neurons and model.spec.mlp_post_norm is not None:
+        raise ValueError(f"neurons=True: {model.spec.name} normalises MLP outputs after the "
+                         "down projection, so single-neuron edges are not exact; use "
+                         "neurons=False (whole MLPs)")
     pb_all = encode_pairs(model, pairs)
     roles = [TOKEN_ROLES.index(r) for r in roles_present(pb_all.clean)]
     labels_all = role_labels(pb_all.clean)
@@ -260,8 +270,12 @@ class _Scores:
         bad = model.run(pb.corrupt, save=keys).acts
         out = [(bad[emb] - clean[emb]).double()[:, :, None]]
         for layer in range(L):
-            dz = (bad[(Component.Z, layer)] - clean[(Component.Z, layer)]).double()
-            out.append(torch.einsum("bphd,hdm->bphm", dz, model.W_O(layer).double()))
+            if model.spec.attn_post_norm is not None:  # each run's writes at its own scale
+                out.append((model.head_out(layer, bad[(Component.Z, layer)])
+                            - model.head_out(layer, clean[(Component.Z, layer)])).double())
+            else:
+                dz = (bad[(Component.Z, layer)] - clean[(Component.Z, layer)]).double()
+                out.append(torch.einsum("bphd,hdm->bphm", dz, model.W_O(layer).double()))
             dm = (bad[(mlp, layer)] - clean[(mlp, layer)]).double()
             out.append(dm if self.neurons else dm[:, :, None])
         return out, (clean[emb], bad[emb])

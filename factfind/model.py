@@ -17,8 +17,29 @@ neuron means the same thing in GPT-2, Pythia and Llama:
 * ``neurons[l]`` is the input of the MLP output projection, i.e. the post-activation hidden units
   (for gated MLPs such as Llama's: ``act(gate) * up``), and ``neurons @ W_out + b_out`` is the
   MLP output;
-* ``resid_post = resid_pre + attn_out + mlp_out`` holds for parallel (GPT-NeoX) and sequential
-  (GPT-2, Llama) blocks alike.
+* ``resid_post = resid_pre + attn_out + mlp_out`` holds for parallel (GPT-NeoX, GPT-J) and
+  sequential (GPT-2, Llama) blocks alike.
+
+Post norms (Gemma 2/3, OLMo 2). These families normalise each sublayer's output before adding it
+to the residual stream: ``resid_mid = resid_pre + norm_a(o_proj(z))``. Here ``attn_out`` and
+``mlp_out`` are what *enters the residual stream* (the post norm's output, and an edit of them
+replaces that), so the residual identity above still holds. An RMSNorm is linear once its
+denominator is fixed, so with the post norm's scale frozen at the run's own value
+(:meth:`Model.attn_write_scale`, :meth:`Model.mlp_write_scale`: ``gain / rms(pre-norm output)``,
+``[... d_model]``, all ones in families without post norms) the splits stay exact:
+``head_out[l][:, :, h] = (z[l][:, :, h] @ W_O[l][h]) * attn_write_scale(l, z[l])`` and
+``(neurons @ W_out + b_out) * mlp_write_scale(l, neurons) = mlp_out``. ``W_O``, ``W_out`` and the
+biases stay the raw weights; every contribution computed from them must be multiplied by the
+write scale of the run it comes from (``b_O`` and ``b_out`` are zero in these families: a
+post-norm checkpoint with output biases is refused, since a bias's share would vary by
+position). Editing ``z`` or ``neurons`` still works: the edit happens before the post norm and
+the model recomputes everything downstream itself. Gradients through the post norm (its scale
+is *not* frozen in the real model) are :meth:`Model.z_grad`'s job.
+
+Softcapping (Gemma 2/3). ``Run.logits`` are the model's output, ``cap * tanh(raw / cap)``;
+``Run.logits_raw`` keeps the pre-softcap logits, which are the ones linear in the residual
+stream (direct logit attribution attributes those). Gemma 2's attention scores are softcapped
+too: :meth:`Model.attn_logits` applies scale and cap to ``q . k``.
 
 Left padding and positions: batches are left-padded (the final token is always at index -1) and
 ``position_ids`` are passed explicitly as ``cumsum(mask) - 1``, so a padded prompt sees the same
@@ -51,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from factfind.architectures import _get, spec_for
+from factfind.architectures import UnsupportedArchitectureError, _get, spec_for
 from factfind.types import Component, SiteKey
 
 if TYPE_CHECKING:
@@ -88,6 +109,7 @@ class Run:
     logits: Tensor
     acts: dict[SiteKey, Tensor] = field(default_factory=dict)
     grads: dict[SiteKey, Tensor] = field(default_factory=dict)
+    logits_raw: Tensor | None = None  # pre-softcap logits (families that softcap), else None
 
 
 WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT,
@@ -107,7 +129,7 @@ class Model:
         hf_model.eval()
         hf_model.requires_grad_(False)
         self.hf = hf_model
-        self.spec = spec_for(hf_model.config)
+        self.spec = spec_for(hf_model.config, hf_model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -126,6 +148,18 @@ class Model:
         w = self._weight(_get(self._block_hf(0), self.spec.attn_out_proj))
         self.d_head: int = w.shape[0] // self.n_heads
         self.d_mlp: int = self._weight(_get(self._block_hf(0), self.spec.mlp_out_proj)).shape[0]
+        if self.spec.attn_post_norm or self.spec.mlp_post_norm:
+            blk = self._block_hf(0)
+            for path in (self.spec.attn_out_proj, self.spec.mlp_out_proj):
+                if getattr(_get(blk, path), "bias", None) is not None:
+                    raise UnsupportedArchitectureError(
+                        f"{self.spec.name}: {path} has a bias and its output passes a post norm; "
+                        "the bias's share of the normalised output would differ per position, "
+                        "so head and neuron contributions could not sum exactly")
+        if self.spec.derived:
+            from factfind.architectures import check_spec
+
+            self.spec = check_spec(self)
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -257,6 +291,86 @@ class Model:
             out = out + nb
         return out
 
+    # -- post norms, softcaps and parallel blocks (see the module doc) -------------------------
+
+    @property
+    def parallel(self) -> bool:
+        """Whether attention and MLP read the same block input (GPT-J; GPT-NeoX with
+        ``use_parallel_residual``)."""
+        return self.spec.parallel or bool(getattr(self.hf.config, "use_parallel_residual", False))
+
+    def attn_write_scale(self, layer: int, z: Tensor) -> Tensor:
+        """The attention post norm frozen at this ``z [... head d_head]``: ``[... d_model]``
+        with ``attn_out = (z @ W_O + b_O) * scale``; all ones in families without a post norm."""
+        if self.spec.attn_post_norm is None:
+            return torch.ones(*z.shape[:-2], self.d_model, dtype=z.dtype, device=z.device)
+        pre = torch.einsum("...hd,hdm->...m", z, self.W_O(layer).to(z.dtype)) + self.b_O(layer)
+        return self._post_scale(self.spec.attn_post_norm, layer, pre)
+
+    def mlp_write_scale(self, layer: int, neurons: Tensor) -> Tensor:
+        """The MLP post norm frozen at these ``neurons [... neuron]``: ``[... d_model]`` with
+        ``mlp_out = (neurons @ W_out + b_out) * scale``; all ones without a post norm."""
+        if self.spec.mlp_post_norm is None:
+            return torch.ones(*neurons.shape[:-1], self.d_model, dtype=neurons.dtype,
+                              device=neurons.device)
+        pre = neurons @ self.W_out(layer).to(neurons.dtype) + self.b_out(layer)
+        return self._post_scale(self.spec.mlp_post_norm, layer, pre)
+
+    def _post_scale(self, path: str, layer: int, pre: Tensor) -> Tensor:
+        norm = _get(self._block_hf(layer), path)
+        x = pre.float()
+        rms = (x.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
+        return (_gain(norm, self.spec.norm_kind).float() / rms).to(pre.dtype)
+
+    def head_out(self, layer: int, z: Tensor) -> Tensor:
+        """Each head's write into the residual stream, ``[... head d_model]`` from ``z [... head
+        d_head]``: ``z[h] @ W_O[h]`` times the run's frozen post-norm scale (module doc); the
+        heads sum to ``attn_out - b_O`` exactly."""
+        out = torch.einsum("...hd,hdm->...hm", z, self.W_O(layer).to(z.dtype))
+        if self.spec.attn_post_norm is None:
+            return out
+        return out * self.attn_write_scale(layer, z)[..., None, :]
+
+    def z_grad(self, layer: int, z: Tensor, grad_attn_out: Tensor) -> Tensor:
+        """``dM/dz [... head d_head]`` (float) from ``dM/d attn_out [... d_model]`` at ``z``:
+        through ``W_O`` and, in post-norm families, through the post norm with its real
+        (input-dependent) scale."""
+        W = self.W_O(layer)
+        g = grad_attn_out
+        if self.spec.attn_post_norm is not None:
+            norm = _get(self._block_hf(layer), self.spec.attn_post_norm)
+            with torch.enable_grad():
+                pre = torch.einsum("...hd,hdm->...m", z.detach().to(W.dtype), W) + self.b_O(layer)
+                pre.requires_grad_(True)
+                g = torch.autograd.grad(norm(pre), pre, g.to(pre.dtype))[0]
+        return torch.einsum("...m,hdm->...hd", g.float(), W.float())
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """``cap`` when the logits pass ``cap * tanh(logits / cap)`` (Gemma 2/3), else None."""
+        if not self.spec.final_softcap:
+            return None
+        return getattr(self.hf.config, "final_logit_softcapping", None)
+
+    def softcap_logits(self, logits: Tensor) -> Tensor:
+        """Raw (pre-softcap) logits to the model's output logits (identity without a cap)."""
+        cap = self.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def attn_softcap(self, layer: int) -> float | None:
+        """``cap`` when attention scores pass ``cap * tanh(s / cap)`` (Gemma 2), else None."""
+        if not self.spec.attn_softcap:
+            return None
+        return getattr(_get(self._block_hf(layer), self.spec.attn), "attn_logit_softcapping",
+                       None)
+
+    def attn_logits(self, layer: int, qk: Tensor) -> Tensor:
+        """Pre-mask attention scores from raw ``q . k``: times :meth:`attn_scale`, then the
+        family's softcap if any."""
+        s = qk * self.attn_scale(layer)
+        cap = self.attn_softcap(layer)
+        return s if cap is None else cap * torch.tanh(s / cap)
+
     # -- tokens --------------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[FactPrompt]) -> TokenBatch:
@@ -359,7 +473,13 @@ class Model:
                 if key in need:
                     acts[key] = attn.output[1]
                 key = (Component.ATTN_OUT, layer)
-                if key in need or key in edits:
+                if (key in need or key in edits) and self.spec.attn_post_norm:
+                    post = _get(blk, self.spec.attn_post_norm)  # what enters the residual
+                    if key in edits:
+                        post.output = edits[key](post.output)
+                    if key in need:
+                        acts[key] = post.output
+                elif key in need or key in edits:
                     if key in edits:
                         out = attn.output
                         attn.output = (edits[key](out[0]), *out[1:])
@@ -374,7 +494,7 @@ class Model:
                         acts[key] = proj.input
                 key = (Component.MLP_OUT, layer)
                 if key in need or key in edits:
-                    mlp = _get(blk, self.spec.mlp)
+                    mlp = _get(blk, self.spec.mlp_post_norm or self.spec.mlp)
                     if key in edits:
                         mlp.output = edits[key](mlp.output)
                     if key in need:
@@ -392,6 +512,9 @@ class Model:
                 v.save()
             for v in attn_in.values():
                 v.save()
+        raw = None
+        if self.final_logit_softcap is not None:
+            raw, lg = lg, self.softcap_logits(lg)
         grads: dict[SiteKey, Tensor] = {}
         if grad:
             assert metric is not None
@@ -402,6 +525,7 @@ class Model:
                 for k, g in zip(keys, got, strict=True):
                     grads[k] = torch.zeros_like(acts[k]) if g is None else g
             lg = lg.detach()
+            raw = None if raw is None else raw.detach()
         result = {k: v.detach() if isinstance(v, Tensor) else v for k, v in acts.items()}
         for k in set(result) | set(grads):
             if k[0] is Component.Z:
@@ -422,8 +546,9 @@ class Model:
         for c, layer in want:
             if c is Component.HEAD_OUT:
                 z = result[(Component.Z, layer)]
-                result[(c, layer)] = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))
-        return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads)
+                result[(c, layer)] = self.head_out(layer, z)
+        return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads,
+                   logits_raw=raw)
 
     # -- sessions: a whole sweep as one (possibly remote) nnsight job -------------------------
 
@@ -510,8 +635,8 @@ class Model:
 
     @torch.no_grad()
     def _queries_keys(self, layer: int, args: Any, kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Queries and keys ``[batch pos head d_head]`` (rotary applied; key-value heads
-        repeated), recomputed from the attention module's input with its own weights."""
+        """Queries and keys ``[batch pos head d_head]`` (q/k norms and rotary applied; key-value
+        heads repeated), recomputed from the attention module's input with its own weights."""
         import importlib
 
         attn = _get(self._block_hf(layer), self.spec.attn)
@@ -526,10 +651,25 @@ class Model:
             out = attn.query_key_value(hidden).reshape(b, p, self.n_heads, 3 * dh)
             q, k = out[..., :dh], out[..., dh:2 * dh]
         else:
-            q = attn.q_proj(hidden).reshape(b, p, self.n_heads, dh)
-            k = attn.k_proj(hidden).reshape(b, p, self.n_kv_heads, dh)
+            if layout == "fused":  # Phi-3: [q | k | v] with key-value heads
+                out = attn.qkv_proj(hidden)
+                nq, nk = self.n_heads * dh, self.n_kv_heads * dh
+                q, k = out[..., :nq], out[..., nq:nq + nk]
+            else:
+                q, k = attn.q_proj(hidden), attn.k_proj(hidden)
+            q_norm: Any = getattr(attn, "q_norm", None)
+            k_norm: Any = getattr(attn, "k_norm", None)
+            whole = q_norm is not None and q_norm.weight.numel() == q.shape[-1]
+            if q_norm is not None and whole:  # OLMo 2: over the whole projection
+                q, k = q_norm(q), k_norm(k)
+            q = q.reshape(b, p, self.n_heads, dh)
+            k = k.reshape(b, p, self.n_kv_heads, dh)
+            if q_norm is not None and not whole:  # Qwen3, Gemma 3: per head
+                q, k = q_norm(q), k_norm(k)
         rope = kwargs.get("position_embeddings")
-        if rope is not None:
+        if rope is not None and self.spec.rotary == "gptj":
+            q, k = _gptj_rotary(attn, q, *rope), _gptj_rotary(attn, k, *rope)
+        elif rope is not None:
             module = importlib.import_module(type(attn).__module__)
             cos, sin = rope
             qr, kr = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -547,6 +687,8 @@ class Model:
         elif layout == "neox":
             v = out.reshape(b, p, self.n_heads, 3 * dh)[..., 2 * dh:]
         else:
+            if layout == "fused":  # Phi-3: [q | k | v]
+                out = out[..., (self.n_heads + self.n_kv_heads) * dh:]
             v = out.reshape(b, p, self.n_kv_heads, dh)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
         return v
@@ -637,6 +779,26 @@ def _for_server(value: Any) -> Any:
         return dataclasses.replace(v, **changes)
 
     return _tree_map(value, leaf)
+
+
+def _gptj_rotary(attn: Any, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """GPT-J's rotary embedding on ``x [batch pos head d_head]``: interleaved pairs, on the first
+    ``rotary_dim`` features only."""
+    import importlib
+
+    module = importlib.import_module(type(attn).__module__)
+    rot = attn.rotary_dim or x.shape[-1]
+    x_rot = module.apply_rotary_pos_emb(x[..., :rot], sin, cos)
+    return torch.cat([x_rot, x[..., rot:]], dim=-1)
+
+
+def _eps(norm: Any) -> float:
+    return getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+
+
+def _gain(norm: Any, kind: str) -> Tensor:
+    """A norm's multiplicative gain: ``1 + w`` for Gemma's RMSNorm, else ``w``."""
+    return norm.weight + 1.0 if kind == "gemma_rmsnorm" else norm.weight
 
 
 def _bias(module: Any, size: int) -> Tensor:

@@ -403,9 +403,13 @@ def neuron_dla(model: Model, data: FactDataset | FactPairs, *,
         for layer in index.layers:
             w = model.W_out(layer).float()  # [neuron d_model]
             wn = model.final_norm_frozen(w, torch.ones(1, 1, device=w.device), bias=False)
-            proj = torch.einsum("nd,bd->bn", wn.float(), direction)  # [B neuron]
             acts = run.acts[(Component.NEURONS, layer)].float()  # [B T neuron]
-            dla = acts * proj[:, None, :] / scale  # [B T neuron]
+            if model.spec.mlp_post_norm is None:
+                proj = torch.einsum("nd,bd->bn", wn.float(), direction)[:, None]  # [B 1 neuron]
+            else:  # the post norm frozen at each position (an RMSNorm: diagonal, commutes)
+                f = model.mlp_write_scale(layer, acts).float()  # [B T d_model]
+                proj = torch.einsum("nd,btd->btn", wn.float(), f * direction[:, None])
+            dla = acts * proj / scale  # [B T neuron]
             per_layer.append(torch.einsum("pbt,btn->bpn", masks, dla))
         valid = masks.sum(-1).gt(0).T[:, index.node_positions()]
         st.update(torch.stack(per_layer, 1).flatten(1), valid)

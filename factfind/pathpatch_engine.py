@@ -56,8 +56,9 @@ Metric = Callable[[Tensor, Tensor, Tensor], Tensor]
 def attend(model: Model, layer: int, q: Tensor, k: Tensor, v: Tensor,
            attention_mask: Tensor) -> Tensor:
     """A layer's heads recomputed from queries, keys and values ``[batch pos head d_head]``:
-    ``softmax(q k^T * scale + causal/padding mask) v``, shape ``[batch pos head d_head]``."""
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * model.attn_scale(layer)
+    ``softmax(q k^T * scale + causal/padding mask) v`` (softcapped scores where the family
+    caps them), shape ``[batch pos head d_head]``."""
+    scores = model.attn_logits(layer, torch.einsum("bqhd,bkhd->bhqk", q, k))
     n = q.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()[None, None]
     allowed = allowed & attention_mask.bool().to(q.device)[:, None, None, :]

@@ -18,8 +18,12 @@ to the residual stream.
   (the same stage in parallel blocks, :func:`is_parallel`), the logits last.
 * **Writes.** By linearity of the residual stream a head writes ``z[head] @ W_O[head]``, an MLP
   ``neurons @ W_out`` and a neuron ``a_n * W_out[n]`` (:func:`writes`; biases cancel in every
-  difference taken). :func:`set_changes` is what a *set* of senders changes between two runs,
-  overlapping senders counted once.
+  difference taken). In post-norm families (Gemma 2/3, OLMo 2) each write is also multiplied
+  by its block's post-norm scale frozen at the run it comes from
+  (:meth:`~factfind.model.Model.attn_write_scale`), so a whole layer's writes are exactly what
+  it adds to the residual stream in that run. :func:`set_changes` is what a *set* of senders
+  changes between two runs (each run's writes at its own scale), overlapping senders counted
+  once.
 
 Example::
 
@@ -154,7 +158,8 @@ def _layer(model: Model, layer: int) -> int:
 
 
 def is_parallel(model: Model) -> bool:
-    return bool(getattr(model.hf.config, "use_parallel_residual", False))
+    return bool(getattr(model, "parallel", False)
+                or getattr(model.hf.config, "use_parallel_residual", False))
 
 
 def writes(model: Model, acts: dict[SiteKey, Tensor], p: Placed) -> Tensor:
@@ -169,12 +174,19 @@ def writes(model: Model, acts: dict[SiteKey, Tensor], p: Placed) -> Tensor:
             out = z[:, :, p.index] @ w[p.index]
         else:
             out = torch.einsum("bphd,hdm->bpm", z, w)
+        if model.spec.attn_post_norm is not None:
+            out = out * model.attn_write_scale(p.layer, z)
     elif p.kind == "mlp":  # mlp_out = neurons @ W_out + b_out
         n = acts[(Component.NEURONS, p.layer)]
         out = n @ model.W_out(p.layer).to(n.dtype)
+        if model.spec.mlp_post_norm is not None:
+            out = out * model.mlp_write_scale(p.layer, n)
     elif p.kind == "neuron":
-        n = acts[(Component.NEURONS, p.layer)][:, :, p.index]
+        full = acts[(Component.NEURONS, p.layer)]
+        n = full[:, :, p.index]
         out = n[..., None] * model.W_out(p.layer)[p.index].to(n.dtype)
+        if model.spec.mlp_post_norm is not None:
+            out = out * model.mlp_write_scale(p.layer, full)
     else:
         raise ValueError(f"{p.kind} writes nothing into the residual stream")
     return out * p.mask.to(out.device)[..., None]
@@ -210,13 +222,19 @@ def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Te
     out = []
     for (comp, layer), m in sorted(masks.items()):
         key = (comp, layer)
+        post = comp is Component.NEURONS and model.spec.mlp_post_norm is not None
         if key not in cache:
             d = src[key] - base[key]
-            if comp is Component.Z:  # per head, in the residual stream: [B P H d_model]
+            if comp is Component.Z and model.spec.attn_post_norm is not None:
+                d = model.head_out(layer, src[key]) - model.head_out(layer, base[key])
+            elif comp is Component.Z:  # per head, in the residual stream: [B P H d_model]
                 d = torch.einsum("bphd,hdm->bphm", d, model.W_O(layer).to(d.dtype))
             cache[key] = d
         d = cache[key]
-        if comp is Component.EMBED:
+        if post:  # each run's writes at its own post-norm scale
+            out.append(("mlp", layer, _post_norm_mlp_change(model, layer, src[key], base[key],
+                                                            m, cache)))
+        elif comp is Component.EMBED:
             out.append(("embed", -1, d * m[..., None].to(d.dtype)))
         elif comp is Component.Z:
             out.append(("head", layer, torch.einsum("bph,bphm->bpm", m.to(d.dtype), d)))
@@ -230,6 +248,20 @@ def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Te
                 out.append(("mlp", layer, (d * m.to(d.dtype)) @ model.W_out(layer).to(d.dtype)))
     return out
 
+
+
+def _post_norm_mlp_change(model: Model, layer: int, src: Tensor, base: Tensor, m: Tensor,
+                          cache: dict[Any, Tensor]) -> Tensor:
+    """``[B P d_model]``: what the neurons in ``m [B P neuron]`` write in ``src`` minus in
+    ``base``, each run's writes times its own frozen post-norm scale."""
+    key = ("mlp_scales", layer)
+    if key not in cache:
+        cache[key] = torch.stack([model.mlp_write_scale(layer, src),
+                                  model.mlp_write_scale(layer, base)])
+    fs, fb = cache[key]
+    w = model.W_out(layer).to(src.dtype)
+    mm = m.to(src.device, src.dtype)
+    return ((src * mm) @ w) * fs - ((base * mm) @ w) * fb
 
 
 __all__ = [

@@ -130,7 +130,9 @@ def mechanistic_probes(
 
     For head ``h`` at layer ``l``: ``scores[a] = norm_frozen(v[source, h] @ W_O[h]) @
     W_U[:, a]`` over the relation's attribute tokens ``a``; the final norm's scale is the clean
-    run's at the final position. Returns rows ``method = "probe/mechanistic"``, ``layer``,
+    run's at the final position (in post-norm families so is the head's post norm's:
+    :meth:`~factfind.model.Model.attn_write_scale`).
+    Returns rows ``method = "probe/mechanistic"``, ``layer``,
     ``head``, ``role`` (the source), ``effect`` (accuracy), ``n``, ``relation``.
     """
     src = Role(source)
@@ -145,12 +147,18 @@ def mechanistic_probes(
             batch = model.tokenize(list(data[start:start + batch_size]))
             save = [(Component.V, layer) for layer in layer_list] + [(Component.RESID_POST,
                                                                       L - 1)]
+            post = model.spec.attn_post_norm is not None
+            if post:
+                save += [(Component.Z, layer) for layer in layer_list]
             run = model.run(batch, save=save)
             scale = model.final_norm_scale(run.acts[(Component.RESID_POST, L - 1)][:, -1])
             target = (batch.attribute_ids[:, None] == cand_ids[None]).float().argmax(-1)
             for i, layer in enumerate(layer_list):
                 v = _gather_role(run.acts[(Component.V, layer)], batch, src)  # [b head dh]
                 out = torch.einsum("bhd,hdm->bhm", v, model.W_O(layer))
+                if post:
+                    z = run.acts[(Component.Z, layer)][:, -1]
+                    out = out * model.attn_write_scale(layer, z)[:, None]
                 normed = model.final_norm_frozen(out, scale[:, None], bias=False)
                 scores = normed @ model.W_U[:, cand_ids]  # [b head n_attr]
                 hits[i] += (scores.argmax(-1) == target[:, None].to(scores.device)).float(

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "gemma",
+            "gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj")
+"""Families with a hand-written :class:`~factfind.architectures.ArchSpec` (tiny configs below)."""
+
+DERIVED_FAMILIES = ("helium", "exaone4")
+"""Families without a hand-written spec whose spec :func:`~factfind.architectures.derive_spec`
+reads off the module tree (Helium: Llama layout; EXAONE 4: OLMo-2-like post norms and per-head
+q/k norms)."""
 
 _CORPUS = [
     "Michael Jordan plays the sport of basketball.",
@@ -65,6 +72,10 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int
     if family == "gpt2":
         return tf.GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=128,
                              bos_token_id=0, eos_token_id=0, **common)
+    if family == "gptj":  # parallel block, interleaved rotary on half of each head
+        return tf.GPTJConfig(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_positions=128,
+                             rotary_dim=d_model // n_heads // 2, bos_token_id=0, eos_token_id=0,
+                             **common)
     if family.startswith("gpt_neox"):
         return tf.GPTNeoXConfig(
             num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
@@ -84,9 +95,28 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int
         return tf.MistralConfig(**llama_like)
     if family == "qwen2":
         return tf.Qwen2Config(**llama_like)
+    head_dim = d_model // n_heads
     if family == "gemma":
-        return tf.GemmaConfig(head_dim=d_model // n_heads, **llama_like)
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        return tf.GemmaConfig(head_dim=head_dim, **llama_like)
+    # small softcaps, so that the tanh is far from linear on the tiny model's values
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                               **llama_like)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                   final_logit_softcapping=3.0, **llama_like)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=head_dim, **llama_like)
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if family == "olmo2":
+        return tf.Olmo2Config(**llama_like)
+    if family == "helium":
+        return tf.HeliumConfig(head_dim=head_dim, **llama_like)
+    if family == "exaone4":
+        return tf.Exaone4Config(**llama_like)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + DERIVED_FAMILIES}")
 
 
 def tiny_hf_model(family: str, vocab_size: int, *, seed: int = 0, std: float = 0.2,
@@ -100,7 +130,7 @@ def tiny_hf_model(family: str, vocab_size: int, *, seed: int = 0, std: float = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_gain = "norm" in name or ".ln_" in name or "layernorm" in name
-            if is_gain and name.endswith("weight") and family != "gemma":
+            if is_gain and name.endswith("weight") and not family.startswith("gemma"):
                 p.copy_(1.0 + std * torch.randn_like(p))
             else:
                 p.copy_(std * torch.randn_like(p))

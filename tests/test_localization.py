@@ -80,8 +80,32 @@ def test_knockout_matches_reference(family_model, facts):
 
 
 def test_dla_sums_to_logit_difference(family_model, facts):
-    pairs = _pairs(family_model, facts)[:3]
-    df = direct_logit_attribution(family_model, pairs)
+    _check_dla_sums(family_model, facts)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2"])
+def test_dla_sums_with_post_norms_and_softcap(family, facts):
+    """Post-norm families (both norms: Gemma 2/3; post only: OLMo 2) with softcapped logits
+    (Gemma): rows sum to the pre-softcap logit difference, which softcapped is the model's."""
+    from factfind.testing import tiny_model
+
+    model = tiny_model(family)
+    df = _check_dla_sums(model, facts)
+    pairs = _pairs(model, facts)[:3]
+    run = model.run(model.tokenize(list(pairs.clean)))
+    ids = model.tokenize(list(pairs.clean)).attribute_ids
+    wrong = model.tokenize(list(pairs.corrupt)).attribute_ids
+    rows = torch.arange(len(ids))
+    totals = torch.tensor(df.groupby("prompt")["total"].first().to_numpy())
+    raw = run.logits if run.logits_raw is None else run.logits_raw
+    torch.testing.assert_close(raw[rows, ids] - raw[rows, wrong], totals.float(), atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(model.softcap_logits(raw), run.logits)
+
+
+def _check_dla_sums(model, facts):
+    pairs = _pairs(model, facts)[:3]
+    df = direct_logit_attribution(model, pairs)
     main = df[(df.method == "dla") & (df.component != "neurons")]
     sums = main.groupby("prompt")["effect"].sum()
     totals = main.groupby("prompt")["total"].first()
@@ -94,6 +118,13 @@ def test_dla_sums_to_logit_difference(family_model, facts):
     heads = df[(df.method == "dla") & (df.component == "head_out")].set_index(
         ["prompt", "layer", "head"])["effect"]
     np.testing.assert_allclose(src.sort_index(), heads.sort_index(), atol=1e-5)
+    # the MLP row built from neurons equals the one read from mlp_out itself
+    whole = direct_logit_attribution(model, pairs, neurons=False, sources=False)
+    mlp = [d[(d.method == "dla") & (d.component == "mlp_out")].set_index(["prompt", "layer"])[
+        "effect"].sort_index() for d in (df, whole)]
+    assert mlp[1].abs().max() > 1e-3
+    np.testing.assert_allclose(mlp[0], mlp[1], atol=1e-5)
+    return df
 
 
 def test_bad_input_is_clear(gpt2_model, facts):

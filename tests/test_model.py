@@ -5,7 +5,7 @@ import torch
 
 from factfind.architectures import UnsupportedArchitectureError
 from factfind.model import load_model
-from factfind.testing import FAMILIES, tiny_hf_model, tiny_tokenizer
+from factfind.testing import DERIVED_FAMILIES, FAMILIES, tiny_hf_model, tiny_tokenizer
 from factfind.types import Component as C
 
 SITES = [C.EMBED, C.RESID_PRE, C.Z, C.HEAD_OUT, C.ATTN_OUT, C.NEURONS, C.MLP_OUT, C.RESID_POST]
@@ -16,7 +16,7 @@ def tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES + DERIVED_FAMILIES)
 def pair(request, tok):
     hf = tiny_hf_model(request.param, len(tok))
     return hf, load_model((hf, tok))
@@ -62,7 +62,9 @@ def test_site_identities(pair):
         assert a[C.HEAD_OUT].abs().max() > 1e-3
         heads = a[C.HEAD_OUT].sum(2) + model.b_O(layer)
         torch.testing.assert_close(heads[real], a[C.ATTN_OUT][real], atol=1e-5, rtol=1e-5)
-        mlp = a[C.NEURONS] @ model.W_out(layer) + model.b_out(layer)
+        # post-norm families: the post norm's scale frozen at this run (ones elsewhere)
+        mlp = ((a[C.NEURONS] @ model.W_out(layer) + model.b_out(layer))
+               * model.mlp_write_scale(layer, a[C.NEURONS]))
         torch.testing.assert_close(mlp, a[C.MLP_OUT], atol=1e-5, rtol=1e-5)
         post = a[C.RESID_PRE] + a[C.ATTN_OUT] + a[C.MLP_OUT]
         torch.testing.assert_close(post[real], a[C.RESID_POST][real], atol=1e-5, rtol=1e-5)
@@ -72,7 +74,10 @@ def test_site_identities(pair):
     last = run.acts[(C.RESID_POST, model.n_layers - 1)][:, -1]
     normed = model.final_norm_frozen(last, model.final_norm_scale(last))
     logits = normed @ model.W_U + model.b_U
-    torch.testing.assert_close(logits, run.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.softcap_logits(logits), run.logits, atol=1e-4, rtol=1e-4)
+    if model.final_logit_softcap is not None:  # the raw logits are the linear ones
+        torch.testing.assert_close(logits, run.logits_raw, atol=1e-4, rtol=1e-4)
+        assert (run.logits_raw - run.logits).abs().max() > 0.1
 
 
 def test_edit_changes_downstream_only(pair):
@@ -82,7 +87,9 @@ def test_edit_changes_downstream_only(pair):
     zeroed = model.run(batch, edits={(C.NEURONS, 0): lambda x: torch.zeros_like(x)},
                        save=[(C.MLP_OUT, 0), (C.ATTN_OUT, 0)])
     torch.testing.assert_close(zeroed.acts[(C.ATTN_OUT, 0)], clean.acts[(C.ATTN_OUT, 0)])
-    expect = model.b_out(0).expand_as(zeroed.acts[(C.MLP_OUT, 0)])
+    zeros = torch.zeros(3, 7, model.d_mlp)
+    expect = (model.b_out(0) * model.mlp_write_scale(0, zeros)).expand_as(
+        zeroed.acts[(C.MLP_OUT, 0)])
     torch.testing.assert_close(zeroed.acts[(C.MLP_OUT, 0)], expect)
     assert (zeroed.logits - clean.logits).abs().max() > 1e-4
 
@@ -138,6 +145,65 @@ def test_unsupported_architecture_names_supported(tok):
         load_model((hf, tok))
 
 
+@pytest.mark.parametrize("family", DERIVED_FAMILIES)
+def test_derived_spec_is_used_for_a_family_without_one(family, tok):
+    """Helium and EXAONE 4 have no hand-written spec: theirs is read off the module tree (the
+    parity tests above run on them too), post norms included."""
+    from factfind.architectures import SPECS
+
+    assert family not in SPECS
+    model = load_model((tiny_hf_model(family, len(tok)), tok))
+    assert model.spec.derived and model.spec.norm_kind == "rmsnorm" and not model.parallel
+    has_post = family == "exaone4"
+    assert (model.spec.attn_post_norm is not None) == has_post
+    assert (model.spec.mlp_post_norm is not None) == has_post
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3", "qwen3", "phi3",
+                                    "olmo2"])
+def test_derived_spec_agrees_with_the_hand_written_one(family, tok):
+    from factfind.architectures import derive_spec, spec_for
+
+    hf = tiny_hf_model(family, len(tok))
+    hand, derived = spec_for(hf.config), derive_spec(hf)
+    fields = ("blocks", "embed", "final_norm", "unembed", "attn_out_proj", "mlp_out_proj",
+              "norm_kind", "values", "values_layout", "attn_post_norm", "mlp_post_norm",
+              "attn_softcap", "final_softcap")
+    assert {f: getattr(derived, f) for f in fields} == {f: getattr(hand, f) for f in fields}
+
+
+def test_derived_spec_from_config_alone_uses_the_meta_device(tok):
+    from factfind.architectures import spec_for
+
+    spec = spec_for(tiny_hf_model("helium", len(tok)).config)  # what load_model checks first
+    assert spec.derived and spec.blocks == "model.layers"
+
+
+def test_usual_layout_with_unusual_math_is_refused(tok):
+    """Granite has the Llama module tree but scales each sublayer's output before it enters
+    the residual stream: the derived spec's site identities fail and the error says which."""
+    import transformers as tf
+
+    cfg = tf.GraniteConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                           residual_multiplier=0.5)
+    hf = tf.GraniteForCausalLM(cfg).eval()
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"granite.*attn_out.*resid_post.*register_spec"):
+        load_model((hf, tok))
+
+
+def test_unusual_layout_is_refused_from_the_module_tree(tok):
+    """GPT-BigCode has ``transformer.h`` blocks: no spec, and no usual layout to derive one."""
+    import transformers as tf
+
+    hf = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_layer=1, n_embd=16, n_head=2,
+                                                      vocab_size=len(tok)))
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"gpt_bigcode.*cannot derive.*model\.layers"):
+        load_model((hf, tok))
+
+
 def test_load_from_directory_roundtrip(tmp_path, tok):
     hf = tiny_hf_model("gpt_neox", len(tok))
     hf.save_pretrained(tmp_path)
@@ -169,7 +235,7 @@ def test_queries_keys_reproduce_pattern(pair):
     layer = model.n_layers - 1
     run = model.run(batch, save=[(C.Q, layer), (C.K, layer), (C.PATTERN, layer)])
     q, k, pattern = (run.acts[(c, layer)] for c in (C.Q, C.K, C.PATTERN))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * model.attn_scale(layer)
+    scores = model.attn_logits(layer, torch.einsum("bqhd,bkhd->bhqk", q, k))
     n = q.shape[1]
     allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & batch[
         "attention_mask"].bool()[:, None, None, :]
