@@ -138,23 +138,21 @@ def main(argv: list[str] | None = None) -> Outcome:
     cache = RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
                           dataset=facts.fingerprint(), config=asdict(cfg))
     log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
-    # the accuracy check runs on a seeded sample (4x what is analysed), not the whole dataset
-    pool = facts.sample(min(len(facts), max(4 * cfg.n_prompts, 256)), seed=cfg.seed)
-    scores = _chunked(cache, "attribute_scores", len(pool), lambda a, b: pool[a:b].attribute_scores(
-        model, batch_size=cfg.batch_size * 4), chunk=cfg.batch_size * 4, desc="known facts")
-    known_mask = ((scores["prob"] > cfg.known_min_prob)
-                  & (scores["rank"] <= cfg.known_top_k)).tolist()
+    # score a seeded shuffle of the facts in chunks until 4x the facts to analyse are known
+    # (at least 256 scored): a model that knows 5% of a dataset still gets enough pairs
+    pool, scores = _score_until_known(cache, model, facts, cfg)
+    known_mask = _known(scores, cfg)
     known = ff.FactDataset([f for f, k in zip(pool, known_mask, strict=True) if k],
                            name=f"{facts.name}|known")
     rule = f"p(attribute) > {cfg.known_min_prob:g} and rank <= {cfg.known_top_k}"
     if len(known) < cfg.min_pairs:
         top = _top_predictions(model, pool, scores)
         raise NotEnoughFactsError(
-            f"{model.name} knows {len(known)} of {len(pool)} sampled facts of {facts.name} "
+            f"{model.name} knows {len(known)} of {len(pool)} scored facts of {facts.name} "
             f"({rule}; its most common top answers: {top}), fewer than --min-pairs "
-            f"{cfg.min_pairs}. Fix: use a prompt format the model completes with the "
-            "attribute (e.g. --facts athletes, which has Fact Finding's one-shot prefix), "
-            "lower --known-min-prob, or use a larger model.")
+            f"{cfg.min_pairs}. Fix: facts in a prompt format the model completes with the "
+            "attribute (e.g. --facts rome_known; Fact Finding's --facts athletes needs a model "
+            "that knows athletes' sports), a lower --known-min-prob, or a larger model.")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
     pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip")
     if len(pairs) < cfg.min_pairs:
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> Outcome:
             f"partner (a subject of the same token length with another attribute), fewer "
             f"than --min-pairs {cfg.min_pairs}. Fix: a dataset with more subjects per "
             "relation, a larger --n-prompts, or lower --min-pairs.")
-    log.info("knows %d of %d sampled facts (%s); analysing %d prompt pairs", len(known),
+    log.info("knows %d of %d scored facts (%s); analysing %d prompt pairs", len(known),
              len(pool), rule, len(pairs))
 
     # 2. causal tracing ------------------------------------------------------------------------
@@ -329,6 +327,35 @@ def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, de
     """A cached step over ``n`` prompts in chunks, with a progress bar (prompts, ETA)."""
     with tqdm(total=n, desc=desc, unit="prompt", disable=n == 0) as bar:
         return cache.chunked(name, n, compute, chunk=chunk, progress=bar.update)
+
+
+def _known(scores: pd.DataFrame, cfg: Config) -> list[bool]:
+    """Fact Finding's rule: p(attribute) above ``known_min_prob`` (and rank within
+    ``known_top_k``)."""
+    return ((scores["prob"] > cfg.known_min_prob) & (scores["rank"] <= cfg.known_top_k)).tolist()
+
+
+def _score_until_known(cache: RunCache, model: ff.Model, facts: ff.FactDataset, cfg: Config
+                       ) -> tuple[ff.FactDataset, pd.DataFrame]:
+    """Attribute scores of a seeded shuffle of ``facts``, chunk by chunk (each cached), until
+    ``4 * n_prompts`` are known and at least 256 are scored, or the facts run out. Returns the
+    scored facts and their scores (one progress bar over all facts, ETA to exhaustion)."""
+    order = facts.sample(len(facts), seed=cfg.seed)
+    chunk = max(64, cfg.batch_size * 4)
+    parts: list[pd.DataFrame] = []
+    n_known = 0
+    with tqdm(total=len(order), desc="known facts", unit="prompt") as bar:
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            parts.append(cache.table(f"attribute_scores-{start:06d}-{chunk}", lambda p=part:
+                                     p.attribute_scores(model, batch_size=cfg.batch_size * 4)))
+            bar.update(len(part))
+            n_known += sum(_known(parts[-1], cfg))
+            scored = start + len(part)
+            if n_known >= 4 * cfg.n_prompts and scored >= min(256, len(order)):
+                break
+    scored = sum(len(p) for p in parts)
+    return order[:scored], pd.concat(parts, ignore_index=True)
 
 
 def _top_predictions(model: ff.Model, pool: ff.FactDataset, scores: pd.DataFrame,

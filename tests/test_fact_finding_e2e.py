@@ -36,7 +36,7 @@ def test_report_cache_and_resume(script, tmp_path, monkeypatch):
     monkeypatch.setattr(ff, "attention_knockout", real)
     resumed = script["main"](args)
     hits, computed = resumed.cache.hits, resumed.cache.computed
-    assert any(h.startswith("attribute_scores[") for h in hits)
+    assert any(h.startswith("attribute_scores") for h in hits)
     assert any(h.startswith("causal_tracing[") for h in hits)
     assert any(h.startswith("activation_patching[") for h in hits)
     assert not any(c.startswith(("causal_tracing", "activation_patching")) for c in computed)
