@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         available_datasets,
         datasets_dir,
         from_records,
+        load_athletes,
         load_counterfact,
         load_csv,
         load_facts,
@@ -67,7 +68,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Alignment", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "TokenBatch",
     "align", "attribute_collisions", "attribute_token_ids", "available_datasets",
-    "datasets_dir", "encode", "from_records", "load_counterfact", "load_csv", "load_facts",
+    "datasets_dir", "encode", "from_records", "load_athletes", "load_counterfact", "load_csv",
+    "load_facts",
     "load_lre", "load_organism", "load_rome_known",
 ]
 
@@ -78,7 +80,8 @@ _LAZY = {
                      "attribute_token_ids", "encode"), "factfind.spans"),
     "FactPairs": "factfind.pairs",
     "FactDataset": "factfind.dataset",
-    **dict.fromkeys(("available_datasets", "datasets_dir", "from_records", "load_counterfact",
+    **dict.fromkeys(("available_datasets", "datasets_dir", "from_records", "load_athletes",
+                     "load_counterfact",
                      "load_csv", "load_facts", "load_lre", "load_organism", "load_rome_known"),
                     "factfind.loaders"),
 }

@@ -107,6 +107,48 @@ def test_lre_factual_relations():
     assert occ[1].get("template_index") == "1" and occ[0].get("range_name") == "occupation"
 
 
+def test_lre_escapes_left_inside_strings_are_decoded(tmp_path):
+    """Regression: LRE's country_capital_city.json escapes some names twice, and the loader
+    returned the text 'Bras\\u00edlia' (a backslash and u00ed) instead of 'Brasília'."""
+    raw = (REPO / "datasets/lre/factual/country_capital_city.json").read_text()
+    assert "Bras\\\\u00edlia" in raw  # the shipped file is a verbatim copy: still escaped
+    caps = {f.subject: f.attribute for f in load_facts("lre:factual/country_capital_city")}
+    assert caps["Brazil"] == "Brasília" and caps["Colombia"] == "Bogotá"
+    every = load_facts("lre:factual", templates="all")
+    assert not [f for f in every if "\\u" in f.subject + f.attribute + f.template]
+    write(tmp_path / "r.json", {"name": "r", "prompt_templates": ["{} is in"], "samples": [
+        {"subject": "Caf\\u00e9 \\ud83d\\ude00", "object": "M\\u00fcnchen \\ud800"}]})
+    (fact,) = load_lre(tmp_path / "r.json")
+    assert fact.subject == "Café 😀" and fact.attribute == "München \\ud800"  # lone: kept
+
+
+def test_athletes_is_fact_findings_setting():
+    ds = load_facts("athletes")
+    assert ds == load_facts("fact_finding:athletes") and "athletes" in available_datasets()
+    lre = load_facts("lre:factual/person_plays_pro_sport")
+    assert len(ds) == 318 == len(lre)
+    assert [(f.subject, f.attribute) for f in ds] == [(f.subject, f.attribute) for f in lre]
+    assert ds.relations == ("plays pro sport",)
+    assert {f.attribute for f in ds} == {"soccer", "football", "baseball", "basketball",
+                                         "hockey"}
+    assert ds[0].prompt == ("Fact: Tiger Woods plays the sport of golf\n"
+                            "Fact: Andreas Ivanschitz plays the sport of")
+    assert ds[0].source == "person_plays_pro_sport.json#0"
+    assert "Tiger Woods" not in {f.subject for f in ds}  # the prefix's example is not a fact
+    assert (REPO / "datasets/fact_finding/SOURCE").is_file()
+    assert "MIT License" in (REPO / "datasets/fact_finding/LICENSE").read_text()
+    # the committed file is what the documented build command writes
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_athletes", REPO / "datasets/fact_finding/build_athletes.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    shipped = json.loads((REPO / "datasets/fact_finding/athletes.json").read_text())
+    assert build.build() == shipped
+
+
 @needs_shared
 def test_all_lre_relations_in_shared_load():
     ds = load_lre(SHARED / "lre_relations" / "data")

@@ -3,8 +3,9 @@
 :func:`load_facts` tells the formats apart and hands each to its loader, one module per family:
 
 * :mod:`~factfind.loaders.published`: **LRE relations** (Hernandez et al. 2023), **ROME known
-  facts** (``known_1000.json``, Meng et al. 2022) and **CounterFact** split files, and the
-  named sets shipped in ``datasets/`` (``"rome_known"``, ``"counterfact:val"``,
+  facts** (``known_1000.json``, Meng et al. 2022), **CounterFact** split files and **Fact
+  Finding's athletes** (Nanda et al. 2023), and the named sets shipped in ``datasets/``
+  (``"rome_known"``, ``"athletes"``, ``"counterfact:val"``,
   ``"lre:factual"``, ``"lre:factual/<relation>"``; override the directory with the
   ``FACTFIND_DATASETS`` environment variable);
 * :mod:`~factfind.loaders.tables`: **CSV** with columns ``subject, template, attribute`` and
@@ -33,12 +34,16 @@ from factfind.loaders.published import (
     NAMED,
     available_datasets,
     datasets_dir,
+    load_athletes,
     load_counterfact,
     load_lre,
     load_rome_known,
 )
 from factfind.loaders.reading import read_json, template_from_prompt
 from factfind.loaders.tables import from_records, load_csv
+
+_NAMED_LOADERS = {"rome_known": load_rome_known, "athletes": load_athletes,
+                  "fact_finding:athletes": load_athletes}
 
 
 def load_facts(source: Any, **kw: Any) -> FactDataset:
@@ -47,7 +52,8 @@ def load_facts(source: Any, **kw: Any) -> FactDataset:
     Args:
         source: one of
 
-            * a named shipped set: ``"rome_known"``, ``"counterfact:val"``, ``"lre:factual"``,
+            * a named shipped set: ``"rome_known"``, ``"athletes"`` (Fact Finding's athletes
+              with its one-shot prefix), ``"counterfact:val"``, ``"lre:factual"``,
               ``"lre:factual/person_occupation"`` (see :func:`available_datasets`);
             * ``"organism"`` or ``"organism:<relation>"`` (options of :func:`load_organism`);
             * a path to an LRE relation file or directory, ``known_1000.json``, a CounterFact
@@ -74,7 +80,7 @@ def load_facts(source: Any, **kw: Any) -> FactDataset:
             return load_organism(source.partition(":")[2] or None, **kw)
         root = datasets_dir()
         if source in NAMED:
-            loader = load_rome_known if source == "rome_known" else load_counterfact
+            loader = _NAMED_LOADERS.get(source, load_counterfact)
             return loader(root / NAMED[source], **kw)
         if source.startswith("counterfact:"):
             raise FactDataError("only the validation split is shipped ('counterfact:val'); "
@@ -115,5 +121,6 @@ def load_facts(source: Any, **kw: Any) -> FactDataset:
                         path=str(p))
 
 
-__all__ = ["available_datasets", "datasets_dir", "from_records", "load_counterfact", "load_csv",
-           "load_facts", "load_lre", "load_organism", "load_rome_known", "template_from_prompt"]
+__all__ = ["available_datasets", "datasets_dir", "from_records", "load_athletes",
+           "load_counterfact", "load_csv", "load_facts", "load_lre", "load_organism",
+           "load_rome_known", "template_from_prompt"]

@@ -11,8 +11,13 @@ sets shipped in the repository.
   prompt_templates, prompt_templates_zs, properties, samples: [{subject, object}]}``;
   relation = ``name``.
 
+* **Fact Finding's athletes** (Nanda et al. 2023): ``datasets/fact_finding/athletes.json``, LRE's
+  athletes -> sport with the paper's one-shot prefix ``"Fact: Tiger Woods plays the sport of
+  golf\\n"`` and template ``"Fact: {} plays the sport of"`` (:func:`load_athletes`).
+
 Named sets shipped in the repository's ``datasets/`` directory (override its location with the
 ``FACTFIND_DATASETS`` environment variable): ``"rome_known"``, ``"counterfact:val"``,
+``"athletes"`` (also ``"fact_finding:athletes"``),
 ``"lre:factual"`` (all factual relations) and ``"lre:factual/<relation>"``
 (:func:`available_datasets` lists those present).
 
@@ -31,6 +36,7 @@ from typing import Any
 from factfind.data import FactDataError, FactDataset, FactPrompt, OnError, check_mode
 from factfind.loaders.reading import (
     Collector,
+    decode_escapes,
     get_field,
     meta_pairs,
     read_json,
@@ -39,7 +45,9 @@ from factfind.loaders.reading import (
 )
 
 NAMED = {"rome_known": "rome_known/known_1000.json",
-         "counterfact:val": "counterfact/counterfact-val.json"}
+         "counterfact:val": "counterfact/counterfact-val.json",
+         "athletes": "fact_finding/athletes.json",
+         "fact_finding:athletes": "fact_finding/athletes.json"}
 
 
 def datasets_dir() -> Path:
@@ -112,6 +120,34 @@ def load_counterfact(path: str | Path | None = None, *, on_error: OnError = "rai
     return _fact_per_record(p, fact, on_error=on_error, name=name or p.stem)
 
 
+def load_athletes(path: str | Path | None = None, *, on_error: OnError = "raise",
+                  name: str | None = None) -> FactDataset:
+    """Load Fact Finding's athletes -> sport set (``datasets/fact_finding/athletes.json``).
+
+    Fact Finding (Nanda et al. 2023) asks for an athlete's sport after a one-shot example,
+    ``"Fact: Tiger Woods plays the sport of golf\\nFact: {athlete} plays the sport of"``: without
+    it a small model's top prediction after "plays the sport of" is often " the" rather than a
+    sport. The facts are LRE's 318 athletes (soccer, football, baseball, basketball, hockey);
+    see ``datasets/fact_finding/SOURCE`` and ``build_athletes.py`` there.
+
+    Args:
+        path: the records file; default the shipped one.
+        on_error: ``"raise"`` or ``"skip"`` bad records.
+        name: dataset name (default ``"athletes"``).
+
+    Returns:
+        One fact per athlete: relation ``"plays pro sport"`` (LRE's name), the prefix and
+        template above, source ``"person_plays_pro_sport.json#<LRE index>"``.
+    """
+    from factfind.loaders.tables import from_records
+
+    p = Path(path) if path is not None else datasets_dir() / NAMED["athletes"]
+    try:
+        return from_records(read_list(p), name=name or "athletes", on_error=on_error)
+    except FactDataError as e:
+        raise e.at(path=str(p)) from None
+
+
 def _fact_per_record(path: Path, fact: Callable[[Any, int], FactPrompt], *, on_error: OnError,
                      name: str) -> FactDataset:
     """One fact per record of a JSON list (``fact(record, index)``), collected per
@@ -135,7 +171,9 @@ def load_lre(path: str | Path, *, templates: str = "first", on_error: OnError = 
         name: dataset name (default the file or directory name).
 
     Returns:
-        Facts with relation = the file's ``name``, attribute = ``object``, source
+        Facts with relation = the file's ``name``, attribute = ``object`` (JSON escapes the
+        file left inside its strings decoded, :func:`~factfind.loaders.reading.decode_escapes`),
+        source
         ``"<file>#<sample index>"``, meta ``template_index`` and the relation's ``properties``.
     """
     check_mode(templates, "templates", ("first", "all", "zs"))
@@ -177,7 +215,9 @@ def load_lre(path: str | Path, *, templates: str = "first", on_error: OnError = 
             good.append((k, t))
     for j, rec in enumerate(samples):
         def make(rec: Any = rec, j: int = j) -> list[FactPrompt]:
-            subject, obj = get_field(rec, "subject"), get_field(rec, "object")
+            # LRE escaped some names twice ("Bras\\u00edlia"): decode what json.loads left
+            subject = decode_escapes(get_field(rec, "subject"))
+            obj = decode_escapes(get_field(rec, "object"))
             return [FactPrompt(subject, relation, t, obj, source=f"{p.name}#{j}",
                                meta=(("template_index", str(k)), *sorted(props.items())))
                     for k, t in good]
@@ -185,5 +225,5 @@ def load_lre(path: str | Path, *, templates: str = "first", on_error: OnError = 
     return out.done(name or p.stem)
 
 
-__all__ = ["available_datasets", "datasets_dir", "load_counterfact", "load_lre",
+__all__ = ["available_datasets", "datasets_dir", "load_athletes", "load_counterfact", "load_lre",
            "load_rome_known"]

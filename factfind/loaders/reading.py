@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,36 @@ def get_field(rec: Any, key: str, kind: type | tuple[type, ...] = str, *,
         want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise FactDataError(f"field {key!r} must be {want}, got {type(value).__name__}")
     return value
+
+
+_ESCAPED = re.compile(r"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})"
+                      r"|\\u([0-9a-fA-F]{4})")
+
+
+def decode_escapes(text: str) -> str:
+    """Undo JSON ``\\uXXXX`` escapes left *inside* a decoded string (surrogate pairs joined).
+
+    Some published files escaped their text twice: LRE's ``country_capital_city.json`` stores
+    ``"Bras\\\\u00edlia"``, which ``json.loads`` decodes to the text ``Bras\\u00edlia`` (a
+    backslash, ``u`` and four hex digits) rather than ``Brasília``. Real names never contain
+    that sequence, so it is decoded; lone surrogates are left escaped.
+
+    Example::
+
+        >>> decode_escapes("Bras\\\\u00edlia")
+        'Brasília'
+    """
+    if "\\u" not in text:
+        return text
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(3) is not None:
+            code = int(m.group(3), 16)
+            return m.group(0) if 0xD800 <= code < 0xE000 else chr(code)
+        hi, lo = int(m.group(1), 16), int(m.group(2), 16)
+        return chr(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+
+    return _ESCAPED.sub(one, text)
 
 
 def template_from_prompt(prompt: str, subject: str, *, hint: str | None = None
@@ -135,5 +166,5 @@ def meta_pairs(**items: Any) -> tuple[tuple[str, str], ...]:
     return tuple((k, str(v)) for k, v in items.items() if v is not None)
 
 
-__all__ = ["Collector", "get_field", "meta_pairs", "read_json", "read_list", "read_text",
-           "template_from_prompt"]
+__all__ = ["Collector", "decode_escapes", "get_field", "meta_pairs", "read_json", "read_list",
+           "read_text", "template_from_prompt"]
