@@ -175,12 +175,22 @@ def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str]
 
 
 def _prepare_gguf(path: Path, cache_dir: str | os.PathLike[str] | None) -> Prepared:
-    info = gguf_info(path)
-    folder = gguf_to_directory(path, cache_dir=cache_dir, info=info)
-    return Prepared(str(folder), str(path), f"gguf-{info['key']}", {
+    if not path.is_file():
+        raise CheckpointError(f"no such GGUF file: {path}")
+    final = _cache_dir_of(path, gguf_key(path), cache_dir)
+    if (final / _MARKER).is_file():  # a hit: the metadata was stored with the weights
+        info = json.loads((final / _MARKER).read_text())
+    else:
+        info = gguf_info(path)  # parsing the metadata takes seconds (the tokenizer's arrays)
+        final = gguf_to_directory(path, cache_dir=cache_dir, info=info)
+    return Prepared(str(final), str(path), f"gguf-{info['key']}", {
         "source": f"file {path}", "quantization": info["quantization"],
         "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE,
         "gguf_name": info.get("name"), "license": info.get("license")})
+
+
+def _cache_dir_of(path: Path, key: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    return cache_root(cache_dir) / "gguf" / f"{path.stem}-{key}"
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -268,11 +278,13 @@ def gguf_to_directory(path: str | os.PathLike[str], *,
         CheckpointError: missing or corrupt file, or transformers cannot read it.
     """
     p = Path(path)
-    info = info or gguf_info(p)
-    root = cache_root(cache_dir) / "gguf"
-    final = root / f"{p.stem}-{info['key']}"
+    if not p.is_file():
+        raise CheckpointError(f"no such GGUF file: {p}")
+    final = _cache_dir_of(p, gguf_key(p), cache_dir)
     if (final / _MARKER).is_file():
         return final
+    info = info or gguf_info(p)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".tmp-{final.name}-*"):
         if time.time() - stale.stat().st_mtime > 3600:  # another process may still be writing

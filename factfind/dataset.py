@@ -28,13 +28,14 @@ import hashlib
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import pandas as pd
 import torch
 
-from factfind.data import FactPrompt, OnError
+from factfind.data import FactPrompt, OnError, check_mode
 
 if TYPE_CHECKING:
     from factfind.pairs import FactPairs
@@ -179,6 +180,12 @@ class FactDataset(Sequence[FactPrompt]):
     def attribute_scores(self, model: Any, *, batch_size: int = 64) -> pd.DataFrame:
         """Rank and probability of each fact's attribute token under ``model``.
 
+        The attribute token is the first token of ``" " + attribute`` at the prompt's final
+        position: the quantity every factfind metric compares (logit differences of first
+        tokens), and Fact Finding's own (its sports are single tokens). For a multi-token
+        attribute (``"New York"``) the first token's probability bounds the whole attribute's
+        from above, so a rule on it is the more permissive one.
+
         Args:
             model: anything with ``.tokenizer`` and ``final_logits(prompts, *, batch_size)``
                 returning next-token logits ``[batch d_vocab]``.
@@ -186,12 +193,14 @@ class FactDataset(Sequence[FactPrompt]):
 
         Returns:
             One row per fact: ``attribute_id``, ``rank`` (1 = the model's top prediction),
-            ``prob`` and ``logit`` of the attribute token.
+            ``prob`` and ``logit`` of the attribute token, and ``top_id``, the model's top
+            prediction (what it says instead when ``rank > 1``). Cost: one forward pass per
+            fact.
         """
         from factfind.spans import attribute_token_ids
 
         ids = attribute_token_ids(model.tokenizer, [f.attribute for f in self._facts])
-        ranks, probs, logits = [], [], []
+        ranks, probs, logits, tops = [], [], [], []
         for start in range(0, len(self), batch_size):
             chunk = self[start:start + batch_size]
             lg = model.final_logits(chunk, batch_size=batch_size).float()  # [batch d_vocab]
@@ -202,50 +211,150 @@ class FactDataset(Sequence[FactPrompt]):
             probs.append(lg.softmax(-1).gather(-1, ids[start:start + len(chunk), None]
                                                .to(lg.device))[:, 0].cpu())
             logits.append(target[:, 0].cpu())
+            tops.append(lg.argmax(-1).cpu())
         cat = (lambda xs: torch.cat(xs).tolist() if xs else [])
         return pd.DataFrame({"attribute_id": ids.tolist(), "rank": cat(ranks),
-                             "prob": cat(probs), "logit": cat(logits)})
+                             "prob": cat(probs), "logit": cat(logits), "top_id": cat(tops)})
 
     def known_by(self, model: Any, *, top_k: int = 1, min_prob: float = 0.0,
-                 batch_size: int = 64) -> FactDataset:
-        """The facts ``model`` gets right: attribute token ranked within ``top_k`` at the final
-        position and with probability at least ``min_prob``.
+                 rule: KnownRule = "rank", batch_size: int = 64) -> FactDataset:
+        """The facts ``model`` gets right, judged at the final position on the attribute's
+        first token (:meth:`attribute_scores`; the rules are :func:`known_mask`'s).
 
         Args:
             model: as for :meth:`attribute_scores`.
-            top_k: keep facts whose attribute token has rank ``<= top_k`` (1 = argmax).
+            top_k: with ``rule="rank"``: keep facts whose attribute token has rank
+                ``<= top_k`` (1 = argmax).
             min_prob: and whose probability is ``>= min_prob``.
+            rule: ``"rank"`` (the default, as before: ``top_k`` and ``min_prob``) or
+                ``"paper"``: Fact Finding's rule (Nanda et al. 2023), probability ``> 0.5``
+                (which implies rank 1); ``top_k``/``min_prob`` then add to it.
             batch_size: prompts per forward pass.
 
         Returns:
-            The kept facts, in order (the number kept is logged).
+            The kept facts, in order. The count is logged; when fewer than half are known,
+            a warning names what the model predicts instead (:func:`describe_unknown`: e.g.
+            " the" for a bare "plays the sport of" prompt, or the prefix's own example answer).
 
         Example::
 
+            known = facts.known_by(model, rule="paper")       # p(attribute) > 0.5
             known = facts.known_by(model, top_k=1, min_prob=0.1)
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         scores = self.attribute_scores(model, batch_size=batch_size)
-        keep = ((scores["rank"] <= top_k) & (scores["prob"] >= min_prob)).tolist()
+        keep = known_mask(scores, rule=rule, top_k=top_k, min_prob=min_prob)
         out = FactDataset((f for f, k in zip(self._facts, keep, strict=True) if k),
                           name=f"{self._name}|known")
-        log.info("known_by: %d of %d facts of %s (top_k=%d, min_prob=%g)",
-                 len(out), len(self), self._name, top_k, min_prob)
+        log.info("known_by: %d of %d facts of %s (%s)", len(out), len(self), self._name,
+                 _rule_text(rule, top_k, min_prob))
+        if len(self) and 2 * len(out) < len(self):
+            prefixes = Counter(f.prefix for f in self._facts).most_common(1)[0][0]
+            log.warning("%s", describe_unknown(scores, model.tokenizer, keep, name=self._name,
+                                               prefix=prefixes))
         return out
 
     def corrupt(self, model_or_tokenizer: Any, *, seed: int = 0,
-                on_missing: OnError = "raise") -> FactPairs:
-        """Pair each prompt with a corrupted one for patching: see :func:`factfind.pairs.corrupt`.
+                on_missing: OnError = "raise", pool: FactDataset | None = None,
+                fallback: tuple[str, ...] = ("relation",)) -> FactPairs:
+        """Pair each prompt with a corrupted one for patching: see :func:`factfind.pairs.corrupt`
+        (``pool``: more subjects to draw partners from, e.g. the whole dataset; ``fallback``:
+        the steps tried, e.g. :data:`factfind.pairs.FALLBACKS`).
 
         Example::
 
             pairs = facts.corrupt(model, seed=0)
             pairs.clean[0].subject, pairs.corrupt[0].subject   # same token length
+            pairs = known.corrupt(model, pool=facts, fallback=FALLBACKS)   # >= 90% paired
+            pairs.to_frame()["partner_from"].value_counts()
         """
         from factfind.pairs import corrupt
 
-        return corrupt(self, model_or_tokenizer, seed=seed, on_missing=on_missing)
+        return corrupt(self, model_or_tokenizer, seed=seed, on_missing=on_missing, pool=pool,
+                       fallback=fallback)
 
 
-__all__ = ["FactDataset"]
+KnownRule = Literal["rank", "paper"]
+"""How :meth:`FactDataset.known_by` decides that a model knows a fact (see :func:`known_mask`)."""
+
+PAPER_THRESHOLD = 0.5
+"""Fact Finding's rule: the model knows a fact when p(attribute token) > 0.5."""
+
+
+def known_mask(scores: pd.DataFrame, *, rule: KnownRule = "rank", top_k: int = 1,
+               min_prob: float = 0.0) -> list[bool]:
+    """Which facts count as known, from :meth:`FactDataset.attribute_scores`'s table.
+
+    * ``rule="rank"``: the attribute token ranks within ``top_k`` and has probability
+      ``>= min_prob`` (``top_k=1, min_prob=0``: the model's argmax; factfind's behaviour
+      before the paper's rule was added).
+    * ``rule="paper"``: Fact Finding's rule (Nanda et al. 2023), probability ``> 0.5``
+      (:data:`PAPER_THRESHOLD`), which implies rank 1; ``top_k`` and ``min_prob`` still apply
+      (they can only narrow it).
+
+    Args:
+        scores: a table with ``rank`` and ``prob`` columns.
+        rule, top_k, min_prob: as above.
+
+    Returns:
+        One bool per row.
+
+    Example::
+
+        scores = facts.attribute_scores(model)
+        known = [f for f, k in zip(facts, known_mask(scores, rule="paper")) if k]
+    """
+    check_mode(rule, "rule", ("rank", "paper"))
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    keep = (scores["rank"] <= top_k) & (scores["prob"] >= min_prob)
+    if rule == "paper":
+        keep &= scores["prob"] > PAPER_THRESHOLD
+    return [bool(k) for k in keep]
+
+
+def _rule_text(rule: str, top_k: int, min_prob: float) -> str:
+    extra = f"top_k={top_k}, min_prob={min_prob:g}"
+    return f"p > {PAPER_THRESHOLD:g}, {extra}" if rule == "paper" else extra
+
+
+def describe_unknown(scores: pd.DataFrame, tokenizer: Any, known: Sequence[bool] | None = None,
+                     *, name: str = "facts", prefix: str = "") -> str:
+    """One line on why a model knows few facts: how many it knows, and its most common top
+    prediction on the others: ``' the'`` (the prompt does not ask for the attribute), or a
+    word of the few-shot ``prefix`` (the model copies the example's answer: SmolLM2-135M
+    answers " golf" after Fact Finding's "Fact: Tiger Woods plays the sport of golf").
+
+    Args:
+        scores: :meth:`FactDataset.attribute_scores`'s table (with ``top_id``).
+        tokenizer: decodes the top prediction.
+        known: the mask of known facts (default :func:`known_mask` with ``rule="rank"``).
+        name: the dataset's name, for the message.
+        prefix: the prompts' few-shot prefix, if any.
+
+    Example::
+
+        describe_unknown(facts.attribute_scores(model), model.tokenizer)
+        # "knows 2 of 318 facts of plays pro sport; on 301 of the 316 others its top
+        #  prediction is ' the' ..."
+    """
+    known = list(known) if known is not None else known_mask(scores)
+    n, k = len(scores), sum(known)
+    if k == n or "top_id" not in scores:  # a table cached before top_id was recorded
+        return f"knows {k} of {n} facts of {name}"
+    unknown = [int(t) for t, ok in zip(scores["top_id"], known, strict=True) if not ok]
+    top, count = Counter(unknown).most_common(1)[0]
+    text = tokenizer.decode([top])
+    msg = (f"knows {k} of {n} facts of {name}; on {count} of the {len(unknown)} others its top "
+           f"prediction is {text!r}, not the attribute")
+    if count * 2 <= len(unknown):  # no single answer dominates: the facts, not the prompt
+        return msg
+    if text.strip() and text.strip() in prefix.split():
+        return msg + (": it copies the answer of the few-shot prefix; try other or more "
+                      "examples (FactDataset.with_prefix)")
+    return msg + (": the prompt does not ask for the attribute; give an example first "
+                  "(FactDataset.with_prefix; 'athletes' is Fact Finding's one-shot prompt)")
+
+
+__all__ = ["PAPER_THRESHOLD", "FactDataset", "KnownRule", "describe_unknown", "known_mask"]

@@ -101,7 +101,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.
     return path, write_tiny_gguf(path)
 
 
-def test_gguf_loads_as_the_model_it_was_written_from_and_is_cached(tiny_gguf, tmp_path):
+def test_gguf_loads_as_the_model_it_was_written_from_and_is_cached(tiny_gguf, tmp_path,
+                                                                   monkeypatch):
     path, hf = tiny_gguf
     first = load_model(path, cache_dir=tmp_path)
     (folder,) = (tmp_path / "gguf").iterdir()
@@ -120,7 +121,12 @@ def test_gguf_loads_as_the_model_it_was_written_from_and_is_cached(tiny_gguf, tm
     mtime = folder.stat().st_mtime_ns
     ck_from_pretrained = ck.gguf_to_directory(path, cache_dir=tmp_path)
     assert ck_from_pretrained == folder and folder.stat().st_mtime_ns == mtime
+    def no_parse(*a, **k):  # a hit reads the stored metadata, not the GGUF's (seconds)
+        raise AssertionError("the GGUF metadata was parsed on a cache hit")
+
+    monkeypatch.setattr(ck, "gguf_info", no_parse)
     second = load_model(path, cache_dir=tmp_path)
+    assert second.provenance == first.provenance
     for (k, a), (_, b) in zip(first.hf.state_dict().items(), second.hf.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), k

@@ -6,11 +6,14 @@ import dataclasses
 import math
 import pickle
 
+import pandas as pd
 import pytest
 import torch
 from conftest_data import gpt2_like
 
 from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt, encode, from_records
+from factfind.dataset import describe_unknown, known_mask
+from factfind.pairs import FALLBACKS
 from factfind.types import POINT_ROLES, Role
 
 SPORT = "Fact: {} plays the sport of"
@@ -301,3 +304,98 @@ def test_conftest_style_records_corrupt_cleanly():
                        for s, a in SPORTS[:4]], name="tiny")
     pairs = ds.corrupt(gpt2_like(), seed=0)
     assert len(pairs) == 4 and not pairs.skipped
+
+
+# -- the paper's known rule, honest reports, partners from a pool and fallbacks ------------------
+
+
+def test_known_by_paper_rule_and_options():
+    ds = FactDataset([sport("Michael Jordan", "basketball"), sport("Tiger Woods", "golf"),
+                      sport("Serena Williams", "tennis")], name="three")
+    model = FakeModel({"Michael Jordan": {" basketball": 20.0},           # p ~ 1
+                       "Tiger Woods": {" golf": 3.0, " tennis": 4.0},     # rank 2
+                       "Serena Williams": {" tennis": 1.0}})              # rank 1, p small
+    scores = ds.attribute_scores(model)
+    assert scores["prob"][0] > 0.5 > scores["prob"][2] and scores["rank"][2] == 1
+    assert scores["top_id"].tolist() == [scores["attribute_id"][0], scores["attribute_id"][2],
+                                         scores["attribute_id"][2]]  # Tiger's top is " tennis"
+    assert known_mask(scores, rule="paper") == [True, False, False]
+    assert known_mask(scores) == [True, False, True]                    # the old default
+    assert known_mask(scores, top_k=2) == [True, True, True]
+    assert known_mask(scores, rule="paper", top_k=2) == [True, False, False]  # p > .5 rules
+    assert [f.subject for f in ds.known_by(model, rule="paper")] == ["Michael Jordan"]
+    assert len(ds.known_by(model)) == 2
+    with pytest.raises(ValueError, match="rule"):
+        ds.known_by(model, rule="majority")  # type: ignore[arg-type]
+    # exactly 0.5 is not known under the paper's rule (p(correct) > 0.5)
+    assert known_mask(pd.DataFrame({"rank": [1, 1], "prob": [0.5, 0.5000001]}),
+                      rule="paper") == [False, True]
+
+
+def test_known_by_says_why_a_bare_prompt_is_not_known(caplog):
+    """Regression: on lre:factual/person_plays_pro_sport SmolLM2 'knew 2 of 318' because its
+    top prediction after "plays the sport of" is " the"; the log now says so."""
+    bare = FactDataset([FactPrompt(s, "sport", "{} plays the sport of", a)
+                        for s, a in SPORTS[:4]], name="bare")
+    model = FakeModel({s: {" the": 6.0, f" {a}": 4.0} for s, a in SPORTS[:4]})
+    model.table["Lionel Messi"] = {" football": 9.0}
+    with caplog.at_level("INFO", logger="factfind.dataset"):
+        assert len(bare.known_by(model)) == 1
+    assert "known_by: 1 of 4 facts of bare" in caplog.text
+    assert "on 3 of the 3 others its top prediction is ' the'" in caplog.text
+    assert "the prompt does not ask for the attribute" in caplog.text
+    # a one-shot prefix whose answer the model copies is named as such
+    caplog.clear()
+    shot = bare.with_prefix("Fact: Tiger Woods plays the sport of golf\n")
+    copier = FakeModel({s: {" golf": 6.0} for s, _ in SPORTS[:4]})
+    with caplog.at_level("WARNING", logger="factfind.dataset"):
+        assert len(shot.known_by(copier, rule="paper")) == 0
+    assert "its top prediction is ' golf'" in caplog.text and "copies" in caplog.text
+    # enough known: no warning; a table without top_id (an old cache) still describes
+    caplog.clear()
+    assert len(FactDataset([sport("Lionel Messi", "football")]).known_by(model)) == 1
+    assert "WARNING" not in caplog.text
+    scores = bare.attribute_scores(model).drop(columns="top_id")
+    assert describe_unknown(scores, model.tokenizer, name="bare") == "knows 1 of 4 facts of bare"
+
+
+def test_corrupt_draws_partners_from_a_pool():
+    tok = gpt2_like()
+    known = FactDataset([sport("Michael Jordan", "basketball")], name="known")
+    with pytest.raises(FactDataError, match="among 0 candidates"):
+        known.corrupt(tok, seed=0)  # alone, it has no partner
+    pairs = known.corrupt(tok, seed=0, pool=sports())
+    assert len(pairs) == 1 and pairs.partner_from == ("relation",)
+    assert pairs.corrupt[0].subject in {"Tiger Woods", "Serena Williams", "Lionel Messi"}
+    assert pairs.corrupt[0].source.startswith("s#")  # the partner's own record
+    # the same partner whether the pool holds the dataset or not (order-independent draw)
+    again = known.corrupt(tok, seed=0, pool=sports() + known)
+    assert again.corrupt == pairs.corrupt
+
+
+def test_corrupt_falls_back_to_other_relations_and_records_it():
+    tok = gpt2_like()
+    clean = FactDataset([sport("Tiger", "golf", source="c#0")], name="one")
+    pool = FactDataset([FactPrompt("Jordan", "team", "Fact: {} plays for", "Japan"),
+                        sport("Serena Williams", "tennis"), sport("Michael Woods", "golf")])
+    assert len(clean.corrupt(tok, pool=pool, on_missing="skip")) == 0  # no 1-token sport
+    pairs = clean.corrupt(tok, pool=pool, fallback=FALLBACKS)
+    ((_, k),) = pairs
+    assert pairs.partner_from == ("other_relation",)
+    assert (k.subject, k.relation, k.template, k.prompt) == (
+        "Jordan", "sport", SPORT, "Fact: Jordan plays the sport of")
+    assert k.attribute == "tennis"  # the relation's only other answer: a contrast, not a fact
+    frame = pairs.to_frame()
+    assert frame.loc[0, "partner_from"] == "other_relation"
+    assert frame.loc[0, "clean_subject"] == "Tiger" and frame.loc[0, "corrupt_prompt"] == k.prompt
+    FactPairs(pairs.clean, pairs.corrupt, tokenizer=tok)  # aligned role by role
+    # the relation step still comes first when it can
+    mixed = FactDataset([sport("Tiger", "golf"), sport("Jordan", "basketball")])
+    both = mixed.corrupt(tok, pool=pool, fallback=FALLBACKS)
+    assert both.partner_from == ("relation", "relation")
+    assert both[:1].partner_from == ("relation",)
+    with pytest.raises(ValueError, match="fallback"):
+        mixed.corrupt(tok, fallback=("nearest",))
+    with pytest.raises(FactDataError, match="partner_from"):
+        FactPairs(both.clean, both.corrupt, partner_from=("relation",))
+    assert FactPairs(both.clean, both.corrupt).to_frame()["partner_from"].tolist() == ["", ""]
