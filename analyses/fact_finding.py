@@ -42,6 +42,7 @@ from factfind.ablation import effective_model
 from factfind.atp import estimate
 from factfind.cache import RunCache
 from factfind.console import configure_logging, run_cli
+from factfind.dataset import known_mask
 from factfind.eap import eap_ig, to_graph
 from factfind.errors import FactfindError, NotEnoughFactsError
 from factfind.evaluate import faithfulness_curve, prune_circuit
@@ -53,6 +54,7 @@ from factfind.neurons import (
     resample_neurons,
     swap_variants,
 )
+from factfind.pairs import FALLBACKS
 from factfind.patching import DEFAULT_ROLES
 from factfind.pathpatch import all_nodes, path_patching_sweep
 from factfind.probing import linear_probes, mechanistic_probes
@@ -83,9 +85,10 @@ class Config:
     device: str = _opt("cpu", "cpu, cuda, ...")
     dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")
     batch_size: int = _opt(16, "prompts per forward pass")
-    known_min_prob: float = _opt(0.5, "a fact is known when p(attribute) exceeds this "
-                                 "(Fact Finding's rule: 0.5)")
+    known_rule: str = _opt("paper", "'paper': a fact is known when p(attribute) > 0.5 (Fact "
+                           "Finding's rule); 'rank': when its attribute is the top-k token")
     known_top_k: int = _opt(1, "... and its attribute token is within the top k")
+    known_min_prob: float = _opt(0.0, "... and p(attribute) is at least this")
     min_pairs: int = _opt(4, "stop with an error below this many known, paired facts")
     tracing_prompts: int = _opt(24, "pairs for causal tracing")
     tracing_samples: int = _opt(3, "noise samples per traced prompt")
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     known_mask = _known(scores, cfg)
     known = ff.FactDataset([f for f, k in zip(pool, known_mask, strict=True) if k],
                            name=f"{facts.name}|known")
-    rule = f"p(attribute) > {cfg.known_min_prob:g} and rank <= {cfg.known_top_k}"
+    rule = (f"rule {cfg.known_rule}, top-{cfg.known_top_k}, p >= {cfg.known_min_prob:g}"
+            + (", p > 0.5" if cfg.known_rule == "paper" else ""))
     if len(known) < cfg.min_pairs:
         top = _top_predictions(model, pool, scores)
         raise NotEnoughFactsError(
@@ -152,9 +156,10 @@ def main(argv: list[str] | None = None) -> Outcome:
             f"({rule}; its most common top answers: {top}), fewer than --min-pairs "
             f"{cfg.min_pairs}. Fix: facts in a prompt format the model completes with the "
             "attribute (e.g. --facts rome_known; Fact Finding's --facts athletes needs a model "
-            "that knows athletes' sports), a lower --known-min-prob, or a larger model.")
+            "that knows athletes' sports), --known-rule rank, or a larger model.")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
-    pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip")
+    pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip", pool=facts,
+                           fallback=FALLBACKS)
     if len(pairs) < cfg.min_pairs:
         raise NotEnoughFactsError(
             f"only {len(pairs)} of {len(sample)} known facts of {facts.name} found a corrupt "
@@ -205,8 +210,9 @@ def main(argv: list[str] | None = None) -> Outcome:
     findings = literature_findings(
         n_layers=model.n_layers, tracing=ff.aggregate(tracing), knockout=ff.aggregate(knockout),
         effective=eff, probes=probes)
-    for row in findings.itertuples():
-        log.info("%s: %s (%s)", row.finding, "holds" if row.holds else "differs", row.measured)
+    for row in findings.to_dict("records"):
+        log.info("%s: %s (%s)", row["finding"], "holds" if row["holds"] else "differs",
+                 row["measured"])
     log.info("localization done (%.0fs)", time.time() - t0)
 
     # 7. path patching: heads' direct effects, and MLPs at the subject -> heads at the final token
@@ -330,9 +336,9 @@ def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, de
 
 
 def _known(scores: pd.DataFrame, cfg: Config) -> list[bool]:
-    """Fact Finding's rule: p(attribute) above ``known_min_prob`` (and rank within
-    ``known_top_k``)."""
-    return ((scores["prob"] > cfg.known_min_prob) & (scores["rank"] <= cfg.known_top_k)).tolist()
+    """Which scored facts count as known under the configured rule."""
+    return known_mask(scores, rule=cfg.known_rule, top_k=cfg.known_top_k,  # type: ignore[arg-type]
+                      min_prob=cfg.known_min_prob)
 
 
 def _score_until_known(cache: RunCache, model: ff.Model, facts: ff.FactDataset, cfg: Config
