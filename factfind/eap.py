@@ -69,7 +69,7 @@ from factfind.graph import CircuitGraph
 from factfind.metrics import logit_diff
 from factfind.patching import PairBatch, encode_pairs, take
 from factfind.pathpatch import Metric, is_parallel, provenance, role_labels, roles_present
-from factfind.types import Component
+from factfind.types import Component, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -142,13 +142,16 @@ def _eap_sweep(model: Model, pb_all: PairBatch, labels_all: Tensor, roles: list[
         pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
                        pb_all.wrong[idx])
         labels = labels_all[idx]
+        onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
+        if not reference:
+            _fast_batch(model, acc, pb, onehot, roles, steps, metric)
+            if progress is not None:
+                progress(idx.stop - idx.start)
+            continue
         deltas, emb = acc.deltas(pb)
         points: list[Tensor | None] = [None] if steps == 0 else [
             emb[1] + k / steps * (emb[0] - emb[1]) for k in range(1, steps + 1)]
-        onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
-        if not reference:
-            _fast_batch(model, acc, pb, onehot, roles, deltas, points, metric)
-        for point in points if reference else []:
+        for point in points:
             for c0 in range(0, len(recv), copies):
                 part = recv[c0:c0 + copies]
                 through, g_out = input_grads(model, pb, with_mlps(part), labels, metric, point)
@@ -161,24 +164,27 @@ def _eap_sweep(model: Model, pb_all: PairBatch, labels_all: Tensor, roles: list[
 
 
 def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles: list[int],
-                deltas: list[Tensor], points: Sequence[Tensor | None], metric: Metric) -> None:
+                steps: int, metric: Metric) -> None:
     """Add one batch's scores from one forward and backward pass per point
-    (:func:`factfind.eap_grads.receiver_grads`). Scores are linear in the gradients and the
-    activation differences do not depend on the point, so the gradients are averaged over
-    the points first and dotted with the differences once."""
+    (:func:`factfind.eap_grads.receiver_grads`). The clean point (``k = m``, or EAP's only
+    one) runs first and also provides the clean activations; the corrupt run adds one forward.
+    Scores are linear in the gradients and the activation differences do not depend on the
+    point, so the gradients are averaged over the points first and dotted with the differences
+    once."""
     masks = onehot[..., roles].permute(2, 0, 1)  # [R batch pos]
-    heads: list[Tensor] = []
-    mlps = logits = torch.zeros(0)
-    for i, point in enumerate(points):
-        h, m, lg = receiver_grads(model, pb, masks, metric, point)
-        w = 1 / len(points)
-        if i == 0:
-            heads, mlps, logits = [x * w for x in h], m * w, lg * w
-        else:
-            for x, y in zip(heads, h, strict=True):
-                x.add_(y, alpha=w)
-            mlps.add_(m, alpha=w)
-            logits.add_(lg, alpha=w)
+    cache: dict[int, Tensor] = {}
+    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, None,
+                                                extra=acc.delta_keys(), cache=cache)
+    deltas, (e_clean, e_bad) = acc.deltas(pb, clean)
+    m = max(steps, 1)
+    if m > 1:
+        for x in [*heads, mlps, logits]:
+            x.div_(m)
+    for k in range(1, m):
+        h, g_mlp, g_logits, _ = receiver_grads(model, pb, masks, metric,
+                                               e_bad + k / m * (e_clean - e_bad), cache=cache)
+        for x, y in zip([*heads, mlps, logits], [*h, g_mlp, g_logits], strict=True):
+            x.add_(y, alpha=1 / m)
     acc.add_dense(heads, mlps, logits, deltas, onehot, roles)
 
 
@@ -210,15 +216,24 @@ class _Scores:
         self.mlp = torch.zeros(L, N if neurons else 1, R, U, dtype=torch.float64)
         self.logits = torch.zeros(U, dtype=torch.float64)
 
-    def deltas(self, pb: PairBatch) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+    def delta_keys(self) -> list[SiteKey]:
+        """The sites :meth:`deltas` reads: the embeddings, every layer's ``z`` and MLP."""
+        mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
+        return [(Component.EMBED, 0)] + [(c, layer) for layer in range(self.model.n_layers)
+                                         for c in (Component.Z, mlp)]
+
+    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None
+               ) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
         """Per unit block, what it writes in the corrupt run minus the clean run: embedding
         ``[B P 1 d]``, heads ``[B P H d]``, MLPs ``[B P 1 d]`` or neuron activations
-        ``[B P N]``; and the (clean, corrupt) embeddings."""
+        ``[B P N]``; and the (clean, corrupt) embeddings. ``clean``: the clean run's
+        activations at :meth:`delta_keys`, if already at hand."""
         model, L = self.model, self.model.n_layers
         mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
         emb = (Component.EMBED, 0)
-        keys = [emb] + [(c, layer) for layer in range(L) for c in (Component.Z, mlp)]
-        clean = model.run(pb.clean, save=keys).acts
+        keys = self.delta_keys()
+        if clean is None:
+            clean = model.run(pb.clean, save=keys).acts
         bad = model.run(pb.corrupt, save=keys).acts
         out = [(bad[emb] - clean[emb]).double()[:, :, None]]
         for layer in range(L):
@@ -287,14 +302,18 @@ class _Scores:
 
 def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
     """The non-structural-zero edges of ``acc`` as rows (mean over the ``n`` prompts); a free
-    function, so that the class a remote sweep ships carries no pandas."""
+    function, so that the class a remote sweep ships carries no pandas. Node ids are built
+    once each and taken by code (a million edges in well under a second)."""
     model, names = acc.model, TOKEN_ROLES
-    units = np.array(acc.units, dtype=object)
+    U = len(acc.units)
+    src_ids = [f"{u}@{r}" for r in names for u in acc.units]  # code: role * U + unit
+    dst_ids: list[str] = []
     src, dst, score = [], [], []
 
     def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
-        src.append(units[:k] + "@" + names[role_src])
-        dst.append(np.full(k, dst_id, dtype=object))
+        src.append(np.arange(role_src * U, role_src * U + k))
+        dst.append(np.full(k, len(dst_ids)))
+        dst_ids.append(dst_id)
         score.append(values[:k].numpy() / n)
 
     for layer in range(model.n_layers):
@@ -309,9 +328,13 @@ def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataF
             for q in acc.roles:
                 emit(f"{unit}@{names[q]}", q, acc.prefix_mlp[layer], acc.mlp[layer, i, q])
     final = names.index("final")
-    emit("logits@final", final, len(acc.units), acc.logits)
-    return pd.DataFrame({"method": method, "src": np.concatenate(src),
-                         "dst": np.concatenate(dst), "score": np.concatenate(score), "n": n})
+    emit("logits@final", final, U, acc.logits)
+
+    def column(ids: list[str], codes: list[np.ndarray]) -> Any:
+        return pd.Series(np.array(ids, dtype=object)).array.take(np.concatenate(codes))
+
+    return pd.DataFrame({"method": method, "src": column(src_ids, src),
+                         "dst": column(dst_ids, dst), "score": np.concatenate(score), "n": n})
 
 
 def _feasible(labels: Tensor, roles: Sequence[int]) -> Tensor:

@@ -39,6 +39,7 @@ six roles), independent of the number of heads' copies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,14 +47,16 @@ from torch import Tensor
 
 from factfind.patching import PairBatch
 from factfind.pathpatch import Metric
-from factfind.types import Component
+from factfind.types import Component, SiteKey
 
 if TYPE_CHECKING:
     from factfind.model import Model
 
 
 def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric,
-                   embed: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+                   embed: Tensor | None, *, extra: Sequence[SiteKey] = (),
+                   cache: dict[int, Tensor] | None = None
+                   ) -> tuple[list[Tensor], Tensor, Tensor, dict[SiteKey, Tensor]]:
     """Every receiver's input gradient at one point.
 
     Args:
@@ -62,10 +65,13 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric,
         masks: ``[R batch pos]`` float, one row per query role of the head receivers.
         metric: ``metric(logits, correct, wrong) -> [batch]``; its sum is differentiated.
         embed: input embeddings to run instead of the clean ones (an EAP-IG point), or None.
+        extra: more sites to save (returned as the last value).
+        cache: per-layer projection weights, kept between calls.
 
     Returns:
         Per layer the heads' gradients ``[R head batch pos d_model]``; the MLPs'
-        ``[layer batch pos d_model]``; the logits' ``[batch pos d_model]``.
+        ``[layer batch pos d_model]``; the logits' ``[batch pos d_model]``; the ``extra``
+        activations.
     """
     L = model.n_layers
     save = [(c, layer) for layer in range(L) for c in (
@@ -78,7 +84,8 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric,
     def total(logits: Tensor) -> Tensor:
         return metric(logits, pb.correct, pb.wrong).sum()
 
-    run = model.run(pb.clean, save=save, metric=total, edits=edits)
+    run = model.run(pb.clean, save=list(dict.fromkeys([*save, *extra])), metric=total,
+                    edits=edits)
     acts, grads = run.acts, run.grads
     dtype = acts[(Component.RESID_PRE, 0)].dtype
     keys = pb.clean.attention_mask.to(acts[(Component.RESID_PRE, 0)].device).bool()
@@ -86,24 +93,27 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric,
     masks = masks.to(keys.device, dtype)
     rest = 1 - masks.sum(0, keepdim=True)  # positions of no role (padding): the MLP needs them
     full = torch.cat([masks, rest]) if bool(rest.abs().max() > 0) else masks
+    cache = {} if cache is None else cache
     for layer in range(L):
         pre = acts[(Component.RESID_PRE, layer)]
         g = _head_grads(model, layer, pre, acts[(Component.Q, layer)].to(dtype),
                         acts[(Component.K, layer)].to(dtype), acts[(Component.V, layer)],
-                        grads[(Component.Z, layer)], full, keys, pb.clean.position_ids)
+                        grads[(Component.Z, layer)], full, keys, pb.clean.position_ids, cache)
         heads.append(g[:len(masks)])
         attn = g.sum((0, 1))
         mlps.append(grads[(Component.RESID_PRE, layer)] - grads[(Component.RESID_POST, layer)]
                     - attn)
-    return heads, torch.stack(mlps), grads[(Component.RESID_POST, L - 1)]
+    return heads, torch.stack(mlps), grads[(Component.RESID_POST, L - 1)], \
+        {k: acts[k] for k in extra}
 
 
 def _head_grads(model: Model, layer: int, resid: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                dz: Tensor, masks: Tensor, keys: Tensor, position_ids: Tensor) -> Tensor:
+                dz: Tensor, masks: Tensor, keys: Tensor, position_ids: Tensor,
+                cache: dict[int, Tensor]) -> Tensor:
     """``[R head batch pos d_model]``: per role mask and query head, the gradient of
     ``<dz_h * mask, z_h>`` w.r.t. ``resid`` through head ``h`` alone (see the module
     docstring). ``q k v dz`` are ``[batch pos head d_head]``; ``keys`` ``[batch pos]`` bool."""
-    P = q.shape[1]
+    (B, P), d, dt = q.shape[:2], resid.shape[-1], q.dtype
     scale = model.attn_scale(layer)
     causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
     allowed = causal[None, None] & keys[:, None, None, :]
@@ -111,13 +121,34 @@ def _head_grads(model: Model, layer: int, resid: Tensor, q: Tensor, k: Tensor, v
     A = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
     dA = torch.einsum("bphe,bkhe->bhpk", dz, v)
     dS = A * (dA - (A * dA).sum(-1, keepdim=True))
-    dq = torch.einsum("rbp,bhpk,bkhe->rbphe", masks, dS, k) * scale
+    # a query serves its own position only: pull the unmasked dq back once, split it by role
+    dq = torch.einsum("bhpk,bkhe->bphe", dS, k) * scale
     dk = torch.einsum("rbp,bhpk,bphe->rbkhe", masks, dS, q) * scale
     dv = torch.einsum("rbp,bhpk,bphe->rbkhe", masks, A, dz)
-    dq, dk = model.rotary_transpose(layer, dq, dk, position_ids)
-    W_Q, W_K, W_V = model.W_QKV(layer)
-    W = torch.cat([W_Q, W_K, W_V], -1).to(dq.dtype)  # [head d_model 3*d_head]
-    d_in = torch.einsum("rbphe,hde->rhbpd", torch.cat([dq, dk, dv], -1), W)
-    R, H = d_in.shape[:2]
-    g = model.attn_norm_vjp(layer, resid, d_in.flatten(0, 1))
-    return g.reshape(R, H, *g.shape[1:])
+    dq, dk = model.rotary_transpose(layer, dq[None], dk, position_ids)
+    # the norm's vector-Jacobian product (Model.attn_norm) folded into the projections: the
+    # gain (and LayerNorm's centring) into W and 1/s into the cotangents
+    gain, xh, s, centred = model.attn_norm(layer, resid)
+    if layer not in cache:
+        W = torch.cat(model.W_QKV(layer), -1).to(dt) * gain.to(dt)[None, :, None]
+        cache[layer] = (W - W.mean(1, keepdim=True) if centred else W).contiguous()
+    W = cache[layer]  # [head d_model 3*d_head]: q | k | v
+    e = dq.shape[-1]
+    inv = 1 / s[None, :, :, :, None]  # [1 B P 1 1]
+    dq, dkv = dq[0] * inv[0], torch.cat([dk, dv], -1) * inv
+    gq = torch.einsum("bphe,hde->hbpd", dq, W[..., :e]).reshape(-1, B * P, d)
+    R = masks.shape[0]
+    g = torch.empty(R, gq.shape[0], B, P, d, dtype=dt, device=q.device)
+    # causal: role r's queries read keys and values up to its last position only
+    ends = [int(m.sum(0).nonzero().max()) + 1 if bool(m.any()) else 0 for m in masks]
+    for r, end in enumerate(ends):
+        g[r, :, :, end:] = 0
+        if end:
+            g[r, :, :, :end] = torch.einsum("bphe,hde->hbpd", dkv[r, :, :end], W[..., e:])
+        idx = masks[r].reshape(-1).nonzero()[:, 0]
+        g[r].view(-1, B * P, d).index_add_(1, idx, gq[:, idx])
+        if end:  # the norm's rank-one term: minus xh * mean(g * xh)
+            x = xh[:, :end]
+            c = torch.einsum("hbpd,bpd->hbp", g[r, :, :, :end], x) / d
+            g[r, :, :, :end] -= c[..., None] * x[None]
+    return g

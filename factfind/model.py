@@ -597,14 +597,19 @@ class Model:
             gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
         return gq, gk
 
-    def attn_norm_vjp(self, layer: int, resid: Tensor, grad: Tensor) -> Tensor:
-        """Pull cotangents ``[... batch pos d_model]`` of the attention's input (the block's
-        input norm applied to ``resid [batch pos d_model]``) back to ``resid``."""
+    def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
+        ``norm(x) = gain * c / s (+ bias)`` with ``c = x`` (RMSNorm) or ``x - mean(x)``
+        (LayerNorm, ``centred``) and ``s = sqrt(mean(c^2) + eps)``. Returns ``(gain [d_model],
+        c / s [batch pos d_model], s [batch pos 1], centred)``; its vector-Jacobian product is
+        ``dx = (gw - (c/s) mean(gw * c/s)) / s`` with ``gw = g * gain`` (centred with it)."""
         norm = _get(self._block_hf(layer), "input_layernorm|ln_1")
-        with torch.enable_grad():
-            x = resid.detach().expand(grad.shape).clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(norm(x), x, grad)
-        return g
+        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
+        centred = self.spec.norm_kind == "layernorm"
+        x = resid - resid.mean(-1, keepdim=True) if centred else resid
+        s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return gain, x / s, s, centred
 
     def final_logits(
         self, prompts: Sequence[FactPrompt], *, batch_size: int = 64
