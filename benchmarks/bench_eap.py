@@ -8,7 +8,7 @@ the batch per receiver (:mod:`factfind.eap_reference`, ``reference=True``), is t
 ``--old-layers`` of the model's layers kept (its cost grows with layers x heads x roles, so on
 all 30 layers of SmolLM2 it takes ~20 minutes) and the two results compared.
 
-    python benchmarks/bench_eap.py                          # SmolLM2-135M if present, 1 thread and default
+    python benchmarks/bench_eap.py            # SmolLM2-135M if present; 1 thread, then default
     python benchmarks/bench_eap.py --device cuda --threads 0
 """
 
@@ -19,6 +19,7 @@ import copy
 import os
 import time
 from datetime import date
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ PREFIX, TEMPLATE = "Fact: Tiger Woods plays the sport of golf\n", "Fact: {} play
 
 def pairs_for(model: ff.Model, n: int):
     """``n`` clean/corrupt pairs of one token length (an athlete swapped for another)."""
-    facts = ff.from_records([{"subject": s, "relation": "sport", "template": TEMPLATE, "prefix": PREFIX,
-                              "attribute": a} for s, a in ATHLETES.items()],
+    facts = ff.from_records([{"subject": s, "relation": "sport", "template": TEMPLATE,
+                              "prefix": PREFIX, "attribute": a} for s, a in ATHLETES.items()],
                             name="athletes")
     pairs = facts.corrupt(model, seed=0, on_missing="skip")
     lengths = model.tokenize(list(pairs.clean)).lengths
@@ -68,7 +69,7 @@ def sync(model: ff.Model) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int = 1) -> tuple[float, float, object]:
+def timed(fn, reps: int = 1) -> tuple[float, float, Any]:
     """Best wall time, best process CPU time (less disturbed by other jobs on a shared machine;
     with several threads it sums them) and the last result of ``reps`` calls."""
     wall, cpu, out = float("inf"), float("inf"), None
@@ -96,7 +97,7 @@ def truncated(model: ff.Model, n_layers: int) -> ff.Model:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default=SMOLLM2 if os.path.isdir(SMOLLM2) else "tiny-llama",
                     help="a path or name for factfind.load_model (default: SmolLM2-135M)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -119,6 +120,9 @@ def main() -> None:
     print(f"{date.today()}  model: {args.model} ({model.n_layers} layers, {model.n_heads} heads, "
           f"{model.n_kv_heads} kv heads), device {args.device}; {len(pairs)} pairs x {P} tokens, "
           f"e.g. {pairs.clean[0].prompt!r}")
+    small = model
+    if 0 < args.old_layers < model.n_layers:
+        small = truncated(model, args.old_layers)
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads or default_threads)
         fwd, fwd_cpu = forward_time(model, pairs)
@@ -135,18 +139,21 @@ def main() -> None:
               f"{df['score'].abs().max():.3g}); EAP {t_eap:.2f} s = {t_eap / fwd:.1f} FE "
               f"(CPU time: {c_eap / fwd_cpu:.1f} FE)")
         if args.old_layers:
-            small = truncated(model, args.old_layers) if args.old_layers < model.n_layers \
-                else model
-            fwd_s, _ = forward_time(small, pairs)
-            t_new, _, a = timed(lambda: edge_attribution(small, pairs, steps=1,
-                                                         batch_size=len(pairs)), 2)
-            t_old, _, b = timed(lambda: edge_attribution(small, pairs, steps=1, reference=True,
-                                                         batch_size=len(pairs), copies=64))
-            diff = float(np.abs(a["score"].to_numpy() - b["score"].to_numpy()).max())
-            print(f"  old vs new, first {small.n_layers} layers, EAP-IG(1): old {t_old:.2f} s = "
-                  f"{t_old / fwd_s:.0f} FE, new {t_new:.2f} s = {t_new / fwd_s:.1f} FE, "
-                  f"{t_old / t_new:.0f}x; max |new - old| {diff:.2g} "
-                  f"(max |score| {b['score'].abs().max():.3g})")
+            compare_old(small, pairs)
+
+
+def compare_old(small: ff.Model, pairs) -> None:
+    """EAP-IG(1) by the old per-receiver copies and by the one-pass gradients, same model."""
+    fwd, _ = forward_time(small, pairs)
+    t_new, _, a = timed(lambda: edge_attribution(small, pairs, steps=1, batch_size=len(pairs)),
+                        2)
+    t_old, _, b = timed(lambda: edge_attribution(small, pairs, steps=1, reference=True,
+                                                 batch_size=len(pairs), copies=64))
+    diff = float(np.abs(a["score"].to_numpy() - b["score"].to_numpy()).max())
+    print(f"  old vs new, first {small.n_layers} layers, EAP-IG(1): old {t_old:.2f} s = "
+          f"{t_old / fwd:.0f} FE, new {t_new:.2f} s = {t_new / fwd:.1f} FE, "
+          f"{t_old / t_new:.0f}x; max |new - old| {diff:.2g} "
+          f"(max |score| {b['score'].abs().max():.3g})")
 
 
 if __name__ == "__main__":
