@@ -138,8 +138,8 @@ def main() -> None:
               f"{c_ig / fwd_cpu:.1f} FE; {len(df):,} edges, max |score| "
               f"{df['score'].abs().max():.3g}); EAP {t_eap:.2f} s = {t_eap / fwd:.1f} FE "
               f"(CPU time: {c_eap / fwd_cpu:.1f} FE)")
-        if args.old_layers:
-            compare_old(small, pairs)
+        if args.old_layers and threads == int(args.threads.split(",")[0]):
+            compare_old(small, pairs)  # once: the old path takes minutes
 
 
 def compare_old(small: ff.Model, pairs) -> None:

@@ -37,8 +37,8 @@ and backward pass (about 3 FE) plus the per-layer pull-backs (about ``roles x 3 
 multiply-adds per token and layer, a fraction of an FE), whatever the number of heads, roles or
 positions; the gradients are averaged over the points and dotted with the differences once
 (``heads x roles x units x d_model`` per token and layer, 1-2 FE on a 30-layer model). About
-``3 m + 4`` FE in all: EAP-IG(5) on SmolLM2-135M measures ~N FE per batch (see
-``benchmarks/bench_eap.py``). The reference path costs one pass per receiver copy instead,
+``4 m + 5`` FE in all as measured: EAP-IG(5) on SmolLM2-135M (4 pairs x 20 tokens, 1 thread)
+34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one pass per receiver copy instead,
 ``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
 about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
 passes per edge.
@@ -282,13 +282,13 @@ class _Scores:
         D = torch.cat(deltas, 2).to(dtype)  # [B P U d]
         B, P, U, d = D.shape
         D = D.reshape(B * P, U, d).transpose(1, 2)  # [BP d U]
-        hot = onehot.reshape(B * P, -1).to(dtype).T  # [R_all BP]
+        hot = onehot.reshape(B * P, -1).to(D.device, dtype).T  # [R_all BP]
         R, H = len(roles), self.model.n_heads
 
         def dots(G: Tensor, k: int) -> Tensor:  # G [N B P d] -> [R_all N k], summed per role
             N = G.shape[0]
             X = torch.bmm(G.reshape(N, B * P, d).transpose(0, 1), D[:, :, :k])  # [BP N k]
-            return (hot @ X.reshape(B * P, N * k)).reshape(-1, N, k).double()
+            return (hot @ X.reshape(B * P, N * k)).reshape(-1, N, k).double().cpu()
 
         for layer in range(self.model.n_layers):
             k = self.prefix_head[layer]
