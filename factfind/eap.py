@@ -10,14 +10,14 @@ forwards per edge. EAP approximates all edges at once to first order:
 where ``a_u`` is what ``u`` writes at its positions and ``x_v`` is *v's own copy* of the residual
 stream, so the gradient flows through ``v`` only (and then through everything downstream of
 ``v``). The residual stream is a sum, so every reader of layer ``l``'s stream sees the same
-``x``; this module separates the readers with detaching edits instead of new adapter hooks.
-For a layer ``l``, in a copy of the batch where every head's ``z`` but one head at one query
-role is detached (values unchanged, gradients blocked), the gradient at the block's input minus
-the gradient at its output is exactly the gradient through that head plus the gradient through
-the layer's MLP; a copy with every head detached gives the MLP's share alone (in GPT-2-style
-sequential blocks the MLP reads the stream *after* the heads, and the difference still works:
-``g_pre - g_post = g_post J_mlp + g_mid J_head``). One backward pass over all copies stacked
-gives every receiver's gradient; dot products with the activation differences give every edge.
+``x`` and one backward pass gives only the sum of their gradients. :mod:`factfind.eap_grads`
+separates them from that one pass: the gradient at each head's output ``z`` is pulled back by
+hand through that head alone (its attention, its query/key/value projections - per *query*
+head under grouped-query attention - and the block's input norm), once per query role; the
+MLP's share is what remains of ``dm/dresid_pre - dm/dresid_post``. The literal way, one detached
+copy of the batch per receiver, is kept as the reference (:mod:`factfind.eap_reference`,
+``reference=True``) and still serves ``neurons=True``. Dot products with the activation
+differences, one batched matrix product per layer, give every edge.
 
 Nodes are heads and MLPs (or, with ``neurons=True``, single MLP neurons) at position roles, plus
 ``embed@<role>`` and ``logits@final``. Roles partition the tokens (see
@@ -26,14 +26,22 @@ Nodes are heads and MLPs (or, with ``neurons=True``, single MLP neurons) at posi
 
 **EAP-IG** replaces the gradient at the clean input by its average along the straight line
 between the corrupt and clean *input embeddings*, at ``m`` points ``x_corrupt + k/m (x_clean -
-x_corrupt)``, ``k = 1..m`` (the Riemann sum of Hanna et al. 2024's code; ``m = 1`` is EAP),
-which is more faithful when the model saturates. On a model that is linear in its inputs EAP is
-exact: the tests check EAP against :func:`~factfind.pathpatch.edge_patching` to 1e-5 there.
+x_corrupt)``, ``k = 1..m`` (a right Riemann sum, so ``m = 1`` is EAP; ``get_scores_eap_ig`` of
+Hanna et al.'s hannamw/EAP-IG takes the left one, ``k = 0..m-1``), which is more faithful when
+the model saturates. On a model that is linear in its inputs EAP is exact: the tests check EAP
+against :func:`~factfind.pathpatch.edge_patching` to 1e-5 there.
 
-Cost: one forward and backward pass per receiver copy - ``layers x (1 + heads x roles)``, plus
-``layers x d_mlp`` with neurons - stacked as batch rows (``copies`` per pass), times ``m`` for
-EAP-IG; exact edge patching needs a pair of stacked passes per edge. On the organism (3,489
-edges) EAP is ~30x faster than patching every edge, EAP-IG(5) ~6x.
+Cost, in forward-pass equivalents (FE, one plain forward of the batch): two forwards for the
+activation differences, then per integration point (1 for EAP, ``m`` for EAP-IG) one forward
+and backward pass (about 3 FE) plus the per-layer pull-backs (about ``roles x 3 d_model^2``
+multiply-adds per token and layer, a fraction of an FE), whatever the number of heads, roles or
+positions; the gradients are averaged over the points and dotted with the differences once
+(``heads x roles x units x d_model`` per token and layer, 1-2 FE on a 30-layer model). About
+``4 m + 5`` FE in all as measured: EAP-IG(5) on SmolLM2-135M (4 pairs x 20 tokens, 1 thread)
+34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one pass per receiver copy instead,
+``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
+about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
+passes per edge.
 
 Example::
 
@@ -46,7 +54,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,11 +63,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.ablation import TOKEN_ROLES
+from factfind.eap_grads import receiver_grads
+from factfind.eap_reference import Receiver, input_grads, receivers, with_mlps
 from factfind.graph import CircuitGraph
 from factfind.metrics import logit_diff
-from factfind.patching import PairBatch, encode_pairs, repeat, take
+from factfind.patching import PairBatch, encode_pairs, take
 from factfind.pathpatch import Metric, is_parallel, provenance, role_labels, roles_present
-from factfind.types import Component
+from factfind.types import Component, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -69,88 +78,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Receiver:
-    """One copy of the batch: the reader whose input gradient it isolates."""
-
-    kind: str  # "mlp"/"neuron" (every role), "head" (one query role), "logits"
-    layer: int
-    index: int | None = None
-    role: int | None = None  # index into TOKEN_ROLES, for heads
-
-
-def _receivers(model: Model, roles: Sequence[int], neurons: bool) -> list[Receiver]:
-    out = []
-    for layer in range(model.n_layers):
-        out.append(Receiver("mlp", layer))
-        out += [Receiver("head", layer, h, r) for h in range(model.n_heads) for r in roles]
-        if neurons:
-            out += [Receiver("neuron", layer, n) for n in range(model.d_mlp)]
-    return out
-
-
-def _grad_edits(model: Model, recv: Sequence[Receiver], labels: Tensor, B: int,
-                embed: Tensor | None) -> dict[Any, Any]:
-    """Edits that detach, per copy, every reader of its layer but the live one."""
-    P, H = labels.shape[1], model.n_heads
-    edits: dict[Any, Any] = {}
-    for layer in range(model.n_layers):
-        live_z = torch.ones(len(recv), B, P, H, dtype=torch.bool)
-        live_n = torch.ones(len(recv), B, P, model.d_mlp, dtype=torch.bool)
-        touched_n = False
-        for c, r in enumerate(recv):
-            if r.layer != layer:
-                continue
-            live_z[c] = False
-            if r.kind == "head":
-                live_z[c, :, :, r.index] = labels == r.role
-            elif r.kind == "neuron":
-                live_n[c] = False
-                live_n[c, :, :, r.index] = True
-                touched_n = True
-        edits[(Component.Z, layer)] = _detach_where(live_z.flatten(0, 1))
-        if touched_n:
-            edits[(Component.NEURONS, layer)] = _detach_where(live_n.flatten(0, 1))
-    if embed is not None:
-        edits[(Component.EMBED, 0)] = (lambda e: embed.repeat(len(recv), 1, 1).to(e.dtype))
-    return edits
-
-
-def _detach_where(live: Tensor):
-    def edit(act: Tensor) -> Tensor:
-        m = live.to(act.device).reshape(*live.shape, *([1] * (act.dim() - live.dim())))
-        return torch.where(m, act, act.detach())
-    return edit
-
-
-def _input_grads(model: Model, pb: PairBatch, recv: Sequence[Receiver], labels: Tensor,
-                 metric: Metric, embed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Gradient of the summed metric w.r.t. each receiver's own input ``[copy batch pos d]``
-    and w.r.t. the logits' input ``[batch pos d]``."""
-    B, L = len(pb.correct), model.n_layers
-    save = [(c, layer) for layer in range(L) for c in (Component.RESID_PRE, Component.RESID_POST)]
-    C = len(recv)
-
-    def total(logits: Tensor) -> Tensor:
-        return metric(logits, pb.correct.repeat(C), pb.wrong.repeat(C)).sum()
-
-    run = model.run(repeat(pb.clean, C), save=save, metric=total,
-                    edits=_grad_edits(model, recv, labels, B, embed))
-    g = {k: v.reshape(C, B, *v.shape[1:]) for k, v in run.grads.items()}
-    through = torch.stack([g[(Component.RESID_PRE, r.layer)][c] - g[(Component.RESID_POST,
-                                                                     r.layer)][c]
-                           for c, r in enumerate(recv)])
-    mlp_of = {r.layer: c for c, r in enumerate(recv) if r.kind == "mlp"}
-    for c, r in enumerate(recv):
-        if r.kind == "head":  # the head's copy also carries its layer's MLP; take it away
-            through[c] = through[c] - through[mlp_of[r.layer]]
-    return through, g[(Component.RESID_POST, L - 1)][0]
-
-
 def edge_attribution(
     model: Model, pairs: FactPairs, *, steps: int = 0, neurons: bool = False,
     metric: Metric | None = None, batch_size: int = 8, copies: int = 64,
-    progress: bool = False, remote: Remote = None,
+    progress: bool = False, remote: Remote = None, reference: bool = False,
 ) -> pd.DataFrame:
     """EAP (``steps=0``) or EAP-IG (``steps=m``) scores of every edge of the graph.
 
@@ -158,11 +89,16 @@ def edge_attribution(
         model: the model.
         pairs: clean/corrupt pairs.
         steps: 0 for EAP (gradients at the clean input), ``m >= 1`` for EAP-IG.
-        neurons: nodes are single MLP neurons instead of whole MLPs.
+        neurons: nodes are single MLP neurons instead of whole MLPs (receiver gradients from
+            the per-receiver copies of :mod:`factfind.eap_reference`).
         metric: ``metric(logits, correct, wrong) -> [rows]`` (default logit difference).
-        batch_size: prompts per forward; copies: receiver copies stacked per forward.
+        batch_size: prompts per forward (the receiver gradients held between integration
+            points take ``layers x roles x heads x batch_size x pos x d_model`` numbers);
+            copies: receiver copies stacked per forward on the reference path.
         remote: every forward and backward as one nnsight session, ``"local"`` or on NDIF
             (``True``); see :meth:`~factfind.model.Model.session`.
+        reference: get every receiver's gradient from its own detached copy of the batch
+            (:mod:`factfind.eap_reference`, the slow reference) instead of one pass per point.
 
     Returns:
         One row per edge: ``method``, ``src``, ``dst`` (node ids), ``score`` (mean over prompts
@@ -193,7 +129,8 @@ def edge_attribution(
     bar = tqdm(total=n, disable=not progress, desc="eap-ig" if steps else "eap", unit="prompt")
     sums = model.session(_eap_sweep, model, pb_all, labels_all, roles, steps=steps,
                          neurons=neurons, metric=metric or logit_diff, batch_size=batch_size,
-                         copies=copies, progress=bar.update, remote=remote)
+                         copies=copies, progress=bar.update, remote=remote,
+                         reference=reference or neurons)
     bar.close()
     acc = _Scores(model, roles, neurons)
     acc.head, acc.mlp, acc.logits = sums
@@ -203,31 +140,62 @@ def edge_attribution(
 
 def _eap_sweep(model: Model, pb_all: PairBatch, labels_all: Tensor, roles: list[int], *,
                steps: int, neurons: bool, metric: Metric, batch_size: int, copies: int,
-               progress: Callable[[int], Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               progress: Callable[[int], Any] | None = None, reference: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """The model-side half of :func:`edge_attribution` (one nnsight session, torch only): the
     summed edge scores of heads, MLPs (or neurons) and logits."""
     acc = _Scores(model, roles, neurons)
-    recv = _receivers(model, roles, neurons)
+    recv = receivers(model, roles, neurons)
     n = pb_all.correct.shape[0]
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
         pb = PairBatch(take(pb_all.clean, idx), take(pb_all.corrupt, idx), pb_all.correct[idx],
                        pb_all.wrong[idx])
         labels = labels_all[idx]
+        onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
+        if not reference:
+            _fast_batch(model, acc, pb, onehot, roles, steps, metric)
+            if progress is not None:
+                progress(idx.stop - idx.start)
+            continue
         deltas, emb = acc.deltas(pb)
         points: list[Tensor | None] = [None] if steps == 0 else [
             emb[1] + k / steps * (emb[0] - emb[1]) for k in range(1, steps + 1)]
-        onehot = torch.stack([labels == r for r in range(len(TOKEN_ROLES))], -1).double()
         for point in points:
             for c0 in range(0, len(recv), copies):
                 part = recv[c0:c0 + copies]
-                through, g_out = _input_grads(model, pb, _with_mlps(part), labels, metric, point)
+                through, g_out = input_grads(model, pb, with_mlps(part), labels, metric, point)
                 acc.add(part, through[:len(part)], deltas, onehot, 1 / len(points))
             acc.add([Receiver("logits", model.n_layers)], g_out[None], deltas, onehot,
                     1 / len(points))
         if progress is not None:
             progress(idx.stop - idx.start)
     return acc.head, acc.mlp, acc.logits
+
+
+def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles: list[int],
+                steps: int, metric: Metric) -> None:
+    """Add one batch's scores from one forward and backward pass per point
+    (:func:`factfind.eap_grads.receiver_grads`). The clean point (``k = m``, or EAP's only
+    one) runs first and also provides the clean activations; the corrupt run adds one forward.
+    Scores are linear in the gradients and the activation differences do not depend on the
+    point, so the gradients are averaged over the points first and dotted with the differences
+    once."""
+    masks = onehot[..., roles].permute(2, 0, 1)  # [R batch pos]
+    cache: dict[int, Tensor] = {}
+    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, None,
+                                                extra=acc.delta_keys(), cache=cache)
+    deltas, (e_clean, e_bad) = acc.deltas(pb, clean)
+    m = max(steps, 1)
+    if m > 1:
+        for x in [*heads, mlps, logits]:
+            x.div_(m)
+    for k in range(1, m):
+        h, g_mlp, g_logits, _ = receiver_grads(model, pb, masks, metric,
+                                               e_bad + k / m * (e_clean - e_bad), cache=cache)
+        for x, y in zip([*heads, mlps, logits], [*h, g_mlp, g_logits], strict=True):
+            x.add_(y, alpha=1 / m)
+    acc.add_dense(heads, mlps, logits, deltas, onehot, roles)
 
 
 class _Scores:
@@ -258,15 +226,24 @@ class _Scores:
         self.mlp = torch.zeros(L, N if neurons else 1, R, U, dtype=torch.float64)
         self.logits = torch.zeros(U, dtype=torch.float64)
 
-    def deltas(self, pb: PairBatch) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
+    def delta_keys(self) -> list[SiteKey]:
+        """The sites :meth:`deltas` reads: the embeddings, every layer's ``z`` and MLP."""
+        mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
+        return [(Component.EMBED, 0)] + [(c, layer) for layer in range(self.model.n_layers)
+                                         for c in (Component.Z, mlp)]
+
+    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None
+               ) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
         """Per unit block, what it writes in the corrupt run minus the clean run: embedding
         ``[B P 1 d]``, heads ``[B P H d]``, MLPs ``[B P 1 d]`` or neuron activations
-        ``[B P N]``; and the (clean, corrupt) embeddings."""
+        ``[B P N]``; and the (clean, corrupt) embeddings. ``clean``: the clean run's
+        activations at :meth:`delta_keys`, if already at hand."""
         model, L = self.model, self.model.n_layers
         mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
         emb = (Component.EMBED, 0)
-        keys = [emb] + [(c, layer) for layer in range(L) for c in (Component.Z, mlp)]
-        clean = model.run(pb.clean, save=keys).acts
+        keys = self.delta_keys()
+        if clean is None:
+            clean = model.run(pb.clean, save=keys).acts
         bad = model.run(pb.corrupt, save=keys).acts
         out = [(bad[emb] - clean[emb]).double()[:, :, None]]
         for layer in range(L):
@@ -307,16 +284,50 @@ class _Scores:
                 self.mlp[r.layer, r.index or 0, :, :k] += T[c, :, :k]
 
 
+    def add_dense(self, heads: list[Tensor], mlps: Tensor, logits: Tensor,
+                  deltas: list[Tensor], onehot: Tensor, roles: Sequence[int]) -> None:
+        """Add ``delta_u · G_v`` summed over each sender role's positions and the batch, for
+        the gradients of :func:`~factfind.eap_grads.receiver_grads`: heads per layer
+        ``[R head B P d]`` (``R`` query roles ``roles``), MLPs ``[layer B P d]``, logits
+        ``[B P d]``. One batched matrix product per layer: ``[B*P, receivers, d] x [B*P, d,
+        upstream units]``."""
+        assert not self.neurons
+        dtype = mlps.dtype
+        D = torch.cat(deltas, 2).to(dtype)  # [B P U d]
+        B, P, U, d = D.shape
+        D = D.reshape(B * P, U, d).transpose(1, 2)  # [BP d U]
+        hot = onehot.reshape(B * P, -1).to(D.device, dtype).T  # [R_all BP]
+        R, H = len(roles), self.model.n_heads
+
+        def dots(G: Tensor, k: int) -> Tensor:  # G [N B P d] -> [R_all N k], summed per role
+            N = G.shape[0]
+            X = torch.bmm(G.reshape(N, B * P, d).transpose(0, 1), D[:, :, :k])  # [BP N k]
+            return (hot @ X.reshape(B * P, N * k)).reshape(-1, N, k).double().cpu()
+
+        for layer in range(self.model.n_layers):
+            k = self.prefix_head[layer]
+            T = dots(heads[layer].reshape(R * H, B, P, d), k).reshape(-1, R, H, k)
+            for i, r in enumerate(roles):
+                self.head[layer, :, r, :, :k] += T[:, i].transpose(0, 1)
+            k = self.prefix_mlp[layer]
+            self.mlp[layer, 0, :, :k] += dots(mlps[layer][None], k)[:, 0]
+        self.logits += dots(logits[None], U)[TOKEN_ROLES.index("final"), 0]
+
+
 def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
     """The non-structural-zero edges of ``acc`` as rows (mean over the ``n`` prompts); a free
-    function, so that the class a remote sweep ships carries no pandas."""
+    function, so that the class a remote sweep ships carries no pandas. Node ids are built
+    once each and taken by code (a million edges in well under a second)."""
     model, names = acc.model, TOKEN_ROLES
-    units = np.array(acc.units, dtype=object)
+    U = len(acc.units)
+    src_ids = [f"{u}@{r}" for r in names for u in acc.units]  # code: role * U + unit
+    dst_ids: list[str] = []
     src, dst, score = [], [], []
 
     def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
-        src.append(units[:k] + "@" + names[role_src])
-        dst.append(np.full(k, dst_id, dtype=object))
+        src.append(np.arange(role_src * U, role_src * U + k))
+        dst.append(np.full(k, len(dst_ids)))
+        dst_ids.append(dst_id)
         score.append(values[:k].numpy() / n)
 
     for layer in range(model.n_layers):
@@ -331,18 +342,13 @@ def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataF
             for q in acc.roles:
                 emit(f"{unit}@{names[q]}", q, acc.prefix_mlp[layer], acc.mlp[layer, i, q])
     final = names.index("final")
-    emit("logits@final", final, len(acc.units), acc.logits)
-    return pd.DataFrame({"method": method, "src": np.concatenate(src),
-                         "dst": np.concatenate(dst), "score": np.concatenate(score), "n": n})
+    emit("logits@final", final, U, acc.logits)
 
+    def column(ids: list[str], codes: list[np.ndarray]) -> Any:
+        return pd.Series(np.array(ids, dtype=object)).array.take(np.concatenate(codes))
 
-def _with_mlps(chunk: Sequence[Receiver]) -> list[Receiver]:
-    """The chunk plus the MLP copy of every layer whose heads it holds (needed to subtract)."""
-    out = list(chunk)
-    for layer in sorted({r.layer for r in chunk if r.kind == "head"}):
-        if Receiver("mlp", layer) not in out:
-            out.append(Receiver("mlp", layer))
-    return out
+    return pd.DataFrame({"method": method, "src": column(src_ids, src),
+                         "dst": column(dst_ids, dst), "score": np.concatenate(score), "n": n})
 
 
 def _feasible(labels: Tensor, roles: Sequence[int]) -> Tensor:

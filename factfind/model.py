@@ -693,6 +693,67 @@ class Model:
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
         return v
 
+    # -- per-head reading of the residual stream (EAP's receiver gradients) -------------------
+
+    def W_QKV(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value projections per *query* head, each ``[head d_model d_head]``
+        (the ``[in, out]`` convention; key-value heads repeated for grouped-query attention,
+        as in the ``k``/``v`` sites). Biases are left out: they carry no gradient."""
+        attn = _get(self._block_hf(layer), self.spec.attn)
+        H, dh, d = self.n_heads, self.d_head, self.d_model
+        layout = self.spec.values_layout
+        if layout == "c_attn":
+            w = self._weight(attn.c_attn)
+            q, k, v = (w[:, i * d:(i + 1) * d].reshape(d, H, dh).transpose(0, 1)
+                       for i in range(3))
+        elif layout == "neox":
+            w = attn.query_key_value.weight.reshape(H, 3, dh, d)
+            q, k, v = (w[:, i].transpose(1, 2) for i in range(3))
+        else:
+            def heads(module: Any) -> Tensor:
+                w = self._weight(module)
+                return w.reshape(d, w.shape[1] // dh, dh).transpose(0, 1)
+            q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
+            k = k.repeat_interleave(H // k.shape[0], dim=0)
+            v = v.repeat_interleave(H // v.shape[0], dim=0)
+        return q, k, v
+
+    def rotary_transpose(self, layer: int, dq: Tensor, dk: Tensor, position_ids: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """Pull cotangents of the rotary-applied queries and keys ``[... batch pos head
+        d_head]`` back to the queries and keys before the rotary embedding (the transpose of
+        a linear map per position; the identity in families without rotary embeddings)."""
+        import importlib
+
+        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
+        rope = getattr(base, "rotary_emb", None)
+        if rope is None:
+            return dq, dk
+        attn = _get(self._block_hf(layer), self.spec.attn)
+        module = importlib.import_module(type(attn).__module__)
+        cos, sin = rope(dq, position_ids.to(dq.device))
+        with torch.enable_grad():
+            q0 = torch.zeros_like(dq, requires_grad=True)
+            k0 = torch.zeros_like(dk, requires_grad=True)
+            qr, kr = module.apply_rotary_pos_emb(q0, k0, cos.to(dq.dtype), sin.to(dq.dtype),
+                                                 unsqueeze_dim=2)
+            gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
+        return gq, gk
+
+    def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
+        ``norm(x) = gain * c / s (+ bias)`` with ``c = x`` (RMSNorm) or ``x - mean(x)``
+        (LayerNorm, ``centred``) and ``s = sqrt(mean(c^2) + eps)``. Returns ``(gain [d_model],
+        c / s [batch pos d_model], s [batch pos 1], centred)``; its vector-Jacobian product is
+        ``dx = (gw - (c/s) mean(gw * c/s)) / s`` with ``gw = g * gain`` (centred with it)."""
+        norm = _get(self._block_hf(layer), "input_layernorm|ln_1")
+        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
+        centred = self.spec.norm_kind == "layernorm"
+        x = resid - resid.mean(-1, keepdim=True) if centred else resid
+        s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return gain, x / s, s, centred
+
     def final_logits(
         self, prompts: Sequence[FactPrompt], *, batch_size: int = 64
     ) -> Tensor:

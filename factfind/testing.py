@@ -145,10 +145,20 @@ def tiny_model(family: str = "gpt2", *, seed: int = 0, **kwargs: Any) -> Any:
     return load_model((tiny_hf_model(family, len(tok), seed=seed, **kwargs), tok))
 
 
+class _One(torch.nn.Module):
+    """An activation that is constantly 1 (a gated MLP ``down(act(gate x) * up x)`` becomes
+    the linear ``down(up x)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+
 def linearised_model(family: str) -> Any:
-    """A tiny model that is affine in its input embeddings, in float64: LayerNorms with a huge
-    epsilon (their scale is constant), no query or key weights (uniform causal attention),
-    identity MLP activations. First-order attribution is exact on it."""
+    """A tiny model that is affine in its input embeddings, in float64: norms with a huge
+    epsilon (their scale is constant: LayerNorm and RMSNorm alike), no query or key weights
+    (uniform causal attention), identity MLP activations (a constant 1 on the gate of gated
+    MLPs). First-order attribution is exact on it. Families: gpt2, gpt_neox, and the
+    grouped-query llama, mistral and qwen2."""
     tok = tiny_tokenizer()
     hf: Any = tiny_hf_model(family, len(tok)).to(torch.float64)
     H = hf.config.num_attention_heads
@@ -158,8 +168,14 @@ def linearised_model(family: str) -> Any:
             if isinstance(mod, torch.nn.LayerNorm):
                 mod.eps = 1e12
                 mod.weight.mul_(1e6)
+            norm: Any = mod
+            if hasattr(norm, "variance_epsilon"):  # RMSNorm: rms(x) ~ 1e6, frozen
+                norm.variance_epsilon = 1e12
+                norm.weight.mul_(1e6)
             if hasattr(mod, "act"):
                 mod.act = torch.nn.Identity()
+            if hasattr(mod, "act_fn") and hasattr(mod, "gate_proj"):
+                mod.act_fn = _One()
             c_attn: Any = getattr(mod, "c_attn", None)
             if c_attn is not None:  # GPT-2: [in, q|k|v]
                 d = c_attn.weight.shape[0]
@@ -170,6 +186,12 @@ def linearised_model(family: str) -> Any:
                 w = qkv.weight
                 w.view(H, 3, -1, w.shape[1])[:, :2] = 0
                 qkv.bias.view(H, 3, -1)[:, :2] = 0
+            for name in ("q_proj", "k_proj"):  # Llama-style: separate projections
+                proj: Any = getattr(mod, name, None)
+                if proj is not None:
+                    proj.weight.zero_()
+                    if proj.bias is not None:
+                        proj.bias.zero_()
     from factfind.model import load_model
 
     return load_model((hf, tok))

@@ -8,11 +8,12 @@ import pytest
 from factfind.eap import eap, eap_ig, edge_attribution, to_graph
 from factfind.graph import prune
 from factfind.pathpatch import edge_patching
-from factfind.testing import linearised_model, same_length_pairs
+from factfind.testing import linearised_model, same_length_pairs, tiny_model
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
 def linear(request, facts):
+    """A linearised model (llama: grouped-query attention, RMSNorm) and same-length pairs."""
     model = linearised_model(request.param)
     return model, same_length_pairs(model, facts)
 
@@ -37,6 +38,27 @@ def test_eap_equals_edge_patching_on_a_linear_model(linear):
     slow = edge_patching(model, pairs, list(zip(few["src"], few["dst"], strict=True)),
                          reference=True)
     np.testing.assert_allclose(few["score"], slow["score"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts):
+    """The one-pass receiver gradients (factfind.eap_grads) against the slow reference, one
+    detached copy of the batch per receiver, on non-linear tiny models: sequential GPT-2,
+    parallel GPT-NeoX with partial rotary, grouped-query Llama (2 key-value heads for 4 query
+    heads); prompts of different lengths (left padding); EAP and EAP-IG."""
+    model = tiny_model(family)
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:5]
+    assert not bool(model.tokenize(list(pairs.clean)).attention_mask.all())  # padding
+    for steps in (0, 2):
+        fast = edge_attribution(model, pairs, steps=steps)
+        slow = edge_attribution(model, pairs, steps=steps, reference=True, copies=256)
+        assert list(fast["src"]) == list(slow["src"]) and list(fast["dst"]) == list(slow["dst"])
+        top = np.abs(slow["score"]).max()
+        assert top > 0.1 and (np.abs(slow["score"]) > 1e-3 * top).sum() > 100
+        # every kind of receiver is non-zero: heads at each role, MLPs, the logits
+        for kind in (r"\.h\d+@final", r"\.h\d+@subject_last", r"\.mlp@", "logits"):
+            assert np.abs(slow.loc[slow["dst"].str.contains(kind), "score"]).max() > 1e-3
+        np.testing.assert_allclose(fast["score"], slow["score"], rtol=0, atol=1e-5 * top)
 
 
 def test_eap_ig_and_neurons_on_a_linear_model(linear):
