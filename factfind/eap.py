@@ -63,6 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.ablation import TOKEN_ROLES
+from factfind.architectures import _get
 from factfind.eap_grads import receiver_grads
 from factfind.eap_reference import Receiver, input_grads, receivers, with_mlps
 from factfind.graph import CircuitGraph
@@ -122,6 +123,11 @@ def edge_attribution(
         raise ValueError(f"neurons=True: {model.spec.name} normalises MLP outputs after the "
                          "down projection, so single-neuron edges are not exact; use "
                          "neurons=False (whole MLPs)")
+    why = _fast_path_unsupported(model)
+    if why is not None and not (reference or neurons):
+        log.info("edge attribution on %s uses the per-receiver reference path: %s",
+                 model.spec.name, why)
+        reference = True
     pb_all = encode_pairs(model, pairs)
     roles = [TOKEN_ROLES.index(r) for r in roles_present(pb_all.clean)]
     labels_all = role_labels(pb_all.clean)
@@ -136,6 +142,27 @@ def edge_attribution(
     acc.head, acc.mlp, acc.logits = sums
     method = f"eap-ig/{steps}" if steps else "eap"
     return _edge_frame(acc, method, n, _feasible(labels_all, roles))
+
+
+FAST_SPECS = ("gpt2", "gpt_neox", "llama", "gemma")
+"""Families whose receiver gradients :mod:`factfind.eap_grads` pulls back by hand (tested
+against the reference): plain softmax attention after one input norm, no q/k norms, no
+post-norms, no softcapping."""
+
+
+def _fast_path_unsupported(model: Model) -> str | None:
+    """Why the one-pass gradients would not be exact for ``model`` (``None``: they are)."""
+    spec = model.spec
+    if spec.name not in FAST_SPECS or spec.derived:
+        return f"the one-pass gradients are written for {', '.join(FAST_SPECS)}"
+    if spec.attn_post_norm or spec.mlp_post_norm or spec.attn_softcap:
+        return "post-norms or attention softcapping"
+    attn = _get(model.hf, spec.blocks)[0]
+    for part in spec.attn.split("."):
+        attn = getattr(attn, part)
+    if getattr(attn, "q_norm", None) is not None:
+        return "q/k norms"
+    return None
 
 
 def _eap_sweep(model: Model, pb_all: PairBatch, labels_all: Tensor, roles: list[int], *,

