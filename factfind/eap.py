@@ -38,7 +38,8 @@ multiply-adds per token and layer, a fraction of an FE), whatever the number of 
 positions; the gradients are averaged over the points and dotted with the differences once
 (``heads x roles x units x d_model`` per token and layer, 1-2 FE on a 30-layer model). About
 ``4 m + 5`` FE in all as measured: EAP-IG(5) on SmolLM2-135M (4 pairs x 20 tokens, 1 thread)
-34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one pass per receiver copy instead,
+34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one
+pass per receiver copy instead,
 ``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
 about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
 passes per edge.

@@ -188,8 +188,9 @@ def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -
             if c in df.columns]
     return Section(id="findings", title="The literature's findings on this model",
                    explanation=explanation, facts=facts,
-                   tables=[Table(pd.DataFrame(df.loc[:, cols]), caption="Findings, the rule each was judged by, "
-                                 "and what this model shows")])
+                   tables=[Table(pd.DataFrame(df.loc[:, cols]),
+                                 caption="Findings, the rule each was judged by, and what "
+                                 "this model shows")])
 
 
 def config_section(config: Any, provenance: Mapping[str, Any] | None = None, *,
