@@ -17,6 +17,7 @@ whose OV circuit already maps the subject's representation to its attribute.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ from factfind.types import Component, Role
 if TYPE_CHECKING:
     from factfind.data import FactDataset
     from factfind.model import Model
+
+log = logging.getLogger(__name__)
 
 
 def _gather_role(act: Tensor, batch: Any, role: Role) -> Tensor:
@@ -71,8 +74,13 @@ def linear_probes(
     seed: int = 0,
     l2: float = 1e-3,
     batch_size: int = 64,
+    min_subjects: int = 8,
 ) -> pd.DataFrame:
     """Held-out accuracy of a logistic probe per (layer, role), split by subject.
+
+    A relation with fewer than ``min_subjects`` subjects or a single attribute is skipped
+    (logged): with a handful of facts per relation, as in ROME's known facts, there is nothing
+    to hold out. With no relation left the frame is empty.
 
     Returns:
         Rows with ``method = "probe/linear"``, ``layer``, ``role``, ``effect`` (held-out
@@ -82,9 +90,13 @@ def linear_probes(
     roles_l = [Role(r) for r in roles]
     comp = Component(component)
     rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for relation in facts.relations:
         data = facts.by_relation(relation)
         subjects = sorted({f.subject for f in data})
+        if len(subjects) < min_subjects or len({f.attribute for f in data}) < 2:
+            skipped.append(relation)  # nothing to learn, or no held-out subjects
+            continue
         rng = np.random.default_rng(seed)
         test_subj = set(rng.choice(subjects, size=max(1, int(len(subjects) * test_fraction)),
                                    replace=False).tolist())
@@ -115,6 +127,10 @@ def linear_probes(
             rows.append({"method": "probe/linear", "component": str(comp), "layer": layer,
                          "role": str(role), "effect": acc_test, "train_accuracy": acc_train,
                          "chance": chance, "n": int(is_test.sum()), "relation": relation})
+    if skipped:
+        log.info("linear probes: %d of %d relations skipped (fewer than %d subjects or one "
+                 "attribute): %s", len(skipped), len(facts.relations), min_subjects,
+                 ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return tidy(rows)
 
 

@@ -24,6 +24,22 @@ def test_linear_probes_shape_and_chance(gpt2_model, facts):
     assert (df["n"] == df["n"].iloc[0]).all() and df["n"].iloc[0] >= 4
 
 
+def test_linear_probes_skip_relations_without_held_out_subjects(gpt2_model, facts, caplog):
+    """ROME-style data: a handful of facts per relation (first contact with rome_known crashed
+    with 'too few subjects to split'); such relations are skipped and logged, once."""
+    import dataclasses
+
+    from factfind.dataset import FactDataset
+
+    small = FactDataset([dataclasses.replace(f, relation="r3") for f in facts[:3]])
+    mixed = small + facts
+    with caplog.at_level("INFO", logger="factfind.probing"):
+        df = linear_probes(gpt2_model, mixed, roles=["final"], test_fraction=0.34)
+    assert set(df["relation"]) == {facts[0].relation}
+    assert "1 of 2 relations skipped" in caplog.text and "r3" in caplog.text
+    assert linear_probes(gpt2_model, small, roles=["final"]).empty
+
+
 def test_mechanistic_probe_is_the_head_attending_only_to_the_subject(gpt2_model, facts):
     """With every key but the last subject token blocked for the final query at layer l, the
     head's output at the final position is exactly the probe's v[subject_last] @ W_O[h]."""
