@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> Outcome:
         df = ff.causal_tracing(model, pairs.clean[start:stop], samples=cfg.tracing_samples,
                                window=cfg.tracing_window, severed=True, seed=cfg.seed,
                                batch_size=cfg.batch_size, progress=False)
-        df["prompt"] = df["prompt"] + start
         return df
 
     tracing = _chunked(cache, "causal_tracing", min(len(pairs), cfg.tracing_prompts), trace,
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> Outcome:
         df = ff.activation_patching(model, pairs[start:stop],
                                     components=["resid_pre", "attn_out", "mlp_out", "z"],
                                     batch_size=cfg.batch_size, progress=False)
-        df["prompt"] = df["prompt"] + start
         return df
 
     patching = _chunked(cache, "activation_patching", len(pairs), patch, chunk=cfg.batch_size,
@@ -198,12 +196,14 @@ def main(argv: list[str] | None = None) -> Outcome:
         model, pairs.clean, window=cfg.knockout_window, batch_size=cfg.batch_size))
 
     # 5. direct logit attribution -------------------------------------------------------------
-    dla = cache.table("dla", lambda: ff.aggregate(ff.direct_logit_attribution(
-        model, pairs, batch_size=cfg.batch_size)))
+    dla = ff.aggregate(_chunked(cache, "dla", len(pairs), lambda a, b: (
+        ff.direct_logit_attribution(model, pairs[a:b], batch_size=cfg.batch_size)),
+        chunk=cfg.batch_size, desc="direct logit attribution"))
 
     # 6. effective model and probes -------------------------------------------------------------
     eff = cache.table("effective_model", lambda: effective_model(
-        model, pairs.clean, reference=known.sample(min(256, len(known)), seed=cfg.seed + 1)))
+        model, pairs.clean, reference=known.sample(min(256, len(known)), seed=cfg.seed + 1),
+        progress=True))
     probes = cache.table("linear_probes", lambda: linear_probes(
         model, known.sample(min(256, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
     mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
@@ -223,16 +223,17 @@ def main(argv: list[str] | None = None) -> Outcome:
     subject_mlps = [Site("mlp_out", layer, position=role) for layer in range(L)
                     for role in ("subject_first", "subject_last")]
     paths = cache.table("path_patching", lambda: pd.concat([
-        path_patching_sweep(model, circuit_pairs, final_heads, batch_size=cfg.batch_size
-                            ).assign(path="head -> logits (direct)"),
+        path_patching_sweep(model, circuit_pairs, final_heads, batch_size=cfg.batch_size,
+                            progress=True).assign(path="head -> logits (direct)"),
         path_patching_sweep(model, circuit_pairs, subject_mlps, final_heads,
-                            batch_size=cfg.batch_size).assign(path="subject MLP -> final heads"),
+                            batch_size=cfg.batch_size, progress=True
+                            ).assign(path="subject MLP -> final heads"),
     ], ignore_index=True))
     log.info("path patching done (%.0fs)", time.time() - t0)
 
     # 8. edge attribution (EAP-IG), the circuit graph and its faithfulness ---------------------
     edges = cache.table("eap_ig", lambda: eap_ig(model, circuit_pairs, steps=cfg.eap_ig_steps,
-                                                  batch_size=cfg.batch_size))
+                                                  batch_size=cfg.batch_size, progress=True))
     full = to_graph(edges, model, circuit_pairs, config=asdict(cfg))
     circuit = cg.prune(full, top_n=cfg.circuit_edges)
     n_nodes = full.graph.number_of_nodes()
@@ -330,9 +331,16 @@ def _machine(device: str) -> str:
 
 def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, desc: str
              ) -> pd.DataFrame:
-    """A cached step over ``n`` prompts in chunks, with a progress bar (prompts, ETA)."""
+    """A cached step over ``n`` prompts in chunks, with a progress bar (prompts, ETA).
+    ``compute(start, stop)`` numbers its prompts from 0; they are shifted by ``start``."""
+    def part(start: int, stop: int) -> pd.DataFrame:
+        df = compute(start, stop)
+        if "prompt" in df.columns:
+            df["prompt"] = df["prompt"] + start
+        return df
+
     with tqdm(total=n, desc=desc, unit="prompt", disable=n == 0) as bar:
-        return cache.chunked(name, n, compute, chunk=chunk, progress=bar.update)
+        return cache.chunked(name, n, part, chunk=chunk, progress=bar.update)
 
 
 def _known(scores: pd.DataFrame, cfg: Config) -> list[bool]:
@@ -388,15 +396,16 @@ def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactP
     def search(name: str) -> pd.DataFrame:
         components, positions = searches[name]
         est = estimate(model, pairs, components=components, positions=positions,
-                       qk_fix=True, grad_drop=True, batch_size=bs)
-        ver = verify(model, pairs, est, top_k=cfg.atp_top_k, patience=16, batch_size=bs)
+                       qk_fix=True, grad_drop=True, batch_size=bs, progress=True)
+        ver = verify(model, pairs, est, top_k=cfg.atp_top_k, patience=16, batch_size=bs,
+                     progress=True)
         return rn.verified_candidates(ver, search=name)
 
     cands = cache.table("atp_star", lambda: pd.concat([search(n) for n in searches],
                                                       ignore_index=True))
     bound = cache.table("atp_star_bound", lambda: pd.concat([
         missed_effect_bound(model, pairs, rn.verification_of(g), max_nodes=1024,
-                            batch_size=bs).buckets.assign(search=name)
+                            batch_size=bs, progress=True).buckets.assign(search=name)
         for name, g in cands.groupby("search", sort=False)], ignore_index=True))
     neurons = pd.DataFrame(cands.loc[(cands["component"] == "neurons").to_numpy()])
     verified = pd.DataFrame(neurons.loc[neurons["verified"].to_numpy(dtype=bool)])
