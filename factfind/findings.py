@@ -78,40 +78,60 @@ def _row(finding: str, source: str, claim: str, measured: str, holds: bool | Non
             "value": value, "contrast": contrast}
 
 
-def tracing_sites(tracing: pd.DataFrame, n_layers: int, *, early_max_depth: float = 0.6,
-                  late_min_depth: float = 0.4) -> list[dict[str, Any]]:
-    """ROME's two sites from aggregated causal tracing (columns ``method``, ``layer``,
-    ``role``, ``effect``).
+def _share(curve: pd.Series, n_layers: int, *, late: bool, cut: float) -> float:
+    """The share of a curve's positive mass at relative depth ``<= cut`` (``>= cut`` if
+    ``late``)."""
+    mass = np.clip(curve.to_numpy(), 0, None)
+    depth = curve.index.to_numpy() / max(1, n_layers - 1)
+    where = depth >= cut if late else depth <= cut
+    return float(mass[where].sum() / mass.sum()) if mass.sum() > 0 else float("nan")
 
-    Early site: the layer where restoring the MLP window at ``subject_last`` helps most; holds
-    when it is at relative depth ``<= early_max_depth`` and the peak beats the MLP peak at
-    the final token (``contrast``). Late site: the same for attention at ``final``; holds when
-    its depth is ``>= late_min_depth`` and it beats attention at ``subject_last``.
+
+def tracing_sites(tracing: pd.DataFrame, n_layers: int, *, early_max_depth: float = 0.6,
+                  late_min_depth: float = 0.4, share: float = 0.75,
+                  min_peak: float = 0.02) -> list[dict[str, Any]]:
+    """ROME's two sites from aggregated causal tracing (columns ``method``, ``layer``,
+    ``role``, ``effect``), and whether the subject's MLPs dominate the final token's.
+
+    Early site: restoring the MLP window at ``subject_last``; holds when the peak indirect
+    effect is at least ``min_peak`` and at least ``share`` of the curve's positive mass lies
+    at relative depth ``<= early_max_depth``. Late site: attention at ``final``, with the
+    mass at depth ``>= late_min_depth``. Third row: ROME's GPT-2 XL shows the subject's MLP
+    peak above the final token's MLP peak (``value`` vs ``contrast``).
     """
     rows = []
-    specs = (("ROME early site", "causal_tracing/mlp", "subject_last", "final",
-              "MLP output at the last subject token matters most in early-to-middle layers"),
-             ("ROME late site", "causal_tracing/attn", "final", "subject_last",
-              "attention output at the final token matters most in later layers"))
-    for name, method, role, other, claim in specs:
-        curve, rival = _curve(tracing, method=method, role=role), _curve(
-            tracing, method=method, role=other)
+    specs = (("ROME early site", "causal_tracing/mlp", "subject_last", False, early_max_depth,
+              "MLP output at the last subject token matters in early-to-middle layers"),
+             ("ROME late site", "causal_tracing/attn", "final", True, late_min_depth,
+              "attention output at the final token matters in later layers"))
+    for name, method, role, late, cut, claim in specs:
+        curve = _curve(tracing, method=method, role=role)
         if curve.empty:
             rows.append(_row(name, "Meng et al. 2022", claim, "not measured", None,
                              n_layers=n_layers))
             continue
-        layer = _argmax(curve)
-        peak, rival_peak = float(curve.max()), float(rival.max()) if len(rival) else np.nan
-        depth = _depth(layer, n_layers)
-        early = name.endswith("early site")
-        where_ok = depth <= early_max_depth if early else depth >= late_min_depth
-        holds = bool(where_ok and peak > 0 and not rival_peak >= peak)
-        measured = (f"peak indirect effect {peak:.3f} at layer {layer} of {n_layers} "
-                    f"(depth {depth:.2f}; rule: {'<=' if early else '>='} "
-                    f"{early_max_depth if early else late_min_depth}); the same kind at "
-                    f"{other} peaks at {rival_peak:.3f}")
+        layer, peak = _argmax(curve), float(curve.max())
+        part = _share(curve, n_layers, late=late, cut=cut)
+        holds = bool(peak >= min_peak and part >= share)
+        measured = (f"peak indirect effect {peak:.3f} at layer {layer} of {n_layers} (depth "
+                    f"{_depth(layer, n_layers):.2f}); {part:.0%} of the positive effect at "
+                    f"depth {'>=' if late else '<='} {cut} (rule: >= {share:.0%}, peak >= "
+                    f"{min_peak})")
         rows.append(_row(name, "Meng et al. 2022", claim, measured, holds, layer=layer,
-                         n_layers=n_layers, value=peak, contrast=rival_peak))
+                         n_layers=n_layers, value=peak, contrast=part))
+    subject = _curve(tracing, method="causal_tracing/mlp", role="subject_last")
+    final = _curve(tracing, method="causal_tracing/mlp", role="final")
+    claim = "the subject's MLPs matter more than the final token's MLPs"
+    if subject.empty or final.empty:
+        rows.append(_row("ROME: subject MLPs over final MLPs", "Meng et al. 2022", claim,
+                         "not measured", None, n_layers=n_layers))
+    else:
+        s_peak, f_peak = float(subject.max()), float(final.max())
+        measured = (f"MLP peak at subject_last {s_peak:.3f} (layer {_argmax(subject)}), at "
+                    f"final {f_peak:.3f} (layer {_argmax(final)})")
+        rows.append(_row("ROME: subject MLPs over final MLPs", "Meng et al. 2022", claim,
+                         measured, s_peak > f_peak, layer=_argmax(final), n_layers=n_layers,
+                         value=s_peak, contrast=f_peak))
     return rows
 
 

@@ -34,12 +34,16 @@ def _tracing(mlp_subject: float, attn_final: float) -> pd.DataFrame:
 
 
 def test_rome_sites_hold_and_fail():
-    early, late = tracing_sites(_tracing(mlp_subject=8, attn_final=20), L)
+    early, late, dominance = tracing_sites(_tracing(mlp_subject=8, attn_final=20), L)
     assert early["holds"] and early["layer"] == 8 and early["value"] == pytest.approx(0.4)
+    assert early["contrast"] > 0.95  # share of the effect in early-to-middle layers
     assert late["holds"] and late["layer"] == 20
-    early, late = tracing_sites(_tracing(mlp_subject=26, attn_final=3), L)
+    assert dominance["holds"] and dominance["contrast"] == pytest.approx(0.1, abs=1e-3)
+    early, late, dominance = tracing_sites(_tracing(mlp_subject=26, attn_final=3), L)
     assert not early["holds"] and not late["holds"]
     assert "layer 26 of 30" in early["measured"]
+    weak = _tracing(8, 20).assign(effect=lambda d: d["effect"] * 0.01)
+    assert not tracing_sites(weak, L)[0]["holds"]  # a peak below min_peak is noise
 
 
 def _knockout(subject_center: float, relation_center: float) -> pd.DataFrame:
@@ -77,6 +81,7 @@ def test_effective_model_and_probe_onset():
 def test_literature_findings_frame():
     df = literature_findings(n_layers=L, tracing=_tracing(8, 20), knockout=_knockout(16, 6))
     assert list(df["finding"]) == ["ROME early site", "ROME late site",
+                                   "ROME: subject MLPs over final MLPs",
                                    "Geva knockout: final -> subject",
                                    "Geva knockout: relation before subject"]
     assert df["holds"].all()
