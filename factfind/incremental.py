@@ -41,9 +41,16 @@ from factfind.types import Component, SiteKey
 
 Edit = Callable[[Tensor], Tensor]
 
-OVERHEAD = 0.04
-"""The planner's price of one more forward, as a fraction of a full forward of the base rows
-(Python, nnsight tracing and small matrix products; measured on SmolLM2-135M, 1 thread)."""
+OVERHEAD_ROWS = 2.5
+"""The planner's price of one more forward, in base-row equivalents per layer it runs: a
+forward re-reads the weights of every layer it runs, which on a CPU costs about as much as
+computing 2-3 prompt rows through them (measured on SmolLM2-135M, 1 thread: a forward of 2
+rows × 12 tokens costs as much as 1.1 rows of a 64-row forward). Callers pass
+``overhead=OVERHEAD_ROWS / rows_per_site``."""
+
+POSITION_FLOOR = 0.25
+"""The share of a layer's per-row cost that does not shrink with fewer query positions
+(attention over every key, the output projection at the final position, per-row overhead)."""
 
 
 class PrefixLayer(DynamicLayer):
@@ -130,7 +137,7 @@ def lift(edit: Edit, p0: int) -> Edit:
 
     def lifted(act: Tensor) -> Tensor:
         pad = act.new_zeros(act.shape[0], p0, *act.shape[2:])
-        return edit(torch.cat([pad, act], dim=1))[:, p0:]
+        return edit(torch.cat([pad, act], dim=1))[:, p0:].contiguous()
 
     return lifted
 
@@ -148,24 +155,28 @@ def first_position(mask: Tensor) -> int:
 
 
 def cost(layer: int, position: int, *, n_layers: int, n_pos: int) -> float:
-    """Work of a run started at ``(layer, position)``, as a fraction of a full forward."""
-    return (n_layers - layer) / n_layers * (n_pos - position) / n_pos
+    """Work per stacked copy of a run started at ``(layer, position)``, as a fraction of a
+    full forward (the layers it runs, times the positions it computes above a floor)."""
+    share = (n_pos - position) / n_pos
+    return (n_layers - layer) / n_layers * (POSITION_FLOOR + (1 - POSITION_FLOOR) * share)
 
 
 def plan_groups(starts: Sequence[tuple[int, int]], *, n_layers: int, n_pos: int,
-                max_size: int, overhead: float = OVERHEAD) -> list[list[int]]:
+                max_size: int, overhead: float = 1.0) -> list[list[int]]:
     """Group site indices so that each stacked forward starts at its group's minimum
     ``(layer, position)`` and the total work is small.
 
     Sites are sorted by (position, layer); a group is cut when it reaches ``max_size`` sites
     or when adding the next site would cost more (the whole group restarted at the widened
-    minimum) than running it in a forward of its own plus ``overhead``.
+    minimum) than running it in a forward of its own, whose fixed price is ``overhead``
+    copies per layer run (:data:`OVERHEAD_ROWS`).
 
     Args:
         starts: per site, the first layer and the first position it writes.
         n_layers, n_pos: the model's layers and the batch's positions.
         max_size: most sites per forward (memory).
-        overhead: the price of one more forward (fraction of a full forward).
+        overhead: the fixed price of one more forward, in stacked copies of the base rows
+            through every layer it runs.
 
     Returns:
         Lists of site indices; every index appears once.
@@ -184,7 +195,8 @@ def plan_groups(starts: Sequence[tuple[int, int]], *, n_layers: int, n_pos: int,
             wide = (min(low[0], layer), min(low[1], pos))
             now = len(group) * cost(*low, n_layers=n_layers, n_pos=n_pos)
             grown = (len(group) + 1) * cost(*wide, n_layers=n_layers, n_pos=n_pos)
-            alone = cost(layer, pos, n_layers=n_layers, n_pos=n_pos) + overhead
+            alone = (cost(layer, pos, n_layers=n_layers, n_pos=n_pos)
+                     + overhead * (n_layers - layer) / n_layers)
             if len(group) >= max_size or grown - now > alone:
                 groups.append(group)
                 group = []

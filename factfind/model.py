@@ -639,7 +639,7 @@ class Model:
             raise IndexError(f"start layer {layer} out of range for {self.n_layers} layers")
         if not 0 <= p0 < prefix.n_pos:
             raise IndexError(f"start position {p0} is beyond the prompts' {prefix.n_pos} tokens")
-        rep = lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))  # noqa: E731
+        rep = lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))
         enc = {"input_ids": rep(prefix.enc["input_ids"][:, p0:]),
                "attention_mask": rep(prefix.enc["attention_mask"]),
                "position_ids": rep(prefix.enc["position_ids"][:, p0:])}

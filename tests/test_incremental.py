@@ -1,0 +1,141 @@
+"""Incremental patched runs (factfind.incremental): every incremental path equals its literal
+reference on GPT-2, GPT-NeoX and Llama (grouped-query attention), with left padding, patches at
+position 0 and at the final position, and non-zero effects."""
+
+import numpy as np
+import pytest
+import torch
+
+from factfind.incremental import cost, first_position, group_start, plan_groups
+from factfind.patching import activation_patching, activation_patching_reference
+from factfind.testing import tiny_model
+from factfind.types import Component as C
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
+def fam(request):
+    return tiny_model(request.param, n_layers=3)
+
+
+def _padded_batch(n_rows=3, n_pos=9, vocab=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n_rows, n_pos), generator=gen)
+    mask = torch.ones(n_rows, n_pos, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+SITES = [(C.EMBED, 0), (C.RESID_PRE, 0), (C.RESID_PRE, 1), (C.Z, 1), (C.NEURONS, 1),
+         (C.ATTN_OUT, 2), (C.MLP_OUT, 2), (C.RESID_POST, 2)]
+
+
+@pytest.mark.parametrize("key", SITES, ids=lambda k: f"{k[0]}{k[1]}")
+def test_run_from_equals_run(fam, key):
+    """run_from(prefix, start) == run(stacked batch) with base edits + patch, positions 0 and
+    final included; a base edit (noise on the embeddings) is kept in the cached residual."""
+    model = fam
+    batch = _padded_batch()
+    rows, n_pos = batch["input_ids"].shape
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(rows, n_pos, model.d_model, generator=gen)
+    base_edits = {(C.EMBED, 0): lambda e: e + noise}
+    prefix = model.base_run(batch, edits=base_edits)
+    assert torch.allclose(prefix.logits, model.run(batch, edits=base_edits).logits, atol=1e-6)
+    reps = 2
+    shape = {C.Z: (model.n_heads, model.d_head), C.NEURONS: (model.d_mlp,)}.get(
+        key[0], (model.d_model,))
+    src = torch.randn(reps * rows, n_pos, *shape, generator=gen)
+    stacked = {k: v.repeat(reps, 1) for k, v in batch.items()}
+    for pos in (0, 4, n_pos - 1):
+        def put(a, pos=pos):
+            a = a.clone()
+            a[rows:, pos] = src[rows:, pos]  # copy 1 patched, copy 0 left as the base
+            return a
+
+        def noised(e):
+            return e + noise.repeat(reps, 1, 1)
+
+        if key == (C.EMBED, 0):  # the base edit, then the patch
+            ref = {key: lambda e, put=put: put(noised(e))}
+        else:
+            ref = {(C.EMBED, 0): noised, key: put}
+        want = model.run(stacked, edits=ref).logits
+        got = model.run_from(prefix, start=(key[1], pos), reps=reps, edits={key: put}).logits
+        if pos == n_pos - 1 or key[1] < model.n_layers - 1:  # where the patch can matter
+            assert (want[rows:] - prefix.logits).abs().max() > 1e-3
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_run_from_block_attention(fam):
+    """An attention block (knockout) from the final position resumes at the final position."""
+    model = fam
+    batch = _padded_batch()
+    rows, n_pos = batch["input_ids"].shape
+    prefix = model.base_run(batch)
+    block = torch.zeros(rows, n_pos, n_pos, dtype=torch.bool)
+    block[:, -1, 3:6] = True
+    want = model.run(batch, block_attention={1: block, 2: block}).logits
+    got = model.run_from(prefix, start=(1, n_pos - 1), block_attention={1: block, 2: block})
+    assert (want - prefix.logits).abs().max() > 1e-3
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_run_from_rejects_patches_upstream(fam):
+    prefix = fam.base_run(_padded_batch())
+    with pytest.raises(ValueError, match="before the start layer"):
+        fam.run_from(prefix, start=(2, 0), edits={(C.MLP_OUT, 1): lambda a: a})
+    with pytest.raises(IndexError):
+        fam.run_from(prefix, start=(0, 99))
+
+
+@pytest.fixture(scope="module")
+def subject_first_facts():
+    """Prompts that start with the subject, so a patch at position 0 changes something."""
+    from conftest import fact_records
+
+    from factfind.data import from_records
+
+    return from_records([{**r, "template": "{} plays the sport of"} for r in fact_records()])
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_patching_incremental_equals_reference(fam, subject_first_facts, chunk):
+    pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:5]
+    assert len(set(fam.tokenize(list(pairs.clean)).lengths.tolist())) > 1  # left padding
+    kw = dict(components=["embed", "resid_pre", "attn_out", "mlp_out", "z", "resid_post"],
+              positions=[0, "subject_last", "relation", "final", -1])
+    fast = activation_patching(fam, pairs, batch_size=4, chunk=chunk, progress=False, **kw)
+    slow = activation_patching_reference(fam, pairs, **kw)
+    keys = ["component", "layer", "head", "position", "role", "prompt"]
+    a = fast.set_index(keys).sort_index()
+    b = slow.set_index(keys).sort_index()
+    assert list(a.index) == list(b.index)
+    moved = (b["metric"] - b["corrupt"]).abs()  # what each patch changed
+    assert moved.max() > 1e-2
+    at0 = slow[(slow["position"] == 0) & slow["effect"].notna()]
+    assert len(at0) and (at0["metric"] - at0["corrupt"]).abs().max() > 1e-3  # position 0
+    last = slow[slow["role"] == "final"]
+    assert (last["metric"] - last["corrupt"]).abs().max() > 1e-3  # the final position
+    np.testing.assert_allclose(a["metric"], b["metric"], atol=1e-5, rtol=0)
+    gap = float((b["clean"] - b["corrupt"]).abs().min())  # effects: rounding / gap
+    np.testing.assert_allclose(a["effect"], b["effect"], atol=1e-5 / min(1.0, gap), rtol=1e-4)
+
+
+def test_plan_groups_covers_each_site_once():
+    starts = [(layer, pos) for layer in range(6) for pos in range(7)]
+    groups = plan_groups(starts, n_layers=6, n_pos=7, max_size=5)
+    flat = sorted(i for g in groups for i in g)
+    assert flat == list(range(len(starts)))
+    assert max(len(g) for g in groups) <= 5
+    total = sum(len(g) * cost(*group_start(starts, g), n_layers=6, n_pos=7) for g in groups)
+    assert total < 0.8 * len(starts)  # far below one full forward per site
+    assert plan_groups([], n_layers=6, n_pos=7, max_size=5) == []
+
+
+def test_first_position():
+    m = torch.zeros(2, 5, dtype=torch.bool)
+    assert first_position(m) == 4
+    m[1, 2] = True
+    m[0, 3] = True
+    assert first_position(m) == 2
