@@ -13,8 +13,8 @@ A patch written into layer ``L`` at token position ``p`` cannot change anything 
 A patched forward therefore costs about ``(n_layers - L) / n_layers * (P - p) / P`` of a full
 one; averaged over a sweep of every layer and position that is about a quarter (the site's layer
 and position halve the work on average). Sites are grouped so that one stacked forward shares a
-start: :func:`plan_groups` sorts sites by (position, layer) and starts each group at its minimum
-layer and position, cutting a group where widening it would cost more than a new forward.
+start: :func:`plan_groups` bins sites into tiles of layers × positions, starts each tile's
+forward at its minimum layer and position, and picks the tile shape that prices cheapest.
 
 The adapter (:meth:`factfind.model.Model.base_run`, :meth:`~factfind.model.Model.run_from`)
 runs the model; this module holds the parts that need no backend: the cached base run
@@ -162,21 +162,23 @@ def cost(layer: int, position: int, *, n_layers: int, n_pos: int) -> float:
 
 
 def plan_groups(starts: Sequence[tuple[int, int]], *, n_layers: int, n_pos: int,
-                max_size: int, overhead: float = 1.0) -> list[list[int]]:
+                max_size: int, overhead: float = 1.0, max_tile: int = 8) -> list[list[int]]:
     """Group site indices so that each stacked forward starts at its group's minimum
-    ``(layer, position)`` and the total work is small.
+    ``(layer, position)`` and the estimated total work is small.
 
-    Sites are sorted by (position, layer); a group is cut when it reaches ``max_size`` sites
-    or when adding the next site would cost more (the whole group restarted at the widened
-    minimum) than running it in a forward of its own, whose fixed price is ``overhead``
-    copies per layer run (:data:`OVERHEAD_ROWS`).
+    Sites are binned into tiles of ``a`` layers × ``b`` positions (a tile's forward starts at
+    its lowest layer and position, so wider tiles waste work on their later sites, while
+    narrower ones pay more forwards); tiles larger than ``max_size`` are split. Every tile
+    shape up to ``max_tile`` × ``max_tile`` is priced with :func:`cost` plus ``overhead`` per
+    forward and the cheapest is kept.
 
     Args:
         starts: per site, the first layer and the first position it writes.
         n_layers, n_pos: the model's layers and the batch's positions.
         max_size: most sites per forward (memory).
         overhead: the fixed price of one more forward, in stacked copies of the base rows
-            through every layer it runs.
+            through every layer it runs (:data:`OVERHEAD_ROWS` / rows per copy).
+        max_tile: the largest tile side tried.
 
     Returns:
         Lists of site indices; every index appears once.
@@ -185,28 +187,33 @@ def plan_groups(starts: Sequence[tuple[int, int]], *, n_layers: int, n_pos: int,
 
         plan_groups([(0, 3), (1, 3), (5, 0)], n_layers=6, n_pos=4, max_size=8)
     """
-    order = sorted(range(len(starts)), key=lambda i: (starts[i][1], starts[i][0], i))
-    groups: list[list[int]] = []
-    group: list[int] = []
-    low = (0, 0)
-    for i in order:
+    best: tuple[float, list[list[int]]] | None = None
+    for a in range(1, max_tile + 1):
+        for b in range(1, max_tile + 1):
+            groups = _tiles(starts, a, b, max_size)
+            total = 0.0
+            for g in groups:
+                layer, pos = group_start(starts, g)
+                total += (len(g) * cost(layer, pos, n_layers=n_layers, n_pos=n_pos)
+                          + overhead * (n_layers - layer) / n_layers)
+            if best is None or total < best[0] - 1e-12:
+                best = (total, groups)
+    return [] if best is None else best[1]
+
+
+def _tiles(starts: Sequence[tuple[int, int]], a: int, b: int, max_size: int
+           ) -> list[list[int]]:
+    """Site indices binned by ``(layer // a, position // b)``, bins cut at ``max_size``
+    (within a bin, sites in (position, layer) order, so a cut keeps starts close)."""
+    bins: dict[tuple[int, int], list[int]] = {}
+    for i in sorted(range(len(starts)), key=lambda i: (starts[i][1], starts[i][0], i)):
         layer, pos = starts[i]
-        if group:
-            wide = (min(low[0], layer), min(low[1], pos))
-            now = len(group) * cost(*low, n_layers=n_layers, n_pos=n_pos)
-            grown = (len(group) + 1) * cost(*wide, n_layers=n_layers, n_pos=n_pos)
-            alone = (cost(layer, pos, n_layers=n_layers, n_pos=n_pos)
-                     + overhead * (n_layers - layer) / n_layers)
-            if len(group) >= max_size or grown - now > alone:
-                groups.append(group)
-                group = []
-        if not group:
-            low = (layer, pos)
-        group.append(i)
-        low = (min(low[0], layer), min(low[1], pos))
-    if group:
-        groups.append(group)
-    return groups
+        bins.setdefault((pos // b, layer // a), []).append(i)
+    out: list[list[int]] = []
+    for key in sorted(bins):
+        members = bins[key]
+        out.extend(members[k:k + max_size] for k in range(0, len(members), max_size))
+    return out
 
 
 def group_start(starts: Sequence[tuple[int, int]], group: Sequence[int]) -> tuple[int, int]:

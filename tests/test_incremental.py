@@ -179,3 +179,47 @@ def test_tracing_str_severed_incremental_equals_full(fam, subject_first_facts):
     pc = full.set_index(_tracing_keys())["p_corrupt"].sort_index()
     assert (b - pc).abs().max() > 1e-4
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_knockout_incremental_equals_reference(fam, facts, window):
+    """Knockout resumes at the final position (left-padded batch of mixed lengths)."""
+    from factfind.data import FactDataset
+    from factfind.knockout import attention_knockout, attention_knockout_reference
+
+    lengths = fam.tokenize(list(facts)).lengths
+    data = FactDataset([facts[i] for i in (int(lengths.argmax()), int(lengths.argmin()), 2)])
+    kw = dict(sources=["subject", "relation", "subject_first"], window=window)
+    fast = attention_knockout(fam, data, batch_size=3, progress=False, **kw)
+    slow = attention_knockout_reference(fam, data, **kw)
+    keys = ["role", "layer", "prompt"]
+    a = fast.set_index(keys).sort_index()
+    b = slow.set_index(keys).sort_index()
+    assert list(a.index) == list(b.index) and b["effect"].abs().max() > 1e-3
+    np.testing.assert_allclose(a["p_knockout"], b["p_knockout"], atol=1e-7, rtol=1e-5)
+    np.testing.assert_allclose(a["effect"], b["effect"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_ablation_incremental_equals_reference(fam, subject_first_facts, how):
+    """Ablated sets resume at their first layer and position (0 and final included)."""
+    from factfind.ablation import ablate_sets, ablate_sets_reference
+    from factfind.types import Role, Site
+
+    data = subject_first_facts.corrupt(fam, seed=0, on_missing="skip").clean[:4]
+    assert len(set(fam.tokenize(list(data)).lengths.tolist())) > 1  # left padding
+    sets = [[Site(C.MLP_OUT, 0, position=0)],
+            [Site(C.Z, 2, head=1, position=Role.FINAL), Site(C.NEURONS, 1, neuron=5)],
+            [Site(C.ATTN_OUT, layer) for layer in range(1, 3)],
+            [Site(C.RESID_POST, 2, position=Role.FINAL)],
+            [Site(C.RESID_PRE, 1, position=Role.SUBJECT_LAST)]]
+    kw = dict(how=how, resamples=2, seed=0, reference=subject_first_facts)
+    fast = ablate_sets(fam, data, sets, batch_size=4, **kw)
+    slow = ablate_sets_reference(fam, data, sets, **kw)
+    a = fast.set_index(["set", "prompt"]).sort_index()
+    b = slow.set_index(["set", "prompt"]).sort_index()
+    assert list(a.index) == list(b.index)
+    assert b["effect"].xs(0, level="set").abs().max() > 1e-3  # the position-0 set matters
+    assert b["effect"].xs(3, level="set").abs().max() > 1e-3  # the final-position set
+    np.testing.assert_allclose(a["metric"], b["metric"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a["correct"], b["correct"])
