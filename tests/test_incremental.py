@@ -223,3 +223,30 @@ def test_ablation_incremental_equals_reference(fam, subject_first_facts, how):
     assert b["effect"].xs(3, level="set").abs().max() > 1e-3  # the final-position set
     np.testing.assert_allclose(a["metric"], b["metric"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(a["correct"], b["correct"])
+
+
+def test_subspace_incremental_equals_reference(fam, subject_first_facts):
+    """Subspace patches resume at their layer and role (left-padded pairs)."""
+    from factfind.subspace import (
+        FULL,
+        SubspacePatch,
+        subspace_patching,
+        subspace_patching_reference,
+    )
+
+    pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]
+    gen = torch.Generator().manual_seed(0)
+    d, n = fam.d_model, len(pairs)
+    patches = [SubspacePatch(FULL, "resid_pre", 0, "subject_first"),  # position 0 for some
+               SubspacePatch("shared-3", "resid_post", 1, "subject_last",
+                             basis=torch.randn(d, 3, generator=gen)),
+               SubspacePatch("per-pair", "mlp_out", 2, "final",
+                             basis=torch.randn(n, d, 2, generator=gen)),
+               SubspacePatch("relation", "attn_out", 1, "relation",
+                             basis=torch.randn(d, 5, generator=gen))]
+    fast = subspace_patching(fam, pairs, patches, batch_size=4, max_rows=8)
+    slow = subspace_patching_reference(fam, pairs, patches)
+    assert (fast["subspace"].tolist(), fast["prompt"].tolist()) == (
+        slow["subspace"].tolist(), slow["prompt"].tolist())
+    assert (slow["change"].abs() > 1e-3).mean() > 0.8
+    np.testing.assert_allclose(fast["metric_patched"], slow["metric_patched"], atol=1e-5)
