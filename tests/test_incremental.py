@@ -250,3 +250,28 @@ def test_subspace_incremental_equals_reference(fam, subject_first_facts):
         slow["subspace"].tolist(), slow["prompt"].tolist())
     assert (slow["change"].abs() > 1e-3).mean() > 0.8
     np.testing.assert_allclose(fast["metric_patched"], slow["metric_patched"], atol=1e-5)
+
+
+def test_node_sets_incremental_equals_reference(fam, subject_first_facts):
+    """Exact node patching (the AtP* verification engine), incl. head q/k/v patched through z,
+    resumes at each group's first layer and position; left-padded, positions 0 and final."""
+    from factfind.attribution import exact_patching_reference, patch_node_sets
+    from factfind.patching import PatchSite
+    from factfind.types import Role
+
+    pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]
+    assert len(set(fam.tokenize(list(pairs.clean)).lengths.tolist())) > 1  # left padding
+    sets = [[PatchSite(C.NEURONS, 0, 0, neuron=3)],
+            [PatchSite(C.MLP_OUT, 1, Role.SUBJECT_FIRST)],
+            [PatchSite(C.Z, 2, Role.FINAL, head=1), PatchSite(C.NEURONS, 2, -1, neuron=5)],
+            [PatchSite(C.K, 1, Role.SUBJECT_LAST, head=0)],
+            [PatchSite(C.V, 2, 0, head=3), PatchSite(C.Q, 2, Role.FINAL, head=1)],
+            [PatchSite(C.MLP_OUT, 2, Role.FINAL)]]
+    for direction in ("noise", "denoise"):
+        fast = patch_node_sets(fam, pairs, sets, per_prompt=True, batch_size=4, chunk=2,
+                               direction=direction)
+        slow = exact_patching_reference(fam, pairs, sets, direction=direction)
+        assert torch.equal(fast.isnan(), slow.isnan())
+        assert slow[0].nan_to_num().abs().max() > 1e-3  # position 0
+        assert slow[-1].nan_to_num().abs().max() > 1e-3  # final position
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4, equal_nan=True)
