@@ -5,13 +5,13 @@ measured in one run.
     ``get_act_patch_resid_pre`` time / factfind time (results agree to 1e-4);
 (b) patching cost per site in forward-pass equivalents (FE: time / one plain transformers
     forward of the same clean prompts, ``logits_to_keep=1``, no grad);
-(c) causal tracing (1 noise sample, window 1, every kind x layer x token): FE per restoration,
-    and the ROME-style loop (``causal_tracing_reference``: one full forward per restoration)
-    / factfind;
+(c) causal tracing (1 noise sample, hidden states at every layer x token; the mlp and attn
+    kinds at window 1 cost the same per restoration): FE per restoration, and the ROME-style
+    loop (``causal_tracing_reference``: one full forward per restoration) / factfind;
 (d) peak memory of the patching sweep (resident set above the loaded model, sampled every
     millisecond) with and without the incremental engine at the same batch size.
 
-    python benchmarks/bench_incremental.py                      # 1 thread
+    python -u benchmarks/bench_incremental.py                   # 1 thread
     python benchmarks/bench_incremental.py --threads 0          # torch's default threads
     python benchmarks/bench_incremental.py --device cuda --skip-tl
 """
@@ -63,7 +63,7 @@ def timed(fn: Any, n: int = 1) -> float:
     return best
 
 
-def forward_time(model: Any, batch: Any, n: int = 7) -> float:
+def forward_time(model: Any, batch: Any, n: int = 11) -> float:
     """Median time of one plain transformers forward (no grad, final-position logits)."""
     enc = {"input_ids": batch.input_ids.to(model.device),
            "attention_mask": batch.attention_mask.to(model.device),
@@ -131,8 +131,9 @@ def main() -> None:
     n_sites = model.n_layers * n_pos
     print(f"machine: {machine()}; device {args.device}; model {args.model} "
           f"({model.n_layers} layers); {len(pairs)} pairs x {n_pos} tokens")
-    fe = forward_time(model, pb.clean)
-    print(f"one plain forward (transformers, {len(pairs)} prompts): {fe * 1e3:.1f} ms")
+    fe = forward_time(model, pb.clean, n=11)
+    print(f"one plain forward (transformers, {len(pairs)} prompts): {fe * 1e3:.1f} ms "
+          "(median of 11)")
 
     def sweep(incremental: bool, chunk: int | None = None) -> Any:
         out = ff.activation_patching(model, pairs, components=["resid_pre"],
@@ -173,14 +174,14 @@ def main() -> None:
         print(f"(a) TransformerLens get_act_patch_resid_pre {t_tl:.2f} s "
               f"({t_tl / fe / n_sites:.3f} FE/site) / factfind {t_inc:.2f} s = "
               f"{t_tl / t_inc:.1f}x (goal >= 5x); max |difference| {agree:.1e}")
-    kw = dict(kinds=("hidden", "mlp", "attn"), samples=1, window=1, seed=0)
+    kw = dict(kinds=("hidden",), samples=1, window=1, seed=0)
     data = pairs.clean
-    cells = 3 * model.n_layers * n_pos * len(data)
+    cells = model.n_layers * n_pos * len(data)
     fast = ff.causal_tracing(model, data, progress=False, **kw)
     t_tr = timed(lambda: ff.causal_tracing(model, data, progress=False, **kw), n=2)
-    restorations = 3 * model.n_layers * n_pos
-    line = (f"(c) causal tracing, {restorations} restorations (3 kinds x layers x tokens, 1 "
-            f"sample, window 1): {t_tr:.2f} s = {t_tr / fe / restorations:.3f} FE/restoration "
+    restorations = model.n_layers * n_pos
+    line = (f"(c) causal tracing, {restorations} restorations (hidden x layers x tokens, 1 "
+            f"sample): {t_tr:.2f} s = {t_tr / fe / restorations:.3f} FE/restoration "
             "(goal <= 0.35)")
     if not args.skip_loop:
         t0 = time.perf_counter()
@@ -193,6 +194,9 @@ def main() -> None:
         line += (f"; ROME-style loop {t_loop:.2f} s ({t_loop / fe / restorations:.2f} FE) = "
                  f"{t_loop / t_tr:.1f}x (goal >= 5x); {cells} cells agree (1e-5)")
     print(line)
+    fe_end = forward_time(model, pb.clean, n=11)
+    print(f"one plain forward measured again at the end: {fe_end * 1e3:.1f} ms (the FE above "
+          "use the first; the drift is the machine's load)")
     if args.device == "cpu":  # each side in a fresh process (the allocator keeps freed pages)
         import subprocess
         import sys

@@ -612,7 +612,8 @@ class Model:
 
     def run_from(self, prefix: Prefix, *, start: tuple[int, int], reps: int = 1,
                  edits: Mapping[SiteKey, Edit] | None = None,
-                 block_attention: Mapping[int, Tensor] | None = None) -> Run:
+                 block_attention: Mapping[int, Tensor] | None = None,
+                 save: Iterable[SiteKey] = ()) -> Run:
         """A patched forward of ``reps`` stacked copies of the base rows (copy-major, like
         :func:`factfind.patching.repeat`) that recomputes only layers ``>= start[0]`` at
         positions ``>= start[1]``; the final-position logits equal :meth:`run` on the stacked
@@ -627,6 +628,8 @@ class Model:
                 position and their output there is dropped).
             block_attention: per layer, ``[reps*batch q_pos k_pos]`` as for :meth:`run`;
                 rows ``q < start[1]`` must be False.
+            save: sites at layers ``>= start[0]`` whose activations to return, over the
+                positions ``>= start[1]`` only.
 
         Returns:
             A :class:`Run` with the final-position ``logits`` ``[reps*batch d_vocab]``. Cost:
@@ -647,7 +650,11 @@ class Model:
                               for k, v in zip(prefix.keys, prefix.values, strict=True)])
         resid = rep(prefix.resid[layer][:, p0:]) if layer > 0 else None
         blocks = {lay: b[:, p0:] for lay, b in (block_attention or {}).items()}
-        return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0),
+        save = [(Component(c), int(lay)) for c, lay in save]
+        early = [k for k in save if k[1] < layer or (k[0] is Component.EMBED and layer > 0)]
+        if early:
+            raise ValueError(f"cannot save {early}: they lie before the start layer {layer}")
+        return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0), save=save,
                         block_attention=blocks, _resume=Resume(cache=cache, layer=layer,
                                                                resid=resid))
 

@@ -275,3 +275,26 @@ def test_node_sets_incremental_equals_reference(fam, subject_first_facts):
         assert slow[0].nan_to_num().abs().max() > 1e-3  # position 0
         assert slow[-1].nan_to_num().abs().max() > 1e-3  # final position
         torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+def test_path_patching_incremental_equals_reference(fam, subject_first_facts):
+    """Path patching's two stacked runs resume from the cached base run (run 1 at the first
+    receiver layer, run 2 at its first written layer and position); left-padded pairs,
+    receivers at position 0 and at the final position."""
+    from factfind.pathpatch import path_patching, path_patching_reference, path_patching_sweep
+    from factfind.types import Site
+
+    pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]
+    assert len(set(fam.tokenize(list(pairs.clean)).lengths.tolist())) > 1  # left padding
+    senders = [Site("mlp_out", 0, position="subject_first"), Site("z", 1, head=1),
+               Site("neurons", 0, neuron=5, position=0)]
+    receivers = [Site("z", 2, head=2, position="final"), Site("mlp_out", 1, position=0),
+                 Site("neurons", 2, neuron=3, position="subject_last")]
+    for kw in (dict(receiver_input="qkv"), dict(receiver_input="k", direct=True)):
+        fast = path_patching_sweep(fam, pairs, senders, receivers, chunk=4, **kw)
+        slow = path_patching_sweep(fam, pairs, senders, receivers, reference=True, **kw)
+        assert np.abs(slow["metric"] - slow["clean"]).max() > 1e-3
+        np.testing.assert_allclose(fast["metric"], slow["metric"], atol=1e-5, rtol=1e-5)
+    fast = path_patching(fam, pairs, senders, None, direction="denoise")  # direct to logits
+    slow = path_patching_reference(fam, pairs, senders, None, direction="denoise")
+    np.testing.assert_allclose(fast["metric"], slow["metric"], atol=1e-5, rtol=1e-5)
