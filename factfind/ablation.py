@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from factfind.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.metrics import logit_diff_vs_mean
 from factfind.patching import repeat, take
 from factfind.results import tidy
@@ -121,6 +122,15 @@ def _site_mask(model: Model, batch: TokenBatch, site: Site) -> Tensor:
     return pm
 
 
+def _set_start(model: Model, batch: TokenBatch, group: Sequence[Site]) -> tuple[int, int]:
+    """The first ``(layer, position)`` a set of ablated sites writes."""
+    if not group:
+        return model.n_layers - 1, batch.input_ids.shape[1] - 1
+    layer = min(0 if s.component is Component.EMBED else s.layer for s in group)
+    pos = min(first_position(_site_mask(model, batch, s)) for s in group)
+    return layer, pos
+
+
 def _check(model: Model, site: Site) -> None:
     if site.component not in ABLATABLE:
         raise ValueError(f"cannot ablate {site.component}; choose from "
@@ -146,8 +156,14 @@ def ablate_sets(
     batch_size: int = 32,
     progress: bool = False,
     remote: Remote = None,
+    incremental: bool = True,
 ) -> pd.DataFrame:
     """Ablate each *set* of sites together; one row per (set, prompt).
+
+    Cost: one forward per prompt batch (plus one per resample partner), then per set and
+    partner about ``(n_layers - l) / n_layers * (P - p) / P`` of a forward, ``(l, p)`` the
+    set's first ablated layer and position (:mod:`factfind.incremental`); with
+    ``incremental=False`` one full stacked forward per set and partner.
 
     Args:
         model: the model.
@@ -159,6 +175,7 @@ def ablate_sets(
         resamples: K partners per prompt for ``"resample"``.
         remote: run the forwards (means included) as one nnsight session, ``"local"`` or on
             NDIF (``True``); see :meth:`~factfind.model.Model.session`.
+        incremental: resume each stacked ablation from the cached clean run (local only).
 
     Returns:
         Rows with ``set`` (index into ``sets``), ``prompt``, ``effect`` (ablated minus clean
@@ -186,7 +203,8 @@ def ablate_sets(
         batches.append((batch, cand, _role_index(batch), srcs))
     bar = tqdm(total=len(facts), disable=not progress, desc="ablation")
     rows = model.session(_ablation_sweep, model, batches, sets, keys, how=how, means=means,
-                         mean_batches=mean_batches, progress=bar.update, remote=remote)
+                         mean_batches=mean_batches, progress=bar.update, remote=remote,
+                         incremental=incremental and not remote)
     bar.close()
     return tidy(rows)
 
@@ -196,7 +214,8 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
                     sets: Sequence[Sequence[Site]], keys: list[SiteKey], *, how: str,
                     means: dict[SiteKey, Tensor] | None,
                     mean_batches: list[tuple[TokenBatch, Tensor]] | None,
-                    progress: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+                    progress: Callable[[int], Any] | None = None,
+                    incremental: bool = False) -> list[dict[str, Any]]:
     """The model-side half of :func:`ablate_sets` (one nnsight session, torch only): rows."""
     if mean_batches is not None:
         means = _mean_sweep(model, mean_batches, keys)
@@ -205,13 +224,21 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
     for batch, cand, roles, src_batches in batches:
         nb = len(batch)
         reps = max(1, len(src_batches))
-        clean = model.run(batch)
+        prefix = model.base_run(batch) if incremental else None
+        clean = model.run(batch) if prefix is None else prefix
         m_clean = _metric(clean.logits, batch.attribute_ids, cand)
         ok_clean = _correct(clean.logits, batch.attribute_ids, cand)
         sources = [model.run(src, save=keys).acts for src in src_batches]
         chunk = max(1, 512 // (nb * reps))
-        for g0 in range(0, len(sets), chunk):
-            groups = sets[g0:g0 + chunk]
+        if prefix is None:
+            plan = [list(range(g0, min(len(sets), g0 + chunk)))
+                    for g0 in range(0, len(sets), chunk)]
+        else:  # each set's forward resumes at its first ablated layer and position
+            starts = [_set_start(model, batch, group) for group in sets]
+            plan = plan_groups(starts, n_layers=model.n_layers, n_pos=batch.input_ids.shape[1],
+                               max_size=chunk, overhead=OVERHEAD_ROWS / (nb * reps))
+        for idx in plan:
+            groups = [sets[i] for i in idx]
             n_rows = len(groups) * reps * nb
             edits = {}
             for key in keys:
@@ -238,7 +265,11 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
                 else:
                     value = None
                 edits[key] = _replace(mask, value)
-            run = model.run(repeat(batch, n_rows // nb), edits=edits)
+            if prefix is None:
+                run = model.run(repeat(batch, n_rows // nb), edits=edits)
+            else:
+                resume = (min(starts[i][0] for i in idx), min(starts[i][1] for i in idx))
+                run = model.run_from(prefix, start=resume, reps=n_rows // nb, edits=edits)
             ids = batch.attribute_ids.repeat(n_rows // nb)
             metric = _metric(run.logits, ids, cand * (n_rows // nb)).reshape(len(groups), reps,
                                                                              nb)
@@ -246,7 +277,7 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
             for g in range(len(groups)):
                 for b in range(nb):
                     m = float(metric[g, :, b].mean())
-                    rows.append({"method": f"ablation/{how}", "set": g0 + g,
+                    rows.append({"method": f"ablation/{how}", "set": idx[g],
                                  "prompt": start + b, "effect": m - float(m_clean[b]),
                                  "metric": m, "clean": float(m_clean[b]),
                                  "correct": float(ok[g, :, b].float().mean()),

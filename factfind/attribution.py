@@ -47,6 +47,7 @@ from factfind.atp import (
     metric_of,
     pair_batches,
 )
+from factfind.incremental import OVERHEAD_ROWS, first_position, group_start, plan_groups
 from factfind.node_index import ATTENTION_INPUTS, NodeIndex, node_frame
 from factfind.patching import (
     DEFAULT_ROLES,
@@ -62,6 +63,7 @@ from factfind.types import Component, Role, SiteKey
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs, TokenBatch
+    from factfind.incremental import Prefix
     from factfind.model import Model
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class _Prepared:
     qkv: dict[int, tuple[Tensor, ...]]  # layer -> base q, k, v, source q, k, v
     allow: Tensor  # [B q k]
     masks: dict[Role | int, Tensor] = field(default_factory=dict)
+    prefix: Prefix | None = None  # the cached base run, for incremental patched runs
 
     def mask(self, position: Role | int) -> Tensor:
         """``[B pos]`` bool on the model's device."""
@@ -106,7 +109,7 @@ def _check_set(group: NodeSet) -> None:
 
 
 def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSite], *,
-             direction: str, batch_size: int) -> list[_Prepared]:
+             direction: str, batch_size: int, incremental: bool = True) -> list[_Prepared]:
     check_direction(direction)
     sites = list(sites)
     keys = sorted({(s.component, s.layer) for s in sites if s.component not in ATTENTION_INPUTS})
@@ -115,13 +118,14 @@ def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSi
     out = []
     for start, pb in pair_batches(model, pairs, batch_size):
         base, source = base_and_source(pb, direction)
-        b_run = model.run(base, save=qkv_keys)
+        prefix = model.base_run(base, save=qkv_keys) if incremental else None
+        b_run = model.run(base, save=qkv_keys) if prefix is None else prefix
         s_run = model.run(source, save=keys + qkv_keys)
         qkv = {layer: tuple(r.acts[(c, layer)] for r in (b_run, s_run) for c in ATTENTION_INPUTS)
                for layer in qkv_layers}
         out.append(_Prepared(start, pb, base, metric_of(b_run.logits, pb),
                              {k: s_run.acts[k] for k in keys}, qkv,
-                             attention_allow(base, model.device)))
+                             attention_allow(base, model.device), prefix=prefix))
     return out
 
 
@@ -201,9 +205,23 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
         edits[key] = _where_edit(masks.get(key, torch.zeros(S, B, T, model.n_heads,
                                                             dtype=torch.bool, device=dev)),
                                  src, delta)
-    run = model.run(repeat(p.base, S), edits=edits)
+    if p.prefix is None:
+        run = model.run(repeat(p.base, S), edits=edits)
+    else:
+        starts = [_set_start(p, group) for group in sets]
+        run = model.run_from(p.prefix, start=group_start(starts, range(S)), reps=S, edits=edits)
     effect = metric_of(run.logits, p.pb, S).reshape(S, B) - p.m_base[None]
     return effect, valid
+
+
+def _set_start(p: _Prepared, group: NodeSet) -> tuple[int, int]:
+    """The first ``(layer, position)`` a set patches (a head's q/k/v patch acts through its
+    ``z`` at the same layer, at and after the patched position)."""
+    if not group:
+        n_layers = len(p.prefix.resid) if p.prefix is not None else 1
+        return n_layers - 1, p.base.input_ids.shape[1] - 1
+    return (min(s.layer for s in group),
+            min(first_position(p.mask(s.position)) for s in group))
 
 
 def _chunk(model: Model, p: _Prepared) -> int:
@@ -239,13 +257,21 @@ def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[N
     bar = tqdm(total=len(sets) * len(prepared), desc="exact patching", disable=not progress)
     for p in prepared:
         size = chunk or _chunk(model, p)
-        effects, valids = [], []
-        for c0 in range(0, len(sets), size):
-            e, v = _patch_chunk(model, p, sets[c0:c0 + size])
-            effects.append(e)
-            valids.append(v)
-            bar.update(len(e))
-        e, v = torch.cat(effects), torch.cat(valids)  # [set B]
+        if p.prefix is None:
+            plan = [list(range(c0, min(len(sets), c0 + size)))
+                    for c0 in range(0, len(sets), size)]
+        else:  # sets grouped so each forward resumes at its sets' first layer and position
+            plan = plan_groups([_set_start(p, g) for g in sets], n_layers=model.n_layers,
+                               n_pos=p.base.input_ids.shape[1], max_size=size,
+                               overhead=OVERHEAD_ROWS / len(p.m_base))
+        e = torch.empty(len(sets), len(p.m_base), device=p.allow.device)
+        v = torch.empty(len(sets), len(p.m_base), dtype=torch.bool, device=p.allow.device)
+        for idx in plan:
+            got, ok = _patch_chunk(model, p, [sets[i] for i in idx])
+            index = torch.tensor(idx, device=e.device)
+            e[index] = got.to(e.dtype)
+            v[index] = ok
+            bar.update(len(idx))  # e, v: [set B]
         stats.update(e.T, v.T)
         if per_prompt:
             rows.append(torch.where(v, e, torch.nan).cpu())

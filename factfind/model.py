@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from factfind.architectures import UnsupportedArchitectureError, _get, spec_for
+from factfind.incremental import Prefix, PrefixLayer, Resume, patch_edits
 from factfind.types import Component, SiteKey
 
 if TYPE_CHECKING:
@@ -390,6 +391,7 @@ class Model:
         block_attention: Mapping[int, Tensor] | None = None,
         metric: Callable[[Tensor], Tensor] | None = None,
         logits: str = "final",
+        _resume: Resume | None = None,
     ) -> Run:
         """One forward pass with reads, writes, attention blocks and optional gradients.
 
@@ -418,6 +420,8 @@ class Model:
         read_z = {(Component.Z, layer) for (c, layer) in want if c is Component.HEAD_OUT}
         need = want | read_z
         enc = _encoding(batch, self.device)
+        if _resume is not None:  # incremental runs (see run_from): the keys/values cache
+            enc["cache"] = _resume.cache
         if logits == "final":
             enc["logits_to_keep"] = 1  # the unembedding only at the last position
         acts: dict[SiteKey, Any] = {}
@@ -439,6 +443,9 @@ class Model:
                     acts[key] = e
             for layer in range(self.n_layers):
                 blk = blocks[layer]
+                if _resume is not None and layer < _resume.layer:  # incremental (run_from):
+                    blk.skip(_resume.resid)  # this block's output is the cached resid_pre[L]
+                    continue
                 key = (Component.RESID_PRE, layer)
                 if key in need or key in edits:
                     if key in edits:
@@ -765,6 +772,95 @@ class Model:
         if not out:
             return torch.zeros(0, self.d_vocab)
         return torch.cat(out)
+
+    # -- incremental patched runs (see factfind.incremental) ---------------------------------
+    # A base run cached once (every block's input and every layer's keys/values), then patched
+    # forwards that start at the first patched layer and position. Model.run carries the two
+    # hooks these need (the ``_resume`` argument): the cache handed to the attention layers, and
+    # blocks before the start layer skipped with the cached residual as their output.
+
+    def base_run(self, batch: TokenBatch | Mapping[str, Tensor], *,
+                 edits: Mapping[SiteKey, Edit] | None = None,
+                 save: Iterable[SiteKey] = ()) -> Prefix:
+        """One full forward (with the base run's own ``edits``) that keeps what
+        :meth:`run_from` resumes from: every ``resid_pre[l]`` and every layer's keys and
+        values. Costs one forward; holds ``n_layers * (d_model + 2 * n_kv_heads * d_head)``
+        numbers per token.
+
+        Example::
+
+            prefix = model.base_run(corrupt_batch)
+            run = model.run_from(prefix, start=(layer, pos), reps=4, edits=edits)
+        """
+        from transformers.cache_utils import DynamicCache
+
+        edits = dict(edits or {})
+        want = {(Component(c), int(layer)) for c, layer in save}
+        resid_keys = [(Component.RESID_PRE, layer) for layer in range(self.n_layers)]
+        cache = DynamicCache()
+        run = self.run(batch, save=want | set(resid_keys), edits=edits,
+                       _resume=Resume(cache=cache))
+        enc = _encoding(batch, self.device)
+        layers = list(cache.layers)
+        if len(layers) != self.n_layers or any(getattr(x, "keys", None) is None
+                                               for x in layers):
+            raise RuntimeError(f"{self.spec.name}: the attention layers did not fill the "
+                               "keys/values cache; incremental runs need them to")
+        return Prefix(
+            enc={k: enc[k] for k in ("input_ids", "attention_mask", "position_ids")},
+            resid=[run.acts[k] for k in resid_keys],
+            keys=[x.keys.detach() for x in layers], values=[x.values.detach() for x in layers],
+            logits=run.logits, acts={k: v for k, v in run.acts.items() if k in want},
+            edits=edits,
+        )
+
+    def run_from(self, prefix: Prefix, *, start: tuple[int, int], reps: int = 1,
+                 edits: Mapping[SiteKey, Edit] | None = None,
+                 block_attention: Mapping[int, Tensor] | None = None,
+                 save: Iterable[SiteKey] = ()) -> Run:
+        """A patched forward of ``reps`` stacked copies of the base rows (copy-major, like
+        :func:`factfind.patching.repeat`) that recomputes only layers ``>= start[0]`` at
+        positions ``>= start[1]``; the final-position logits equal :meth:`run` on the stacked
+        batch with the base run's edits plus ``edits``, to float rounding.
+
+        Args:
+            prefix: the cached base run (:meth:`base_run`).
+            start: ``(layer, position)``: no edit may touch an earlier layer, and every edit
+                and attention block must leave earlier positions alone (masked writes).
+            reps: copies of the base rows.
+            edits: full-length edits, as for :meth:`run` (they see zeros before the start
+                position and their output there is dropped).
+            block_attention: per layer, ``[reps*batch q_pos k_pos]`` as for :meth:`run`;
+                rows ``q < start[1]`` must be False.
+            save: sites at layers ``>= start[0]`` whose activations to return, over the
+                positions ``>= start[1]`` only.
+
+        Returns:
+            A :class:`Run` with the final-position ``logits`` ``[reps*batch d_vocab]``. Cost:
+            about ``(n_layers - layer) / n_layers * (pos - position) / pos`` of a forward.
+        """
+        from transformers.cache_utils import Cache
+
+        layer, p0 = start
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"start layer {layer} out of range for {self.n_layers} layers")
+        if not 0 <= p0 < prefix.n_pos:
+            raise IndexError(f"start position {p0} is beyond the prompts' {prefix.n_pos} tokens")
+        rep = lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))
+        enc = {"input_ids": rep(prefix.enc["input_ids"][:, p0:]),
+               "attention_mask": rep(prefix.enc["attention_mask"]),
+               "position_ids": rep(prefix.enc["position_ids"][:, p0:])}
+        cache = Cache(layers=[PrefixLayer(k[:, :, :p0], v[:, :, :p0], reps)
+                              for k, v in zip(prefix.keys, prefix.values, strict=True)])
+        resid = rep(prefix.resid[layer][:, p0:]) if layer > 0 else None
+        blocks = {lay: b[:, p0:] for lay, b in (block_attention or {}).items()}
+        save = [(Component(c), int(lay)) for c, lay in save]
+        early = [k for k in save if k[1] < layer or (k[0] is Component.EMBED and layer > 0)]
+        if early:
+            raise ValueError(f"cannot save {early}: they lie before the start layer {layer}")
+        return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0), save=save,
+                        block_attention=blocks, _resume=Resume(cache=cache, layer=layer,
+                                                               resid=resid))
 
     def _check_site(self, key: SiteKey, *, writing: bool) -> None:
         comp, layer = key

@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.graph import stage
+from factfind.incremental import first_position
 from factfind.metrics import logit_diff
 from factfind.patching import PairBatch, auto_chunk, encode_pairs, repeat, take
 from factfind.placement import Placed, is_parallel, role_labels, set_changes, unit_mask
@@ -122,9 +123,16 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str = "qkv",
                  direct: bool = False, direction: str = "noise",
-                 metric: Metric | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 metric: Metric | None = None, incremental: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Metric ``[job batch]`` of each job's patched run (all jobs stacked in two forwards),
-    and the clean and corrupt metrics ``[batch]``."""
+    and the clean and corrupt metrics ``[batch]``.
+
+    With ``incremental`` both stacked forwards resume from the cached base run
+    (:mod:`factfind.incremental`): run 1 at the first receiver layer, run 2 at the first layer
+    and position it writes. Cost: two forwards for the base and source runs, then per job
+    about ``(n_layers - l1) / n_layers`` (run 1) plus ``(n_layers - l2) / n_layers * (P - p2)
+    / P`` (run 2) of a forward."""
     metric = metric or logit_diff
     parallel = is_parallel(model)
     L = model.n_layers
@@ -132,7 +140,9 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         _check_job(model, job, parallel)
     base_b, src_b = (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
     base_keys, src_keys = _keys(jobs, qkv=qkv, parallel=parallel, n_layers=L)
-    base_run, src_run = model.run(base_b, save=base_keys), model.run(src_b, save=src_keys)
+    prefix = model.base_run(base_b, save=base_keys) if incremental else None
+    base_run = model.run(base_b, save=base_keys) if prefix is None else prefix
+    src_run = model.run(src_b, save=src_keys)
     base, src = base_run.acts, src_run.acts
     ends = _ends(metric, pb, base_run.logits, src_run.logits, direction)
     B = base_b.input_ids.shape[0]
@@ -172,7 +182,11 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         if qkv != "qkv":
             keys |= {(c, k[1]) for k in keys if k[0] is Component.Z
                      for c in (Component.Q, Component.K, Component.V)}
-        run1 = model.run(repeat(base_b, len(r1)), save=keys, edits=edits).acts
+        if prefix is None:
+            run1 = model.run(repeat(base_b, len(r1)), save=keys, edits=edits).acts
+        else:  # every position (receivers read the senders' changes anywhere upstream)
+            run1 = model.run_from(prefix, start=(min(layers), 0), reps=len(r1), save=keys,
+                                  edits=edits).acts
         for key, act in run1.items():
             got[key] = act.reshape(len(r1), B, *act.shape[1:])
         if qkv != "qkv":
@@ -217,7 +231,13 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         full = [torch.zeros(shape, dtype=torch.bool) if m is None else m for m in ms]
         vals = [base[key] if v is None else v for v in values[key]]
         edits2[key] = where_edit(_stack(full), _stack(vals))
-    logits = model.run(repeat(base_b, J), edits=edits2).logits
+    if prefix is None:
+        logits = model.run(repeat(base_b, J), edits=edits2).logits
+    else:
+        firsts = [0 if m.dim() < 2 else first_position(m)  # m: [batch] or [batch pos ...]
+                  for ms in masks.values() for m in ms if m is not None]
+        start = (min(k[1] for k in edits2), min(firsts, default=0))
+        logits = model.run_from(prefix, start=start, reps=J, edits=edits2).logits
     out = metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)).reshape(J, B).double().cpu()
     return out, *ends
 

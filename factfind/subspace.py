@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from factfind.atp import base_and_source, check_direction, metric_of, pair_batches
+from factfind.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.patching import PairBatch, encode_pairs, position_mask, repeat
 from factfind.results import tidy
 from factfind.types import Component, Role, SiteKey
@@ -198,14 +199,20 @@ def subspace_patching(
     direction: str = "denoise",
     batch_size: int = 16,
     max_rows: int = 512,
+    incremental: bool = True,
 ) -> pd.DataFrame:
     """Patch each subspace alone, every patch of a chunk in one forward (module docstring).
+
+    Cost: three forwards per pair batch, then per patch about ``(n_layers - l) / n_layers *
+    (P - p) / P`` of a forward (``l`` its layer, ``p`` its role's first position;
+    :mod:`factfind.incremental`), or a full stacked forward with ``incremental=False``.
 
     Args:
         pairs: clean and corrupt prompts.
         patches: the subspaces; give a ``"full"`` patch at each site for :func:`patch_ratio`.
         direction: ``"denoise"`` (corrupt run, clean activations; default) or ``"noise"``.
         max_rows: at most this many rows (patches x prompts) per forward.
+        incremental: resume each stacked forward from the cached base run.
 
     Returns:
         One row per (patch, prompt): ``method="subspace_patching/<direction>"``, component,
@@ -221,17 +228,33 @@ def subspace_patching(
     for start, b in pair_batches(model, pb, batch_size):
         base, src = base_and_source(b, direction)
         n = len(b.correct)
-        clean = metric_of(model.run(b.clean).logits, b).cpu()
+        prefix = model.base_run(base) if incremental else None
+        denoise = direction == "denoise"
+        clean = metric_of((prefix.logits if prefix is not None and not denoise
+                           else model.run(b.clean).logits), b).cpu()
         source_run = model.run(src, save=keys)
-        corrupt = metric_of(model.run(b.corrupt).logits, b).cpu()
+        corrupt = metric_of((prefix.logits if prefix is not None and denoise
+                             else model.run(b.corrupt).logits), b).cpu()
         per = max(1, max_rows // n)
-        for c0 in range(0, len(patches), per):
-            chunk = patches[c0:c0 + per]
+        if prefix is None:
+            plan = [list(range(c0, min(len(patches), c0 + per)))
+                    for c0 in range(0, len(patches), per)]
+        else:  # each patch resumes at its layer and its role's first position
+            starts = [(0 if p.component is Component.EMBED else p.layer,
+                       first_position(position_mask(base, Role(p.role)))) for p in patches]
+            plan = plan_groups(starts, n_layers=model.n_layers, n_pos=base.input_ids.shape[1],
+                               max_size=per, overhead=OVERHEAD_ROWS / n)
+        for idx in plan:
+            chunk = [patches[i] for i in idx]
             edits = _stacked_edits(model, base, source_run.acts, chunk, slice(start, start + n))
-            out = model.run(repeat(base, len(chunk)), edits=edits)
+            if prefix is None:
+                out = model.run(repeat(base, len(chunk)), edits=edits)
+            else:
+                resume = (min(starts[i][0] for i in idx), min(starts[i][1] for i in idx))
+                out = model.run_from(prefix, start=resume, reps=len(chunk), edits=edits)
             m = metric_of(out.logits, b, len(chunk)).cpu().reshape(len(chunk), n)
-            for i, p in enumerate(chunk):
-                rows[c0 + i].extend(_rows(p, start, m[i], clean, corrupt, direction))
+            for j, (i, p) in enumerate(zip(idx, chunk, strict=True)):
+                rows[i].extend(_rows(p, start, m[j], clean, corrupt, direction))
     return tidy([r for per_patch in rows for r in per_patch])
 
 

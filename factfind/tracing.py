@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from factfind.incremental import OVERHEAD_ROWS, plan_groups
 from factfind.metrics import prob
 from factfind.patching import repeat, take
 from factfind.results import tidy
@@ -113,8 +114,14 @@ def causal_tracing(
     chunk: int | None = None,
     progress: bool = True,
     remote: Remote = None,
+    incremental: bool = True,
 ) -> pd.DataFrame:
     """Indirect effect of restoring each (kind, layer, token) state; one row per prompt.
+
+    Cost: one clean and one corrupted forward per prompt batch, then per restoration about
+    ``(n_layers - l) / n_layers * (P - t) / P`` of a forward (``l`` the first restored layer,
+    ``t`` the token; :mod:`factfind.incremental`), a quarter on average; with
+    ``incremental=False`` (and remotely) one full stacked forward per restoration.
 
     Args:
         model: the model.
@@ -130,6 +137,8 @@ def causal_tracing(
         seed: seeds the noise.
         remote: run the forwards as one nnsight session, ``"local"`` or on NDIF (``True``);
             see :meth:`~factfind.model.Model.session`.
+        incremental: resume each stacked restoration from the cached corrupted run at its
+            first restored layer and token (local runs only).
 
     Returns:
         Rows with ``method = "causal_tracing/<kind>"``, ``layer``, ``position`` (token index
@@ -169,7 +178,8 @@ def causal_tracing(
     probs = model.session(_tracing_sweep, model, clean_all, corrupt_all, kinds=kinds,
                           variants=variants, corruption=corruption, noise=noise,
                           samples=samples, window=window, seed=seed, batch_size=batch_size,
-                          chunk=chunk, progress=bar.update, remote=remote)
+                          chunk=chunk, progress=bar.update, remote=remote,
+                          incremental=incremental and not remote)
     bar.close()
     for k, (p_clean, p_corrupt, p_rest) in enumerate(probs):
         start = k * batch_size
@@ -202,8 +212,8 @@ def causal_tracing(
 def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch, *,
                    kinds: tuple[str, ...], variants: list[tuple[str, bool]], corruption: str,
                    noise: float, samples: int, window: int, seed: int, batch_size: int,
-                   chunk: int | None, progress: Callable[[int], Any] | None = None
-                   ) -> list[tuple[Tensor, Tensor, Tensor]]:
+                   chunk: int | None, progress: Callable[[int], Any] | None = None,
+                   incremental: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The model-side half of :func:`causal_tracing` (one nnsight session, torch only): per
     prompt batch ``p_clean [batch]``, ``p_corrupt [sample batch]`` and the restored
     probabilities ``[site sample batch]`` (sites ordered variant, layer, position)."""
@@ -237,14 +247,24 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                 (Component.EMBED, 0): lambda e, eps=eps: e + eps}
         else:
             base_edits = {}
-        corrupt_run = model.run(base, edits=base_edits, save=keys)
+        prefix = model.base_run(base, edits=base_edits, save=keys) if incremental else None
+        corrupt_run = prefix if prefix is not None else model.run(base, edits=base_edits,
+                                                                  save=keys)
         p_corrupt = prob(corrupt_run.logits, target.repeat(samples)).reshape(samples, rows_b)
         sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
                  for pos in range(n_pos)]
         size = chunk or max(1, 2048 // (samples * rows_b))
         p_rest = torch.empty(len(sites), samples, rows_b)
-        for c0 in range(0, len(sites), size):
-            group = sites[c0:c0 + size]
+        if prefix is None:
+            groups = [list(range(c0, min(len(sites), c0 + size)))
+                      for c0 in range(0, len(sites), size)]
+        else:  # each restoration starts at its first restored layer, at its token
+            starts = [(layer if kind == "hidden" else _window(layer, window, n_layers).start,
+                       pos) for kind, _, layer, pos in sites]
+            groups = plan_groups(starts, n_layers=n_layers, n_pos=n_pos, max_size=size,
+                                 overhead=OVERHEAD_ROWS / (samples * rows_b))
+        for idx in groups:
+            group = [sites[i] for i in idx]
             g = len(group)
             masks: dict[tuple[Component, int], Tensor] = {}
             sources: dict[tuple[Component, int], Tensor] = {}
@@ -264,6 +284,8 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
             edits: dict[tuple[Component, int], Callable[[Tensor], Tensor]] = dict(base_edits)
             if base_edits:
                 edits = {(Component.EMBED, 0): lambda e, eps=eps, g=g: e + eps.repeat(g, 1, 1)}
+            if prefix is not None:
+                edits = {}  # the prefix re-applies the base run's noise where it recomputes
             for key, m in masks.items():
                 if key[0] == "sever":
                     continue
@@ -275,9 +297,13 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                 frozen = corrupt_run.acts[mkey]
                 prev = edits.get(mkey)
                 edits[mkey] = _freeze(m, frozen, g, prev)
-            run = model.run(repeat(base, g), edits=edits)
+            if prefix is None:
+                run = model.run(repeat(base, g), edits=edits)
+            else:
+                start = (min(starts[i][0] for i in idx), min(starts[i][1] for i in idx))
+                run = model.run_from(prefix, start=start, reps=g, edits=edits)
             pr = prob(run.logits, target.repeat(samples * g)).reshape(g, samples, rows_b)
-            p_rest[c0:c0 + g] = pr.cpu()
+            p_rest[idx] = pr.cpu()
         out.append((p_clean.cpu(), p_corrupt.cpu(), p_rest))
         if progress is not None:
             progress(rows_b)

@@ -36,7 +36,12 @@ def test_patching_matches_reference(family_model, facts, direction):
               direction=direction)
     fast = activation_patching(family_model, pairs, batch_size=3, chunk=7, progress=False, **kw)
     slow = activation_patching_reference(family_model, pairs, **kw)
-    _close(fast, slow, ["component", "layer", "head", "position", "role", "prompt"])
+    keys = ["component", "layer", "head", "position", "role", "prompt"]
+    # the patched logit difference to 1e-5; the effect divides it by the clean-corrupt gap,
+    # which scales rounding up by 1/gap (incremental runs round differently from full ones)
+    _close(fast, slow, keys, col="metric")
+    gap = float((slow["clean"] - slow["corrupt"]).abs().min())
+    _close(fast, slow, keys, atol=1e-5 / min(1.0, gap))
 
 
 def test_patching_sanity(gpt2_model, facts):
