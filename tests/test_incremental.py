@@ -8,7 +8,7 @@ import torch
 
 from factfind.incremental import cost, first_position, group_start, plan_groups
 from factfind.patching import activation_patching, activation_patching_reference
-from factfind.testing import tiny_model
+from factfind.testing import FAMILIES, tiny_model
 from factfind.types import Component as C
 
 
@@ -28,6 +28,18 @@ def _padded_batch(n_rows=3, n_pos=9, vocab=40, seed=0):
 
 SITES = [(C.EMBED, 0), (C.RESID_PRE, 0), (C.RESID_PRE, 1), (C.Z, 1), (C.NEURONS, 1),
          (C.ATTN_OUT, 2), (C.MLP_OUT, 2), (C.RESID_POST, 2)]
+
+
+@pytest.fixture(scope="module", params=[f for f in FAMILIES
+                                        if f not in ("gpt2", "gpt_neox", "llama")])
+def other_fam(request):
+    """Every other family (post-norms, q/k norms, softcapping, fused projections, GPT-J)."""
+    return tiny_model(request.param, n_layers=3)
+
+
+@pytest.mark.parametrize("key", SITES, ids=lambda k: f"{k[0]}{k[1]}")
+def test_run_from_equals_run_on_every_family(other_fam, key):
+    test_run_from_equals_run(other_fam, key)
 
 
 @pytest.mark.parametrize("key", SITES, ids=lambda k: f"{k[0]}{k[1]}")
