@@ -31,7 +31,7 @@ All restorations for a chunk of sites, noise samples and prompts run in one stac
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -80,6 +80,16 @@ def token_roles(batch: TokenBatch) -> list[list[str | None]]:
     return out
 
 
+def traced_positions(batch: TokenBatch, roles: list[str] | None) -> list[int]:
+    """The padded positions to restore: every one, or those holding one of ``roles`` in some
+    row."""
+    n_pos = batch.input_ids.shape[1]
+    if roles is None:
+        return list(range(n_pos))
+    labels = token_roles(batch)
+    return [p for p in range(n_pos) if any(row[p] in roles for row in labels)]
+
+
 def subject_embedding_std(model: Model, batch: TokenBatch) -> float:
     """ROME's sigma: std of the token embeddings at subject positions over the dataset."""
     run = model.run(batch, save=[(Component.EMBED, 0)])
@@ -115,6 +125,7 @@ def causal_tracing(
     progress: bool = True,
     remote: Remote = None,
     incremental: bool = True,
+    roles: Sequence[Role | str] | None = None,
 ) -> pd.DataFrame:
     """Indirect effect of restoring each (kind, layer, token) state; one row per prompt.
 
@@ -139,6 +150,10 @@ def causal_tracing(
             see :meth:`~factfind.model.Model.session`.
         incremental: resume each stacked restoration from the cached corrupted run at its
             first restored layer and token (local runs only).
+
+        roles: trace only tokens of these roles (e.g. ``("subject_last", "final")``, the
+            two sites ROME's claims are about); default every token. A padded position is
+            restored when it holds one of the roles in any row; rows are kept per role.
 
     Returns:
         Rows with ``method = "causal_tracing/<kind>"``, ``layer``, ``position`` (token index
@@ -172,6 +187,7 @@ def causal_tracing(
         corrupt_all = clean_all
     variants = [(k, False) for k in kinds] + ([("hidden", True)] if severed else [])
     n_layers = model.n_layers
+    wanted = None if roles is None else [str(Role(r)) for r in roles]
     rows: list[dict[str, Any]] = []
     n = len(clean_data)
     bar = tqdm(total=n, desc="causal tracing", unit="prompt", disable=not progress)
@@ -179,22 +195,22 @@ def causal_tracing(
                           variants=variants, corruption=corruption, noise=noise,
                           samples=samples, window=window, seed=seed, batch_size=batch_size,
                           chunk=chunk, progress=bar.update, remote=remote,
-                          incremental=incremental and not remote)
+                          incremental=incremental and not remote, roles=wanted)
     bar.close()
     for k, (p_clean, p_corrupt, p_rest) in enumerate(probs):
         start = k * batch_size
         clean = take(clean_all, slice(start, start + batch_size))
         rows_b, n_pos = clean.input_ids.shape
         sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
-                 for pos in range(n_pos)]
-        roles = token_roles(clean)
+                 for pos in traced_positions(clean, wanted)]
+        roles_b = token_roles(clean)
         tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in clean.input_ids.tolist()]
         pc = p_corrupt.mean(0)
         for s, (kind, sev, layer, pos) in enumerate(sites):
             name = "hidden/severed_mlp" if sev else kind
             for b in range(rows_b):
-                role = roles[b][pos]
-                if role is None:
+                role = roles_b[b][pos]
+                if role is None or (wanted is not None and role not in wanted):
                     continue
                 pr_mean = float(p_rest[s, :, b].mean())
                 offset = n_pos - int(clean.lengths[b])  # left padding: report prompt positions
@@ -213,7 +229,8 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                    kinds: tuple[str, ...], variants: list[tuple[str, bool]], corruption: str,
                    noise: float, samples: int, window: int, seed: int, batch_size: int,
                    chunk: int | None, progress: Callable[[int], Any] | None = None,
-                   incremental: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+                   incremental: bool = False, roles: list[str] | None = None
+                   ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The model-side half of :func:`causal_tracing` (one nnsight session, torch only): per
     prompt batch ``p_clean [batch]``, ``p_corrupt [sample batch]`` and the restored
     probabilities ``[site sample batch]`` (sites ordered variant, layer, position)."""
@@ -252,7 +269,7 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                                                                   save=keys)
         p_corrupt = prob(corrupt_run.logits, target.repeat(samples)).reshape(samples, rows_b)
         sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
-                 for pos in range(n_pos)]
+                 for pos in traced_positions(clean, roles)]
         size = chunk or max(1, 2048 // (samples * rows_b))
         p_rest = torch.empty(len(sites), samples, rows_b)
         if prefix is None:

@@ -178,6 +178,24 @@ def test_tracing_incremental_equals_reference(fam, subject_first_facts):
     np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-7, rtol=1e-4)
 
 
+def test_tracing_roles_equals_the_full_trace_filtered(fam, subject_first_facts):
+    """Tracing only some roles' tokens gives exactly the full trace's rows for those roles."""
+    from factfind.tracing import causal_tracing
+
+    facts = subject_first_facts[:4]
+    kw = dict(kinds=("mlp", "attn"), samples=2, window=2, seed=0, progress=False)
+    full = causal_tracing(fam, facts, **kw)
+    part = causal_tracing(fam, facts, roles=("subject_last", "final"), **kw)
+    keep = full[full["role"].isin(["subject_last", "final"])].reset_index(drop=True)
+    assert set(part["role"]) == {"subject_last", "final"} and len(part) == len(keep)
+    assert np.abs(keep["effect"].to_numpy()).max() > 1e-4
+    cols = ["method", "layer", "position", "role", "prompt"]
+    part = part.sort_values(cols).reset_index(drop=True)
+    keep = keep.sort_values(cols).reset_index(drop=True)
+    assert part[cols].equals(keep[cols])
+    np.testing.assert_allclose(part["effect"], keep["effect"], atol=1e-6, rtol=0)
+
+
 def test_tracing_str_severed_incremental_equals_full(fam, subject_first_facts):
     """Symmetric token replacement with severed MLPs: incremental == full stacked forwards."""
     from factfind.tracing import causal_tracing

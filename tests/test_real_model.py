@@ -72,10 +72,13 @@ def test_rome_known_counts_and_partners(rome_known, smollm2):
 
 
 def test_causal_tracing_early_and_late_sites(rome_known, smollm2):
-    """ROME's two sites on known facts (noise on the subject, windows of 5 layers)."""
-    sample = rome_known.sample(8, seed=0)
+    """ROME's two sites on known facts (noise on the subject, windows of 5 layers), traced at
+    the two tokens the claims are about. Measured on 4 and 8 facts: 98% of the positive MLP
+    effect at the last subject token lies at depth <= 0.6, 92% of the final token's attention
+    effect at depth >= 0.4 (the rule asks for 75%)."""
+    sample = rome_known.sample(4, seed=0)
     df = ff.causal_tracing(smollm2, sample, kinds=("mlp", "attn"), samples=2, window=5,
-                           seed=0, progress=False)
+                           seed=0, progress=False, roles=("subject_last", "final"))
     early, late = tracing_sites(ff.aggregate(df), smollm2.n_layers)
     assert early["holds"], early["measured"]
     assert late["holds"], late["measured"]
