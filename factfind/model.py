@@ -967,7 +967,9 @@ def _bias(module: Any, size: int) -> Tensor:
 
 
 def _encoding(batch: Any, device: torch.device) -> dict[str, Any]:
-    if hasattr(batch, "input_ids"):
+    """Model inputs from a token batch, or from a mapping such as a tokenizer's
+    ``BatchEncoding`` (which also has an ``input_ids`` attribute, but no ``position_ids``)."""
+    if hasattr(batch, "input_ids") and not isinstance(batch, Mapping):
         enc = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                "position_ids": batch.position_ids}
     else:

@@ -253,3 +253,16 @@ def test_z_grads_have_head_shape(pair):
     shape = (3, 7, model.n_heads, model.d_head)
     assert run.acts[(C.Z, 0)].shape == shape and run.grads[(C.Z, 0)].shape == shape
     assert run.grads[(C.Z, 0)].abs().max() > 0
+
+
+def test_run_takes_a_tokenizer_batch_encoding(tok):
+    """A tokenizer's BatchEncoding (attribute access, no position_ids) runs like a dict."""
+    from factfind.testing import tiny_model
+
+    model = tiny_model("llama")
+    model.tokenizer.padding_side = "left"
+    enc = model.tokenizer(["Tiger Woods plays", "Paris"], return_tensors="pt", padding=True)
+    assert not bool(enc["attention_mask"].all())
+    got = model.run(enc).logits
+    torch.testing.assert_close(got, model.run(dict(enc)).logits)
+    assert got.abs().max() > 0

@@ -79,6 +79,6 @@ def test_causal_tracing_early_and_late_sites(rome_known, smollm2):
     sample = rome_known.sample(4, seed=0)
     df = ff.causal_tracing(smollm2, sample, kinds=("mlp", "attn"), samples=2, window=5,
                            seed=0, progress=False, roles=("subject_last", "final"))
-    early, late = tracing_sites(ff.aggregate(df), smollm2.n_layers)
+    early, late, _ = tracing_sites(ff.aggregate(df), smollm2.n_layers)
     assert early["holds"], early["measured"]
     assert late["holds"], late["measured"]
