@@ -222,6 +222,7 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
     rows: list[dict[str, Any]] = []
     start = 0
     for batch, cand, roles, src_batches in batches:
+        done = len(rows)
         nb = len(batch)
         reps = max(1, len(src_batches))
         prefix = model.base_run(batch) if incremental else None
@@ -282,6 +283,8 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
                                  "metric": m, "clean": float(m_clean[b]),
                                  "correct": float(ok[g, :, b].float().mean()),
                                  "clean_correct": float(ok_clean[b])})
+        # rows in set order whatever the plan's order of forwards
+        rows[done:] = sorted(rows[done:], key=lambda r: (r["set"], r["prompt"]))
         start += nb
         if progress is not None:
             progress(nb)

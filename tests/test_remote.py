@@ -71,7 +71,10 @@ def _same(local, remote, *, col="effect", nonzero=1e-3):
     assert len(a) == len(b) > 0
     finite = np.isfinite(a)
     assert finite.sum() > 0 and np.abs(a[finite]).max() > nonzero, "compare non-zero values"
-    np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    # float32 to rounding: local sweeps resume patched runs from a cached base run (other
+    # shapes, other summation order); remote ones run full stacked forwards
+    scale = max(1.0, float(np.abs(a[finite]).max()))
+    np.testing.assert_allclose(b, a, atol=2e-5 * scale, rtol=0)
     # the other columns: labels equal; numbers equal to float rounding (local sweeps may
     # resume patched runs from a cached base run, remote ones run full stacked forwards)
     cols = [c for c in local.columns if c not in ("effect", "metric", "clean", "corrupt")]
@@ -80,7 +83,7 @@ def _same(local, remote, *, col="effect", nonzero=1e-3):
     assert local[labels].astype(str).equals(remote[labels].astype(str))
     for c in floats:
         np.testing.assert_allclose(remote[c].to_numpy(float), local[c].to_numpy(float),
-                                   atol=1e-6, rtol=0, err_msg=c)
+                                   atol=2e-5 * scale, rtol=0, err_msg=c)
 
 
 def test_patching_sweep_is_one_request_with_local_numbers(gpt2_model, pairs, server):
