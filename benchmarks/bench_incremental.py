@@ -19,6 +19,7 @@ measured in one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import threading
@@ -155,8 +156,10 @@ def main() -> None:
         from transformer_lens.model_bridge import TransformerBridge
         from transformers import AutoTokenizer
 
+        # the bridge rewires the module it is given: hand it a copy, not factfind's model
         bridge = TransformerBridge.boot_transformers(
-            args.model, tokenizer=AutoTokenizer.from_pretrained(args.model), hf_model=model.hf)
+            args.model, tokenizer=AutoTokenizer.from_pretrained(args.model),
+            hf_model=copy.deepcopy(model.hf))
         correct, wrong = pb.correct.to(model.device), pb.wrong.to(model.device)
 
         def metric(logits: torch.Tensor) -> torch.Tensor:
