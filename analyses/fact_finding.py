@@ -97,6 +97,8 @@ class Config:
     circuit_prompts: int = _opt(24, "pairs for path patching, EAP-IG and the circuit")
     eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
     circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
+    prune_exact_max: int = _opt(512, "score heads and MLPs by exact ablation while pruning "
+                                "only up to this many of them (else by attribution)")
     atp_prompts: int = _opt(24, "pairs for AtP* and the neuron analyses")
     atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
     top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
@@ -242,9 +244,17 @@ def main(argv: list[str] | None = None) -> Outcome:
         model, circuit_pairs, full, sizes=sizes, how="resample"))
     # the same at neuron granularity: every head and neuron x role, pruned to faithfulness 0.9
     everything = all_nodes(model, model.tokenize(list(circuit_pairs.clean)), neurons=True)
+    # heads and whole MLPs are scored by exact ablation while there are few of them (the
+    # organism: 4 layers); on a 30-layer model that is thousands of forwards per round, so
+    # they are scored by attribution like the neurons (every accepted circuit is still
+    # measured exactly)
+    n_units = sum(1 for v in everything if v.kind in ("head", "mlp"))
+    exact = ("head", "mlp") if n_units <= cfg.prune_exact_max else ()
+    log.info("pruning %d head/neuron x role nodes; heads and MLPs scored %s", len(everything),
+             "exactly" if exact else f"by attribution ({n_units} > --prune-exact-max)")
     pruned = cache.table("neuron_circuit", lambda: prune_circuit(
         model, circuit_pairs, everything, target=0.9, step=0.5, how="mean", max_rounds=12,
-        batch_size=cfg.batch_size))
+        batch_size=cfg.batch_size, exact=exact))
     pruned = pd.DataFrame(pruned[pruned["accepted"].to_numpy()])
     log.info("circuit: %d of %d nodes, %d edges; %d of %d head/neuron nodes at F >= 0.9 (%.0fs)",
              circuit.graph.number_of_nodes(), n_nodes, circuit.graph.number_of_edges(),
