@@ -80,7 +80,7 @@ class Config:
                       "or hub name")
     facts: str = _opt("organism:sport", "dataset: organism:<relation>, athletes, rome_known, "
                       "counterfact:val, lre:factual/<relation>, a CSV/JSON file")
-    n_prompts: int = _opt(48, "known facts to pair and analyse")
+    n_prompts: int = _opt(32, "known facts to pair and analyse")
     seed: int = _opt(0, "seed of every sample")
     device: str = _opt("cpu", "cpu, cuda, ...")
     dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")
@@ -90,16 +90,19 @@ class Config:
     known_top_k: int = _opt(1, "... and its attribute token is within the top k")
     known_min_prob: float = _opt(0.0, "... and p(attribute) is at least this")
     min_pairs: int = _opt(4, "stop with an error below this many known, paired facts")
-    tracing_prompts: int = _opt(24, "pairs for causal tracing")
-    tracing_samples: int = _opt(3, "noise samples per traced prompt")
+    tracing_prompts: int = _opt(8, "pairs for causal tracing")
+    tracing_samples: int = _opt(2, "noise samples per traced prompt")
+    tracing_roles: str = _opt("subject_first,subject_last,final", "comma-separated token "
+                              "roles to trace ('all': every token)")
     tracing_window: int = _opt(3, "layers restored together around each layer")
     knockout_window: int = _opt(1, "layers blocked together from each layer")
-    circuit_prompts: int = _opt(24, "pairs for path patching, EAP-IG and the circuit")
+    circuit_prompts: int = _opt(16, "pairs for path patching, EAP-IG and the circuit")
     eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
     circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
     prune_exact_max: int = _opt(512, "score heads and MLPs by exact ablation while pruning "
                                 "only up to this many of them (else by attribution)")
-    atp_prompts: int = _opt(24, "pairs for AtP* and the neuron analyses")
+    atp_prompts: int = _opt(16, "pairs for AtP* and the neuron analyses")
+    bound_nodes: int = _opt(256, "nodes sampled per AtP* search for the missed-effect bound")
     atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
     top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
     resample_k: int = _opt(8, "subjects resampled per neuron")
@@ -173,13 +176,15 @@ def main(argv: list[str] | None = None) -> Outcome:
 
     # 2. causal tracing ------------------------------------------------------------------------
     def trace(start: int, stop: int) -> pd.DataFrame:
+        roles = None if cfg.tracing_roles == "all" else cfg.tracing_roles.split(",")
         df = ff.causal_tracing(model, pairs.clean[start:stop], samples=cfg.tracing_samples,
                                window=cfg.tracing_window, severed=True, seed=cfg.seed,
+                               roles=roles,
                                batch_size=cfg.batch_size, progress=False)
         return df
 
     tracing = _chunked(cache, "causal_tracing", min(len(pairs), cfg.tracing_prompts), trace,
-                       chunk=cfg.batch_size, desc="causal tracing")
+                       chunk=min(cfg.batch_size, 4), desc="causal tracing")
     log.info("causal tracing done (%.0fs)", time.time() - t0)
 
     # 3. activation patching by layer and role; heads at the final position ---------------------
@@ -414,7 +419,7 @@ def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactP
     cands = cache.table("atp_star", lambda: pd.concat([search(n) for n in searches],
                                                       ignore_index=True))
     bound = cache.table("atp_star_bound", lambda: pd.concat([
-        missed_effect_bound(model, pairs, rn.verification_of(g), max_nodes=1024,
+        missed_effect_bound(model, pairs, rn.verification_of(g), max_nodes=cfg.bound_nodes,
                             batch_size=bs, progress=True).buckets.assign(search=name)
         for name, g in cands.groupby("search", sort=False)], ignore_index=True))
     neurons = pd.DataFrame(cands.loc[(cands["component"] == "neurons").to_numpy()])

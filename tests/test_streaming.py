@@ -47,8 +47,10 @@ def test_stream_equals_one_shot_run(gpt2_model, pairs, tmp_path):
     assert sorted(set(got["prompt"])) == list(range(len(pairs)))  # global prompt indices
     assert np.abs(want["effect"]).max() > 1e-3
     # chunks pad to their own longest prompt; padding does not change results (left padding,
-    # explicit positions), so only float noise separates them
-    np.testing.assert_allclose(got["effect"], want["effect"], atol=1e-5)
+    # explicit positions), so only float noise separates them (resumed patched runs round
+    # differently per chunk shape; effects are normalised by clean - corrupt, up to ~13 here)
+    scale = float(np.abs(want["effect"]).max())
+    np.testing.assert_allclose(got["effect"], want["effect"], atol=2e-5 * max(1.0, scale))
     agg = res.aggregate()
     ref = ff.aggregate(res.read())
     key = ["component", "layer", "role"]
