@@ -1,5 +1,6 @@
 """The README's main job end to end on the organism: report, cache hits, resume, browser check."""
 
+import re
 import runpy
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def script():
     return runpy.run_path(str(SCRIPT), run_name="fact_finding_test")
 
 
-def test_report_cache_and_resume(script, tmp_path, monkeypatch):
+def test_report_cache_and_resume(script, tmp_path, monkeypatch, capfd):
     args = [*ARGS, "--out", str(tmp_path / "reports"), "--cache", str(tmp_path / "runs")]
     # a run that dies in the middle (in attention knockout) keeps what it finished
     real = ff.attention_knockout
@@ -34,6 +35,11 @@ def test_report_cache_and_resume(script, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         script["main"](args)
     monkeypatch.setattr(ff, "attention_knockout", real)
+    # first contact with a real model: causal tracing ran for 11 minutes without a sign of
+    # life; every long step now draws a progress bar with an ETA on stderr
+    err = capfd.readouterr().err
+    for step in ("known facts", "causal tracing", "activation patching"):
+        assert re.search(rf"{step}: +\d+%.*<\d\d:\d\d", err), step
     resumed = script["main"](args)
     hits, computed = resumed.cache.hits, resumed.cache.computed
     assert any(h.startswith("attribute_scores") for h in hits)
