@@ -26,6 +26,7 @@ attributes, and "correct" means the attribute is the top-1 among the relation's 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ from factfind.types import Component, Role, Site, SiteKey
 if TYPE_CHECKING:
     from factfind.data import FactDataset, TokenBatch
     from factfind.model import Model, Remote
+
+log = logging.getLogger(__name__)
 
 TOKEN_ROLES = ("prefix", "subject_first", "subject", "subject_last", "relation", "final")
 ABLATABLE = (Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT, Component.MLP_OUT,
@@ -191,8 +194,7 @@ def ablate_sets(
     keys = sorted({(s.component, s.layer) for g in sets for s in g})
     mean_batches = (_role_batches(model, reference or facts, 64)
                     if how == "mean" and means is None else None)
-    candidates = {r: model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
-                  for r in facts.relations}
+    candidates = answer_candidates(model, facts if reference is None else facts + reference)
     partners = _partners(model, facts, reference, resamples, seed) if how == "resample" else []
     batches = []
     for start in range(0, len(facts), batch_size):
@@ -289,6 +291,29 @@ def _ablation_sweep(model: Model, batches: list[tuple[TokenBatch, list[Tensor], 
         if progress is not None:
             progress(nb)
     return rows
+
+
+def answer_candidates(model: Model, facts: FactDataset) -> dict[str, Tensor]:
+    """Per relation, the attribute tokens the metric compares the answer with: the relation's
+    own attributes among ``facts``; a relation with a single attribute there (a handful of
+    ROME facts of one relation share their answer) is compared with every relation's
+    attributes instead, so the contrast is never empty (logged)."""
+    every = model.tokenize(list(facts)).attribute_ids.unique()
+    out, widened = {}, []
+    for r in facts.relations:
+        own = model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
+        if len(own) < 2:
+            own, _ = torch.sort(every)
+            widened.append(r)
+        out[r] = own
+    if widened:
+        log.info("%d relations have a single attribute among the facts; their answers are "
+                 "contrasted with every relation's attributes: %s", len(widened),
+                 ", ".join(widened[:5]) + (" ..." if len(widened) > 5 else ""))
+    if len(every) < 2:
+        raise ValueError("ablation needs at least two different attributes among the facts "
+                         "(the metric contrasts the answer with the others)")
+    return out
 
 
 def ablation(model: Model, facts: FactDataset, sites: Sequence[Site], **kwargs: Any

@@ -185,3 +185,20 @@ def test_effective_model_and_mean_ablation_identity(gpt2_model, facts):
     assert df["effect"].abs().max() > 1e-3
     means = mean_activations(gpt2_model, facts, [(Component.MLP_OUT, 0)], batch_size=5)
     assert means[(Component.MLP_OUT, 0)].shape == (6, gpt2_model.d_model)
+
+
+def test_effective_model_with_a_single_answer_relation(gpt2_model, facts):
+    """rome_known on SmolLM2: the known facts of a relation can share one answer; the
+    metric then contrasts it with every relation's answers instead of crashing ('a row has no
+    candidate other than its correct attribute')."""
+    import dataclasses
+
+    from factfind.ablation import effective_model
+    from factfind.data import FactDataset
+
+    golf = [f for f in facts if f.attribute == "golf"]
+    one = FactDataset([dataclasses.replace(f, relation="owns") for f in golf])
+    mixed = one + FactDataset([f for f in facts if f.attribute != "golf"][:4])
+    df = effective_model(gpt2_model, mixed)
+    assert len(df) == gpt2_model.n_layers + 1 and df["effect"].notna().all()
+    assert df["effect"].abs().max() > 0
