@@ -78,6 +78,8 @@ class _Handler(logging.StreamHandler):  # pyright: ignore[reportMissingTypeArgum
         self.addFilter(self.repeats)
 
     def flush(self) -> None:
+        if getattr(self.stream, "closed", False):  # e.g. at interpreter exit after a capture
+            return
         self.repeats.flush()
         super().flush()
 
