@@ -226,6 +226,10 @@ def probe_onset(probes: pd.DataFrame, n_layers: int, *, role: str = "subject_las
                     "not measured", None, n_layers=n_layers)
     chance = float(_curve(probes, role=role, value="chance").mean())
     best = float(curve.max())
+    if not best > chance:  # never above chance (or NaN): there is no onset
+        return _row("Fact Finding probe by layer", "Nanda et al. 2023", claim,
+                    f"held-out accuracy never exceeds chance ({best:.2f} vs {chance:.2f})",
+                    False, n_layers=n_layers, value=best, contrast=chance)
     bar = chance + reach * (best - chance)
     onset = int(curve.index.to_numpy()[curve.to_numpy() >= bar].min())
     measured = (f"held-out accuracy rises from {float(curve.iloc[0]):.2f} (layer 0) to "

@@ -75,7 +75,9 @@ def test_effective_model_and_probe_onset():
                            "chance": 0.25})
     row = probe_onset(probes, L)
     assert row["holds"] and 8 <= row["layer"] <= 12
-    assert not probe_onset(probes.assign(effect=0.3), L)["holds"]  # never beats chance
+    assert not probe_onset(probes.assign(effect=0.3), L)["holds"]  # barely beats chance
+    below = probe_onset(probes.assign(effect=0.2), L)  # below chance everywhere (rome_known)
+    assert below["holds"] is False and "never exceeds chance" in below["measured"]
 
 
 def test_literature_findings_frame():
