@@ -3,9 +3,9 @@
 Two habits of a command-line tool, shared by ``factfind`` and the ``analyses/`` scripts:
 
 * :func:`configure_logging` installs one handler whose :class:`RepeatFilter` collapses a run
-  of log records with the same logger, level and message template into the first record
+  of identical log records (same logger, level and rendered message) into the first record
   plus one line "(the previous message repeated N more times)". A sweep that logs the same
-  condition for every layer then writes two lines, not thirty.
+  warning for every chunk then writes two lines, not thirty.
 * :func:`run_cli` calls a ``main`` function; a :class:`~factfind.errors.FactfindError` (input
   the user can fix: the message names the cause and the fix) is printed as
   ``factfind: error: <message>`` on one line with exit status 2, and no traceback. Other
@@ -31,8 +31,9 @@ FORMAT = "%(asctime)s %(name)s: %(message)s"
 
 
 class RepeatFilter(logging.Filter):
-    """Drop a record that repeats the previous one's logger, level and message template
-    (arguments may differ); when the run ends, say how many were dropped.
+    """Drop a record that repeats the previous one's logger, level and message (as rendered:
+    lines that differ in an argument are all kept); when the run ends, say how many were
+    dropped.
 
     The count is emitted through the same handler as an ordinary record of the repeated
     logger, just before the next different record (or at :meth:`flush`).
@@ -50,7 +51,7 @@ class RepeatFilter(logging.Filter):
         self._emit = emit
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno, record.getMessage())
         if key == self._last:
             self._repeats += 1
             return False

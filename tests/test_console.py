@@ -28,17 +28,20 @@ def captured():
 def test_repeated_log_lines_collapse(captured):
     stream, handler = captured
     log = logging.getLogger("factfind.test")
-    for layer in range(30):
-        log.info("receiver head at layer %d has no upstream sender", layer)
+    for _ in range(30):
+        log.info("receiver head at layer %d has no upstream sender", 4)
     log.info("a different message")
-    log.info("receiver head at layer %d has no upstream sender", 3)  # a new run of it
+    log.info("receiver head at layer %d has no upstream sender", 4)  # a new run of it
+    for layer in (1, 2):  # lines that differ are all kept
+        log.info("finding %d: %s", layer, "holds")
     handler.flush()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 4, lines
-    assert lines[0].endswith("receiver head at layer 0 has no upstream sender")
+    assert len(lines) == 6, lines
+    assert lines[0].endswith("receiver head at layer 4 has no upstream sender")
     assert lines[1].endswith("(the previous message repeated 29 more times)")
     assert lines[2].endswith("a different message")
-    assert lines[3].endswith("layer 3 has no upstream sender")
+    assert lines[3].endswith("layer 4 has no upstream sender")
+    assert lines[4].endswith("finding 1: holds") and lines[5].endswith("finding 2: holds")
 
 
 def test_configure_logging_twice_does_not_duplicate(captured):
