@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from factfind.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.metrics import logit_diff_vs_mean
+from factfind.pairs import FALLBACKS
 from factfind.patching import repeat, take
 from factfind.results import tidy
 from factfind.tracing import token_roles
@@ -378,7 +379,8 @@ def _partners(model: Model, facts: FactDataset, reference: FactDataset | None, k
     pool = facts if reference is None else facts + reference
     out = []
     for r in range(k):
-        pairs = pool.corrupt(model, seed=seed + r, on_missing="skip")[:len(facts)]
+        pairs = pool.corrupt(model, seed=seed + r, on_missing="skip",
+                             fallback=FALLBACKS)[:len(facts)]
         if [p.subject for p in pairs.clean] != [p.subject for p in facts]:
             raise ValueError("resample ablation needs a partner for every prompt; pass a larger "
                              "reference= pool")
