@@ -455,7 +455,7 @@ def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactP
     return {
         "atp": cands, "bound": bound,
         "resample": cache.table("neuron_resample", lambda: resample_neurons(
-            model, pairs.clean, top, k=cfg.resample_k, reference=reference, seed=cfg.seed,
+            model, pairs.clean, top, k=cfg.resample_k, reference=pool, seed=cfg.seed,
             batch_size=bs)),
         "and": cache.table("neuron_and", lambda: neuron_nonlinearity(
             model, reference, per_layer, samples=4, seed=cfg.seed)
