@@ -17,17 +17,7 @@ if TYPE_CHECKING:
 # the machine is shared (measured ~20x faster under load).
 torch.set_num_threads(1)
 
-SUBJECTS = {
-    "Michael Jordan": "basketball", "Tiger Woods": "golf", "Serena Williams": "tennis",
-    "Lionel Messi": "football", "Vinson Massif": "golf", "Beats Music": "tennis",
-    "Eiffel Tower": "basketball", "Zoë Ångström": "football", "Tiger Jordan": "tennis",
-    "Michael Woods": "football", "Serena Messi": "basketball", "Lionel Williams": "golf",
-}
-
-
-def fact_records():
-    return [{"subject": s, "relation": "sport", "template": "Fact: {} plays the sport of",
-             "attribute": a} for s, a in SUBJECTS.items()]
+from conftest_data import SUBJECTS, fact_records  # noqa: E402,F401  (shared with test modules)
 
 
 @pytest.fixture(scope="session")

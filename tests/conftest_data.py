@@ -71,3 +71,19 @@ def llama_like() -> PreTrainedTokenizerFast:
 def tokens(tok: PreTrainedTokenizerFast, text: str) -> list[str]:
     """``text`` as a list of decoded token strings (special tokens included)."""
     return [tok.decode([i]) for i in tok(text)["input_ids"]]
+
+
+# A small sports fact set (real subjects and nonce ones) shared by conftest and test modules:
+# import it from here (``from conftest_data import fact_records``), not from ``conftest``,
+# which names a different module when tests/organism/conftest.py was imported first.
+SUBJECTS = {
+    "Michael Jordan": "basketball", "Tiger Woods": "golf", "Serena Williams": "tennis",
+    "Lionel Messi": "football", "Vinson Massif": "golf", "Beats Music": "tennis",
+    "Eiffel Tower": "basketball", "Zoë Ångström": "football", "Tiger Jordan": "tennis",
+    "Michael Woods": "football", "Serena Messi": "basketball", "Lionel Williams": "golf",
+}
+
+
+def fact_records():
+    return [{"subject": s, "relation": "sport", "template": "Fact: {} plays the sport of",
+             "attribute": a} for s, a in SUBJECTS.items()]

@@ -104,7 +104,7 @@ def test_run_from_rejects_patches_upstream(fam):
 @pytest.fixture(scope="module")
 def subject_first_facts():
     """Prompts that start with the subject, so a patch at position 0 changes something."""
-    from conftest import fact_records
+    from conftest_data import fact_records
 
     from factfind.data import from_records
 

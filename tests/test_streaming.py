@@ -98,7 +98,7 @@ def _child(out: str) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
-    from conftest import fact_records
+    from conftest_data import fact_records
 
     model = tiny_model("gpt2")
     pairs = ff.data.from_records(fact_records(), name="tiny-sports").corrupt(
