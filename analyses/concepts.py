@@ -5,15 +5,15 @@ For the first model given (default: the shipped organism), on facts it knows:
 
  1. linear representation of attributes: directions by probe, class mean and unembedding per
     layer and role; held-out decodability; cosine agreement; rank-1 / rank-k / full patching
-    (:mod:`factfind.representation`);
+    (:mod:`factfind.concepts.representation`);
  2. neuron basis vs feature basis: polysemanticity of the top AtP neurons at the last subject
     token for attribute, subject and relation; top-k neurons vs top-k PCA directions of the
-    lookup MLP (:mod:`factfind.polysemanticity`);
+    lookup MLP (:mod:`factfind.concepts.polysemanticity`);
  3. superposition: facts vs neurons and dimensions at the lookup layers, interference between
     attribute directions, effective rank of the lookup MLP outputs; the same for every model in
-    ``--world-sizes`` (organisms of different world size) (:mod:`factfind.superposition`);
+    ``--world-sizes`` (organisms of different world size) (:mod:`factfind.concepts.superposition`);
  4. universality: the EAP-IG circuits of the first two models compared by role signature and
-    graph edit distance (:mod:`factfind.universality`).
+    graph edit distance (:mod:`factfind.concepts.universality`).
 
 The tables are printed and written to ``reports/concepts-<model>.html`` with a ``.json``
 summary beside it:
@@ -55,16 +55,24 @@ import torch
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
-from factfind.atp import atp
+from factfind.attribute.atp import atp
+from factfind.concepts.polysemanticity import (
+    basis_comparison,
+    monosemantic_fraction,
+    neuron_selectivity,
+)
+from factfind.concepts.representation import (
+    attribute_directions,
+    direction_agreement,
+    direction_patching,
+)
+from factfind.concepts.superposition import interference, lookup_effective_rank, storage_counts
+from factfind.concepts.universality import compare_graphs, signature_counts
 from factfind.data import FactDataset, FactPairs, load_organism
-from factfind.eap import eap_ig, to_graph
-from factfind.polysemanticity import basis_comparison, monosemantic_fraction, neuron_selectivity
+from factfind.edges.eap import eap_ig, to_graph
+from factfind.localize.subspace import FULL, SubspacePatch, subspace_patching
 from factfind.report import concepts as rc
-from factfind.representation import attribute_directions, direction_agreement, direction_patching
-from factfind.subspace import FULL, SubspacePatch, subspace_patching
-from factfind.superposition import interference, lookup_effective_rank, storage_counts
 from factfind.types import Role
-from factfind.universality import compare_graphs, signature_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED1 = ROOT / "checkpoints" / "organism-seed1"

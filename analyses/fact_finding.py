@@ -38,29 +38,30 @@ from tqdm.auto import tqdm
 import factfind as ff
 from factfind import graph as cg
 from factfind import report as rp
-from factfind.ablation import effective_model
-from factfind.atp import estimate
-from factfind.cache import RunCache
-from factfind.console import configure_logging, run_cli
-from factfind.dataset import known_mask
-from factfind.eap import eap_ig, to_graph
-from factfind.errors import FactfindError, NotEnoughFactsError
-from factfind.evaluate import faithfulness_curve, prune_circuit
-from factfind.findings import literature_findings
-from factfind.neurons import (
+from factfind.attribute.atp import estimate
+from factfind.attribute.neurons import (
     mlp_output_norms,
     neuron_dla,
     neuron_nonlinearity,
     resample_neurons,
     swap_variants,
 )
-from factfind.pairs import FALLBACKS
-from factfind.patching import DEFAULT_ROLES
-from factfind.pathpatch import all_nodes, path_patching_sweep
-from factfind.probing import linear_probes, mechanistic_probes
+from factfind.attribute.verification import missed_effect_bound, verify
+from factfind.cache import RunCache
+from factfind.console import configure_logging, run_cli
+from factfind.data.dataset import known_mask
+from factfind.data.pairs import FALLBACKS
+from factfind.edges.eap import eap_ig, to_graph
+from factfind.edges.path_patching import path_patching_sweep
+from factfind.edges.placement import all_nodes
+from factfind.errors import FactfindError, NotEnoughFactsError
+from factfind.evaluate import faithfulness_curve, prune_circuit
+from factfind.localize.ablation import effective_model
+from factfind.localize.patching import DEFAULT_ROLES
+from factfind.localize.probing import linear_probes, mechanistic_probes
 from factfind.report import neurons as rn
+from factfind.report.findings import literature_findings
 from factfind.types import Role, Site
-from factfind.verification import missed_effect_bound, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")

@@ -34,7 +34,7 @@ def organism_or_tiny(family: str = "gpt_neox"):
         facts = ff.load_facts("organism:sport").known_by(model)
         return model, facts, "organism"
     except (FileNotFoundError, OSError, ImportError, ff.FactDataError):
-        from factfind.testing import tiny_model
+        from factfind.testing.models import tiny_model
 
         model = tiny_model(family, n_layers=4, d_model=128)
         facts = ff.from_records([{"subject": f"{a} {b}", "relation": "sport",
@@ -54,7 +54,7 @@ def load_checkpoint(model_path: str, relation: str):
     model = ff.load_model(model_path)
     if model_path == "organism":
         return model, ff.load_facts(f"organism:{relation}")
-    from factfind.loaders import load_organism
+    from factfind.data.loaders import load_organism
 
     return model, load_organism(relation, world_path=Path(model_path) / "world.json")
 

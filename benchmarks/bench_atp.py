@@ -34,11 +34,12 @@ import torch
 from _common import best_of, known_pairs, load_checkpoint, machine
 from scipy.stats import spearmanr
 
-from factfind.atp import atp, estimate
-from factfind.attribution import exact_patching, patch_node_sets
-from factfind.node_index import NodeIndex
-from factfind.patching import DEFAULT_ROLES, encode_pairs
-from factfind.verification import missed_effect_bound, verify
+from factfind.attribute.atp import atp, estimate
+from factfind.attribute.exact import exact_patching, patch_node_sets
+from factfind.attribute.node_index import NodeIndex
+from factfind.attribute.verification import missed_effect_bound, verify
+from factfind.data.batch import encode_pairs
+from factfind.localize.patching import DEFAULT_ROLES
 
 
 def node_ids(df) -> list[str]:

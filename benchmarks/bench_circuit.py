@@ -34,20 +34,17 @@ import torch
 from _common import best_of, known_pairs, load_checkpoint, machine
 from scipy.stats import spearmanr
 
-from factfind.eap import eap, eap_ig, to_graph
+from factfind.edges.eap import eap, eap_ig, to_graph
+from factfind.edges.edge_patching import edge_patching, path_patching_circuit
+from factfind.edges.path_patching import path_patching_sweep
+from factfind.edges.placement import all_nodes
 from factfind.evaluate import (
     faithfulness_curve,
     proportion_explained,
     prune_circuit,
 )
 from factfind.graph import prune
-from factfind.pathpatch import (
-    all_nodes,
-    edge_patching,
-    path_patching_circuit,
-    path_patching_sweep,
-)
-from factfind.planted import planted_model
+from factfind.testing.planted import planted_model
 from factfind.types import Site
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)

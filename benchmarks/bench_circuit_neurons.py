@@ -29,8 +29,8 @@ import torch
 from _common import load_checkpoint, machine
 from bench_circuit import parser_for
 
+from factfind.edges.placement import all_nodes
 from factfind.evaluate import evaluate_circuits, faithfulness_curve, prune_circuit, removal_scores
-from factfind.placement import all_nodes
 
 SIZES = (100, 200, 400, 619, 1000, 2000, 4000, 8000)
 

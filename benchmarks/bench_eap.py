@@ -3,8 +3,8 @@
 FE = the time of ``edge_attribution(model, pairs, steps=m)`` ÷ one plain forward of the same
 clean prompts through transformers (``no_grad``, ``logits_to_keep=1``), both timed in this run.
 Goal (issue 16): EAP-IG(5) ≤ 30 FE per batch. The receiver gradients come from one forward and
-backward per integration point (:mod:`factfind.eap_grads`); the old way, one detached copy of
-the batch per receiver (:mod:`factfind.eap_reference`, ``reference=True``), is timed too, with
+backward per integration point (:mod:`factfind.edges.eap_grads`); the old way, one detached copy of
+the batch per receiver (:mod:`factfind.edges.eap_reference`, ``reference=True``), is timed too, with
 ``--old-layers`` of the model's layers kept (its cost grows with layers x heads x roles, so on
 all 30 layers of SmolLM2 it takes ~20 minutes) and the two results compared.
 
@@ -26,7 +26,7 @@ import torch
 from _common import machine
 
 import factfind as ff
-from factfind.eap import edge_attribution
+from factfind.edges.eap import edge_attribution
 
 SMOLLM2 = "/work/models/smollm2-135m"
 ATHLETES = {
@@ -48,7 +48,7 @@ def pairs_for(model: ff.Model, n: int):
     keep = [i for i in range(len(pairs)) if lengths[i] == int(lengths.max())]
     if len(keep) < n:
         keep = [i for i in range(len(pairs)) if lengths[i] == int(np.bincount(lengths).argmax())]
-    from factfind.pairs import FactPairs
+    from factfind.data.pairs import FactPairs
 
     return FactPairs(ff.FactDataset([pairs.clean[i] for i in keep[:n]]),
                      ff.FactDataset([pairs.corrupt[i] for i in keep[:n]]))
@@ -82,7 +82,7 @@ def timed(fn, reps: int = 1) -> tuple[float, float, Any]:
 
 def truncated(model: ff.Model, n_layers: int) -> ff.Model:
     """The same model with only its first ``n_layers`` blocks (real weights, shared)."""
-    from factfind.architectures import _get
+    from factfind.model.architectures import _get
 
     hf = copy.copy(model.hf)
     hf.__dict__["_modules"] = dict(hf._modules)
@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     default_threads = torch.get_num_threads()
     if args.model == "tiny-llama":
-        from factfind.testing import tiny_model
+        from factfind.testing.models import tiny_model
 
         model = tiny_model("llama", n_layers=4, d_model=128)
     else:

@@ -6,8 +6,8 @@ d_model 2560, 32 heads, d_mlp 10240, vocabulary 50,304, rotary on a quarter of e
 parallel attention and MLP) and random weights built directly on the GPU in bfloat16 - nothing
 is downloaded. Prompts are ``organism:sport`` facts paired with corrupt partners under the
 organism's tokenizer (its ids are a subset of the vocabulary). Reports the time of
-``factfind.atp(model, pairs, components=["neurons"], positions=["subject_last"])``, the batch
-size chosen from free GPU memory, and the peak CUDA memory.
+``factfind.attribute.atp(model, pairs, components=["neurons"], positions=["subject_last"])``, the
+batch size chosen from free GPU memory, and the peak CUDA memory.
 
     python benchmarks/bench_gpu_atp.py                 # needs CUDA
     python benchmarks/bench_gpu_atp.py --tiny          # same code path, small config, CPU
@@ -24,7 +24,7 @@ from datetime import date
 import torch
 
 import factfind as ff
-from factfind.atp import atp
+from factfind.attribute.atp import atp
 
 PYTHIA_2_8B = dict(num_hidden_layers=32, hidden_size=2560, num_attention_heads=32,
                    intermediate_size=10240, vocab_size=50304, max_position_embeddings=2048,

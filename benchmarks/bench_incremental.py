@@ -32,8 +32,8 @@ import torch
 from _common import machine
 
 import factfind as ff
-from factfind.patching import encode_pairs
-from factfind.tracing import causal_tracing_reference
+from factfind.data.batch import encode_pairs
+from factfind.localize.tracing import causal_tracing_reference
 
 DEFAULT_MODEL = "/work/models/smollm2-135m"
 SUBJECTS = {"Michael Jordan": "basketball", "Tiger Woods": "golf", "Serena Williams": "tennis",

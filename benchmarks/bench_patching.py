@@ -13,8 +13,8 @@ import torch
 from _common import best_of, machine
 
 import factfind as ff
-from factfind.patching import encode_pairs
-from factfind.testing import tiny_hf_model, tiny_tokenizer
+from factfind.data.batch import encode_pairs
+from factfind.testing.models import tiny_hf_model, tiny_tokenizer
 
 
 def main() -> None:

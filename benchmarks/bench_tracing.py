@@ -11,7 +11,7 @@ import torch
 from _common import best_of, machine, organism_or_tiny
 
 import factfind as ff
-from factfind.tracing import causal_tracing_reference
+from factfind.localize.tracing import causal_tracing_reference
 
 
 def main() -> None:

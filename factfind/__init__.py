@@ -9,17 +9,19 @@ The public API in one place; each name lives in a module that teaches its method
     ff.aggregate(ff.activation_patching(model, pairs))
 """
 
-from factfind import eap, graph
-from factfind.architectures import ArchSpec, register_spec
-from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt
-from factfind.dla import direct_logit_attribution
-from factfind.knockout import attention_knockout
-from factfind.loaders import from_records, load_facts
+from factfind import graph
+from factfind.data import FactDataset, FactPairs, FactPrompt
+from factfind.data.loaders import from_records, load_facts
+from factfind.edges import eap
+from factfind.errors import FactDataError
+from factfind.localize.dla import direct_logit_attribution
+from factfind.localize.knockout import attention_knockout
+from factfind.localize.patching import activation_patching
+from factfind.localize.tracing import causal_tracing
 from factfind.model import Model, load_model
-from factfind.patching import activation_patching
+from factfind.model.architectures import ArchSpec, register_spec
 from factfind.results import aggregate
 from factfind.streaming import stream
-from factfind.tracing import causal_tracing
 from factfind.types import Component, Role, Site
 
 __version__ = "0.1.0"

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return run_cli(_info, args.model)
     if args.command == "datasets":
-        from factfind.loaders import available_datasets
+        from factfind.data.loaders import available_datasets
 
         print("\n".join(available_datasets()))
         return 0

@@ -10,6 +10,8 @@ This module imports nothing else of the package, so every module can raise these
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FactfindError(Exception):
     """Input a user can fix: the message names the cause and the fix."""
@@ -33,3 +35,45 @@ def require_prompts(items: object, what: str = "prompts") -> None:
     if n == 0:
         raise EmptyInputError(f"no {what}: the dataset is empty (check the filters that "
                               "produced it, e.g. known_by or corrupt(on_missing='skip'))")
+
+
+class ArgumentError(FactfindError, ValueError):
+    """An argument outside the values a function accepts; the message names the argument, the
+    accepted values and what was given."""
+
+
+class FactDataError(FactfindError, ValueError):
+    """Bad fact data: a missing or malformed file or record, or a prompt that cannot be aligned.
+
+    Attributes:
+        reason: what is wrong, without the location.
+        path: the file it came from, if any.
+        record: the record within the file (index, ``"line 4"``, ``"samples[3]"``...), if any.
+    """
+
+    def __init__(self, reason: str, *, path: str | None = None,
+                 record: int | str | None = None) -> None:
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        self.record = record
+        where = [p for p in (self.path, None if record is None else f"record {record}") if p]
+        super().__init__(f"{': '.join(where)}: {reason}" if where else reason)
+
+    def at(self, *, path: str | None = None, record: int | str | None = None) -> FactDataError:
+        """The same error located at ``path`` / ``record`` (existing location wins)."""
+        return FactDataError(self.reason, path=self.path or path,
+                             record=self.record if self.record is not None else record)
+
+    def __reduce__(self) -> Any:  # keep path/record through pickling (multiprocessing, xdist)
+        return (_rebuild_error, (self.reason, self.path, self.record))
+
+
+def _rebuild_error(reason: str, path: str | None, record: int | str | None) -> FactDataError:
+    return FactDataError(reason, path=path, record=record)
+
+
+def check_mode(value: object, name: str, allowed: tuple[str, ...]) -> None:
+    """Raise :class:`ArgumentError` unless ``value`` is one of ``allowed`` (mode arguments)."""
+    if value not in allowed:
+        raise ArgumentError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                            f"got {value!r}")

@@ -28,9 +28,10 @@ predicted) and ``prefix`` (a few-shot prefix before the template).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from torch import Tensor
 
@@ -67,6 +68,9 @@ class Role(StrEnum):
     FINAL = "final"
 
 
+#: every role as a string, in canonical order; a role's index here is its label in role masks
+#: (``[batch pos]`` tensors with -1 for padding) and its row in per-role means
+ROLE_NAMES: tuple[str, ...] = tuple(r.value for r in Role)
 #: roles that name exactly one position per prompt
 POINT_ROLES: tuple[Role, ...] = (Role.SUBJECT_FIRST, Role.SUBJECT_LAST, Role.FINAL)
 #: roles that name a group of positions per prompt (possibly empty, e.g. no prefix)
@@ -132,3 +136,31 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "method", "component", "layer", "head", "neuron", "position", "role", "prompt",
     "effect", "ci_low", "ci_high", "n",
 )
+
+
+# ----------------------------------------------------------------------------- option vocabularies
+
+Direction: TypeAlias = Literal["noise", "denoise"]
+"""Which run is patched. ``"denoise"``: the corrupt run is patched with clean activations (does
+the site suffice to restore the answer?); ``"noise"``: the clean run is patched with corrupt
+activations (is the site necessary?). Defaults: ``"denoise"`` for localisation (activation
+patching, subspace patching: Meng et al.'s restoration), ``"noise"`` for attribution and edges
+(AtP, EAP, path patching: Kramár et al. and Syed et al. estimate the effect of corrupting a
+node)."""
+DIRECTIONS: tuple[Direction, ...] = ("noise", "denoise")
+
+Ablation: TypeAlias = Literal["mean", "resample"]
+"""How an ablated activation is replaced: by its mean over a reference dataset at the same role
+(``"mean"``), or by its value on another prompt with a different answer (``"resample"``)."""
+ABLATIONS: tuple[Ablation, ...] = ("mean", "resample")
+
+OnError: TypeAlias = Literal["raise", "skip"]
+"""What a data step does with a bad record: raise a typed error naming it, or skip it (logged)."""
+
+Remote: TypeAlias = bool | str | None
+"""Where a sweep's traces run: ``None``/``False`` here, ``"local"`` through nnsight's serialised
+request path without a server, ``True`` on NDIF (or a host URL). See ``Model.session``."""
+
+Metric: TypeAlias = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``metric(logits [rows d_vocab], correct [rows], wrong [rows]) -> [rows]``; the default
+everywhere is :func:`factfind.metrics.logit_diff`."""

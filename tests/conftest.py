@@ -1,17 +1,17 @@
 """Shared fixtures: tiny models of each family, a small fact set with corrupt partners, and the
-planted-circuit models (:mod:`factfind.planted`) of both families."""
+planted-circuit models (:mod:`factfind.testing.planted`) of both families."""
 
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 import torch
 
-from factfind.testing import tiny_model
+from factfind.testing.models import tiny_model
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
     from factfind.model import Model
-    from factfind.planted import PlantedCircuit
+    from factfind.testing.planted import PlantedCircuit
 
 # The suite's models are tiny: one intra-op thread is as fast as two and does not thrash when
 # the machine is shared (measured ~20x faster under load).
@@ -70,7 +70,7 @@ class Planted(NamedTuple):
 
 @pytest.fixture(scope="session", params=["gpt2", "gpt_neox"])
 def planted(request) -> Planted:
-    from factfind.planted import planted_model
+    from factfind.testing.planted import planted_model
 
     model, facts, truth = planted_model(request.param)
     return Planted(model, facts, facts.corrupt(model, seed=0), truth)

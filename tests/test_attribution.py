@@ -15,15 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from factfind.atp import atp, atp_star, estimate
-from factfind.attribution import exact_patching, exact_patching_reference, patch_node_sets
-from factfind.node_index import node_frame
-from factfind.patching import PatchSite, encode_pairs
+from factfind.attribute.atp import atp, atp_star, estimate
+from factfind.attribute.exact import exact_patching, exact_patching_reference, patch_node_sets
+from factfind.attribute.node_index import node_frame
+from factfind.attribute.running_stats import RunningStats
+from factfind.attribute.verification import missed_effect_bound, verify
+from factfind.data.batch import encode_pairs
+from factfind.localize.patching import PatchSite
 from factfind.results import aggregate, tidy
-from factfind.running_stats import RunningStats
-from factfind.testing import tiny_model
+from factfind.testing.models import tiny_model
 from factfind.types import RESULT_COLUMNS, Component, Role
-from factfind.verification import missed_effect_bound, verify
 
 ALL = ["neurons", "mlp_out", "head_out", "q", "k", "v"]
 KEYS = ["component", "layer", "head", "neuron", "position", "role"]
@@ -287,7 +288,7 @@ def test_frames_are_tidy(neox, neox_pairs):
 
 
 def est_index(model):
-    from factfind.node_index import NodeIndex
+    from factfind.attribute.node_index import NodeIndex
 
     return NodeIndex.build(model, components=["neurons"], positions=["final"])
 

@@ -1,4 +1,4 @@
-"""GGUF checkpoints, short names and provenance (factfind.checkpoints, load_model).
+"""GGUF checkpoints, short names and provenance (factfind.model.checkpoints, load_model).
 
 A tiny Llama is written to a GGUF file here with the ``gguf`` package's writer (llama.cpp's
 layout: q/k rows permuted for its rotary kernel, the tokenizer as metadata), so the round trip
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from factfind import checkpoints as ck
 from factfind.data import FactPrompt
+from factfind.model import checkpoints as ck
 from factfind.model import load_model
-from factfind.testing import tiny_hf_model, tiny_tokenizer
+from factfind.testing.models import tiny_hf_model, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

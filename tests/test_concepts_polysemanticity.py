@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from factfind.polysemanticity import (
+from factfind.concepts.polysemanticity import (
     basis_comparison,
     monosemantic_fraction,
     neuron_selectivity,
@@ -94,7 +94,7 @@ def test_bad_input(planted):
 
 def test_organism_polysemanticity_runs():
     import factfind as ff
-    from factfind.atp import atp
+    from factfind.attribute.atp import atp
 
     model = ff.load_model("organism")
     facts = ff.load_facts("organism:sport").sample(120, seed=0).known_by(model)

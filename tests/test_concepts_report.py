@@ -4,12 +4,20 @@ writes a report with all four sections (organism, opt-in: slow)."""
 import pytest
 
 from factfind import report as rp
-from factfind.planted import planted_model
-from factfind.polysemanticity import basis_comparison, monosemantic_fraction, neuron_selectivity
+from factfind.concepts.polysemanticity import (
+    basis_comparison,
+    monosemantic_fraction,
+    neuron_selectivity,
+)
+from factfind.concepts.representation import (
+    attribute_directions,
+    direction_agreement,
+    direction_patching,
+)
+from factfind.concepts.superposition import interference, lookup_effective_rank, storage_counts
+from factfind.concepts.universality import compare_graphs, signature_counts
 from factfind.report import concepts as rc
-from factfind.representation import attribute_directions, direction_agreement, direction_patching
-from factfind.superposition import interference, lookup_effective_rank, storage_counts
-from factfind.universality import compare_graphs, signature_counts
+from factfind.testing.planted import planted_model
 
 IDS = ("concepts-representation", "concepts-polysemanticity", "concepts-superposition",
        "concepts-universality")
@@ -17,7 +25,7 @@ IDS = ("concepts-representation", "concepts-polysemanticity", "concepts-superpos
 
 def test_sections_render(tmp_path):
     from factfind.graph import CircuitGraph, Node, Provenance
-    from factfind.planted import planted_circuit
+    from factfind.testing.planted import planted_circuit
 
     model, facts, _ = planted_model("gpt2")
     pairs = facts.corrupt(model, seed=0)

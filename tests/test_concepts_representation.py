@@ -4,15 +4,14 @@ on the planted model, whose attribute lives in known residual directions."""
 import pytest
 import torch
 
-from factfind.planted import ANSWER, ATTR, D_MODEL, SINK, SPORTS
-from factfind.representation import (
+from factfind.concepts.representation import (
     Directions,
     attribute_directions,
     direction_agreement,
     direction_patching,
     unembed_directions,
 )
-from factfind.subspace import (
+from factfind.localize.subspace import (
     FULL,
     SubspacePatch,
     orthonormal,
@@ -20,6 +19,7 @@ from factfind.subspace import (
     subspace_patching,
     subspace_patching_reference,
 )
+from factfind.testing.planted import ANSWER, ATTR, D_MODEL, SINK, SPORTS
 
 
 def _feature_basis(features) -> torch.Tensor:

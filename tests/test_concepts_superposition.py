@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from factfind.planted import planted_model
-from factfind.superposition import (
+from factfind.concepts.superposition import (
     effective_rank,
     interference,
     lookup_effective_rank,
     storage_counts,
     welch_bound,
 )
+from factfind.testing.planted import planted_model
 
 
 def _mercedes() -> torch.Tensor:

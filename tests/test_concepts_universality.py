@@ -3,15 +3,15 @@ circuit at the same relative depth of a deeper model in between; the organism's 
 
 import pytest
 
-from factfind.graph import CircuitGraph, Node, Provenance
-from factfind.planted import planted_circuit
-from factfind.universality import (
+from factfind.concepts.universality import (
     compare_graphs,
     graph_edit_similarity,
     n_layers_of,
     signature,
     signature_counts,
 )
+from factfind.graph import CircuitGraph, Node, Provenance
+from factfind.testing.planted import planted_circuit
 
 
 def _graph(ids, edges, *, n_layers=3, model="m"):
@@ -95,7 +95,7 @@ def test_organism_circuits_compare():
     subset, so the id overlap is the ratio of the sizes."""
     import factfind as ff
     from factfind import graph as cg
-    from factfind.eap import eap, to_graph
+    from factfind.edges.eap import eap, to_graph
 
     model = ff.load_model("organism")
     facts = ff.load_facts("organism:sport").sample(60, seed=0).known_by(model)

@@ -12,8 +12,8 @@ import torch
 from conftest_data import gpt2_like
 
 from factfind.data import FactDataError, FactDataset, FactPairs, FactPrompt, encode, from_records
-from factfind.dataset import describe_unknown, known_mask
-from factfind.pairs import FALLBACKS
+from factfind.data.dataset import describe_unknown, known_mask
+from factfind.data.pairs import FALLBACKS
 from factfind.types import POINT_ROLES, Role
 
 SPORT = "Fact: {} plays the sport of"
@@ -339,7 +339,7 @@ def test_known_by_says_why_a_bare_prompt_is_not_known(caplog):
                         for s, a in SPORTS[:4]], name="bare")
     model = FakeModel({s: {" the": 6.0, f" {a}": 4.0} for s, a in SPORTS[:4]})
     model.table["Lionel Messi"] = {" football": 9.0}
-    with caplog.at_level("INFO", logger="factfind.dataset"):
+    with caplog.at_level("INFO", logger="factfind.data.dataset"):
         assert len(bare.known_by(model)) == 1
     assert "known_by: 1 of 4 facts of bare" in caplog.text
     assert "on 3 of the 3 others its top prediction is ' the'" in caplog.text
@@ -348,7 +348,7 @@ def test_known_by_says_why_a_bare_prompt_is_not_known(caplog):
     caplog.clear()
     shot = bare.with_prefix("Fact: Tiger Woods plays the sport of golf\n")
     copier = FakeModel({s: {" golf": 6.0} for s, _ in SPORTS[:4]})
-    with caplog.at_level("WARNING", logger="factfind.dataset"):
+    with caplog.at_level("WARNING", logger="factfind.data.dataset"):
         assert len(shot.known_by(copier, rule="paper")) == 0
     assert "its top prediction is ' golf'" in caplog.text and "copies" in caplog.text
     # enough known: no warning; a table without top_id (an old cache) still describes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from factfind.data import load_facts
-from factfind.pairs import FALLBACKS
+from factfind.data.pairs import FALLBACKS
 
 pytestmark = pytest.mark.real
 
@@ -44,11 +44,11 @@ def test_known_rule_and_honest_reports_on_smollm2(smol, caplog):
     assert len(pairs) >= 0.9 * len(known)
     # regression: the bare LRE prompt's top prediction is " the", and the log says so
     caplog.clear()
-    with caplog.at_level("WARNING", logger="factfind.dataset"):
+    with caplog.at_level("WARNING", logger="factfind.data.dataset"):
         load_facts("lre:factual/person_plays_pro_sport").sample(24, seed=0).known_by(smol)
     assert "its top prediction is ' the'" in caplog.text
     # with Fact Finding's one-shot prefix SmolLM2-135M copies the example's " golf"
     caplog.clear()
-    with caplog.at_level("WARNING", logger="factfind.dataset"):
+    with caplog.at_level("WARNING", logger="factfind.data.dataset"):
         load_facts("athletes").sample(24, seed=0).known_by(smol, rule="paper")
     assert "its top prediction is ' golf'" in caplog.text and "copies" in caplog.text

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factfind.eap import eap, eap_ig, edge_attribution, to_graph
+from factfind.edges.eap import eap, eap_ig, edge_attribution, to_graph
+from factfind.edges.edge_patching import edge_patching
 from factfind.graph import prune
-from factfind.pathpatch import edge_patching
-from factfind.testing import linearised_model, same_length_pairs, tiny_model
+from factfind.testing.models import linearised_model, same_length_pairs, tiny_model
 
 
 @pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
@@ -42,7 +42,7 @@ def test_eap_equals_edge_patching_on_a_linear_model(linear):
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
 def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts):
-    """The one-pass receiver gradients (factfind.eap_grads) against the slow reference, one
+    """The one-pass receiver gradients (factfind.edges.eap_grads) against the slow reference, one
     detached copy of the batch per receiver, on non-linear tiny models: sequential GPT-2,
     parallel GPT-NeoX with partial rotary, grouped-query Llama (2 key-value heads for 4 query
     heads); prompts of different lengths (left padding); EAP and EAP-IG."""
@@ -68,7 +68,7 @@ def test_families_without_the_fast_path_use_the_reference(family, facts, caplog)
     exact per-receiver path (non-zero scores, equal to asking for it)."""
     model = tiny_model(family)
     pairs = facts.corrupt(model, seed=0, on_missing="skip")[:3]
-    with caplog.at_level("INFO", logger="factfind.eap"):
+    with caplog.at_level("INFO", logger="factfind.edges.eap"):
         auto = edge_attribution(model, pairs, steps=0)
     assert "reference path" in caplog.text
     slow = edge_attribution(model, pairs, steps=0, reference=True, copies=256)

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factfind.ablation import ablate_sets
-from factfind.eap import eap, to_graph
+from factfind.edges.eap import eap, to_graph
+from factfind.edges.placement import all_nodes
 from factfind.evaluate import (
     circuit_nodes,
     completeness,
@@ -22,7 +22,7 @@ from factfind.evaluate import (
     proportion_explained,
 )
 from factfind.graph import CircuitGraph, Node, Provenance
-from factfind.pathpatch import all_nodes, roles_present
+from factfind.localize.ablation import ablate_sets
 from factfind.types import Role, Site
 
 BLOCKS = (Role.PREFIX, Role.SUBJECT, Role.RELATION, Role.FINAL)  # Role.SUBJECT = every token
@@ -115,7 +115,7 @@ def test_proportion_explained_of_a_node_set_is_resample_faithfulness(tiny_pairs)
     """Edge-level path patching of the graph a node set induces is node-level resample
     ablation: two independent computations of one number."""
     model, pairs = tiny_pairs
-    roles = roles_present(model.tokenize(list(pairs.clean)))
+    roles = model.tokenize(list(pairs.clean)).roles_present()
     nodes = all_nodes(model, model.tokenize(list(pairs.clean)))
     rng = random.Random(1)
     circuit = [n for n in nodes if rng.random() < 0.4]

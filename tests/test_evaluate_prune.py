@@ -6,11 +6,11 @@ import random
 import numpy as np
 import pytest
 
-from factfind.ablation import mean_activations
+from factfind.edges.placement import all_nodes
 from factfind.evaluate import evaluate_circuits, faithfulness, prune_circuit, removal_scores
 from factfind.graph import Node
-from factfind.pathpatch import all_nodes
-from factfind.testing import linearised_model, same_length_pairs
+from factfind.localize.ablation import mean_activations
+from factfind.testing.models import linearised_model, same_length_pairs
 from factfind.types import Component
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import factfind as ff
-from factfind._browser import Browser, find_chromium
 from factfind.graph import read_graphml
 from factfind.organism import CHECKPOINT_DIR
+from factfind.report.browser import Browser, find_chromium
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
                                 reason="organism checkpoint not built")

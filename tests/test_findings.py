@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factfind.findings import (
+from factfind.report.findings import (
     effective_model_depth,
     knockout_flow,
     literature_findings,

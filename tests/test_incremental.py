@@ -1,4 +1,4 @@
-"""Incremental patched runs (factfind.incremental): every incremental path equals its literal
+"""Incremental patched runs (factfind.model.incremental): every incremental path equals its literal
 reference on GPT-2, GPT-NeoX and Llama (grouped-query attention), with left padding, patches at
 position 0 and at the final position, and non-zero effects."""
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from factfind.incremental import cost, first_position, group_start, plan_groups
-from factfind.patching import activation_patching, activation_patching_reference
-from factfind.testing import FAMILIES, tiny_model
+from factfind.localize.patching import activation_patching, activation_patching_reference
+from factfind.model.incremental import cost, first_position, group_start, plan_groups
+from factfind.testing.models import FAMILIES, tiny_model
 from factfind.types import Component as C
 
 
@@ -160,7 +160,7 @@ def _tracing_keys():
 def test_tracing_incremental_equals_reference(fam, subject_first_facts):
     """Gaussian-noise tracing, left-padded prompts whose subject starts at position 0: the
     incremental sweep equals the ROME-style loop (one full forward per restoration)."""
-    from factfind.tracing import causal_tracing, causal_tracing_reference
+    from factfind.localize.tracing import causal_tracing, causal_tracing_reference
 
     lengths = fam.tokenize(list(subject_first_facts)).lengths
     from factfind.data import FactDataset
@@ -180,7 +180,7 @@ def test_tracing_incremental_equals_reference(fam, subject_first_facts):
 
 def test_tracing_roles_equals_the_full_trace_filtered(fam, subject_first_facts):
     """Tracing only some roles' tokens gives exactly the full trace's rows for those roles."""
-    from factfind.tracing import causal_tracing
+    from factfind.localize.tracing import causal_tracing
 
     facts = subject_first_facts[:4]
     kw = dict(kinds=("mlp", "attn"), samples=2, window=2, seed=0, progress=False)
@@ -198,7 +198,7 @@ def test_tracing_roles_equals_the_full_trace_filtered(fam, subject_first_facts):
 
 def test_tracing_str_severed_incremental_equals_full(fam, subject_first_facts):
     """Symmetric token replacement with severed MLPs: incremental == full stacked forwards."""
-    from factfind.tracing import causal_tracing
+    from factfind.localize.tracing import causal_tracing
 
     pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]
     kw = dict(corruption="str", severed=True, window=2, batch_size=4, progress=False)
@@ -215,7 +215,7 @@ def test_tracing_str_severed_incremental_equals_full(fam, subject_first_facts):
 def test_knockout_incremental_equals_reference(fam, facts, window):
     """Knockout resumes at the final position (left-padded batch of mixed lengths)."""
     from factfind.data import FactDataset
-    from factfind.knockout import attention_knockout, attention_knockout_reference
+    from factfind.localize.knockout import attention_knockout, attention_knockout_reference
 
     lengths = fam.tokenize(list(facts)).lengths
     data = FactDataset([facts[i] for i in (int(lengths.argmax()), int(lengths.argmin()), 2)])
@@ -233,7 +233,7 @@ def test_knockout_incremental_equals_reference(fam, facts, window):
 @pytest.mark.parametrize("how", ["mean", "resample"])
 def test_ablation_incremental_equals_reference(fam, subject_first_facts, how):
     """Ablated sets resume at their first layer and position (0 and final included)."""
-    from factfind.ablation import ablate_sets, ablate_sets_reference
+    from factfind.localize.ablation import ablate_sets, ablate_sets_reference
     from factfind.types import Role, Site
 
     data = subject_first_facts.corrupt(fam, seed=0, on_missing="skip").clean[:4]
@@ -257,7 +257,7 @@ def test_ablation_incremental_equals_reference(fam, subject_first_facts, how):
 
 def test_subspace_incremental_equals_reference(fam, subject_first_facts):
     """Subspace patches resume at their layer and role (left-padded pairs)."""
-    from factfind.subspace import (
+    from factfind.localize.subspace import (
         FULL,
         SubspacePatch,
         subspace_patching,
@@ -285,8 +285,8 @@ def test_subspace_incremental_equals_reference(fam, subject_first_facts):
 def test_node_sets_incremental_equals_reference(fam, subject_first_facts):
     """Exact node patching (the AtP* verification engine), incl. head q/k/v patched through z,
     resumes at each group's first layer and position; left-padded, positions 0 and final."""
-    from factfind.attribution import exact_patching_reference, patch_node_sets
-    from factfind.patching import PatchSite
+    from factfind.attribute.exact import exact_patching_reference, patch_node_sets
+    from factfind.localize.patching import PatchSite
     from factfind.types import Role
 
     pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]
@@ -311,7 +311,11 @@ def test_path_patching_incremental_equals_reference(fam, subject_first_facts):
     """Path patching's two stacked runs resume from the cached base run (run 1 at the first
     receiver layer, run 2 at its first written layer and position); left-padded pairs,
     receivers at position 0 and at the final position."""
-    from factfind.pathpatch import path_patching, path_patching_reference, path_patching_sweep
+    from factfind.edges.path_patching import (
+        path_patching,
+        path_patching_reference,
+        path_patching_sweep,
+    )
     from factfind.types import Site
 
     pairs = subject_first_facts.corrupt(fam, seed=0, on_missing="skip")[:4]

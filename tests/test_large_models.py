@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import factfind as ff
+from factfind.localize.patching import auto_chunk
 from factfind.model import load_model
-from factfind.patching import auto_chunk
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_half_precision_halves_the_estimate(gpt2_model, saved):
 
 def test_saving_keeps_the_fingerprint(tmp_path):
     """save_pretrained writes ``architectures`` and ``dtype`` into the live config; keys stay."""
-    from factfind.testing import tiny_model
+    from factfind.testing.models import tiny_model
 
     model = tiny_model("gpt2")
     before = model.fingerprint()

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from factfind.dla import direct_logit_attribution
-from factfind.knockout import attention_knockout, attention_knockout_reference
-from factfind.patching import activation_patching, activation_patching_reference
+from factfind.localize.dla import direct_logit_attribution
+from factfind.localize.knockout import attention_knockout, attention_knockout_reference
+from factfind.localize.patching import activation_patching, activation_patching_reference
+from factfind.localize.tracing import causal_tracing, causal_tracing_reference
 from factfind.results import aggregate
-from factfind.tracing import causal_tracing, causal_tracing_reference
 
 
 def _pairs(model, facts):
@@ -92,7 +92,7 @@ def test_dla_sums_to_logit_difference(family_model, facts):
 def test_dla_sums_with_post_norms_and_softcap(family, facts):
     """Post-norm families (both norms: Gemma 2/3; post only: OLMo 2) with softcapped logits
     (Gemma): rows sum to the pre-softcap logit difference, which softcapped is the model's."""
-    from factfind.testing import tiny_model
+    from factfind.testing.models import tiny_model
 
     model = tiny_model(family)
     df = _check_dla_sums(model, facts)
@@ -157,7 +157,7 @@ def test_bad_input_is_clear(gpt2_model, facts):
 
 @pytest.mark.parametrize("how", ["mean", "resample", "zero"])
 def test_ablation_matches_reference(gpt2_model, facts, how):
-    from factfind.ablation import ablate_sets, ablate_sets_reference
+    from factfind.localize.ablation import ablate_sets, ablate_sets_reference
     from factfind.types import Component, Role, Site
 
     data = facts.corrupt(gpt2_model, seed=0, on_missing="skip").clean[:4]
@@ -173,7 +173,7 @@ def test_ablation_matches_reference(gpt2_model, facts, how):
 
 
 def test_effective_model_and_mean_ablation_identity(gpt2_model, facts):
-    from factfind.ablation import effective_model, mean_activations
+    from factfind.localize.ablation import effective_model, mean_activations
     from factfind.types import Component
 
     df = effective_model(gpt2_model, facts)
@@ -193,8 +193,8 @@ def test_effective_model_with_a_single_answer_relation(gpt2_model, facts):
     candidate other than its correct attribute')."""
     import dataclasses
 
-    from factfind.ablation import effective_model
     from factfind.data import FactDataset
+    from factfind.localize.ablation import effective_model
 
     golf = [f for f in facts if f.attribute == "golf"]
     one = FactDataset([dataclasses.replace(f, relation="owns") for f in golf])

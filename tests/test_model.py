@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from factfind.architectures import UnsupportedArchitectureError
 from factfind.model import load_model
-from factfind.testing import DERIVED_FAMILIES, FAMILIES, tiny_hf_model, tiny_tokenizer
+from factfind.model.architectures import UnsupportedArchitectureError
+from factfind.testing.models import DERIVED_FAMILIES, FAMILIES, tiny_hf_model, tiny_tokenizer
 from factfind.types import Component as C
 
 SITES = [C.EMBED, C.RESID_PRE, C.Z, C.HEAD_OUT, C.ATTN_OUT, C.NEURONS, C.MLP_OUT, C.RESID_POST]
@@ -149,7 +149,7 @@ def test_unsupported_architecture_names_supported(tok):
 def test_derived_spec_is_used_for_a_family_without_one(family, tok):
     """Helium and EXAONE 4 have no hand-written spec: theirs is read off the module tree (the
     parity tests above run on them too), post norms included."""
-    from factfind.architectures import SPECS
+    from factfind.model.architectures import SPECS
 
     assert family not in SPECS
     model = load_model((tiny_hf_model(family, len(tok)), tok))
@@ -162,7 +162,7 @@ def test_derived_spec_is_used_for_a_family_without_one(family, tok):
 @pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3", "qwen3", "phi3",
                                     "olmo2"])
 def test_derived_spec_agrees_with_the_hand_written_one(family, tok):
-    from factfind.architectures import derive_spec, spec_for
+    from factfind.model.architectures import derive_spec, spec_for
 
     hf = tiny_hf_model(family, len(tok))
     hand, derived = spec_for(hf.config), derive_spec(hf)
@@ -173,7 +173,7 @@ def test_derived_spec_agrees_with_the_hand_written_one(family, tok):
 
 
 def test_derived_spec_from_config_alone_uses_the_meta_device(tok):
-    from factfind.architectures import spec_for
+    from factfind.model.architectures import spec_for
 
     spec = spec_for(tiny_hf_model("helium", len(tok)).config)  # what load_model checks first
     assert spec.derived and spec.blocks == "model.layers"
@@ -257,7 +257,7 @@ def test_z_grads_have_head_shape(pair):
 
 def test_run_takes_a_tokenizer_batch_encoding(tok):
     """A tokenizer's BatchEncoding (attribute access, no position_ids) runs like a dict."""
-    from factfind.testing import tiny_model
+    from factfind.testing.models import tiny_model
 
     model = tiny_model("llama")
     model.tokenizer.padding_side = "left"

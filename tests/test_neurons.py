@@ -5,10 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from factfind.atp import estimate
-from factfind.data import FactDataset, from_records
-from factfind.dla import direct_logit_attribution
-from factfind.neurons import (
+from factfind.attribute.atp import estimate
+from factfind.attribute.neurons import (
     cross_relation_correlation,
     mlp_output_norms,
     neuron_dla,
@@ -17,9 +15,11 @@ from factfind.neurons import (
     resample_neurons,
     swap_variants,
 )
-from factfind.testing import tiny_model
+from factfind.attribute.verification import verify
+from factfind.data import FactDataset, from_records
+from factfind.localize.dla import direct_logit_attribution
+from factfind.testing.models import tiny_model
 from factfind.types import RESULT_COLUMNS, Component, Role, Site
-from factfind.verification import verify
 
 COUNTRIES = ["Paris", "Japan", "Dublin", "Apple", "Antarctica", "Malmö"]
 

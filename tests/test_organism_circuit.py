@@ -12,9 +12,9 @@ of facts is not the circuit of the relation.
 import pytest
 
 import factfind as ff
+from factfind.edges.placement import all_nodes
 from factfind.evaluate import evaluate_circuits, prune_circuit
 from factfind.organism import CHECKPOINT_DIR
-from factfind.pathpatch import all_nodes
 
 pytestmark = pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
                                 reason="organism checkpoint not built")

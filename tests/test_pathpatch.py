@@ -5,17 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from factfind.edges.edge_patching import edge_patching, path_patching_circuit
+from factfind.edges.engine import attend
+from factfind.edges.path_patching import path_patching, path_patching_reference, path_patching_sweep
+from factfind.edges.placement import all_nodes
 from factfind.graph import Node
-from factfind.pathpatch import (
-    all_nodes,
-    attend,
-    edge_patching,
-    path_patching,
-    path_patching_circuit,
-    path_patching_reference,
-    path_patching_sweep,
-    role_labels,
-)
 from factfind.types import Component, Site
 
 
@@ -94,7 +88,7 @@ def test_edge_patching_fast_matches_reference(gpt2_model, pairs):
 
 def test_roles_partition_tokens(gpt2_model, facts):
     batch = gpt2_model.tokenize(list(facts))
-    labels = role_labels(batch)
+    labels = batch.role_labels()
     assert torch.equal(labels >= 0, batch.attention_mask.bool())
     nodes = all_nodes(gpt2_model, batch)
     assert len(nodes) == 5 * gpt2_model.n_layers * (gpt2_model.n_heads + 1)

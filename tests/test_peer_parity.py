@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from factfind.dla import direct_logit_attribution
+from factfind.data.batch import encode_pairs
+from factfind.localize.dla import direct_logit_attribution
+from factfind.localize.patching import activation_patching
 from factfind.model import load_model
-from factfind.patching import activation_patching, encode_pairs
-from factfind.testing import tiny_hf_model, tiny_tokenizer
+from factfind.testing.models import tiny_hf_model, tiny_tokenizer
 
 tl = pytest.importorskip("transformer_lens")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from factfind.ablation import ablation
-from factfind.planted import (
+from factfind.localize.ablation import ablation
+from factfind.testing.planted import (
     FIRST,
     LAST,
     SPORTS,

@@ -1,7 +1,7 @@
 """Every discovery method recovers the planted circuit exactly, on both architectures.
 
-The planted models (:mod:`factfind.planted`) compute every answer through three components: a
-previous-token head ``L0.h0@subject_last`` that joins the two-token subject, 16 lookup neurons
+The planted models (:mod:`factfind.testing.planted`) compute every answer through three components:
+a previous-token head ``L0.h0@subject_last`` that joins the two-token subject, 16 lookup neurons
 (one AND per subject) in ``L1.mlp@subject_last``, and an extraction head ``L2.h0@final``. The
 rest is inert or a distractor that changes between clean and corrupt prompts but is read by
 nothing. So the truth is known before any method runs.
@@ -38,16 +38,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factfind.atp import atp, atp_star
-from factfind.attribution import exact_patching
-from factfind.dla import direct_logit_attribution
-from factfind.eap import eap, eap_ig, to_graph
+from factfind.attribute.atp import atp, atp_star
+from factfind.attribute.exact import exact_patching
+from factfind.attribute.verification import missed_effect_bound, verify
+from factfind.edges.eap import eap, eap_ig, to_graph
+from factfind.edges.edge_patching import edge_patching, path_patching_circuit
 from factfind.graph import CircuitGraph, Provenance, prune, prune_nodes
-from factfind.knockout import attention_knockout
-from factfind.patching import activation_patching
-from factfind.pathpatch import edge_patching, path_patching_circuit
-from factfind.tracing import causal_tracing
-from factfind.verification import missed_effect_bound, verify
+from factfind.localize.dla import direct_logit_attribution
+from factfind.localize.knockout import attention_knockout
+from factfind.localize.patching import activation_patching
+from factfind.localize.tracing import causal_tracing
 
 ROLES = ["subject_first", "subject_last", "relation", "final"]
 NODES = ["neurons", "mlp_out", "head_out", "q", "k", "v"]  # AtP / exact node set
@@ -233,7 +233,7 @@ def test_method_recovers_exactly_the_planted_units(planted, method):
 
 
 def test_node_precision_recall_of_the_node_methods(planted):
-    """The same recovery in :class:`~factfind.planted.PlantedCircuit`'s own terms."""
+    """The same recovery in :class:`~factfind.testing.planted.PlantedCircuit`'s own terms."""
     case = _exact(planted)
     found = set(case.scores.index[case.scores.abs() > FOUND * case.scores.abs().max()])
     heads_mlps = {n for n in found if ".n" not in n and n.count(".") == 1}

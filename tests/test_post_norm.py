@@ -4,8 +4,8 @@ computes there, against the model's own activations and autograd."""
 import pytest
 import torch
 
-from factfind.placement import place_site, set_changes, writes
-from factfind.testing import tiny_model
+from factfind.edges.placement import place_site, set_changes, writes
+from factfind.testing.models import tiny_model
 from factfind.types import Component as C
 from factfind.types import Site
 
@@ -55,8 +55,8 @@ def test_set_changes_of_whole_layers_are_the_sublayer_outputs(model, facts):
 def test_neuron_dla_at_final_equals_the_dla_module(model, facts):
     import numpy as np
 
-    from factfind.dla import direct_logit_attribution
-    from factfind.neurons import neuron_dla
+    from factfind.attribute.neurons import neuron_dla
+    from factfind.localize.dla import direct_logit_attribution
     from factfind.types import Role
 
     _, _, pairs = _batches(model, facts)
@@ -69,7 +69,7 @@ def test_neuron_dla_at_final_equals_the_dla_module(model, facts):
 
 
 def test_eap_refuses_single_neurons(model, facts):
-    from factfind.eap import edge_attribution
+    from factfind.edges.eap import edge_attribution
 
     _, _, pairs = _batches(model, facts)
     with pytest.raises(ValueError, match="neurons=True"):

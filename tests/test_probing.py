@@ -2,7 +2,7 @@
 
 import torch
 
-from factfind.probing import _gather_role, fit_logistic, linear_probes, mechanistic_probes
+from factfind.localize.probing import _gather_role, fit_logistic, linear_probes, mechanistic_probes
 from factfind.types import Component as C
 from factfind.types import Role
 
@@ -29,11 +29,11 @@ def test_linear_probes_skip_relations_without_held_out_subjects(gpt2_model, fact
     with 'too few subjects to split'); such relations are skipped and logged, once."""
     import dataclasses
 
-    from factfind.dataset import FactDataset
+    from factfind.data.dataset import FactDataset
 
     small = FactDataset([dataclasses.replace(f, relation="r3") for f in facts[:3]])
     mixed = small + facts
-    with caplog.at_level("INFO", logger="factfind.probing"):
+    with caplog.at_level("INFO", logger="factfind.localize.probing"):
         df = linear_probes(gpt2_model, mixed, roles=["final"], test_fraction=0.34)
     assert set(df["relation"]) == {facts[0].relation}
     assert "1 of 2 relations skipped" in caplog.text and "r3" in caplog.text

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import factfind as ff
-from factfind.findings import tracing_sites
-from factfind.pairs import FALLBACKS
+from factfind.data.pairs import FALLBACKS
+from factfind.report.findings import tracing_sites
 
 pytestmark = pytest.mark.real
 
@@ -41,7 +41,7 @@ def test_adapter_logits_equal_transformers(smollm2):
     loaded by transformers alone and called without factfind."""
     from transformers import AutoModelForCausalLM
 
-    from factfind.checkpoints import prepare
+    from factfind.model.checkpoints import prepare
 
     prepared = prepare("smollm2-135m")
     assert prepared is not None

@@ -20,9 +20,9 @@ from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.schema.request import RequestModel
 
 import factfind as ff
-from factfind.ablation import ablation
-from factfind.atp import atp_star
-from factfind.eap import edge_attribution
+from factfind.attribute.atp import atp_star
+from factfind.edges.eap import edge_attribution
+from factfind.localize.ablation import ablation
 from factfind.results import tidy
 from factfind.types import Component, Role, Site
 
@@ -151,7 +151,8 @@ def test_session_without_remote_is_a_plain_call(gpt2_model, server):
 
 
 def test_results_come_back_on_cpu(gpt2_model, pairs, server):
-    from factfind.patching import _patching_sweep, encode_pairs, enumerate_sites
+    from factfind.data.batch import encode_pairs
+    from factfind.localize.patching import _patching_sweep, enumerate_sites
 
     sites = enumerate_sites(gpt2_model, components=["mlp_out"], positions=["final"])
     out = gpt2_model.session(_patching_sweep, gpt2_model, encode_pairs(gpt2_model, pairs),

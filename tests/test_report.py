@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from factfind import report as R
-from factfind._browser import Browser, find_chromium
+from factfind.report.browser import Browser, find_chromium
 
 EVIL = "<script>alert(1)</script>"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"

@@ -6,11 +6,16 @@ import pandas as pd
 import pytest
 
 from factfind import report as rp
-from factfind.atp import estimate
-from factfind.neurons import mlp_output_norms, neuron_dla, neuron_nonlinearity, resample_neurons
+from factfind.attribute.atp import estimate
+from factfind.attribute.neurons import (
+    mlp_output_norms,
+    neuron_dla,
+    neuron_nonlinearity,
+    resample_neurons,
+)
+from factfind.attribute.verification import missed_effect_bound, verify
 from factfind.report import neurons as rn
-from factfind.testing import tiny_model
-from factfind.verification import missed_effect_bound, verify
+from factfind.testing.models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def _child(out: str) -> None:
     """The process the SIGKILL test kills: a slow streamed sweep."""
     import torch
 
-    from factfind.testing import tiny_model
+    from factfind.testing.models import tiny_model
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))

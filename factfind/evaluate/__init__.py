@@ -27,19 +27,13 @@ Example::
     proportion_explained(model, pairs, circuit)           # the paths the nodes induce
 """
 
-from factfind.evaluate.engine import (
-    HOW,
-    CircuitLike,
-    circuit_nodes,
-    evaluate_circuits,
-    node_scores,
-)
+from factfind.evaluate.engine import CircuitLike, circuit_nodes, evaluate_circuits, node_scores
 from factfind.evaluate.measures import completeness, faithfulness, faithfulness_curve, minimality
 from factfind.evaluate.paths import proportion_explained
 from factfind.evaluate.prune import prune_circuit, removal_scores
 from factfind.evaluate.search import greedy_circuit, minimize_circuit
 
-__all__ = ["HOW", "CircuitLike", "circuit_nodes", "completeness", "evaluate_circuits",
+__all__ = ["CircuitLike", "circuit_nodes", "completeness", "evaluate_circuits",
            "faithfulness", "faithfulness_curve", "greedy_circuit", "minimality",
            "minimize_circuit", "node_scores", "proportion_explained", "prune_circuit",
            "removal_scores"]

@@ -1,7 +1,7 @@
 """The circuit-ablation engine: the mean metric with everything outside a circuit ablated.
 
 A circuit is tested by removing everything else. The nodes here are heads and MLPs (or single
-MLP neurons) at the roles of the token partition (:func:`factfind.placement.role_labels`:
+MLP neurons) at the roles of the token partition (:func:`factfind.edges.placement.role_labels`:
 ``prefix``, ``subject_first``, ``subject`` = inner subject tokens, ``subject_last``,
 ``relation``, ``final``); the embeddings are the input and are never ablated. A circuit may be
 given as a graph, node ids, :class:`~factfind.graph.Node` values or
@@ -10,18 +10,18 @@ given as a graph, node ids, :class:`~factfind.graph.Node` values or
 "Ablated" means replaced by the per-role mean over a reference set (``how="mean"``) or by the
 activation of another prompt (``how="resample"``: the corrupt partner of each pair, or for a
 plain dataset other subjects of the same relation and token length), as in
-:mod:`factfind.ablation`. The metric ``m`` is the mean over prompts of the logit difference,
-or for a plain dataset the logit of the answer minus the mean logit of the relation's other
-answers. :func:`evaluate_circuits` reports ``m(C)`` for each circuit ``C`` next to the full
+:mod:`factfind.localize.ablation`. The metric ``m`` is the mean over prompts of the logit
+difference, or for a plain dataset the logit of the answer minus the mean logit of the relation's
+other answers. :func:`evaluate_circuits` reports ``m(C)`` for each circuit ``C`` next to the full
 model ``m(M)`` and the empty circuit ``m(∅)`` (every head and MLP ablated), and the
 faithfulness ``(m(C) - m(∅)) / (m(M) - m(∅))``.
 
 All circuits of a call, plus the full and the empty one, run stacked as copies of each prompt
 batch: one forward per batch and chunk of circuits. The replacement values are those of
-:mod:`factfind.ablation` (:func:`~factfind.ablation.mean_activations` per role; the same
-resample partners), and the tests check the engine against
-:func:`~factfind.ablation.ablate_sets`; it is a separate engine because circuits address the
-subject's inner tokens apart from its first and last (a :class:`~factfind.types.Site` cannot)
+:mod:`factfind.localize.ablation` (:func:`~factfind.localize.ablation.mean_activations` per role;
+the same resample partners), and the tests check the engine against
+:func:`~factfind.localize.ablation.ablate_sets`; it is a separate engine because circuits address
+the subject's inner tokens apart from its first and last (a :class:`~factfind.types.Site` cannot)
 and because many circuits share one forward.
 
 Example::
@@ -38,20 +38,20 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from factfind.ablation import TOKEN_ROLES, mean_activations
+from factfind.data.batch import PairBatch, encode_pairs
+from factfind.edges.engine import where_edit
+from factfind.edges.placement import all_nodes
 from factfind.graph import ENDPOINTS, CircuitGraph, Node
+from factfind.localize.ablation import mean_activations
 from factfind.metrics import logit_diff, logit_diff_vs_mean
-from factfind.patching import PairBatch, encode_pairs, repeat, take
-from factfind.pathpatch_engine import Metric, where_edit
-from factfind.placement import all_nodes, role_labels, roles_present
-from factfind.types import Component, Role, Site
+from factfind.types import ABLATIONS, ROLE_NAMES, Component, Metric, Role, Site
 
 if TYPE_CHECKING:
-    from factfind.data import FactDataset, FactPairs, TokenBatch
+    from factfind.data import FactDataset, FactPairs
+    from factfind.data.batch import TokenBatch
     from factfind.model import Model
 
 CircuitLike = CircuitGraph | Iterable[Node | str | Site]
-HOW = ("mean", "resample")
 
 
 # ----------------------------------------------------------------------------- nodes
@@ -128,11 +128,11 @@ def node_scores(scores: CircuitGraph | pd.DataFrame | Mapping[str, float]) -> di
 
 def _keep_masks(model: Model, nodes: set[Node]) -> tuple[Tensor, Tensor]:
     """Per (layer, role): kept heads ``[L R H]`` and kept neurons ``[L R N]``."""
-    R = len(TOKEN_ROLES)
+    R = len(ROLE_NAMES)
     kz = torch.zeros(model.n_layers, R, model.n_heads, dtype=torch.bool)
     kn = torch.zeros(model.n_layers, R, model.d_mlp, dtype=torch.bool)
     for n in nodes:
-        r = TOKEN_ROLES.index(n.role)
+        r = ROLE_NAMES.index(n.role)
         if n.kind == "head":
             kz[n.layer, r, n.index] = True
         elif n.kind == "mlp":
@@ -158,8 +158,8 @@ def _candidates(model: Model, facts: FactDataset) -> dict[str, Tensor]:
 
 
 def _partners(model: Model, facts: FactDataset, seed: int) -> FactDataset:
-    """One resample partner per prompt (as :func:`factfind.ablation.ablate_sets` draws them:
-    another subject of the relation with the same token length and a different answer)."""
+    """One resample partner per prompt (as :func:`factfind.localize.ablation.ablate_sets` draws
+    them: another subject of the relation with the same token length and a different answer)."""
     pairs = facts.corrupt(model, seed=seed, on_missing="skip")
     if len(pairs) != len(facts):
         raise ValueError(f"resample ablation needs a partner for every prompt; "
@@ -173,7 +173,7 @@ def _facts(data: FactPairs | FactDataset) -> FactDataset:
 
 
 def _pairs_type() -> type:
-    from factfind.pairs import FactPairs
+    from factfind.data.pairs import FactPairs
 
     return FactPairs
 
@@ -245,7 +245,7 @@ def evaluate_circuits(
         circuits: each a graph, node ids, nodes or sites (see :func:`circuit_nodes`).
         how: ``"mean"`` or ``"resample"``.
         reference: prompts for the means (default the clean prompts); means: precomputed
-            :func:`~factfind.ablation.mean_activations` over ``z`` and ``neurons``.
+            :func:`~factfind.localize.ablation.mean_activations` over ``z`` and ``neurons``.
         metric: for pairs, ``metric(logits, correct, wrong) -> [rows]``.
         neurons: count nodes at neuron granularity: ``fraction``'s denominator is every head
             and every MLP neuron at every role, and an MLP node counts as its ``d_mlp``
@@ -258,8 +258,8 @@ def evaluate_circuits(
         ``fraction`` (of all nodes at the granularity), ``metric`` (mean ``m(C)``), ``full``
         (``m(M)``), ``empty`` (``m(∅)``), ``faithfulness``, ``n`` (prompts).
     """
-    if how not in HOW:
-        raise ValueError(f"how must be one of {HOW}, got {how!r}")
+    if how not in ABLATIONS:
+        raise ValueError(f"how must be one of {ABLATIONS}, got {how!r}")
     pairs: FactPairs | None = data if isinstance(data, _pairs_type()) else None  # type: ignore[assignment]
     facts = _facts(data)
     pb = None
@@ -275,7 +275,7 @@ def evaluate_circuits(
         batch = model.tokenize(list(facts))
         sources = [model.tokenize(list(_partners(model, facts, seed + r)))
                    for r in range(resamples)] if how == "resample" else []
-    roles = roles_present(batch)
+    roles = batch.roles_present()
     sets = [circuit_nodes(model, c, roles) for c in circuits]
     if neurons is None:
         neurons = any(n.kind == "neuron" for s in sets for n in s)
@@ -288,20 +288,20 @@ def evaluate_circuits(
         means = mean_activations(model, reference or facts, keys)
     cand = _candidates(model, facts) if pairs is None else {}
     metric = metric or logit_diff
-    labels_all = role_labels(batch)
+    labels_all = batch.role_labels()
     n = len(facts)
     total = torch.zeros(len(keeps), dtype=torch.float64)
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
-        b = take(batch, idx)
+        b = batch.take(idx)
         labels = labels_all[idx]
         B = len(b)
-        src_acts = [model.run(take(s, idx), save=keys).acts for s in sources]
+        src_acts = [model.run(s.take(idx), save=keys).acts for s in sources]
         reps = max(1, len(src_acts))
         for c0 in range(0, len(keeps), chunk):
             group = keeps[c0:c0 + chunk]
             edits = ablation_edits(model, group, labels, means=means, sources=src_acts)
-            logits = model.run(repeat(b, len(group) * reps), edits=edits).logits
+            logits = model.run(b.repeat(len(group) * reps), edits=edits).logits
             m = metric_rows(logits, b, len(group) * reps, pb=pb, idx=idx, metric=metric,
                             cand=cand)
             total[c0:c0 + len(group)] += m.double().cpu().reshape(len(group), reps, B).mean(1) \
@@ -317,5 +317,5 @@ def evaluate_circuits(
     return pd.DataFrame(rows)
 
 
-__all__ = ["HOW", "CircuitLike", "ablation_edits", "circuit_nodes", "count_nodes",
+__all__ = ["CircuitLike", "ablation_edits", "circuit_nodes", "count_nodes",
            "evaluate_circuits", "metric_rows", "node_scores"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from factfind.edges.placement import all_nodes
 from factfind.evaluate.engine import (
     CircuitLike,
     _facts,
@@ -33,7 +34,6 @@ from factfind.evaluate.engine import (
     node_scores,
 )
 from factfind.graph import CircuitGraph, Node
-from factfind.placement import all_nodes, roles_present
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -63,7 +63,7 @@ def completeness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLi
     the behaviour is redundant)."""
     facts = _facts(data)
     batch = model.tokenize(list(facts[:64]))
-    roles = roles_present(batch)
+    roles = batch.roles_present()
     inner = circuit_nodes(model, circuit, roles)
     # with single neurons in the circuit, keep the other neurons of their MLPs
     neurons = any(n.kind == "neuron" for n in inner)
@@ -81,7 +81,7 @@ def minimality(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike
     """Per node ``v`` of the circuit: ``faithfulness_without`` = ``F(C∖{v})`` and ``drop`` =
     ``F(C) - F(C∖{v})`` (large = the node is needed), sorted by drop."""
     facts = _facts(data)
-    roles = roles_present(model.tokenize(list(facts[:64])))
+    roles = model.tokenize(list(facts[:64])).roles_present()
     nodes = sorted(circuit_nodes(model, circuit, roles))
     if not nodes:
         raise ValueError("the circuit has no inner nodes")

@@ -11,7 +11,7 @@ tests check that.
 
 The run goes layer by layer on the corrupt stream: each node of ``H`` is recomputed from the
 corrupt residual stream plus, for each of its incoming edges, the sender's (patched - corrupt)
-change (:func:`~factfind.placement.writes`), one copy of the batch per head node; the logits
+change (:func:`~factfind.edges.placement.writes`), one copy of the batch per head node; the logits
 read the corrupt final stream plus the changes of their incoming edges.
 
 Example::
@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from factfind.data.batch import encode_pairs
+from factfind.edges.placement import Placed, is_parallel, node_mask, writes
 from factfind.evaluate.engine import CircuitLike, circuit_nodes
 from factfind.graph import ENDPOINTS, CircuitGraph, Node, feeds, stage
 from factfind.metrics import logit_diff
-from factfind.patching import encode_pairs, repeat, take
-from factfind.pathpatch_engine import Metric
-from factfind.placement import Placed, is_parallel, node_mask, role_labels, roles_present, writes
-from factfind.types import Component
+from factfind.types import Component, Metric
 
 if TYPE_CHECKING:
-    from factfind.data import FactPairs, TokenBatch
+    from factfind.data import FactPairs
+    from factfind.data.batch import TokenBatch
     from factfind.model import Model
 
 
@@ -68,13 +68,13 @@ def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *
     """
     metric = metric or logit_diff
     pb_all = encode_pairs(model, pairs)
-    roles = roles_present(pb_all.clean)
+    roles = pb_all.clean.roles_present()
     edges = _edges(model, circuit, roles)
     n = len(pairs)
     sums = torch.zeros(3, dtype=torch.float64)
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
-        clean, bad = take(pb_all.clean, idx), take(pb_all.corrupt, idx)
+        clean, bad = pb_all.clean.take(idx), pb_all.corrupt.take(idx)
         correct, wrong = pb_all.correct[idx], pb_all.wrong[idx]
         m_h = _edge_patched_metric(model, clean, bad, edges, correct, wrong, metric)
         m_c = metric(model.run(clean).logits, correct, wrong)
@@ -90,7 +90,7 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
     """``m(H)`` per prompt: layer by layer, each node of ``H`` recomputed from the corrupt
     stream plus, for each of its incoming edges, the sender's (patched - corrupt) change."""
     L, parallel = model.n_layers, is_parallel(model)
-    labels = role_labels(clean)
+    labels = clean.role_labels()
     keys = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L) for c in (
         Component.Z, Component.MLP_OUT, Component.NEURONS, Component.RESID_PRE,
         Component.ATTN_OUT, Component.RESID_POST)]
@@ -163,7 +163,7 @@ def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: i
     if not parallel:  # the MLP reads resid_pre + attn_out: pin the attention output too
         edits[(Component.ATTN_OUT, layer)] = _constant(torch.cat(mid))
     B = clean.input_ids.shape[0]
-    run = model.run(repeat(clean, len(copies)), edits=edits, save=[
+    run = model.run(clean.repeat(len(copies)), edits=edits, save=[
         (Component.Z, layer), (Component.NEURONS, layer)]).acts
     for c, group in enumerate(copies):
         mine = {k: a[c * B:(c + 1) * B] for k, a in run.items()}

@@ -44,9 +44,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from factfind.ablation import TOKEN_ROLES, mean_activations
+from factfind.data.batch import encode_pairs
 from factfind.evaluate.engine import (
-    HOW,
     CircuitLike,
     _candidates,
     _facts,
@@ -59,15 +58,14 @@ from factfind.evaluate.engine import (
     metric_rows,
 )
 from factfind.graph import Node
+from factfind.localize.ablation import mean_activations
 from factfind.metrics import logit_diff
-from factfind.patching import encode_pairs, repeat, take
-from factfind.placement import role_labels, roles_present
-from factfind.types import Component
+from factfind.types import ABLATIONS, ROLE_NAMES, Component
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
     from factfind.model import Model
-    from factfind.pathpatch_engine import Metric
+    from factfind.types import Metric
 
 
 def removal_scores(
@@ -91,8 +89,8 @@ def removal_scores(
         (``"attribution"`` or ``"exact"``), sorted by ``delta`` descending (the least
         harmful to remove first).
     """
-    if how not in HOW:
-        raise ValueError(f"how must be one of {HOW}, got {how!r}")
+    if how not in ABLATIONS:
+        raise ValueError(f"how must be one of {ABLATIONS}, got {how!r}")
     facts = _facts(data)
     if len(facts) == 0:
         raise ValueError("no prompts: the dataset is empty")
@@ -104,31 +102,31 @@ def removal_scores(
             model.tokenize(list(_partners(model, facts, seed + r))) for r in range(resamples)]
     else:
         sources = []
-    nodes = circuit_nodes(model, circuit, roles_present(batch))
+    nodes = circuit_nodes(model, circuit, batch.roles_present())
     if not nodes:
         raise ValueError("the circuit has no inner nodes")
     keep = _keep_masks(model, nodes)
-    L, R = model.n_layers, len(TOKEN_ROLES)
+    L, R = model.n_layers, len(ROLE_NAMES)
     keys = [(c, layer) for layer in range(L) for c in (Component.Z, Component.NEURONS)]
     if how == "mean" and means is None:
         means = mean_activations(model, facts, keys)
     cand = _candidates(model, facts) if pb is None else {}
     metric = metric or logit_diff
-    labels_all = role_labels(batch)
+    labels_all = batch.role_labels()
     n, reps = len(facts), max(1, len(sources))
     est = {c: torch.zeros(L, R, model.n_heads if c is Component.Z else model.d_mlp,
                           dtype=torch.float64) for c in (Component.Z, Component.NEURONS)}
     for start in range(0, n, batch_size):
         idx = slice(start, min(n, start + batch_size))
-        b, labels = take(batch, idx), labels_all[idx]
-        src = [model.run(take(s, idx), save=keys).acts for s in sources]
+        b, labels = batch.take(idx), labels_all[idx]
+        src = [model.run(s.take(idx), save=keys).acts for s in sources]
         edits = ablation_edits(model, [keep], labels, means=means, sources=src)
 
         def total(logits: torch.Tensor, b=b, idx=idx) -> torch.Tensor:
             return metric_rows(logits, b, reps, pb=pb, idx=idx, metric=metric,
                                cand=cand).sum() / (n * reps)
 
-        run = model.run(repeat(b, reps), save=keys, edits=edits, metric=total)
+        run = model.run(b.repeat(reps), save=keys, edits=edits, metric=total)
         onehot = torch.nn.functional.one_hot(labels.clamp(min=0), R).double()
         onehot = (onehot * (labels >= 0)[..., None]).repeat(reps, 1, 1)  # [reps*B P R]
         for c, layer in keys:
@@ -144,7 +142,7 @@ def removal_scores(
             est[c][layer] += torch.einsum("bpu,bpr->ru", d, onehot)
     rows = []
     for v in sorted(nodes):
-        r = TOKEN_ROLES.index(v.role)
+        r = ROLE_NAMES.index(v.role)
         if v.kind == "head":
             delta = est[Component.Z][v.layer, r, v.index]
         elif v.kind == "mlp":
@@ -207,7 +205,7 @@ def prune_circuit(
     if not 0 < step < 1:
         raise ValueError(f"step must be in (0, 1), got {step}")
     facts = _facts(data)
-    roles = roles_present(model.tokenize(list(facts[:64])))
+    roles = model.tokenize(list(facts[:64])).roles_present()
     current = sorted(circuit_nodes(model, circuit, roles))
     if kwargs.get("means") is None and how == "mean":
         keys = [(c, layer) for layer in range(model.n_layers)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from factfind.edges.placement import all_nodes
 from factfind.evaluate.engine import CircuitLike, _facts, circuit_nodes, evaluate_circuits
-from factfind.placement import all_nodes, roles_present
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -84,7 +84,7 @@ def minimize_circuit(
         it is below ``target`` already).
     """
     facts = _facts(data)
-    roles = roles_present(model.tokenize(list(facts[:64])))
+    roles = model.tokenize(list(facts[:64])).roles_present()
     nodes = [n.id for n in sorted(circuit_nodes(model, circuit, roles))]
     first = evaluate_circuits(model, data, [nodes], how=how, **kwargs).iloc[0].to_dict()
     rows = [{**first, "removed": None, "nodes": ";".join(nodes)}]

@@ -5,7 +5,7 @@ tokens because the pair is rarer than its parts in its training text; a tokenize
 synthetic training text would instead see every name hundreds of times and give each one a
 token of its own, and the organism would have no subject tokens to combine. So the BPE merges
 are learned from the world *without its names* (templates, filler, attributes) plus the
-syllables names are made of (see :func:`factfind.organism.world.tokenizer_corpus`): every
+syllables names are made of (see :func:`tokenizer_corpus`): every
 template word and every attribute becomes one token, and a name part is split roughly at its
 syllables (``" Kavel" -> " Ka" + "vel"``). The world generator then keeps only name parts of 1–2
 tokens, so full names have 2–4.
@@ -31,13 +31,34 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from factfind.organism.world import tokenizer_corpus
-
 log = logging.getLogger(__name__)
 
 BOS = "<|endoftext|>"
 PAD = "<|padding|>"
 SPECIAL_TOKENS = (BOS, PAD)
+
+
+def tokenizer_corpus(world: dict[str, Any], *, attribute_repeats: int = 200) -> list[str]:
+    """The text the organism's tokenizer is trained on: the world without its names.
+
+    Every template, filler sentence and attribute appears, so all of their words become single
+    tokens (attributes are repeated so they are merged early: one token each, by construction).
+    Names do *not* appear; only the syllables they are built from do, as lines of their own, an
+    initial syllable after a space (" Ka") and a final one bare ("vel"). A name part is then
+    split roughly at its syllables, and a full name is 2–4 tokens rather than one.
+    """
+    lines: list[str] = []
+    for rel in world["relations"].values():
+        for t in rel["templates"] + rel["heldout_templates"]:
+            lines.append(" " + t.replace("{}", "Someone"))
+        lines.extend(" " + " ".join(rel["attributes"]) for _ in range(attribute_repeats))
+    lines.extend(" " + s.replace("{}", "Someone") for s in world["filler"]["person"])
+    lines.extend(" " + s for s in world["filler"]["generic"])
+    lines.append(" " + " ".join(world["filler"]["modifiers"]))
+    for _ in range(20):
+        lines.extend(f" {s}" for s in world["syllables"]["initial"])
+        lines.extend(world["syllables"]["final"])
+    return lines
 
 
 def train_tokenizer(world: dict[str, Any], *, vocab_size: int = 4096) -> Any:

@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factfind.organism.tokenizer import train_tokenizer
+
 log = logging.getLogger(__name__)
 
 WORLD_FORMAT = "factfind-organism-world/1"
@@ -294,7 +296,8 @@ class WorldConfig:
 def world_skeleton(config: WorldConfig) -> dict[str, Any]:
     """Everything in the world except its people: relations, filler and name syllables.
 
-    This is what the tokenizer is trained on (see :func:`tokenizer_corpus`); it is a function of
+    This is what the tokenizer is trained on (see
+    :func:`factfind.organism.tokenizer.tokenizer_corpus`); it is a function of
     the config alone.
     """
     rng = random.Random(f"factfind-organism-syllables-{config.seed}")
@@ -314,29 +317,6 @@ def world_skeleton(config: WorldConfig) -> dict[str, Any]:
                       "final": sylls[config.n_initial_syllables:]},
         "config": json.loads(json.dumps(dataclasses.asdict(config))),  # tuples -> lists
     }
-
-
-def tokenizer_corpus(world: dict[str, Any], *, attribute_repeats: int = 200) -> list[str]:
-    """The text the organism's tokenizer is trained on: the world without its names.
-
-    Every template, filler sentence and attribute appears, so all of their words become single
-    tokens (attributes are repeated so they are merged early: one token each, by construction).
-    Names do *not* appear; only the syllables they are built from do, as lines of their own, an
-    initial syllable after a space (" Ka") and a final one bare ("vel"). A name part is then
-    split roughly at its syllables, and a full name is 2–4 tokens rather than one.
-    """
-    lines: list[str] = []
-    for rel in world["relations"].values():
-        for t in rel["templates"] + rel["heldout_templates"]:
-            lines.append(" " + t.replace("{}", "Someone"))
-        lines.extend(" " + " ".join(rel["attributes"]) for _ in range(attribute_repeats))
-    lines.extend(" " + s.replace("{}", "Someone") for s in world["filler"]["person"])
-    lines.extend(" " + s for s in world["filler"]["generic"])
-    lines.append(" " + " ".join(world["filler"]["modifiers"]))
-    for _ in range(20):
-        lines.extend(f" {s}" for s in world["syllables"]["initial"])
-        lines.extend(world["syllables"]["final"])
-    return lines
 
 
 def _name_pool(
@@ -381,8 +361,6 @@ def generate_world(config: Any, *, tokenizer: Any = None) -> dict[str, Any]:
         world = generate_world(WorldConfig(n_known=100, n_unknown=20))
         sum(p["split"] == "known" for p in world["people"])   # 100
     """
-    from factfind.organism.tokenizer import train_tokenizer
-
     cfg: WorldConfig = getattr(config, "world", config)
     world = world_skeleton(cfg)
     if tokenizer is None:

@@ -1,6 +1,7 @@
 """Report sections for the seed's concepts: linear representations, polysemanticity,
-superposition and universality (:mod:`factfind.representation`,
-:mod:`factfind.polysemanticity`, :mod:`factfind.superposition`, :mod:`factfind.universality`).
+superposition and universality (:mod:`factfind.concepts.representation`,
+:mod:`factfind.concepts.polysemanticity`, :mod:`factfind.concepts.superposition`,
+:mod:`factfind.concepts.universality`).
 
 Each builder takes the tidy frames those modules return and gives a
 :class:`~factfind.report.Section` with a one-paragraph explanation of the concept and of how
@@ -21,7 +22,9 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
-from factfind import report as rp
+from factfind.report.circuit_view import graph_view
+from factfind.report.document import Section, Table
+from factfind.report.figures import bar_plot, heatmap, line_plot
 
 EXPLAIN_REPRESENTATION = (
     "Linear representation hypothesis: the model stores which attribute a subject has as a "
@@ -81,46 +84,46 @@ def _site_label(df: pd.DataFrame, *parts: str) -> list[str]:
 
 def representation_section(decodability: pd.DataFrame, agreement: pd.DataFrame,
                            ratios: pd.DataFrame, *,
-                           explanation: str = EXPLAIN_REPRESENTATION) -> rp.Section:
+                           explanation: str = EXPLAIN_REPRESENTATION) -> Section:
     """Section ``concepts-representation``: decodability, agreement and patch-ratio heatmaps
     (layer × role · method) and their tables."""
     dec = decodability.assign(site=_site_label(decodability, "role", "direction"))
-    figs = [rp.heatmap(dec, x="layer", y="site", title="Held-out decodability",
+    figs = [heatmap(dec, x="layer", y="site", title="Held-out decodability",
                        caption="Held-out accuracy of reading the attribute along each direction "
                                "(rows: role · direction method).", alt="decodability")]
     meth = agreement[agreement["kind"] == "methods"]
     if not meth.empty:
         meth = meth.assign(site=meth["role"] + " · " + meth["method_a"] + "~" + meth["method_b"])
-        figs.append(rp.heatmap(meth, x="layer", y="site", title="Agreement across methods",
+        figs.append(heatmap(meth, x="layer", y="site", title="Agreement across methods",
                                caption="Mean cosine between two methods' attribute directions.",
                                alt="agreement across methods"))
     rat = pd.DataFrame(ratios[ratios["subspace"] != "full"])
     rat = rat.assign(site=_site_label(rat, "role", "subspace"))
-    figs.append(rp.heatmap(rat, x="layer", y="site", value="ratio",
+    figs.append(heatmap(rat, x="layer", y="site", value="ratio",
                            title="Subspace patch / full patch",
                            caption="Effect of patching along the direction(s) over the full "
                                    "activation patch's effect.", alt="patch ratios"))
     tables = [
-        rp.Table(_cols(decodability, ["relation", "layer", "role", "direction", "effect",
+        Table(_cols(decodability, ["relation", "layer", "role", "direction", "effect",
                                       "train_accuracy", "chance", "n"]),
                  caption="Held-out decodability (effect = accuracy)", max_rows=60),
-        rp.Table(_cols(agreement, ["relation", "kind", "layer", "role", "method_a", "method_b",
+        Table(_cols(agreement, ["relation", "kind", "layer", "role", "method_a", "method_b",
                                    "direction", "layer_b", "effect"]),
                  caption="Cosine agreement across methods and layers", max_rows=80),
-        rp.Table(_cols(ratios, ["layer", "role", "subspace", "rank", "effect", "full_effect",
+        Table(_cols(ratios, ["layer", "role", "subspace", "rank", "effect", "full_effect",
                                 "ratio", "n"]),
                  caption="Subspace patching: effect and ratio to the full patch", max_rows=80)]
-    return rp.Section(id="concepts-representation", title="Linear representation of attributes",
+    return Section(id="concepts-representation", title="Linear representation of attributes",
                       explanation=explanation, figures=figs, tables=tables)
 
 
 def polysemanticity_section(selectivity: pd.DataFrame, fractions: pd.DataFrame,
                             basis: pd.DataFrame, *,
-                            explanation: str = EXPLAIN_POLYSEMANTICITY) -> rp.Section:
+                            explanation: str = EXPLAIN_POLYSEMANTICITY) -> Section:
     """Section ``concepts-polysemanticity``: share-vs-k curves per basis, the monosemantic
     fractions and the per-neuron scores."""
     curve = pd.DataFrame(basis[basis["basis"] != "full"]).astype({"k": "float64"})
-    figs = [rp.line_plot(curve, x="k", y="ratio", hue="basis", reference=1.0, band=None,
+    figs = [line_plot(curve, x="k", y="ratio", hue="basis", reference=1.0, band=None,
                          title="Share of the lookup MLP's patching effect",
                          caption="Patching the top-k neurons or top-k principal directions of "
                                  "the MLP output, over patching the whole output.",
@@ -128,68 +131,68 @@ def polysemanticity_section(selectivity: pd.DataFrame, fractions: pd.DataFrame,
     sel = selectivity.assign(unit=selectivity["layer"].astype(str).radd("L") + ".n"
                              + selectivity["neuron"].astype(str))
     tables = [
-        rp.Table(_cols(fractions, ["key", "neurons", "selective", "effect",
+        Table(_cols(fractions, ["key", "neurons", "selective", "effect",
                                    "mean_polysemanticity", "mean_effective_values",
                                    "n_values"]),
                  caption="Fraction of selective neurons that are monosemantic (effect)"),
-        rp.Table(_cols(basis, ["group", "basis", "k", "effect", "full_effect", "ratio", "n"]),
+        Table(_cols(basis, ["group", "basis", "k", "effect", "full_effect", "ratio", "n"]),
                  caption="Top-k neurons vs top-k PCA directions", max_rows=60),
-        rp.Table(_cols(sel, ["unit", "role", "key", "effect", "effective_values", "max_z",
+        Table(_cols(sel, ["unit", "role", "key", "effect", "effective_values", "max_z",
                              "top_value", "n_values"]),
                  caption="Polysemanticity per neuron and key (effect = values responded to)",
                  max_rows=90)]
-    return rp.Section(id="concepts-polysemanticity", title="Neuron basis vs feature basis",
+    return Section(id="concepts-polysemanticity", title="Neuron basis vs feature basis",
                       explanation=explanation, figures=figs, tables=tables)
 
 
 def superposition_section(capacity: pd.DataFrame, interference: pd.DataFrame,
                           effective_rank: pd.DataFrame, *, by_world: pd.DataFrame | None = None,
-                          explanation: str = EXPLAIN_SUPERPOSITION) -> rp.Section:
+                          explanation: str = EXPLAIN_SUPERPOSITION) -> Section:
     """Section ``concepts-superposition``: capacity, interference and effective-rank tables, an
     effective-rank bar chart, and (``by_world``) the table across organisms of different size."""
     er = effective_rank.assign(site=_site_label(effective_rank, "component", "layer", "role"))
-    figs = [rp.bar_plot(er, label="site", value="effect", k=len(er), sort=False,
+    figs = [bar_plot(er, label="site", value="effect", k=len(er), sort=False,
                         title="Effective rank (participation ratio)",
                         caption="Participation ratio of each lookup activation over the dataset.",
                         alt="effective rank")]
     tables = [
-        rp.Table(_cols(capacity, ["facts", "subjects", "relations", "bits", "lookup_layers",
+        Table(_cols(capacity, ["facts", "subjects", "relations", "bits", "lookup_layers",
                                   "neurons", "d_model", "effect", "facts_per_dim",
                                   "bits_per_neuron", "bits_per_dim"]),
                  caption="Capacity (effect = facts per lookup neuron)"),
-        rp.Table(_cols(interference, ["component", "layer", "role", "pairs", "effect", "median",
+        Table(_cols(interference, ["component", "layer", "role", "pairs", "effect", "median",
                                       "p90", "max", "n_features", "d", "welch_bound",
                                       "random_mean", "worst_pair"]),
                  caption="Interference between attribute directions (effect = mean |cos|)",
                  max_rows=60),
-        rp.Table(_cols(effective_rank, ["component", "layer", "role", "effect", "entropy_rank",
+        Table(_cols(effective_rank, ["component", "layer", "role", "effect", "entropy_rank",
                                         "dims_90", "dims", "n", "subjects"]),
                  caption="Effective rank (effect = participation ratio)")]
     if by_world is not None and not by_world.empty:
-        tables.append(rp.Table(by_world, caption="Superposition against world size", max_rows=40))
-    return rp.Section(id="concepts-superposition", title="Superposition diagnostics",
+        tables.append(Table(by_world, caption="Superposition against world size", max_rows=40))
+    return Section(id="concepts-superposition", title="Superposition diagnostics",
                       explanation=explanation, figures=figs, tables=tables)
 
 
 def universality_section(comparison: pd.DataFrame, counts: pd.DataFrame,
                          graphs: Sequence[tuple[str, Any]] = (), *,
-                         explanation: str = EXPLAIN_UNIVERSALITY) -> rp.Section:
+                         explanation: str = EXPLAIN_UNIVERSALITY) -> Section:
     """Section ``concepts-universality``: the similarity measures, the side-by-side signature
     counts and a drawing of each circuit."""
-    figs = [rp.bar_plot(comparison, label="measure", value="effect", k=len(comparison),
+    figs = [bar_plot(comparison, label="measure", value="effect", k=len(comparison),
                         sort=False, xlim=(0.0, 1.0), title="Circuit similarity",
                         caption="Similarity of the two circuits by each measure.",
                         alt="circuit similarity")]
     views = []
     for name, g in graphs:
         nxg = g if isinstance(g, nx.DiGraph) else g.graph
-        views.append(rp.graph_view(nxg, caption=f"{name}: {nxg.number_of_nodes()} nodes, "
+        views.append(graph_view(nxg, caption=f"{name}: {nxg.number_of_nodes()} nodes, "
                                                 f"{nxg.number_of_edges()} edges"))
-    tables = [rp.Table(_cols(comparison, ["graph_a", "graph_b", "measure", "effect", "count_a",
+    tables = [Table(_cols(comparison, ["graph_a", "graph_b", "measure", "effect", "count_a",
                                           "count_b", "shared", "ged", "ged_exact"]),
                        caption="Similarity measures (effect in [0, 1])"),
-              rp.Table(counts, caption="Nodes per role signature, side by side", max_rows=80)]
-    return rp.Section(id="concepts-universality", title="Universality of the circuit",
+              Table(counts, caption="Nodes per role signature, side by side", max_rows=80)]
+    return Section(id="concepts-universality", title="Universality of the circuit",
                       explanation=explanation, figures=figs, tables=tables, graphs=views)
 
 

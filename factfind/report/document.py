@@ -2,8 +2,8 @@
 :class:`GraphView`, :class:`Section`, :class:`ReportData`, :func:`render_report` and the atomic
 :func:`write_report`.
 
-The page is one Jinja2 template (``factfind/templates/report.html.j2``) with autoescaping on, its
-CSS and JavaScript inlined and pinned by a Content-Security-Policy hash; figures arrive as SVG
+The page is one Jinja2 template (``factfind/report/templates/report.html.j2``) with autoescaping on,
+its CSS and JavaScript inlined and pinned by a Content-Security-Policy hash; figures arrive as SVG
 (checked for active content and namespaced per figure) or PNG data URIs.
 """
 
@@ -140,7 +140,7 @@ class _Assets:
 
 @functools.cache
 def _assets() -> _Assets:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("factfind", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("factfind.report", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     assert env.loader is not None

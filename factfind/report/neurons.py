@@ -1,6 +1,6 @@
 """Report sections for neuron-level attribution: AtP* with exact verification, and Fact
-Finding's neuron analyses (:mod:`factfind.atp`, :mod:`factfind.verification`,
-:mod:`factfind.neurons`).
+Finding's neuron analyses (:mod:`factfind.attribute.atp`, :mod:`factfind.attribute.verification`,
+:mod:`factfind.attribute.neurons`).
 
 Each builder takes the tidy frames those modules return and gives a
 :class:`~factfind.report.Section` with a one-paragraph explanation of the method and of how
@@ -15,8 +15,8 @@ its numbers are defined, figures drawn by :mod:`factfind.report` and sortable ta
 
 and :func:`neuron_sections` all of them from a dict of those frames.
 
-:func:`verified_candidates` turns a :class:`~factfind.verification.Verification` into the one
-frame :func:`atp_section` reads (and an analysis caches).
+:func:`verified_candidates` turns a :class:`~factfind.attribute.verification.Verification` into the
+one frame :func:`atp_section` reads (and an analysis caches).
 
 Example::
 
@@ -33,10 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from factfind import report as rp
+from factfind.report.document import Section, Table
+from factfind.report.figures import bar_plot, line_plot, scatter_plot
+from factfind.report.tables import site_label, top_units
 
 if TYPE_CHECKING:
-    from factfind.verification import Verification
+    from factfind.attribute.verification import Verification
 
 EXPLAIN_ATP = (
     "Attribution patching (AtP; Nanda 2023, Syed et al. 2023) estimates the effect of patching "
@@ -106,9 +108,9 @@ def verified_candidates(ver: Verification, *, search: str) -> pd.DataFrame:
 
 
 def verification_of(candidates: pd.DataFrame) -> Verification:
-    """The :class:`~factfind.verification.Verification` that :func:`verified_candidates` (one
-    search) was made from, e.g. to bound what it missed after a cached run."""
-    from factfind.verification import Verification
+    """The :class:`~factfind.attribute.verification.Verification` that :func:`verified_candidates`
+    (one search) was made from, e.g. to bound what it missed after a cached run."""
+    from factfind.attribute.verification import Verification
 
     if len(set(candidates["search"].tolist())) != 1:
         raise ValueError("pass the candidates of one search")
@@ -127,7 +129,7 @@ def verification_of(candidates: pd.DataFrame) -> Verification:
 def _label(row: dict[str, Any]) -> str:
     """``L0.n57@subject_last`` for a neuron, ``L3.h1@final`` for a head's output and
     ``L2.h1.k@subject_last`` for its query, key or value."""
-    label = rp.site_label(row)
+    label = site_label(row)
     if row.get("component") in ("q", "k", "v"):
         unit, _, where = label.partition("@")
         label = f"{unit}.{row['component']}@{where}"
@@ -146,10 +148,10 @@ def _cols(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
 
 
 def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, k: int = 20,
-                explanation: str = EXPLAIN_ATP) -> rp.Section:
+                explanation: str = EXPLAIN_ATP) -> Section:
     """Section ``atp-star`` from :func:`verified_candidates` frames (one or several searches,
     told apart by ``search``) and optionally the bound's rank buckets
-    (:attr:`~factfind.verification.Bound.buckets` with a ``search`` column)."""
+    (:attr:`~factfind.attribute.verification.Bound.buckets` with a ``search`` column)."""
     ver = _labelled(candidates.loc[candidates["verified"].to_numpy(dtype=bool)])
     if ver.empty:
         raise ValueError("no verified candidates to show")
@@ -159,13 +161,13 @@ def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, 
         facts[f"{name}: verified"] = int(g["verified"].to_numpy(dtype=bool).sum())
         facts[f"{name}: stopped by"] = f"{g['stopped'].iloc[0]} (θ = {g['theta'].iloc[0]:.3g})"
     figures = [
-        rp.scatter_plot(ver, x="effect", y="exact", hue="search", xlabel="AtP* estimate",
+        scatter_plot(ver, x="effect", y="exact", hue="search", xlabel="AtP* estimate",
                         ylabel="exact effect (noising)", title="AtP* estimate vs exact patch",
                         caption="Every verified candidate: its AtP* estimate against the effect "
                         "of patching it exactly (dashed: equal)."),
     ]
     for name, g in ver.groupby("search", sort=False):
-        figures.append(rp.bar_plot(
+        figures.append(bar_plot(
             g.assign(ci_low=g["exact_ci_low"], ci_high=g["exact_ci_high"]), label="site",
             value="exact", k=k, title=f"Strongest verified {name}",
             caption=f"The {min(k, len(g))} verified {name} of largest exact |effect| (95% "
@@ -176,46 +178,46 @@ def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, 
                       ["site", "component", "layer", "head", "neuron", "role", "rank", "effect",
                        "grad_drop", "score", "exact", "exact_ci_low", "exact_ci_high",
                        "exact_n"]).rename(columns={"effect": "atp*"}).dropna(axis=1, how="all")
-        tables.append(rp.Table(shown, caption=f"Verified {name} by exact |effect| (atp*: the "
+        tables.append(Table(shown, caption=f"Verified {name} by exact |effect| (atp*: the "
                                "estimate; rank: the order AtP* proposed them in)",
                                max_rows=max(k, 20)))
     if bound is not None and not bound.empty:
         for name, g in bound.groupby("search", sort=False) if "search" in bound.columns \
                 else [("all", bound)]:
             facts[f"{name}: bound on unverified"] = f"{g['effect'].max():.3g}"
-        tables.append(rp.Table(_cols(bound, ["search", "rank_start", "rank_stop", "nodes",
+        tables.append(Table(_cols(bound, ["search", "rank_start", "rank_stop", "nodes",
                                              "covered", "effect"]).rename(
             columns={"effect": "bound"}), caption="Subsampling bound by rank bucket: no "
             "unverified node of the bucket has a larger |effect| (if no cancellation)"))
-    return rp.Section(id="atp-star", title="Neurons and heads: AtP* with exact verification",
+    return Section(id="atp-star", title="Neurons and heads: AtP* with exact verification",
                       explanation=explanation, facts=facts, figures=figures, tables=tables)
 
 
-def resample_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_RESAMPLE) -> rp.Section:
-    """Section ``neuron-resample`` from :func:`~factfind.neurons.resample_neurons`."""
+def resample_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_RESAMPLE) -> Section:
+    """Section ``neuron-resample`` from :func:`~factfind.attribute.neurons.resample_neurons`."""
     top = _labelled(df)
-    fig = rp.bar_plot(top, label="site", value="effect", k=len(top), sort=True,
+    fig = bar_plot(top, label="site", value="effect", k=len(top), sort=True,
                       title="Resample ablation of single neurons",
                       caption="Change of the logit difference when the neuron takes other "
                       "subjects' values (95% interval over prompts).")
-    return rp.Section(id="neuron-resample", title="Resample ablation of top neurons",
-                      explanation=explanation, figures=[fig], tables=[rp.Table(
+    return Section(id="neuron-resample", title="Resample ablation of top neurons",
+                      explanation=explanation, figures=[fig], tables=[Table(
                           _cols(top, ["site", "layer", "neuron", "role", "effect", "ci_low",
                                       "ci_high", "n"]), caption="Resample ablation, per neuron")])
 
 
-def and_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_AND) -> rp.Section:
-    """Section ``neuron-and`` from :func:`~factfind.neurons.neuron_nonlinearity`."""
+def and_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_AND) -> Section:
+    """Section ``neuron-and`` from :func:`~factfind.attribute.neurons.neuron_nonlinearity`."""
     top = _labelled(df)
     full = top["act_AB"] - top["act_A'B'"]
     parts = (top["act_AB'"] - top["act_A'B'"]) + (top["act_A'B"] - top["act_A'B'"])
     top = top.assign(full_name=full, sum_of_parts=parts)
     figures = [
-        rp.bar_plot(top, label="site", value="effect", k=len(top), sort=False,
+        bar_plot(top, label="site", value="effect", k=len(top), sort=False,
                     title="Interaction f(AB) - f(A'B) - f(AB') + f(A'B')",
                     caption="Positive: the full name moves the neuron more than the sum of its "
                     "parts (95% interval over prompts and swaps)."),
-        rp.scatter_plot(top, x="sum_of_parts", y="full_name", hue="layer",
+        scatter_plot(top, x="sum_of_parts", y="full_name", hue="layer",
                         xlabel="sum of parts [f(AB')-f(A'B')] + [f(A'B)-f(A'B')]",
                         ylabel="full name f(AB) - f(A'B')", title="Full name vs its parts",
                         caption="Above the dashed line: superadditive (AND-like)."),
@@ -223,14 +225,14 @@ def and_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_AND) -> rp.Secti
     table = _cols(top, ["site", "layer", "neuron", "role", "effect", "ci_low", "ci_high",
                         "and_score", "full_name", "sum_of_parts", "act_AB", "act_A'B",
                         "act_AB'", "act_A'B'", "n"]).rename(columns={"effect": "interaction"})
-    return rp.Section(id="neuron-and", title="Neuron nonlinearity: AND of name tokens?",
+    return Section(id="neuron-and", title="Neuron nonlinearity: AND of name tokens?",
                       explanation=explanation, figures=figures,
-                      tables=[rp.Table(table, caption="Interaction and AND score per neuron")])
+                      tables=[Table(table, caption="Interaction and AND score per neuron")])
 
 
-def mlp_norms_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_NORMS) -> rp.Section:
-    """Section ``mlp-norms`` from :func:`~factfind.neurons.mlp_output_norms`: the mean norms
-    per group, and (with groups ``known`` and ``unknown``) their difference per layer and
+def mlp_norms_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_NORMS) -> Section:
+    """Section ``mlp-norms`` from :func:`~factfind.attribute.neurons.mlp_output_norms`: the mean
+    norms per group, and (with groups ``known`` and ``unknown``) their difference per layer and
     role with a 95% interval (normal approximation from the two groups' intervals)."""
     where = df["role"].astype(object).where(df["role"].notna(), df["position"].astype(object))
     lines = df.assign(where=where.astype(str))
@@ -242,46 +244,46 @@ def mlp_norms_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_NORMS) -> 
         diff = w["effect"]["known"] - w["effect"]["unknown"]
         half = 1.959964 * np.sqrt(w["se"]["known"] ** 2 + w["se"]["unknown"] ** 2)
         d = pd.DataFrame({"effect": diff, "ci_low": diff - half, "ci_high": diff + half})
-        figures.append(rp.line_plot(
+        figures.append(line_plot(
             d.reset_index(), x="layer", y="effect", hue="where", reference=0.0,
             ylabel="known - unknown ||mlp_out||", title="MLP output norm: known - unknown",
             caption="Mean norm for known subjects minus unknown ones, per layer and role "
             "(95% interval); above 0: the MLP writes more for known subjects."))
-    figures.append(rp.line_plot(
+    figures.append(line_plot(
         lines.assign(series=[f"{g} @ {r}" for g, r in zip(lines["group"], lines["where"],
                                                            strict=True)]),
         x="layer", y="effect", hue="series", ylabel="||mlp_out||", title="MLP output norm",
         caption="Mean L2 norm of each layer's MLP output (95% interval)."))
     table = _cols(lines, ["group", "layer", "role", "position", "effect", "ci_low", "ci_high",
                           "n"]).dropna(axis=1, how="all")
-    return rp.Section(id="mlp-norms", title="MLP output norms: known vs unknown subjects",
+    return Section(id="mlp-norms", title="MLP output norms: known vs unknown subjects",
                       explanation=explanation, figures=figures, tables=[
-                          rp.Table(table, caption="Mean ||mlp_out|| per group, layer and role")])
+                          Table(table, caption="Mean ||mlp_out|| per group, layer and role")])
 
 
 def neuron_dla_section(df: pd.DataFrame, *, k: int = 15,
-                       explanation: str = EXPLAIN_DLA) -> rp.Section:
-    """Section ``neuron-dla`` from :func:`~factfind.neurons.neuron_dla`: per role, the ``k``
-    neurons of largest |DLA|."""
+                       explanation: str = EXPLAIN_DLA) -> Section:
+    """Section ``neuron-dla`` from :func:`~factfind.attribute.neurons.neuron_dla`: per role, the
+    ``k`` neurons of largest |DLA|."""
     figures, tables = [], []
     for role, g in df.groupby("role", sort=False):
-        top = rp.top_units(g, "neuron", k=k)
+        top = top_units(g, "neuron", k=k)
         if top.empty:
             continue
-        figures.append(rp.bar_plot(top, label="site", k=k, title=f"Neuron DLA at {role}",
+        figures.append(bar_plot(top, label="site", k=k, title=f"Neuron DLA at {role}",
                                    caption=f"The {len(top)} neurons at {role} of largest "
                                    "|direct logit attribution| (95% interval)."))
-        tables.append(rp.Table(top, caption=f"Top neurons by |DLA| at {role}", max_rows=k))
-    return rp.Section(id="neuron-dla", title="Direct logit attribution of neurons",
+        tables.append(Table(top, caption=f"Top neurons by |DLA| at {role}", max_rows=k))
+    return Section(id="neuron-dla", title="Direct logit attribution of neurons",
                       explanation=explanation, figures=figures, tables=tables)
 
 
 
-def neuron_sections(frames: Mapping[str, pd.DataFrame]) -> list[rp.Section]:
+def neuron_sections(frames: Mapping[str, pd.DataFrame]) -> list[Section]:
     """Every section above, in order, from the frames named ``atp`` (with ``bound``),
     ``resample``, ``and``, ``norms`` and ``dla``; a missing or empty frame skips its section
     (e.g. no AND test when no subject has two names)."""
-    builders: list[tuple[str, Callable[[pd.DataFrame], rp.Section]]] = [
+    builders: list[tuple[str, Callable[[pd.DataFrame], Section]]] = [
         ("atp", lambda df: atp_section(df, frames.get("bound"))),
         ("resample", resample_section), ("and", and_section), ("norms", mlp_norms_section),
         ("dla", neuron_dla_section)]

@@ -180,8 +180,8 @@ def faithfulness_section(df: pd.DataFrame, *, x: str = "size", y: str = "faithfu
 
 
 def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -> Section:
-    """Section ``findings``: :func:`factfind.findings.literature_findings` as a table, with the
-    count of findings that hold among those measured."""
+    """Section ``findings``: :func:`factfind.report.findings.literature_findings` as a table, with
+    the count of findings that hold among those measured."""
     holds = [h for h in df["holds"].tolist() if h is not None and not _missing(h)]
     facts = {"findings that hold": f"{sum(bool(h) for h in holds)} of {len(holds)} measured"}
     cols = [c for c in ("finding", "source", "claim", "measured", "holds", "layer", "depth")

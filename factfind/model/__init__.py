@@ -1,0 +1,17 @@
+"""The model: the one adapter over nnsight, the architecture specs and the checkpoints it loads.
+
+* :mod:`~factfind.model.adapter`: :class:`Model` reads and writes activations at
+  :class:`~factfind.types.Site` s through nnsight (the only module that imports it);
+* :mod:`~factfind.model.architectures`: where each Hugging Face family keeps its modules;
+* :mod:`~factfind.model.incremental`: resuming a patched run from a cached base run;
+* :mod:`~factfind.model.checkpoints`: short names, GGUF files, provenance.
+"""
+
+from factfind.model.adapter import Model, load_model
+from factfind.model.architectures import ArchSpec, UnsupportedArchitectureError, register_spec
+from factfind.model.checkpoints import CheckpointError
+
+__all__ = [
+    "ArchSpec", "CheckpointError", "Model", "UnsupportedArchitectureError", "load_model",
+    "register_spec",
+]
