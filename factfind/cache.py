@@ -29,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 
+from factfind.errors import ArgumentError
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +102,7 @@ class RunCache:
     def _path(self, name: str, params: dict[str, Any] | None, suffix: str) -> Path:
         tag = f"-{_digest(params)[:10]}" if params else ""
         if not name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"step names are letters, digits, '-' and '_': {name!r}")
+            raise ArgumentError(f"step names are letters, digits, '-' and '_': {name!r}")
         return self.root / f"{name}{tag}{suffix}"
 
     def table(self, name: str, compute: Callable[[], pd.DataFrame], *,
@@ -150,7 +152,7 @@ class RunCache:
         ``pd.read_parquet(folder)`` reads whole) without holding any chunk past its write:
         finished chunks are skipped without being read."""
         if chunk < 1:
-            raise ValueError("chunk must be >= 1")
+            raise ArgumentError("chunk must be >= 1")
         folder = self._path(name, dict(params or {}, chunk=chunk, n=n), "")
         folder.mkdir(parents=True, exist_ok=True)
         for start in range(0, n, chunk):

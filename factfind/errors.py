@@ -42,6 +42,26 @@ class ArgumentError(FactfindError, ValueError):
     accepted values and what was given."""
 
 
+class OutOfRangeError(ArgumentError, IndexError):
+    """A layer, head, neuron or position that the model or the prompts do not have."""
+
+
+class WrongTypeError(ArgumentError, TypeError):
+    """An argument of the wrong kind (e.g. a slow tokenizer, a list where a graph is needed)."""
+
+
+class NotFoundError(ArgumentError, KeyError):
+    """A name that is not there (a relation, a direction); the message lists what is."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DegenerateResultError(FactfindError, ValueError):
+    """A result that would be all NaN or infinite (e.g. every pair has equal clean and corrupt
+    metrics, so a normalised effect divides by zero); the message names the cause and the fix."""
+
+
 class FactDataError(FactfindError, ValueError):
     """Bad fact data: a missing or malformed file or record, or a prompt that cannot be aligned.
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError, DegenerateResultError
+
 
 def _gather(logits: Tensor, ids: Tensor) -> Tensor:
     ids = ids.to(logits.device).long()
     if ids.shape != logits.shape[:1]:
-        raise ValueError(f"ids of shape {tuple(ids.shape)} do not match logits "
+        raise ArgumentError(f"ids of shape {tuple(ids.shape)} do not match logits "
                          f"{tuple(logits.shape)}: need one id per row")
     return logits.gather(-1, ids[:, None])[:, 0]
 
@@ -58,7 +60,7 @@ def logit_diff_vs_mean(logits: Tensor, correct: Tensor, candidates: Tensor) -> T
     cand = logits[:, candidates]  # [batch n]
     others = candidates[None, :] != correct[:, None]  # [batch n]
     if bool((others.sum(-1) == 0).any()):
-        raise ValueError("a row has no candidate other than its correct attribute")
+        raise ArgumentError("a row has no candidate other than its correct attribute")
     mean_other = (cand * others).sum(-1) / others.sum(-1)
     return _gather(logits, correct) - mean_other
 
@@ -81,3 +83,25 @@ def normalized_recovery(patched: Tensor, clean: Tensor, corrupt: Tensor,
     denom = clean - corrupt
     out = (patched - corrupt) / denom
     return torch.where(denom.abs() < eps, torch.full_like(out, float("nan")), out)
+
+
+def share(value: float, low: float, high: float, *, what: str) -> float:
+    """``(value - low) / (high - low)``: where ``value`` lies between a baseline ``low`` (e.g.
+    everything ablated) and ``high`` (the full model), for scalar measures such as
+    faithfulness.
+
+    Raises:
+        DegenerateResultError: ``high == low`` (or either is not finite), so the share is
+            undefined - the model shows no behaviour to explain on these prompts.
+    """
+    span = high - low
+    if not (abs(span) > 0 and all(map(_finite, (value, low, high)))):
+        raise DegenerateResultError(
+            f"{what} is undefined: the full model's metric ({high:.4g}) equals the baseline's "
+            f"({low:.4g}), so there is no behaviour to explain; use facts the model knows "
+            "(facts.known_by(model)) and corrupt partners whose answers differ")
+    return (value - low) / span
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))

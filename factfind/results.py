@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from factfind.errors import DegenerateResultError
 from factfind.types import RESULT_COLUMNS
 
 SITE_COLUMNS = ("method", "component", "layer", "head", "neuron", "position", "role")
@@ -22,8 +23,14 @@ SITE_COLUMNS = ("method", "component", "layer", "head", "neuron", "position", "r
 
 def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """A frame with every result column present (missing ones as <NA>) in the canonical order,
-    extra columns after them, and nullable integer dtypes for indices."""
+    extra columns after them, and nullable integer dtypes for indices.
+
+    Raises:
+        DegenerateResultError: the rows have effects and not one of them is finite - a result
+            that would look like a table and mean nothing (see :func:`check_effects`).
+    """
     df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows.copy()
+    check_effects(df)
     for col in RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = pd.NA
@@ -35,6 +42,26 @@ def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
         df[col] = df[col].astype("string")
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]
     return pd.DataFrame(df[list(RESULT_COLUMNS) + extra]).reset_index(drop=True)
+
+
+def check_effects(df: pd.DataFrame) -> None:
+    """Refuse a frame whose ``effect`` column is present, non-empty and nowhere finite.
+
+    A normalised effect such as activation patching's ``(patched - corrupt) / (clean -
+    corrupt)`` is NaN or infinite when the clean and corrupt metrics are equal; when that holds
+    for every prompt, every row is NaN and a report would plot nothing while looking complete.
+    """
+    if "effect" not in df.columns or len(df) == 0:
+        return
+    values = _numeric(df["effect"]).to_numpy()
+    if np.isfinite(values).any():
+        return
+    method = str(df["method"].iloc[0]) if "method" in df.columns else "this analysis"
+    raise DegenerateResultError(
+        f"every effect of {method} is NaN or infinite ({len(df)} rows): usually the clean and "
+        "corrupt prompts give the same metric (their answers share a first token, or the "
+        "model does not know the facts), so a normalised effect divides by zero; keep facts "
+        "the model knows (facts.known_by(model)) and pairs whose answers differ")
 
 
 def _numeric(col: Any) -> pd.Series:

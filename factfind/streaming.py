@@ -42,6 +42,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from factfind.cache import RunCache, chunk_files
+from factfind.errors import ArgumentError
 from factfind.results import SITE_COLUMNS, tidy
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class StreamResult:
             keys = [c for c in by if c in part.columns]
             total = _merge(total, _moments(part, keys, value))
         if total is None:
-            raise ValueError(f"no chunks in {self.path}")
+            raise ArgumentError(f"no chunks in {self.path}")
         n, mean = total["n"], total["mean"]
         sem = np.sqrt(total["m2"] / np.maximum(n - 1, 1) / np.maximum(n, 1))
         half = sem * stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1))
@@ -166,7 +167,7 @@ def stream(
         A :class:`StreamResult` (the folder, and which chunks were computed or reused).
     """
     if len(data) == 0:
-        raise ValueError("no prompts to stream: the dataset is empty")
+        raise ArgumentError("no prompts to stream: the dataset is empty")
     step = name or re.sub(r"[^A-Za-z0-9_-]", "_", getattr(analysis, "__name__", "analysis"))
     cache = out if isinstance(out, RunCache) else RunCache.open(
         out, model=model.fingerprint(), revision=model.revision,
@@ -179,7 +180,7 @@ def stream(
     def compute(start: int, stop: int) -> pd.DataFrame:
         df = analysis(model, data[start:stop], **options)
         if "prompt" not in df.columns:
-            raise ValueError(f"{step} returned no 'prompt' column: stream needs per-prompt rows")
+            raise ArgumentError(f"{step} returned no 'prompt' column: stream needs per-prompt rows")
         df["prompt"] = df["prompt"] + start  # global prompt indices
         return df
 

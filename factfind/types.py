@@ -35,6 +35,8 @@ from typing import Literal, TypeAlias
 
 from torch import Tensor
 
+from factfind.errors import ArgumentError
+
 # Fixed dimension names for shape annotations in docstrings and comments:
 # batch, pos, layer, head, d_head, neuron (= d_mlp), d_model, d_vocab.
 DIMS = ("batch", "pos", "layer", "head", "d_head", "neuron", "d_model", "d_vocab")
@@ -96,11 +98,13 @@ class Site:
         if isinstance(self.position, str):
             object.__setattr__(self, "position", Role(self.position))
         if self.layer < 0:
-            raise ValueError(f"Site layer must be >= 0, got {self.layer}")
+            raise ArgumentError(f"Site layer must be >= 0, got {self.layer}")
         if self.head is not None and self.component not in (Component.HEAD_OUT, Component.Z):
-            raise ValueError(f"a head index only applies to head_out/z sites, not {self.component}")
+            raise ArgumentError("a head index only applies to head_out/z sites, "
+                                f"not {self.component}")
         if self.neuron is not None and self.component is not Component.NEURONS:
-            raise ValueError(f"a neuron index only applies to neurons sites, not {self.component}")
+            raise ArgumentError("a neuron index only applies to neurons sites, "
+                                f"not {self.component}")
 
     @property
     def name(self) -> str:
@@ -149,10 +153,13 @@ patching, subspace patching: Meng et al.'s restoration), ``"noise"`` for attribu
 node)."""
 DIRECTIONS: tuple[Direction, ...] = ("noise", "denoise")
 
-Ablation: TypeAlias = Literal["mean", "resample"]
-"""How an ablated activation is replaced: by its mean over a reference dataset at the same role
-(``"mean"``), or by its value on another prompt with a different answer (``"resample"``)."""
-ABLATIONS: tuple[Ablation, ...] = ("mean", "resample")
+Ablation: TypeAlias = Literal["mean", "resample", "zero"]
+"""How an ablated activation is replaced: by its mean over a pool of facts at the same role
+(``"mean"``), by its value on another prompt with a different answer (``"resample"``), or by 0
+(``"zero"``: off-distribution, kept for comparison with older work). Circuit evaluation
+(:mod:`factfind.evaluate`) accepts the first two, :data:`CIRCUIT_ABLATIONS`."""
+ABLATIONS: tuple[Ablation, ...] = ("mean", "resample", "zero")
+CIRCUIT_ABLATIONS: tuple[Ablation, ...] = ("mean", "resample")
 
 OnError: TypeAlias = Literal["raise", "skip"]
 """What a data step does with a bad record: raise a typed error naming it, or skip it (logged)."""

@@ -32,10 +32,10 @@ import functools
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence, Set
 from typing import Any, ParamSpec, TypeVar
 
-from factfind.errors import ArgumentError, EmptyInputError
+from factfind.errors import ArgumentError, EmptyInputError, OutOfRangeError
 from factfind.types import ABLATIONS, DIRECTIONS, Component, Role
 
 P = ParamSpec("P")
@@ -46,15 +46,18 @@ R = TypeVar("R")
 POSITIVE_INTS = frozenset({
     "batch_size", "chunk", "samples", "k", "top_k", "copies", "resamples", "n", "window",
     "max_receivers", "max_rounds", "max_nodes", "min_nodes", "rank", "n_samples", "top",
-    "min_subjects", "sizes_n", "per_relation", "n_prompts", "max_sets", "candidates",
+    "min_subjects", "per_relation", "n_prompts",
 })
 #: integer arguments that must be >= 0
 NON_NEGATIVE_INTS = frozenset({"seed", "steps", "epochs", "min_count"})
 #: real arguments that are fractions in (0, 1]
 FRACTIONS = frozenset({"target", "step", "keep", "cumulative"})
+#: annotations of arguments that hold sites: every item must be a :class:`~factfind.types.Site`
+SITE_LISTS = frozenset({"Sequence[Site]", "list[Site]", "Sequence[Site]|None",
+                        "list[Site]|None", "Iterable[Site]"})
 #: list arguments that must not be empty when given
 NON_EMPTY = frozenset({"layers", "positions", "components", "roles", "heads", "sizes",
-                       "kinds", "relations", "sites", "nodes", "steps_list"})
+                       "kinds", "relations", "sites", "nodes", "senders"})
 
 
 def _kind(obj: Any) -> set[str]:
@@ -79,31 +82,36 @@ def check_argument(where: str, name: str, value: Any, annotation: str, default: 
     def bad(accepts: str) -> ArgumentError:
         return ArgumentError(f"{where}: {name} must be {accepts}, got {_describe(value)}")
 
-    if value is None:
-        return  # None means "the default" wherever the signature allows it
     if name == "model":
         if not (hasattr(value, "n_layers") and hasattr(value, "tokenize")):
             raise bad("a factfind Model (ff.load_model(...))")
         return
+    if value is None:
+        return  # None means "the default" wherever the signature allows it
     kinds = _kind(value)
-    wants_pairs, wants_facts = "FactPairs" in annotation, "FactDataset" in annotation
+    # a bare union such as "FactPairs | FactDataset" (not a container like dict[str, ...])
+    parts = {part.strip() for part in annotation.split("|")} if "[" not in annotation else set()
+    wants_pairs, wants_facts = "FactPairs" in parts, "FactDataset" in parts
     if wants_pairs or wants_facts:
-        if wants_pairs and not wants_facts and "FactPairs" not in kinds:
+        if wants_pairs and not wants_facts and not kinds & {"FactPairs", "PairBatch"}:
             hint = (" (call facts.corrupt(model) to pair each fact with a corrupt partner)"
                     if "FactDataset" in kinds else "")
             raise bad("FactPairs: clean and corrupt prompts" + hint)
         if wants_facts and not wants_pairs and "FactDataset" not in kinds:
             hint = " (use pairs.clean for the clean facts)" if "FactPairs" in kinds else ""
             raise bad("a FactDataset" + hint)
-        if wants_facts and wants_pairs and not kinds & {"FactPairs", "FactDataset"}:
+        if wants_facts and wants_pairs and not kinds & {"FactPairs", "PairBatch", "FactDataset"}:
             raise bad("a FactDataset or FactPairs")
         if len(value) == 0:
             raise EmptyInputError(f"{where}: {name} is empty: check the filters that produced "
                                   "it (known_by, corrupt(on_missing='skip'), sample)")
         return
+    counts = name in POSITIVE_INTS or name in NON_NEGATIVE_INTS
     if isinstance(value, bool):
+        if counts:
+            raise bad("an integer, not a bool")
         return
-    if name in POSITIVE_INTS or name in NON_NEGATIVE_INTS:
+    if counts and isinstance(value, numbers.Real | str):
         low = 1 if name in POSITIVE_INTS else 0
         if not isinstance(value, numbers.Integral) or value < low:
             raise bad(f"an integer >= {low}")
@@ -122,7 +130,14 @@ def check_argument(where: str, name: str, value: Any, annotation: str, default: 
         if value not in ABLATIONS:
             raise bad(f"one of {', '.join(map(repr, ABLATIONS))}")
         return
-    if name in NON_EMPTY and isinstance(value, Iterable) and not isinstance(value, str | bytes):
+    # only materialised collections: iterating a generator would empty it for the function
+    listed = isinstance(value, Sequence | Set) and not isinstance(value, str | bytes)
+    if listed and annotation.replace(" ", "") in SITE_LISTS:
+        for item in value:
+            if "Site" not in _kind(item):
+                raise bad("a list of Site (e.g. Site('mlp_out', 3, position='subject_last')), "
+                          f"not of {type(item).__name__}")
+    if name in NON_EMPTY and listed:
         items = list(value)
         if not items:
             raise bad("a non-empty list (or None for every one)")
@@ -132,8 +147,8 @@ def check_argument(where: str, name: str, value: Any, annotation: str, default: 
                 if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or \
                         layer < 0 or (n is not None and layer >= n):
                     top = f"0 .. {n - 1}" if n is not None else ">= 0"
-                    raise ArgumentError(f"{where}: layers must hold layer indices {top}, "
-                                        f"got {layer!r}")
+                    raise OutOfRangeError(f"{where}: layer {layer!r} does not exist: layers "
+                                          f"must be {top}")
         elif name == "components":
             allowed = [c.value for c in Component]
             for c in items:

@@ -22,8 +22,9 @@ PACKAGE = ROOT / "factfind"
 
 #: lowest first; a unit imports only units of lower layers (and itself)
 LAYERS: list[tuple[str, ...]] = [
-    ("types", "errors"),                         # the vocabulary
-    ("metrics", "results", "console", "cache", "graph", "organism"),
+    ("errors",),                                 # typed errors a user can fix
+    ("types",),                                  # the vocabulary
+    ("validation", "metrics", "results", "console", "cache", "graph", "organism"),
     ("streaming",),
     ("data",),                                   # facts -> pairs -> token batches
     ("model",),                                  # the only nnsight user

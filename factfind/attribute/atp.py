@@ -97,9 +97,10 @@ from tqdm.auto import tqdm
 from factfind.attribute.node_index import NodeIndex, node_frame
 from factfind.attribute.running_stats import RunningStats, running_update
 from factfind.data.batch import PairBatch, pair_batches
-from factfind.errors import check_mode
+from factfind.errors import ArgumentError, check_mode
 from factfind.localize.patching import DEFAULT_ROLES
 from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -302,7 +303,7 @@ class Estimates:
         """Tidy frame: one row per node (mean over prompts with a 95% CI), or per prompt."""
         if per_prompt:
             if self.per_prompt is None:
-                raise ValueError("per-prompt estimates were not kept: pass per_prompt=True")
+                raise ArgumentError("per-prompt estimates were not kept: pass per_prompt=True")
             n_prompts = self.per_prompt.shape[0]
             prompts = np.repeat(np.arange(n_prompts), len(self.index))
             df = node_frame(self.index, self.method,
@@ -317,6 +318,7 @@ class Estimates:
         return df
 
 
+@validated
 def estimate(
     model: Model,
     pairs: FactPairs | PairBatch,
@@ -420,6 +422,7 @@ def _detach(x: Tensor) -> Tensor:
     return x.detach()
 
 
+@validated
 def atp(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
     """Attribution patching of every node (see :func:`estimate` for the options).
 
@@ -437,6 +440,7 @@ def atp(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
     return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)
 
 
+@validated
 def atp_star(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
     """AtP*: AtP with the QK fix and GradDrop (see :func:`estimate`).
 

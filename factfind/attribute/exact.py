@@ -43,10 +43,11 @@ from factfind.attribute.atp import attention_allow, attention_logits
 from factfind.attribute.node_index import ATTENTION_INPUTS, NodeIndex, node_frame
 from factfind.attribute.running_stats import RunningStats
 from factfind.data.batch import PairBatch, encode_pairs, pair_batches
-from factfind.errors import check_mode
+from factfind.errors import ArgumentError, check_mode
 from factfind.localize.patching import DEFAULT_ROLES, PatchSite, auto_chunk
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, group_start, plan_groups
 from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -89,11 +90,11 @@ def _check_set(group: NodeSet) -> None:
         return
     top = min(s.layer for s in heads)
     if any(s.layer < top for s in group) or any(s.layer != top for s in heads):
-        raise ValueError("a set that patches a head's q, k or v may not patch anything at an "
+        raise ArgumentError("a set that patches a head's q, k or v may not patch anything at an "
                          "earlier layer (q, k, v are patched through z; see the module doc)")
     out = {(s.layer, s.head) for s in group if s.component is Component.Z}
     if out & {(s.layer, s.head) for s in heads}:
-        raise ValueError("a set may not patch a head's output together with its inputs")
+        raise ArgumentError("a set may not patch a head's output together with its inputs")
 
 
 def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSite], *,
@@ -267,6 +268,7 @@ def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[N
     return torch.cat(rows, 1) if per_prompt else stats
 
 
+@validated
 def exact_patching(
     model: Model,
     pairs: FactPairs | PairBatch,
@@ -299,6 +301,7 @@ def exact_patching(
     return df
 
 
+@validated
 def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
                              direction: str = "noise") -> Tensor:
     """The slow reference of :func:`patch_node_sets`: one set per forward over the whole padded

@@ -56,9 +56,11 @@ from torch import Tensor
 from factfind.attribute.atp import estimate, position_masks
 from factfind.attribute.node_index import NodeIndex, node_frame
 from factfind.attribute.running_stats import RunningStats
+from factfind.errors import ArgumentError
 from factfind.localize.ablation import ablation
 from factfind.results import aggregate, tidy
 from factfind.types import Component, Role, Site
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs, FactPrompt
@@ -79,7 +81,7 @@ def neuron_sites(neurons: Sequence[Site] | pd.DataFrame | Iterable[tuple[int, in
     for s in neurons:
         if isinstance(s, Site):
             if s.component is not Component.NEURONS or s.neuron is None:
-                raise ValueError(f"{s.name} is not a single neuron")
+                raise ArgumentError(f"{s.name} is not a single neuron")
             out.append(s)
         else:
             layer, n = s
@@ -97,6 +99,7 @@ def _site_columns(sites: Sequence[Site]) -> dict[str, list[Any]]:
 # ----------------------------------------------------------------------------- resample ablation
 
 
+@validated
 def resample_neurons(model: Model, facts: FactDataset, neurons: Sequence[Site] | pd.DataFrame,
                      *, k: int = 8, reference: FactDataset | None = None, seed: int = 0,
                      batch_size: int = 32, per_prompt: bool = False) -> pd.DataFrame:
@@ -130,6 +133,7 @@ def _split_name(subject: str) -> tuple[str, str] | None:
     return words[0], " ".join(words[1:])
 
 
+@validated
 def swap_variants(facts: FactDataset, *, samples: int = 4, seed: int = 0
                   ) -> list[tuple[int, tuple[FactPrompt, FactPrompt, FactPrompt, FactPrompt]]]:
     """For each multi-word subject, ``samples`` quadruples ``(AB, A'B, AB', A'B')``: the fact,
@@ -157,6 +161,7 @@ def swap_variants(facts: FactDataset, *, samples: int = 4, seed: int = 0
     return out  # type: ignore[return-value]
 
 
+@validated
 def neuron_nonlinearity(model: Model, facts: FactDataset, neurons: Sequence[Site] | pd.DataFrame,
                         *, samples: int = 4, seed: int = 0, batch_size: int = 64
                         ) -> pd.DataFrame:
@@ -174,7 +179,7 @@ def neuron_nonlinearity(model: Model, facts: FactDataset, neurons: Sequence[Site
     sites = neuron_sites(neurons)
     quads = swap_variants(facts, samples=samples, seed=seed)
     if not quads:
-        raise ValueError("no multi-word subjects to swap names between")
+        raise ArgumentError("no multi-word subjects to swap names between")
     layers = sorted({s.layer for s in sites})
     by_group: dict[tuple[int, Role], tuple[list[int], list[int]]] = {}
     for i, s in enumerate(sites):
@@ -224,6 +229,7 @@ def _pairs_subset(pairs: FactPairs, idx: Sequence[int]) -> FactPairs:
                      seed=pairs.seed)
 
 
+@validated
 def cross_relation_correlation(
     model: Model,
     facts: FactDataset,
@@ -252,7 +258,7 @@ def cross_relation_correlation(
     """
     rels = list(relations or facts.relations)
     if len(rels) < 2:
-        raise ValueError("need facts of at least two relations")
+        raise ArgumentError("need facts of at least two relations")
     pairs = {r: facts.by_relation(r).corrupt(model, seed=seed, on_missing="skip") for r in rels}
     by_subject: dict[str, dict[str, list[int]]] = {r: {} for r in rels}
     for r, p in pairs.items():
@@ -260,7 +266,7 @@ def cross_relation_correlation(
             by_subject[r].setdefault(f.subject, []).append(i)
     common = sorted(set.intersection(*(set(d) for d in by_subject.values())))
     if len(common) < 3:
-        raise ValueError(f"only {len(common)} subjects have facts of every relation")
+        raise ArgumentError(f"only {len(common)} subjects have facts of every relation")
     index = NodeIndex.build(model, components=["neurons"], positions=[position], layers=layers)
     combos = list(itertools.combinations(rels, 2))
     subj_r = {c: RunningStats(1) for c in combos}
@@ -316,6 +322,7 @@ def _pearson(x: Tensor, y: Tensor, *, dim: int) -> Tensor:
 # ----------------------------------------------------------------------------- norms and DLA
 
 
+@validated
 def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
                      positions: Sequence[Role | int | str] = (Role.SUBJECT_LAST,),
                      batch_size: int = 64) -> pd.DataFrame:
@@ -333,7 +340,7 @@ def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
     keys = [(Component.MLP_OUT, layer) for layer in range(L)]
     for name, facts in groups.items():
         if len(facts) == 0:
-            raise ValueError(f"group {name!r} is empty")
+            raise ArgumentError(f"group {name!r} is empty")
         st = RunningStats(L * len(positions))
         for start in range(0, len(facts), batch_size):
             batch = model.tokenize(list(facts[start:start + batch_size]))
@@ -356,6 +363,7 @@ def mlp_output_norms(model: Model, groups: dict[str, FactDataset], *,
     return pd.concat(frames, ignore_index=True)
 
 
+@validated
 def neuron_dla(model: Model, data: FactDataset | FactPairs, *,
                positions: Sequence[Role | int | str] = (Role.SUBJECT_LAST, Role.FINAL),
                layers: Iterable[int] | None = None, batch_size: int = 32) -> pd.DataFrame:
@@ -374,7 +382,7 @@ def neuron_dla(model: Model, data: FactDataset | FactPairs, *,
     paired = isinstance(data, FactPairs)
     facts = data.clean if isinstance(data, FactPairs) else data
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     index = NodeIndex.build(model, components=["neurons"], positions=positions, layers=layers)
     L = model.n_layers
     W_U = model.W_U.float()

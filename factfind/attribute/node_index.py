@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.localize.patching import PatchSite
 from factfind.types import RESULT_COLUMNS, Component, Role
 
@@ -50,7 +51,7 @@ def node_component(c: str | Component) -> Component:
     if comp is Component.HEAD_OUT:
         comp = Component.Z
     if comp not in NODE_COMPONENTS:
-        raise ValueError(f"{comp} is not a node component; choose from neurons, mlp_out, "
+        raise ArgumentError(f"{comp} is not a node component; choose from neurons, mlp_out, "
                          "head_out, q, k, v")
     return comp
 
@@ -85,10 +86,10 @@ class NodeIndex:
         pos = tuple(p if isinstance(p, int) else Role(p) for p in positions)
         lays = tuple(range(model.n_layers)) if layers is None else tuple(sorted(set(layers)))
         if not comps or not pos or not lays:
-            raise ValueError("need at least one component, position and layer")
+            raise ArgumentError("need at least one component, position and layer")
         for layer in lays:
             if not 0 <= layer < model.n_layers:
-                raise IndexError(f"layer {layer} does not exist: {model.name} has "
+                raise OutOfRangeError(f"layer {layer} does not exist: {model.name} has "
                                  f"{model.n_layers} layers")
         return cls(comps, lays, pos, model.n_heads, model.d_mlp)
 

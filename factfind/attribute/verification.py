@@ -58,9 +58,11 @@ from factfind.attribute.exact import _prepare, patch_node_sets
 from factfind.attribute.node_index import node_component
 from factfind.attribute.running_stats import RunningStats
 from factfind.data.batch import PairBatch
+from factfind.errors import ArgumentError
 from factfind.localize.patching import PatchSite
 from factfind.results import tidy
 from factfind.types import Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -115,10 +117,11 @@ def _as_frame(estimates: pd.DataFrame | Estimates) -> pd.DataFrame:
     if "score" not in df.columns:
         df = df.assign(score=df["effect"].abs())
     if bool(df["prompt"].notna().any()):
-        raise ValueError("verify() ranks nodes: pass the aggregate frame (one row per node)")
+        raise ArgumentError("verify() ranks nodes: pass the aggregate frame (one row per node)")
     return df
 
 
+@validated
 def verify(
     model: Model,
     pairs: FactPairs | PairBatch,
@@ -169,7 +172,7 @@ def verify(
                         batch_size=batch_size)
     stats: list[dict[str, Tensor]] = []
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ArgumentError(f"top_k must be >= 1, got {top_k}")
     heap: list[float] = []
     largest, below, theta, stopped = 0.0, 0, threshold or 0.0, "exhausted"
     done = 0
@@ -264,7 +267,7 @@ def missed_effect_bound(
         A :class:`Bound`; valid under the no-cancellation assumption stated in the module doc.
     """
     if subset_size < 1 or coverage < 1:
-        raise ValueError("subset_size and coverage must be >= 1")
+        raise ArgumentError("subset_size and coverage must be >= 1")
     cand = verification.candidates
     todo = cast(pd.DataFrame, cand.loc[~cand["verified"].to_numpy(dtype=bool)])
     if max_nodes is not None:

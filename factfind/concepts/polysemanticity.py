@@ -55,10 +55,12 @@ import torch
 from factfind.attribute.atp import atp
 from factfind.attribute.neurons import neuron_sites
 from factfind.data.batch import encode_pairs, pair_batches
+from factfind.errors import ArgumentError
 from factfind.localize.probing import _gather_role
 from factfind.localize.subspace import FULL, SubspacePatch, patch_ratio, subspace_patching
 from factfind.results import tidy
 from factfind.types import Component, Role, Site
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 KEYS = ("attribute", "subject", "relation")
 
 
+@validated
 def neuron_activations(model: Model, facts: FactDataset, sites: Sequence[Site], *,
                        batch_size: int = 64) -> torch.Tensor:
     """``[prompt neuron]`` activation of each neuron site at its role (group roles: the mean)."""
@@ -111,6 +114,7 @@ def selectivity(acts: torch.Tensor, labels: Sequence[Any], *, threshold: float =
             "n_values": len(values)}
 
 
+@validated
 def neuron_selectivity(
     model: Model,
     facts: FactDataset,
@@ -139,12 +143,12 @@ def neuron_selectivity(
     """
     sites = neuron_sites(neurons)
     if not sites:
-        raise ValueError("no neurons given")
+        raise ArgumentError("no neurons given")
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     for k in keys:
         if not hasattr(facts[0], k):
-            raise ValueError(f"unknown key {k!r}: a FactPrompt has no field {k!r}")
+            raise ArgumentError(f"unknown key {k!r}: a FactPrompt has no field {k!r}")
     acts = neuron_activations(model, facts, sites, batch_size=batch_size)
     frames = []
     for k in keys:
@@ -223,6 +227,7 @@ def _direction_attribution(model: Model, pairs: FactPairs, layer: int, role: Rol
     return total / max(1, n)
 
 
+@validated
 def basis_comparison(
     model: Model,
     pairs: FactPairs,
@@ -255,7 +260,7 @@ def basis_comparison(
     ns = neuron_scores[(neuron_scores["component"] == "neurons")
                        & (neuron_scores["layer"] == layer)]
     if ns.empty:
-        raise ValueError(f"neuron_scores has no neurons rows at layer {layer}")
+        raise ArgumentError(f"neuron_scores has no neurons rows at layer {layer}")
     size = -np.abs(np.asarray(ns["effect"], dtype=float))
     order = [int(n) for n in np.asarray(ns["neuron"], dtype=int)[np.argsort(size, kind="stable")]]
     pcs, _ = _pca(model, pairs, layer, role, batch_size)

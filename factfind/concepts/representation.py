@@ -52,10 +52,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError, NotFoundError
 from factfind.localize.probing import _gather_role, fit_logistic
 from factfind.localize.subspace import FULL, SubspacePatch, patch_ratio, subspace_patching
 from factfind.results import tidy
 from factfind.types import Component, Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -66,6 +68,7 @@ DirKey = tuple[str, int, str, str]
 """(relation, layer, role, method)"""
 
 
+@validated
 def role_activations(model: Model, facts: FactDataset, *, component: Component | str,
                      layers: Iterable[int], roles: Iterable[Role | str], batch_size: int = 64
                      ) -> dict[tuple[int, Role], Tensor]:
@@ -79,7 +82,7 @@ def role_activations(model: Model, facts: FactDataset, *, component: Component |
     """
     comp, layer_l, role_l = Component(component), list(layers), [Role(r) for r in roles]
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     parts: dict[tuple[int, Role], list[Tensor]] = {}
     for start in range(0, len(facts), batch_size):
         batch = model.tokenize(list(facts[start:start + batch_size]))
@@ -118,8 +121,8 @@ class Directions:
     def get(self, relation: str, layer: int, role: Role | str, method: str) -> Tensor:
         key = (relation, layer, str(Role(role)), method)
         if key not in self.vectors:
-            raise KeyError(f"no {method} directions for relation {relation!r} at layer {layer}, "
-                           f"role {role}: computed for {sorted(self.vectors)[:4]}...")
+            raise NotFoundError(f"no {method} directions for relation {relation!r} at layer "
+                                f"{layer}, role {role}: computed for {sorted(self.vectors)[:4]}...")
         return self.vectors[key]
 
 
@@ -128,12 +131,13 @@ def _split(data: FactDataset, test_fraction: float, seed: int, relation: str) ->
     rng = np.random.default_rng(seed)
     n_test = max(1, int(len(subjects) * test_fraction))
     if n_test >= len(subjects):
-        raise ValueError(f"relation {relation!r} has too few subjects ({len(subjects)}) to "
+        raise ArgumentError(f"relation {relation!r} has too few subjects ({len(subjects)}) to "
                          "hold some out")
     test = set(rng.choice(subjects, size=n_test, replace=False).tolist())
     return torch.tensor([f.subject in test for f in data])
 
 
+@validated
 def attribute_directions(
     model: Model,
     facts: FactDataset,
@@ -159,7 +163,7 @@ def attribute_directions(
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown direction methods {bad}; choose from {METHODS}")
+        raise ArgumentError(f"unknown direction methods {bad}; choose from {METHODS}")
     layer_l = list(range(model.n_layers)) if layers is None else list(layers)
     role_l = [Role(r) for r in roles]
     vectors: dict[DirKey, Tensor] = {}
@@ -169,7 +173,7 @@ def attribute_directions(
         data = facts.by_relation(relation)
         cls = sorted({f.attribute for f in data})
         if len(cls) < 2:
-            raise ValueError(f"relation {relation!r} has a single attribute {cls}: nothing to "
+            raise ArgumentError(f"relation {relation!r} has a single attribute {cls}: nothing to "
                              "tell apart")
         classes[relation] = cls
         y = torch.tensor([cls.index(f.attribute) for f in data])
@@ -266,7 +270,7 @@ def direction_patches(pairs: FactPairs, directions: Directions, *, layers: Itera
     for i, (clean, bad) in enumerate(pairs):
         cls = directions.classes.get(clean.relation)
         if cls is None or clean.attribute not in cls or bad.attribute not in cls:
-            raise ValueError(f"pair {i} ({clean.prompt!r}): relation {clean.relation!r} "
+            raise ArgumentError(f"pair {i} ({clean.prompt!r}): relation {clean.relation!r} "
                              f"attributes {clean.attribute!r}/{bad.attribute!r} have no "
                              "directions; fit them on facts of that relation")
         idx.append((clean.relation, cls.index(clean.attribute), cls.index(bad.attribute)))
@@ -287,6 +291,7 @@ def direction_patches(pairs: FactPairs, directions: Directions, *, layers: Itera
     return patches
 
 
+@validated
 def direction_patching(
     model: Model,
     pairs: FactPairs,

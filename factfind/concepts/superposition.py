@@ -44,8 +44,10 @@ import torch
 from torch import Tensor
 
 from factfind.concepts.representation import role_activations
+from factfind.errors import ArgumentError
 from factfind.results import tidy
 from factfind.types import Component, Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
@@ -65,7 +67,7 @@ def storage_counts(model: Model, facts: FactDataset, *, layers: Iterable[int]) -
     """
     layer_l = sorted(set(layers))
     if not layer_l:
-        raise ValueError("storage_counts needs at least one lookup layer")
+        raise ArgumentError("storage_counts needs at least one lookup layer")
     stored = {(f.subject, f.relation): f.attribute for f in facts}
     n_attr = {r: len({f.attribute for f in facts.by_relation(r)}) for r in facts.relations}
     bits = sum(math.log2(n_attr[r]) for _, r in stored if n_attr[r] > 1)
@@ -104,12 +106,12 @@ def interference(vectors: Tensor, *, labels: Iterable[str] | None = None,
         directions for large ``d``), ``worst_pair`` (if ``labels``).
     """
     if vectors.dim() != 2 or vectors.shape[0] < 2:
-        raise ValueError(f"interference needs [n d] with n >= 2 directions, got "
+        raise ArgumentError(f"interference needs [n d] with n >= 2 directions, got "
                          f"{tuple(vectors.shape)}")
     v = vectors.double()
     norms = v.norm(dim=-1)
     if (norms == 0).any():
-        raise ValueError(f"direction {int((norms == 0).nonzero()[0])} is zero")
+        raise ArgumentError(f"direction {int((norms == 0).nonzero()[0])} is zero")
     u = v / norms[:, None]
     n, d = v.shape
     iu = torch.triu_indices(n, n, 1)
@@ -140,7 +142,7 @@ def effective_rank(x: Tensor) -> dict[str, float]:
     """Participation ratio, entropy rank and 90%-variance dimensions of ``x [n d]``
     (centred over rows), from the covariance eigenvalues."""
     if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"effective_rank needs [n d] with n >= 2 rows, got {tuple(x.shape)}")
+        raise ArgumentError(f"effective_rank needs [n d] with n >= 2 rows, got {tuple(x.shape)}")
     xc = x.double() - x.double().mean(0)
     s = torch.linalg.svdvals(xc) ** 2  # eigenvalues of the scatter matrix
     total = float(s.sum())
@@ -153,6 +155,7 @@ def effective_rank(x: Tensor) -> dict[str, float]:
             "entropy_rank": math.exp(ent), "dims_90": float(dims_90)}
 
 
+@validated
 def lookup_effective_rank(
     model: Model,
     facts: FactDataset,

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from factfind.errors import ArgumentError, EmptyInputError, FactDataError, check_mode
+from factfind.errors import (
+    ArgumentError,
+    EmptyInputError,
+    FactDataError,
+    OutOfRangeError,
+    check_mode,
+)
 from factfind.metrics import logit_diff
 from factfind.types import DIRECTIONS, GROUP_ROLES, POINT_ROLES, ROLE_NAMES, Direction, Role
 
@@ -140,8 +146,8 @@ class TokenBatch:
                 return self.masks[position].cpu().clone()
             raise ArgumentError(f"unknown role {position!r}; choose from {ROLE_NAMES}")
         if not -n_pos <= position < n_pos:
-            raise ArgumentError(f"position {position} is beyond the prompts' {n_pos} tokens "
-                                f"(accepted: {-n_pos} to {n_pos - 1}, or a role)")
+            raise OutOfRangeError(f"position {position} is beyond the prompts' {n_pos} tokens "
+                                  f"(accepted: {-n_pos} to {n_pos - 1}, or a role)")
         mask = torch.zeros(n_rows, n_pos, dtype=torch.bool)
         mask[:, position] = True
         return mask & self.attention_mask.bool().cpu()

@@ -38,7 +38,7 @@ import torch
 from factfind.data.pairs import FactPairs, corrupt
 from factfind.data.prompts import FactPrompt
 from factfind.data.spans import attribute_token_ids
-from factfind.errors import check_mode
+from factfind.errors import ArgumentError, NotFoundError, WrongTypeError, check_mode
 from factfind.types import OnError
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class FactDataset(Sequence[FactPrompt]):
         self._facts: tuple[FactPrompt, ...] = tuple(facts)
         for i, f in enumerate(self._facts):
             if not isinstance(f, FactPrompt):
-                raise TypeError(f"FactDataset item {i} is a {type(f).__name__}, not a FactPrompt")
+                raise WrongTypeError(f"FactDataset item {i} is a {type(f).__name__}, "
+                                     "not a FactPrompt")
         self._name = str(name)
         self._skipped: tuple[tuple[int | str, str], ...] = tuple(skipped)
 
@@ -134,7 +135,7 @@ class FactDataset(Sequence[FactPrompt]):
         """
         if relation not in self.relations:
             shown = ", ".join(map(repr, self.relations[:20]))
-            raise KeyError(f"{self._name} has no relation {relation!r}; it has {shown}"
+            raise NotFoundError(f"{self._name} has no relation {relation!r}; it has {shown}"
                            + (" ..." if len(self.relations) > 20 else ""))
         return self.filter(lambda f: f.relation == relation, name=f"{self._name}/{relation}")
 
@@ -145,7 +146,7 @@ class FactDataset(Sequence[FactPrompt]):
             ValueError: ``n`` is negative or larger than the dataset.
         """
         if not 0 <= n <= len(self):
-            raise ValueError(f"cannot sample {n} of {len(self)} facts")
+            raise ArgumentError(f"cannot sample {n} of {len(self)} facts")
         keep = sorted(random.Random(seed).sample(range(len(self)), n))
         return FactDataset((self._facts[i] for i in keep), name=f"{self._name}[sample {n}]")
 
@@ -205,7 +206,7 @@ class FactDataset(Sequence[FactPrompt]):
             chunk = self[start:start + batch_size]
             lg = model.final_logits(chunk, batch_size=batch_size).float()  # [batch d_vocab]
             if lg.shape[0] != len(chunk):
-                raise ValueError(f"final_logits returned {lg.shape[0]} rows for {len(chunk)}")
+                raise ArgumentError(f"final_logits returned {lg.shape[0]} rows for {len(chunk)}")
             target = lg.gather(-1, ids[start:start + len(chunk), None].to(lg.device))  # [b 1]
             ranks.append((lg > target).sum(-1).cpu() + 1)
             probs.append(lg.softmax(-1).gather(-1, ids[start:start + len(chunk), None]
@@ -242,7 +243,7 @@ class FactDataset(Sequence[FactPrompt]):
             known = facts.known_by(model, top_k=1, min_prob=0.1)
         """
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise ArgumentError(f"top_k must be >= 1, got {top_k}")
         scores = self.attribute_scores(model, batch_size=batch_size)
         keep = known_mask(scores, rule=rule, top_k=top_k, min_prob=min_prob)
         out = FactDataset((f for f, k in zip(self._facts, keep, strict=True) if k),
@@ -306,7 +307,7 @@ def known_mask(scores: pd.DataFrame, *, rule: KnownRule = "rank", top_k: int = 1
     """
     check_mode(rule, "rule", ("rank", "paper"))
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise ArgumentError(f"top_k must be >= 1, got {top_k}")
     keep = (scores["rank"] <= top_k) & (scores["prob"] >= min_prob)
     if rule == "paper":
         keep &= scores["prob"] > PAPER_THRESHOLD

@@ -54,7 +54,7 @@ import pandas as pd
 
 from factfind.data.prompts import FactPrompt, _tokenizer_of
 from factfind.data.spans import Alignment, align_rows, attribute_token_ids
-from factfind.errors import FactDataError, check_mode
+from factfind.errors import ArgumentError, FactDataError, check_mode
 from factfind.types import OnError
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def corrupt(dataset: FactDataset, model_or_tokenizer: Any, *, seed: int = 0,
     facts = tuple(dataset)
     check_mode(on_missing, "on_missing", ("raise", "skip"))
     if not fallback or any(step not in FALLBACKS for step in fallback):
-        raise ValueError(f"fallback must be a non-empty tuple of {FALLBACKS}, got {fallback!r}")
+        raise ArgumentError(f"fallback must be a non-empty tuple of {FALLBACKS}, got {fallback!r}")
     tok = _tokenizer_of(model_or_tokenizer)
     clean_al = align_rows(tok, facts)
     everyone = facts + tuple(pool or ())

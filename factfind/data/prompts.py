@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from factfind.errors import FactDataError
+from factfind.errors import FactDataError, WrongTypeError
 
 # ----------------------------------------------------------------------------- one fact
 
@@ -166,6 +166,6 @@ def _tokenizer_of(model_or_tokenizer: Any) -> Any:
         return model_or_tokenizer
     tok = getattr(model_or_tokenizer, "tokenizer", None)
     if tok is None:
-        raise TypeError(f"expected a tokenizer or a model with .tokenizer, got "
+        raise WrongTypeError(f"expected a tokenizer or a model with .tokenizer, got "
                         f"{type(model_or_tokenizer).__name__}")
     return tok

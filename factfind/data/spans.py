@@ -47,7 +47,7 @@ from torch import Tensor
 
 from factfind.data.batch import TokenBatch
 from factfind.data.prompts import FactPrompt, _tokenizer_of
-from factfind.errors import FactDataError, check_mode
+from factfind.errors import ArgumentError, FactDataError, WrongTypeError, check_mode
 from factfind.types import GROUP_ROLES, Role
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ class Alignment:
 
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; token-span "
-                        "alignment needs offset mappings: load it with use_fast=True")
+        raise WrongTypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; "
+                             "token-span alignment needs offset mappings: load it with "
+                             "use_fast=True")
 
 
 def _align_one(ids: list[int], offsets: list[tuple[int, int]], special: list[int],
@@ -207,7 +208,7 @@ def encode(tokenizer: Any, prompts: Iterable[FactPrompt], *, padding_side: str =
     check_mode(padding_side, "padding_side", ("left", "right"))
     prompts = tuple(prompts)
     if not prompts:
-        raise ValueError("encode() needs at least one prompt")
+        raise ArgumentError("encode() needs at least one prompt")
     rows = align(tokenizer, prompts, on_merge=on_merge)
     n_batch, n_pos = len(rows), max(len(r.ids) for r in rows)
     pad_id = tokenizer.pad_token_id

@@ -68,10 +68,12 @@ from factfind.edges.eap_grads import receiver_grads
 from factfind.edges.eap_reference import Receiver, input_grads, receivers, with_mlps
 from factfind.edges.edge_patching import provenance
 from factfind.edges.placement import is_parallel
+from factfind.errors import ArgumentError
 from factfind.graph import CircuitGraph
 from factfind.metrics import logit_diff
 from factfind.model.architectures import _get
 from factfind.types import ROLE_NAMES, Component, Metric, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@validated
 def edge_attribution(
     model: Model, pairs: FactPairs, *, steps: int = 0, neurons: bool = False,
     metric: Metric | None = None, batch_size: int = 8, copies: int = 64,
@@ -120,9 +123,9 @@ def edge_attribution(
         df.sort_values("score", key=abs).tail()
     """
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ArgumentError(f"steps must be >= 0, got {steps}")
     if neurons and model.spec.mlp_post_norm is not None:
-        raise ValueError(f"neurons=True: {model.spec.name} normalises MLP outputs after the "
+        raise ArgumentError(f"neurons=True: {model.spec.name} normalises MLP outputs after the "
                          "down projection, so single-neuron edges are not exact; use "
                          "neurons=False (whole MLPs)")
     why = _fast_path_unsupported(model)
@@ -394,16 +397,18 @@ def _feasible(labels: Tensor, roles: Sequence[int]) -> Tensor:
     return out
 
 
+@validated
 def eap(model: Model, pairs: FactPairs, **kwargs: Any) -> pd.DataFrame:
     """Edge attribution patching (Syed et al. 2023): :func:`edge_attribution` with
     ``steps=0``."""
     return edge_attribution(model, pairs, steps=0, **kwargs)
 
 
+@validated
 def eap_ig(model: Model, pairs: FactPairs, *, steps: int = 5, **kwargs: Any) -> pd.DataFrame:
     """EAP with integrated gradients over ``steps`` points (Hanna et al. 2024)."""
     if steps < 1:
-        raise ValueError(f"EAP-IG needs steps >= 1, got {steps}")
+        raise ArgumentError(f"EAP-IG needs steps >= 1, got {steps}")
     return edge_attribution(model, pairs, steps=steps, **kwargs)
 
 

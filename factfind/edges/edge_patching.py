@@ -31,9 +31,11 @@ from torch import Tensor
 from factfind.data.batch import encode_pairs
 from factfind.edges.engine import Job, run_jobs
 from factfind.edges.placement import NodeLike, all_nodes, as_node, is_parallel, place_node
+from factfind.errors import ArgumentError
 from factfind.graph import CircuitGraph, Node, Provenance, feeds
 from factfind.metrics import logit_diff
 from factfind.types import Metric
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@validated
 def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike, NodeLike]],
                   *, metric: Metric | None = None, batch_size: int = 32,
                   chunk: int | None = None, progress: bool = False,
@@ -62,7 +65,7 @@ def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike
         for u, v in pairs_:
             rcv = None if v.kind == "logits" else [place_node(model, batch, v, labels)]
             if v.kind == "logits" and v.role != "final":
-                raise ValueError(f"{v.id}: the logits are read at the final token only")
+                raise ArgumentError(f"{v.id}: the logits are read at the final token only")
             jobs.append(Job([place_node(model, batch, u, labels)], rcv))
         return jobs
 
@@ -81,6 +84,7 @@ def provenance(model: Model, pairs: Any, method: str, config: dict[str, Any]) ->
                       method=method, config=config)
 
 
+@validated
 def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 0.05,
                           nodes: Sequence[NodeLike] | None = None, neurons: bool = False,
                           metric: Metric | None = None, batch_size: int = 32,

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from factfind.data.batch import PairBatch, encode_pairs
 from factfind.edges.placement import Placed, is_parallel, set_changes, unit_mask
+from factfind.errors import ArgumentError
 from factfind.graph import stage
 from factfind.localize.patching import auto_chunk
 from factfind.metrics import logit_diff
@@ -77,13 +78,13 @@ class Job:
 def _check_job(model: Model, job: Job, parallel: bool) -> None:
     for s in job.senders:
         if s.kind == "logits":
-            raise ValueError("the logits cannot be a sender")
+            raise ArgumentError("the logits cannot be a sender")
     if job.receivers is None:
         return
     empty = []
     for r in job.receivers:
         if r.kind in ("embed", "logits"):
-            raise ValueError(f"{r.kind} cannot be a receiver: use receivers=None for the logits")
+            raise ArgumentError(f"{r.kind} cannot be a receiver: use receivers=None for the logits")
         if not any(stage(s.kind, s.layer, parallel) < stage(r.kind, r.layer, parallel)
                    for s in job.senders):
             empty.append(f"{r.kind}@{r.layer}")

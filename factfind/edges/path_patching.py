@@ -58,8 +58,10 @@ from factfind.edges.engine import Job, run_jobs
 from factfind.edges.placement import (
     place_site,
 )
+from factfind.errors import ArgumentError
 from factfind.results import tidy
 from factfind.types import Component, Metric, Site
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -73,10 +75,10 @@ _INPUTS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
 def _check_options(receiver_input: str, direction: str) -> str:
     order = "".join(c for c in "qkv" if c in receiver_input)
     if order not in _INPUTS or len(order) != len(receiver_input):
-        raise ValueError(f"receiver_input must be some of 'q', 'k', 'v' (e.g. 'qk'), "
+        raise ArgumentError(f"receiver_input must be some of 'q', 'k', 'v' (e.g. 'qk'), "
                          f"got {receiver_input!r}")
     if direction not in ("noise", "denoise"):
-        raise ValueError(f"direction must be 'noise' or 'denoise', not {direction!r}")
+        raise ArgumentError(f"direction must be 'noise' or 'denoise', not {direction!r}")
     return order
 
 
@@ -95,6 +97,7 @@ def _effect(metric: Tensor, clean: Tensor, corrupt: Tensor, direction: str) -> T
     return torch.where(denom.abs() < 1e-9, torch.nan, num / denom)
 
 
+@validated
 def path_patching_sweep(
     model: Model, pairs: FactPairs, senders: Sequence[Site],
     receivers: Sequence[Site] | None = None, *, receiver_input: str = "qkv",
@@ -133,7 +136,7 @@ def path_patching_sweep(
     """
     qkv = _check_options(receiver_input, direction)
     if not senders:
-        raise ValueError("no senders to patch")
+        raise ArgumentError("no senders to patch")
     groups = [list(senders)] if sets else [[s] for s in senders]
 
     def make(batch: TokenBatch, labels: Tensor) -> list[Job]:
@@ -156,6 +159,7 @@ def path_patching_sweep(
     return tidy(rows)
 
 
+@validated
 def path_patching(model: Model, pairs: FactPairs, senders: Sequence[Site],
                   receivers: Sequence[Site] | None = None, **kwargs: Any) -> pd.DataFrame:
     """Path-patch the sender *set* into the receivers (see :func:`path_patching_sweep` for the
@@ -163,6 +167,7 @@ def path_patching(model: Model, pairs: FactPairs, senders: Sequence[Site],
     return path_patching_sweep(model, pairs, senders, receivers, sets=True, **kwargs)
 
 
+@validated
 def path_patching_reference(model: Model, pairs: FactPairs, senders: Sequence[Site],
                             receivers: Sequence[Site] | None = None, **kwargs: Any
                             ) -> pd.DataFrame:

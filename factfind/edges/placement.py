@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.graph import Node
 from factfind.types import ROLE_NAMES, Component, Site, SiteKey
 
@@ -61,7 +62,7 @@ def node_mask(batch: TokenBatch, role: str, labels: Tensor | None = None) -> Ten
     if role == "all":
         return labels >= 0
     if role not in ROLE_NAMES:
-        raise ValueError(f"unknown node role {role!r}; choose from {ROLE_NAMES} or 'all'")
+        raise ArgumentError(f"unknown node role {role!r}; choose from {ROLE_NAMES} or 'all'")
     return labels == ROLE_NAMES.index(role)
 
 
@@ -115,16 +116,16 @@ def place_site(model: Model, batch: TokenBatch, site: Site) -> Placed:
         return Placed("embed", -1, None, mask)
     if c in (Component.Z, Component.HEAD_OUT, Component.ATTN_OUT):
         if site.head is not None and not 0 <= site.head < model.n_heads:
-            raise IndexError(f"head {site.head} does not exist ({model.n_heads} heads)")
+            raise OutOfRangeError(f"head {site.head} does not exist ({model.n_heads} heads)")
         kind = "attn" if site.head is None else "head"
         return Placed(kind, _layer(model, site.layer), site.head, mask)
     if c is Component.MLP_OUT or (c is Component.NEURONS and site.neuron is None):
         return Placed("mlp", _layer(model, site.layer), None, mask)
     if c is Component.NEURONS:
         if not 0 <= (site.neuron or 0) < model.d_mlp:
-            raise IndexError(f"neuron {site.neuron} does not exist ({model.d_mlp} neurons)")
+            raise OutOfRangeError(f"neuron {site.neuron} does not exist ({model.d_mlp} neurons)")
         return Placed("neuron", _layer(model, site.layer), site.neuron, mask)
-    raise ValueError(f"path patching sends from and into embed, z/head_out/attn_out, mlp_out "
+    raise ArgumentError(f"path patching sends from and into embed, z/head_out/attn_out, mlp_out "
                      f"and neurons sites, not {c}")
 
 
@@ -133,7 +134,7 @@ def place_node(model: Model, batch: TokenBatch, node: NodeLike,
     """A graph node as a :class:`Placed` (positions by the role partition)."""
     n = as_node(node, model)
     if n.kind in ("resid",):
-        raise ValueError(f"{n.id}: residual-stream nodes are not senders or receivers")
+        raise ArgumentError(f"{n.id}: residual-stream nodes are not senders or receivers")
     mask = node_mask(batch, n.role, labels)
     layer = n.layer if n.kind in ("embed", "logits") else _layer(model, n.layer)
     return Placed(n.kind, layer, n.index, mask)
@@ -141,7 +142,7 @@ def place_node(model: Model, batch: TokenBatch, node: NodeLike,
 
 def _layer(model: Model, layer: int) -> int:
     if not 0 <= layer < model.n_layers:
-        raise IndexError(f"layer {layer} does not exist ({model.n_layers} layers)")
+        raise OutOfRangeError(f"layer {layer} does not exist ({model.n_layers} layers)")
     return layer
 
 
@@ -176,7 +177,7 @@ def writes(model: Model, acts: dict[SiteKey, Tensor], p: Placed) -> Tensor:
         if model.spec.mlp_post_norm is not None:
             out = out * model.mlp_write_scale(p.layer, full)
     else:
-        raise ValueError(f"{p.kind} writes nothing into the residual stream")
+        raise ArgumentError(f"{p.kind} writes nothing into the residual stream")
     return out * p.mask.to(out.device)[..., None]
 
 

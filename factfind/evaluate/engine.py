@@ -41,10 +41,12 @@ from torch import Tensor
 from factfind.data.batch import PairBatch, encode_pairs
 from factfind.edges.engine import where_edit
 from factfind.edges.placement import all_nodes
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.graph import ENDPOINTS, CircuitGraph, Node
 from factfind.localize.ablation import mean_activations
-from factfind.metrics import logit_diff, logit_diff_vs_mean
-from factfind.types import ABLATIONS, ROLE_NAMES, Component, Metric, Role, Site
+from factfind.metrics import logit_diff, logit_diff_vs_mean, share
+from factfind.types import CIRCUIT_ABLATIONS, ROLE_NAMES, Component, Metric, Role, Site
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -60,7 +62,7 @@ CircuitLike = CircuitGraph | Iterable[Node | str | Site]
 def _site_nodes(model: Model, site: Site, roles: Sequence[str]) -> list[Node]:
     pos = site.position
     if isinstance(pos, int):
-        raise ValueError(f"{site.name}: circuits need position roles, not absolute positions")
+        raise ArgumentError(f"{site.name}: circuits need position roles, not absolute positions")
     if pos is None:
         rs = list(roles)
     elif pos is Role.SUBJECT:  # a Site's "subject" is every subject token
@@ -75,7 +77,7 @@ def _site_nodes(model: Model, site: Site, roles: Sequence[str]) -> list[Node]:
         return [Node("mlp", layer, None, r) for r in rs]
     if c is Component.NEURONS:
         return [Node("neuron", layer, site.neuron, r) for r in rs]
-    raise ValueError(f"{site.name}: a circuit holds heads, MLPs and neurons, not {c}")
+    raise ArgumentError(f"{site.name}: a circuit holds heads, MLPs and neurons, not {c}")
 
 
 def circuit_nodes(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> set[Node]:
@@ -93,9 +95,9 @@ def circuit_nodes(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> s
         if n.kind in ENDPOINTS:
             continue
         if n.kind == "resid":
-            raise ValueError(f"{n.id}: residual-stream nodes cannot be kept or ablated")
+            raise ArgumentError(f"{n.id}: residual-stream nodes cannot be kept or ablated")
         if not 0 <= n.layer < model.n_layers:
-            raise IndexError(f"{n.id}: layer out of range ({model.n_layers} layers)")
+            raise OutOfRangeError(f"{n.id}: layer out of range ({model.n_layers} layers)")
         rs = list(roles) if n.role == "all" else [n.role]
         if n.kind == "attn":
             out |= {Node("head", n.layer, h, r) for h in range(model.n_heads) for r in rs}
@@ -162,7 +164,7 @@ def _partners(model: Model, facts: FactDataset, seed: int) -> FactDataset:
     them: another subject of the relation with the same token length and a different answer)."""
     pairs = facts.corrupt(model, seed=seed, on_missing="skip")
     if len(pairs) != len(facts):
-        raise ValueError(f"resample ablation needs a partner for every prompt; "
+        raise ArgumentError(f"resample ablation needs a partner for every prompt; "
                          f"{len(facts) - len(pairs)} of {len(facts)} have none (seed {seed})")
     return pairs.corrupt
 
@@ -221,12 +223,13 @@ def count_nodes(model: Model, nodes: set[Node], *, neurons: bool, name: str = "c
     if not neurons:
         bad = sorted(n.id for n in nodes if n.kind == "neuron")
         if bad:
-            raise ValueError(f"{name} holds {len(bad)} single-neuron nodes (e.g. {bad[0]}): "
+            raise ArgumentError(f"{name} holds {len(bad)} single-neuron nodes (e.g. {bad[0]}): "
                              f"pass neurons=True to count nodes at neuron granularity")
         return len(nodes)
     return sum(model.d_mlp if n.kind == "mlp" else 1 for n in nodes)
 
 
+@validated
 def evaluate_circuits(
     model: Model, data: FactPairs | FactDataset, circuits: Sequence[CircuitLike], *,
     how: str = "mean", reference: FactDataset | None = None,
@@ -258,13 +261,13 @@ def evaluate_circuits(
         ``fraction`` (of all nodes at the granularity), ``metric`` (mean ``m(C)``), ``full``
         (``m(M)``), ``empty`` (``m(∅)``), ``faithfulness``, ``n`` (prompts).
     """
-    if how not in ABLATIONS:
-        raise ValueError(f"how must be one of {ABLATIONS}, got {how!r}")
+    if how not in CIRCUIT_ABLATIONS:
+        raise ArgumentError(f"how must be one of {CIRCUIT_ABLATIONS}, got {how!r}")
     pairs: FactPairs | None = data if isinstance(data, _pairs_type()) else None  # type: ignore[assignment]
     facts = _facts(data)
     pb = None
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     L = model.n_layers
     keys = [(c, layer) for layer in range(L) for c in (Component.Z, Component.NEURONS)]
     if pairs is not None:
@@ -312,7 +315,8 @@ def evaluate_circuits(
     for i in range(len(sets)):
         rows.append({"circuit": i, "n_nodes": sizes[i], "fraction": sizes[i] / universe,
                      "metric": float(mean[i]), "full": m_full, "empty": m_empty,
-                     "faithfulness": (float(mean[i]) - m_empty) / (m_full - m_empty),
+                     "faithfulness": share(float(mean[i]), m_empty, m_full,
+                                           what="faithfulness"),
                      "n": n, "how": how})
     return pd.DataFrame(rows)
 

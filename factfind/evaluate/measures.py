@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from factfind.edges.placement import all_nodes
+from factfind.errors import ArgumentError
 from factfind.evaluate.engine import (
     CircuitLike,
     _facts,
@@ -34,12 +35,15 @@ from factfind.evaluate.engine import (
     node_scores,
 )
 from factfind.graph import CircuitGraph, Node
+from factfind.metrics import share
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
     from factfind.model import Model
 
 
+@validated
 def faithfulness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *,
                  how: str = "mean", **kwargs: Any) -> float:
     """``F(C) = (m(C) - m(∅)) / (m(M) - m(∅))``: the mean metric with every head and MLP
@@ -55,6 +59,7 @@ def faithfulness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLi
                  ["faithfulness"].iloc[0])
 
 
+@validated
 def completeness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *,
                  how: str = "mean", **kwargs: Any) -> float:
     """``(m(M) - m(M∖C)) / (m(M) - m(∅))``: the share of the behaviour lost when the circuit
@@ -73,9 +78,11 @@ def completeness(model: Model, data: FactPairs | FactDataset, circuit: CircuitLi
     rest = set(all_nodes(model, batch, neurons=neurons)) - inner
     df = evaluate_circuits(model, data, [sorted(rest)], how=how, **kwargs)
     r = df.iloc[0]
-    return float((r["full"] - r["metric"]) / (r["full"] - r["empty"]))
+    return 1.0 - share(float(r["metric"]), float(r["empty"]), float(r["full"]),
+                       what="completeness")
 
 
+@validated
 def minimality(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *,
                how: str = "mean", **kwargs: Any) -> pd.DataFrame:
     """Per node ``v`` of the circuit: ``faithfulness_without`` = ``F(C∖{v})`` and ``drop`` =
@@ -84,7 +91,7 @@ def minimality(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike
     roles = model.tokenize(list(facts[:64])).roles_present()
     nodes = sorted(circuit_nodes(model, circuit, roles))
     if not nodes:
-        raise ValueError("the circuit has no inner nodes")
+        raise ArgumentError("the circuit has no inner nodes")
     sets = [nodes] + [[m for m in nodes if m != v] for v in nodes]
     df = evaluate_circuits(model, data, sets, how=how, **kwargs)
     f = df["faithfulness"].to_numpy()
@@ -93,6 +100,7 @@ def minimality(model: Model, data: FactPairs | FactDataset, circuit: CircuitLike
     return out.sort_values("drop", ascending=False, kind="stable").reset_index(drop=True)
 
 
+@validated
 def faithfulness_curve(
     model: Model, data: FactPairs | FactDataset,
     scores: CircuitGraph | pd.DataFrame | Mapping[str, float], *,

@@ -31,8 +31,9 @@ from factfind.data.batch import encode_pairs
 from factfind.edges.placement import Placed, is_parallel, node_mask, writes
 from factfind.evaluate.engine import CircuitLike, circuit_nodes
 from factfind.graph import ENDPOINTS, CircuitGraph, Node, feeds, stage
-from factfind.metrics import logit_diff
+from factfind.metrics import logit_diff, share
 from factfind.types import Component, Metric
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -52,6 +53,7 @@ def _edges(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> set[tupl
     return {(u, v) for u in nodes for v in nodes if feeds(u, v, parallel)}
 
 
+@validated
 def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *,
                          metric: Metric | None = None, batch_size: int = 16) -> float:
     """The proportion of the clean-corrupt effect a path hypothesis explains (Goldowsky-Dill et
@@ -81,7 +83,7 @@ def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *
         m_k = metric(model.run(bad).logits, correct, wrong)
         sums += torch.stack([m_h.double().sum(), m_c.double().sum(), m_k.double().sum()]).cpu()
     m_h, m_c, m_k = (float(x) / n for x in sums)
-    return (m_h - m_k) / (m_c - m_k)
+    return share(m_h, m_k, m_c, what="the proportion explained")
 
 
 def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,

@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 
 from factfind.data.batch import encode_pairs
+from factfind.errors import ArgumentError
 from factfind.evaluate.engine import (
     CircuitLike,
     _candidates,
@@ -60,7 +61,8 @@ from factfind.evaluate.engine import (
 from factfind.graph import Node
 from factfind.localize.ablation import mean_activations
 from factfind.metrics import logit_diff
-from factfind.types import ABLATIONS, ROLE_NAMES, Component
+from factfind.types import CIRCUIT_ABLATIONS, ROLE_NAMES, Component
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from factfind.types import Metric
 
 
+@validated
 def removal_scores(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *, how: str = "mean",
     means: dict[Any, torch.Tensor] | None = None, resamples: int = 1, seed: int = 0,
@@ -89,11 +92,11 @@ def removal_scores(
         (``"attribution"`` or ``"exact"``), sorted by ``delta`` descending (the least
         harmful to remove first).
     """
-    if how not in ABLATIONS:
-        raise ValueError(f"how must be one of {ABLATIONS}, got {how!r}")
+    if how not in CIRCUIT_ABLATIONS:
+        raise ArgumentError(f"how must be one of {CIRCUIT_ABLATIONS}, got {how!r}")
     facts = _facts(data)
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     is_pairs = isinstance(data, _pairs_type())
     pb = encode_pairs(model, data) if is_pairs else None  # type: ignore[arg-type]
     batch = pb.clean if pb is not None else model.tokenize(list(facts))
@@ -104,7 +107,7 @@ def removal_scores(
         sources = []
     nodes = circuit_nodes(model, circuit, batch.roles_present())
     if not nodes:
-        raise ValueError("the circuit has no inner nodes")
+        raise ArgumentError("the circuit has no inner nodes")
     keep = _keep_masks(model, nodes)
     L, R = model.n_layers, len(ROLE_NAMES)
     keys = [(c, layer) for layer in range(L) for c in (Component.Z, Component.NEURONS)]
@@ -165,6 +168,7 @@ def removal_scores(
     return out.sort_values("delta", ascending=False, kind="stable").reset_index(drop=True)
 
 
+@validated
 def prune_circuit(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *, target: float = 0.9,
     step: float = 0.25, min_nodes: int = 1, how: str = "mean", neurons: bool | None = None,
@@ -203,7 +207,7 @@ def prune_circuit(
         round), ``nodes`` (``;``-joined ids). The last accepted row is the result.
     """
     if not 0 < step < 1:
-        raise ValueError(f"step must be in (0, 1), got {step}")
+        raise ArgumentError(f"step must be in (0, 1), got {step}")
     facts = _facts(data)
     roles = model.tokenize(list(facts[:64])).roles_present()
     current = sorted(circuit_nodes(model, circuit, roles))
@@ -219,7 +223,7 @@ def prune_circuit(
                                  **kwargs).iloc[0].to_dict()
 
     if not 0.0 <= reserve <= 1.0:
-        raise ValueError(f"reserve must be in [0, 1], got {reserve}")
+        raise ArgumentError(f"reserve must be in [0, 1], got {reserve}")
     first = measure(current)
     rows = [_row(0, first, True, 0, current)]
     n0, budget = len(current), max(0.0, first["faithfulness"] - target)

@@ -25,12 +25,14 @@ import pandas as pd
 
 from factfind.edges.placement import all_nodes
 from factfind.evaluate.engine import CircuitLike, _facts, circuit_nodes, evaluate_circuits
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
     from factfind.model import Model
 
 
+@validated
 def greedy_circuit(
     model: Model, data: FactPairs | FactDataset, *, candidates: Iterable[str] | None = None,
     max_nodes: int = 12, target: float | None = None, how: str = "resample",
@@ -70,6 +72,7 @@ def greedy_circuit(
     return pd.DataFrame(rows)
 
 
+@validated
 def minimize_circuit(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *,
     target: float = 0.9, how: str = "resample", **kwargs: Any,

@@ -29,6 +29,7 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
+from factfind.errors import ArgumentError
 from factfind.graph.node import ROLES, Node, feeds
 from factfind.graph.provenance import Provenance
 
@@ -45,7 +46,7 @@ COMPONENT_KINDS = {
 def _scored(score: float, method: str, what: str) -> dict[str, Any]:
     score = float(score)
     if not math.isfinite(score):
-        raise ValueError(f"score of {what} must be finite, got {score}")
+        raise ArgumentError(f"score of {what} must be finite, got {score}")
     return {"score": score, "abs_score": abs(score), "sign": (score > 0) - (score < 0),
             "method": str(method)}
 
@@ -121,7 +122,7 @@ class CircuitGraph:
         for row in df.to_dict("records"):
             node = _row_node(row, n_layers)
             if node.id in g.graph:
-                raise ValueError(f"two rows for node {node.id}: aggregate over prompts first")
+                raise ArgumentError(f"two rows for node {node.id}: aggregate over prompts first")
             g.add_node(node, score=row["effect"], method=_get(row, "method", provenance.method))
         roles = {n.role for n in g.nodes()} | {"final"}
         for role in sorted(roles, key=ROLES.index):
@@ -158,10 +159,10 @@ class CircuitGraph:
             g.add_node(n, score=out[n.id] if n.id in out else into[n.id])
         for r in rows:
             if g.graph.has_edge(r["src"], r["dst"]):
-                raise ValueError(f"two rows for edge {r['src']}->{r['dst']}")
+                raise ArgumentError(f"two rows for edge {r['src']}->{r['dst']}")
             g.add_edge(r["src"], r["dst"], score=r["score"], method=_get(r, "method", None))
         if not nx.is_directed_acyclic_graph(g.graph):
-            raise ValueError(f"edges form a cycle: {nx.find_cycle(g.graph)}")
+            raise ArgumentError(f"edges form a cycle: {nx.find_cycle(g.graph)}")
         return g
 
     def __eq__(self, other: object) -> bool:
@@ -194,17 +195,18 @@ def _row_node(row: Mapping[str, Any], n_layers: int) -> Node:
     comp = str(row["component"])
     kind = COMPONENT_KINDS.get(comp)
     if kind is None:
-        raise ValueError(f"no node kind for component {comp!r}; known: {sorted(COMPONENT_KINDS)}")
+        raise ArgumentError(f"no node kind for component {comp!r}; "
+                            f"known: {sorted(COMPONENT_KINDS)}")
     role = _get(row, "role", None)
     if role is None and _get(row, "position", None) is not None:
-        raise ValueError(f"{comp} row at absolute position {row['position']}: "
+        raise ArgumentError(f"{comp} row at absolute position {row['position']}: "
                          "circuit graphs need position roles")
     index = _get(row, kind, None) if kind in ("head", "neuron") else None  # column = kind
     if kind == "embed":
         return Node("embed", -1, None, role or "all")
     layer = int(row["layer"]) + (comp == "resid_post")
     if layer >= n_layers + (kind == "resid"):
-        raise ValueError(f"{comp} at layer {row['layer']} lies outside {n_layers} layers")
+        raise ArgumentError(f"{comp} at layer {row['layer']} lies outside {n_layers} layers")
     return Node(kind, layer, index, role or "all")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from factfind.errors import ArgumentError
 from factfind.graph.circuit import CircuitGraph
 from factfind.graph.provenance import Provenance
 
@@ -74,7 +75,7 @@ def to_graphml(graph: CircuitGraph, path: str | os.PathLike[str], *,
 def read_graphml(path: str | os.PathLike[str]) -> CircuitGraph:
     g = nx.read_graphml(path, node_type=str)
     if not isinstance(g, nx.DiGraph) or "provenance" not in g.graph:
-        raise ValueError(f"{path} holds no factfind circuit graph")
+        raise ArgumentError(f"{path} holds no factfind circuit graph")
     for key in ("node_default", "edge_default"):  # added by the reader when empty
         if g.graph.get(key) == {}:
             del g.graph[key]

@@ -28,6 +28,7 @@ import functools
 import re
 from dataclasses import dataclass
 
+from factfind.errors import ArgumentError
 from factfind.types import Role
 
 KINDS = ("embed", "resid", "attn", "head", "mlp", "neuron", "logits")  # order within a layer
@@ -57,16 +58,16 @@ class Node:
         if self.index is not None:
             object.__setattr__(self, "index", int(self.index))
         if self.kind not in KINDS:
-            raise ValueError(f"node kind must be one of {KINDS}, got {self.kind!r}")
+            raise ArgumentError(f"node kind must be one of {KINDS}, got {self.kind!r}")
         if self.role not in ROLES:
-            raise ValueError(f"node role must be one of {ROLES}, got {self.role!r}")
+            raise ArgumentError(f"node role must be one of {ROLES}, got {self.role!r}")
         if (self.index is None) == (self.kind in ("head", "neuron")):
-            raise ValueError(f"{self.kind} nodes {'need' if self.index is None else 'take no'} "
+            raise ArgumentError(f"{self.kind} nodes {'need' if self.index is None else 'take no'} "
                              f"index, got {self.index!r}")
         if self.index is not None and self.index < 0:
-            raise ValueError(f"node index must be >= 0, got {self.index}")
+            raise ArgumentError(f"node index must be >= 0, got {self.index}")
         if (self.layer == -1) != (self.kind == "embed") or self.layer < -1:
-            raise ValueError(f"layer must be -1 exactly for embed nodes, got {self.kind} "
+            raise ArgumentError(f"layer must be -1 exactly for embed nodes, got {self.kind} "
                              f"at layer {self.layer}")
 
     @property
@@ -83,20 +84,21 @@ class Node:
         with it, other ids are also checked to lie inside the model."""
         m = _ID.fullmatch(node_id)
         if m is None:
-            raise ValueError(f"malformed node id {node_id!r}: expected e.g. 'L5.mlp@subject_last',"
-                             " 'L3.h2@final', 'L4.n311@final', 'embed@final' or 'logits@final'")
+            raise ArgumentError(f"malformed node id {node_id!r}: expected e.g. "
+                                "'L5.mlp@subject_last', 'L3.h2@final', 'L4.n311@final', "
+                                "'embed@final' or 'logits@final'")
         role = m["role"]
         if m["end"] == "embed":
             return cls("embed", -1, None, role)
         if m["end"] == "logits":
             if n_layers is None:
-                raise ValueError(f"{node_id!r} carries no layer: pass n_layers to parse it")
+                raise ArgumentError(f"{node_id!r} carries no layer: pass n_layers to parse it")
             return cls("logits", n_layers, None, role)
         kind = "head" if m["head"] else "neuron" if m["neuron"] else m["block"]
         index = m["head"] or m["neuron"]
         node = cls(kind, int(m["layer"]), None if index is None else int(index), role)
         if n_layers is not None and node.layer >= n_layers + (kind == "resid"):
-            raise ValueError(f"{node_id!r} lies outside a model with {n_layers} layers")
+            raise ArgumentError(f"{node_id!r} lies outside a model with {n_layers} layers")
         return node
 
     def _key(self) -> tuple[int, int, int, int]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import networkx as nx
 
+from factfind.errors import ArgumentError
 from factfind.graph.circuit import STRUCTURAL, CircuitGraph
 from factfind.graph.node import ENDPOINTS
 
@@ -37,17 +38,17 @@ def _select(keys: list[Any], scores: list[float], threshold: float | None, top_n
             cumulative: float | None) -> set[Any]:
     """Keys (sorted by descending score) passing every given criterion."""
     if threshold is None and top_n is None and cumulative is None:
-        raise ValueError("give at least one of threshold, top_n, cumulative")
+        raise ArgumentError("give at least one of threshold, top_n, cumulative")
     keep = set(keys)
     if threshold is not None:
         keep &= {k for k, s in zip(keys, scores, strict=True) if s >= threshold}
     if top_n is not None:
         if top_n < 0:
-            raise ValueError(f"top_n must be >= 0, got {top_n}")
+            raise ArgumentError(f"top_n must be >= 0, got {top_n}")
         keep &= set(keys[:top_n])
     if cumulative is not None:
         if not 0 < cumulative <= 1:
-            raise ValueError(f"cumulative must be in (0, 1], got {cumulative}")
+            raise ArgumentError(f"cumulative must be in (0, 1], got {cumulative}")
         sums = [0.0, *itertools.accumulate(scores)]
         keep &= set(keys[:next(i for i, s in enumerate(sums) if s >= cumulative * sums[-1])])
     return keep
@@ -73,7 +74,7 @@ def prune(graph: CircuitGraph, *, threshold: float | None = None, top_n: int | N
     total (each given criterion must hold), then only nodes on embed → logits paths."""
     data = list(graph.graph.edges(data=True))
     if data and all(d["method"] == STRUCTURAL for *_, d in data):
-        raise ValueError("this graph's edges carry no measured scores (built from node scores):"
+        raise ArgumentError("this graph's edges carry no measured scores (built from node scores):"
                          " use prune_nodes")
     data.sort(key=lambda e: (-e[2]["abs_score"], graph.node(e[0]), graph.node(e[1])))
     keep = _select([(u, v) for u, v, _ in data], [d["abs_score"] for *_, d in data],
@@ -89,7 +90,7 @@ def prune_nodes(graph: CircuitGraph, *, top_n: int | None = None,
     inner = [n for n in graph.nodes() if n.kind not in ENDPOINTS]
     attrs = graph.graph.nodes
     if inner and all(attrs[n.id]["method"] == STRUCTURAL for n in inner):
-        raise ValueError("this graph's nodes carry no measured scores: use prune")
+        raise ArgumentError("this graph's nodes carry no measured scores: use prune")
     inner.sort(key=lambda n: (-attrs[n.id]["abs_score"], n))
     keep = _select([n.id for n in inner], [attrs[n.id]["abs_score"] for n in inner],
                    threshold, top_n, None)

@@ -36,10 +36,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.data.pairs import FALLBACKS
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.metrics import logit_diff_vs_mean
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.results import tidy
-from factfind.types import ROLE_NAMES, Component, Role, Site, SiteKey
+from factfind.types import ABLATIONS, ROLE_NAMES, Component, Role, Site, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
@@ -55,6 +57,7 @@ ABLATABLE = (Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT, Comp
 
 
 
+@validated
 def mean_activations(model: Model, facts: FactDataset, keys: Iterable[SiteKey], *,
                      batch_size: int = 64, remote: Remote = None) -> dict[SiteKey, Tensor]:
     """Per-role mean activation ``[n_roles ...]`` (roles in :data:`TOKEN_ROLES` order) for each
@@ -132,16 +135,17 @@ def _set_start(model: Model, batch: TokenBatch, group: Sequence[Site]) -> tuple[
 
 def _check(model: Model, site: Site) -> None:
     if site.component not in ABLATABLE:
-        raise ValueError(f"cannot ablate {site.component}; choose from "
+        raise ArgumentError(f"cannot ablate {site.component}; choose from "
                          f"{', '.join(str(c) for c in ABLATABLE)}")
     if site.layer >= model.n_layers:
-        raise IndexError(f"layer {site.layer} does not exist ({model.n_layers} layers)")
+        raise OutOfRangeError(f"layer {site.layer} does not exist ({model.n_layers} layers)")
     if site.head is not None and site.head >= model.n_heads:
-        raise IndexError(f"head {site.head} does not exist ({model.n_heads} heads)")
+        raise OutOfRangeError(f"head {site.head} does not exist ({model.n_heads} heads)")
     if site.neuron is not None and site.neuron >= model.d_mlp:
-        raise IndexError(f"neuron {site.neuron} does not exist ({model.d_mlp} neurons)")
+        raise OutOfRangeError(f"neuron {site.neuron} does not exist ({model.d_mlp} neurons)")
 
 
+@validated
 def ablate_sets(
     model: Model,
     facts: FactDataset,
@@ -180,10 +184,10 @@ def ablate_sets(
         Rows with ``set`` (index into ``sets``), ``prompt``, ``effect`` (ablated minus clean
         metric), ``metric``, ``clean``, ``correct`` and ``clean_correct``.
     """
-    if how not in ("mean", "resample", "zero"):
-        raise ValueError(f"how must be 'mean', 'resample' or 'zero', not {how!r}")
+    if how not in ABLATIONS:
+        raise ArgumentError(f"how must be 'mean', 'resample' or 'zero', not {how!r}")
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     for group in sets:
         for site in group:
             _check(model, site)
@@ -307,11 +311,12 @@ def answer_candidates(model: Model, facts: FactDataset) -> dict[str, Tensor]:
                  "contrasted with every relation's attributes: %s", len(widened),
                  ", ".join(widened[:5]) + (" ..." if len(widened) > 5 else ""))
     if len(every) < 2:
-        raise ValueError("ablation needs at least two different attributes among the facts "
+        raise ArgumentError("ablation needs at least two different attributes among the facts "
                          "(the metric contrasts the answer with the others)")
     return out
 
 
+@validated
 def ablation(model: Model, facts: FactDataset, sites: Sequence[Site], **kwargs: Any
              ) -> pd.DataFrame:
     """Ablate each site alone (see :func:`ablate_sets` for options); rows carry the site."""
@@ -326,6 +331,7 @@ def ablation(model: Model, facts: FactDataset, sites: Sequence[Site], **kwargs: 
     return df
 
 
+@validated
 def effective_model(model: Model, facts: FactDataset, *, how: str = "mean",
                     positions: Sequence[Role] = (Role.SUBJECT,), **kwargs: Any) -> pd.DataFrame:
     """Fact Finding's effective model: accuracy with attention at ``positions`` (default the
@@ -377,7 +383,7 @@ def _partners(model: Model, facts: FactDataset, reference: FactDataset | None, k
         pairs = pool.corrupt(model, seed=seed + r, on_missing="skip",
                              fallback=FALLBACKS)[:len(facts)]
         if [p.subject for p in pairs.clean] != [p.subject for p in facts]:
-            raise ValueError("resample ablation needs a partner for every prompt; pass a larger "
+            raise ArgumentError("resample ablation needs a partner for every prompt; pass a larger "
                              "reference= pool")
         out.append(pairs)
     return out

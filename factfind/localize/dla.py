@@ -36,8 +36,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError
 from factfind.results import tidy
 from factfind.types import GROUP_ROLES, Component, Role, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from factfind.types import Remote
 
 
+@validated
 def direct_logit_attribution(
     model: Model,
     data: FactDataset | FactPairs,
@@ -78,7 +81,7 @@ def direct_logit_attribution(
     facts = data.clean if isinstance(data, FactPairs) else data
     wrong_facts = data.corrupt if isinstance(data, FactPairs) else None
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     L = model.n_layers
     save = [(Component.RESID_PRE, 0)]
     for layer in range(L):

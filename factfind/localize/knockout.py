@@ -25,10 +25,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from factfind.errors import ArgumentError
 from factfind.metrics import prob
 from factfind.model.incremental import OVERHEAD_ROWS, plan_groups
 from factfind.results import tidy
 from factfind.types import GROUP_ROLES, POINT_ROLES, Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
@@ -48,7 +50,7 @@ def _role_positions(batch: TokenBatch, role: Role) -> Tensor:
         m = torch.zeros(n_rows, n_pos, dtype=torch.bool)
         m[torch.arange(n_rows), batch.positions[role].cpu()] = True
         return m
-    raise ValueError(f"unknown role {role!r}")
+    raise ArgumentError(f"unknown role {role!r}")
 
 
 def _edge_block(batch: TokenBatch, source: Role) -> Tensor:
@@ -59,6 +61,7 @@ def _edge_block(batch: TokenBatch, source: Role) -> Tensor:
     return block
 
 
+@validated
 def attention_knockout(
     model: Model,
     facts: FactDataset,
@@ -92,9 +95,9 @@ def attention_knockout(
     """
     roles = [Role(s) for s in sources]
     if window < 1 or window > model.n_layers:
-        raise ValueError(f"window must be in 1..{model.n_layers}, got {window}")
+        raise ArgumentError(f"window must be in 1..{model.n_layers}, got {window}")
     if len(facts) == 0:
-        raise ValueError("no prompts: the dataset is empty")
+        raise ArgumentError("no prompts: the dataset is empty")
     starts = list(range(model.n_layers - window + 1))
     variants = [(r, s) for r in roles for s in starts]
     batches = [model.tokenize(list(facts[start:start + batch_size]))
@@ -156,6 +159,7 @@ def _knockout_sweep(model: Model, batches: list[TokenBatch], variants: list[tupl
     return rows
 
 
+@validated
 def attention_knockout_reference(model: Model, facts: FactDataset, *,
                                  sources: Iterable[Role | str] = DEFAULT_SOURCES,
                                  window: int = 1) -> pd.DataFrame:

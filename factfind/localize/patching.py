@@ -42,10 +42,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.data.batch import PairBatch, encode_pairs
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.metrics import logit_diff
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, group_start, plan_groups
 from factfind.results import tidy
 from factfind.types import Component, Role, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -97,11 +99,11 @@ def enumerate_sites(model: Model, *, components: Iterable[str | Component],
     sites = []
     for comp in comps:
         if comp not in PATCHABLE or comp in (Component.NEURONS,):
-            raise ValueError(f"cannot patch {comp} here: choose from resid_pre, resid_post, "
+            raise ArgumentError(f"cannot patch {comp} here: choose from resid_pre, resid_post, "
                              "attn_out, mlp_out, z (per head), embed")
         for layer in layer_list:
             if not 0 <= layer < model.n_layers:
-                raise IndexError(f"layer {layer} does not exist: {model.name} has "
+                raise OutOfRangeError(f"layer {layer} does not exist: {model.name} has "
                                  f"{model.n_layers} layers")
             if comp is Component.EMBED and layer != 0:
                 continue
@@ -183,6 +185,7 @@ def _where_edit(mask: Tensor, src: Tensor):
     return edit
 
 
+@validated
 def activation_patching(
     model: Model,
     pairs: FactPairs,
@@ -222,13 +225,14 @@ def activation_patching(
         (patched logit difference), ``clean`` and ``corrupt`` metrics.
     """
     if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+        raise ArgumentError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
     return _run_patching(model, pairs, sites, direction=direction, batch_size=batch_size,
                          chunk=chunk, progress=progress, remote=remote,
                          incremental=incremental)
 
 
+@validated
 def activation_patching_reference(
     model: Model, pairs: FactPairs, *,
     components: Iterable[str | Component] = ("resid_pre", "attn_out", "mlp_out"),

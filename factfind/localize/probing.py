@@ -26,8 +26,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError
 from factfind.results import tidy
 from factfind.types import Component, Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
@@ -64,6 +66,7 @@ def fit_logistic(x: Tensor, y: Tensor, n_classes: int, *, l2: float = 1e-3,
     return w.detach()
 
 
+@validated
 def linear_probes(
     model: Model,
     facts: FactDataset,
@@ -101,7 +104,7 @@ def linear_probes(
         test_subj = set(rng.choice(subjects, size=max(1, int(len(subjects) * test_fraction)),
                                    replace=False).tolist())
         if len(test_subj) == len(subjects):
-            raise ValueError(f"relation {relation!r} has too few subjects to split")
+            raise ArgumentError(f"relation {relation!r} has too few subjects to split")
         classes = sorted({f.attribute for f in data})
         y = torch.tensor([classes.index(f.attribute) for f in data])
         is_test = torch.tensor([f.subject in test_subj for f in data])
@@ -134,6 +137,7 @@ def linear_probes(
     return tidy(rows)
 
 
+@validated
 def mechanistic_probes(
     model: Model,
     facts: FactDataset,

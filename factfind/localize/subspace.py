@@ -53,10 +53,11 @@ import torch
 from torch import Tensor
 
 from factfind.data.batch import PairBatch, encode_pairs, pair_batches
-from factfind.errors import check_mode
+from factfind.errors import ArgumentError, check_mode
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.results import tidy
 from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactPairs
@@ -91,10 +92,10 @@ class SubspacePatch:
         object.__setattr__(self, "component", Component(self.component))
         object.__setattr__(self, "role", Role(self.role))
         if self.component not in _VECTOR_SITES:
-            raise ValueError(f"subspace patch {self.label!r}: cannot patch {self.component}; "
+            raise ArgumentError(f"subspace patch {self.label!r}: cannot patch {self.component}; "
                              f"choose from {', '.join(map(str, _VECTOR_SITES))}")
         if self.basis is not None and self.basis.dim() not in (2, 3):
-            raise ValueError(f"subspace patch {self.label!r}: basis must be [d k] or "
+            raise ArgumentError(f"subspace patch {self.label!r}: basis must be [d k] or "
                              f"[pair d k], got shape {tuple(self.basis.shape)}")
 
     @property
@@ -125,10 +126,10 @@ def _check_sizes(model: Model, patches: Sequence[SubspacePatch], n_pairs: int) -
         if p.basis is None:
             continue
         if p.basis.shape[-2] != d:
-            raise ValueError(f"subspace patch {p.label!r}: basis has {p.basis.shape[-2]} rows "
+            raise ArgumentError(f"subspace patch {p.label!r}: basis has {p.basis.shape[-2]} rows "
                              f"but {p.component} has {d} dimensions")
         if p.basis.dim() == 3 and p.basis.shape[0] != n_pairs:
-            raise ValueError(f"subspace patch {p.label!r}: a per-pair basis for "
+            raise ArgumentError(f"subspace patch {p.label!r}: a per-pair basis for "
                              f"{p.basis.shape[0]} pairs, but there are {n_pairs}")
 
 
@@ -191,6 +192,7 @@ def _rows(patch: SubspacePatch, start: int, patched: Tensor, clean: Tensor, corr
     return out
 
 
+@validated
 def subspace_patching(
     model: Model,
     pairs: FactPairs | PairBatch,
@@ -258,6 +260,7 @@ def subspace_patching(
     return tidy([r for per_patch in rows for r in per_patch])
 
 
+@validated
 def subspace_patching_reference(model: Model, pairs: FactPairs, patches: Sequence[SubspacePatch],
                                 *, direction: str = "denoise") -> pd.DataFrame:
     """The slow exact reference of :func:`subspace_patching`: one pair and one patch per
@@ -316,7 +319,7 @@ def patch_ratio(df: pd.DataFrame, *, by: Sequence[str] = ("component", "layer", 
     full = work[work["subspace"] == FULL].groupby(site, dropna=False).agg(
         full_change=("change", "mean"), full_effect=("effect", "mean")).reset_index()
     if full.empty:
-        raise ValueError("patch_ratio needs a 'full' patch at each site")
+        raise ArgumentError("patch_ratio needs a 'full' patch at each site")
     sub = work.groupby(keys, dropna=False, sort=False).agg(
         change=("change", "mean"), effect=("effect", "mean"), rank=("rank", "first"),
         n=("prompt", "nunique")).reset_index()
@@ -324,7 +327,7 @@ def patch_ratio(df: pd.DataFrame, *, by: Sequence[str] = ("component", "layer", 
     lacking = np.asarray(out["full_change"].isna(), dtype=bool)
     if lacking.any():
         missing = out.loc[lacking, site].iloc[0].to_dict()
-        raise ValueError(f"patch_ratio: no 'full' patch at {missing}")
+        raise ArgumentError(f"patch_ratio: no 'full' patch at {missing}")
     out["ratio"] = out["change"] / out["full_change"]
     out["method"] = "subspace_patching/ratio"
     return tidy(out.drop(columns=["full_change"]))

@@ -39,10 +39,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from factfind.errors import ArgumentError
 from factfind.metrics import prob
 from factfind.model.incremental import OVERHEAD_ROWS, plan_groups
 from factfind.results import tidy
 from factfind.types import Component, Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -86,6 +88,7 @@ def prompt_noise(seed: int, prompt: int, samples: int, length: int, d_model: int
     return torch.randn(samples, length, d_model, generator=gen)
 
 
+@validated
 def causal_tracing(
     model: Model,
     data: FactDataset | FactPairs,
@@ -139,19 +142,19 @@ def causal_tracing(
         ``p_corrupt``, ``p_restored``.
     """
     if corruption not in ("noise", "str"):
-        raise ValueError(f"corruption must be 'noise' or 'str', not {corruption!r}")
+        raise ArgumentError(f"corruption must be 'noise' or 'str', not {corruption!r}")
     bad = [k for k in kinds if k not in KINDS]
     if bad:
-        raise ValueError(f"unknown kinds {bad}; choose from {sorted(KINDS)}")
+        raise ArgumentError(f"unknown kinds {bad}; choose from {sorted(KINDS)}")
     if window < 1:
-        raise ValueError("window must be >= 1")
+        raise ArgumentError("window must be >= 1")
     from factfind.data import FactPairs
 
     clean_data = data.clean if isinstance(data, FactPairs) else data
     if corruption == "str" and not isinstance(data, FactPairs):
-        raise ValueError("symmetric token replacement needs FactPairs (facts.corrupt(model))")
+        raise ArgumentError("symmetric token replacement needs FactPairs (facts.corrupt(model))")
     if len(clean_data) == 0:
-        raise ValueError("no prompts to trace: the dataset is empty")
+        raise ArgumentError("no prompts to trace: the dataset is empty")
     if corruption == "str":
         from factfind.data.batch import encode_pairs
 
@@ -304,6 +307,7 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
     return out
 
 
+@validated
 def causal_tracing_reference(
     model: Model, data: FactDataset, *, kinds: tuple[str, ...] = ("hidden", "mlp", "attn"),
     noise: float = 3.0, samples: int = 10, window: int = 10, seed: int = 0,

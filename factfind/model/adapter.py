@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.model.architectures import UnsupportedArchitectureError, _get, spec_for
 from factfind.model.incremental import Prefix, PrefixLayer, Resume, patch_edits
 from factfind.types import Component, Remote, SiteKey
@@ -543,7 +544,7 @@ class Model:
             if k[0] is Component.V:
                 result[k] = self._split_values(result[k])
             if k[0] is Component.PATTERN and result[k] is None:
-                raise ValueError("attention patterns need eager attention: "
+                raise ArgumentError("attention patterns need eager attention: "
                                  "load_model(..., attn_implementation='eager')")
         for layer, (args, kwargs) in attn_in.items():
             q, k = self._queries_keys(layer, args, kwargs)
@@ -840,9 +841,10 @@ class Model:
 
         layer, p0 = start
         if not 0 <= layer < self.n_layers:
-            raise IndexError(f"start layer {layer} out of range for {self.n_layers} layers")
+            raise OutOfRangeError(f"start layer {layer} out of range for {self.n_layers} layers")
         if not 0 <= p0 < prefix.n_pos:
-            raise IndexError(f"start position {p0} is beyond the prompts' {prefix.n_pos} tokens")
+            raise OutOfRangeError(f"start position {p0} is beyond the prompts' "
+                                  f"{prefix.n_pos} tokens")
         rep = lambda t: t.repeat(reps, *([1] * (t.dim() - 1)))
         enc = {"input_ids": rep(prefix.enc["input_ids"][:, p0:]),
                "attention_mask": rep(prefix.enc["attention_mask"]),
@@ -854,7 +856,7 @@ class Model:
         save = [(Component(c), int(lay)) for c, lay in save]
         early = [k for k in save if k[1] < layer or (k[0] is Component.EMBED and layer > 0)]
         if early:
-            raise ValueError(f"cannot save {early}: they lie before the start layer {layer}")
+            raise ArgumentError(f"cannot save {early}: they lie before the start layer {layer}")
         return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0), save=save,
                         block_attention=blocks, _resume=Resume(cache=cache, layer=layer,
                                                                resid=resid))
@@ -862,10 +864,10 @@ class Model:
     def _check_site(self, key: SiteKey, *, writing: bool) -> None:
         comp, layer = key
         if writing and comp not in WRITABLE:
-            raise ValueError(f"cannot write to {comp}: writable sites are "
+            raise ArgumentError(f"cannot write to {comp}: writable sites are "
                              f"{', '.join(str(c) for c in WRITABLE)} (edit z to change a head)")
         if comp is not Component.EMBED and not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range for {self.name} "
+            raise OutOfRangeError(f"layer {layer} out of range for {self.name} "
                              f"with {self.n_layers} layers")
 
 
@@ -1056,11 +1058,11 @@ def load_model(
         import importlib.util
 
         if not isinstance(source, (str, os.PathLike)):
-            raise ValueError("device_map shards a checkpoint while it loads: pass a model "
+            raise ArgumentError("device_map shards a checkpoint while it loads: pass a model "
                              "directory or hub name (or dispatch a built module yourself with "
                              "accelerate.dispatch_model and pass it without device_map)")
         if device is not None:
-            raise ValueError("pass device or device_map, not both")
+            raise ArgumentError("pass device or device_map, not both")
         if importlib.util.find_spec("accelerate") is None:
             raise ImportError("device_map needs the accelerate package: pip install accelerate")
     if isinstance(source, tuple):
@@ -1089,7 +1091,7 @@ def load_model(
     else:
         hf, tok = source, tokenizer
         if tok is None:
-            raise ValueError("load_model(<PreTrainedModel>) needs tokenizer=...")
+            raise ArgumentError("load_model(<PreTrainedModel>) needs tokenizer=...")
         name = getattr(hf.config, "name_or_path", "") or type(hf).__name__
         rev = revision
     spec_for(hf.config)  # fail early, before wrapping
@@ -1103,7 +1105,7 @@ def load_model(
     if device is not None and device_map is None:
         hf = hf.to(device=torch.device(device))  # pyright: ignore[reportCallIssue]
     if tok is None:
-        raise ValueError(f"no tokenizer for {name!r}: pass tokenizer=...")
+        raise ArgumentError(f"no tokenizer for {name!r}: pass tokenizer=...")
     if prepared is not None and prepared.revision is not None and revision is None:
         rev = prepared.revision  # the GGUF's content key, not the cache directory's
     model = Model(hf, tok, name=name, revision=rev)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 
+from factfind.errors import ArgumentError
 from factfind.types import Component, SiteKey
 
 Edit = Callable[[Tensor], Tensor]
@@ -244,6 +245,6 @@ def patch_edits(prefix: Prefix, edits: Mapping[SiteKey, Edit], layer: int, p0: i
             out[key] = per_copy(edit, prefix.enc["input_ids"].shape[0])
     for key, edit in edits.items():
         if before(key, layer, inclusive=False):
-            raise ValueError(f"a patch at {key} lies before the start layer {layer}")
+            raise ArgumentError(f"a patch at {key} lies before the start layer {layer}")
         out[key] = compose(out[key], edit) if key in out else edit
     return {key: lift(edit, p0) for key, edit in out.items()}

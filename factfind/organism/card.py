@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from factfind.errors import ArgumentError
 from factfind.organism.world import people, read_world
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def compare_checkpoints(a: str | Path, b: str | Path) -> dict[str, Any]:
     a, b = Path(a), Path(b)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     if wa.keys() != wb.keys():
-        raise ValueError("the checkpoints have different tensors")
+        raise ArgumentError("the checkpoints have different tensors")
     max_diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
     identical = all(wa[k].dtype == wb[k].dtype and bool((wa[k] == wb[k]).all()) for k in wa)
     ma = json.loads((a / "metrics.json").read_text())

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from factfind.errors import ArgumentError
 from factfind.organism.tokenizer import PAD, attribute_token_ids
 from factfind.organism.world import people as split_people
 
@@ -167,7 +168,7 @@ class FactCorpus:
                              strict=True):
             ids = np.asarray(enc.ids, dtype=np.int64)
             if ids[-2] != want:  # the attribute is the token before the final "."
-                raise ValueError(f"attribute not where expected in {enc.tokens}")
+                raise ArgumentError(f"attribute not where expected in {enc.tokens}")
             out.append((ids, len(ids) - 2))
         return out
 
@@ -210,7 +211,7 @@ class FactCorpus:
                 while True:
                     sent, attr = pending if pending is not None else next(stream)
                     if len(sent) >= seq_len:
-                        raise ValueError(f"a sentence of {len(sent)} tokens > seq_len={seq_len}")
+                        raise ArgumentError(f"a sentence of {len(sent)} tokens > seq_len={seq_len}")
                     if n + len(sent) > seq_len:
                         pending = (sent, attr)
                         break

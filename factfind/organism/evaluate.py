@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from factfind.errors import ArgumentError
 from factfind.organism.tokenizer import attribute_token_ids
 from factfind.organism.world import people as split_people
 
@@ -55,7 +56,7 @@ def prompts(
     Columns: relation, template, template_index, person, prompt, attribute.
     """
     if templates not in ("train", "heldout"):
-        raise ValueError(f"templates must be 'train' or 'heldout', not {templates!r}")
+        raise ArgumentError(f"templates must be 'train' or 'heldout', not {templates!r}")
     key = "templates" if templates == "train" else "heldout_templates"
     who = split_people(world, split)[:max_people]
     rows = []

@@ -31,6 +31,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from factfind.errors import ArgumentError
+
 log = logging.getLogger(__name__)
 
 BOS = "<|endoftext|>"
@@ -121,7 +123,7 @@ def attribute_token_ids(tokenizer: Any, world: dict[str, Any]) -> dict[str, dict
         for a in spec["attributes"]:
             ids = tokenizer.encode(" " + a, add_special_tokens=False)
             if len(ids) != 1:
-                raise ValueError(f"attribute {a!r} of {rel} is {len(ids)} tokens, not one")
+                raise ArgumentError(f"attribute {a!r} of {rel} is {len(ids)} tokens, not one")
             out[rel][a] = ids[0]
     return out
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from factfind.errors import ArgumentError
 from factfind.organism.corpus import FactCorpus
 from factfind.organism.tokenizer import PAD, train_tokenizer
 from factfind.organism.world import WorldConfig, generate_world, save_world
@@ -117,15 +118,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ArgumentError(f"d_model={self.d_model} is not divisible by "
+                                f"n_heads={self.n_heads}")
         if self.seq_len > self.max_positions:
-            raise ValueError("seq_len must be <= max_positions")
+            raise ArgumentError("seq_len must be <= max_positions")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+            raise ArgumentError("steps and batch_size must be positive")
         for name in ("p_filler", "p_generic", "p_clause", "p_insert", "p_no_bos", "rotary_pct",
                      "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
+                raise ArgumentError(f"{name} must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (:func:`dataclasses.asdict`)."""

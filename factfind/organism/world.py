@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factfind.errors import ArgumentError
 from factfind.organism.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -272,15 +273,15 @@ class WorldConfig:
     def __post_init__(self) -> None:
         unknown = [r for r in self.relations if r not in RELATIONS]
         if unknown:
-            raise ValueError(f"unknown relations {unknown}; choose from {list(RELATIONS)}")
+            raise ArgumentError(f"unknown relations {unknown}; choose from {list(RELATIONS)}")
         if len(set(self.relations)) != len(self.relations) or not self.relations:
-            raise ValueError(f"relations must be distinct and non-empty: {self.relations}")
+            raise ArgumentError(f"relations must be distinct and non-empty: {self.relations}")
         if self.n_known < 1 or self.n_unknown < 0:
-            raise ValueError("need n_known >= 1 and n_unknown >= 0")
+            raise ArgumentError("need n_known >= 1 and n_unknown >= 0")
         if self.n_known + self.n_unknown > self.n_first_names * self.n_last_names // 2:
-            raise ValueError("too many people for the name pools (keep the product >= 2x)")
+            raise ArgumentError("too many people for the name pools (keep the product >= 2x)")
         if not 2 <= self.min_name_tokens <= self.max_name_tokens <= 4:
-            raise ValueError("need 2 <= min_name_tokens <= max_name_tokens <= 4")
+            raise ArgumentError("need 2 <= min_name_tokens <= max_name_tokens <= 4")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
@@ -331,7 +332,7 @@ def _name_pool(
     rng.shuffle(single)
     rng.shuffle(double)
     if len(single) < n_single:
-        raise ValueError(f"only {len(single)} one-token name parts; need {n_single}")
+        raise ArgumentError(f"only {len(single)} one-token name parts; need {n_single}")
     pool = single[:n_single]
     for d in double:
         if len(pool) == n:
@@ -339,7 +340,7 @@ def _name_pool(
         if n_tokens(d) == 2:
             pool.append(d)
     if len(pool) < n:
-        raise ValueError(f"only {len(pool)} name parts of 1-2 tokens; need {n}")
+        raise ArgumentError(f"only {len(pool)} name parts of 1-2 tokens; need {n}")
     rng.shuffle(pool)
     return pool
 
@@ -435,12 +436,12 @@ def read_world(path: str | Path) -> dict[str, Any]:
     """Read a world file and check its format tag."""
     world = json.loads(Path(path).read_text(encoding="utf-8"))
     if world.get("format") != WORLD_FORMAT:
-        raise ValueError(f"{path}: not a {WORLD_FORMAT} file (format={world.get('format')!r})")
+        raise ArgumentError(f"{path}: not a {WORLD_FORMAT} file (format={world.get('format')!r})")
     return world
 
 
 def people(world: dict[str, Any], split: str) -> list[dict[str, Any]]:
     """The people of one split ("known" or "unknown")."""
     if split not in ("known", "unknown"):
-        raise ValueError(f"split must be 'known' or 'unknown', not {split!r}")
+        raise ArgumentError(f"split must be 'known' or 'unknown', not {split!r}")
     return [p for p in world["people"] if p["split"] == split]

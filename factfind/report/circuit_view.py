@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import escape
 
+from factfind.errors import WrongTypeError
 from factfind.report.document import _NEG, _POS, _ZERO, GraphView, _format_value
 from factfind.report.figures import _axis_order
 
@@ -121,7 +122,7 @@ def _as_graph(graph: Any) -> nx.DiGraph:
     # a networkx graph has a .graph too (its attribute dict), so test the type first
     g = graph if isinstance(graph, nx.Graph) else getattr(graph, "graph", None)
     if not isinstance(g, nx.DiGraph):
-        raise TypeError(f"expected a networkx DiGraph or an object with one at .graph, got "
+        raise WrongTypeError(f"expected a networkx DiGraph or an object with one at .graph, got "
                         f"{type(graph).__name__}")
     return g
 

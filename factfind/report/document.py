@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
 
+from factfind.errors import ArgumentError
 from factfind.types import Role
 
 #: Order of position roles on every role axis (the order of tokens in a fact prompt).
@@ -60,9 +61,9 @@ class Figure:
 
     def __post_init__(self) -> None:
         if (self.svg is None) == (self.png is None):
-            raise ValueError("a Figure needs exactly one of svg= or png=")
+            raise ArgumentError("a Figure needs exactly one of svg= or png=")
         if self.svg is not None and _SVG_FORBIDDEN.search(self.svg):
-            raise ValueError("Figure svg contains a script, event handler or external reference")
+            raise ArgumentError("Figure svg contains a script, event handler or external reference")
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +76,7 @@ class Table:
 
     def __post_init__(self) -> None:
         if self.max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+            raise ArgumentError(f"max_rows must be >= 1, got {self.max_rows}")
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Section:
 
     def __post_init__(self) -> None:
         if not _ID.match(self.id):
-            raise ValueError(f"section id must match [a-z][a-z0-9-]*, got {self.id!r}")
+            raise ArgumentError(f"section id must match [a-z][a-z0-9-]*, got {self.id!r}")
         for name in ("figures", "tables", "graphs"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "facts", dict(self.facts))
@@ -124,7 +125,7 @@ class ReportData:
         seen: set[str] = set()
         for s in self.sections:
             if s.id in seen:
-                raise ValueError(f"duplicate section id {s.id!r}")
+                raise ArgumentError(f"duplicate section id {s.id!r}")
             seen.add(s.id)
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure as MplFigure
 
+from factfind.errors import ArgumentError
 from factfind.report.document import _NEG, _POS, ROLE_ORDER, Figure, _missing
 
 # ----------------------------------------------------------------------------- figures
@@ -46,7 +47,7 @@ def from_matplotlib(fig: MplFigure, *, caption: str = "", alt: str = "",
             fig.savefig(raw, format="png", dpi=dpi, metadata={"Software": None},
                         bbox_inches="tight")
             return Figure(png=raw.getvalue(), caption=caption, alt=alt)
-    raise ValueError(f"format must be 'svg' or 'png', got {format!r}")
+    raise ArgumentError(f"format must be 'svg' or 'png', got {format!r}")
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def heatmap(df: pd.DataFrame, *, x: str = "layer", y: str = "role", value: str =
     """
     df = df.loc[(df[x].notna() & df[y].notna()).to_numpy()]  # e.g. tokens outside every role
     if df.empty:
-        raise ValueError(f"heatmap of a frame with no rows that have both {x} and {y}")
+        raise ArgumentError(f"heatmap of a frame with no rows that have both {x} and {y}")
     agg = _aggregate(df, [y, x], value)
     grid = agg.pivot_table(index=y, columns=x, values=value, aggfunc="mean", dropna=False)
     grid = grid.reindex(index=_axis_order(grid.index, y), columns=_axis_order(grid.columns, x))
@@ -140,7 +141,7 @@ def line_plot(df: pd.DataFrame, *, x: str, y: str, hue: str | None = None, title
     ``band`` columns where present and an optional dashed ``reference`` level (e.g. faithfulness 1
     for the full model)."""
     if df.empty:
-        raise ValueError("line plot of an empty frame")
+        raise ArgumentError("line plot of an empty frame")
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=True))
     palette = sns.color_palette("colorblind", max(1, len(groups)))
     with _new_figure(6.4, 3.6) as fig:
@@ -175,7 +176,7 @@ def bar_plot(df: pd.DataFrame, *, label: str, value: str = "effect", k: int = 20
     if ``sort=False``), labelled by ``label``, coloured by sign, with ``ci_low``/``ci_high``
     whiskers where present."""
     if df.empty:
-        raise ValueError("bar plot of an empty frame")
+        raise ArgumentError("bar plot of an empty frame")
     if sort:
         df = _by_magnitude(df, value)
     top = df.head(k)
@@ -207,7 +208,7 @@ def scatter_plot(df: pd.DataFrame, *, x: str, y: str, hue: str | None = None, ti
     ``y = x`` when ``diagonal`` (e.g. an estimate against the exact value it estimates)."""
     df = df.loc[(df[x].notna() & df[y].notna()).to_numpy()]
     if df.empty:
-        raise ValueError(f"scatter plot of a frame with no rows that have both {x} and {y}")
+        raise ArgumentError(f"scatter plot of a frame with no rows that have both {x} and {y}")
     groups = [(None, df)] if hue is None else list(df.groupby(hue, sort=True))
     palette = sns.color_palette("colorblind", max(1, len(groups)))
     with _new_figure(5.2, 4.2) as fig:

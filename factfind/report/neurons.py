@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from factfind.errors import ArgumentError
 from factfind.report.document import Section, Table
 from factfind.report.figures import bar_plot, line_plot, scatter_plot
 from factfind.report.tables import site_label, top_units
@@ -113,7 +114,7 @@ def verification_of(candidates: pd.DataFrame) -> Verification:
     from factfind.attribute.verification import Verification
 
     if len(set(candidates["search"].tolist())) != 1:
-        raise ValueError("pass the candidates of one search")
+        raise ArgumentError("pass the candidates of one search")
     cand = candidates.sort_values("rank").reset_index(drop=True)
     done = cand.loc[cand["verified"].to_numpy(dtype=bool)].copy()
     done["estimate"] = done["effect"]
@@ -154,7 +155,7 @@ def atp_section(candidates: pd.DataFrame, bound: pd.DataFrame | None = None, *, 
     (:attr:`~factfind.attribute.verification.Bound.buckets` with a ``search`` column)."""
     ver = _labelled(candidates.loc[candidates["verified"].to_numpy(dtype=bool)])
     if ver.empty:
-        raise ValueError("no verified candidates to show")
+        raise ArgumentError("no verified candidates to show")
     facts: dict[str, Any] = {}
     for name, g in candidates.groupby("search", sort=False):
         facts[f"{name}: candidates"] = len(g)

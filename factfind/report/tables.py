@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from factfind.errors import ArgumentError
 from factfind.report.document import _missing
 from factfind.report.figures import _aggregate, _by_magnitude
 
@@ -42,7 +43,7 @@ def top_units(df: pd.DataFrame, unit: str, *, k: int = 20, value: str = "effect"
     """The ``k`` heads (``unit="head"``) or neurons (``unit="neuron"``) of largest ``|value|``, one
     row per (method, component, layer, unit, role), with a ``site`` label first."""
     if unit not in ("head", "neuron"):
-        raise ValueError(f"unit must be 'head' or 'neuron', got {unit!r}")
+        raise ArgumentError(f"unit must be 'head' or 'neuron', got {unit!r}")
     rows = df.loc[df[unit].notna().to_numpy()] if unit in df.columns else df.iloc[0:0]
     keys = [c for c in ("method", "component", "layer", unit, "role", "position")
             if c in rows.columns]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from factfind.errors import ArgumentError
+
 FAMILIES = ("gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "gemma",
             "gemma2", "gemma3", "qwen3", "phi3", "olmo2", "gptj")
 """Families with a hand-written :class:`~factfind.model.architectures.ArchSpec` (tiny configs
@@ -117,7 +119,7 @@ def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int
         return tf.HeliumConfig(head_dim=head_dim, **llama_like)
     if family == "exaone4":
         return tf.Exaone4Config(**llama_like)
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + DERIVED_FAMILIES}")
+    raise ArgumentError(f"unknown family {family!r}; choose from {FAMILIES + DERIVED_FAMILIES}")
 
 
 def tiny_hf_model(family: str, vocab_size: int, *, seed: int = 0, std: float = 0.2,
@@ -207,6 +209,6 @@ def same_length_pairs(model: Any, facts: Any) -> Any:
     lengths = model.tokenize(list(pairs.clean)).lengths
     keep = [i for i in range(len(pairs)) if lengths[i] == lengths.max()]
     if len(keep) < 3:
-        raise ValueError(f"only {len(keep)} pairs of the longest length; need 3")
+        raise ArgumentError(f"only {len(keep)} pairs of the longest length; need 3")
     return FactPairs(FactDataset([pairs.clean[i] for i in keep]),
                      FactDataset([pairs.corrupt[i] for i in keep]))

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from factfind.errors import ArgumentError
+
 if TYPE_CHECKING:
     from factfind.data import FactDataset
     from factfind.model import Model
@@ -270,7 +272,7 @@ def planted_hf_model(family: str = "gpt2") -> tuple[Any, Any]:
     import transformers as tf
 
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        raise ArgumentError(f"family must be one of {FAMILIES}, got {family!r}")
     common: dict[str, Any] = dict(vocab_size=len(WORDS), tie_word_embeddings=False,
                                   bos_token_id=0, eos_token_id=0, pad_token_id=0,
                                   attn_implementation="eager")

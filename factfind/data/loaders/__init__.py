@@ -47,6 +47,26 @@ _NAMED_LOADERS = {"rome_known": load_rome_known, "athletes": load_athletes,
                   "fact_finding:athletes": load_athletes}
 
 
+#: longest source string taken as a name or path (Linux's PATH_MAX)
+MAX_SOURCE = 4096
+
+
+def _check_source_text(source: str) -> None:
+    """Refuse strings that are not a name or a path: empty, JSON text, or too long."""
+    text = source.strip()
+    if not text:
+        raise FactDataError("the source is empty: give a dataset name (e.g. 'rome_known'), a "
+                            "path or a list of records")
+    if text[0] in "[{":
+        raise FactDataError("the source looks like JSON text, not a name or a path: parse it "
+                            "(json.loads) and pass the records, or save it to a .json file",
+                            path=text[:60] + ("..." if len(text) > 60 else ""))
+    if len(source) > MAX_SOURCE:
+        raise FactDataError(f"the source is {len(source):,} characters, longer than any path "
+                            f"({MAX_SOURCE:,}): give a dataset name, a path or a list of records",
+                            path=source[:60] + "...")
+
+
 def load_facts(source: Any, **kw: Any) -> FactDataset:
     """Load fact data from a named set, a path, or in-memory records.
 
@@ -77,6 +97,7 @@ def load_facts(source: Any, **kw: Any) -> FactDataset:
     if isinstance(source, list | tuple):
         return from_records(source, **kw)
     if isinstance(source, str):
+        _check_source_text(source)
         if source == "organism" or source.startswith("organism:"):
             return load_organism(source.partition(":")[2] or None, **kw)
         root = datasets_dir()
@@ -97,11 +118,16 @@ def load_facts(source: Any, **kw: Any) -> FactDataset:
     if not isinstance(source, str | os.PathLike):
         raise FactDataError(f"cannot load facts from a {type(source).__name__}")
     p = Path(source)
-    if p.is_dir():
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise FactDataError(f"not a usable path ({e.strerror or e}); give a dataset name, a "
+                            "path or a list of records", path=str(p)[:120]) from None
+    if is_dir:
         return load_lre(p, **kw)
     if p.suffix.lower() == ".csv":
         return load_csv(p, **kw)
-    if not p.exists():
+    if not exists:
         raise FactDataError(f"no such file or named dataset; named sets: "
                             f"{', '.join(available_datasets())}", path=str(p))
     data = read_json(p)
