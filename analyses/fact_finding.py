@@ -36,32 +36,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 import factfind as ff
-from factfind import graph as cg
-from factfind import report as rp
-from factfind.attribute.atp import estimate
-from factfind.attribute.neurons import (
-    mlp_output_norms,
-    neuron_dla,
-    neuron_nonlinearity,
-    resample_neurons,
-    swap_variants,
-)
-from factfind.attribute.verification import missed_effect_bound, verify
-from factfind.cache import RunCache
-from factfind.console import configure_logging, run_cli
-from factfind.data.dataset import known_mask
-from factfind.data.pairs import FALLBACKS
-from factfind.edges.eap import eap_ig, to_graph
-from factfind.edges.path_patching import path_patching_sweep
-from factfind.edges.placement import all_nodes
-from factfind.errors import FactfindError, NotEnoughFactsError
-from factfind.evaluate import faithfulness_curve, prune_circuit
-from factfind.localize.ablation import effective_model
-from factfind.localize.patching import DEFAULT_ROLES
-from factfind.localize.probing import linear_probes, mechanistic_probes
-from factfind.report import neurons as rn
-from factfind.report.findings import literature_findings
-from factfind.types import Role, Site
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")
@@ -133,31 +107,31 @@ class Outcome:
     """What a run produced: the report's path and the cache (which steps were hits)."""
 
     report: Path
-    cache: RunCache
+    cache: ff.RunCache
 
 
 def main(argv: list[str] | None = None) -> Outcome:
     cfg, args = parse_args(argv)
-    configure_logging()
+    ff.configure_logging()
     t0 = time.time()
 
     # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
     model = ff.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     facts = ff.load_facts(cfg.facts)
-    cache = RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
+    cache = ff.RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
                           dataset=facts.fingerprint(), config=asdict(cfg))
     log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
     # score a seeded shuffle of the facts in chunks until 4x the facts to analyse are known
     # (at least 256 scored): a model that knows 5% of a dataset still gets enough pairs
     pool, scores = _score_until_known(cache, model, facts, cfg)
-    known_mask = _known(scores, cfg)
-    known = ff.FactDataset([f for f, k in zip(pool, known_mask, strict=True) if k],
+    is_known = _known(scores, cfg)
+    known = ff.FactDataset([f for f, k in zip(pool, is_known, strict=True) if k],
                            name=f"{facts.name}|known")
     rule = (f"rule {cfg.known_rule}, top-{cfg.known_top_k}, p >= {cfg.known_min_prob:g}"
             + (", p > 0.5" if cfg.known_rule == "paper" else ""))
     if len(known) < cfg.min_pairs:
         top = _top_predictions(model, pool, scores)
-        raise NotEnoughFactsError(
+        raise ff.NotEnoughFactsError(
             f"{model.name} knows {len(known)} of {len(pool)} scored facts of {facts.name} "
             f"({rule}; its most common top answers: {top}), fewer than --min-pairs "
             f"{cfg.min_pairs}. Fix: facts in a prompt format the model completes with the "
@@ -165,9 +139,9 @@ def main(argv: list[str] | None = None) -> Outcome:
             "that knows athletes' sports), --known-rule rank, or a larger model.")
     sample = known.sample(min(cfg.n_prompts, len(known)), seed=cfg.seed)
     pairs = sample.corrupt(model, seed=cfg.seed, on_missing="skip", pool=facts,
-                           fallback=FALLBACKS)
+                           fallback=ff.FALLBACKS)
     if len(pairs) < cfg.min_pairs:
-        raise NotEnoughFactsError(
+        raise ff.NotEnoughFactsError(
             f"only {len(pairs)} of {len(sample)} known facts of {facts.name} found a corrupt "
             f"partner (a subject of the same token length with another attribute), fewer "
             f"than --min-pairs {cfg.min_pairs}. Fix: a dataset with more subjects per "
@@ -209,13 +183,13 @@ def main(argv: list[str] | None = None) -> Outcome:
         chunk=cfg.batch_size, desc="direct logit attribution"))
 
     # 6. effective model and probes -------------------------------------------------------------
-    eff = cache.table("effective_model", lambda: effective_model(
-        model, pairs.clean, reference=known.sample(min(256, len(known)), seed=cfg.seed + 1),
+    eff = cache.table("effective_model", lambda: ff.effective_model(
+        model, pairs.clean, pool=known.sample(min(256, len(known)), seed=cfg.seed + 1),
         progress=True))
-    probes = cache.table("linear_probes", lambda: linear_probes(
+    probes = cache.table("linear_probes", lambda: ff.linear_probes(
         model, known.sample(min(256, len(known)), seed=cfg.seed + 2), seed=cfg.seed))
-    mech = cache.table("mechanistic_probes", lambda: mechanistic_probes(model, pairs.clean))
-    findings = literature_findings(
+    mech = cache.table("mechanistic_probes", lambda: ff.mechanistic_probes(model, pairs.clean))
+    findings = ff.literature_findings(
         n_layers=model.n_layers, tracing=ff.aggregate(tracing), knockout=ff.aggregate(knockout),
         effective=eff, probes=probes)
     for row in findings.to_dict("records"):
@@ -226,30 +200,30 @@ def main(argv: list[str] | None = None) -> Outcome:
     # 7. path patching: heads' direct effects, and MLPs at the subject -> heads at the final token
     circuit_pairs = pairs[:cfg.circuit_prompts]
     L, H = model.n_layers, model.n_heads
-    final_heads = [Site("z", layer, head=h, position="final") for layer in range(L)
+    final_heads = [ff.Site("z", layer, head=h, position="final") for layer in range(L)
                    for h in range(H)]
-    subject_mlps = [Site("mlp_out", layer, position=role) for layer in range(L)
+    subject_mlps = [ff.Site("mlp_out", layer, position=role) for layer in range(L)
                     for role in ("subject_first", "subject_last")]
     paths = cache.table("path_patching", lambda: pd.concat([
-        path_patching_sweep(model, circuit_pairs, final_heads, batch_size=cfg.batch_size,
+        ff.path_patching_sweep(model, circuit_pairs, final_heads, batch_size=cfg.batch_size,
                             progress=True).assign(path="head -> logits (direct)"),
-        path_patching_sweep(model, circuit_pairs, subject_mlps, final_heads,
+        ff.path_patching_sweep(model, circuit_pairs, subject_mlps, final_heads,
                             batch_size=cfg.batch_size, progress=True
                             ).assign(path="subject MLP -> final heads"),
     ], ignore_index=True))
     log.info("path patching done (%.0fs)", time.time() - t0)
 
     # 8. edge attribution (EAP-IG), the circuit graph and its faithfulness ---------------------
-    edges = cache.table("eap_ig", lambda: eap_ig(model, circuit_pairs, steps=cfg.eap_ig_steps,
+    edges = cache.table("eap_ig", lambda: ff.eap_ig(model, circuit_pairs, steps=cfg.eap_ig_steps,
                                                   batch_size=cfg.batch_size, progress=True))
-    full = to_graph(edges, model, circuit_pairs, config=asdict(cfg))
-    circuit = cg.prune(full, top_n=cfg.circuit_edges)
+    full = ff.to_graph(edges, model, circuit_pairs, config=asdict(cfg))
+    circuit = ff.graph.prune(full, top_n=cfg.circuit_edges)
     n_nodes = full.graph.number_of_nodes()
     sizes = sorted({s for s in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64) if s < n_nodes})
-    curve = cache.table("faithfulness_curve", lambda: faithfulness_curve(
+    curve = cache.table("faithfulness_curve", lambda: ff.faithfulness_curve(
         model, circuit_pairs, full, sizes=sizes, how="resample"))
     # the same at neuron granularity: every head and neuron x role, pruned to faithfulness 0.9
-    everything = all_nodes(model, model.tokenize(list(circuit_pairs.clean)), neurons=True)
+    everything = ff.all_nodes(model, model.tokenize(list(circuit_pairs.clean)), neurons=True)
     # heads and whole MLPs are scored by exact ablation while there are few of them (the
     # organism: 4 layers); on a 30-layer model that is thousands of forwards per round, so
     # they are scored by attribution like the neurons (every accepted circuit is still
@@ -258,7 +232,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     exact = ("head", "mlp") if n_units <= cfg.prune_exact_max else ()
     log.info("pruning %d head/neuron x role nodes; heads and MLPs scored %s", len(everything),
              "exactly" if exact else f"by attribution ({n_units} > --prune-exact-max)")
-    pruned = cache.table("neuron_circuit", lambda: prune_circuit(
+    pruned = cache.table("neuron_circuit", lambda: ff.prune_circuit(
         model, circuit_pairs, everything, target=0.9, step=0.5, how="mean", max_rounds=12,
         batch_size=cfg.batch_size, exact=exact))
     pruned = pd.DataFrame(pruned[pruned["accepted"].to_numpy()])
@@ -267,41 +241,41 @@ def main(argv: list[str] | None = None) -> Outcome:
              int(pruned["size"].to_numpy()[-1]), len(everything), time.time() - t0)
 
     # 9. neurons and heads: AtP* verified exactly; Fact Finding's neuron analyses ---------------
-    neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, known_mask)
+    neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, is_known)
     log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
 
     # 10. the report ---------------------------------------------------------------------------
     sections = [
-        rp.model_section({"name": model.name, "revision": model.revision,
+        ff.report.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
                           "heads": model.n_heads, "d_model": model.d_model,
                           "d_mlp": model.d_mlp, "d_vocab": model.d_vocab,
                           **{f"weights: {k}": v for k, v in model.provenance.items()}}),
-        rp.dataset_section({"name": facts.name, "fingerprint": facts.fingerprint()[:16],
+        ff.report.dataset_section({"name": facts.name, "fingerprint": facts.fingerprint()[:16],
                             "facts": len(facts), "relations": ", ".join(facts.relations),
                             "known": len(known), "analysed pairs": len(pairs)},
                            sample=pairs.clean.to_frame().head(20)),
-        rp.accuracy_section(rp.accuracy_table(
-            pool.to_frame().assign(correct=[bool(k) for k in known_mask]), by="relation")),
-        rp.findings_section(findings),
-        rp.tracing_section(ff.aggregate(tracing)),
-        rp.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),
+        ff.report.accuracy_section(ff.report.accuracy_table(
+            pool.to_frame().assign(correct=[bool(k) for k in is_known]), by="relation")),
+        ff.report.findings_section(findings),
+        ff.report.tracing_section(ff.aggregate(tracing)),
+        ff.report.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),
         _knockout_section(knockout),
-        rp.units_section(pd.concat([
+        ff.report.units_section(pd.concat([
             ff.aggregate(patching[patching["component"] == "head_out"]),
             dla[dla["component"] == "neurons"]], ignore_index=True)),
         _effective_section(eff, probes, mech),
         _paths_section(paths),
-        rp.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
+        ff.report.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
                            f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
                            "kept and pruned to paths from the embeddings to the logits."),
-        rp.faithfulness_section(pd.concat([
+        ff.report.faithfulness_section(pd.concat([
             curve.assign(method="EAP-IG top n, head/MLP x role nodes, resample ablation"),
             pruned.drop(columns=["nodes"]).assign(
                 method="pruning, head/neuron x role nodes, mean ablation")],
             ignore_index=True), x="fraction"),
-        *rn.neuron_sections(neurons),
-        rp.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
+        *ff.report.neurons.neuron_sections(neurons),
+        ff.report.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
                                         "cache": str(cache.root),
@@ -313,18 +287,18 @@ def main(argv: list[str] | None = None) -> Outcome:
     slug = "".join(c if c.isalnum() or c in "-_." else "_"
                    for c in f"{Path(cfg.model).name}-{Path(cfg.facts).stem}")
     out = Path(args.out) / f"fact_finding-{slug}.html"
-    data = rp.ReportData(title=f"Fact finding: {cfg.facts} in {model.name}",
+    data = ff.report.ReportData(title=f"Fact finding: {cfg.facts} in {model.name}",
                          subtitle=f"{len(pairs)} prompt pairs · seed {cfg.seed}",
                          sections=sections)
     if out.exists() and not args.overwrite:
         if cache.root.name not in out.read_text(encoding="utf-8"):  # the provenance names it
-            raise FactfindError(f"{out} exists from another configuration; pass --overwrite "
+            raise ff.FactfindError(f"{out} exists from another configuration; pass --overwrite "
                                 "to replace it, or --out DIR to write elsewhere")
         log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
     else:
-        rp.write_report(data, out, overwrite=args.overwrite)
-        for path, write in ((out.with_suffix(".graphml"), cg.to_graphml),
-                            (out.with_suffix(".json"), cg.to_json)):
+        ff.report.write_report(data, out, overwrite=args.overwrite)
+        for path, write in ((out.with_suffix(".graphml"), ff.graph.to_graphml),
+                            (out.with_suffix(".json"), ff.graph.to_json)):
             write(circuit, path, overwrite=args.overwrite)
     log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
              len(cache.hits), len(cache.computed))
@@ -345,7 +319,7 @@ def _machine(device: str) -> str:
             f"torch threads, torch {torch.__version__}")
 
 
-def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, desc: str
+def _chunked(cache: ff.RunCache, name: str, n: int, compute: Any, *, chunk: int, desc: str
              ) -> pd.DataFrame:
     """A cached step over ``n`` prompts in chunks, with a progress bar (prompts, ETA).
     ``compute(start, stop)`` numbers its prompts from 0; they are shifted by ``start``."""
@@ -361,11 +335,11 @@ def _chunked(cache: RunCache, name: str, n: int, compute: Any, *, chunk: int, de
 
 def _known(scores: pd.DataFrame, cfg: Config) -> list[bool]:
     """Which scored facts count as known under the configured rule."""
-    return known_mask(scores, rule=cfg.known_rule, top_k=cfg.known_top_k,  # type: ignore[arg-type]
+    return ff.known_mask(scores, rule=cfg.known_rule, top_k=cfg.known_top_k,  # type: ignore[arg-type]
                       min_prob=cfg.known_min_prob)
 
 
-def _score_until_known(cache: RunCache, model: ff.Model, facts: ff.FactDataset, cfg: Config
+def _score_until_known(cache: ff.RunCache, model: ff.Model, facts: ff.FactDataset, cfg: Config
                        ) -> tuple[ff.FactDataset, pd.DataFrame]:
     """Attribute scores of a seeded shuffle of ``facts``, chunk by chunk (each cached), until
     ``4 * n_prompts`` are known and at least 256 are scored, or the facts run out. Returns the
@@ -399,36 +373,37 @@ def _top_predictions(model: ff.Model, pool: ff.FactDataset, scores: pd.DataFrame
     return ", ".join(f"{tok} x{c}" for tok, c in counts.head(n).items())
 
 
-def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactPairs,
-                  known: ff.FactDataset, pool: ff.FactDataset, known_mask: list[bool]
+def _neuron_steps(cfg: Config, cache: ff.RunCache, model: ff.Model, pairs: ff.FactPairs,
+                  known: ff.FactDataset, pool: ff.FactDataset, is_known: list[bool]
                   ) -> dict[str, pd.DataFrame]:
     """AtP* over every neuron at the subject tokens and every head's output, query, key and
     value at each role, each search verified by exact patching (top-k rule) and bounded by
     subsampling; then Fact Finding's analyses of the strongest neurons. Each table cached."""
     bs = cfg.batch_size
-    searches = {"neurons": (["neurons"], [Role.SUBJECT_FIRST, Role.SUBJECT_LAST]),
-                "heads": (["head_out", "q", "k", "v"], list(DEFAULT_ROLES))}
+    searches = {"neurons": (["neurons"], [ff.Role.SUBJECT_FIRST, ff.Role.SUBJECT_LAST]),
+                "heads": (["head_out", "q", "k", "v"], list(ff.DEFAULT_ROLES))}
 
     def search(name: str) -> pd.DataFrame:
         components, positions = searches[name]
-        est = estimate(model, pairs, components=components, positions=positions,
+        est = ff.estimate(model, pairs, components=components, positions=positions,
                        qk_fix=True, grad_drop=True, batch_size=bs, progress=True)
-        ver = verify(model, pairs, est, top_k=cfg.atp_top_k, patience=16, batch_size=bs,
+        ver = ff.verify(model, pairs, est, top_k=cfg.atp_top_k, patience=16, batch_size=bs,
                      progress=True)
-        return rn.verified_candidates(ver, search=name)
+        return ff.report.neurons.verified_candidates(ver, search=name)
 
     cands = cache.table("atp_star", lambda: pd.concat([search(n) for n in searches],
                                                       ignore_index=True))
     bound = cache.table("atp_star_bound", lambda: pd.concat([
-        missed_effect_bound(model, pairs, rn.verification_of(g), max_nodes=cfg.bound_nodes,
-                            batch_size=bs, progress=True).buckets.assign(search=name)
+        ff.missed_effect_bound(model, pairs, ff.report.neurons.verification_of(g),
+                               max_nodes=cfg.bound_nodes, batch_size=bs,
+                               progress=True).buckets.assign(search=name)
         for name, g in cands.groupby("search", sort=False)], ignore_index=True))
     neurons = pd.DataFrame(cands.loc[(cands["component"] == "neurons").to_numpy()])
     verified = pd.DataFrame(neurons.loc[neurons["verified"].to_numpy(dtype=bool)])
     top = verified.iloc[np.argsort(-np.abs(verified["exact"].to_numpy(dtype=float)),
                                    kind="stable")].head(cfg.top_neurons)
     # AND test: per layer, the neurons at the last subject token AtP* scores highest (> 0)
-    at_last = pd.DataFrame(neurons.loc[((neurons["role"] == str(Role.SUBJECT_LAST))
+    at_last = pd.DataFrame(neurons.loc[((neurons["role"] == str(ff.Role.SUBJECT_LAST))
                                         & (neurons["score"] > 0)).to_numpy()])
     at_last = at_last.sort_values("score", ascending=False, kind="stable")
     per_layer = at_last.groupby("layer", sort=True).head(max(1, cfg.top_neurons // 2))
@@ -443,49 +418,49 @@ def _neuron_steps(cfg: Config, cache: RunCache, model: ff.Model, pairs: ff.FactP
             pool_u = extra.sample(min(len(extra), 2 * len(reference)), seed=cfg.seed)
             wrong = (pool_u.attribute_scores(model)["rank"] != 1).tolist()
         else:
-            pool_u, wrong = pool, [not k for k in known_mask]
+            pool_u, wrong = pool, [not k for k in is_known]
         return ff.FactDataset([f for f, w in zip(pool_u, wrong, strict=True) if w],
                               name=f"{pool_u.name}|unknown")
 
     def norms() -> pd.DataFrame:
         groups = {"known": reference, "unknown": unknown()}
         groups = {k: v for k, v in groups.items() if len(v)}
-        return mlp_output_norms(model, groups, positions=[Role.SUBJECT_FIRST,
-                                                          Role.SUBJECT_LAST, Role.FINAL])
+        return ff.mlp_output_norms(model, groups, positions=[ff.Role.SUBJECT_FIRST,
+                                                          ff.Role.SUBJECT_LAST, ff.Role.FINAL])
 
     return {
         "atp": cands, "bound": bound,
-        "resample": cache.table("neuron_resample", lambda: resample_neurons(
-            model, pairs.clean, top, k=cfg.resample_k, reference=pool, seed=cfg.seed,
+        "resample": cache.table("neuron_resample", lambda: ff.resample_neurons(
+            model, pairs.clean, top, k=cfg.resample_k, pool=pool, seed=cfg.seed,
             batch_size=bs)),
-        "and": cache.table("neuron_and", lambda: neuron_nonlinearity(
+        "and": cache.table("neuron_and", lambda: ff.neuron_nonlinearity(
             model, reference, per_layer, samples=4, seed=cfg.seed)
-            if len(per_layer) and swap_variants(reference, samples=1) else pd.DataFrame()),
+            if len(per_layer) and ff.swap_variants(reference, samples=1) else pd.DataFrame()),
         "norms": cache.table("mlp_norms", norms),
-        "dla": cache.table("neuron_dla", lambda: neuron_dla(
-            model, pairs, positions=[Role.SUBJECT_LAST, Role.FINAL], batch_size=bs)),
+        "dla": cache.table("neuron_dla", lambda: ff.neuron_dla(
+            model, pairs, positions=[ff.Role.SUBJECT_LAST, ff.Role.FINAL], batch_size=bs)),
     }
 
 
-def _knockout_section(knockout: pd.DataFrame) -> rp.Section:
+def _knockout_section(knockout: pd.DataFrame) -> ff.report.Section:
     agg = ff.aggregate(knockout)
-    return rp.Section(
+    return ff.report.Section(
         id="knockout", title="Attention knockout",
         explanation=("Geva et al. (2023): the edges from the final token to a source role are "
                      "blocked in a window of layers starting at each layer; the effect is the "
                      "relative change in the probability of the answer. A large drop when "
                      "blocking final→subject in middle layers marks attribute extraction."),
-        figures=[rp.heatmap(agg, x="layer", y="role", title="Knockout: relative change in p",
+        figures=[ff.report.heatmap(agg, x="layer", y="role", title="Knockout: relative change in p",
                             caption="Relative change in the answer's probability when the "
                             "final position cannot attend to the role (window start layer).",
                             alt="knockout heatmap")],
-        tables=[rp.Table(agg[["role", "layer", "effect", "ci_low", "ci_high", "n"]],
+        tables=[ff.report.Table(agg[["role", "layer", "effect", "ci_low", "ci_high", "n"]],
                          caption="Mean relative change with 95% CI")])
 
 
-def _paths_section(paths: pd.DataFrame) -> rp.Section:
+def _paths_section(paths: pd.DataFrame) -> ff.report.Section:
     agg = ff.aggregate(paths, by=("path", "component", "layer", "head", "role"))
-    return rp.Section(
+    return ff.report.Section(
         id="path-patching", title="Path patching",
         explanation=("Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the sender's "
                      "corrupt activation reaches the answer only along the named paths, "
@@ -493,18 +468,18 @@ def _paths_section(paths: pd.DataFrame) -> rp.Section:
                      "final-position head's direct effect; 'subject MLP -> final heads' is the "
                      "effect an MLP at a subject token has through the heads at the final "
                      "token. Effect = (clean - patched) / (clean - corrupt)."),
-        figures=[rp.heatmap(agg[agg["path"] == p], x="layer", y=y, title=p,
+        figures=[ff.report.heatmap(agg[agg["path"] == p], x="layer", y=y, title=p,
                             caption=f"Path patching: {p}", alt=p)
                  for p, y in (("head -> logits (direct)", "head"),
                               ("subject MLP -> final heads", "role"))],
-        tables=[rp.Table(agg.sort_values("effect", key=abs, ascending=False).head(15)[
+        tables=[ff.report.Table(agg.sort_values("effect", key=abs, ascending=False).head(15)[
             ["path", "component", "layer", "head", "role", "effect", "ci_low", "ci_high"]],
             caption="Strongest paths (mean over prompts, 95% CI)")])
 
 
 def _effective_section(eff: pd.DataFrame, probes: pd.DataFrame, mech: pd.DataFrame
-                       ) -> rp.Section:
-    return rp.Section(
+                       ) -> ff.report.Section:
+    return ff.report.Section(
         id="effective-model", title="Effective model and probes",
         explanation=("Effective model (Fact Finding): attention at the subject tokens is "
                      "mean-ablated in every layer from k on; the accuracy per k shows how many "
@@ -512,17 +487,17 @@ def _effective_section(eff: pd.DataFrame, probes: pd.DataFrame, mech: pd.DataFra
                      "lookup. Linear probes: held-out accuracy of a logistic probe for the "
                      "attribute per layer and role (split by subject). Mechanistic probes: "
                      "accuracy of each head's OV circuit read at the last subject token."),
-        figures=[rp.line_plot(eff.assign(size=eff["layer"]), x="layer", y="accuracy",
+        figures=[ff.report.line_plot(eff.assign(size=eff["layer"]), x="layer", y="accuracy",
                               title="Effective model accuracy",
                               caption="Accuracy with subject attention ablated from layer k on",
                               alt="effective model accuracy", band=None),
-                 rp.heatmap(probes, x="layer", y="role", value="effect",
+                 ff.report.heatmap(probes, x="layer", y="role", value="effect",
                             title="Linear probe accuracy (held-out subjects)",
                             caption="Held-out accuracy per layer and role", alt="probes")],
-        tables=[rp.Table(mech.sort_values("effect", ascending=False).head(10)[
+        tables=[ff.report.Table(mech.sort_values("effect", ascending=False).head(10)[
             ["layer", "head", "role", "effect", "n"]],
             caption="Top mechanistic probes (head OV read at the last subject token)")])
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="fact_finding"))
+    sys.exit(ff.run_cli(main, prog="fact_finding"))

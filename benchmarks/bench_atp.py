@@ -148,7 +148,7 @@ def main() -> None:
     print(f"3. Spearman(AtP, exact) over {len(ex_sl)} neurons at subject_last: {rho:.3f}")
     recall_md = "n/a (sampled brute force)"
     if exact is not None:
-        est, ex = effects(star.frame()), effects(exact)
+        est, ex = effects(star.frame), effects(exact)
         rho_all = spearman(est, ex)
         # 4. exact top-k inside the verified set
         top = set(ex.abs().nlargest(args.top_k).index)

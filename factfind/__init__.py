@@ -1,6 +1,8 @@
 """factfind: discover how transformer language models recall facts.
 
-The public API in one place; each name lives in a module that teaches its method::
+The public API in one place; each name lives in a module that teaches its method, in the
+subpackage of its stage (data -> model -> localize | attribute | edges -> graph -> evaluate ->
+report)::
 
     import factfind as ff
     model = ff.load_model("organism")
@@ -9,26 +11,158 @@ The public API in one place; each name lives in a module that teaches its method
     ff.aggregate(ff.activation_patching(model, pairs))
 """
 
-from factfind import graph
-from factfind.data import FactDataset, FactPairs, FactPrompt
-from factfind.data.loaders import from_records, load_facts
+from factfind import graph, report
+from factfind.attribute.atp import Estimates, atp, atp_star, estimate
+from factfind.attribute.exact import exact_patching
+from factfind.attribute.neurons import (
+    cross_relation_correlation,
+    mlp_output_norms,
+    neuron_dla,
+    neuron_nonlinearity,
+    resample_neurons,
+    swap_variants,
+)
+from factfind.attribute.verification import Verification, missed_effect_bound, verify
+from factfind.cache import RunCache
+from factfind.console import configure_logging, run_cli
+from factfind.data import (
+    FactDataError,
+    FactDataset,
+    FactPairs,
+    FactPrompt,
+    PairBatch,
+    TokenBatch,
+    encode_pairs,
+    from_records,
+    load_facts,
+)
+from factfind.data.dataset import known_mask
+from factfind.data.pairs import FALLBACKS
 from factfind.edges import eap
-from factfind.errors import FactDataError
+from factfind.edges.eap import eap_ig, edge_attribution, to_graph
+from factfind.edges.edge_patching import edge_patching, path_patching_circuit
+from factfind.edges.path_patching import path_patching, path_patching_sweep
+from factfind.edges.placement import all_nodes
+from factfind.errors import (
+    ArgumentError,
+    DegenerateResultError,
+    EmptyInputError,
+    FactfindError,
+    NotEnoughFactsError,
+)
+from factfind.evaluate import (
+    completeness,
+    evaluate_circuits,
+    faithfulness,
+    faithfulness_curve,
+    greedy_circuit,
+    minimality,
+    minimize_circuit,
+    prune_circuit,
+)
+from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution
 from factfind.localize.knockout import attention_knockout
-from factfind.localize.patching import activation_patching
+from factfind.localize.patching import DEFAULT_ROLES, activation_patching
+from factfind.localize.probing import linear_probes, mechanistic_probes
+from factfind.localize.subspace import SubspacePatch, subspace_patching
 from factfind.localize.tracing import causal_tracing
-from factfind.model import Model, load_model
-from factfind.model.architectures import ArchSpec, register_spec
-from factfind.results import aggregate
+from factfind.model import ArchSpec, Model, load_model, register_spec
+from factfind.report.findings import literature_findings
+from factfind.results import aggregate, tidy
 from factfind.streaming import stream
-from factfind.types import Component, Role, Site
+from factfind.types import (
+    ABLATIONS,
+    DIRECTIONS,
+    Ablation,
+    Component,
+    Direction,
+    Metric,
+    Role,
+    Site,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchSpec", "Component", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "Model",
-    "Role", "Site", "activation_patching", "aggregate", "attention_knockout", "causal_tracing",
-    "direct_logit_attribution", "eap", "from_records", "graph", "load_facts", "load_model",
-    "register_spec", "stream",
+    "ABLATIONS",
+    "DEFAULT_ROLES",
+    "DIRECTIONS",
+    "FALLBACKS",
+    "Ablation",
+    "ArchSpec",
+    "ArgumentError",
+    "Component",
+    "DegenerateResultError",
+    "Direction",
+    "EmptyInputError",
+    "Estimates",
+    "FactDataError",
+    "FactDataset",
+    "FactPairs",
+    "FactPrompt",
+    "FactfindError",
+    "Metric",
+    "Model",
+    "NotEnoughFactsError",
+    "PairBatch",
+    "Role",
+    "RunCache",
+    "Site",
+    "SubspacePatch",
+    "TokenBatch",
+    "Verification",
+    "ablation",
+    "activation_patching",
+    "aggregate",
+    "all_nodes",
+    "atp",
+    "atp_star",
+    "attention_knockout",
+    "causal_tracing",
+    "completeness",
+    "configure_logging",
+    "cross_relation_correlation",
+    "direct_logit_attribution",
+    "eap",
+    "eap_ig",
+    "edge_attribution",
+    "edge_patching",
+    "effective_model",
+    "encode_pairs",
+    "estimate",
+    "evaluate_circuits",
+    "exact_patching",
+    "faithfulness",
+    "faithfulness_curve",
+    "from_records",
+    "graph",
+    "greedy_circuit",
+    "known_mask",
+    "linear_probes",
+    "literature_findings",
+    "load_facts",
+    "load_model",
+    "mean_activations",
+    "mechanistic_probes",
+    "minimality",
+    "minimize_circuit",
+    "missed_effect_bound",
+    "mlp_output_norms",
+    "neuron_dla",
+    "neuron_nonlinearity",
+    "path_patching",
+    "path_patching_circuit",
+    "path_patching_sweep",
+    "prune_circuit",
+    "register_spec",
+    "report",
+    "resample_neurons",
+    "run_cli",
+    "stream",
+    "subspace_patching",
+    "swap_variants",
+    "tidy",
+    "to_graph",
+    "verify",
 ]

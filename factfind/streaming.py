@@ -51,6 +51,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Where the analyses lived in v0.1, before the subpackages: a streamed run is keyed by the
+#: analysis' module, and keying on the old name lets runs cached before the move resume.
+V01_MODULES = {
+    "factfind.localize.patching": "factfind.patching",
+    "factfind.localize.tracing": "factfind.tracing",
+    "factfind.localize.knockout": "factfind.knockout",
+    "factfind.localize.ablation": "factfind.ablation",
+    "factfind.localize.dla": "factfind.dla",
+    "factfind.localize.probing": "factfind.probing",
+    "factfind.localize.subspace": "factfind.subspace",
+    "factfind.attribute.atp": "factfind.atp",
+    "factfind.attribute.exact": "factfind.attribution",
+    "factfind.attribute.verification": "factfind.verification",
+    "factfind.attribute.neurons": "factfind.neurons",
+    "factfind.edges.path_patching": "factfind.pathpatch",
+    "factfind.edges.edge_patching": "factfind.pathpatch_edges",
+    "factfind.edges.eap": "factfind.eap",
+    "factfind.concepts.representation": "factfind.representation",
+    "factfind.concepts.polysemanticity": "factfind.polysemanticity",
+    "factfind.concepts.superposition": "factfind.superposition",
+}
+
 
 @dataclass(frozen=True)
 class StreamResult:
@@ -172,7 +194,8 @@ def stream(
     cache = out if isinstance(out, RunCache) else RunCache.open(
         out, model=model.fingerprint(), revision=model.revision,
         dataset=data.fingerprint())
-    params = {"analysis": f"{analysis.__module__}.{step}",
+    module = V01_MODULES.get(analysis.__module__, analysis.__module__)
+    params = {"analysis": f"{module}.{step}",
               "options": json.loads(json.dumps(options, sort_keys=True, default=str))}
     n = len(data)
     before = len(cache.computed)

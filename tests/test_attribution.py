@@ -170,7 +170,7 @@ def test_grad_drop_terms(facts):
     est = estimate(model, neox_pairs, components=["neurons", "head_out", "q"],
                    positions=["subject_last", "final"], qk_fix=True, grad_drop=True,
                    per_prompt=True)
-    df = est.frame()
+    df = est.frame
     assert df["grad_drop"].notna().all()
     l1 = df[df.layer == 1]
     np.testing.assert_allclose(l1["grad_drop"], l1["effect"].abs(), atol=1e-7)

@@ -243,7 +243,7 @@ def test_ablation_incremental_equals_reference(fam, subject_first_facts, how):
             [Site(C.ATTN_OUT, layer) for layer in range(1, 3)],
             [Site(C.RESID_POST, 2, position=Role.FINAL)],
             [Site(C.RESID_PRE, 1, position=Role.SUBJECT_LAST)]]
-    kw = dict(how=how, resamples=2, seed=0, reference=subject_first_facts)
+    kw = dict(how=how, resamples=2, seed=0, pool=subject_first_facts)
     fast = ablate_sets(fam, data, sets, batch_size=4, **kw)
     slow = ablate_sets_reference(fam, data, sets, **kw)
     a = fast.set_index(["set", "prompt"]).sort_index()

@@ -165,7 +165,7 @@ def test_ablation_matches_reference(gpt2_model, facts, how):
             [Site(Component.Z, 1, head=2, position=Role.FINAL),
              Site(Component.NEURONS, 0, neuron=5)],
             [Site(Component.ATTN_OUT, layer) for layer in range(2)]]
-    kw = dict(how=how, resamples=2, seed=0, reference=facts)
+    kw = dict(how=how, resamples=2, seed=0, pool=facts)
     fast = ablate_sets(gpt2_model, data, sets, batch_size=3, **kw)
     slow = ablate_sets_reference(gpt2_model, data, sets, **kw)
     _close(fast, slow, ["set", "prompt"])

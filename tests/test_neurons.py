@@ -83,7 +83,7 @@ def test_resample_neurons(neox, facts):
     sites = [Site(Component.NEURONS, 1, neuron=3, position=Role.SUBJECT_LAST),
              Site(Component.NEURONS, 0, neuron=5, position=Role.SUBJECT_LAST),
              Site(Component.NEURONS, 1, neuron=5, position=Role.FINAL)]
-    df = resample_neurons(neox, data, sites, k=2, reference=facts)
+    df = resample_neurons(neox, data, sites, k=2, pool=facts)
     assert list(df["method"].unique()) == ["neurons/resample"] and len(df) == 3
     # the last layer away from the final token cannot reach the answer
     assert df.iloc[0]["effect"] == pytest.approx(0.0, abs=1e-6)
@@ -152,9 +152,9 @@ def test_neuron_analyses_on_organism(organism):
     model, load_facts = organism
     sport = load_facts("organism:sport").sample(400, seed=0).known_by(model)[:48]
     pairs = sport.corrupt(model, seed=0, on_missing="skip")[:32]
-    est = estimate(model, pairs, positions=["subject_last"]).frame()
+    est = estimate(model, pairs, positions=["subject_last"]).frame
     top = est.nlargest(6, "score")
-    resampled = resample_neurons(model, pairs.clean[:16], top, k=4, reference=sport)
+    resampled = resample_neurons(model, pairs.clean[:16], top, k=4, pool=sport)
     nonlin = neuron_nonlinearity(model, pairs.clean[:16], top, samples=2)
     both = load_facts("organism").sample(600, seed=1)
     both = both.filter(lambda f: f.relation in ("sport", "country"))
@@ -191,7 +191,7 @@ def test_neuron_findings_on_organism(organism):
                    grad_drop=True)
     ver = verify(model, pairs, est, top_k=10, patience=8)
     top = ver.frame.iloc[np.argsort(-ver.frame["effect"].abs().to_numpy())].head(10)
-    res = resample_neurons(model, pairs.clean, top, k=8, reference=known)
+    res = resample_neurons(model, pairs.clean, top, k=8, pool=known)
     exact = top.set_index(["layer", "neuron", "role"])["effect"]
     resampled = res.set_index(["layer", "neuron", "role"])["effect"].loc[exact.index]
     assert np.mean(np.sign(exact.to_numpy()) == np.sign(resampled.to_numpy())) > 0.5  # chance

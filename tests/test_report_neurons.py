@@ -62,7 +62,7 @@ def test_every_section_renders(facts, searched):
     top = ver.frame[ver.frame["component"] == "neurons"].head(3)
     frames = {
         "atp": cands, "bound": bound.assign(search="neurons"),
-        "resample": resample_neurons(neox, pairs.clean[:6], top, k=2, reference=facts),
+        "resample": resample_neurons(neox, pairs.clean[:6], top, k=2, pool=facts),
         "and": neuron_nonlinearity(neox, facts, top, samples=2),
         "norms": mlp_output_norms(neox, {"known": facts[:6], "unknown": facts[6:]},
                                   positions=["subject_last", "final"]),

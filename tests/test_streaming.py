@@ -159,3 +159,16 @@ def test_options_key_the_files_and_bad_input(gpt2_model, pairs, facts, tmp_path)
         stream(ff.activation_patching, gpt2_model, pairs[:0], out=tmp_path)
     with pytest.raises(ValueError, match="'prompt' column"):
         stream(lambda m, f: pd.DataFrame({"effect": [1.0]}), gpt2_model, facts, out=tmp_path)
+
+
+def test_stream_keys_survive_the_move_into_subpackages(gpt2_model, pairs, tmp_path):
+    """A streamed run is keyed by the analysis' v0.1 module name, so runs cached before the
+    package moved (``factfind.patching`` -> ``factfind.localize.patching``) resume."""
+
+    from factfind.cache import _digest
+
+    res = stream(ff.activation_patching, gpt2_model, pairs, out=tmp_path, chunk=4, **KW)
+    params = {"analysis": "factfind.patching.activation_patching",
+              "options": {k: v for k, v in KW.items() if k != "progress"}}  # stream's own
+    digest = _digest(dict(params, chunk=4, n=len(pairs)))[:10]
+    assert res.path.name == f"activation_patching-{digest}"

@@ -83,7 +83,6 @@ Example::
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -108,7 +107,6 @@ if TYPE_CHECKING:
     from factfind.model import Model
     from factfind.types import Remote
 
-log = logging.getLogger(__name__)
 
 
 
@@ -299,8 +297,18 @@ class Estimates:
         s = self.stats.mean.abs()
         return s if self.grad_drop is None else torch.maximum(s, self.grad_drop)
 
-    def frame(self, *, per_prompt: bool = False) -> pd.DataFrame:
-        """Tidy frame: one row per node (mean over prompts with a 95% CI), or per prompt."""
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Tidy frame, one row per node: the mean over prompts with a 95% CI (an attribute, as
+        :attr:`~factfind.attribute.verification.Verification.frame` is)."""
+        return self._frame(per_prompt=False)
+
+    @property
+    def prompt_frame(self) -> pd.DataFrame:
+        """Tidy frame, one row per node and prompt (needs ``estimate(..., per_prompt=True)``)."""
+        return self._frame(per_prompt=True)
+
+    def _frame(self, *, per_prompt: bool) -> pd.DataFrame:
         if per_prompt:
             if self.per_prompt is None:
                 raise ArgumentError("per-prompt estimates were not kept: pass per_prompt=True")
@@ -331,7 +339,7 @@ def estimate(
     grad_drop: bool = False,
     batch_size: int = 32,
     per_prompt: bool = False,
-    progress: bool = False,
+    progress: bool = True,
     remote: Remote = None,
 ) -> Estimates:
     """AtP (optionally with AtP*'s QK fix and GradDrop) for every node, streamed over prompts.
@@ -354,7 +362,7 @@ def estimate(
             NDIF (``True``); see :meth:`~factfind.model.Model.session`.
 
     Returns:
-        :class:`Estimates` (use ``.frame()`` for a tidy frame).
+        :class:`Estimates` (``.frame`` is the tidy frame, ``.prompt_frame`` per prompt).
     """
     check_mode(direction, "direction", DIRECTIONS)
     index = NodeIndex.build(model, components=components, positions=positions, layers=layers)
@@ -437,7 +445,8 @@ def atp(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFrame:
         df.nsmallest(10, "effect")      # noising: the most necessary neurons
     """
     per_prompt = kwargs.pop("per_prompt", False)
-    return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)
+    est = estimate(model, pairs, per_prompt=per_prompt, **kwargs)
+    return est.prompt_frame if per_prompt else est.frame
 
 
 @validated
@@ -452,4 +461,5 @@ def atp_star(model: Model, pairs: FactPairs | PairBatch, **kwargs) -> pd.DataFra
     kwargs.setdefault("qk_fix", True)
     kwargs.setdefault("grad_drop", True)
     per_prompt = kwargs.pop("per_prompt", False)
-    return estimate(model, pairs, per_prompt=per_prompt, **kwargs).frame(per_prompt=per_prompt)
+    est = estimate(model, pairs, per_prompt=per_prompt, **kwargs)
+    return est.prompt_frame if per_prompt else est.frame

@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
     from factfind.model import Model
     from factfind.model.incremental import Prefix
 
-log = logging.getLogger(__name__)
 
 NodeSet = Sequence[PatchSite]
 
@@ -280,7 +278,7 @@ def exact_patching(
     batch_size: int = 32,
     chunk: int | None = None,
     per_prompt: bool = False,
-    progress: bool = False,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Brute force: patch every node of :func:`~factfind.attribute.atp.estimate`'s node set exactly.
 

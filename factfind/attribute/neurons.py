@@ -101,7 +101,7 @@ def _site_columns(sites: Sequence[Site]) -> dict[str, list[Any]]:
 
 @validated
 def resample_neurons(model: Model, facts: FactDataset, neurons: Sequence[Site] | pd.DataFrame,
-                     *, k: int = 8, reference: FactDataset | None = None, seed: int = 0,
+                     *, k: int = 8, pool: FactDataset | None = None, seed: int = 0,
                      batch_size: int = 32, per_prompt: bool = False) -> pd.DataFrame:
     """Resample-ablate each neuron alone against ``k`` other subjects (Fact Finding, post 3).
 
@@ -109,7 +109,7 @@ def resample_neurons(model: Model, facts: FactDataset, neurons: Sequence[Site] |
         facts: the prompts measured.
         neurons: Sites, or a node frame (e.g. :func:`~factfind.attribute.verification.verify`'s).
         k: resampled subjects per prompt (same relation and token length, other attribute).
-        reference: extra prompts to draw partners from.
+        pool: extra prompts to draw partners from.
 
     Returns:
         One row per neuron: ``method="neurons/resample"``, ``effect`` the mean change of the
@@ -117,7 +117,7 @@ def resample_neurons(model: Model, facts: FactDataset, neurons: Sequence[Site] |
         95% CI and ``n`` prompts; per prompt with ``per_prompt=True``.
     """
     sites = neuron_sites(neurons)
-    df = ablation(model, facts, sites, how="resample", resamples=k, reference=reference,
+    df = ablation(model, facts, sites, how="resample", resamples=k, pool=pool,
                   seed=seed, batch_size=batch_size)
     df["method"] = "neurons/resample"
     return df if per_prompt else aggregate(df)
@@ -279,7 +279,7 @@ def cross_relation_correlation(
             idx = [i for s in chunk for i in by_subject[r][s]]
             est = estimate(model, _pairs_subset(pairs[r], idx), components=["neurons"],
                            positions=[position], layers=layers, batch_size=batch_size,
-                           per_prompt=True).per_prompt
+                           per_prompt=True, progress=False).per_prompt
             assert est is not None
             owner = torch.tensor([chunk.index(pairs[r].clean[i].subject) for i in idx])
             per = torch.zeros(len(chunk), len(index), dtype=torch.float64)

@@ -113,7 +113,7 @@ class Verification:
 
 
 def _as_frame(estimates: pd.DataFrame | Estimates) -> pd.DataFrame:
-    df = estimates.frame() if isinstance(estimates, Estimates) else estimates
+    df = estimates.frame if isinstance(estimates, Estimates) else estimates
     if "score" not in df.columns:
         df = df.assign(score=df["effect"].abs())
     if bool(df["prompt"].notna().any()):
@@ -135,7 +135,7 @@ def verify(
     budget: int | None = None,
     chunk: int = 16,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Verification:
     """Patch candidates exactly in descending ``score`` until the stopping rule (module doc).
 
@@ -252,7 +252,7 @@ def missed_effect_bound(
     seed: int = 0,
     chunk: int | None = None,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Bound:
     """Bound the exact effect of the candidates :func:`verify` did not patch (module doc).
 

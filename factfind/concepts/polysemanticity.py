@@ -256,7 +256,8 @@ def basis_comparison(
     pb = encode_pairs(model, pairs)
     if neuron_scores is None:
         neuron_scores = atp(model, pb, components=["neurons"], positions=[role],
-                            layers=[layer], direction="denoise", batch_size=batch_size)
+                            layers=[layer], direction="denoise", batch_size=batch_size,
+                            progress=False)
     ns = neuron_scores[(neuron_scores["component"] == "neurons")
                        & (neuron_scores["layer"] == layer)]
     if ns.empty:

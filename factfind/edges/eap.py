@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 def edge_attribution(
     model: Model, pairs: FactPairs, *, steps: int = 0, neurons: bool = False,
     metric: Metric | None = None, batch_size: int = 8, copies: int = 64,
-    progress: bool = False, remote: Remote = None, reference: bool = False,
+    progress: bool = True, remote: Remote = None, reference: bool = False,
 ) -> pd.DataFrame:
     """EAP (``steps=0``) or EAP-IG (``steps=m``) scores of every edge of the graph.
 

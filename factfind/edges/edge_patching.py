@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 @validated
 def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike, NodeLike]],
                   *, metric: Metric | None = None, batch_size: int = 32,
-                  chunk: int | None = None, progress: bool = False,
+                  chunk: int | None = None, progress: bool = True,
                   reference: bool = False) -> pd.DataFrame:
     """The effect of each circuit-graph edge ``u → v`` alone: ``u``'s corrupt change reaches
     ``v``'s input only (into every input of a head), ``v``'s change then flows freely; score =
@@ -88,7 +88,7 @@ def provenance(model: Model, pairs: Any, method: str, config: dict[str, Any]) ->
 def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 0.05,
                           nodes: Sequence[NodeLike] | None = None, neurons: bool = False,
                           metric: Metric | None = None, batch_size: int = 32,
-                          max_receivers: int = 64, progress: bool = False) -> CircuitGraph:
+                          max_receivers: int = 64, progress: bool = True) -> CircuitGraph:
     """Grow a circuit backwards from the logits by edge patching (Wang et al. 2022's manual
     procedure, automated): score every edge into the logits, keep those whose ``|score|`` is at
     least ``threshold`` times the clean-corrupt metric gap, then score every edge into each kept

@@ -102,7 +102,7 @@ def path_patching_sweep(
     model: Model, pairs: FactPairs, senders: Sequence[Site],
     receivers: Sequence[Site] | None = None, *, receiver_input: str = "qkv",
     direct: bool = False, direction: str = "noise", metric: Metric | None = None,
-    batch_size: int = 32, chunk: int | None = None, progress: bool = False,
+    batch_size: int = 32, chunk: int | None = None, progress: bool = True,
     reference: bool = False, sets: bool = False,
 ) -> pd.DataFrame:
     """Path-patch each sender alone (or, with ``sets=True``, all of them together) into the

@@ -7,7 +7,7 @@ MLP neurons) at the roles of the token partition (:func:`factfind.edges.placemen
 given as a graph, node ids, :class:`~factfind.graph.Node` values or
 :class:`~factfind.types.Site` values (:func:`circuit_nodes`).
 
-"Ablated" means replaced by the per-role mean over a reference set (``how="mean"``) or by the
+"Ablated" means replaced by the per-role mean over a pool of facts (``how="mean"``) or by the
 activation of another prompt (``how="resample"``: the corrupt partner of each pair, or for a
 plain dataset other subjects of the same relation and token length), as in
 :mod:`factfind.localize.ablation`. The metric ``m`` is the mean over prompts of the logit
@@ -232,7 +232,7 @@ def count_nodes(model: Model, nodes: set[Node], *, neurons: bool, name: str = "c
 @validated
 def evaluate_circuits(
     model: Model, data: FactPairs | FactDataset, circuits: Sequence[CircuitLike], *,
-    how: str = "mean", reference: FactDataset | None = None,
+    how: str = "mean", pool: FactDataset | None = None,
     means: dict[Any, Tensor] | None = None, resamples: int = 3, seed: int = 0,
     metric: Metric | None = None, neurons: bool | None = None, batch_size: int = 16,
     chunk: int = 16,
@@ -247,7 +247,7 @@ def evaluate_circuits(
             logit of the relation's other answers; resample = ``resamples`` partners).
         circuits: each a graph, node ids, nodes or sites (see :func:`circuit_nodes`).
         how: ``"mean"`` or ``"resample"``.
-        reference: prompts for the means (default the clean prompts); means: precomputed
+        pool: prompts for the means (default the clean prompts); means: precomputed
             :func:`~factfind.localize.ablation.mean_activations` over ``z`` and ``neurons``.
         metric: for pairs, ``metric(logits, correct, wrong) -> [rows]``.
         neurons: count nodes at neuron granularity: ``fraction``'s denominator is every head
@@ -288,7 +288,7 @@ def evaluate_circuits(
     full = set(all_nodes(model, batch, neurons=False))
     keeps = [_keep_masks(model, s) for s in [*sets, full, set()]]
     if how == "mean" and means is None:
-        means = mean_activations(model, reference or facts, keys)
+        means = mean_activations(model, pool or facts, keys)
     cand = _candidates(model, facts) if pairs is None else {}
     metric = metric or logit_diff
     labels_all = batch.role_labels()

@@ -214,7 +214,7 @@ def prune_circuit(
     if kwargs.get("means") is None and how == "mean":
         keys = [(c, layer) for layer in range(model.n_layers)
                 for c in (Component.Z, Component.NEURONS)]
-        kwargs["means"] = mean_activations(model, kwargs.get("reference") or facts, keys)
+        kwargs["means"] = mean_activations(model, kwargs.get("pool") or facts, keys)
     score_kw = {k: kwargs[k] for k in ("means", "resamples", "seed", "metric", "batch_size",
                                        "chunk") if k in kwargs}
 

@@ -3,7 +3,7 @@
 Setting an activation to zero takes the model off its distribution; interpretability work
 instead *replaces* it with a typical value:
 
-* **mean ablation** - the activation's mean over a reference dataset, taken separately for each
+* **mean ablation** - the activation's mean over a pool of facts, taken separately for each
   token role (the mean at "final" tokens differs from the mean at subject tokens), so only
   the prompt-specific information is removed;
 * **resample ablation** - the activation from a *different* prompt of the same relation and
@@ -153,11 +153,11 @@ def ablate_sets(
     *,
     how: str = "mean",
     means: dict[SiteKey, Tensor] | None = None,
-    reference: FactDataset | None = None,
+    pool: FactDataset | None = None,
     resamples: int = 3,
     seed: int = 0,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: bool = True,
     remote: Remote = None,
     incremental: bool = True,
 ) -> pd.DataFrame:
@@ -173,8 +173,9 @@ def ablate_sets(
         facts: the prompts measured (targets are their own attributes).
         sets: each a list of :class:`~factfind.types.Site` removed at once.
         how: ``"mean"``, ``"resample"`` or ``"zero"``.
-        means: precomputed :func:`mean_activations` (default: over ``reference``/``facts``).
-        reference: dataset for the means (default ``facts``).
+        means: precomputed :func:`mean_activations` (default: over ``pool``/``facts``).
+        pool: the facts the means come from, and extra resample partners (default
+            ``facts``) - the same name as :meth:`FactDataset.corrupt`'s partner pool.
         resamples: K partners per prompt for ``"resample"``.
         remote: run the forwards (means included) as one nnsight session, ``"local"`` or on
             NDIF (``True``); see :meth:`~factfind.model.Model.session`.
@@ -192,10 +193,10 @@ def ablate_sets(
         for site in group:
             _check(model, site)
     keys = sorted({(s.component, s.layer) for g in sets for s in g})
-    mean_batches = (_role_batches(model, reference or facts, 64)
+    mean_batches = (_role_batches(model, pool or facts, 64)
                     if how == "mean" and means is None else None)
-    candidates = answer_candidates(model, facts if reference is None else facts + reference)
-    partners = _partners(model, facts, reference, resamples, seed) if how == "resample" else []
+    candidates = answer_candidates(model, facts if pool is None else facts + pool)
+    partners = _partners(model, facts, pool, resamples, seed) if how == "resample" else []
     batches = []
     for start in range(0, len(facts), batch_size):
         batch = model.tokenize(list(facts[start:start + batch_size]))
@@ -373,31 +374,31 @@ def _correct(logits: Tensor, ids: Tensor, cand: list[Tensor]) -> Tensor:
     return out
 
 
-def _partners(model: Model, facts: FactDataset, reference: FactDataset | None, k: int,
+def _partners(model: Model, facts: FactDataset, extra: FactDataset | None, k: int,
               seed: int) -> list[Any]:
-    """K resample partners per prompt, drawn from ``facts + reference`` (same relation and token
+    """K resample partners per prompt, drawn from ``facts + extra`` (same relation and token
     length, different attribute); every prompt must get one."""
-    pool = facts if reference is None else facts + reference
+    pool = facts if extra is None else facts + extra
     out = []
     for r in range(k):
         pairs = pool.corrupt(model, seed=seed + r, on_missing="skip",
                              fallback=FALLBACKS)[:len(facts)]
         if [p.subject for p in pairs.clean] != [p.subject for p in facts]:
             raise ArgumentError("resample ablation needs a partner for every prompt; pass a larger "
-                             "reference= pool")
+                             "pool= of facts")
         out.append(pairs)
     return out
 
 
 def ablate_sets_reference(model: Model, facts: FactDataset, sets: Sequence[Sequence[Site]], *,
                           how: str = "mean", means: dict[SiteKey, Tensor] | None = None,
-                          reference: FactDataset | None = None, resamples: int = 3,
+                          pool: FactDataset | None = None, resamples: int = 3,
                           seed: int = 0) -> pd.DataFrame:
     """The exact reference of :func:`ablate_sets`: one prompt, one set and one resample per
     forward, each replaced value written by direct index assignment (same padded batch)."""
     keys = sorted({(s.component, s.layer) for g in sets for s in g})
     if how == "mean" and means is None:
-        means = mean_activations(model, reference or facts, keys)
+        means = mean_activations(model, pool or facts, keys)
     batch = model.tokenize(list(facts))
     roles = batch.role_labels()
     cand = {r: model.tokenize(list(facts.by_relation(r))).attribute_ids.unique()
@@ -407,7 +408,7 @@ def ablate_sets_reference(model: Model, facts: FactDataset, sets: Sequence[Seque
     m_clean = _metric(clean.logits, batch.attribute_ids, cands)
     sources = []
     if how == "resample":
-        for pairs in _partners(model, facts, reference, resamples, seed):
+        for pairs in _partners(model, facts, pool, resamples, seed):
             sources.append(model.run(model.tokenize(list(pairs.corrupt)), save=keys).acts)
     rows: list[dict[str, Any]] = []
     for g, group in enumerate(sets):

@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
     from factfind.model.incremental import Prefix
     from factfind.types import Remote
 
-log = logging.getLogger(__name__)
 
 DEFAULT_ROLES: tuple[Role, ...] = (Role.SUBJECT_FIRST, Role.SUBJECT_LAST, Role.RELATION,
                                    Role.FINAL)

@@ -30,7 +30,6 @@ All restorations for a chunk of sites, noise samples and prompts run in one stac
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,6 @@ if TYPE_CHECKING:
     from factfind.model import Model
     from factfind.types import Remote
 
-log = logging.getLogger(__name__)
 
 KINDS = {"hidden": Component.RESID_POST, "mlp": Component.MLP_OUT, "attn": Component.ATTN_OUT}
 

@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -40,8 +39,6 @@ import torch
 from factfind.errors import ArgumentError
 from factfind.organism.tokenizer import attribute_token_ids
 from factfind.organism.world import people as split_people
-
-log = logging.getLogger(__name__)
 
 Split = Literal["known", "unknown"]
 TemplateSet = Literal["train", "heldout"]

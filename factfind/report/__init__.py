@@ -39,6 +39,7 @@ Example::
     write_report(data, "reports/gpt2.html")
 """
 
+from factfind.report import concepts, findings, neurons
 from factfind.report.circuit_view import (
     graph_view,
 )
@@ -106,15 +107,18 @@ __all__ = [
     "accuracy_table",
     "bar_plot",
     "circuit_section",
+    "concepts",
     "config_section",
     "dataset_section",
     "faithfulness_section",
+    "findings",
     "findings_section",
     "from_matplotlib",
     "graph_view",
     "heatmap",
     "line_plot",
     "model_section",
+    "neurons",
     "patching_section",
     "render_report",
     "scatter_plot",
