@@ -40,7 +40,7 @@ from factfind import graph as cg
 from factfind import report as rp
 from factfind.ablation import effective_model
 from factfind.atp import estimate
-from factfind.cache import RunCache
+from factfind.cache import RunCache, atomic_write_bytes
 from factfind.console import configure_logging, run_cli
 from factfind.dataset import known_mask
 from factfind.eap import eap_ig, to_graph
@@ -96,6 +96,13 @@ class Config:
                               "roles to trace ('all': every token)")
     tracing_window: int = _opt(3, "layers restored together around each layer")
     knockout_window: int = _opt(1, "layers blocked together from each layer")
+    patching_head_roles: str = _opt("final", "comma-separated token roles at which each head "
+                                    "is patched ('all': every role of the layer x role "
+                                    "patching). Default the final token, where heads move the "
+                                    "attribute to the answer (Geva et al. 2023's attribute "
+                                    "extraction; the heads of the path patching): a head at a "
+                                    "subject token starts its patched run there, so the 4 "
+                                    "roles cost ~5x the final one on a 30-layer model")
     circuit_prompts: int = _opt(16, "pairs for path patching, EAP-IG and the circuit")
     eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
     circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     cfg, args = parse_args(argv)
     configure_logging()
     t0 = time.time()
+    load0 = _load()
 
     # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
     model = ff.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -189,10 +197,16 @@ def main(argv: list[str] | None = None) -> Outcome:
 
     # 3. activation patching by layer and role; heads at the final position ---------------------
     def patch(start: int, stop: int) -> pd.DataFrame:
-        df = ff.activation_patching(model, pairs[start:stop],
-                                    components=["resid_pre", "attn_out", "mlp_out", "z"],
-                                    batch_size=cfg.batch_size, progress=False)
-        return df
+        head_roles = None if cfg.patching_head_roles == "all" else \
+            cfg.patching_head_roles.split(",")
+        return pd.concat([
+            ff.activation_patching(model, pairs[start:stop],
+                                   components=["resid_pre", "attn_out", "mlp_out"],
+                                   batch_size=cfg.batch_size, progress=False),
+            ff.activation_patching(model, pairs[start:stop], components=["z"],
+                                   positions=head_roles or DEFAULT_ROLES,
+                                   batch_size=cfg.batch_size, progress=False),
+        ], ignore_index=True)
 
     patching = _chunked(cache, "activation_patching", len(pairs), patch, chunk=cfg.batch_size,
                         desc="activation patching")
@@ -270,6 +284,12 @@ def main(argv: list[str] | None = None) -> Outcome:
     log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
 
     # 10. the report ---------------------------------------------------------------------------
+    wall = time.time() - t0
+    timings = _timing_table(cache, wall)
+    for row in timings.to_dict("records"):
+        log.info("time: %s %.1fs (%s)", row["step"], row["seconds"], row["status"])
+    atomic_write_bytes(cache.root / "timings.json", timings.to_json(
+        orient="records", indent=2).encode())
     sections = [
         rp.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
@@ -304,10 +324,15 @@ def main(argv: list[str] | None = None) -> Outcome:
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
                                         "cache": str(cache.root),
-                                        "wall time (s)": round(time.time() - t0, 1),
+                                        "wall time of this run (s)": round(wall, 1),
+                                        "wall time if every step were computed (s)":
+                                            _full_time(timings),
                                         "steps computed / from cache":
                                             f"{len(cache.computed)} / {len(cache.hits)}",
-                                        "machine": _machine(cfg.device)}),
+                                        "load average (1 min) at start / end":
+                                            f"{load0:.2f} / {_load():.2f}",
+                                        "machine": _machine(cfg.device)},
+                          timings=timings),
     ]
     slug = "".join(c if c.isalnum() or c in "-_." else "_"
                    for c in f"{Path(cfg.model).name}-{Path(cfg.facts).stem}")
@@ -329,6 +354,46 @@ def main(argv: list[str] | None = None) -> Outcome:
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _load() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def _timing_table(cache: RunCache, wall: float) -> pd.DataFrame:
+    """The run's cost per step (:meth:`RunCache.timing_table`; the chunks of the fact scoring
+    as one row), then 'other' (loading, pairing, findings, graphs: this run's wall time not
+    spent in a step) and the total."""
+    steps = cache.timing_table()
+    steps["step"] = steps["step"].str.replace(r"-\d{6}-\d+$", "", regex=True)
+    agg = steps.groupby("step", sort=False).agg(
+        seconds=("seconds", lambda x: x.sum(min_count=len(x))),
+        cpu_seconds=("cpu_seconds", lambda x: x.sum(min_count=len(x))),
+        status=("status", lambda x: x.iloc[0] if x.nunique() == 1 else "resumed"),
+        this_run_seconds=("this_run_seconds", "sum")).reset_index()
+    other = max(0.0, wall - float(agg["this_run_seconds"].sum()))
+    tail = pd.DataFrame([
+        {"step": "other (loading, pairing, findings, graphs)", "seconds": other,
+         "cpu_seconds": np.nan, "status": "computed", "this_run_seconds": other},
+        {"step": "total (this run)", "seconds": wall, "cpu_seconds": np.nan,
+         "status": f"{int((agg['status'] == 'computed').sum())} of {len(agg)} steps computed",
+         "this_run_seconds": wall}])
+    return pd.concat([agg, tail], ignore_index=True)
+
+
+def _full_time(timings: pd.DataFrame) -> float | str:
+    """What the run would take with nothing cached: every step's stored seconds plus this
+    run's other work ('unknown' if some step's seconds predate stored times)."""
+    body = timings.iloc[:-1]
+    if body["seconds"].isna().any():
+        return "unknown (steps cached before times were stored)"
+    return round(float(body["seconds"].sum()), 1)
 
 
 def _machine(device: str) -> str:
