@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> Outcome:
              "exactly" if exact else f"by attribution ({n_units} > --prune-exact-max)")
     pruned = cache.table("neuron_circuit", lambda: prune_circuit(
         model, circuit_pairs, everything, target=0.9, step=0.5, how="mean", max_rounds=12,
-        batch_size=cfg.batch_size, exact=exact))
+        batch_size=cfg.batch_size, exact=exact, progress=True))
     pruned = pd.DataFrame(pruned[pruned["accepted"].to_numpy()])
     log.info("circuit: %d of %d nodes, %d edges; %d of %d head/neuron nodes at F >= 0.9 (%.0fs)",
              circuit.graph.number_of_nodes(), n_nodes, circuit.graph.number_of_edges(),
@@ -472,7 +472,7 @@ def _score_until_known(cache: RunCache, model: ff.Model, facts: ff.FactDataset, 
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             parts.append(cache.table(f"attribute_scores-{start:06d}-{chunk}", lambda p=part:
-                                     p.attribute_scores(model, batch_size=cfg.batch_size * 4)))
+                                     p.attribute_scores(model, batch_size=cfg.batch_size)))
             bar.update(len(part))
             n_known += sum(_known(parts[-1], cfg))
             scored = start + len(part)
