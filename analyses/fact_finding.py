@@ -55,7 +55,8 @@ class Config:
                       "or hub name")
     facts: str = _opt("organism:sport", "dataset: organism:<relation>, athletes, rome_known, "
                       "counterfact:val, lre:factual/<relation>, a CSV/JSON file")
-    n_prompts: int = _opt(32, "known facts to pair and analyse")
+    n_prompts: int = _opt(64, "known facts to pair and analyse (SmolLM2-135M knows 59 of "
+                          "rome_known's 1,209 facts by the paper rule, so it gets 59 pairs)")
     seed: int = _opt(0, "seed of every sample")
     device: str = _opt("cpu", "cpu, cuda, ...")
     dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")
@@ -67,10 +68,27 @@ class Config:
     min_pairs: int = _opt(4, "stop with an error below this many known, paired facts")
     tracing_prompts: int = _opt(8, "pairs for causal tracing")
     tracing_samples: int = _opt(2, "noise samples per traced prompt")
-    tracing_roles: str = _opt("subject_first,subject_last,final", "comma-separated token "
-                              "roles to trace ('all': every token)")
+    tracing_roles: str = _opt("subject_last,final", "comma-separated token roles to trace "
+                              "('all': every token). Default the two sites of ROME's claims "
+                              "(Meng et al. 2022: MLPs at the last subject token, attention at "
+                              "the final token), which are all the findings read; the first "
+                              "subject token restarts each run earliest and cost as much as "
+                              "the other two together")
     tracing_window: int = _opt(3, "layers restored together around each layer")
     knockout_window: int = _opt(1, "layers blocked together from each layer")
+    patching_prompts: int = _opt(16, "pairs for activation patching (the first ones: the same "
+                                 "pairs as path patching, EAP-IG and AtP*, so the methods are "
+                                 "compared on the same facts). Patching every layer x role "
+                                 "costs ~100 forwards per pair on a 30-layer model, most of "
+                                 "the run at 64 pairs, while its heatmaps are means whose "
+                                 "intervals 16 pairs already resolve")
+    patching_head_roles: str = _opt("final", "comma-separated token roles at which each head "
+                                    "is patched ('all': every role of the layer x role "
+                                    "patching). Default the final token, where heads move the "
+                                    "attribute to the answer (Geva et al. 2023's attribute "
+                                    "extraction; the heads of the path patching): a head at a "
+                                    "subject token starts its patched run there, so the 4 "
+                                    "roles cost ~5x the final one on a 30-layer model")
     circuit_prompts: int = _opt(16, "pairs for path patching, EAP-IG and the circuit")
     eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
     circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
@@ -81,6 +99,10 @@ class Config:
     atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
     top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
     resample_k: int = _opt(8, "subjects resampled per neuron")
+    threads: int = _opt(0, "torch CPU threads; 0: the cores idle at start (cores minus the "
+                        "1-minute load average, at least 1). On a shared 2-core machine with "
+                        "other jobs, 2 threads ran a forward 3.5x slower than 1 (threads "
+                        "spin-waiting for a busy core); results do not depend on it")
     version: str = ff.__version__
 
 
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     cfg, args = parse_args(argv)
     ff.configure_logging()
     t0 = time.time()
+    load0 = _load()
+    _set_threads(cfg.threads, load0)
 
     # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
     model = ff.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -164,13 +188,19 @@ def main(argv: list[str] | None = None) -> Outcome:
 
     # 3. activation patching by layer and role; heads at the final position ---------------------
     def patch(start: int, stop: int) -> pd.DataFrame:
-        df = ff.activation_patching(model, pairs[start:stop],
-                                    components=["resid_pre", "attn_out", "mlp_out", "z"],
-                                    batch_size=cfg.batch_size, progress=False)
-        return df
+        head_roles = None if cfg.patching_head_roles == "all" else \
+            cfg.patching_head_roles.split(",")
+        return pd.concat([
+            ff.activation_patching(model, pairs[start:stop],
+                                   components=["resid_pre", "attn_out", "mlp_out"],
+                                   batch_size=cfg.batch_size, progress=False),
+            ff.activation_patching(model, pairs[start:stop], components=["z"],
+                                   positions=head_roles or ff.DEFAULT_ROLES,
+                                   batch_size=cfg.batch_size, progress=False),
+        ], ignore_index=True)
 
-    patching = _chunked(cache, "activation_patching", len(pairs), patch, chunk=cfg.batch_size,
-                        desc="activation patching")
+    patching = _chunked(cache, "activation_patching", min(len(pairs), cfg.patching_prompts),
+                        patch, chunk=cfg.batch_size, desc="activation patching")
     log.info("activation patching done (%.0fs)", time.time() - t0)
 
     # 4. attention knockout ------------------------------------------------------------------
@@ -234,7 +264,7 @@ def main(argv: list[str] | None = None) -> Outcome:
              "exactly" if exact else f"by attribution ({n_units} > --prune-exact-max)")
     pruned = cache.table("neuron_circuit", lambda: ff.prune_circuit(
         model, circuit_pairs, everything, target=0.9, step=0.5, how="mean", max_rounds=12,
-        batch_size=cfg.batch_size, exact=exact))
+        batch_size=cfg.batch_size, exact=exact, progress=True))
     pruned = pd.DataFrame(pruned[pruned["accepted"].to_numpy()])
     log.info("circuit: %d of %d nodes, %d edges; %d of %d head/neuron nodes at F >= 0.9 (%.0fs)",
              circuit.graph.number_of_nodes(), n_nodes, circuit.graph.number_of_edges(),
@@ -245,6 +275,12 @@ def main(argv: list[str] | None = None) -> Outcome:
     log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
 
     # 10. the report ---------------------------------------------------------------------------
+    wall = time.time() - t0
+    timings = _timing_table(cache, wall)
+    for row in timings.to_dict("records"):
+        log.info("time: %s %.1fs (%s)", row["step"], row["seconds"], row["status"])
+    ff.cache.atomic_write_bytes(cache.root / "timings.json", timings.to_json(
+        orient="records", indent=2).encode())
     sections = [
         ff.report.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
@@ -279,10 +315,15 @@ def main(argv: list[str] | None = None) -> Outcome:
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
                                         "cache": str(cache.root),
-                                        "wall time (s)": round(time.time() - t0, 1),
+                                        "wall time of this run (s)": round(wall, 1),
+                                        "wall time if every step were computed (s)":
+                                            _full_time(timings),
                                         "steps computed / from cache":
                                             f"{len(cache.computed)} / {len(cache.hits)}",
-                                        "machine": _machine(cfg.device)}),
+                                        "load average (1 min) at start / end":
+                                            f"{load0:.2f} / {_load():.2f}",
+                                        "machine": _machine(cfg.device)},
+                          timings=timings),
     ]
     slug = "".join(c if c.isalnum() or c in "-_." else "_"
                    for c in f"{Path(cfg.model).name}-{Path(cfg.facts).stem}")
@@ -304,6 +345,61 @@ def main(argv: list[str] | None = None) -> Outcome:
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _set_threads(threads: int, load: float) -> None:
+    """torch's CPU threads: ``threads``, or with 0 the cores the load average leaves idle."""
+    import math
+    import os
+
+    import torch
+
+    if threads <= 0:
+        cores = os.cpu_count() or 1
+        threads = max(1, cores - (0 if math.isnan(load) else math.ceil(load - 0.5)))
+        threads = min(threads, cores)
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (load average %.2f, %s cores)", threads, load, os.cpu_count())
+
+
+def _load() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+def _timing_table(cache: ff.RunCache, wall: float) -> pd.DataFrame:
+    """The run's cost per step (:meth:`RunCache.timing_table`; the chunks of the fact scoring
+    as one row), then 'other' (loading, pairing, findings, graphs: this run's wall time not
+    spent in a step) and the total."""
+    steps = cache.timing_table()
+    steps["step"] = steps["step"].str.replace(r"-\d{6}-\d+$", "", regex=True)
+    agg = steps.groupby("step", sort=False).agg(
+        seconds=("seconds", lambda x: x.sum(min_count=len(x))),
+        cpu_seconds=("cpu_seconds", lambda x: x.sum(min_count=len(x))),
+        status=("status", lambda x: x.iloc[0] if x.nunique() == 1 else "resumed"),
+        this_run_seconds=("this_run_seconds", "sum")).reset_index()
+    other = max(0.0, wall - float(agg["this_run_seconds"].sum()))
+    tail = pd.DataFrame([
+        {"step": "other (loading, pairing, findings, graphs)", "seconds": other,
+         "cpu_seconds": np.nan, "status": "computed", "this_run_seconds": other},
+        {"step": "total (this run)", "seconds": wall, "cpu_seconds": np.nan,
+         "status": f"{int((agg['status'] == 'computed').sum())} of {len(agg)} steps computed",
+         "this_run_seconds": wall}])
+    return pd.concat([agg, tail], ignore_index=True)
+
+
+def _full_time(timings: pd.DataFrame) -> float | str:
+    """What the run would take with nothing cached: every step's stored seconds plus this
+    run's other work ('unknown' if some step's seconds predate stored times)."""
+    body = timings.iloc[:-1]
+    if body["seconds"].isna().any():
+        return "unknown (steps cached before times were stored)"
+    return round(float(body["seconds"].sum()), 1)
 
 
 def _machine(device: str) -> str:
@@ -352,7 +448,7 @@ def _score_until_known(cache: ff.RunCache, model: ff.Model, facts: ff.FactDatase
         for start in range(0, len(order), chunk):
             part = order[start:start + chunk]
             parts.append(cache.table(f"attribute_scores-{start:06d}-{chunk}", lambda p=part:
-                                     p.attribute_scores(model, batch_size=cfg.batch_size * 4)))
+                                     p.attribute_scores(model, batch_size=cfg.batch_size)))
             bar.update(len(part))
             n_known += sum(_known(parts[-1], cfg))
             scored = start + len(part)
@@ -419,8 +515,11 @@ def _neuron_steps(cfg: Config, cache: ff.RunCache, model: ff.Model, pairs: ff.Fa
             wrong = (pool_u.attribute_scores(model)["rank"] != 1).tolist()
         else:
             pool_u, wrong = pool, [not k for k in is_known]
-        return ff.FactDataset([f for f, w in zip(pool_u, wrong, strict=True) if w],
-                              name=f"{pool_u.name}|unknown")
+        unknown = ff.FactDataset([f for f, w in zip(pool_u, wrong, strict=True) if w],
+                                 name=f"{pool_u.name}|unknown")
+        # as many as the organism's: twice the known group (a model that knows 5% of the
+        # facts would otherwise run every other scored fact through the model again)
+        return unknown.sample(min(len(unknown), 2 * len(reference)), seed=cfg.seed)
 
     def norms() -> pd.DataFrame:
         groups = {"known": reference, "unknown": unknown()}

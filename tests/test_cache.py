@@ -51,3 +51,52 @@ def test_killed_chunked_step_resumes_without_recomputing(tmp_path):
 def test_bad_step_name(tmp_path):
     with pytest.raises(ValueError, match="step names"):
         RunCache.open(tmp_path).table("../escape", pd.DataFrame)
+
+
+def test_step_times_are_stored_with_results_and_kept_on_hits(tmp_path):
+    import time
+
+    def slow():
+        time.sleep(0.05)
+        return pd.DataFrame({"layer": [0], "effect": [1.0]})
+
+    def chunk(start, stop):
+        time.sleep(0.02)
+        return pd.DataFrame({"prompt": list(range(start, stop)), "effect": [0.5] * (stop - start)})
+
+    a = RunCache.open(tmp_path, model="m")
+    a.table("slow", slow)
+    a.json("meta", lambda: {"x": 1})
+    a.chunked("patching", 4, chunk, chunk=2)
+    t = a.timing_table().set_index("step")
+    assert list(t.index) == ["slow", "meta", "patching"]
+    assert (t["status"] == "computed").all()
+    assert t.loc["slow", "seconds"] >= 0.05 and t.loc["patching", "seconds"] >= 0.04
+    # a chunk folder stays a readable parquet dataset (the chunks' times start with '_')
+    folder = next(p for p in tmp_path.rglob("patching*") if p.is_dir())
+    assert len(pd.read_parquet(folder)) == 4
+    # served from the cache: the seconds are those of when it was computed
+    b = RunCache.open(tmp_path, model="m")
+    b.table("slow", slow)
+    b.chunked("patching", 6, chunk, chunk=2)  # other n: another folder, all computed
+    b.json("meta", lambda: {"x": 2})
+    u = b.timing_table().set_index("step")
+    assert u.loc["slow", "status"] == "cached" and u.loc["meta", "status"] == "cached"
+    assert u.loc["slow", "seconds"] == pytest.approx(t.loc["slow", "seconds"])
+    assert u.loc["slow", "this_run_seconds"] < u.loc["slow", "seconds"]
+    # a resumed chunked step: two chunks cached, one computed; a result cached before times
+    # were kept has unknown seconds
+    c = RunCache.open(tmp_path, model="m")
+    c.chunked("patching", 4, chunk, chunk=2)
+    next(c.root.glob("slow*.time.json")).unlink()
+    c.table("slow", slow)
+    v = c.timing_table().set_index("step")
+    assert v.loc["patching", "status"] == "cached"
+    assert v.loc["patching", "seconds"] == pytest.approx(t.loc["patching", "seconds"])
+    assert pd.isna(v.loc["slow", "seconds"])
+    for f in folder.glob("_chunk-00000002*"):
+        f.unlink()
+    (folder / "chunk-00000002.parquet").unlink()
+    d = RunCache.open(tmp_path, model="m")
+    d.chunked("patching", 4, chunk, chunk=2)
+    assert d.timing_table()["status"].tolist() == ["resumed (1 of 2 chunks computed)"]

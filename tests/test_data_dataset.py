@@ -6,6 +6,7 @@ import dataclasses
 import math
 import pickle
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -399,3 +400,22 @@ def test_corrupt_falls_back_to_other_relations_and_records_it():
     with pytest.raises(FactDataError, match="partner_from"):
         FactPairs(both.clean, both.corrupt, partner_from=("relation",))
     assert FactPairs(both.clean, both.corrupt).to_frame()["partner_from"].tolist() == ["", ""]
+
+
+def test_attribute_scores_sorted_batches_equal_one_prompt_at_a_time(facts):
+    """Batches sorted by token length, results in dataset order: equal to one prompt per
+    forward (no padding at all), on prompts of different lengths."""
+    from factfind.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2)
+    lengths = model.tokenize(list(facts)).lengths.tolist()
+    assert len(set(lengths)) > 1 and lengths != sorted(lengths)
+    fast = facts.attribute_scores(model, batch_size=3)
+    slow = pd.concat([facts[i:i + 1].attribute_scores(model, batch_size=1)
+                      for i in range(len(facts))], ignore_index=True)
+    assert fast["attribute_id"].tolist() == slow["attribute_id"].tolist()
+    assert fast["top_id"].tolist() == slow["top_id"].tolist()
+    assert slow["prob"].abs().max() > 0
+    np.testing.assert_allclose(fast["prob"], slow["prob"], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fast["logit"], slow["logit"], rtol=1e-4, atol=1e-5)
+    assert (fast["rank"] - slow["rank"]).abs().max() <= 0

@@ -196,6 +196,46 @@ def test_tracing_roles_equals_the_full_trace_filtered(fam, subject_first_facts):
     np.testing.assert_allclose(part["effect"], keep["effect"], atol=1e-6, rtol=0)
 
 
+def test_tracing_roles_share_restorations_across_rows(fam, facts):
+    """Rows whose subjects sit at different padded positions restore each role in one site
+    (row b at its own position): equal to the ROME-style loop filtered to the roles, and with
+    severed MLPs to the full trace filtered; fewer sites than positions holding a role."""
+    from factfind.localize.tracing import (
+        causal_tracing,
+        causal_tracing_reference,
+        traced_positions,
+        traced_slots,
+    )
+
+    batch = fam.tokenize(list(facts))
+    roles = ["subject_first", "subject_last", "final"]
+    rows = [b for b in range(len(facts))]
+    lengths = batch.lengths.tolist()
+    # a mix of prompt lengths, so subject positions differ between rows
+    pick = sorted({lengths.index(x) for x in lengths})[:3] + rows[:1]
+    data = facts[:0].__class__([facts[i] for i in pick])
+    sub = fam.tokenize(list(data))
+    n_slots = max(len(x) for x in traced_slots(sub, roles))
+    assert len(traced_positions(sub, roles)) > n_slots  # the union is wider than the slots
+    kw = dict(kinds=("hidden", "mlp", "attn"), samples=2, window=2, seed=1)
+    fast = causal_tracing(fam, data, roles=roles, batch_size=4, progress=False, **kw)
+    slow = causal_tracing_reference(fam, data, **kw)
+    slow = slow[slow["role"].isin(roles)]
+    a = fast.set_index(_tracing_keys())["effect"].sort_index()
+    b = slow.set_index(_tracing_keys())["effect"].sort_index()
+    assert list(a.index) == list(b.index) and b.abs().max() > 1e-4
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-7, rtol=1e-4)
+    kw = dict(kinds=("mlp",), samples=2, window=2, seed=1, severed=True, batch_size=4,
+              progress=False)
+    part = causal_tracing(fam, data, roles=roles, **kw)
+    full = causal_tracing(fam, data, **kw)
+    keep = full[full["role"].isin(roles)].reset_index(drop=True)
+    assert list(part["method"]) == list(keep["method"])  # same row order
+    sev = part["method"] == "causal_tracing/hidden/severed_mlp"
+    assert sev.any() and np.abs(part.loc[sev, "effect"]).max() > 1e-4
+    np.testing.assert_allclose(part["p_restored"], keep["p_restored"], atol=1e-6, rtol=1e-5)
+
+
 def test_tracing_str_severed_incremental_equals_full(fam, subject_first_facts):
     """Symmetric token replacement with severed MLPs: incremental == full stacked forwards."""
     from factfind.localize.tracing import causal_tracing

@@ -225,3 +225,21 @@ def test_neuron_findings_on_organism(organism):
     halves = mlp_output_norms(model, {"known": known[:384:2], "unknown": known[1:384:2]},
                               positions=["subject_first", "subject_last"])
     assert _z(halves).abs().max() < 3.5
+
+
+def test_resample_partners_equal_pairing_the_whole_pool(facts):
+    """Resample partners come from pairing only the measured prompts against the pool: the
+    same partners as pairing the whole pool and keeping its first prompts (the old way)."""
+    from factfind.data.pairs import FALLBACKS
+    from factfind.localize.ablation import _partners
+    from factfind.testing import tiny_model
+
+    model = tiny_model("llama", n_layers=2)
+    some, reference = facts[:4], facts[4:]
+    new = _partners(model, some, reference, 3, 0)
+    old = [(some + reference).corrupt(model, seed=r, on_missing="skip",
+                                      fallback=FALLBACKS)[:len(some)] for r in range(3)]
+    key = (lambda p: [(c.subject, x.subject, x.attribute)
+                      for c, x in zip(p.clean, p.corrupt, strict=True)])
+    assert [key(p) for p in new] == [key(p) for p in old]
+    assert any(c != x for p in new for c, x, _ in key(p))

@@ -370,7 +370,9 @@ def estimate(
     node_layer = index.node_layers()
     drops = list(range(min(index.layers) + 1, L)) if grad_drop else []
     batches = [pb for _, pb in pair_batches(model, pairs, batch_size)]
-    bar = tqdm(total=len(batches), desc="atp", disable=not progress)
+    # one tick per forward + backward pass: the AtP pass and each GradDrop pass of each batch
+    bar = tqdm(total=len(batches) * (1 + len(drops)), desc="atp", unit="pass",
+               disable=not progress)
     state, gd_sums, kept = model.session(
         _atp_sweep, model, batches, index, direction=direction, qk_fix=qk_fix, drops=drops,
         per_prompt=per_prompt, progress=bar.update, remote=remote)
@@ -415,13 +417,15 @@ def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, dire
         state = running_update(state, est, valid)
         if per_prompt:
             kept.append(torch.where(valid, est, torch.nan).cpu())
+        if progress is not None:
+            progress(1)
         for i, drop in enumerate(drops):
             blocked = {(Component.ATTN_OUT, drop): _detach, (Component.MLP_OUT, drop): _detach}
             g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
             est_l = _scores(model, index, b, g, qk_fix=qk_fix)
             gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
-        if progress is not None:
-            progress(1)
+            if progress is not None:  # one GradDrop backward pass
+                progress(1)
     return state, gd_sums, kept
 
 

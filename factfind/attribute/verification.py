@@ -176,7 +176,12 @@ def verify(
     heap: list[float] = []
     largest, below, theta, stopped = 0.0, 0, threshold or 0.0, "exhausted"
     done = 0
-    bar = tqdm(total=limit, desc="verify", disable=not progress)
+    # the stop depends on what is found, so the bar's total is the fewest candidates that can
+    # still end the search (``patience`` misses in a row from here, or the budget): its ETA is
+    # the time to the stop if no further candidate clears theta, and it grows with each hit
+    bar = tqdm(total=min(limit, max(min_verified, (top_k or 0) + patience)),
+               disable=not progress,
+               desc=f"verify (ETA: if the next {patience} miss)", unit="candidate")
     while done < limit:
         # never patch past a possible stop: with `below` misses in a row, `patience - below`
         # more could end the search
@@ -186,7 +191,6 @@ def verify(
         assert isinstance(st, RunningStats)
         vals = st.values()
         stats.append(vals)
-        bar.update(len(group))
         for e in vals["effect"].nan_to_num(0.0).tolist():
             done += 1
             largest = max(largest, abs(e))
@@ -202,6 +206,9 @@ def verify(
             if below >= patience and done >= min_verified:
                 stopped = "patience"
                 break
+        fewest = done + patience - below if theta > 0 else max(done, top_k or 0) + patience
+        bar.total = min(limit, max(min_verified, fewest))
+        bar.update(done - bar.n)
         if stopped == "patience":
             break
     bar.close()

@@ -191,7 +191,8 @@ class FactDataset(Sequence[FactPrompt]):
         Args:
             model: anything with ``.tokenizer`` and ``final_logits(prompts, *, batch_size)``
                 returning next-token logits ``[batch d_vocab]``.
-            batch_size: prompts per forward pass.
+            batch_size: prompts per forward pass (a model with ``tokenize`` gets them
+                sorted by token length, so batches pad little).
 
         Returns:
             One row per fact: ``attribute_id``, ``rank`` (1 = the model's top prediction),
@@ -201,19 +202,27 @@ class FactDataset(Sequence[FactPrompt]):
         """
 
         ids = attribute_token_ids(model.tokenizer, [f.attribute for f in self._facts])
+        # batches of similar token length pad little (rome_known in batches of 64 in dataset
+        # order: half the tokens were padding); results go back to dataset order
+        order = list(range(len(self)))
+        if hasattr(model, "tokenize") and len(self):
+            lengths = model.tokenize(self._facts).lengths.tolist()
+            order.sort(key=lambda i: lengths[i])
         ranks, probs, logits, tops = [], [], [], []
         for start in range(0, len(self), batch_size):
-            chunk = self[start:start + batch_size]
+            idx = order[start:start + batch_size]
+            chunk = FactDataset([self._facts[i] for i in idx], name=self._name)
             lg = model.final_logits(chunk, batch_size=batch_size).float()  # [batch d_vocab]
             if lg.shape[0] != len(chunk):
                 raise ArgumentError(f"final_logits returned {lg.shape[0]} rows for {len(chunk)}")
-            target = lg.gather(-1, ids[start:start + len(chunk), None].to(lg.device))  # [b 1]
+            target = lg.gather(-1, ids[idx, None].to(lg.device))  # [b 1]
             ranks.append((lg > target).sum(-1).cpu() + 1)
-            probs.append(lg.softmax(-1).gather(-1, ids[start:start + len(chunk), None]
-                                               .to(lg.device))[:, 0].cpu())
+            probs.append(lg.softmax(-1).gather(-1, ids[idx, None].to(lg.device))[:, 0].cpu())
             logits.append(target[:, 0].cpu())
             tops.append(lg.argmax(-1).cpu())
-        cat = (lambda xs: torch.cat(xs).tolist() if xs else [])
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        cat = (lambda xs: torch.cat(xs)[back].tolist() if xs else [])
         return pd.DataFrame({"attribute_id": ids.tolist(), "rank": cat(ranks),
                              "prob": cat(probs), "logit": cat(logits), "top_id": cat(tops)})
 

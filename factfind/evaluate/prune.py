@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from factfind.data.batch import encode_pairs
 from factfind.errors import ArgumentError
@@ -173,7 +174,7 @@ def prune_circuit(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *, target: float = 0.9,
     step: float = 0.25, min_nodes: int = 1, how: str = "mean", neurons: bool | None = None,
     max_rounds: int = 200, exact: Sequence[str] = ("head", "mlp"), reserve: float = 0.5,
-    **kwargs: Any,
+    progress: bool = False, **kwargs: Any,
 ) -> pd.DataFrame:
     """Iterative attribution-guided backward elimination (see the module docstring).
 
@@ -198,6 +199,7 @@ def prune_circuit(
             in proportion to the nodes removed.
         exact: node kinds scored exactly rather than by attribution (see
             :func:`removal_scores`; heads and whole MLPs by default).
+        progress: a progress bar over rounds (its ETA is to ``max_rounds``, an upper bound).
         kwargs: passed to :func:`removal_scores` and :func:`evaluate_circuits` (``means``,
             ``batch_size``, ``metric``, ...).
 
@@ -224,7 +226,12 @@ def prune_circuit(
 
     if not 0.0 <= reserve <= 1.0:
         raise ArgumentError(f"reserve must be in [0, 1], got {reserve}")
+    # rounds of (re-scoring,) trying and measuring a circuit; the search may stop before
+    # max_rounds (a step below one node), so the bar's ETA is an upper bound, and it says so
+    bar = tqdm(total=max_rounds + 1, desc=f"prune circuit (<= {max_rounds} rounds)",
+               unit="round", disable=not progress)
     first = measure(current)
+    bar.update(1)
     rows = [_row(0, first, True, 0, current)]
     n0, budget = len(current), max(0.0, first["faithfulness"] - target)
     frac, rounds, scores = step, 0, None
@@ -240,11 +247,14 @@ def prune_circuit(
         rounds += 1
         ok = r["faithfulness"] >= target + reserve * budget * len(trial) / n0
         rows.append(_row(rounds, r, ok, k, trial))
+        bar.update(1)
+        bar.set_postfix(nodes=len(current if not ok else trial), F=f"{r['faithfulness']:.3f}")
         if ok:
             current, scores = trial, None
             frac = min(step, 2 * frac)  # grow back after a success
         else:
             frac /= 2
+    bar.close()
     return pd.DataFrame(rows)
 
 

@@ -381,8 +381,11 @@ def _partners(model: Model, facts: FactDataset, extra: FactDataset | None, k: in
     pool = facts if extra is None else facts + extra
     out = []
     for r in range(k):
-        pairs = pool.corrupt(model, seed=seed + r, on_missing="skip",
-                             fallback=FALLBACKS)[:len(facts)]
+        # only ``facts`` are paired (partners from the whole pool): the same pairs as pairing
+        # the pool and keeping its first len(facts) (each fact's draw is seeded by the fact,
+        # and the pool lists facts first), without pairing every reference fact k times
+        pairs = facts.corrupt(model, seed=seed + r, on_missing="skip", pool=pool,
+                              fallback=FALLBACKS)
         if [p.subject for p in pairs.clean] != [p.subject for p in facts]:
             raise ArgumentError("resample ablation needs a partner for every prompt; pass a larger "
                              "pool= of facts")

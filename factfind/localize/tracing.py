@@ -67,6 +67,17 @@ def traced_positions(batch: TokenBatch, roles: list[str] | None) -> list[int]:
     return [p for p in range(n_pos) if any(row[p] in roles for row in labels)]
 
 
+def traced_slots(batch: TokenBatch, roles: list[str] | None) -> list[list[int]]:
+    """Per row, the padded positions to restore, in order: every position, or those holding
+    one of ``roles``. A restoration restores slot ``j`` of every row at once (row ``b`` at its
+    own ``slots[b][j]``), so prompts whose subjects sit at different padded positions share
+    one restoration per role instead of one per position that holds the role in some row."""
+    n_pos = batch.input_ids.shape[1]
+    if roles is None:
+        return [list(range(n_pos)) for _ in range(batch.input_ids.shape[0])]
+    return [[p for p in range(n_pos) if row[p] in roles] for row in batch.role_names()]
+
+
 def subject_embedding_std(model: Model, batch: TokenBatch) -> float:
     """ROME's sigma: std of the token embeddings at subject positions over the dataset."""
     run = model.run(batch, save=[(Component.EMBED, 0)])
@@ -179,17 +190,23 @@ def causal_tracing(
         start = k * batch_size
         clean = clean_all.take(slice(start, start + batch_size))
         rows_b, n_pos = clean.input_ids.shape
-        sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
-                 for pos in traced_positions(clean, wanted)]
+        slots = traced_slots(clean, wanted) if wanted is not None else None
+        n_slot = max((len(x) for x in slots), default=0) if slots is not None else n_pos
         roles_b = clean.role_names()
         tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in clean.input_ids.tolist()]
         pc = p_corrupt.mean(0)
-        for s, (kind, sev, layer, pos) in enumerate(sites):
+        # rows in the order (variant, layer, padded position, prompt) whatever the sweep's
+        # sites were (slots of each row's traced positions, or padded positions)
+        for v, (kind, sev) in enumerate(variants):
             name = "hidden/severed_mlp" if sev else kind
-            for b in range(rows_b):
+            for layer, pos, b in ((layer, pos, b) for layer in range(n_layers)
+                                  for pos in traced_positions(clean, wanted)
+                                  for b in range(rows_b)):
                 role = roles_b[b][pos]
                 if role is None or (wanted is not None and role not in wanted):
                     continue
+                j = pos if slots is None else slots[b].index(pos)
+                s = (v * n_layers + layer) * n_slot + j
                 pr_mean = float(p_rest[s, :, b].mean())
                 offset = n_pos - int(clean.lengths[b])  # left padding: report prompt positions
                 rows.append({
@@ -221,7 +238,8 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
         corrupt = corrupt_all.take(slice(start, start + batch_size))
         rows_b, n_pos = clean.input_ids.shape
         target = clean.attribute_ids
-        keys = [(KINDS[k], layer) for k in kinds for layer in range(n_layers)]
+        keys = [(KINDS[k], layer) for k in {k for k, _ in variants}
+                for layer in range(n_layers)]  # severed restores hidden states too
         if any(sev for _, sev in variants):
             keys += [(Component.MLP_OUT, layer) for layer in range(n_layers)]
         keys = sorted(set(keys))
@@ -246,8 +264,13 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
         corrupt_run = prefix if prefix is not None else model.run(base, edits=base_edits,
                                                                   save=keys)
         p_corrupt = prob(corrupt_run.logits, target.repeat(samples)).reshape(samples, rows_b)
-        sites = [(kind, sev, layer, pos) for kind, sev in variants for layer in range(n_layers)
-                 for pos in traced_positions(clean, roles)]
+        # a site restores slot j: position slots[b][j] of each row b that has one (all rows
+        # share padded position j when every position is traced)
+        slots = traced_slots(clean, roles)
+        n_slot = max((len(x) for x in slots), default=0)
+        at = [[x[j] if j < len(x) else None for x in slots] for j in range(n_slot)]
+        sites = [(kind, sev, layer, j) for kind, sev in variants for layer in range(n_layers)
+                 for j in range(n_slot)]
         size = chunk or max(1, 2048 // (samples * rows_b))
         p_rest = torch.empty(len(sites), samples, rows_b)
         if prefix is None:
@@ -255,7 +278,7 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                       for c0 in range(0, len(sites), size)]
         else:  # each restoration starts at its first restored layer, at its token
             starts = [(layer if kind == "hidden" else _window(layer, window, n_layers).start,
-                       pos) for kind, _, layer, pos in sites]
+                       min(p for p in at[j] if p is not None)) for kind, _, layer, j in sites]
             groups = plan_groups(starts, n_layers=n_layers, n_pos=n_pos, max_size=size,
                                  overhead=OVERHEAD_ROWS / (samples * rows_b))
         for idx in groups:
@@ -263,19 +286,24 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
             g = len(group)
             masks: dict[tuple[Component, int], Tensor] = {}
             sources: dict[tuple[Component, int], Tensor] = {}
-            for s, (kind, sev, layer, pos) in enumerate(group):
+            for s, (kind, sev, layer, j) in enumerate(group):
                 comp = KINDS[kind]
+                # rows (copy-major over samples) and the position each restores
+                here = torch.zeros(samples * rows_b, n_pos, dtype=torch.bool)
+                for b, pos in enumerate(at[j]):
+                    if pos is not None:
+                        here[b::rows_b, pos] = True
                 layers = [layer] if kind == "hidden" else list(_window(layer, window, n_layers))
                 for lay in layers:
                     m = masks.setdefault((comp, lay), torch.zeros(g, samples * rows_b, n_pos,
                                                                   dtype=torch.bool))
-                    m[s, :, pos] = True
+                    m[s] |= here
                     sources[(comp, lay)] = clean_run.acts[(comp, lay)].repeat(samples, 1, 1)
                 if sev:  # freeze later MLPs at this token to their corrupted values
                     for lay in range(layer + 1, n_layers):
                         m = masks.setdefault(("sever", lay), torch.zeros(  # type: ignore[arg-type]
                             g, samples * rows_b, n_pos, dtype=torch.bool))
-                        m[s, :, pos] = True
+                        m[s] |= here
             edits: dict[tuple[Component, int], Callable[[Tensor], Tensor]] = dict(base_edits)
             if base_edits:
                 edits = {(Component.EMBED, 0): lambda e, eps=eps, g=g: e + eps.repeat(g, 1, 1)}

@@ -194,14 +194,21 @@ def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -
 
 
 def config_section(config: Any, provenance: Mapping[str, Any] | None = None, *,
-                   explanation: str = EXPLAIN_CONFIG) -> Section:
+                   explanation: str = EXPLAIN_CONFIG,
+                   timings: pd.DataFrame | None = None) -> Section:
     """Section ``config``: provenance as a definition list and the config as pretty JSON.
 
     ``config`` may be a dataclass instance (serialised with :func:`dataclasses.asdict`) or a
-    mapping.
+    mapping. ``timings`` (e.g. :meth:`factfind.cache.RunCache.timing_table`: step, seconds,
+    status, ...) is shown as a table of what each step cost.
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     text = json.dumps(config, indent=2, default=str, ensure_ascii=False, sort_keys=False)
+    tables = [] if timings is None else [Table(
+        timings.round(1), max_rows=max(1, len(timings)),
+        caption="Wall time per step: seconds (and process CPU seconds) of computing it - for a "
+        "step served from the cache, as measured when it was computed - and whether this run "
+        "computed it or read it from the cache")]
     return Section(id="config", title="Configuration and provenance", explanation=explanation,
-                   facts=provenance or {}, code=text)
+                   facts=provenance or {}, code=text, tables=tables)
