@@ -210,19 +210,14 @@ def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles
     point, so the gradients are averaged over the points first and dotted with the differences
     once."""
     masks = onehot[..., roles].permute(2, 0, 1)  # [R batch pos]
-    cache: dict[int, Tensor] = {}
-    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, None,
-                                                extra=acc.delta_keys(), cache=cache)
-    deltas, (e_clean, e_bad) = acc.deltas(pb, clean)
     m = max(steps, 1)
-    if m > 1:
-        for x in [*heads, mlps, logits]:
-            x.div_(m)
-    for k in range(1, m):
-        h, g_mlp, g_logits, _ = receiver_grads(model, pb, masks, metric,
-                                               e_bad + k / m * (e_clean - e_bad), cache=cache)
-        for x, y in zip([*heads, mlps, logits], [*h, g_mlp, g_logits], strict=True):
-            x.add_(y, alpha=1 / m)
+    emb = (Component.EMBED, 0)
+    bad = model.run(pb.corrupt, save=acc.delta_keys()).acts
+    points: list[Any] = [None] + [
+        lambda first, k=k: bad[emb] + k / m * (first[emb] - bad[emb]) for k in range(1, m)]
+    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, points,
+                                                extra=acc.delta_keys())
+    deltas, _ = acc.deltas(pb, clean, bad)
     acc.add_dense(heads, mlps, logits, deltas, onehot, roles)
 
 
@@ -260,19 +255,21 @@ class _Scores:
         return [(Component.EMBED, 0)] + [(c, layer) for layer in range(self.model.n_layers)
                                          for c in (Component.Z, mlp)]
 
-    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None
+    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None,
+               bad: dict[SiteKey, Tensor] | None = None
                ) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
         """Per unit block, what it writes in the corrupt run minus the clean run: embedding
         ``[B P 1 d]``, heads ``[B P H d]``, MLPs ``[B P 1 d]`` or neuron activations
         ``[B P N]``; and the (clean, corrupt) embeddings. ``clean``: the clean run's
-        activations at :meth:`delta_keys`, if already at hand."""
+        activations at :meth:`delta_keys`, if already at hand (``bad``: the corrupt run's)."""
         model, L = self.model, self.model.n_layers
         mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
         emb = (Component.EMBED, 0)
         keys = self.delta_keys()
         if clean is None:
             clean = model.run(pb.clean, save=keys).acts
-        bad = model.run(pb.corrupt, save=keys).acts
+        if bad is None:
+            bad = model.run(pb.corrupt, save=keys).acts
         out = [(bad[emb] - clean[emb]).double()[:, :, None]]
         for layer in range(L):
             if model.spec.attn_post_norm is not None:  # each run's writes at its own scale

@@ -747,6 +747,22 @@ class Model:
             gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
         return gq, gk
 
+    def rotary(self, layer: int, q: Tensor, k: Tensor, position_ids: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """The rotary embedding applied to queries and keys ``[... batch pos head d_head]``
+        (the map :meth:`rotary_transpose` transposes; the identity without rotary)."""
+        import importlib
+
+        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
+        rope = getattr(base, "rotary_emb", None)
+        if rope is None:
+            return q, k
+        attn = _get(self._block_hf(layer), self.spec.attn)
+        module = importlib.import_module(type(attn).__module__)
+        cos, sin = rope(q, position_ids.to(q.device))
+        return module.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype),
+                                           unsqueeze_dim=2)
+
     def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
         ``norm(x) = gain * c / s (+ bias)`` with ``c = x`` (RMSNorm) or ``x - mean(x)``
