@@ -314,29 +314,44 @@ class _Scores:
         """Add ``delta_u · G_v`` summed over each sender role's positions and the batch, for
         the gradients of :func:`~factfind.eap_grads.receiver_grads`: heads per layer
         ``[R head B P d]`` (``R`` query roles ``roles``), MLPs ``[layer B P d]``, logits
-        ``[B P d]``. One batched matrix product per layer: ``[B*P, receivers, d] x [B*P, d,
-        upstream units]``."""
+        ``[B P d]``. Per layer and sender role one matrix product ``[receivers, positions *
+        d] x [positions * d, upstream units]`` (the positions of that role only, and only the
+        query roles whose queries reach them: a head's gradient is zero after its role's
+        last position)."""
         assert not self.neurons
         dtype = mlps.dtype
-        D = torch.cat(deltas, 2).to(dtype)  # [B P U d]
+        D = torch.cat([x.to(dtype) for x in deltas], 2)  # [B P U d]
         B, P, U, d = D.shape
-        D = D.reshape(B * P, U, d).transpose(1, 2)  # [BP d U]
-        hot = onehot.reshape(B * P, -1).to(D.device, dtype).T  # [R_all BP]
+        D = D.reshape(B * P, U, d)
+        hot = onehot.reshape(B * P, -1).to(D.device).bool()
+        pos = torch.arange(P, device=D.device).repeat(B)
+        ends = {r: int(pos[hot[:, r]].max()) + 1 for r in roles if bool(hot[:, r].any())}
         R, H = len(roles), self.model.n_heads
-
-        def dots(G: Tensor, k: int) -> Tensor:  # G [N B P d] -> [R_all N k], summed per role
-            N = G.shape[0]
-            X = torch.bmm(G.reshape(N, B * P, d).transpose(0, 1), D[:, :, :k])  # [BP N k]
-            return (hot @ X.reshape(B * P, N * k)).reshape(-1, N, k).double().cpu()
-
+        senders = []  # (role, flat positions, sender deltas [positions * d, U])
+        for rs in roles:
+            idx = hot[:, rs].nonzero()[:, 0]
+            if len(idx) == 0:
+                continue
+            Ds = D[idx].transpose(1, 2).reshape(len(idx) * d, U)
+            first = int(pos[idx].min())
+            dst = [i for i, r in enumerate(roles) if ends.get(r, 0) > first]
+            senders.append((rs, idx, Ds, dst))
+        final = TOKEN_ROLES.index("final")
         for layer in range(self.model.n_layers):
             k = self.prefix_head[layer]
-            T = dots(heads[layer].reshape(R * H, B, P, d), k).reshape(-1, R, H, k)
-            for i, r in enumerate(roles):
-                self.head[layer, :, r, :, :k] += T[:, i].transpose(0, 1)
-            k = self.prefix_mlp[layer]
-            self.mlp[layer, 0, :, :k] += dots(mlps[layer][None], k)[:, 0]
-        self.logits += dots(logits[None], U)[TOKEN_ROLES.index("final"), 0]
+            G = heads[layer].reshape(R, H, B * P, d)
+            km = self.prefix_mlp[layer]
+            Gm = mlps[layer].reshape(B * P, d)
+            for rs, idx, Ds, dst in senders:
+                if dst:
+                    Gs = G[dst][:, :, idx].reshape(len(dst) * H, -1)
+                    T = (Gs @ Ds[:, :k]).reshape(len(dst), H, k).double().cpu()
+                    for i, t in zip(dst, T, strict=True):
+                        self.head[layer, :, roles[i], rs, :k] += t
+                self.mlp[layer, 0, rs, :km] += (Gm[idx].reshape(-1) @ Ds[:, :km]).double().cpu()
+        for rs, idx, Ds, _ in senders:
+            if rs == final:
+                self.logits += (logits.reshape(B * P, d)[idx].reshape(-1) @ Ds).double().cpu()
 
 
 def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
@@ -348,26 +363,32 @@ def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataF
     src_ids = [f"{u}@{r}" for r in names for u in acc.units]  # code: role * U + unit
     dst_ids: list[str] = []
     src, dst, score = [], [], []
+    head, mlp = acc.head.numpy(), acc.mlp.numpy()
+    pairs = [(q, r) for q in acc.roles for r in acc.roles if feasible[r, q]]
+    qa, ra = np.array([q for q, _ in pairs], dtype=np.int64), np.array([r for _, r in pairs],
+                                                                       dtype=np.int64)
+    roles = np.array(acc.roles, dtype=np.int64)
 
-    def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
-        src.append(np.arange(role_src * U, role_src * U + k))
-        dst.append(np.full(k, len(dst_ids)))
-        dst_ids.append(dst_id)
-        score.append(values[:k].numpy() / n)
+    def emit(ids: list[str], role_src: np.ndarray, k: int, values: np.ndarray) -> None:
+        """One block of receivers ``ids`` (in order), each reading the first ``k`` units of
+        its sender role ``role_src[i]``; ``values [len(ids) k]``."""
+        src.append((role_src[:, None] * U + np.arange(k)[None]).reshape(-1))
+        dst.append(np.repeat(np.arange(len(dst_ids), len(dst_ids) + len(ids)), k))
+        dst_ids.extend(ids)
+        score.append(values.reshape(-1) / n)
 
     for layer in range(model.n_layers):
-        for h in range(model.n_heads):
-            for q in acc.roles:
-                for r in acc.roles:
-                    if feasible[r, q]:
-                        emit(f"L{layer}.h{h}@{names[q]}", r, acc.prefix_head[layer],
-                             acc.head[layer, h, q, r])
-        for i in range(acc.mlp.shape[1]):
-            unit = f"L{layer}.n{i}" if acc.neurons else f"L{layer}.mlp"
-            for q in acc.roles:
-                emit(f"{unit}@{names[q]}", q, acc.prefix_mlp[layer], acc.mlp[layer, i, q])
+        k = acc.prefix_head[layer]
+        if pairs:  # receivers in (head, query role, sender role) order
+            emit([f"L{layer}.h{h}@{names[q]}" for h in range(model.n_heads) for q, _ in pairs],
+                 np.tile(ra, model.n_heads), k, head[layer][:, qa, ra, :k])
+        k = acc.prefix_mlp[layer]
+        units = ([f"L{layer}.n{i}" for i in range(mlp.shape[1])] if acc.neurons
+                 else [f"L{layer}.mlp"])
+        emit([f"{unit}@{names[q]}" for unit in units for q in acc.roles],
+             np.tile(roles, len(units)), k, mlp[layer][:, roles, :k])
     final = names.index("final")
-    emit("logits@final", final, U, acc.logits)
+    emit(["logits@final"], np.array([final]), U, acc.logits.numpy()[None])
 
     def column(ids: list[str], codes: list[np.ndarray]) -> Any:
         return pd.Series(np.array(ids, dtype=object)).array.take(np.concatenate(codes))
