@@ -213,10 +213,9 @@ def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles
     m = max(steps, 1)
     emb = (Component.EMBED, 0)
     bad = model.run(pb.corrupt, save=acc.delta_keys()).acts
-    points: list[Any] = [None] + [
-        lambda first, k=k: bad[emb] + k / m * (first[emb] - bad[emb]) for k in range(1, m)]
-    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, points,
-                                                extra=acc.delta_keys())
+    heads, mlps, logits, clean = receiver_grads(
+        model, pb, masks, metric, base=bad[emb], alphas=[1.0] + [k / m for k in range(1, m)],
+        extra=acc.delta_keys())
     deltas, _ = acc.deltas(pb, clean, bad)
     acc.add_dense(heads, mlps, logits, deltas, onehot, roles)
 
@@ -344,7 +343,8 @@ class _Scores:
             Gm = mlps[layer].reshape(B * P, d)
             for rs, idx, Ds, dst in senders:
                 if dst:
-                    Gs = G[dst][:, :, idx].reshape(len(dst) * H, -1)
+                    Gs = G.index_select(2, idx)
+                    Gs = (Gs if len(dst) == R else Gs[dst]).reshape(len(dst) * H, -1)
                     T = (Gs @ Ds[:, :k]).reshape(len(dst), H, k).double().cpu()
                     for i, t in zip(dst, T, strict=True):
                         self.head[layer, :, roles[i], rs, :k] += t
