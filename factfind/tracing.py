@@ -276,10 +276,20 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
             groups = [list(range(c0, min(len(sites), c0 + size)))
                       for c0 in range(0, len(sites), size)]
         else:  # each restoration starts at its first restored layer, at its token
-            starts = [(layer if kind == "hidden" else _window(layer, window, n_layers).start,
-                       pos) for kind, _, layer, pos in sites]
-            groups = plan_groups(starts, n_layers=n_layers, n_pos=n_pos, max_size=size,
-                                 overhead=OVERHEAD_ROWS / (samples * rows_b))
+            # (a hidden state restored after block l is block l+1's input: start there)
+            starts = [(_hidden_start(layer, n_layers) if kind == "hidden"
+                       else _window(layer, window, n_layers).start, pos)
+                      for kind, _, layer, pos in sites]
+            # before the first corrupted token the corrupted run *is* the clean run (causal
+            # attention): restoring a state there changes nothing, so it is not run
+            first = first_corrupted(clean, corrupt, base_edits != {})
+            for i, site in enumerate(sites):
+                if site[3] < first:
+                    p_rest[i] = p_corrupt.cpu()
+            todo = [i for i, site in enumerate(sites) if site[3] >= first]
+            groups = [[todo[j] for j in g] for g in plan_groups(
+                [starts[i] for i in todo], n_layers=n_layers, n_pos=n_pos, max_size=size,
+                overhead=OVERHEAD_ROWS / (samples * rows_b))]
         for idx in groups:
             group = [sites[i] for i in idx]
             g = len(group)
@@ -289,10 +299,13 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
                 comp = KINDS[kind]
                 layers = [layer] if kind == "hidden" else list(_window(layer, window, n_layers))
                 for lay in layers:
-                    m = masks.setdefault((comp, lay), torch.zeros(g, samples * rows_b, n_pos,
-                                                                  dtype=torch.bool))
+                    key = (comp, lay)
+                    if prefix is not None and kind == "hidden" and lay + 1 < n_layers:
+                        key = (Component.RESID_PRE, lay + 1)  # the same state (see starts)
+                    m = masks.setdefault(key, torch.zeros(g, samples * rows_b, n_pos,
+                                                          dtype=torch.bool))
                     m[s, :, pos] = True
-                    sources[(comp, lay)] = clean_run.acts[(comp, lay)].repeat(samples, 1, 1)
+                    sources[key] = clean_run.acts[(comp, lay)].repeat(samples, 1, 1)
                 if sev:  # freeze later MLPs at this token to their corrupted values
                     for lay in range(layer + 1, n_layers):
                         m = masks.setdefault(("sever", lay), torch.zeros(  # type: ignore[arg-type]
@@ -325,6 +338,28 @@ def _tracing_sweep(model: Model, clean_all: TokenBatch, corrupt_all: TokenBatch,
         if progress is not None:
             progress(rows_b)
     return out
+
+
+def _hidden_start(layer: int, n_layers: int) -> int:
+    """Where an incremental run restoring ``resid_post[layer]`` starts: the next block, whose
+    input that state is (the last layer's output feeds the unembedding: its own block)."""
+    return layer + 1 if layer + 1 < n_layers else layer
+
+
+def first_corrupted(clean: TokenBatch, corrupt: TokenBatch, noised: bool) -> int:
+    """The first position at which some row of the corrupted run can differ from the clean
+    run: the first subject token (Gaussian noise on the subject's embeddings, ``noised``) or
+    the first column where the token batches differ (tokens, padding or positions). Causal
+    attention leaves every state before it equal to the clean run's."""
+    cols = clean.input_ids.shape[1]
+    diff = torch.zeros(cols, dtype=torch.bool)
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        a, b = getattr(clean, name), getattr(corrupt, name)
+        diff |= (a != b).any(0) if a.shape == b.shape else torch.ones(cols, dtype=torch.bool)
+    if noised:
+        diff |= corrupt.masks[Role.SUBJECT].bool().any(0)
+    hit = diff.nonzero()
+    return int(hit[0, 0]) if len(hit) else cols
 
 
 def causal_tracing_reference(
