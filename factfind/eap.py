@@ -31,15 +31,18 @@ Hanna et al.'s hannamw/EAP-IG takes the left one, ``k = 0..m-1``), which is more
 the model saturates. On a model that is linear in its inputs EAP is exact: the tests check EAP
 against :func:`~factfind.pathpatch.edge_patching` to 1e-5 there.
 
-Cost, in forward-pass equivalents (FE, one plain forward of the batch): two forwards for the
-activation differences, then per integration point (1 for EAP, ``m`` for EAP-IG) one forward
-and backward pass (about 3 FE) plus the per-layer pull-backs (about ``roles x 3 d_model^2``
-multiply-adds per token and layer, a fraction of an FE), whatever the number of heads, roles or
-positions; the gradients are averaged over the points and dotted with the differences once
-(``heads x roles x units x d_model`` per token and layer, 1-2 FE on a 30-layer model). About
-``4 m + 5`` FE in all as measured: EAP-IG(5) on SmolLM2-135M (4 pairs x 20 tokens, 1 thread)
-34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one
-pass per receiver copy instead,
+Cost, in forward-pass equivalents (FE, one plain forward of the batch): one corrupt forward for
+the activation differences, then per integration point (1 for EAP, ``m`` for EAP-IG) one
+forward and backward pass (about 2-3 FE; the points run stacked on the batch dimension, up to
+:data:`factfind.eap_grads.STACK_ROWS` rows per pass, which costs less per row) plus the
+head's attention pulled back in head space and one projection of the normalised input (a third
+of a layer's forward), whatever the number of heads, roles or positions. The cotangents are
+summed over the points in head space and taken to ``d_model`` once (``roles x 2 heads d_head
+x d_model`` per token and layer, about 1 FE on a 30-layer model), then dotted with the
+differences once (``heads x roles x units x d_model`` per token and layer, one matrix product
+per layer and sender role, 1-2 FE on a 30-layer model). As measured on SmolLM2-135M (4 pairs
+x 20 tokens, 1 thread, ``benchmarks/bench_eap.py``): EAP-IG(5) about 19-21 FE, EAP about 7
+FE. The reference path costs one pass per receiver copy instead,
 ``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
 about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
 passes per edge.
