@@ -512,7 +512,12 @@ class Model:
                         blk.output = edits[key](blk.output)
                     if key in need:
                         acts[key] = blk.output
-            out = _get(nn, self.spec.unembed).output
+            unembed = _get(nn, self.spec.unembed)
+            if logits == "final":  # the kept position is a strided view: unembedding it as
+                # is multiplies every row by its own copy of W_U (a batched product that reads
+                # the whole unembedding once per row); contiguous, it is one matrix product
+                unembed.input = unembed.input.contiguous()
+            out = unembed.output
             lg = out if logits == "all" else out[:, -1]
             lg = lg.save()
             for v in acts.values():
