@@ -422,8 +422,12 @@ class Model:
         enc = _encoding(batch, self.device)
         if _resume is not None:  # incremental runs (see run_from): the keys/values cache
             enc["cache"] = _resume.cache
-        if logits == "final":
-            enc["logits_to_keep"] = 1  # the unembedding only at the last position
+        if logits == "final":  # the unembedding only at the last position, kept by index:
+            # a gathered (contiguous) position is one matrix product with W_U, while the
+            # strided slice ``logits_to_keep=1`` makes a batched product that reads the whole
+            # unembedding once per row (0.55 s instead of ~0.05 s for 40 rows on SmolLM2)
+            enc["logits_to_keep"] = torch.tensor([enc["input_ids"].shape[1] - 1],
+                                                 device=self.device)
         acts: dict[SiteKey, Any] = {}
         attn_in: dict[int, Any] = {}
         nn = self._nn
@@ -512,12 +516,7 @@ class Model:
                         blk.output = edits[key](blk.output)
                     if key in need:
                         acts[key] = blk.output
-            unembed = _get(nn, self.spec.unembed)
-            if logits == "final":  # the kept position is a strided view: unembedding it as
-                # is multiplies every row by its own copy of W_U (a batched product that reads
-                # the whole unembedding once per row); contiguous, it is one matrix product
-                unembed.input = unembed.input.contiguous()
-            out = unembed.output
+            out = _get(nn, self.spec.unembed).output
             lg = out if logits == "all" else out[:, -1]
             lg = lg.save()
             for v in acts.values():
