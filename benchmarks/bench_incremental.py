@@ -6,8 +6,22 @@ measured in one run.
 (b) patching cost per site in forward-pass equivalents (FE: time / one plain transformers
     forward of the same clean prompts, ``logits_to_keep=1``, no grad);
 (c) causal tracing (1 noise sample, hidden states at every layer x token; the mlp and attn
-    kinds at window 1 cost the same per restoration): FE per restoration, and the ROME-style
-    loop (``causal_tracing_reference``: one full forward per restoration) / factfind;
+    kinds at window 1 cost the same per restoration): FE per restoration; equal to the literal
+    loop ``causal_tracing_reference`` (one restoration per forward);
+(e) causal tracing at ROME's own settings, against ROME's procedure: ``calculate_hidden_flow``
+    (kmeng01/rome, experiments/causal_trace.py) traces one prompt at a time with
+    ``samples=10``: the batch is ``[prompt] * (samples + 1)``, row 0 clean and rows 1..10 with
+    Gaussian noise on the subject's embeddings, and ``trace_with_patch`` runs one plain
+    forward of that batch per restoration (every kind x layer x token; the hidden state is the
+    block's output, ``mlp``/``attn`` restore a window of 10 layers), copying row 0's state into
+    rows 1.. with forward hooks (``h[1:, t] = h[0, t]``) and reading the softmax at the last
+    position (the model computes logits at every position). The loop here does exactly that
+    with hooks on the transformers model (3 sigma noise as in the paper, drawn by factfind's
+    ``prompt_noise`` so both sides see the same numbers; the answer is the fact's attribute
+    token). Its cost per restoration does not depend on the cell, so it is timed on
+    ``--rome-cells`` cells spread over the map and scaled to the full map; factfind traces the
+    full map (``causal_tracing(samples=10, window=10)``, hidden + mlp + attn) of the same
+    prompt; the probabilities agree on the timed cells;
 (d) peak memory of the patching sweep (resident set above the loaded model, sampled every
     millisecond) with and without the incremental engine at the same batch size.
 
@@ -117,7 +131,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="0: torch's default")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--skip-tl", action="store_true", help="skip TransformerLens (a)")
-    parser.add_argument("--skip-loop", action="store_true", help="skip the ROME loop (c)")
+    parser.add_argument("--skip-loop", action="store_true",
+                        help="skip the literal reference loop (c)")
+    parser.add_argument("--skip-rome", action="store_true", help="skip ROME's procedure (e)")
+    parser.add_argument("--rome-cells", type=int, default=60,
+                        help="restorations ROME's loop is timed on (e)")
+    parser.add_argument("--only-rome", action="store_true", help="only (e)")
     parser.add_argument("--memory", choices=["incremental", "stacked"],
                         help="(internal) only measure one side's peak memory")
     args = parser.parse_args()
@@ -130,6 +149,10 @@ def main() -> None:
     pb = encode_pairs(model, pairs)
     n_pos = pb.clean.input_ids.shape[1]
     n_sites = model.n_layers * n_pos
+    if args.only_rome:
+        fe = forward_time(model, pb.clean, n=11)
+        print(f"machine: {machine()}; one plain forward ({len(pairs)} prompts) {fe * 1e3:.1f} ms")
+        return rome_vs_factfind(model, pairs.clean[:1], fe, args.rome_cells)
     print(f"machine: {machine()}; device {args.device}; model {args.model} "
           f"({model.n_layers} layers); {len(pairs)} pairs x {n_pos} tokens")
     fe = forward_time(model, pb.clean, n=11)
@@ -193,10 +216,13 @@ def main() -> None:
         key = ["method", "layer", "position", "prompt"]
         a = fast.set_index(key)["effect"].sort_index().to_numpy()
         b = slow.set_index(key)["effect"].sort_index().to_numpy()
-        assert np.allclose(a, b, atol=1e-5), "tracing disagrees with the ROME-style loop"
-        line += (f"; ROME-style loop {t_loop:.2f} s ({t_loop / fe / restorations:.2f} FE) = "
-                 f"{t_loop / t_tr:.1f}x (goal >= 5x); {cells} cells agree (1e-5)")
+        assert np.allclose(a, b, atol=1e-5), "tracing disagrees with the literal loop"
+        line += (f"; literal loop (causal_tracing_reference, one restoration per forward) "
+                 f"{t_loop:.2f} s ({t_loop / fe / restorations:.2f} FE) = {t_loop / t_tr:.1f}x; "
+                 f"{cells} cells agree (1e-5); ROME's own procedure: (e)")
     print(line)
+    if not args.skip_rome:
+        rome_vs_factfind(model, pairs.clean[:1], fe, args.rome_cells)
     fe_end = forward_time(model, pb.clean, n=11)
     print(f"one plain forward measured again at the end: {fe_end * 1e3:.1f} ms (the FE above "
           "use the first; the drift is the machine's load)")
@@ -223,6 +249,93 @@ def main() -> None:
         m_plain = torch.cuda.max_memory_allocated() / 2**20
         print(f"(d) peak CUDA memory: incremental {m_inc:.1f} MB, stacked {m_plain:.1f} MB "
               f"(ratio {m_inc / m_plain:.2f})")
+
+
+def rome_loop(model: Any, batch: Any, eps: torch.Tensor, answer: int,
+              cells: list[tuple[str, int, int]], window: int = 10) -> list[float]:
+    """ROME's ``trace_with_patch`` per cell ``(kind, layer, token)``: one forward of
+    ``[prompt] * (samples + 1)``, noise ``eps [samples pos d_model]`` added to rows 1.. at the
+    embedding, the clean row's state copied into the noised rows by forward hooks, the
+    answer's softmax probability at the last position averaged over the noised rows."""
+    from factfind.model.architectures import _get
+
+    samples = eps.shape[0]
+    ids = batch.input_ids[:1].repeat(samples + 1, 1).to(model.device)
+    mask = batch.attention_mask[:1].repeat(samples + 1, 1).to(model.device)
+    blocks = _get(model.hf, model.spec.blocks)
+    modules = {"hidden": lambda lay: blocks[lay],
+               "mlp": lambda lay: _get(blocks[lay], model.spec.mlp),
+               "attn": lambda lay: _get(blocks[lay], model.spec.attn)}
+    noise = eps.to(model.device)
+
+    def embed_hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        out[1:] += noise.to(out.dtype)
+        return out
+
+    def restore(t: int) -> Any:
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            h = out[0] if isinstance(out, tuple) else out
+            h[1:, t] = h[0, t]
+            return out
+        return hook
+
+    out = []
+    n_layers = model.n_layers
+    for kind, layer, t in cells:
+        layers = [layer] if kind == "hidden" else list(range(
+            max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+        handles = [_get(model.hf, model.spec.embed).register_forward_hook(embed_hook)]
+        handles += [modules[kind](lay).register_forward_hook(restore(t)) for lay in layers]
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(float(torch.softmax(logits[1:, -1].float(), -1).mean(0)[answer]))
+    return out
+
+
+def rome_vs_factfind(model: Any, data: Any, fe: float, n_cells: int) -> None:
+    """(e): ROME's causal-tracing procedure against ``ff.causal_tracing`` at ROME's settings
+    (10 noise samples, window 10, hidden + mlp + attn) on one prompt."""
+    from factfind.localize.tracing import prompt_noise, subject_embedding_std
+    from factfind.types import Role
+
+    kinds, samples, window, nu = ("hidden", "mlp", "attn"), 10, 10, 3.0
+    batch = model.tokenize(list(data))
+    n_pos = batch.input_ids.shape[1]
+    assert bool(batch.attention_mask.all()), "one unpadded prompt"
+    sigma = subject_embedding_std(model, batch)
+    subj = batch.masks[Role.SUBJECT][0]
+    eps = prompt_noise(0, 0, samples, n_pos, model.d_model) * nu * sigma * subj[None, :, None]
+    answer = int(batch.attribute_ids[0])
+    everything = [(k, lay, t) for k in kinds for lay in range(model.n_layers)
+                  for t in range(n_pos)]
+    step = max(1, len(everything) // n_cells)
+    cells = everything[step // 2::step][:n_cells]
+    rome_loop(model, batch, eps, answer, cells[:2], window)  # warm-up
+    t0 = time.perf_counter()
+    theirs = rome_loop(model, batch, eps, answer, cells, window)
+    per_cell = (time.perf_counter() - t0) / len(cells)
+    kw = dict(kinds=kinds, samples=samples, window=window, noise=nu, seed=0, progress=False)
+    ff.causal_tracing(model, data, **{**kw, "kinds": ("hidden",), "roles": ["final"]})  # warm
+    t0 = time.perf_counter()
+    ours = ff.causal_tracing(model, data, **kw)
+    t_ff = time.perf_counter() - t0
+    got = ours.set_index(["method", "layer", "position"])["p_restored"]
+    mine = [float(got[(f"causal_tracing/{k}", lay, t)]) for k, lay, t in cells]
+    diff = float(np.abs(np.array(mine) - np.array(theirs)).max())
+    assert diff <= 1e-5, f"factfind and ROME's procedure disagree by {diff:.2e}"
+    spread = float(np.ptp(theirs))
+    t_rome = per_cell * len(everything)
+    print(f"(e) ROME's causal tracing, 1 prompt x {n_pos} tokens, samples={samples}, "
+          f"window={window}, {len(everything)} restorations (hidden + mlp + attn): ROME's loop "
+          f"{per_cell * 1e3:.0f} ms per restoration ({per_cell / fe:.2f} FE; timed on "
+          f"{len(cells)} cells, {t_rome:.1f} s for the map) / factfind {t_ff:.2f} s "
+          f"({t_ff / len(everything) / fe:.3f} FE per restoration of 10 noised rows) = "
+          f"{t_rome / t_ff:.1f}x (goal >= 5x); p_restored agrees to {diff:.1e} on the "
+          f"timed cells (range {spread:.3f})")
 
 
 def memory_only(args: Any) -> None:

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from factfind.edges import eap_grads
 from factfind.edges.eap import eap, eap_ig, edge_attribution, to_graph
 from factfind.edges.edge_patching import edge_patching
 from factfind.graph import prune
@@ -41,7 +42,7 @@ def test_eap_equals_edge_patching_on_a_linear_model(linear):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
-def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts):
+def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts, monkeypatch):
     """The one-pass receiver gradients (factfind.edges.eap_grads) against the slow reference, one
     detached copy of the batch per receiver, on non-linear tiny models: sequential GPT-2,
     parallel GPT-NeoX with partial rotary, grouped-query Llama (2 key-value heads for 4 query
@@ -59,6 +60,11 @@ def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts):
         for kind in (r"\.h\d+@final", r"\.h\d+@subject_last", r"\.mlp@", "logits"):
             assert np.abs(slow.loc[slow["dst"].str.contains(kind), "score"]).max() > 1e-3
         np.testing.assert_allclose(fast["score"], slow["score"], rtol=0, atol=1e-5 * top)
+        if steps:  # the points one per pass instead of stacked on the batch dimension
+            monkeypatch.setattr(eap_grads, "STACK_ROWS", 1)
+            single = edge_attribution(model, pairs, steps=steps)
+            monkeypatch.undo()
+            np.testing.assert_allclose(single["score"], slow["score"], rtol=0, atol=1e-5 * top)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "olmo2", "gptj"])

@@ -31,15 +31,18 @@ Hanna et al.'s hannamw/EAP-IG takes the left one, ``k = 0..m-1``), which is more
 the model saturates. On a model that is linear in its inputs EAP is exact: the tests check EAP
 against :func:`~factfind.edges.path_patching.edge_patching` to 1e-5 there.
 
-Cost, in forward-pass equivalents (FE, one plain forward of the batch): two forwards for the
-activation differences, then per integration point (1 for EAP, ``m`` for EAP-IG) one forward
-and backward pass (about 3 FE) plus the per-layer pull-backs (about ``roles x 3 d_model^2``
-multiply-adds per token and layer, a fraction of an FE), whatever the number of heads, roles or
-positions; the gradients are averaged over the points and dotted with the differences once
-(``heads x roles x units x d_model`` per token and layer, 1-2 FE on a 30-layer model). About
-``4 m + 5`` FE in all as measured: EAP-IG(5) on SmolLM2-135M (4 pairs x 20 tokens, 1 thread)
-34 FE of CPU time, EAP 10 FE (``benchmarks/bench_eap.py``). The reference path costs one
-pass per receiver copy instead,
+Cost, in forward-pass equivalents (FE, one plain forward of the batch): one corrupt forward for
+the activation differences, then per integration point (1 for EAP, ``m`` for EAP-IG) one
+forward and backward pass (about 2-3 FE; the points run stacked on the batch dimension, up to
+:data:`factfind.edges.eap_grads.STACK_ROWS` rows per pass, which costs less per row) plus the
+head's attention pulled back in head space and one projection of the normalised input (a third
+of a layer's forward), whatever the number of heads, roles or positions. The cotangents are
+summed over the points in head space and taken to ``d_model`` once (``roles x 2 heads d_head
+x d_model`` per token and layer, about 1 FE on a 30-layer model), then dotted with the
+differences once (``heads x roles x units x d_model`` per token and layer, one matrix product
+per layer and sender role, 1-2 FE on a 30-layer model). As measured on SmolLM2-135M (4 pairs
+x 20 tokens, 1 thread, ``benchmarks/bench_eap.py``): EAP-IG(5) about 19-21 FE, EAP about 7
+FE. The reference path costs one pass per receiver copy instead,
 ``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
 about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
 passes per edge.
@@ -214,19 +217,13 @@ def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles
     point, so the gradients are averaged over the points first and dotted with the differences
     once."""
     masks = onehot[..., roles].permute(2, 0, 1)  # [R batch pos]
-    cache: dict[int, Tensor] = {}
-    heads, mlps, logits, clean = receiver_grads(model, pb, masks, metric, None,
-                                                extra=acc.delta_keys(), cache=cache)
-    deltas, (e_clean, e_bad) = acc.deltas(pb, clean)
     m = max(steps, 1)
-    if m > 1:
-        for x in [*heads, mlps, logits]:
-            x.div_(m)
-    for k in range(1, m):
-        h, g_mlp, g_logits, _ = receiver_grads(model, pb, masks, metric,
-                                               e_bad + k / m * (e_clean - e_bad), cache=cache)
-        for x, y in zip([*heads, mlps, logits], [*h, g_mlp, g_logits], strict=True):
-            x.add_(y, alpha=1 / m)
+    emb = (Component.EMBED, 0)
+    bad = model.run(pb.corrupt, save=acc.delta_keys()).acts
+    heads, mlps, logits, clean = receiver_grads(
+        model, pb, masks, metric, base=bad[emb], alphas=[1.0] + [k / m for k in range(1, m)],
+        extra=acc.delta_keys())
+    deltas, _ = acc.deltas(pb, clean, bad)
     acc.add_dense(heads, mlps, logits, deltas, onehot, roles)
 
 
@@ -264,19 +261,21 @@ class _Scores:
         return [(Component.EMBED, 0)] + [(c, layer) for layer in range(self.model.n_layers)
                                          for c in (Component.Z, mlp)]
 
-    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None
+    def deltas(self, pb: PairBatch, clean: dict[SiteKey, Tensor] | None = None,
+               bad: dict[SiteKey, Tensor] | None = None
                ) -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
         """Per unit block, what it writes in the corrupt run minus the clean run: embedding
         ``[B P 1 d]``, heads ``[B P H d]``, MLPs ``[B P 1 d]`` or neuron activations
         ``[B P N]``; and the (clean, corrupt) embeddings. ``clean``: the clean run's
-        activations at :meth:`delta_keys`, if already at hand."""
+        activations at :meth:`delta_keys`, if already at hand (``bad``: the corrupt run's)."""
         model, L = self.model, self.model.n_layers
         mlp = Component.NEURONS if self.neurons else Component.MLP_OUT
         emb = (Component.EMBED, 0)
         keys = self.delta_keys()
         if clean is None:
             clean = model.run(pb.clean, save=keys).acts
-        bad = model.run(pb.corrupt, save=keys).acts
+        if bad is None:
+            bad = model.run(pb.corrupt, save=keys).acts
         out = [(bad[emb] - clean[emb]).double()[:, :, None]]
         for layer in range(L):
             if model.spec.attn_post_norm is not None:  # each run's writes at its own scale
@@ -321,29 +320,45 @@ class _Scores:
         """Add ``delta_u · G_v`` summed over each sender role's positions and the batch, for
         the gradients of :func:`~factfind.edges.eap_grads.receiver_grads`: heads per layer
         ``[R head B P d]`` (``R`` query roles ``roles``), MLPs ``[layer B P d]``, logits
-        ``[B P d]``. One batched matrix product per layer: ``[B*P, receivers, d] x [B*P, d,
-        upstream units]``."""
+        ``[B P d]``. Per layer and sender role one matrix product ``[receivers, positions *
+        d] x [positions * d, upstream units]`` (the positions of that role only, and only the
+        query roles whose queries reach them: a head's gradient is zero after its role's
+        last position)."""
         assert not self.neurons
         dtype = mlps.dtype
-        D = torch.cat(deltas, 2).to(dtype)  # [B P U d]
+        D = torch.cat([x.to(dtype) for x in deltas], 2)  # [B P U d]
         B, P, U, d = D.shape
-        D = D.reshape(B * P, U, d).transpose(1, 2)  # [BP d U]
-        hot = onehot.reshape(B * P, -1).to(D.device, dtype).T  # [R_all BP]
+        D = D.reshape(B * P, U, d)
+        hot = onehot.reshape(B * P, -1).to(D.device).bool()
+        pos = torch.arange(P, device=D.device).repeat(B)
+        ends = {r: int(pos[hot[:, r]].max()) + 1 for r in roles if bool(hot[:, r].any())}
         R, H = len(roles), self.model.n_heads
-
-        def dots(G: Tensor, k: int) -> Tensor:  # G [N B P d] -> [R_all N k], summed per role
-            N = G.shape[0]
-            X = torch.bmm(G.reshape(N, B * P, d).transpose(0, 1), D[:, :, :k])  # [BP N k]
-            return (hot @ X.reshape(B * P, N * k)).reshape(-1, N, k).double().cpu()
-
+        senders = []  # (role, flat positions, sender deltas [positions * d, U])
+        for rs in roles:
+            idx = hot[:, rs].nonzero()[:, 0]
+            if len(idx) == 0:
+                continue
+            Ds = D[idx].transpose(1, 2).reshape(len(idx) * d, U)
+            first = int(pos[idx].min())
+            dst = [i for i, r in enumerate(roles) if ends.get(r, 0) > first]
+            senders.append((rs, idx, Ds, dst))
+        final = ROLE_NAMES.index("final")
         for layer in range(self.model.n_layers):
             k = self.prefix_head[layer]
-            T = dots(heads[layer].reshape(R * H, B, P, d), k).reshape(-1, R, H, k)
-            for i, r in enumerate(roles):
-                self.head[layer, :, r, :, :k] += T[:, i].transpose(0, 1)
-            k = self.prefix_mlp[layer]
-            self.mlp[layer, 0, :, :k] += dots(mlps[layer][None], k)[:, 0]
-        self.logits += dots(logits[None], U)[ROLE_NAMES.index("final"), 0]
+            G = heads[layer].reshape(R, H, B * P, d)
+            km = self.prefix_mlp[layer]
+            Gm = mlps[layer].reshape(B * P, d)
+            for rs, idx, Ds, dst in senders:
+                if dst:
+                    Gs = G.index_select(2, idx)
+                    Gs = (Gs if len(dst) == R else Gs[dst]).reshape(len(dst) * H, -1)
+                    T = (Gs @ Ds[:, :k]).reshape(len(dst), H, k).double().cpu()
+                    for i, t in zip(dst, T, strict=True):
+                        self.head[layer, :, roles[i], rs, :k] += t
+                self.mlp[layer, 0, rs, :km] += (Gm[idx].reshape(-1) @ Ds[:, :km]).double().cpu()
+        for rs, idx, Ds, _ in senders:
+            if rs == final:
+                self.logits += (logits.reshape(B * P, d)[idx].reshape(-1) @ Ds).double().cpu()
 
 
 def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataFrame:
@@ -355,26 +370,32 @@ def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataF
     src_ids = [f"{u}@{r}" for r in names for u in acc.units]  # code: role * U + unit
     dst_ids: list[str] = []
     src, dst, score = [], [], []
+    head, mlp = acc.head.numpy(), acc.mlp.numpy()
+    pairs = [(q, r) for q in acc.roles for r in acc.roles if feasible[r, q]]
+    qa, ra = np.array([q for q, _ in pairs], dtype=np.int64), np.array([r for _, r in pairs],
+                                                                       dtype=np.int64)
+    roles = np.array(acc.roles, dtype=np.int64)
 
-    def emit(dst_id: str, role_src: int, k: int, values: Tensor) -> None:
-        src.append(np.arange(role_src * U, role_src * U + k))
-        dst.append(np.full(k, len(dst_ids)))
-        dst_ids.append(dst_id)
-        score.append(values[:k].numpy() / n)
+    def emit(ids: list[str], role_src: np.ndarray, k: int, values: np.ndarray) -> None:
+        """One block of receivers ``ids`` (in order), each reading the first ``k`` units of
+        its sender role ``role_src[i]``; ``values [len(ids) k]``."""
+        src.append((role_src[:, None] * U + np.arange(k)[None]).reshape(-1))
+        dst.append(np.repeat(np.arange(len(dst_ids), len(dst_ids) + len(ids)), k))
+        dst_ids.extend(ids)
+        score.append(values.reshape(-1) / n)
 
     for layer in range(model.n_layers):
-        for h in range(model.n_heads):
-            for q in acc.roles:
-                for r in acc.roles:
-                    if feasible[r, q]:
-                        emit(f"L{layer}.h{h}@{names[q]}", r, acc.prefix_head[layer],
-                             acc.head[layer, h, q, r])
-        for i in range(acc.mlp.shape[1]):
-            unit = f"L{layer}.n{i}" if acc.neurons else f"L{layer}.mlp"
-            for q in acc.roles:
-                emit(f"{unit}@{names[q]}", q, acc.prefix_mlp[layer], acc.mlp[layer, i, q])
+        k = acc.prefix_head[layer]
+        if pairs:  # receivers in (head, query role, sender role) order
+            emit([f"L{layer}.h{h}@{names[q]}" for h in range(model.n_heads) for q, _ in pairs],
+                 np.tile(ra, model.n_heads), k, head[layer][:, qa, ra, :k])
+        k = acc.prefix_mlp[layer]
+        units = ([f"L{layer}.n{i}" for i in range(mlp.shape[1])] if acc.neurons
+                 else [f"L{layer}.mlp"])
+        emit([f"{unit}@{names[q]}" for unit in units for q in acc.roles],
+             np.tile(roles, len(units)), k, mlp[layer][:, roles, :k])
     final = names.index("final")
-    emit("logits@final", final, U, acc.logits)
+    emit(["logits@final"], np.array([final]), U, acc.logits.numpy()[None])
 
     def column(ids: list[str], codes: list[np.ndarray]) -> Any:
         return pd.Series(np.array(ids, dtype=object)).array.take(np.concatenate(codes))

@@ -421,8 +421,12 @@ class Model:
         enc = _encoding(batch, self.device)
         if _resume is not None:  # incremental runs (see run_from): the keys/values cache
             enc["cache"] = _resume.cache
-        if logits == "final":
-            enc["logits_to_keep"] = 1  # the unembedding only at the last position
+        if logits == "final":  # the unembedding only at the last position, kept by index:
+            # a gathered (contiguous) position is one matrix product with W_U, while the
+            # strided slice ``logits_to_keep=1`` makes a batched product that reads the whole
+            # unembedding once per row (0.55 s instead of ~0.05 s for 40 rows on SmolLM2)
+            enc["logits_to_keep"] = torch.tensor([enc["input_ids"].shape[1] - 1],
+                                                 device=self.device)
         acts: dict[SiteKey, Any] = {}
         attn_in: dict[int, Any] = {}
         nn = self._nn
@@ -744,6 +748,22 @@ class Model:
                                                  unsqueeze_dim=2)
             gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
         return gq, gk
+
+    def rotary(self, layer: int, q: Tensor, k: Tensor, position_ids: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """The rotary embedding applied to queries and keys ``[... batch pos head d_head]``
+        (the map :meth:`rotary_transpose` transposes; the identity without rotary)."""
+        import importlib
+
+        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
+        rope = getattr(base, "rotary_emb", None)
+        if rope is None:
+            return q, k
+        attn = _get(self._block_hf(layer), self.spec.attn)
+        module = importlib.import_module(type(attn).__module__)
+        cos, sin = rope(q, position_ids.to(q.device))
+        return module.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype),
+                                           unsqueeze_dim=2)
 
     def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
