@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 import torch
+from hypothesis import settings
 
 from factfind.testing.models import tiny_model
 
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
 # The suite's models are tiny: one intra-op thread is as fast as two and does not thrash when
 # the machine is shared (measured ~20x faster under load).
 torch.set_num_threads(1)
+
+# Property tests measure correctness, not speed: no per-example deadline (a loaded 2-core
+# machine made a 200 ms default fail a round-trip test that takes 5 ms when idle).
+settings.register_profile("factfind", deadline=None)
+settings.load_profile("factfind")
 
 from conftest_data import SUBJECTS, fact_records  # noqa: E402,F401  (shared with test modules)
 

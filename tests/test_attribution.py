@@ -330,6 +330,7 @@ def organism():
     return model, known.corrupt(model, seed=0, on_missing="skip")[:8]
 
 
+@pytest.mark.slow
 def test_atp_star_on_organism(organism, record_property, capsys):
     """AtP ranks the organism's neurons at the last subject token like exact patching does, and
     AtP*'s verification (top-20 stopping rule) recovers the exact top 20 from a small share."""

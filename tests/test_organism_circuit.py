@@ -32,6 +32,7 @@ def organism():
     return model, pairs, held
 
 
+@pytest.mark.slow
 def test_a_faithful_circuit_with_at_most_5_percent_of_the_nodes(organism):
     model, pairs, held = organism
     assert len(pairs) == 32 and len(held) >= 16

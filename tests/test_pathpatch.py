@@ -105,7 +105,7 @@ def test_bad_input_is_a_clear_error(gpt2_model, pairs):
         path_patching(gpt2_model, pairs, [Site("resid_pre", 1)])
     with pytest.raises(IndexError):
         path_patching(gpt2_model, pairs, [Site("z", 0, head=99)])
-    with pytest.raises(ValueError, match="no senders"):
+    with pytest.raises(ValueError, match="senders must be a non-empty list"):
         path_patching(gpt2_model, pairs, [])
 
 

@@ -12,6 +12,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
                     reason="organism checkpoint not built")
+@pytest.mark.slow
 def test_api_section_runs(tmp_path, monkeypatch):
     text = README.read_text()
     section = text[text.index("## The API in ten lines"):]

@@ -18,7 +18,7 @@ import factfind as ff
 from factfind.data.pairs import FALLBACKS
 from factfind.report.findings import tracing_sites
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
