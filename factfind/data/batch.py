@@ -211,7 +211,7 @@ class PairBatch:
         return PairBatch(self.clean.take(index), self.corrupt.take(index), self.correct[index],
                          self.wrong[index])
 
-    def base_and_source(self, direction: Direction) -> tuple[TokenBatch, TokenBatch]:
+    def base_and_source(self, direction: Direction | str) -> tuple[TokenBatch, TokenBatch]:
         """The run that is patched and the run its activations come from: noising runs the
         clean prompts with corrupt activations patched in, denoising the reverse."""
         check_mode(direction, "direction", DIRECTIONS)
