@@ -21,6 +21,8 @@ stay available.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -95,13 +97,9 @@ def share(value: float, low: float, high: float, *, what: str) -> float:
             undefined - the model shows no behaviour to explain on these prompts.
     """
     span = high - low
-    if not (abs(span) > 0 and all(map(_finite, (value, low, high)))):
+    if not (abs(span) > 0 and all(map(math.isfinite, (value, low, high)))):
         raise DegenerateResultError(
             f"{what} is undefined: the full model's metric ({high:.4g}) equals the baseline's "
             f"({low:.4g}), so there is no behaviour to explain; use facts the model knows "
             "(facts.known_by(model)) and corrupt partners whose answers differ")
     return (value - low) / span
-
-
-def _finite(x: float) -> bool:
-    return x == x and x not in (float("inf"), float("-inf"))
