@@ -73,7 +73,7 @@ def planted_scores() -> list[str]:
             t0 = time.perf_counter()
             df = fn(model, pairs)
             t = time.perf_counter() - t0
-            g = prune(to_graph(df, model, pairs), threshold=0.01 * df["score"].abs().max())
+            g = prune(to_graph(df, model, pairs), threshold=0.01 * df["effect"].abs().max())
             res[name] = (truth.precision_recall(g.graph.nodes), t)
         out.append(f"{family}: " + "; ".join(f"{k} P={p:.2f} R={r:.2f} ({t:.2f} s)"
                                              for k, ((p, r), t) in res.items()))
@@ -123,17 +123,17 @@ def main() -> None:
     t0 = time.perf_counter()
     ig = eap_ig(model, pairs, steps=args.steps, batch_size=16)
     t_ig = time.perf_counter() - t0
-    order = ig["score"].abs().sort_values(ascending=False).index
+    order = ig["effect"].abs().sort_values(ascending=False).index
     pick = list(order[:args.edges // 2]) + list(
         ig.drop(index=order[:args.edges // 2]).sample(args.edges // 2, random_state=0).index)
     sample = ig.loc[pick]
     t0 = time.perf_counter()
-    exact = edge_patching(model, pairs, list(zip(sample["src"], sample["dst"], strict=True)),
-                          batch_size=16)
+    edges = list(zip(sample["sender"], sample["receiver"], strict=True))
+    exact = edge_patching(model, pairs, edges, batch_size=16)
     t_exact = (time.perf_counter() - t0) * len(ig) / len(sample)
-    rho_ig = spearmanr(sample["score"], exact["score"]).statistic
-    rho_eap = spearmanr(e0.set_index(["src", "dst"]).loc[list(zip(
-        sample["src"], sample["dst"], strict=True)), "score"], exact["score"]).statistic
+    rho_ig = spearmanr(sample["effect"], exact["effect"]).statistic
+    rho_eap = spearmanr(e0.set_index(["sender", "receiver"]).loc[list(zip(
+        sample["sender"], sample["receiver"], strict=True)), "effect"], exact["effect"]).statistic
     print(f"2. {len(ig)} edges: EAP {t_eap:.1f} s, EAP-IG({args.steps}) {t_ig:.1f} s; exact edge "
           f"patching of every edge ~{t_exact:.0f} s (from {len(sample)} timed): ratio "
           f"{t_exact / t_eap:.0f}x over EAP, {t_exact / t_ig:.0f}x over EAP-IG; Spearman vs "

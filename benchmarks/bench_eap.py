@@ -135,8 +135,8 @@ def main() -> None:
         fwd, fwd_cpu = min(fwd, fwd2), min(fwd_cpu, fwd2_cpu)
         print(f"[{machine()}] forward {fwd * 1e3:.0f} ms (CPU {fwd_cpu * 1e3:.0f} ms); "
               f"EAP-IG({args.steps}) {t_ig:.2f} s = {t_ig / fwd:.1f} FE (CPU time: "
-              f"{c_ig / fwd_cpu:.1f} FE; {len(df):,} edges, max |score| "
-              f"{df['score'].abs().max():.3g}); EAP {t_eap:.2f} s = {t_eap / fwd:.1f} FE "
+              f"{c_ig / fwd_cpu:.1f} FE; {len(df):,} edges, max |effect| "
+              f"{df['effect'].abs().max():.3g}); EAP {t_eap:.2f} s = {t_eap / fwd:.1f} FE "
               f"(CPU time: {c_eap / fwd_cpu:.1f} FE)")
         if args.old_layers and threads == int(args.threads.split(",")[0]):
             compare_old(small, pairs)  # once: the old path takes minutes

@@ -141,6 +141,13 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "effect", "ci_low", "ci_high", "n",
 )
 
+#: The columns of every *edge* result (EAP, EAP-IG, edge patching), one row per edge:
+#: ``method``; ``sender`` and ``receiver``, circuit-graph node ids (``L3.h2@final``; the
+#: words path patching uses for its sites); ``effect``, the number the method measures for the
+#: edge, signed, in metric units; ``n``, the prompts it is a mean over. A sender's or receiver's
+#: component, layer, head and role are :meth:`factfind.graph.Node.parse` of its id.
+EDGE_RESULT_COLUMNS: tuple[str, ...] = ("method", "sender", "receiver", "effect", "n")
+
 
 # ----------------------------------------------------------------------------- option vocabularies
 

@@ -22,23 +22,24 @@ def linear(request, facts):
 def test_eap_equals_edge_patching_on_a_linear_model(linear):
     model, pairs = linear
     df = eap(model, pairs)
-    assert df["src"].str.startswith("embed@").any() and (df["dst"] == "logits@final").any()
-    assert not df.duplicated(["src", "dst"]).any() and len(df) > 400
+    assert df["sender"].str.startswith("embed@").any() and (df["receiver"] == "logits@final").any()
+    assert not df.duplicated(["sender", "receiver"]).any() and len(df) > 400
     # every edge into the logits and into the last layer's heads at the final token, the 30
     # largest and 40 more at random: batched edge-by-edge patching
     last = f"L{model.n_layers - 1}."
-    into = df["dst"].eq("logits@final") | (df["dst"].str.startswith(last)
-                                          & df["dst"].str.endswith("@final"))
-    sample = pd.concat([df[into], df.reindex(df["score"].abs().sort_values().index[-30:]),
-                        df[~into].sample(40, random_state=0)]).drop_duplicates(["src", "dst"])
-    fast = edge_patching(model, pairs, list(zip(sample["src"], sample["dst"], strict=True)))
-    assert np.abs(fast["score"]).max() > 1e-2 and (np.abs(fast["score"]) > 1e-3).sum() > 20
-    np.testing.assert_allclose(sample["score"], fast["score"], atol=1e-5, rtol=0)
+    rcv = df["receiver"]
+    into = rcv.eq("logits@final") | (rcv.str.startswith(last) & rcv.str.endswith("@final"))
+    sample = pd.concat([df[into], df.reindex(df["effect"].abs().sort_values().index[-30:]),
+                        df[~into].sample(40, random_state=0)])
+    sample = sample.drop_duplicates(["sender", "receiver"])
+    fast = edge_patching(model, pairs, list(zip(sample["sender"], sample["receiver"], strict=True)))
+    assert np.abs(fast["effect"]).max() > 1e-2 and (np.abs(fast["effect"]) > 1e-3).sum() > 20
+    np.testing.assert_allclose(sample["effect"], fast["effect"], atol=1e-5, rtol=0)
     # the slow reference (literal freeze-everything path patching, one edge at a time)
-    few = sample.reindex(sample["score"].abs().sort_values().index[-5:])
-    slow = edge_patching(model, pairs, list(zip(few["src"], few["dst"], strict=True)),
+    few = sample.reindex(sample["effect"].abs().sort_values().index[-5:])
+    slow = edge_patching(model, pairs, list(zip(few["sender"], few["receiver"], strict=True)),
                          reference=True)
-    np.testing.assert_allclose(few["score"], slow["score"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(few["effect"], slow["effect"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
@@ -53,18 +54,19 @@ def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts, mo
     for steps in (0, 2):
         fast = edge_attribution(model, pairs, steps=steps)
         slow = edge_attribution(model, pairs, steps=steps, reference=True, copies=256)
-        assert list(fast["src"]) == list(slow["src"]) and list(fast["dst"]) == list(slow["dst"])
-        top = np.abs(slow["score"]).max()
-        assert top > 0.1 and (np.abs(slow["score"]) > 1e-3 * top).sum() > 100
+        for end in ("sender", "receiver"):
+            assert list(fast[end]) == list(slow[end])
+        top = np.abs(slow["effect"]).max()
+        assert top > 0.1 and (np.abs(slow["effect"]) > 1e-3 * top).sum() > 100
         # every kind of receiver is non-zero: heads at each role, MLPs, the logits
         for kind in (r"\.h\d+@final", r"\.h\d+@subject_last", r"\.mlp@", "logits"):
-            assert np.abs(slow.loc[slow["dst"].str.contains(kind), "score"]).max() > 1e-3
-        np.testing.assert_allclose(fast["score"], slow["score"], rtol=0, atol=1e-5 * top)
+            assert np.abs(slow.loc[slow["receiver"].str.contains(kind), "effect"]).max() > 1e-3
+        np.testing.assert_allclose(fast["effect"], slow["effect"], rtol=0, atol=1e-5 * top)
         if steps:  # the points one per pass instead of stacked on the batch dimension
             monkeypatch.setattr(eap_grads, "STACK_ROWS", 1)
             single = edge_attribution(model, pairs, steps=steps)
             monkeypatch.undo()
-            np.testing.assert_allclose(single["score"], slow["score"], rtol=0, atol=1e-5 * top)
+            np.testing.assert_allclose(single["effect"], slow["effect"], rtol=0, atol=1e-5 * top)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "olmo2", "gptj"])
@@ -78,8 +80,8 @@ def test_families_without_the_fast_path_use_the_reference(family, facts, caplog)
         auto = edge_attribution(model, pairs, steps=0)
     assert "reference path" in caplog.text
     slow = edge_attribution(model, pairs, steps=0, reference=True, copies=256)
-    assert np.abs(slow["score"]).max() > 1e-3
-    np.testing.assert_array_equal(auto["score"], slow["score"])
+    assert np.abs(slow["effect"]).max() > 1e-3
+    np.testing.assert_array_equal(auto["effect"], slow["effect"])
 
 
 def test_eap_ig_and_neurons_on_a_linear_model(linear):
@@ -87,14 +89,15 @@ def test_eap_ig_and_neurons_on_a_linear_model(linear):
     base = eap(model, pairs)
     ig = eap_ig(model, pairs, steps=2)
     assert (ig["method"] == "eap-ig/2").all()
-    np.testing.assert_allclose(base["score"], ig["score"], atol=1e-8)  # constant gradients
+    np.testing.assert_allclose(base["effect"], ig["effect"], atol=1e-8)  # constant gradients
     nd = edge_attribution(model, pairs, neurons=True, copies=512)
-    assert nd["dst"].str.contains(r"\.n\d+@").any() and not nd["dst"].str.contains("mlp").any()
-    top = nd.reindex(nd["score"].abs().sort_values().index[-4:])
-    top = pd.concat([top, nd[nd["src"].str.contains(r"\.n")].head(3)])
-    exact = edge_patching(model, pairs, list(zip(top["src"], top["dst"], strict=True)))
-    assert np.abs(exact["score"]).max() > 1e-3
-    np.testing.assert_allclose(top["score"], exact["score"], atol=1e-5, rtol=0)
+    rcv = nd["receiver"]
+    assert rcv.str.contains(r"\.n\d+@").any() and not rcv.str.contains("mlp").any()
+    top = nd.reindex(nd["effect"].abs().sort_values().index[-4:])
+    top = pd.concat([top, nd[nd["sender"].str.contains(r"\.n")].head(3)])
+    exact = edge_patching(model, pairs, list(zip(top["sender"], top["receiver"], strict=True)))
+    assert np.abs(exact["effect"]).max() > 1e-3
+    np.testing.assert_allclose(top["effect"], exact["effect"], atol=1e-5, rtol=0)
 
 
 def test_node_scores_sum_the_outgoing_edges(linear):
@@ -119,13 +122,13 @@ def test_eap_recovers_the_planted_circuit(planted, steps):
     model, _, pairs, truth = planted
     df = edge_attribution(model, pairs, steps=steps)
     graph = to_graph(df, model, pairs)
-    top = df["score"].abs().max()
+    top = df["effect"].abs().max()
     circuit = prune(graph, threshold=0.01 * top)
     assert truth.precision_recall(circuit.graph.nodes) == (1.0, 1.0)
     assert set(circuit.graph.edges) == set(truth.edges)
     # everything off the planted path scores (numerically) zero
-    off = df[~df.apply(lambda r: (r["src"], r["dst"]) in truth.edges, axis=1)]
-    assert off["score"].abs().max() < 1e-6 * top
+    off = df[~df.apply(lambda r: (r["sender"], r["receiver"]) in truth.edges, axis=1)]
+    assert off["effect"].abs().max() < 1e-6 * top
     by_top = prune(graph, top_n=len(truth.edges))
     assert set(by_top.graph.edges) == set(truth.edges)
 
@@ -133,14 +136,14 @@ def test_eap_recovers_the_planted_circuit(planted, steps):
 def test_eap_ig_with_one_step_is_eap(planted):
     model, _, pairs, _ = planted
     a, b = eap(model, pairs[:6]), eap_ig(model, pairs[:6], steps=1)
-    assert np.abs(a["score"]).max() > 1
-    np.testing.assert_allclose(a["score"], b["score"], atol=1e-9)
+    assert np.abs(a["effect"]).max() > 1
+    np.testing.assert_allclose(a["effect"], b["effect"], atol=1e-9)
 
 
 def test_eap_recovers_the_planted_neurons(planted):
     model, _, pairs, truth = planted
     df = eap(model, pairs, neurons=True, copies=256)
-    circuit = prune(to_graph(df, model, pairs), threshold=1e-3 * df["score"].abs().max())
+    circuit = prune(to_graph(df, model, pairs), threshold=1e-3 * df["effect"].abs().max())
     assert truth.precision_recall(circuit.graph.nodes, neurons=True) == (1.0, 1.0)
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from factfind.errors import ArgumentError
 from factfind.graph import (
     KINDS,
     ROLES,
@@ -184,9 +185,9 @@ def test_from_node_scores_rejects(row, match):
 
 
 def test_from_edge_scores():
-    df = pd.DataFrame({"src": ["embed@final", "embed@final", "L3.h1@final"],
-                       "dst": ["L3.h1@final", "logits@final", "logits@final"],
-                       "score": [0.5, -2.0, 0.25]})
+    df = pd.DataFrame({"sender": ["embed@final", "embed@final", "L3.h1@final"],
+                       "receiver": ["L3.h1@final", "logits@final", "logits@final"],
+                       "effect": [0.5, -2.0, 0.25]})
     g = CircuitGraph.from_edge_scores(df, PROV)
     assert g.node("logits@final") == Node("logits", 4, None, "final")
     assert g.graph.nodes["embed@final"]["score"] == -1.5  # sum of outgoing
@@ -196,10 +197,19 @@ def test_from_edge_scores():
     assert CircuitGraph.from_edge_scores(df, PROV, n_layers=6).node("logits@final").layer == 6
     with pytest.raises(ValueError, match="two rows"):
         CircuitGraph.from_edge_scores(pd.concat([df, df.iloc[:1]]), PROV)
-    loop = pd.DataFrame({"src": ["L1.mlp@final", "L2.mlp@final"],
-                         "dst": ["L2.mlp@final", "L1.mlp@final"], "score": [1.0, 1.0]})
+    loop = pd.DataFrame({"sender": ["L1.mlp@final", "L2.mlp@final"],
+                         "receiver": ["L2.mlp@final", "L1.mlp@final"], "effect": [1.0, 1.0]})
     with pytest.raises(ValueError, match="cycle"):
         CircuitGraph.from_edge_scores(loop, PROV)
+
+
+def test_from_edge_scores_reads_v01_frames_and_names_missing_columns():
+    new = pd.DataFrame({"sender": ["embed@final", "L3.h1@final"],
+                        "receiver": ["L3.h1@final", "logits@final"], "effect": [0.5, -0.25]})
+    old = new.rename(columns={"sender": "src", "receiver": "dst", "effect": "score"})
+    assert CircuitGraph.from_edge_scores(old, PROV) == CircuitGraph.from_edge_scores(new, PROV)
+    with pytest.raises(ArgumentError, match="missing effect"):
+        CircuitGraph.from_edge_scores(new.drop(columns="effect"), PROV)
 
 
 def test_add_edge_needs_its_nodes_and_finite_scores():
@@ -424,5 +434,5 @@ def test_container_protocol_and_repr():
 
 def test_frames_of_empty_graph_have_columns():
     assert list(CircuitGraph(PROV).nodes_frame().columns)[:4] == ["id", "kind", "layer", "index"]
-    assert list(CircuitGraph(PROV).edges_frame().columns) == ["src", "dst", "score", "abs_score",
-                                                              "sign", "method"]
+    assert list(CircuitGraph(PROV).edges_frame().columns) == ["sender", "receiver", "score",
+                                                              "abs_score", "sign", "method"]

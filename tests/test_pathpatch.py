@@ -82,8 +82,8 @@ def test_edge_patching_fast_matches_reference(gpt2_model, pairs):
              ("L0.h3@relation", "L1.h1@final")]
     fast = edge_patching(gpt2_model, pairs, edges)
     slow = edge_patching(gpt2_model, pairs, edges, reference=True)
-    assert np.abs(slow["score"]).max() > 1e-3
-    np.testing.assert_allclose(fast["score"], slow["score"], atol=1e-5)
+    assert np.abs(slow["effect"]).max() > 1e-3
+    np.testing.assert_allclose(fast["effect"], slow["effect"], atol=1e-5)
 
 
 def test_roles_partition_tokens(gpt2_model, facts):

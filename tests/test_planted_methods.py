@@ -109,7 +109,7 @@ def _largest(values: Any) -> float:
 
 
 def _edge_ids(df: pd.DataFrame) -> list[str]:
-    return [f"{s}->{d}" for s, d in zip(df["src"], df["dst"], strict=True)]
+    return [f"{s}->{d}" for s, d in zip(df["sender"], df["receiver"], strict=True)]
 
 
 def _edge_truth(truth) -> frozenset[str]:
@@ -185,16 +185,16 @@ def _edge_patching(p) -> Case:
     or into the logits, and 150 more of the full graph's edges at random."""
     edges = eap(p.model, p.pairs)
     touch = [*p.truth.nodes, "logits@final"]
-    near = edges["src"].isin(touch) | edges["dst"].isin(touch)
+    near = edges["sender"].isin(touch) | edges["receiver"].isin(touch)
     edges = pd.concat([edges[near], edges[~near].sample(150, random_state=0)])
-    df = edge_patching(p.model, p.pairs, list(zip(edges["src"], edges["dst"], strict=True)))
-    return Case(pd.Series(df["score"].to_numpy(), index=_edge_ids(df)), _edge_truth(p.truth))
+    df = edge_patching(p.model, p.pairs, list(zip(edges["sender"], edges["receiver"], strict=True)))
+    return Case(pd.Series(df["effect"].to_numpy(), index=_edge_ids(df)), _edge_truth(p.truth))
 
 
 def _eap(steps: int) -> Callable:
     def run(p) -> Case:
         df = eap(p.model, p.pairs) if steps == 0 else eap_ig(p.model, p.pairs, steps=steps)
-        return Case(pd.Series(df["score"].to_numpy(), index=_edge_ids(df)), _edge_truth(p.truth))
+        return Case(pd.Series(df["effect"].to_numpy(), index=_edge_ids(df)), _edge_truth(p.truth))
     return run
 
 
@@ -273,7 +273,7 @@ def _graph_eap(steps: int) -> Callable:
     def run(p) -> tuple[CircuitGraph, bool]:
         df = eap(p.model, p.pairs) if steps == 0 else eap_ig(p.model, p.pairs, steps=steps)
         graph = to_graph(df, p.model, p.pairs)
-        return prune(graph, threshold=FOUND * _largest(df["score"])), True
+        return prune(graph, threshold=FOUND * _largest(df["effect"])), True
     return run
 
 

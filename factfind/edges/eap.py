@@ -110,9 +110,10 @@ def edge_attribution(
             (:mod:`factfind.edges.eap_reference`, the slow reference) instead of one pass per point.
 
     Returns:
-        One row per edge: ``method``, ``src``, ``dst`` (node ids), ``score`` (mean over prompts
-        of ``(a_u(corrupt) - a_u(clean)) · ∂m/∂x_v``, in metric units), ``n`` (prompts).
-        Feed it to :func:`to_graph`.
+        One row per edge, the edge-result columns of :data:`factfind.types.EDGE_RESULT_COLUMNS`:
+        ``method``, ``sender``, ``receiver`` (node ids), ``effect`` (mean over prompts of
+        ``(a_u(corrupt) - a_u(clean)) · ∂m/∂x_v``, in metric units), ``n`` (prompts). Feed it
+        to :meth:`~factfind.graph.CircuitGraph.from_edge_scores` (or :func:`to_graph`).
 
     Post-norm families (Gemma 2/3, OLMo 2): a head's ``a_u`` is its write after the post norm,
     each run at its own frozen scale (:meth:`~factfind.model.Model.head_out`), so a layer's
@@ -123,7 +124,7 @@ def edge_attribution(
     Example::
 
         df = edge_attribution(model, pairs, steps=5)      # EAP-IG
-        df.sort_values("score", key=abs).tail()
+        df.sort_values("effect", key=abs).tail()
     """
     if steps < 0:
         raise ArgumentError(f"steps must be >= 0, got {steps}")
@@ -400,8 +401,9 @@ def _edge_frame(acc: _Scores, method: str, n: int, feasible: Tensor) -> pd.DataF
     def column(ids: list[str], codes: list[np.ndarray]) -> Any:
         return pd.Series(np.array(ids, dtype=object)).array.take(np.concatenate(codes))
 
-    return pd.DataFrame({"method": method, "src": column(src_ids, src),
-                         "dst": column(dst_ids, dst), "score": np.concatenate(score), "n": n})
+    return pd.DataFrame({"method": method, "sender": column(src_ids, src),
+                         "receiver": column(dst_ids, dst), "effect": np.concatenate(score),
+                         "n": n})
 
 
 def _feasible(labels: Tensor, roles: Sequence[int]) -> Tensor:
@@ -439,9 +441,7 @@ def to_graph(scores: pd.DataFrame, model: Model, pairs: FactPairs, *,
     model's and the pairs' provenance; prune it with :func:`factfind.graph.prune`."""
     method = str(scores["method"].iloc[0]) if len(scores) else "eap"
     prov = provenance(model, pairs, method, {"n": len(pairs), **(config or {})})
-    frame = pd.DataFrame({c: scores[c] for c in ("src", "dst", "score")})
-    return CircuitGraph.from_edge_scores(frame, prov,
-                                         n_layers=model.n_layers)
+    return CircuitGraph.from_edge_scores(scores, prov, n_layers=model.n_layers)
 
 
 __all__ = ["eap", "eap_ig", "edge_attribution", "to_graph"]

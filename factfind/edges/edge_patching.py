@@ -56,7 +56,8 @@ def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike
     direct effect.
 
     Returns:
-        One row per edge: ``method``, ``src``, ``dst``, ``score``, ``n``.
+        One row per edge (:data:`factfind.types.EDGE_RESULT_COLUMNS`, as EAP's): ``method``,
+        ``sender``, ``receiver`` (node ids), ``effect`` (the score above), ``n``.
     """
     pairs_ = [(as_node(u, model), as_node(v, model)) for u, v in edges]
 
@@ -73,9 +74,9 @@ def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike
                            chunk=chunk, progress=progress, desc="edge patching",
                            metric=metric)
     score = (m - clean[None]).mean(1)
-    return pd.DataFrame({"method": "edge_patching", "src": [u.id for u, _ in pairs_],
-                         "dst": [v.id for _, v in pairs_], "score": score.double().numpy(),
-                         "n": m.shape[1]})
+    return pd.DataFrame({"method": "edge_patching", "sender": [u.id for u, _ in pairs_],
+                         "receiver": [v.id for _, v in pairs_],
+                         "effect": score.double().numpy(), "n": m.shape[1]})
 
 
 def provenance(model: Model, pairs: Any, method: str, config: dict[str, Any]) -> Provenance:
@@ -123,10 +124,11 @@ def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 
             continue
         df = edge_patching(model, pairs, edges, metric=metric, batch_size=batch_size,
                            progress=progress)
-        for src, dst, score in zip(df["src"], df["dst"], df["score"], strict=True):
-            if abs(score) >= cut:
-                kept.append({"src": src, "dst": dst, "score": score})
-                u = Node.parse(str(src), n_layers=model.n_layers)
+        for sender, receiver, effect in zip(df["sender"], df["receiver"], df["effect"],
+                                            strict=True):
+            if abs(effect) >= cut:
+                kept.append({"sender": sender, "receiver": receiver, "effect": effect})
+                u = Node.parse(str(sender), n_layers=model.n_layers)
                 if u.kind != "embed" and u.id not in seen and u not in frontier:
                     frontier.append(u)
     if frontier:
@@ -134,7 +136,7 @@ def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 
                     len(seen), len(frontier))
     prov = provenance(model, pairs, "path_patching",
                       {"threshold": threshold, "neurons": neurons, "n": len(pairs)})
-    frame = pd.DataFrame(kept, columns=["src", "dst", "score"])
+    frame = pd.DataFrame(kept, columns=["sender", "receiver", "effect"])
     graph = CircuitGraph.from_edge_scores(frame, prov, n_layers=model.n_layers)
     return graph
 

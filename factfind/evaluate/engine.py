@@ -108,15 +108,17 @@ def circuit_nodes(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> s
 
 def node_scores(scores: CircuitGraph | pd.DataFrame | Mapping[str, float]) -> dict[str, float]:
     """Inner node id -> score from a scored graph (its node scores; for an EAP graph the sum of
-    each node's outgoing edges), an EAP edge frame (``src``, ``score``: summed by source), a
-    node frame (``id``, ``score``) or a mapping."""
+    each node's outgoing edges), an edge result frame (``sender``, ``effect``: summed by
+    sender), a node frame (``id``, ``score``) or a mapping."""
     if isinstance(scores, CircuitGraph):
         items = {n: float(d["score"]) for n, d in scores.graph.nodes(data=True)}
     elif isinstance(scores, pd.DataFrame):
-        if "src" in scores.columns:
+        if "sender" in scores.columns or "src" in scores.columns:  # (v0.1: src, score)
+            new = "sender" in scores.columns
             items = {}
-            for src, score in zip(scores["src"], scores["score"], strict=True):
-                items[src] = items.get(src, 0.0) + float(score)
+            for sender, effect in zip(scores["sender" if new else "src"],
+                                      scores["effect" if new else "score"], strict=True):
+                items[sender] = items.get(sender, 0.0) + float(effect)
         else:
             items = dict(zip(scores["id"], scores["score"], strict=True))
     else:

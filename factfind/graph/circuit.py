@@ -35,7 +35,9 @@ from factfind.graph.provenance import Provenance
 
 STRUCTURAL = "structural"  # method of an edge that the architecture allows but nothing measured
 NODE_COLUMNS = ("id", "kind", "layer", "index", "role", "score", "abs_score", "sign", "method")
-EDGE_COLUMNS = ("src", "dst", "score", "abs_score", "sign", "method")
+EDGE_COLUMNS = ("sender", "receiver", "score", "abs_score", "sign", "method")
+#: the column names of v0.1 edge frames (``src``, ``dst``, ``score``), still read
+_V01_EDGE_NAMES = {"src": "sender", "dst": "receiver", "score": "effect"}
 COMPONENT_KINDS = {
     "head_out": "head", "z": "head", "attn_out": "attn", "attn": "attn", "mlp_out": "mlp",
     "mlp": "mlp", "neurons": "neuron", "resid_pre": "resid", "resid_post": "resid",
@@ -98,9 +100,10 @@ class CircuitGraph:
         return df
 
     def edges_frame(self) -> pd.DataFrame:
-        """One row per edge, ordered by (src, dst) node order: :data:`EDGE_COLUMNS` + extras."""
+        """One row per edge, ordered by (sender, receiver) node order: :data:`EDGE_COLUMNS` +
+        extras."""
         edges = sorted(self.graph.edges, key=lambda e: (self.node(e[0]), self.node(e[1])))
-        return _frame([{"src": u, "dst": v, **self.graph.edges[u, v]} for u, v in edges],
+        return _frame([{"sender": u, "receiver": v, **self.graph.edges[u, v]} for u, v in edges],
                       EDGE_COLUMNS)
 
     @classmethod
@@ -138,13 +141,23 @@ class CircuitGraph:
     @classmethod
     def from_edge_scores(cls, df: pd.DataFrame, provenance: Provenance, *,
                          n_layers: int | None = None) -> CircuitGraph:
-        """A graph from EAP / EAP-IG results: columns ``src``, ``dst`` (node ids), ``score``,
-        optional ``method``. A node's score is the sum of its outgoing edges' (for a complete
-        EAP graph this is its attribution-patching score, by linearity of the residual stream);
-        the logits' is the sum of its incoming ones. ``n_layers`` defaults to what the ids imply.
+        """A graph from an edge result frame (EAP, EAP-IG, edge patching): columns ``sender``,
+        ``receiver`` (node ids), ``effect`` (the edge's score), optional ``method``; v0.1's
+        ``src``, ``dst``, ``score`` are read too. A node's score is the sum of its outgoing
+        edges' (for a complete EAP graph this is its attribution-patching score, by linearity
+        of the residual stream); the logits' is the sum of its incoming ones. ``n_layers``
+        defaults to what the ids imply.
         """
-        rows = df.to_dict("records")
-        ids = {r["src"] for r in rows} | {r["dst"] for r in rows}
+        df = df.rename(columns={k: v for k, v in _V01_EDGE_NAMES.items()
+                                if k in df.columns and v not in df.columns})
+        missing = [c for c in ("sender", "receiver", "effect") if c not in df.columns]
+        if missing:
+            have = ", ".join(map(str, df.columns))
+            raise ArgumentError(f"an edge frame needs columns sender, receiver, effect; missing "
+                                f"{', '.join(missing)} (columns: {have})")
+        rows = df[[c for c in ("sender", "receiver", "effect", "method")
+                   if c in df.columns]].to_dict("records")
+        ids = {r["sender"] for r in rows} | {r["receiver"] for r in rows}
         inner = [Node.parse(i) for i in ids if not i.startswith("logits@")]
         if n_layers is None:
             n_layers = max((n.layer + (n.kind != "resid") for n in inner), default=0)
@@ -152,15 +165,16 @@ class CircuitGraph:
         out: dict[str, float] = defaultdict(float)
         into: dict[str, float] = defaultdict(float)
         for r in rows:
-            out[r["src"]] += float(r["score"])
-            into[r["dst"]] += float(r["score"])
+            out[r["sender"]] += float(r["effect"])
+            into[r["receiver"]] += float(r["effect"])
         g = cls(provenance)
         for n in sorted(nodes):
             g.add_node(n, score=out[n.id] if n.id in out else into[n.id])
         for r in rows:
-            if g.graph.has_edge(r["src"], r["dst"]):
-                raise ArgumentError(f"two rows for edge {r['src']}->{r['dst']}")
-            g.add_edge(r["src"], r["dst"], score=r["score"], method=_get(r, "method", None))
+            if g.graph.has_edge(r["sender"], r["receiver"]):
+                raise ArgumentError(f"two rows for edge {r['sender']}->{r['receiver']}")
+            g.add_edge(r["sender"], r["receiver"], score=r["effect"],
+                       method=_get(r, "method", None))
         if not nx.is_directed_acyclic_graph(g.graph):
             raise ArgumentError(f"edges form a cycle: {nx.find_cycle(g.graph)}")
         return g
