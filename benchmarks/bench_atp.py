@@ -70,7 +70,7 @@ def brute_force(model, pb, index, *, sample: int | None, seed: int = 0):
     ids = np.random.default_rng(seed).choice(len(index), size=sample, replace=False)
     sets = [[index.site(int(i))] for i in ids]
     t0 = time.perf_counter()
-    patch_node_sets(model, pb, sets, batch_size=len(pb.correct))
+    patch_node_sets(model, pb, sets, batch_size=len(pb.correct), progress=False)
     return time.perf_counter() - t0, sample, None
 
 

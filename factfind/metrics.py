@@ -72,6 +72,20 @@ def prob(logits: Tensor, ids: Tensor) -> Tensor:
     return _gather(torch.log_softmax(logits.float(), -1), ids).exp()
 
 
+def prob_correct(logits: Tensor, correct: Tensor, wrong: Tensor) -> Tensor:
+    """A :data:`~factfind.types.Metric`: the probability of the correct attribute's first token
+    (ROME's causal-tracing quantity; ``wrong`` is unused). Pass it as ``metric=`` to any
+    analysis that measures a metric.
+
+    Example::
+
+        >>> prob_correct(torch.tensor([[0.0, 0.0]]), torch.tensor([1]), torch.tensor([0]))
+        tensor([0.5000])
+    """
+    del wrong
+    return prob(logits, correct)
+
+
 def rank(logits: Tensor, ids: Tensor) -> Tensor:
     """0-based rank of ``ids`` per row (0 = top-1); ties counted in the token's favour."""
     target = _gather(logits, ids)

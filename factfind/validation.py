@@ -18,7 +18,7 @@ with the same message, instead of failing deep inside a forward pass with an int
   layer in ``0 .. n_layers - 1``, each component a :class:`~factfind.types.Component`, each
   role a :class:`~factfind.types.Role`;
 * ``direction`` one of :data:`~factfind.types.DIRECTIONS`, ``how`` one of
-  :data:`~factfind.types.ABLATIONS`.
+  :data:`~factfind.types.ABLATIONS`, ``metric`` a function (a :data:`~factfind.types.Metric`).
 
 Errors are :class:`~factfind.errors.ArgumentError` (or
 :class:`~factfind.errors.EmptyInputError` for empty data), whose message names the function,
@@ -130,6 +130,11 @@ def check_argument(where: str, name: str, value: Any, annotation: str, default: 
         if value not in ABLATIONS:
             raise bad(f"one of {', '.join(map(repr, ABLATIONS))}")
         return
+    if name == "metric":
+        if value is not None and not callable(value):
+            raise bad("a function metric(logits, correct, wrong) -> one number per row "
+                      "(e.g. factfind.metrics.logit_diff), or None")
+        return
     # only materialised collections: iterating a generator would empty it for the function
     listed = isinstance(value, Sequence | Set) and not isinstance(value, str | bytes)
     if listed and annotation.replace(" ", "") in SITE_LISTS:
@@ -145,7 +150,7 @@ def check_argument(where: str, name: str, value: Any, annotation: str, default: 
             n = getattr(model, "n_layers", None)
             for layer in items:
                 if not isinstance(layer, numbers.Integral) or isinstance(layer, bool) or \
-                        layer < 0 or (n is not None and layer >= n):
+                        int(layer) < 0 or (n is not None and int(layer) >= n):
                     top = f"0 .. {n - 1}" if n is not None else ">= 0"
                     raise OutOfRangeError(f"{where}: layer {layer!r} does not exist: layers "
                                           f"must be {top}")

@@ -98,7 +98,7 @@ from factfind.attribute.running_stats import RunningStats, running_update
 from factfind.data.batch import PairBatch, pair_batches
 from factfind.errors import ArgumentError, check_mode
 from factfind.localize.patching import DEFAULT_ROLES
-from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.types import DIRECTIONS, Component, Metric, Role, SiteKey
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -341,6 +341,7 @@ def estimate(
     per_prompt: bool = False,
     progress: bool = True,
     remote: Remote = None,
+    metric: Metric | None = None,
 ) -> Estimates:
     """AtP (optionally with AtP*'s QK fix and GradDrop) for every node, streamed over prompts.
 
@@ -360,6 +361,8 @@ def estimate(
         per_prompt: also keep ``[prompt node]`` estimates (memory grows with prompts).
         remote: run every forward and backward as one nnsight session, ``"local"`` or on
             NDIF (``True``); see :meth:`~factfind.model.Model.session`.
+        metric: ``metric(logits, correct, wrong) -> [rows]``, differentiable (default the
+            logit difference); AtP linearises it around the base run.
 
     Returns:
         :class:`Estimates` (``.frame`` is the tidy frame, ``.prompt_frame`` per prompt).
@@ -375,7 +378,7 @@ def estimate(
                disable=not progress)
     state, gd_sums, kept = model.session(
         _atp_sweep, model, batches, index, direction=direction, qk_fix=qk_fix, drops=drops,
-        per_prompt=per_prompt, progress=bar.update, remote=remote)
+        per_prompt=per_prompt, progress=bar.update, remote=remote, metric=metric)
     bar.close()
     stats_ = RunningStats.from_state(state)
     gd = None
@@ -392,7 +395,7 @@ def estimate(
 
 def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, direction: str,
                qk_fix: bool, drops: list[int], per_prompt: bool,
-               progress: Callable[[int], Any] | None = None
+               progress: Callable[[int], Any] | None = None, metric: Metric | None = None,
                ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
     """The model-side half of :func:`estimate` (one nnsight session, torch only): the running
     statistics' accumulators, GradDrop's per-layer sums ``[drop node]`` and, if asked, the
@@ -406,7 +409,7 @@ def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, dire
     base_keys, src_keys = _saves(index, grads=True), _saves(index, grads=False)
     for pb in batches:
         base_tb, src_tb = pb.base_and_source(direction)
-        fn = lambda lg, pb=pb: pb.logit_diff(lg).sum()
+        fn = lambda lg, pb=pb: pb.measure(lg, 1, metric).sum()
         run = model.run(base_tb, save=base_keys, metric=fn)
         src = model.run(src_tb, save=src_keys).acts
         dev = model.device

@@ -45,7 +45,7 @@ from factfind.data.batch import PairBatch, encode_pairs, pair_batches
 from factfind.errors import ArgumentError, check_mode
 from factfind.localize.patching import DEFAULT_ROLES, PatchSite, auto_chunk
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, group_start, plan_groups
-from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.types import DIRECTIONS, Component, Metric, Role, SiteKey
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class _Prepared:
     allow: Tensor  # [B q k]
     masks: dict[Role | int, Tensor] = field(default_factory=dict)
     prefix: Prefix | None = None  # the cached base run, for incremental patched runs
+    metric: Metric | None = None  # what is measured (None: the logit difference)
 
     def mask(self, position: Role | int) -> Tensor:
         """``[B pos]`` bool on the model's device."""
@@ -96,7 +97,8 @@ def _check_set(group: NodeSet) -> None:
 
 
 def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSite], *,
-             direction: str, batch_size: int, incremental: bool = True) -> list[_Prepared]:
+             direction: str, batch_size: int, incremental: bool = True,
+             metric: Metric | None = None) -> list[_Prepared]:
     check_mode(direction, "direction", DIRECTIONS)
     sites = list(sites)
     keys = sorted({(s.component, s.layer) for s in sites if s.component not in ATTENTION_INPUTS})
@@ -110,9 +112,10 @@ def _prepare(model: Model, pairs: FactPairs | PairBatch, sites: Iterable[PatchSi
         s_run = model.run(source, save=keys + qkv_keys)
         qkv = {layer: tuple(r.acts[(c, layer)] for r in (b_run, s_run) for c in ATTENTION_INPUTS)
                for layer in qkv_layers}
-        out.append(_Prepared(start, pb, base, pb.logit_diff(b_run.logits),
+        out.append(_Prepared(start, pb, base, pb.measure(b_run.logits, 1, metric),
                              {k: s_run.acts[k] for k in keys}, qkv,
-                             attention_allow(base, model.device), prefix=prefix))
+                             attention_allow(base, model.device), prefix=prefix,
+                             metric=metric))
     return out
 
 
@@ -197,7 +200,7 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
     else:
         starts = [_set_start(p, group) for group in sets]
         run = model.run_from(p.prefix, start=group_start(starts, range(S)), reps=S, edits=edits)
-    effect = p.pb.logit_diff(run.logits, S).reshape(S, B) - p.m_base[None]
+    effect = p.pb.measure(run.logits, S, p.metric).reshape(S, B) - p.m_base[None]
     return effect, valid
 
 
@@ -222,8 +225,9 @@ def _chunk(model: Model, p: _Prepared) -> int:
 
 def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[NodeSet], *,
                     direction: str = "noise", batch_size: int = 32, chunk: int | None = None,
-                    per_prompt: bool = False, progress: bool = False,
-                    prepared: list[_Prepared] | None = None) -> RunningStats | Tensor:
+                    per_prompt: bool = False, progress: bool = True,
+                    prepared: list[_Prepared] | None = None,
+                    metric: Metric | None = None) -> RunningStats | Tensor:
     """Exactly patch each set of nodes together (one set per stacked copy).
 
     Args:
@@ -232,13 +236,15 @@ def patch_node_sets(model: Model, pairs: FactPairs | PairBatch, sets: Sequence[N
         chunk: sets stacked per forward (default from free memory).
         per_prompt: return ``[set prompt]`` effects (NaN where the set touches nothing)
             instead of streamed :class:`~factfind.attribute.atp.RunningStats`.
+        prepared: batches already prepared (with their metric) by the caller.
+        metric: ``metric(logits, correct, wrong) -> [rows]`` (default the logit difference).
 
     Returns:
         Per set, ``M(patched) - M(base)`` statistics over prompts (or per prompt).
     """
     if prepared is None:
         prepared = _prepare(model, pairs, [s for g in sets for s in g], direction=direction,
-                            batch_size=batch_size)
+                            batch_size=batch_size, metric=metric)
     stats = RunningStats(len(sets))
     rows = []
     bar = tqdm(total=len(sets) * len(prepared), desc="exact patching", disable=not progress)
@@ -279,8 +285,12 @@ def exact_patching(
     chunk: int | None = None,
     per_prompt: bool = False,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> pd.DataFrame:
     """Brute force: patch every node of :func:`~factfind.attribute.atp.estimate`'s node set exactly.
+
+    ``metric(logits, correct, wrong) -> [rows]`` is what a patch changes (default the logit
+    difference); the other arguments are :func:`~factfind.attribute.atp.estimate`'s.
 
     Returns:
         The same layout as :func:`~factfind.attribute.atp.atp` with ``method="exact"``: one row per
@@ -289,7 +299,8 @@ def exact_patching(
     index = NodeIndex.build(model, components=components, positions=positions, layers=layers)
     sets = [[index.site(i)] for i in range(len(index))]
     out = patch_node_sets(model, pairs, sets, direction=direction, batch_size=batch_size,
-                          chunk=chunk, per_prompt=per_prompt, progress=progress)
+                          chunk=chunk, per_prompt=per_prompt, progress=progress,
+                          metric=metric)
     if isinstance(out, Tensor):  # [node prompt]
         prompts = np.repeat(np.arange(out.shape[1]), len(index))
         df = node_frame(index, "exact", {"effect": out.T.flatten()}, prompts=prompts)
@@ -301,7 +312,8 @@ def exact_patching(
 
 @validated
 def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[NodeSet], *,
-                             direction: str = "noise") -> Tensor:
+                             direction: str = "noise", metric: Metric | None = None
+                             ) -> Tensor:
     """The slow reference of :func:`patch_node_sets`: one set per forward over the whole padded
     batch, values written by direct index assignment in plain loops, and patched heads'
     ``z`` recomputed query row by query row from ``q, k, v`` (a softmax per row).
@@ -317,7 +329,7 @@ def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[Node
     qkv_keys = sorted({(c, s.layer) for s in flat if s.component in ATTENTION_INPUTS
                        for c in ATTENTION_INPUTS})
     b_run, s_run = model.run(base, save=qkv_keys), model.run(source, save=keys + qkv_keys)
-    m_base = pb.logit_diff(b_run.logits)
+    m_base = pb.measure(b_run.logits, 1, metric)
     am = base.attention_mask.bool()
     out = torch.full((len(sets), len(m_base)), float("nan"))
     for i, group in enumerate(sets):
@@ -373,8 +385,8 @@ def exact_patching_reference(model: Model, pairs: FactPairs, sets: Sequence[Node
                             a[b, t, head] = z[b, t].to(a.dtype)
                 return a
             edits[(Component.Z, layer)] = put_z
-        metric = pb.logit_diff(model.run(base, edits=edits).logits)
+        m = pb.measure(model.run(base, edits=edits).logits, 1, metric)
         for b in range(len(m_base)):
             if any(where[s][b] for s in group):
-                out[i, b] = float(metric[b] - m_base[b])
+                out[i, b] = float(m[b] - m_base[b])
     return out

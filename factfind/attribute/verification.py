@@ -61,7 +61,7 @@ from factfind.data.batch import PairBatch
 from factfind.errors import ArgumentError
 from factfind.localize.patching import PatchSite
 from factfind.results import tidy
-from factfind.types import Role
+from factfind.types import Metric, Role
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def verify(
     chunk: int = 16,
     batch_size: int = 32,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> Verification:
     """Patch candidates exactly in descending ``score`` until the stopping rule (module doc).
 
@@ -152,6 +153,8 @@ def verify(
         budget: never verify more than this many.
         chunk: candidates patched per stacked forward (fewer once the stopping rule is
             within reach, so no candidate is patched after the stop).
+        metric: ``metric(logits, correct, wrong) -> [rows]`` (default the logit difference;
+            use the estimates' metric).
 
     Returns:
         A :class:`Verification`.
@@ -169,7 +172,7 @@ def verify(
     sites = sites_from_frame(cand)
     limit = len(sites) if budget is None else min(budget, len(sites))
     prepared = _prepare(model, pairs, sites[:limit], direction=direction,
-                        batch_size=batch_size)
+                        batch_size=batch_size, metric=metric)
     stats: list[dict[str, Tensor]] = []
     if top_k is not None and top_k < 1:
         raise ArgumentError(f"top_k must be >= 1, got {top_k}")
@@ -187,7 +190,8 @@ def verify(
         # more could end the search
         size = chunk if below == 0 or done < min_verified else min(chunk, patience - below)
         group = [[s] for s in sites[done:min(limit, done + max(1, size))]]
-        st = patch_node_sets(model, pairs, group, chunk=chunk, prepared=prepared)
+        st = patch_node_sets(model, pairs, group, chunk=chunk, prepared=prepared,
+                             progress=False)
         assert isinstance(st, RunningStats)
         vals = st.values()
         stats.append(vals)
@@ -260,6 +264,7 @@ def missed_effect_bound(
     chunk: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    metric: Metric | None = None,
 ) -> Bound:
     """Bound the exact effect of the candidates :func:`verify` did not patch (module doc).
 
@@ -269,6 +274,8 @@ def missed_effect_bound(
         coverage: subsets each node lands in (the bound is the minimum over them).
         max_nodes: only the first ``max_nodes`` unverified ranks (default all).
         seed: the subsets' shuffle.
+        metric: ``metric(logits, correct, wrong) -> [rows]`` (default the logit difference;
+            use the verification's metric).
 
     Returns:
         A :class:`Bound`; valid under the no-cancellation assumption stated in the module doc.
@@ -297,7 +304,8 @@ def missed_effect_bound(
             members += [perm[i:i + subset_size] for i in range(0, len(perm), subset_size)]
     sets = [[sites[j] for j in m] for m in members]
     stats = patch_node_sets(model, pairs, sets, direction=verification.direction,
-                            batch_size=batch_size, chunk=chunk, progress=progress)
+                            batch_size=batch_size, chunk=chunk, progress=progress,
+                            metric=metric)
     assert isinstance(stats, RunningStats)
     size = stats.values()["effect"].abs().nan_to_num(0.0).numpy()
     bound = np.full(len(sites), np.inf)

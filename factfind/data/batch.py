@@ -37,7 +37,15 @@ from factfind.errors import (
     check_mode,
 )
 from factfind.metrics import logit_diff
-from factfind.types import DIRECTIONS, GROUP_ROLES, POINT_ROLES, ROLE_NAMES, Direction, Role
+from factfind.types import (
+    DIRECTIONS,
+    GROUP_ROLES,
+    POINT_ROLES,
+    ROLE_NAMES,
+    Direction,
+    Metric,
+    Role,
+)
 
 if TYPE_CHECKING:
     from factfind.data.pairs import FactPairs
@@ -221,6 +229,18 @@ class PairBatch:
         """``[reps * batch]`` float: logit of the clean attribute minus the corrupt one, for
         ``logits [reps * batch d_vocab]`` of the batch stacked ``reps`` times."""
         return logit_diff(logits, self.correct.repeat(reps), self.wrong.repeat(reps)).float()
+
+    def measure(self, logits: Tensor, reps: int = 1, metric: Metric | None = None) -> Tensor:
+        """``[reps * batch]`` float: ``metric(logits, correct, wrong)`` (default the logit
+        difference, :meth:`logit_diff`) for the batch stacked ``reps`` times."""
+        if metric is None:
+            return self.logit_diff(logits, reps)
+        out = metric(logits, self.correct.repeat(reps).to(logits.device),
+                     self.wrong.repeat(reps).to(logits.device))
+        if out.shape != (logits.shape[0],):
+            raise ArgumentError(f"metric must return one number per row, shape "
+                                f"({logits.shape[0]},); got {tuple(out.shape)}")
+        return out.float()
 
 
 def encode_pairs(model: Tokenizes, pairs: FactPairs) -> PairBatch:

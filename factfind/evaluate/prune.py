@@ -174,7 +174,7 @@ def prune_circuit(
     model: Model, data: FactPairs | FactDataset, circuit: CircuitLike, *, target: float = 0.9,
     step: float = 0.25, min_nodes: int = 1, how: str = "mean", neurons: bool | None = None,
     max_rounds: int = 200, exact: Sequence[str] = ("head", "mlp"), reserve: float = 0.5,
-    progress: bool = False, **kwargs: Any,
+    progress: bool = True, **kwargs: Any,
 ) -> pd.DataFrame:
     """Iterative attribution-guided backward elimination (see the module docstring).
 

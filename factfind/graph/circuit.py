@@ -155,8 +155,8 @@ class CircuitGraph:
             have = ", ".join(map(str, df.columns))
             raise ArgumentError(f"an edge frame needs columns sender, receiver, effect; missing "
                                 f"{', '.join(missing)} (columns: {have})")
-        rows = df[[c for c in ("sender", "receiver", "effect", "method")
-                   if c in df.columns]].to_dict("records")
+        rows = pd.DataFrame(df[[c for c in ("sender", "receiver", "effect", "method")
+                                if c in df.columns]]).to_dict("records")
         ids = {r["sender"] for r in rows} | {r["receiver"] for r in rows}
         inner = [Node.parse(i) for i in ids if not i.startswith("logits@")]
         if n_layers is None:

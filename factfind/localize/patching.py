@@ -42,10 +42,9 @@ from tqdm.auto import tqdm
 
 from factfind.data.batch import PairBatch, encode_pairs
 from factfind.errors import ArgumentError, OutOfRangeError
-from factfind.metrics import logit_diff
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, group_start, plan_groups
 from factfind.results import tidy
-from factfind.types import Component, Role, SiteKey
+from factfind.types import Component, Metric, Role, SiteKey
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -118,17 +117,18 @@ def auto_chunk(model: Model, rows: int, n_pos: int, *, budget_bytes: int | None 
                                cap=256)
 
 
-def _metric(logits: Tensor, pb: PairBatch, reps: int) -> Tensor:
+def _metric(logits: Tensor, pb: PairBatch, reps: int, metric: Metric | None = None) -> Tensor:
     # float32 whatever the model's dtype (bf16 logits would lose the difference's precision)
-    return logit_diff(logits.float(), pb.correct.repeat(reps), pb.wrong.repeat(reps))
+    return pb.measure(logits.float(), reps, metric)
 
 
 def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
-                     sites: Sequence[PatchSite], pb: PairBatch) -> Tensor:
+                     sites: Sequence[PatchSite], pb: PairBatch,
+                     metric: Metric | None = None) -> Tensor:
     """Metric ``[site batch]`` for each site patched alone, all sites in one forward."""
     n_sites = len(sites)
     run = model.run(base.repeat(n_sites), edits=_site_edits(model, base, source, sites))
-    return _metric(run.logits, pb, n_sites).reshape(n_sites, -1)
+    return _metric(run.logits, pb, n_sites, metric).reshape(n_sites, -1)
 
 
 def site_start(base: TokenBatch, site: PatchSite) -> tuple[int, int]:
@@ -139,14 +139,14 @@ def site_start(base: TokenBatch, site: PatchSite) -> tuple[int, int]:
 
 def _patched_metrics_from(model: Model, prefix: Prefix, base: TokenBatch,
                           source: dict[SiteKey, Tensor], sites: Sequence[PatchSite],
-                          pb: PairBatch) -> Tensor:
+                          pb: PairBatch, metric: Metric | None = None) -> Tensor:
     """:func:`_patched_metrics` as one incremental forward (:meth:`~factfind.model.Model.
     run_from`) started at the sites' earliest layer and position."""
     starts = [site_start(base, s) for s in sites]
     start = group_start(starts, range(len(sites)))
     run = model.run_from(prefix, start=start, reps=len(sites),
                          edits=_site_edits(model, base, source, sites))
-    return _metric(run.logits, pb, len(sites)).reshape(len(sites), -1)
+    return _metric(run.logits, pb, len(sites), metric).reshape(len(sites), -1)
 
 
 def _site_edits(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
@@ -197,6 +197,7 @@ def activation_patching(
     progress: bool = True,
     remote: Remote = None,
     incremental: bool = True,
+    metric: Metric | None = None,
 ) -> pd.DataFrame:
     """Patch every site, batched, and return per-prompt effects (tidy frame).
 
@@ -217,17 +218,19 @@ def activation_patching(
             the cached base run (:mod:`factfind.model.incremental`; local runs only). Cost: about
             ``(n_layers - layer) / n_layers * (P - position) / P`` of a forward per site, a
             quarter on average over every layer and position, plus one forward per batch.
+        metric: ``metric(logits, correct, wrong) -> [rows]`` (default the logit difference;
+            e.g. :func:`factfind.metrics.prob_correct` for ROME's probability).
 
     Returns:
         Per (site, prompt) rows: ``effect`` (normalised, see module docstring), ``metric``
-        (patched logit difference), ``clean`` and ``corrupt`` metrics.
+        (the patched metric), ``clean`` and ``corrupt`` metrics.
     """
     if direction not in ("denoise", "noise"):
         raise ArgumentError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     sites = enumerate_sites(model, components=components, positions=positions, layers=layers)
     return _run_patching(model, pairs, sites, direction=direction, batch_size=batch_size,
                          chunk=chunk, progress=progress, remote=remote,
-                         incremental=incremental)
+                         incremental=incremental, metric=metric)
 
 
 @validated
@@ -235,7 +238,7 @@ def activation_patching_reference(
     model: Model, pairs: FactPairs, *,
     components: Iterable[str | Component] = ("resid_pre", "attn_out", "mlp_out"),
     positions: Iterable[Role | int | str] = DEFAULT_ROLES, layers: Iterable[int] | None = None,
-    direction: str = "denoise",
+    direction: str = "denoise", metric: Metric | None = None,
 ) -> pd.DataFrame:
     """The slow exact reference: one site per forward, a plain loop that writes the source
     activation by direct index assignment, row by row (no masks, no stacking of sites).
@@ -248,8 +251,8 @@ def activation_patching_reference(
     pb = encode_pairs(model, pairs)
     keys = sorted({s.key for s in sites})
     clean, corrupt = model.run(pb.clean, save=keys), model.run(pb.corrupt, save=keys)
-    m_clean = _metric(clean.logits, pb, 1).tolist()
-    m_corrupt = _metric(corrupt.logits, pb, 1).tolist()
+    m_clean = _metric(clean.logits, pb, 1, metric).tolist()
+    m_corrupt = _metric(corrupt.logits, pb, 1, metric).tolist()
     base, src = (pb.corrupt, clean.acts) if direction == "denoise" else (pb.clean, corrupt.acts)
     for site in sites:
         where = [m.nonzero()[:, 0].tolist() for m in base.position_mask(site.position)]
@@ -264,8 +267,8 @@ def activation_patching_reference(
                         a[b, p, site.head] = src[site.key][b, p, site.head]
             return a
 
-        metric = _metric(model.run(base, edits={site.key: put}).logits, pb, 1).tolist()
-        for b, m in enumerate(metric):
+        patched = _metric(model.run(base, edits={site.key: put}).logits, pb, 1, metric).tolist()
+        for b, m in enumerate(patched):
             diff = m - m_corrupt[b] if direction == "denoise" else m_clean[b] - m
             rows.append({
                 "method": f"activation_patching/{direction}",
@@ -282,7 +285,7 @@ def activation_patching_reference(
 def _patching_sweep(model: Model, pb_all: PairBatch, sites: list[PatchSite], *, direction: str,
                     batch_size: int, chunk: int | None,
                     progress: Callable[[int], Any] | None = None,
-                    incremental: bool = False) -> list[Tensor]:
+                    incremental: bool = False, metric: Metric | None = None) -> list[Tensor]:
     """The model-side half of :func:`activation_patching`: every forward of the sweep, and only
     the numbers the table needs - per prompt batch a ``[2 + site, batch]`` tensor (clean
     metric, corrupt metric, then each site's patched metric). Runs as one nnsight session
@@ -302,8 +305,8 @@ def _patching_sweep(model: Model, pb_all: PairBatch, sites: list[PatchSite], *, 
         corrupt = model.run(pb.corrupt, save=keys) if not denoise or not incremental else None
         lg_clean = clean.logits if clean is not None else prefix.logits  # type: ignore[union-attr]
         lg_corrupt = corrupt.logits if corrupt is not None else prefix.logits  # type: ignore[union-attr]
-        m_clean = _metric(lg_clean, pb, 1)
-        m_corrupt = _metric(lg_corrupt, pb, 1)
+        m_clean = _metric(lg_clean, pb, 1, metric)
+        m_corrupt = _metric(lg_corrupt, pb, 1, metric)
         base = pb.corrupt if denoise else pb.clean
         src = (clean if denoise else corrupt).acts  # type: ignore[union-attr]
         size = chunk or auto_chunk(model, len(m_clean), pb.clean.input_ids.shape[1])
@@ -319,9 +322,9 @@ def _patching_sweep(model: Model, pb_all: PairBatch, sites: list[PatchSite], *, 
         for group in groups:
             chosen = [sites[i] for i in group]
             if prefix is None:
-                got = _patched_metrics(model, base, src, chosen, pb)
+                got = _patched_metrics(model, base, src, chosen, pb, metric)
             else:
-                got = _patched_metrics_from(model, prefix, base, src, chosen, pb)
+                got = _patched_metrics_from(model, prefix, base, src, chosen, pb, metric)
             patched[group] = got.detach().cpu().to(patched.dtype)
             if progress is not None:
                 progress(len(group) * len(m_clean))
@@ -331,25 +334,26 @@ def _patching_sweep(model: Model, pb_all: PairBatch, sites: list[PatchSite], *, 
 
 def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, direction: str,
                   batch_size: int, chunk: int | None, progress: bool,
-                  remote: Remote = None, incremental: bool = True) -> pd.DataFrame:
+                  remote: Remote = None, incremental: bool = True,
+                  metric: Metric | None = None) -> pd.DataFrame:
     pb_all = encode_pairs(model, pairs)
     bar = tqdm(total=len(pairs) * len(sites), desc=f"patching ({direction})",
                disable=not progress, unit="site")
     metrics = model.session(_patching_sweep, model, pb_all, sites,
                             direction=direction, batch_size=batch_size, chunk=chunk,
                             progress=bar.update, remote=remote,
-                            incremental=incremental and not remote)
+                            incremental=incremental and not remote, metric=metric)
     bar.close()
     frames: list[pd.DataFrame] = []
     for k, block in enumerate(metrics):
         start = k * batch_size
         base = (pb_all.corrupt if direction == "denoise" else pb_all.clean).take(
             slice(start, start + block.shape[1]))
-        m_clean, m_corrupt, metric = block[0], block[1], block[2:]
+        m_clean, m_corrupt, patched = block[0], block[1], block[2:]
         if direction == "denoise":
-            effect = (metric - m_corrupt) / (m_clean - m_corrupt)
+            effect = (patched - m_corrupt) / (m_clean - m_corrupt)
         else:
-            effect = (m_clean - metric) / (m_clean - m_corrupt)
+            effect = (m_clean - patched) / (m_clean - m_corrupt)
         valid = torch.stack([base.position_mask(s.position).any(-1) for s in sites])
         effect = torch.where(valid, effect, torch.nan)
         nb = block.shape[1]
@@ -364,7 +368,7 @@ def _run_patching(model: Model, pairs: FactPairs, sites: list[PatchSite], *, dir
                                for x in sites], nb),
             "prompt": np.tile(np.arange(start, start + nb), len(sites)),
             "effect": effect.reshape(-1).numpy(),
-            "metric": metric.reshape(-1).numpy(),
+            "metric": patched.reshape(-1).numpy(),
             "clean": np.tile(m_clean.numpy(), len(sites)),
             "corrupt": np.tile(m_corrupt.numpy(), len(sites)),
         }))

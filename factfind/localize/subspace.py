@@ -56,7 +56,7 @@ from factfind.data.batch import PairBatch, encode_pairs, pair_batches
 from factfind.errors import ArgumentError, check_mode
 from factfind.model.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.results import tidy
-from factfind.types import DIRECTIONS, Component, Role, SiteKey
+from factfind.types import DIRECTIONS, Component, Metric, Role, SiteKey
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ def subspace_patching(
     batch_size: int = 16,
     max_rows: int = 512,
     incremental: bool = True,
+    metric: Metric | None = None,
 ) -> pd.DataFrame:
     """Patch each subspace alone, every patch of a chunk in one forward (module docstring).
 
@@ -215,6 +216,7 @@ def subspace_patching(
         direction: ``"denoise"`` (corrupt run, clean activations; default) or ``"noise"``.
         max_rows: at most this many rows (patches x prompts) per forward.
         incremental: resume each stacked forward from the cached base run.
+        metric: ``metric(logits, correct, wrong) -> [rows]`` (default the logit difference).
 
     Returns:
         One row per (patch, prompt): ``method="subspace_patching/<direction>"``, component,
@@ -232,11 +234,11 @@ def subspace_patching(
         n = len(b.correct)
         prefix = model.base_run(base) if incremental else None
         denoise = direction == "denoise"
-        clean = b.logit_diff(prefix.logits if prefix is not None and not denoise
-                           else model.run(b.clean).logits).cpu()
+        clean = b.measure(prefix.logits if prefix is not None and not denoise
+                          else model.run(b.clean).logits, 1, metric).cpu()
         source_run = model.run(src, save=keys)
-        corrupt = b.logit_diff(prefix.logits if prefix is not None and denoise
-                             else model.run(b.corrupt).logits).cpu()
+        corrupt = b.measure(prefix.logits if prefix is not None and denoise
+                            else model.run(b.corrupt).logits, 1, metric).cpu()
         per = max(1, max_rows // n)
         if prefix is None:
             plan = [list(range(c0, min(len(patches), c0 + per)))
@@ -254,7 +256,7 @@ def subspace_patching(
             else:
                 resume = (min(starts[i][0] for i in idx), min(starts[i][1] for i in idx))
                 out = model.run_from(prefix, start=resume, reps=len(chunk), edits=edits)
-            m = b.logit_diff(out.logits, len(chunk)).cpu().reshape(len(chunk), n)
+            m = b.measure(out.logits, len(chunk), metric).cpu().reshape(len(chunk), n)
             for j, (i, p) in enumerate(zip(idx, chunk, strict=True)):
                 rows[i].extend(_rows(p, start, m[j], clean, corrupt, direction))
     return tidy([r for per_patch in rows for r in per_patch])
@@ -262,7 +264,8 @@ def subspace_patching(
 
 @validated
 def subspace_patching_reference(model: Model, pairs: FactPairs, patches: Sequence[SubspacePatch],
-                                *, direction: str = "denoise") -> pd.DataFrame:
+                                *, direction: str = "denoise", metric: Metric | None = None
+                                ) -> pd.DataFrame:
     """The slow exact reference of :func:`subspace_patching`: one pair and one patch per
     forward, the projector computed as ``B pinv(B)`` (the identity for the full patch)."""
     check_mode(direction, "direction", DIRECTIONS)
@@ -271,8 +274,8 @@ def subspace_patching_reference(model: Model, pairs: FactPairs, patches: Sequenc
     for p, i in itertools.product(patches, range(len(pairs))):  # patch-major, then prompt
         pb = encode_pairs(model, pairs[i:i + 1])
         base, src = pb.base_and_source(direction)
-        clean = pb.logit_diff(model.run(pb.clean).logits).cpu()
-        corrupt = pb.logit_diff(model.run(pb.corrupt).logits).cpu()
+        clean = pb.measure(model.run(pb.clean).logits, 1, metric).cpu()
+        corrupt = pb.measure(model.run(pb.corrupt).logits, 1, metric).cpu()
         a_src = model.run(src, save=[p.key]).acts[p.key][0]  # [pos d]
         d = a_src.shape[-1]
         if p.basis is None:
@@ -289,7 +292,7 @@ def subspace_patching_reference(model: Model, pairs: FactPairs, patches: Sequenc
                 out[0, t] = act[0, t] + proj.to(act) @ (a_src[t] - act[0, t])
             return out
 
-        patched = pb.logit_diff(model.run(base, edits={p.key: edit}).logits).cpu()
+        patched = pb.measure(model.run(base, edits={p.key: edit}).logits, 1, metric).cpu()
         rows.extend(_rows(p, i, patched, clean, corrupt, direction))
     return tidy(rows)
 

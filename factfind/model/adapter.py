@@ -449,72 +449,8 @@ class Model:
                 if _resume is not None and layer < _resume.layer:  # incremental (run_from):
                     blk.skip(_resume.resid)  # this block's output is the cached resid_pre[L]
                     continue
-                key = (Component.RESID_PRE, layer)
-                if key in need or key in edits:
-                    if key in edits:
-                        blk.input = edits[key](blk.input)
-                    if key in need:
-                        acts[key] = blk.input
-                attn = _get(blk, self.spec.attn)
-                if (Component.Q, layer) in need or (Component.K, layer) in need:
-                    attn_in[layer] = attn.inputs
-                if layer in block_attention:
-                    args, kwargs = attn.inputs
-                    kwargs = dict(kwargs)
-                    kwargs["attention_mask"] = _block_mask(
-                        kwargs.get("attention_mask"), block_attention[layer], enc
-                    )
-                    attn.inputs = (args, kwargs)
-                key = (Component.V, layer)
-                if key in need:
-                    acts[key] = _get(blk, self.spec.values).output
-                key = (Component.Z, layer)
-                if key in need or key in edits:
-                    proj = _get(blk, self.spec.attn_out_proj)
-                    z = proj.input
-                    shape = z.shape
-                    if key in edits:
-                        new = edits[key](z.reshape(*shape[:-1], self.n_heads, self.d_head))
-                        proj.input = new.reshape(shape)
-                        z = proj.input
-                    if key in need:
-                        acts[key] = z
-                key = (Component.PATTERN, layer)
-                if key in need:
-                    acts[key] = attn.output[1]
-                key = (Component.ATTN_OUT, layer)
-                if (key in need or key in edits) and self.spec.attn_post_norm:
-                    post = _get(blk, self.spec.attn_post_norm)  # what enters the residual
-                    if key in edits:
-                        post.output = edits[key](post.output)
-                    if key in need:
-                        acts[key] = post.output
-                elif key in need or key in edits:
-                    if key in edits:
-                        out = attn.output
-                        attn.output = (edits[key](out[0]), *out[1:])
-                    if key in need:
-                        acts[key] = attn.output[0]
-                key = (Component.NEURONS, layer)
-                if key in need or key in edits:
-                    proj = _get(blk, self.spec.mlp_out_proj)
-                    if key in edits:
-                        proj.input = edits[key](proj.input)
-                    if key in need:
-                        acts[key] = proj.input
-                key = (Component.MLP_OUT, layer)
-                if key in need or key in edits:
-                    mlp = _get(blk, self.spec.mlp_post_norm or self.spec.mlp)
-                    if key in edits:
-                        mlp.output = edits[key](mlp.output)
-                    if key in need:
-                        acts[key] = mlp.output
-                key = (Component.RESID_POST, layer)
-                if key in need or key in edits:
-                    if key in edits:
-                        blk.output = edits[key](blk.output)
-                    if key in need:
-                        acts[key] = blk.output
+                self._trace_block(blk, layer, need, edits, acts, attn_in,
+                                  block_attention.get(layer), enc)
             out = _get(nn, self.spec.unembed).output
             lg = out if logits == "all" else out[:, -1]
             lg = lg.save()
@@ -559,6 +495,53 @@ class Model:
                 result[(c, layer)] = self.head_out(layer, z)
         return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads,
                    logits_raw=raw)
+
+    def _trace_block(self, blk: Any, layer: int, need: set[SiteKey], edits: Mapping[SiteKey, Edit],
+                     acts: dict[SiteKey, Any], attn_in: dict[int, Any], block: Tensor | None,
+                     enc: Mapping[str, Any]) -> None:
+        """Inside :meth:`run`'s trace: one block's reads (into ``acts``), writes (``edits``)
+        and attention knockout (``block``), touching its modules in the order the forward
+        runs them, as nnsight requires. (A method of its own, not the body of ``run``'s layer
+        loop: it keeps that loop small enough for a type checker's flow analysis.)"""
+        spec = self.spec
+        _access(blk, "input", (Component.RESID_PRE, layer), need, edits, acts)
+        attn = _get(blk, spec.attn)
+        if (Component.Q, layer) in need or (Component.K, layer) in need:
+            attn_in[layer] = attn.inputs
+        if block is not None:
+            args, kwargs = attn.inputs
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = _block_mask(kwargs.get("attention_mask"), block, enc)
+            attn.inputs = (args, kwargs)
+        if (Component.V, layer) in need:
+            acts[(Component.V, layer)] = _get(blk, spec.values).output
+        key: SiteKey = (Component.Z, layer)
+        if key in need or key in edits:
+            proj = _get(blk, spec.attn_out_proj)
+            z = proj.input
+            if key in edits:
+                shape = z.shape
+                new = edits[key](z.reshape(*shape[:-1], self.n_heads, self.d_head))
+                proj.input = new.reshape(shape)
+                z = proj.input
+            if key in need:
+                acts[key] = z
+        if (Component.PATTERN, layer) in need:
+            acts[(Component.PATTERN, layer)] = attn.output[1]
+        key = (Component.ATTN_OUT, layer)
+        if spec.attn_post_norm:  # what enters the residual is the post norm's output
+            _access(_get(blk, spec.attn_post_norm), "output", key, need, edits, acts)
+        elif key in need or key in edits:
+            if key in edits:
+                out = attn.output
+                attn.output = (edits[key](out[0]), *out[1:])
+            if key in need:
+                acts[key] = attn.output[0]
+        _access(_get(blk, spec.mlp_out_proj), "input", (Component.NEURONS, layer), need, edits,
+                acts)
+        _access(_get(blk, spec.mlp_post_norm or spec.mlp), "output", (Component.MLP_OUT, layer),
+                need, edits, acts)
+        _access(blk, "output", (Component.RESID_POST, layer), need, edits, acts)
 
     # -- sessions: a whole sweep as one (possibly remote) nnsight job -------------------------
 
@@ -889,6 +872,17 @@ class Model:
         if comp is not Component.EMBED and not 0 <= layer < self.n_layers:
             raise OutOfRangeError(f"layer {layer} out of range for {self.name} "
                              f"with {self.n_layers} layers")
+
+
+
+def _access(envoy: Any, attr: str, key: SiteKey, need: set[SiteKey],
+            edits: Mapping[SiteKey, Edit], acts: dict[SiteKey, Any]) -> None:
+    """Inside a trace: replace ``envoy.<attr>`` (``input`` or ``output``) by its edit, if
+    ``key`` has one, and read it (after the edit) into ``acts``, if ``key`` is needed."""
+    if key in edits:
+        setattr(envoy, attr, edits[key](getattr(envoy, attr)))
+    if key in need:
+        acts[key] = getattr(envoy, attr)
 
 
 def _tree_map(value: Any, leaf: Callable[[Any], Any]) -> Any:
