@@ -39,7 +39,7 @@ from factfind.data import (
 from factfind.data.dataset import known_mask
 from factfind.data.pairs import FALLBACKS
 from factfind.edges import eap
-from factfind.edges.eap import eap_ig, edge_attribution, to_graph
+from factfind.edges.eap import eap_ig, edge_attribution
 from factfind.edges.edge_patching import edge_patching, path_patching_circuit
 from factfind.edges.path_patching import path_patching, path_patching_sweep
 from factfind.edges.placement import all_nodes
@@ -60,6 +60,7 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
+from factfind.graph import CircuitGraph, prune, prune_nodes, to_graph
 from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution
 from factfind.localize.knockout import attention_knockout
@@ -92,6 +93,7 @@ __all__ = [
     "Ablation",
     "ArchSpec",
     "ArgumentError",
+    "CircuitGraph",
     "Component",
     "DegenerateResultError",
     "Direction",
@@ -154,7 +156,9 @@ __all__ = [
     "path_patching",
     "path_patching_circuit",
     "path_patching_sweep",
+    "prune",
     "prune_circuit",
+    "prune_nodes",
     "register_spec",
     "report",
     "resample_neurons",

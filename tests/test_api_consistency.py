@@ -107,3 +107,36 @@ def test_edge_results_share_one_shape(gpt2_model, pairs):
                                                              eap["receiver"][:3], strict=True)),
                              progress=False)
     assert tuple(eap.columns) == tuple(exact.columns) == EDGE_RESULT_COLUMNS
+
+
+def test_one_builder_for_node_and_edge_results(gpt2_model, pairs):
+    """``to_graph`` builds the graph of a node result (per prompt: averaged per node) and of
+    an edge result, with the model's and the pairs' provenance."""
+    kw = dict(components=["mlp_out", "attn_out"], positions=["subject_last", "final"],
+              progress=False)
+    per_prompt = ff.activation_patching(gpt2_model, pairs, **kw)
+    g = ff.to_graph(per_prompt, gpt2_model, pairs)
+    means = per_prompt.groupby(["component", "layer", "role"])["effect"].mean()
+    assert g.graph.nodes["L1.mlp@final"]["score"] == pytest.approx(
+        means[("mlp_out", 1, "final")], abs=1e-12)
+    assert np.abs(means).max() > 1e-3
+    assert g.provenance.dataset == pairs.fingerprint()
+    assert g.provenance.method == "activation_patching/denoise"
+    assert ff.to_graph(ff.aggregate(per_prompt), gpt2_model, pairs).nodes_frame().equals(
+        g.nodes_frame())
+    edges = ff.edge_attribution(gpt2_model, pairs[:2], progress=False)
+    eg = ff.to_graph(edges, gpt2_model, pairs[:2])
+    assert eg.graph.number_of_edges() == len(edges)
+    assert ff.prune(eg, top_n=5).graph.number_of_edges() <= 5
+    assert len(ff.prune_nodes(g, top_n=2)) <= 2 + 3  # + the embed and logits endpoints
+
+
+def test_to_graph_refuses_what_is_not_a_graph(gpt2_model, pairs):
+    at_positions = ff.activation_patching(gpt2_model, pairs[:2], components=["mlp_out"],
+                                          positions=[0, -1], progress=False)
+    with pytest.raises(ArgumentError, match="position roles"):
+        ff.to_graph(at_positions, gpt2_model, pairs)
+    with pytest.raises(ArgumentError, match=r"edge result.*or a node result"):
+        ff.to_graph(at_positions[["prompt", "effect"]], gpt2_model, pairs)
+    with pytest.raises(ArgumentError, match="result frame"):
+        ff.to_graph({"sender": []}, gpt2_model, pairs)  # type: ignore[arg-type]

@@ -69,10 +69,9 @@ from tqdm.auto import tqdm
 from factfind.data.batch import PairBatch, encode_pairs
 from factfind.edges.eap_grads import receiver_grads
 from factfind.edges.eap_reference import Receiver, input_grads, receivers, with_mlps
-from factfind.edges.edge_patching import provenance
 from factfind.edges.placement import is_parallel
 from factfind.errors import ArgumentError
-from factfind.graph import CircuitGraph
+from factfind.graph.build import to_graph  # re-exported: v0.1 had it here
 from factfind.metrics import logit_diff
 from factfind.model.architectures import _get
 from factfind.types import ROLE_NAMES, Component, Metric, SiteKey
@@ -113,7 +112,7 @@ def edge_attribution(
         One row per edge, the edge-result columns of :data:`factfind.types.EDGE_RESULT_COLUMNS`:
         ``method``, ``sender``, ``receiver`` (node ids), ``effect`` (mean over prompts of
         ``(a_u(corrupt) - a_u(clean)) · ∂m/∂x_v``, in metric units), ``n`` (prompts). Feed it
-        to :meth:`~factfind.graph.CircuitGraph.from_edge_scores` (or :func:`to_graph`).
+        to :func:`factfind.graph.to_graph`.
 
     Post-norm families (Gemma 2/3, OLMo 2): a head's ``a_u`` is its write after the post norm,
     each run at its own frozen scale (:meth:`~factfind.model.Model.head_out`), so a layer's
@@ -433,15 +432,6 @@ def eap_ig(model: Model, pairs: FactPairs, *, steps: int = 5, **kwargs: Any) -> 
     if steps < 1:
         raise ArgumentError(f"EAP-IG needs steps >= 1, got {steps}")
     return edge_attribution(model, pairs, steps=steps, **kwargs)
-
-
-def to_graph(scores: pd.DataFrame, model: Model, pairs: FactPairs, *,
-             config: dict[str, Any] | None = None) -> CircuitGraph:
-    """The complete scored :class:`~factfind.graph.CircuitGraph` of an EAP frame, with the
-    model's and the pairs' provenance; prune it with :func:`factfind.graph.prune`."""
-    method = str(scores["method"].iloc[0]) if len(scores) else "eap"
-    prov = provenance(model, pairs, method, {"n": len(pairs), **(config or {})})
-    return CircuitGraph.from_edge_scores(scores, prov, n_layers=model.n_layers)
 
 
 __all__ = ["eap", "eap_ig", "edge_attribution", "to_graph"]

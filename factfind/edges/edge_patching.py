@@ -32,7 +32,7 @@ from factfind.data.batch import encode_pairs
 from factfind.edges.engine import Job, run_jobs
 from factfind.edges.placement import NodeLike, all_nodes, as_node, is_parallel, place_node
 from factfind.errors import ArgumentError
-from factfind.graph import CircuitGraph, Node, Provenance, feeds
+from factfind.graph import CircuitGraph, Node, feeds, provenance
 from factfind.metrics import logit_diff
 from factfind.types import Metric
 from factfind.validation import validated
@@ -77,12 +77,6 @@ def edge_patching(model: Model, pairs: FactPairs, edges: Sequence[tuple[NodeLike
     return pd.DataFrame({"method": "edge_patching", "sender": [u.id for u, _ in pairs_],
                          "receiver": [v.id for _, v in pairs_],
                          "effect": score.double().numpy(), "n": m.shape[1]})
-
-
-def provenance(model: Model, pairs: Any, method: str, config: dict[str, Any]) -> Provenance:
-    """The :class:`~factfind.graph.Provenance` of a graph measured on ``model`` and ``pairs``."""
-    return Provenance(model=model.name, revision=model.revision, dataset=pairs.fingerprint(),
-                      method=method, config=config)
 
 
 @validated
@@ -141,4 +135,4 @@ def path_patching_circuit(model: Model, pairs: FactPairs, *, threshold: float = 
     return graph
 
 
-__all__ = ["edge_patching", "path_patching_circuit", "provenance"]
+__all__ = ["edge_patching", "path_patching_circuit"]

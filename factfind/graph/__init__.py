@@ -13,6 +13,9 @@ the logits. The pieces, one module each:
   graphs of different models or datasets raises :class:`ProvenanceMismatchError`;
 * :mod:`~factfind.graph.circuit`: :class:`CircuitGraph`, built from node scores (activation
   or attribution patching) or edge scores (EAP / EAP-IG);
+* :mod:`~factfind.graph.build`: :func:`to_graph`, the one builder: any edge result (EAP,
+  EAP-IG, edge patching) or node result (patching at roles, AtP, verification) with the
+  provenance of its model and data;
 * :mod:`~factfind.graph.pruning`: :func:`prune` (edges) and :func:`prune_nodes` (nodes), which
   end by keeping only nodes on an input → logits path;
 * :mod:`~factfind.graph.combine`: :func:`union`, :func:`compare` (Jaccard overlap),
@@ -26,6 +29,7 @@ Example::
     to_json(circuit, "circuit.json"); assert read_json("circuit.json") == circuit
 """
 
+from factfind.graph.build import provenance, to_graph
 from factfind.graph.circuit import (
     COMPONENT_KINDS,
     EDGE_COLUMNS,
@@ -40,8 +44,29 @@ from factfind.graph.provenance import Provenance, ProvenanceMismatchError, check
 from factfind.graph.pruning import prune, prune_nodes
 
 __all__ = [
-    "COMPONENT_KINDS", "EDGE_COLUMNS", "ENDPOINTS", "KINDS", "NODE_COLUMNS", "ROLES",
-    "STRUCTURAL", "CircuitGraph", "Node", "Provenance", "ProvenanceMismatchError",
-    "check_compatible", "compare", "feeds", "layout", "prune", "prune_nodes", "read_graphml",
-    "read_json", "stage", "to_graphml", "to_json", "union",
+    "COMPONENT_KINDS",
+    "EDGE_COLUMNS",
+    "ENDPOINTS",
+    "KINDS",
+    "NODE_COLUMNS",
+    "ROLES",
+    "STRUCTURAL",
+    "CircuitGraph",
+    "Node",
+    "Provenance",
+    "ProvenanceMismatchError",
+    "check_compatible",
+    "compare",
+    "feeds",
+    "layout",
+    "provenance",
+    "prune",
+    "prune_nodes",
+    "read_graphml",
+    "read_json",
+    "stage",
+    "to_graph",
+    "to_graphml",
+    "to_json",
+    "union",
 ]
