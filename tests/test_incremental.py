@@ -410,3 +410,27 @@ def test_path_patching_incremental_equals_reference(fam, subject_first_facts):
     fast = path_patching(fam, pairs, senders, None, direction="denoise")  # direct to logits
     slow = path_patching_reference(fam, pairs, senders, None, direction="denoise")
     np.testing.assert_allclose(fast["metric"], slow["metric"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_logits_equal_the_full_unembedding(family):
+    """``logits=<token ids>`` (what the default-metric patched runs unembed) equals the same
+    columns of the full final-position logits, for run and run_from, on every family
+    (Llama: grouped-query attention; Gemma 2: post norms and the final logit softcap)."""
+    model = tiny_model(family, n_layers=3)
+    batch = _padded_batch()
+    ids = torch.tensor([[5, 7], [11, 3], [2, 39]])
+    full = model.run(batch).logits
+    cols = model.run(batch, logits=ids).logits
+    assert cols.shape == (3, 2) and full.gather(1, ids).abs().max() > 1e-2
+    torch.testing.assert_close(cols, full.gather(1, ids), atol=1e-5, rtol=1e-5)
+    prefix = model.base_run(batch)
+    put = lambda a: 3.0 * a
+    edits = {(C.MLP_OUT, 1): put}
+    both = model.run_from(prefix, start=(1, 0), reps=2, edits=edits).logits
+    mine = model.run_from(prefix, start=(1, 0), reps=2, edits=edits, logits=ids.repeat(2, 1))
+    torch.testing.assert_close(mine.logits, both.gather(1, ids.repeat(2, 1)), atol=1e-5,
+                               rtol=1e-5)
+    assert not torch.allclose(mine.logits, cols.repeat(2, 1), atol=1e-3)  # the patch acted
+    with pytest.raises(ValueError, match=r"\[batch k\]"):
+        model.run(batch, logits=ids[:2])

@@ -230,9 +230,22 @@ class PairBatch:
         ``logits [reps * batch d_vocab]`` of the batch stacked ``reps`` times."""
         return logit_diff(logits, self.correct.repeat(reps), self.wrong.repeat(reps)).float()
 
-    def measure(self, logits: Tensor, reps: int = 1, metric: Metric | None = None) -> Tensor:
+    def answer_ids(self, reps: int = 1) -> Tensor:
+        """``[reps * batch 2]``: each row's correct and wrong answer token, for a run that
+        computes only those logits (``Model.run(..., logits=pb.answer_ids(reps))``)."""
+        return torch.stack([self.correct, self.wrong], 1).repeat(reps, 1)
+
+    def measure(self, logits: Tensor, reps: int = 1, metric: Metric | None = None, *,
+                answers: bool = False) -> Tensor:
         """``[reps * batch]`` float: ``metric(logits, correct, wrong)`` (default the logit
-        difference, :meth:`logit_diff`) for the batch stacked ``reps`` times."""
+        difference, :meth:`logit_diff`) for the batch stacked ``reps`` times. With
+        ``answers=True`` the logits are those of :meth:`answer_ids` only (``[rows 2]``), which
+        suffice for the default metric and no other."""
+        if answers:
+            if metric is not None:
+                raise ArgumentError("a metric of its own needs every logit: run with "
+                                    "logits='final', not the answers' only")
+            return (logits[:, 0] - logits[:, 1]).float()
         if metric is None:
             return self.logit_diff(logits, reps)
         out = metric(logits, self.correct.repeat(reps).to(logits.device),

@@ -389,7 +389,7 @@ class Model:
         edits: Mapping[SiteKey, Edit] | None = None,
         block_attention: Mapping[int, Tensor] | None = None,
         metric: Callable[[Tensor], Tensor] | None = None,
-        logits: str = "final",
+        logits: str | Tensor = "final",
         _resume: Resume | None = None,
     ) -> Run:
         """One forward pass with reads, writes, attention blocks and optional gradients.
@@ -404,7 +404,12 @@ class Model:
                 edge from query ``q`` to key ``k`` (attention knockout, Geva et al. 2023).
             metric: if given, a function from the returned logits to a scalar; gradients of it
                 with respect to every saved activation are returned in ``Run.grads``.
-            logits: ``"final"`` (``[batch d_vocab]``) or ``"all"`` (``[batch pos d_vocab]``).
+            logits: ``"final"`` (``[batch d_vocab]``), ``"all"`` (``[batch pos d_vocab]``), or
+                token ids ``[batch k]``: only those logits of each row's final position
+                (``[batch k]``), each a dot product of the final norm's output with one
+                unembedding row; the full unembedding (``d_model x d_vocab`` per row, a fifth
+                of a forward of SmolLM2 at one position) is skipped. What a logit-difference
+                metric needs.
 
         Returns:
             A :class:`Run`.
@@ -421,7 +426,12 @@ class Model:
         enc = _encoding(batch, self.device)
         if _resume is not None:  # incremental runs (see run_from): the keys/values cache
             enc["cache"] = _resume.cache
-        if logits == "final":  # the unembedding only at the last position, kept by index:
+        columns = logits.to(self.device).long() if isinstance(logits, Tensor) else None
+        if columns is not None and (columns.dim() != 2 or
+                                    columns.shape[0] != enc["input_ids"].shape[0]):
+            raise ArgumentError(f"logits=<token ids> must be [batch k] with batch "
+                                f"{enc['input_ids'].shape[0]}, got {tuple(columns.shape)}")
+        if columns is not None or logits == "final":  # the last position, kept by index:
             # a gathered (contiguous) position is one matrix product with W_U, while the
             # strided slice ``logits_to_keep=1`` makes a batched product that reads the whole
             # unembedding once per row (0.55 s instead of ~0.05 s for 40 rows on SmolLM2)
@@ -451,8 +461,15 @@ class Model:
                     continue
                 self._trace_block(blk, layer, need, edits, acts, attn_in,
                                   block_attention.get(layer), enc)
-            out = _get(nn, self.spec.unembed).output
-            lg = out if logits == "all" else out[:, -1]
+            unembed = _get(nn, self.spec.unembed)
+            lg: Any  # a traced value (nnsight adds .save)
+            if columns is None:
+                out = unembed.output
+                lg = out if logits == "all" else out[:, -1]
+            else:  # only the asked logits; the unembedding itself never runs
+                h = unembed.input
+                lg = self._unembed_columns(h[:, -1], columns)
+                unembed.skip(h)
             lg = lg.save()
             for v in acts.values():
                 v.save()
@@ -762,6 +779,15 @@ class Model:
         s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         return gain, x / s, s, centred
 
+    def _unembed_columns(self, h: Tensor, columns: Tensor) -> Tensor:
+        """``[rows k]``: the logits of token ids ``columns [rows k]`` for the final norm's
+        outputs ``h [rows d_model]`` (unembedding rows gathered, one dot product each)."""
+        unembed = _get(self.hf, self.spec.unembed)
+        w = unembed.weight[columns]  # [rows k d_model]
+        out = torch.einsum("rd,rkd->rk", h.to(w.dtype), w)
+        bias = getattr(unembed, "bias", None)
+        return out if bias is None else out + bias[columns]
+
     def final_logits(
         self, prompts: Sequence[FactPrompt], *, batch_size: int = 64
     ) -> Tensor:
@@ -818,7 +844,7 @@ class Model:
     def run_from(self, prefix: Prefix, *, start: tuple[int, int], reps: int = 1,
                  edits: Mapping[SiteKey, Edit] | None = None,
                  block_attention: Mapping[int, Tensor] | None = None,
-                 save: Iterable[SiteKey] = ()) -> Run:
+                 save: Iterable[SiteKey] = (), logits: str | Tensor = "final") -> Run:
         """A patched forward of ``reps`` stacked copies of the base rows (copy-major, like
         :func:`factfind.localize.patching.repeat`) that recomputes only layers ``>= start[0]`` at
         positions ``>= start[1]``; the final-position logits equal :meth:`run` on the stacked
@@ -835,6 +861,7 @@ class Model:
                 rows ``q < start[1]`` must be False.
             save: sites at layers ``>= start[0]`` whose activations to return, over the
                 positions ``>= start[1]`` only.
+            logits: ``"final"`` or token ids ``[reps*batch k]``, as for :meth:`run`.
 
         Returns:
             A :class:`Run` with the final-position ``logits`` ``[reps*batch d_vocab]``. Cost:
@@ -861,8 +888,8 @@ class Model:
         if early:
             raise ArgumentError(f"cannot save {early}: they lie before the start layer {layer}")
         return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0), save=save,
-                        block_attention=blocks, _resume=Resume(cache=cache, layer=layer,
-                                                               resid=resid))
+                        block_attention=blocks, logits=logits,
+                        _resume=Resume(cache=cache, layer=layer, resid=resid))
 
     def _check_site(self, key: SiteKey, *, writing: bool) -> None:
         comp, layer = key
