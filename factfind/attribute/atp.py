@@ -61,7 +61,15 @@ localizing LLM behaviour to components") fixes AtP's two failure modes:
   is large when any path-restricted estimate is, even if the total cancels. Layers ``l`` below
   the node leave its gradient unchanged (``c_l = c_AtP*``); the node's own layer is left out
   (it would block the node itself); ``c_l`` is averaged over prompts before the ``|.|``, as
-  ``c`` is. That is ``L - 1`` extra forward+backward passes. Nodes are ranked for
+  ``c`` is. The literal recipe is ``L - 1`` extra forward+backward passes
+  (``estimate(..., reference=True)``). Blocking layer ``l``'s two writes leaves the residual
+  stream's skip connection as the only path from ``resid_pre[l]`` to ``resid_post[l]``, so
+  with ``l`` blocked ``dM/d resid_pre[l] = dM/d resid_post[l]`` of the intact model, and
+  ``resid_pre[l]`` is a cut every path from a lower node to the metric crosses: ``c_l`` of
+  the nodes below ``l`` is one vector-Jacobian product from ``resid_pre[l]`` down, with the
+  intact gradient at ``resid_post[l]``. The default does exactly that on one retained graph:
+  one forward, one full backward, then per layer a backward over the layers below it only
+  (about ``L / 2`` backward passes in all, no extra forwards). Nodes are ranked for
   verification by ``score = max(|c_AtP*(n)|, GD(n))``: GradDrop *flags* nodes, exact patching
   then measures them.
 
@@ -342,6 +350,7 @@ def estimate(
     progress: bool = True,
     remote: Remote = None,
     metric: Metric | None = None,
+    reference: bool = False,
 ) -> Estimates:
     """AtP (optionally with AtP*'s QK fix and GradDrop) for every node, streamed over prompts.
 
@@ -363,6 +372,8 @@ def estimate(
             NDIF (``True``); see :meth:`~factfind.model.Model.session`.
         metric: ``metric(logits, correct, wrong) -> [rows]``, differentiable (default the
             logit difference); AtP linearises it around the base run.
+        reference: GradDrop by its literal recipe, one forward and backward per blocked
+            layer with ``detach`` edits (the slow reference; remote runs always use it).
 
     Returns:
         :class:`Estimates` (``.frame`` is the tidy frame, ``.prompt_frame`` per prompt).
@@ -378,7 +389,8 @@ def estimate(
                disable=not progress)
     state, gd_sums, kept = model.session(
         _atp_sweep, model, batches, index, direction=direction, qk_fix=qk_fix, drops=drops,
-        per_prompt=per_prompt, progress=bar.update, remote=remote, metric=metric)
+        per_prompt=per_prompt, progress=bar.update, remote=remote, metric=metric,
+        reference=reference or remote is not None)
     bar.close()
     stats_ = RunningStats.from_state(state)
     gd = None
@@ -396,6 +408,7 @@ def estimate(
 def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, direction: str,
                qk_fix: bool, drops: list[int], per_prompt: bool,
                progress: Callable[[int], Any] | None = None, metric: Metric | None = None,
+               reference: bool = False,
                ) -> tuple[dict[str, Tensor], Tensor, list[Tensor]]:
     """The model-side half of :func:`estimate` (one nnsight session, torch only): the running
     statistics' accumulators, GradDrop's per-layer sums ``[drop node]`` and, if asked, the
@@ -410,7 +423,9 @@ def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, dire
     for pb in batches:
         base_tb, src_tb = pb.base_and_source(direction)
         fn = lambda lg, pb=pb: pb.measure(lg, 1, metric).sum()
-        run = model.run(base_tb, save=base_keys, metric=fn)
+        cuts = [] if reference or not drops else [
+            (c, d) for d in drops for c in (Component.RESID_PRE, Component.RESID_POST)]
+        run = model.run(base_tb, save=base_keys + cuts, metric=fn, keep_graph=bool(cuts))
         src = model.run(src_tb, save=src_keys).acts
         dev = model.device
         b = _Batch(run.acts, src, position_masks(base_tb, index.positions, dev),
@@ -423,13 +438,37 @@ def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, dire
         if progress is not None:
             progress(1)
         for i, drop in enumerate(drops):
-            blocked = {(Component.ATTN_OUT, drop): _detach, (Component.MLP_OUT, drop): _detach}
-            g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
+            if reference:
+                blocked = {(Component.ATTN_OUT, drop): _detach,
+                           (Component.MLP_OUT, drop): _detach}
+                g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
+            else:
+                g = _dropped_grads(run, drop)
             est_l = _scores(model, index, b, g, qk_fix=qk_fix)
             gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
             if progress is not None:  # one GradDrop backward pass
                 progress(1)
     return state, gd_sums, kept
+
+
+#: the sites whose gradients :func:`_scores` reads
+_GRAD_SITES = (Component.NEURONS, Component.MLP_OUT, Component.ATTN_OUT, Component.PATTERN)
+
+
+def _dropped_grads(run: Any, drop: int) -> dict[SiteKey, Tensor]:
+    """GradDrop's gradients with layer ``drop``'s attention and MLP writes blocked, for the
+    sites below ``drop`` (module docstring): ``J^T g`` from ``resid_pre[drop]`` down, with
+    ``g`` the intact gradient at ``resid_post[drop]``, on ``run``'s retained graph. Sites at
+    ``drop`` and above are left out (their ``c_l`` is not used)."""
+    live = run.live
+    keys = [k for k in live if k[0] in _GRAD_SITES and k[1] < drop and live[k].requires_grad]
+    if not keys:
+        return {}
+    got = torch.autograd.grad(live[(Component.RESID_PRE, drop)], [live[k] for k in keys],
+                              grad_outputs=run.grads[(Component.RESID_POST, drop)],
+                              retain_graph=True, allow_unused=True)
+    return {k: torch.zeros_like(live[k]) if g is None else g
+            for k, g in zip(keys, got, strict=True)}
 
 
 def _detach(x: Tensor) -> Tensor:

@@ -195,12 +195,16 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
         edits[key] = _where_edit(masks.get(key, torch.zeros(S, B, T, model.n_heads,
                                                             dtype=torch.bool, device=dev)),
                                  src, delta)
+    answers = p.metric is None  # the logit difference: unembed the two answers only
+    cols = p.pb.answer_ids(S) if answers else "final"
     if p.prefix is None:
-        run = model.run(p.base.repeat(S), edits=edits)
+        run = model.run(p.base.repeat(S), edits=edits, logits=cols)
     else:
         starts = [_set_start(p, group) for group in sets]
-        run = model.run_from(p.prefix, start=group_start(starts, range(S)), reps=S, edits=edits)
-    effect = p.pb.measure(run.logits, S, p.metric).reshape(S, B) - p.m_base[None]
+        run = model.run_from(p.prefix, start=group_start(starts, range(S)), reps=S, edits=edits,
+                             logits=cols)
+    m = p.pb.measure(run.logits, S, p.metric, answers=answers)
+    effect = m.reshape(S, B) - p.m_base[None]
     return effect, valid
 
 

@@ -132,7 +132,9 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
     (:mod:`factfind.model.incremental`): run 1 at the first receiver layer, run 2 at the first layer
     and position it writes. Cost: two forwards for the base and source runs, then per job
     about ``(n_layers - l1) / n_layers`` (run 1) plus ``(n_layers - l2) / n_layers * (P - p2)
-    / P`` (run 2) of a forward."""
+    / P`` (run 2) of a forward. With the default metric the patched runs unembed the two
+    answers only (``Model.run(logits=<ids>)``)."""
+    answers = metric is None
     metric = metric or logit_diff
     parallel = is_parallel(model)
     L = model.n_layers
@@ -231,14 +233,17 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         full = [torch.zeros(shape, dtype=torch.bool) if m is None else m for m in ms]
         vals = [base[key] if v is None else v for v in values[key]]
         edits2[key] = where_edit(_stack(full), _stack(vals))
+    cols = pb.answer_ids(J) if answers else "final"
     if prefix is None:
-        logits = model.run(base_b.repeat(J), edits=edits2).logits
+        logits = model.run(base_b.repeat(J), edits=edits2, logits=cols).logits
     else:
         firsts = [0 if m.dim() < 2 else first_position(m)  # m: [batch] or [batch pos ...]
                   for ms in masks.values() for m in ms if m is not None]
         start = (min(k[1] for k in edits2), min(firsts, default=0))
-        logits = model.run_from(prefix, start=start, reps=J, edits=edits2).logits
-    out = metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)).reshape(J, B).double().cpu()
+        logits = model.run_from(prefix, start=start, reps=J, edits=edits2, logits=cols).logits
+    out = (pb.measure(logits, J, answers=True) if answers else
+           metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)))
+    out = out.reshape(J, B).double().cpu()
     return out, *ends
 
 

@@ -104,12 +104,16 @@ class Run:
             ``logits="all"`` was asked for).
         acts: saved activations by ``(component, layer)``; ``z`` is ``[batch pos head d_head]``.
         grads: gradients of the metric with respect to the saved activations.
+        live: with ``keep_graph=True``, the saved activations still attached to the autograd
+            graph (as the forward computed them: ``z`` and ``v`` unsplit), for further
+            ``torch.autograd.grad`` calls between them (e.g. AtP*'s GradDrop); else ``None``.
     """
 
     logits: Tensor
     acts: dict[SiteKey, Tensor] = field(default_factory=dict)
     grads: dict[SiteKey, Tensor] = field(default_factory=dict)
     logits_raw: Tensor | None = None  # pre-softcap logits (families that softcap), else None
+    live: dict[SiteKey, Tensor] | None = None
 
 
 WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT,
@@ -390,6 +394,7 @@ class Model:
         block_attention: Mapping[int, Tensor] | None = None,
         metric: Callable[[Tensor], Tensor] | None = None,
         logits: str | Tensor = "final",
+        keep_graph: bool = False,
         _resume: Resume | None = None,
     ) -> Run:
         """One forward pass with reads, writes, attention blocks and optional gradients.
@@ -410,6 +415,8 @@ class Model:
                 unembedding row; the full unembedding (``d_model x d_vocab`` per row, a fifth
                 of a forward of SmolLM2 at one position) is skipped. What a logit-difference
                 metric needs.
+            keep_graph: with ``metric``, keep the autograd graph after taking the gradients
+                and return the attached activations in ``Run.live``.
 
         Returns:
             A :class:`Run`.
@@ -484,7 +491,8 @@ class Model:
             keys = [k for k in acts if acts[k].requires_grad]
             value = metric(lg)
             if keys:
-                got = torch.autograd.grad(value, [acts[k] for k in keys], allow_unused=True)
+                got = torch.autograd.grad(value, [acts[k] for k in keys], allow_unused=True,
+                                          retain_graph=keep_graph)
                 for k, g in zip(keys, got, strict=True):
                     grads[k] = torch.zeros_like(acts[k]) if g is None else g
             lg = lg.detach()
@@ -510,8 +518,9 @@ class Model:
             if c is Component.HEAD_OUT:
                 z = result[(Component.Z, layer)]
                 result[(c, layer)] = self.head_out(layer, z)
+        live = dict(acts) if keep_graph and grad else None
         return Run(logits=lg, acts={k: v for k, v in result.items() if k in want}, grads=grads,
-                   logits_raw=raw)
+                   logits_raw=raw, live=live)
 
     def _trace_block(self, blk: Any, layer: int, need: set[SiteKey], edits: Mapping[SiteKey, Edit],
                      acts: dict[SiteKey, Any], attn_in: dict[int, Any], block: Tensor | None,
