@@ -170,3 +170,18 @@ def test_v0_1_public_names_still_import(name):
 
     assert name in factfind.__all__
     assert getattr(factfind, name) is not None
+
+
+def test_every_module_logger_is_used():
+    """A module that creates ``log = logging.getLogger(__name__)`` logs something with it."""
+    unused = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        made = any(isinstance(node, ast.Assign) and "getLogger" in ast.unparse(node.value)
+                   and any(ast.unparse(t) == "log" for t in node.targets)
+                   for node in tree.body)
+        used = any(isinstance(node, ast.Attribute) and ast.unparse(node.value) == "log"
+                   for node in ast.walk(tree))
+        if made and not used:
+            unused.append(name)
+    assert unused == []

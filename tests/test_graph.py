@@ -436,3 +436,38 @@ def test_frames_of_empty_graph_have_columns():
     assert list(CircuitGraph(PROV).nodes_frame().columns)[:4] == ["id", "kind", "layer", "index"]
     assert list(CircuitGraph(PROV).edges_frame().columns) == ["sender", "receiver", "score",
                                                               "abs_score", "sign", "method"]
+
+
+def test_from_edge_scores_equals_building_edge_by_edge():
+    """The vectorised builder equals adding each node and edge by hand (the reference), and
+    ``prune`` equals sorting the edges by (|score|, node order) one by one."""
+    import random
+
+    rng = random.Random(0)
+    layers = 4
+    inner = [f"L{layer}.{u}@{r}" for layer in range(layers) for u in ("h0", "h1", "mlp")
+             for r in ("subject_last", "final")]
+    ids = ["embed@subject_last", "embed@final", *inner, "logits@final"]
+    order = {i: Node.parse(i, n_layers=layers) for i in ids}
+    edges = [(u, v) for u in ids for v in ids if order[u] < order[v] and rng.random() < 0.5
+             and not u.startswith("logits") and not v.startswith("embed")]
+    effect = [round(rng.uniform(-1, 1), 2) for _ in edges]  # rounded: ties in |score|
+    df = pd.DataFrame({"sender": [u for u, _ in edges], "receiver": [v for _, v in edges],
+                       "effect": effect, "method": ["eap-ig"] * len(edges)})
+    fast = CircuitGraph.from_edge_scores(df, PROV, n_layers=layers)
+    slow = CircuitGraph(PROV)
+    out: dict[str, float] = {}
+    into: dict[str, float] = {}
+    for (u, v), e in zip(edges, effect, strict=True):
+        out[u] = out.get(u, 0.0) + e
+        into[v] = into.get(v, 0.0) + e
+    for n in sorted({order[i] for e in edges for i in e}):
+        slow.add_node(n, score=out.get(n.id, into.get(n.id, 0.0)))
+    for (u, v), e in zip(edges, effect, strict=True):
+        slow.add_edge(u, v, score=e, method="eap-ig")
+    assert len(edges) > 100 and fast == slow
+    ranked = sorted(zip(edges, effect, strict=True),
+                    key=lambda x: (-abs(x[1]), order[x[0][0]], order[x[0][1]]))
+    top = {e for e, _ in ranked[:25]}
+    kept = set(prune(fast, top_n=25).graph.edges)
+    assert kept <= top and kept  # the top 25, then only edges on embed -> logits paths

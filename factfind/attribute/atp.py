@@ -200,15 +200,22 @@ def _z_grad(model: Model, grads: dict[SiteKey, Tensor], layer: int, z: Tensor) -
 
 
 def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tensor], *,
-            qk_fix: bool) -> Tensor:
+            qk_fix: bool, below: int | None = None) -> Tensor:
     """``[batch node]`` estimates ``(source - base) . grad`` for every node (QK-fixed for q, k
-    when asked), from one set of gradients."""
+    when asked), from one set of gradients; with ``below``, zeros for the nodes at layers
+    ``>= below`` (GradDrop does not use them)."""
     out = []
     masks = b.masks  # [P B T]
+    n_batch, n_pos = masks.shape[1], masks.shape[0]
     for comp in index.components:
         per_layer = []
         for layer in index.layers:
             key = (comp, layer)
+            if below is not None and layer >= below:
+                units = (model.d_mlp if comp is Component.NEURONS else
+                         1 if comp is Component.MLP_OUT else model.n_heads)
+                per_layer.append(torch.zeros(n_batch, n_pos, units, device=masks.device))
+                continue
             if comp in (Component.NEURONS, Component.MLP_OUT):
                 d = (b.src[key].float() - b.base[key].float())
                 g = grads.get(key)
@@ -444,7 +451,7 @@ def _atp_sweep(model: Model, batches: list[PairBatch], index: NodeIndex, *, dire
                 g = model.run(base_tb, save=base_keys, metric=fn, edits=blocked).grads
             else:
                 g = _dropped_grads(run, drop)
-            est_l = _scores(model, index, b, g, qk_fix=qk_fix)
+            est_l = _scores(model, index, b, g, qk_fix=qk_fix, below=drop)
             gd_sums[i] += (est_l.double().cpu() * valid.cpu()).sum(0)
             if progress is not None:  # one GradDrop backward pass
                 progress(1)

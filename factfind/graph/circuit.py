@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import pandas as pd
 
 from factfind.errors import ArgumentError
@@ -155,26 +155,39 @@ class CircuitGraph:
             have = ", ".join(map(str, df.columns))
             raise ArgumentError(f"an edge frame needs columns sender, receiver, effect; missing "
                                 f"{', '.join(missing)} (columns: {have})")
-        rows = pd.DataFrame(df[[c for c in ("sender", "receiver", "effect", "method")
-                                if c in df.columns]]).to_dict("records")
-        ids = {r["sender"] for r in rows} | {r["receiver"] for r in rows}
+        # vectorised: an EAP-IG frame of a 30-layer model has ~750k edges
+        senders = df["sender"].astype(str).to_numpy(dtype=object)
+        receivers = df["receiver"].astype(str).to_numpy(dtype=object)
+        effect = np.asarray(pd.to_numeric(pd.Series(df["effect"]), errors="coerce"),
+                            dtype=float)
+        bad = ~np.isfinite(effect)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ArgumentError(f"score of {senders[i]}->{receivers[i]} must be finite, got "
+                                f"{effect[i]}")
+        twice = pd.DataFrame({"s": senders, "r": receivers}).duplicated().to_numpy()
+        if twice.any():
+            i = int(np.flatnonzero(twice)[0])
+            raise ArgumentError(f"two rows for edge {senders[i]}->{receivers[i]}")
+        if "method" in df.columns:
+            method = pd.Series(df["method"]).astype(object)
+            methods = [str(m) for m in method.where(method.notna(), provenance.method)]
+        else:
+            methods = [provenance.method] * len(df)
+        ids = set(senders.tolist()) | set(receivers.tolist())
         inner = [Node.parse(i) for i in ids if not i.startswith("logits@")]
         if n_layers is None:
             n_layers = max((n.layer + (n.kind != "resid") for n in inner), default=0)
         nodes = [Node.parse(i, n_layers=n_layers) for i in ids]
-        out: dict[str, float] = defaultdict(float)
-        into: dict[str, float] = defaultdict(float)
-        for r in rows:
-            out[r["sender"]] += float(r["effect"])
-            into[r["receiver"]] += float(r["effect"])
+        out, into = _sums(senders, effect), _sums(receivers, effect)
         g = cls(provenance)
         for n in sorted(nodes):
             g.add_node(n, score=out[n.id] if n.id in out else into[n.id])
-        for r in rows:
-            if g.graph.has_edge(r["sender"], r["receiver"]):
-                raise ArgumentError(f"two rows for edge {r['sender']}->{r['receiver']}")
-            g.add_edge(r["sender"], r["receiver"], score=r["effect"],
-                       method=_get(r, "method", None))
+        sign = np.sign(effect).astype(int)
+        g.graph.add_edges_from(
+            (u, v, {"score": e, "abs_score": abs(e), "sign": sg, "method": m})
+            for u, v, e, sg, m in zip(senders.tolist(), receivers.tolist(), effect.tolist(),
+                                      sign.tolist(), methods, strict=True))
         if not nx.is_directed_acyclic_graph(g.graph):
             raise ArgumentError(f"edges form a cycle: {nx.find_cycle(g.graph)}")
         return g
@@ -198,6 +211,14 @@ class CircuitGraph:
         p = self.provenance
         return (f"CircuitGraph({len(self)} nodes, {self.graph.number_of_edges()} edges, "
                 f"model={p.model}@{p.revision}, method={p.method})")
+
+
+def _sums(ids: np.ndarray, values: np.ndarray) -> dict[str, float]:
+    """Per id, the sum of its values, added in row order (as a loop over rows would)."""
+    codes, uniques = pd.factorize(ids)
+    total = np.zeros(len(uniques))
+    np.add.at(total, codes, values)
+    return dict(zip(list(uniques), total.tolist(), strict=True))
 
 
 def _get(row: Mapping[str, Any], key: str, default: Any) -> Any:

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import networkx as nx
+import numpy as np
 
 from factfind.errors import ArgumentError
 from factfind.graph.circuit import STRUCTURAL, CircuitGraph
@@ -54,6 +55,11 @@ def _select(keys: list[Any], scores: list[float], threshold: float | None, top_n
     return keep
 
 
+def _node_ranks(graph: CircuitGraph) -> dict[str, int]:
+    """Node id -> its position in node order (:class:`~factfind.graph.Node`'s ordering)."""
+    return {n.id: i for i, n in enumerate(graph.nodes())}
+
+
 def _on_paths(graph: CircuitGraph, edges: Iterable[tuple[str, str]]) -> CircuitGraph:
     """The sub-circuit of ``edges`` restricted to nodes on an embed → logits path."""
     h: nx.DiGraph = graph.graph.edge_subgraph(list(edges)).copy()
@@ -72,12 +78,22 @@ def prune(graph: CircuitGraph, *, threshold: float | None = None, top_n: int | N
     """Keep the edges with ``|score| >= threshold``, the ``top_n`` largest ``|score|`` (ties by
     node order), and/or the fewest largest whose ``|score|`` sums to ``cumulative`` of the
     total (each given criterion must hold), then only nodes on embed → logits paths."""
-    data = list(graph.graph.edges(data=True))
-    if data and all(d["method"] == STRUCTURAL for *_, d in data):
+    rank = _node_ranks(graph)  # node order once per node, not twice per edge
+    us, vs, size, measured = [], [], [], False
+    for u, nbrs in graph.graph.adj.items():
+        for v, d in nbrs.items():
+            us.append(u)
+            vs.append(v)
+            size.append(d["abs_score"])
+            measured = measured or d["method"] != STRUCTURAL
+    if us and not measured:
         raise ArgumentError("this graph's edges carry no measured scores (built from node scores):"
                          " use prune_nodes")
-    data.sort(key=lambda e: (-e[2]["abs_score"], graph.node(e[0]), graph.node(e[1])))
-    keep = _select([(u, v) for u, v, _ in data], [d["abs_score"] for *_, d in data],
+    # descending |score|, ties in node order (of the sender, then the receiver)
+    order = np.lexsort((np.array([rank[v] for v in vs], dtype=np.int64),
+                        np.array([rank[u] for u in us], dtype=np.int64),
+                        -np.array(size, dtype=float))).tolist()
+    keep = _select([(us[i], vs[i]) for i in order], [size[i] for i in order],
                    threshold, top_n, cumulative)
     return _on_paths(graph, (e for e in graph.graph.edges if e in keep))
 
