@@ -195,16 +195,14 @@ def _patch_chunk(model: Model, p: _Prepared, sets: Sequence[NodeSet]) -> tuple[T
         edits[key] = _where_edit(masks.get(key, torch.zeros(S, B, T, model.n_heads,
                                                             dtype=torch.bool, device=dev)),
                                  src, delta)
-    answers = p.metric is None  # the logit difference: unembed the two answers only
-    cols = p.pb.answer_ids(S) if answers else "final"
-    if p.prefix is None:
-        run = model.run(p.base.repeat(S), edits=edits, logits=cols)
+    prefix = p.prefix
+    if prefix is None:
+        forward = lambda lg: model.run(p.base.repeat(S), edits=edits, logits=lg).logits
     else:
-        starts = [_set_start(p, group) for group in sets]
-        run = model.run_from(p.prefix, start=group_start(starts, range(S)), reps=S, edits=edits,
-                             logits=cols)
-    m = p.pb.measure(run.logits, S, p.metric, answers=answers)
-    effect = m.reshape(S, B) - p.m_base[None]
+        start = group_start([_set_start(p, group) for group in sets], range(S))
+        forward = lambda lg: model.run_from(prefix, start=start, reps=S, edits=edits,
+                                            logits=lg).logits
+    effect = p.pb.measure_run(forward, S, p.metric).reshape(S, B) - p.m_base[None]
     return effect, valid
 
 

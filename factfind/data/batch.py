@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -235,6 +235,17 @@ class PairBatch:
         computes only those logits (``Model.run(..., logits=pb.answer_ids(reps))``)."""
         return torch.stack([self.correct, self.wrong], 1).repeat(reps, 1)
 
+    def measure_run(self, run: Callable[[str | Tensor], Tensor], reps: int = 1,
+                    metric: Metric | None = None) -> Tensor:
+        """``[reps * batch]`` float: the metric of a forward ``run(logits) -> logits`` of the
+        batch stacked ``reps`` times (``logits`` as for ``Model.run``). With the default metric
+        the run unembeds the two answers only (:meth:`answer_ids`): the logit difference needs
+        no other logit, and the full ``d_model x d_vocab`` unembedding of every stacked row is
+        the largest single product of a late-starting incremental run."""
+        if metric is None:
+            return self.measure(run(self.answer_ids(reps)), reps, answers=True)
+        return self.measure(run("final").float(), reps, metric)
+
     def measure(self, logits: Tensor, reps: int = 1, metric: Metric | None = None, *,
                 answers: bool = False) -> Tensor:
         """``[reps * batch]`` float: ``metric(logits, correct, wrong)`` (default the logit
@@ -245,7 +256,8 @@ class PairBatch:
             if metric is not None:
                 raise ArgumentError("a metric of its own needs every logit: run with "
                                     "logits='final', not the answers' only")
-            return (logits[:, 0] - logits[:, 1]).float()
+            lg = logits.float()  # before the difference (bf16 logits would lose it)
+            return lg[:, 0] - lg[:, 1]
         if metric is None:
             return self.logit_diff(logits, reps)
         out = metric(logits, self.correct.repeat(reps).to(logits.device),

@@ -233,16 +233,15 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         full = [torch.zeros(shape, dtype=torch.bool) if m is None else m for m in ms]
         vals = [base[key] if v is None else v for v in values[key]]
         edits2[key] = where_edit(_stack(full), _stack(vals))
-    cols = pb.answer_ids(J) if answers else "final"
     if prefix is None:
-        logits = model.run(base_b.repeat(J), edits=edits2, logits=cols).logits
+        forward = lambda lg: model.run(base_b.repeat(J), edits=edits2, logits=lg).logits
     else:
         firsts = [0 if m.dim() < 2 else first_position(m)  # m: [batch] or [batch pos ...]
                   for ms in masks.values() for m in ms if m is not None]
         start = (min(k[1] for k in edits2), min(firsts, default=0))
-        logits = model.run_from(prefix, start=start, reps=J, edits=edits2, logits=cols).logits
-    out = (pb.measure(logits, J, answers=True) if answers else
-           metric(logits, pb.correct.repeat(J), pb.wrong.repeat(J)))
+        forward = lambda lg: model.run_from(prefix, start=start, reps=J, edits=edits2,
+                                            logits=lg).logits
+    out = pb.measure_run(forward, J, None if answers else metric)
     out = out.reshape(J, B).double().cpu()
     return out, *ends
 

@@ -117,19 +117,9 @@ def auto_chunk(model: Model, rows: int, n_pos: int, *, budget_bytes: int | None 
                                cap=256)
 
 
-def _metric(logits: Tensor, pb: PairBatch, reps: int, metric: Metric | None = None, *,
-            answers: bool = False) -> Tensor:
-    # float32 whatever the model's dtype (bf16 logits would lose the difference's precision);
-    # answers: the logits are the answers' only (see _logits)
-    return pb.measure(logits.float(), reps, metric, answers=answers)
-
-
-def _logits(pb: PairBatch, reps: int, metric: Metric | None) -> str | Tensor:
-    """What a patched run unembeds: with the default metric only the two answers' logits
-    (the logit difference needs no other, and the full ``d_model x d_vocab`` unembedding
-    of every stacked row is the largest single product of a late-starting incremental run);
-    with a metric of the user's, every logit of the final position."""
-    return pb.answer_ids(reps) if metric is None else "final"
+def _metric(logits: Tensor, pb: PairBatch, reps: int, metric: Metric | None = None) -> Tensor:
+    # float32 whatever the model's dtype (bf16 logits would lose the difference's precision)
+    return pb.measure(logits.float(), reps, metric)
 
 
 def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
@@ -137,9 +127,10 @@ def _patched_metrics(model: Model, base: TokenBatch, source: dict[SiteKey, Tenso
                      metric: Metric | None = None) -> Tensor:
     """Metric ``[site batch]`` for each site patched alone, all sites in one forward."""
     n_sites = len(sites)
-    run = model.run(base.repeat(n_sites), edits=_site_edits(model, base, source, sites),
-                    logits=_logits(pb, n_sites, metric))
-    return _metric(run.logits, pb, n_sites, metric, answers=metric is None).reshape(n_sites, -1)
+    edits = _site_edits(model, base, source, sites)
+    m = pb.measure_run(lambda lg: model.run(base.repeat(n_sites), edits=edits, logits=lg).logits,
+                       n_sites, metric)
+    return m.reshape(n_sites, -1)
 
 
 def site_start(base: TokenBatch, site: PatchSite) -> tuple[int, int]:
@@ -155,11 +146,11 @@ def _patched_metrics_from(model: Model, prefix: Prefix, base: TokenBatch,
     run_from`) started at the sites' earliest layer and position."""
     starts = [site_start(base, s) for s in sites]
     start = group_start(starts, range(len(sites)))
-    run = model.run_from(prefix, start=start, reps=len(sites),
-                         edits=_site_edits(model, base, source, sites),
-                         logits=_logits(pb, len(sites), metric))
-    return _metric(run.logits, pb, len(sites), metric,
-                   answers=metric is None).reshape(len(sites), -1)
+    edits = _site_edits(model, base, source, sites)
+    m = pb.measure_run(lambda lg: model.run_from(prefix, start=start, reps=len(sites),
+                                                 edits=edits, logits=lg).logits,
+                       len(sites), metric)
+    return m.reshape(len(sites), -1)
 
 
 def _site_edits(model: Model, base: TokenBatch, source: dict[SiteKey, Tensor],
