@@ -148,3 +148,22 @@ def test_path_patching_circuit_recovers_the_planted_circuit(planted):
     scores = nx_scores = {e: graph.graph.edges[e]["score"] for e in graph.graph.edges}
     assert all(s < 0 for s in nx_scores.values()), "noising every planted edge hurts"
     assert len(scores) == len(truth.edges)
+
+
+@pytest.mark.parametrize("receiver_input", ["qkv", "q"])
+def test_run1_starts_at_the_first_reached_receiver_layer(family_model, facts, receiver_input):
+    """Receivers below (or at) every sender keep their base values and the incremental run 1
+    starts at the first layer a sender reaches; a sender above every receiver skips run 1.
+    Equal to the literal recipe on GPT-2, GPT-NeoX (parallel blocks) and Llama (GQA)."""
+    from factfind.testing.models import tiny_model
+
+    model = tiny_model(family_model.spec.name, n_layers=4)
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:3]
+    senders = [Site("mlp_out", 2, position="subject_last"), Site("z", 1, head=0, position="final"),
+               Site("mlp_out", 3, position="final")]
+    receivers = [Site("z", 0, head=1, position="final"), Site("z", 1, head=2, position="final"),
+                 Site("mlp_out", 2, position="final"), Site("z", 3, head=1, position="final")]
+    kw = dict(receiver_input=receiver_input, chunk=1)
+    fast = path_patching_sweep(model, pairs, senders, receivers, **kw)
+    slow = path_patching_sweep(model, pairs, senders, receivers, reference=True, **kw)
+    _close(fast, slow)

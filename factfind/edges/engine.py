@@ -42,7 +42,7 @@ from factfind.errors import ArgumentError
 from factfind.graph import stage
 from factfind.localize.patching import auto_chunk
 from factfind.metrics import logit_diff
-from factfind.model.incremental import first_position
+from factfind.model.incremental import OVERHEAD_ROWS, first_position, plan_groups
 from factfind.types import Component, Metric, SiteKey
 
 if TYPE_CHECKING:
@@ -108,6 +108,29 @@ def _keys(job_list: Sequence[Job], *, qkv: str, parallel: bool, n_layers: int
     return base, src
 
 
+def base_and_source_runs(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str = "qkv",
+                         direction: str = "noise", incremental: bool = True) -> tuple[Any, Any]:
+    """The base run (a :class:`~factfind.model.incremental.Prefix` when incremental) and the
+    source run of a batch, saving what :func:`path_metrics` reads for ``jobs``."""
+    parallel = is_parallel(model)
+    for job in jobs:
+        _check_job(model, job, parallel)
+    base_b, src_b = (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
+    base_keys, src_keys = _keys(jobs, qkv=qkv, parallel=parallel, n_layers=model.n_layers)
+    base = (model.base_run(base_b, save=base_keys) if incremental
+            else model.run(base_b, save=base_keys))
+    return base, model.run(src_b, save=src_keys)
+
+
+def _reaches(changes: list[tuple[str, int, Tensor]], layer: int, parallel: bool) -> bool:
+    """Whether a job's sender changes (``set_changes``) reach the inputs of layer ``layer``'s
+    receivers: a change upstream of the layer's attention, or (sequential blocks, an MLP
+    receiver) of one of the layer's own heads."""
+    here = stage("head", layer, parallel)
+    return any(stage(kind, at, parallel) < here or (kind == "head" and at == layer)
+               for kind, at, _ in changes)
+
+
 def where_edit(mask: Tensor, value: Tensor) -> Callable[[Tensor], Tensor]:
     """An edit ``act -> where(mask, value, act)``, ``mask`` broadcast over ``act``'s trailing
     dimensions (on ``act``'s device and dtype)."""
@@ -123,10 +146,12 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str = "qkv",
                  direct: bool = False, direction: str = "noise",
-                 metric: Metric | None = None, incremental: bool = True
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+                 metric: Metric | None = None, incremental: bool = True,
+                 runs: tuple[Any, Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Metric ``[job batch]`` of each job's patched run (all jobs stacked in two forwards),
-    and the clean and corrupt metrics ``[batch]``.
+    and the clean and corrupt metrics ``[batch]``. ``runs``: the base run (the
+    :class:`~factfind.model.incremental.Prefix` when incremental) and the source run from
+    :func:`base_and_source_runs` for these jobs or more, shared by the chunks of a batch.
 
     With ``incremental`` both stacked forwards resume from the cached base run
     (:mod:`factfind.model.incremental`): run 1 at the first receiver layer, run 2 at the first layer
@@ -140,11 +165,11 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
     L = model.n_layers
     for job in jobs:
         _check_job(model, job, parallel)
-    base_b, src_b = (pb.clean, pb.corrupt) if direction == "noise" else (pb.corrupt, pb.clean)
-    base_keys, src_keys = _keys(jobs, qkv=qkv, parallel=parallel, n_layers=L)
-    prefix = model.base_run(base_b, save=base_keys) if incremental else None
-    base_run = model.run(base_b, save=base_keys) if prefix is None else prefix
-    src_run = model.run(src_b, save=src_keys)
+    base_b = pb.clean if direction == "noise" else pb.corrupt
+    base_run, src_run = runs or base_and_source_runs(model, pb, jobs, qkv=qkv,
+                                                     direction=direction,
+                                                     incremental=incremental)
+    prefix = base_run if incremental else None
     base, src = base_run.acts, src_run.acts
     ends = _ends(metric, pb, base_run.logits, src_run.logits, direction)
     B = base_b.input_ids.shape[0]
@@ -165,7 +190,14 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
     if r1:
         edits: dict[SiteKey, Callable[[Tensor], Tensor]] = {}
         layers = sorted({r.layer for j in r1 for r in jobs[j].receivers or ()})
+        # receiver layers that no job's senders reach (every sender sits at or above them)
+        # compute their base values: an incremental run 1 starts at the first reached one
+        reached = [layer for layer in layers if any(_reaches(delta[j], layer, parallel)
+                                                    for j in r1)]
+        first = layers[0] if prefix is None else reached[0] if reached else layers[-1] + 1
         for layer in layers:
+            if layer < first:
+                continue
             rows, vals, arows, avals = [], [], [], []
             for j in r1:
                 here = [r for r in jobs[j].receivers or () if r.layer == layer]
@@ -184,11 +216,16 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         if qkv != "qkv":
             keys |= {(c, k[1]) for k in keys if k[0] is Component.Z
                      for c in (Component.Q, Component.K, Component.V)}
+        for key in [k for k in keys if k[1] < first]:  # unreached: the base run's values
+            got[key] = base[key][None].expand(len(r1), *base[key].shape)
+        keys = {k for k in keys if k[1] >= first}
         if prefix is None:
             run1 = model.run(base_b.repeat(len(r1)), save=keys, edits=edits).acts
-        else:  # every position (receivers read the senders' changes anywhere upstream)
-            run1 = model.run_from(prefix, start=(min(layers), 0), reps=len(r1), save=keys,
+        elif edits:  # every position (receivers read the senders' changes anywhere upstream)
+            run1 = model.run_from(prefix, start=(first, 0), reps=len(r1), save=keys,
                                   edits=edits).acts
+        else:
+            run1 = {}
         for key, act in run1.items():
             got[key] = act.reshape(len(r1), B, *act.shape[1:])
         if qkv != "qkv":
@@ -224,15 +261,19 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
             for _, _, d in set_changes(model, mine, base, job.receivers):
                 final = final + d.to(final.dtype)
             put(final_key, j, torch.ones(B, dtype=torch.bool), final)
-        else:
+        else:  # a receiver the job's senders do not reach keeps its base output: no edit
             for r in job.receivers:
-                put(r.key, j, unit_mask(model, r), got[r.key][slot[j]])
+                if _reaches(delta[j], r.layer, parallel):
+                    put(r.key, j, unit_mask(model, r), got[r.key][slot[j]])
     edits2 = {}
     for key, ms in masks.items():
         shape = next(m for m in ms if m is not None).shape
         full = [torch.zeros(shape, dtype=torch.bool) if m is None else m for m in ms]
         vals = [base[key] if v is None else v for v in values[key]]
         edits2[key] = where_edit(_stack(full), _stack(vals))
+    if not edits2:  # no job changes anything: every patched run is the base run
+        m = pb.measure(base_run.logits.float(), 1, None if answers else metric)
+        return m[None].expand(J, B).double().cpu(), *ends
     if prefix is None:
         forward = lambda lg: model.run(base_b.repeat(J), edits=edits2, logits=lg).logits
     else:
@@ -372,9 +413,24 @@ def run_jobs(model: Model, pairs: FactPairs, make: Callable[[TokenBatch, Tensor]
             got = [path_metrics_reference(model, pb, jobs, **opts)]
         else:
             size = chunk or auto_chunk(model, len(pb.correct), pb.clean.input_ids.shape[1])
-            got = [path_metrics(model, pb, jobs[s], **opts)
-                   for s in _chunks(len(jobs), max(1, size // 2))]
-        cols.append(torch.cat([g[0] for g in got]))
+            # jobs whose senders sit in similar layers share a forward: an incremental run 1
+            # starts at the first receiver layer its chunk's senders reach
+            starts = [(max(0, min((s.layer for s in job.senders), default=0)), 0)
+                      for job in jobs]
+            groups = plan_groups(starts, n_layers=model.n_layers, n_pos=1,
+                                 max_size=max(1, size // 2),
+                                 overhead=OVERHEAD_ROWS / len(pb.correct))
+            runs = base_and_source_runs(model, pb, jobs, **{
+                k: opts[k] for k in ("qkv", "direction", "incremental") if k in opts})
+            got = [path_metrics(model, pb, [jobs[i] for i in g], runs=runs, **opts)
+                   for g in groups]
+        if reference:
+            cols.append(got[0][0])
+        else:
+            col = torch.empty(len(jobs), len(pb.correct), dtype=got[0][0].dtype)
+            for g, part in zip(groups, got, strict=True):
+                col[g] = part[0]
+            cols.append(col)
         m_clean.append(got[0][1])
         m_corrupt.append(got[0][2])
         bar.update(idx.stop - idx.start)
