@@ -741,20 +741,14 @@ class Model:
         """Pull cotangents of the rotary-applied queries and keys ``[... batch pos head
         d_head]`` back to the queries and keys before the rotary embedding (the transpose of
         a linear map per position; the identity in families without rotary embeddings)."""
-        import importlib
-
-        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
-        rope = getattr(base, "rotary_emb", None)
+        rope = self._rope(layer, dq, position_ids)
         if rope is None:
             return dq, dk
-        attn = _get(self._block_hf(layer), self.spec.attn)
-        module = importlib.import_module(type(attn).__module__)
-        cos, sin = rope(dq, position_ids.to(dq.device))
+        apply, cos, sin = rope
         with torch.enable_grad():
             q0 = torch.zeros_like(dq, requires_grad=True)
             k0 = torch.zeros_like(dk, requires_grad=True)
-            qr, kr = module.apply_rotary_pos_emb(q0, k0, cos.to(dq.dtype), sin.to(dq.dtype),
-                                                 unsqueeze_dim=2)
+            qr, kr = apply(q0, k0, cos, sin, unsqueeze_dim=2)
             gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
         return gq, gk
 
@@ -762,17 +756,26 @@ class Model:
                ) -> tuple[Tensor, Tensor]:
         """The rotary embedding applied to queries and keys ``[... batch pos head d_head]``
         (the map :meth:`rotary_transpose` transposes; the identity without rotary)."""
+        rope = self._rope(layer, q, position_ids)
+        if rope is None:
+            return q, k
+        apply, cos, sin = rope
+        return apply(q, k, cos, sin, unsqueeze_dim=2)
+
+    def _rope(self, layer: int, like: Tensor, position_ids: Tensor
+              ) -> tuple[Callable[..., tuple[Tensor, Tensor]], Tensor, Tensor] | None:
+        """Layer ``layer``'s rotary embedding: its family's ``apply_rotary_pos_emb`` and the
+        ``cos``, ``sin`` at ``position_ids`` in ``like``'s dtype, or ``None`` without rotary."""
         import importlib
 
         base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
         rope = getattr(base, "rotary_emb", None)
         if rope is None:
-            return q, k
+            return None
         attn = _get(self._block_hf(layer), self.spec.attn)
         module = importlib.import_module(type(attn).__module__)
-        cos, sin = rope(q, position_ids.to(q.device))
-        return module.apply_rotary_pos_emb(q, k, cos.to(q.dtype), sin.to(q.dtype),
-                                           unsqueeze_dim=2)
+        cos, sin = rope(like, position_ids.to(like.device))
+        return module.apply_rotary_pos_emb, cos.to(like.dtype), sin.to(like.dtype)
 
     def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
         """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
