@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from factfind.edges.eap import eap, to_graph
 from factfind.edges.placement import all_nodes
@@ -109,6 +110,55 @@ def test_the_full_circuit_is_exactly_faithful(tiny_pairs, how):
     np.testing.assert_allclose(df["metric"], df["full"], atol=1e-6, rtol=0)
     np.testing.assert_allclose(df["faithfulness"], 1.0, atol=1e-6, rtol=0)
     np.testing.assert_allclose(df["fraction"], 1.0)
+
+
+def test_a_known_baseline_changes_nothing_and_skips_two_circuits(tiny_pairs, monkeypatch):
+    """``baseline=(full, empty)`` from an earlier call gives the same rows while running one
+    circuit instead of three per batch (what the pruning search measures each round); the
+    vectorised keep masks and the counted universe equal their node-by-node definitions."""
+    import factfind.evaluate.engine as engine
+
+    model, pairs = tiny_pairs
+    batch = model.tokenize(list(pairs.clean))
+    roles = batch.roles_present()
+    rng = random.Random(3)
+    circuit = [n for n in all_nodes(model, batch, neurons=True) if rng.random() < 0.3]
+    circuit += [Node("mlp", 0, None, roles[0])]
+    keys = [(c, layer) for layer in range(model.n_layers) for c in ("z", "neurons")]
+    means = engine.mean_activations(model, pairs.clean, keys)
+    first = evaluate_circuits(model, pairs, [circuit], how="mean", means=means)
+    rows: list[int] = []
+    real_run = model.run
+
+    def counting_run(b, **kw):
+        rows.append(len(b))
+        return real_run(b, **kw)
+
+    monkeypatch.setattr(model, "run", counting_run)
+    again = evaluate_circuits(model, pairs, [circuit], how="mean", means=means,
+                              baseline=(first["full"].iloc[0], first["empty"].iloc[0]))
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(first, again)
+    assert abs(first["faithfulness"].iloc[0]) > 1e-3 and sum(rows) == len(pairs)
+    kz, kn = engine._keep_masks(model, circuit)
+    lz, ln = np.zeros(kz.shape, bool), np.zeros(kn.shape, bool)
+    for n in circuit:
+        r = list(engine.ROLE_NAMES).index(n.role)
+        if n.kind == "head":
+            lz[n.layer, r, n.index] = True
+        elif n.kind == "mlp":
+            ln[n.layer, r, :] = True
+        else:
+            ln[n.layer, r, n.index] = True
+    assert lz.any() and ln.any()
+    np.testing.assert_array_equal(kz.numpy(), lz)
+    np.testing.assert_array_equal(kn.numpy(), ln)
+    full = engine._keep_masks(model, all_nodes(model, batch, neurons=False))
+    for got, want in zip(engine._full_masks(model, roles), full, strict=True):
+        assert torch.equal(got, want)
+    for neurons in (False, True):
+        assert engine.universe_size(model, roles, neurons=neurons) == len(
+            all_nodes(model, batch, neurons=neurons))
 
 
 def test_proportion_explained_of_a_node_set_is_resample_faithfulness(tiny_pairs):

@@ -144,7 +144,8 @@ def test_the_reserve_stops_early_steps_from_spending_the_budget(linear, monkeypa
         import pandas as pd
 
         return pd.DataFrame([{"n_nodes": len(c), "fraction": len(c) / n,
-                              "faithfulness": 0.85 + 0.3 * len(c) / n, "metric": 0.0}
+                              "faithfulness": 0.85 + 0.3 * len(c) / n, "metric": 0.0,
+                              "full": 1.0, "empty": 0.0}
                              for c in circuits])
 
     monkeypatch.setattr(prune_module, "evaluate_circuits", fake_evaluate)

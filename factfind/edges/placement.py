@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from factfind.errors import ArgumentError, OutOfRangeError
-from factfind.graph import Node
+from factfind.graph import Node, sort_nodes
 from factfind.types import ROLE_NAMES, Component, Site, SiteKey
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def all_nodes(model: Model, batch: TokenBatch, *, neurons: bool = False) -> list
                 out += [Node("neuron", layer, n, role) for n in range(model.d_mlp)]
             else:
                 out.append(Node("mlp", layer, None, role))
-    return sorted(out)
+    return sort_nodes(out)
 
 
 def as_node(node: NodeLike, model: Model) -> Node:

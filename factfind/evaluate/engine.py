@@ -40,7 +40,6 @@ from torch import Tensor
 
 from factfind.data.batch import PairBatch, encode_pairs
 from factfind.edges.engine import where_edit
-from factfind.edges.placement import all_nodes
 from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.graph import ENDPOINTS, CircuitGraph, Node
 from factfind.localize.ablation import mean_activations
@@ -130,20 +129,45 @@ def node_scores(scores: CircuitGraph | pd.DataFrame | Mapping[str, float]) -> di
 # ----------------------------------------------------------------------------- the engine
 
 
-def _keep_masks(model: Model, nodes: set[Node]) -> tuple[Tensor, Tensor]:
-    """Per (layer, role): kept heads ``[L R H]`` and kept neurons ``[L R N]``."""
+def _keep_masks(model: Model, nodes: Iterable[Node]) -> tuple[Tensor, Tensor]:
+    """Per (layer, role): kept heads ``[L R H]`` and kept neurons ``[L R N]`` (one indexed
+    write per kind: a 30-layer model's circuits hold up to ~230k nodes)."""
     R = len(ROLE_NAMES)
     kz = torch.zeros(model.n_layers, R, model.n_heads, dtype=torch.bool)
     kn = torch.zeros(model.n_layers, R, model.d_mlp, dtype=torch.bool)
+    heads: list[tuple[int, int, int]] = []
+    units: list[tuple[int, int, int]] = []
+    mlps: list[tuple[int, int]] = []
     for n in nodes:
-        r = ROLE_NAMES.index(n.role)
         if n.kind == "head":
-            kz[n.layer, r, n.index] = True
-        elif n.kind == "mlp":
-            kn[n.layer, r] = True
+            heads.append((n.layer, ROLE_NAMES.index(n.role), n.index))  # type: ignore[arg-type]
         elif n.kind == "neuron":
-            kn[n.layer, r, n.index] = True
+            units.append((n.layer, ROLE_NAMES.index(n.role), n.index))  # type: ignore[arg-type]
+        elif n.kind == "mlp":
+            mlps.append((n.layer, ROLE_NAMES.index(n.role)))
+    for mask, idx in ((kz, heads), (kn, units)):
+        if idx:
+            at = torch.tensor(idx, dtype=torch.long).T
+            mask[at[0], at[1], at[2]] = True
+    if mlps:
+        at = torch.tensor(mlps, dtype=torch.long).T
+        kn[at[0], at[1]] = True
     return kz, kn
+
+
+def _full_masks(model: Model, roles: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """The keep masks of the full model: every head and neuron at every role present."""
+    present = torch.zeros(len(ROLE_NAMES), dtype=torch.bool)
+    present[[ROLE_NAMES.index(r) for r in roles]] = True
+    kz = present[None, :, None].expand(model.n_layers, -1, model.n_heads).clone()
+    kn = present[None, :, None].expand(model.n_layers, -1, model.d_mlp).clone()
+    return kz, kn
+
+
+def universe_size(model: Model, roles: Sequence[str], *, neurons: bool) -> int:
+    """How many nodes :func:`~factfind.edges.placement.all_nodes` lists at these roles: each
+    head and each MLP (or each MLP neuron) of every layer at every role."""
+    return len(roles) * model.n_layers * (model.n_heads + (model.d_mlp if neurons else 1))
 
 
 def _ablate(mask_keep: Tensor, labels: Tensor, value: Tensor):
@@ -236,8 +260,8 @@ def evaluate_circuits(
     model: Model, data: FactPairs | FactDataset, circuits: Sequence[CircuitLike], *,
     how: str = "mean", pool: FactDataset | None = None,
     means: dict[Any, Tensor] | None = None, resamples: int = 3, seed: int = 0,
-    metric: Metric | None = None, neurons: bool | None = None, batch_size: int = 16,
-    chunk: int = 16,
+    metric: Metric | None = None, neurons: bool | None = None,
+    baseline: tuple[float, float] | None = None, batch_size: int = 16, chunk: int = 16,
 ) -> pd.DataFrame:
     """Mean metric with everything outside each circuit ablated, and its faithfulness.
 
@@ -256,6 +280,10 @@ def evaluate_circuits(
             and every MLP neuron at every role, and an MLP node counts as its ``d_mlp``
             neurons. ``None`` (default): at neuron granularity if any circuit holds a
             single-neuron node; ``False`` with such a node is a ``ValueError``.
+        baseline: ``(full, empty)``, the full and the empty circuit's metric from an
+            earlier call with the same data, ablation and metric: their two runs per batch are
+            skipped (a search that measures one circuit per step, such as
+            :func:`~factfind.evaluate.prune.prune_circuit`, pays a third of the cost).
         batch_size: prompts per forward; chunk: circuits stacked per forward.
 
     Returns:
@@ -284,11 +312,12 @@ def evaluate_circuits(
     sets = [circuit_nodes(model, c, roles) for c in circuits]
     if neurons is None:
         neurons = any(n.kind == "neuron" for s in sets for n in s)
-    universe = len(all_nodes(model, batch, neurons=neurons))
+    universe = universe_size(model, roles, neurons=neurons)
     sizes = [count_nodes(model, s, neurons=neurons, name=f"circuit {i}")
              for i, s in enumerate(sets)]
-    full = set(all_nodes(model, batch, neurons=False))
-    keeps = [_keep_masks(model, s) for s in [*sets, full, set()]]
+    keeps = [_keep_masks(model, s) for s in sets]
+    if baseline is None:  # the full model and the empty circuit, run as two more circuits
+        keeps += [_full_masks(model, roles), _keep_masks(model, ())]
     if how == "mean" and means is None:
         means = mean_activations(model, pool or facts, keys)
     cand = _candidates(model, facts) if pairs is None else {}
@@ -312,7 +341,8 @@ def evaluate_circuits(
             total[c0:c0 + len(group)] += m.double().cpu().reshape(len(group), reps, B).mean(1) \
                 .sum(1)
     mean = total / n
-    m_full, m_empty = float(mean[-2]), float(mean[-1])
+    m_full, m_empty = (float(mean[-2]), float(mean[-1])) if baseline is None \
+        else (float(baseline[0]), float(baseline[1]))
     rows = []
     for i in range(len(sets)):
         rows.append({"circuit": i, "n_nodes": sizes[i], "fraction": sizes[i] / universe,

@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -59,7 +60,7 @@ from factfind.evaluate.engine import (
     evaluate_circuits,
     metric_rows,
 )
-from factfind.graph import Node
+from factfind.graph import Node, sort_nodes
 from factfind.localize.ablation import mean_activations
 from factfind.metrics import logit_diff
 from factfind.types import CIRCUIT_ABLATIONS, ROLE_NAMES, Component
@@ -144,22 +145,26 @@ def removal_scores(
             d = ((value.to(act) - act) * g).double().cpu()
             d = d.sum(-1) if c is Component.Z else d  # [reps*B P units]
             est[c][layer] += torch.einsum("bpu,bpr->ru", d, onehot)
-    rows = []
-    for v in sorted(nodes):
-        r = ROLE_NAMES.index(v.role)
-        if v.kind == "head":
-            delta = est[Component.Z][v.layer, r, v.index]
-        elif v.kind == "mlp":
-            delta = est[Component.NEURONS][v.layer, r].sum()
-        else:
-            delta = est[Component.NEURONS][v.layer, r, v.index]
-        rows.append({"node": v.id, "kind": v.kind, "layer": v.layer, "index": v.index,
-                     "role": v.role, "delta": float(delta), "method": "attribution"})
-    out = pd.DataFrame(rows)  # in sorted node order
-    check = [v for v in sorted(nodes) if v.kind in exact]
+    order = sort_nodes(nodes)
+    kind = np.array([v.kind for v in order])
+    layer = np.array([v.layer for v in order], dtype=np.int64)
+    index = np.array([-1 if v.index is None else v.index for v in order], dtype=np.int64)
+    role = np.array([ROLE_NAMES.index(v.role) for v in order], dtype=np.int64)
+    delta = np.zeros(len(order))
+    z, nn = est[Component.Z].numpy(), est[Component.NEURONS].numpy()
+    for k, table in (("head", z), ("neuron", nn)):
+        at = kind == k
+        delta[at] = table[layer[at], role[at], index[at]]
+    at = kind == "mlp"
+    delta[at] = nn.sum(-1)[layer[at], role[at]]
+    out = pd.DataFrame({"node": [v.id for v in order], "kind": kind, "layer": layer,
+                        "index": [None if i < 0 else i for i in index.tolist()],
+                        "role": [v.role for v in order], "delta": delta,
+                        "method": "attribution"})  # in sorted node order
+    check = [v for v in order if v.kind in exact]
     if check:
-        base = sorted(nodes)
-        df = evaluate_circuits(model, data, [base] + [[u for u in base if u != v] for v in check],
+        df = evaluate_circuits(model, data, [order] + [[u for u in order if u != v]
+                                                       for v in check],
                                how=how, means=means, resamples=resamples, seed=seed,
                                metric=metric, batch_size=batch_size, chunk=chunk)
         m = df["metric"].to_numpy()
@@ -212,7 +217,7 @@ def prune_circuit(
         raise ArgumentError(f"step must be in (0, 1), got {step}")
     facts = _facts(data)
     roles = model.tokenize(list(facts[:64])).roles_present()
-    current = sorted(circuit_nodes(model, circuit, roles))
+    current = sort_nodes(circuit_nodes(model, circuit, roles))
     if kwargs.get("means") is None and how == "mean":
         keys = [(c, layer) for layer in range(model.n_layers)
                 for c in (Component.Z, Component.NEURONS)]
@@ -220,9 +225,14 @@ def prune_circuit(
     score_kw = {k: kwargs[k] for k in ("means", "resamples", "seed", "metric", "batch_size",
                                        "chunk") if k in kwargs}
 
+    baseline: tuple[float, float] | None = None  # the full and the empty circuit: once
+
     def measure(nodes: list[Node]) -> dict[str, Any]:
-        return evaluate_circuits(model, data, [nodes], how=how, neurons=neurons,
-                                 **kwargs).iloc[0].to_dict()
+        nonlocal baseline
+        r = evaluate_circuits(model, data, [nodes], how=how, neurons=neurons,
+                              baseline=baseline, **kwargs).iloc[0].to_dict()
+        baseline = (r["full"], r["empty"])
+        return r
 
     if not 0.0 <= reserve <= 1.0:
         raise ArgumentError(f"reserve must be in [0, 1], got {reserve}")
@@ -242,7 +252,7 @@ def prune_circuit(
         if scores is None:  # re-scored in the context of each accepted circuit
             scores = removal_scores(model, data, current, how=how, exact=exact, **score_kw)
         drop = set(scores["node"].iloc[:k])
-        trial = [v for v in current if v.id not in drop]
+        trial = [v for v in current if v.id not in drop]  # stays sorted
         r = measure(trial)
         rounds += 1
         ok = r["faithfulness"] >= target + reserve * budget * len(trial) / n0

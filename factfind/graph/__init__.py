@@ -39,7 +39,7 @@ from factfind.graph.circuit import (
 )
 from factfind.graph.combine import compare, layout, union
 from factfind.graph.io import read_graphml, read_json, to_graphml, to_json
-from factfind.graph.node import ENDPOINTS, KINDS, ROLES, Node, feeds, stage
+from factfind.graph.node import ENDPOINTS, KINDS, ROLES, Node, feeds, sort_nodes, stage
 from factfind.graph.provenance import Provenance, ProvenanceMismatchError, check_compatible
 from factfind.graph.pruning import prune, prune_nodes
 
@@ -64,6 +64,7 @@ __all__ = [
     "prune_nodes",
     "read_graphml",
     "read_json",
+    "sort_nodes",
     "stage",
     "to_graph",
     "to_graphml",
