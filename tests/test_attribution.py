@@ -243,6 +243,40 @@ def test_verify_and_bound(neox, neox_pairs):
     assert set(coarse.buckets.columns) >= set(RESULT_COLUMNS) | {"rank_start", "rank_stop"}
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 20), st.integers(1, 3), st.integers(0, 10_000))
+def test_bound_subsets_cover_each_node_coverage_times_in_few_adjacent_subsets(n, size, coverage,
+                                                                               seed):
+    """Each node lands in exactly ``coverage`` distinct subsets of at most ``subset_size`` nodes
+    of one bucket and component, consecutive in layer order, and there are at most
+    ``coverage * (ceil(n_group / size) + 1)`` subsets per group: the cost the bound promises."""
+    from factfind.attribute.verification import bound_subsets
+
+    rng = np.random.default_rng(seed)
+    layer, bucket = rng.integers(0, 30, n), rng.integers(1, 4, n)
+    comp = rng.choice(["z", "q", "neurons"], n)
+    subsets = bound_subsets(bucket, list(comp), layer, subset_size=size, coverage=coverage,
+                            seed=seed)
+    seen = np.zeros(n, dtype=int)
+    for m in subsets:
+        assert 1 <= len(m) <= size and len(set(m.tolist())) == len(m)
+        assert len(set(bucket[m].tolist())) == 1 and len(set(comp[m].tolist())) == 1
+        seen[m] += 1
+        # consecutive in layer order: no node of the group lies strictly between its layers
+        group = (bucket == bucket[m[0]]) & (comp == comp[m[0]])
+        inside = group & (layer > layer[m].min()) & (layer < layer[m].max())
+        assert inside.sum() <= len(m) and set(np.flatnonzero(inside)) <= set(m.tolist())
+    assert (seen == coverage).all()
+    groups = {(b, c): int(((bucket == b) & (comp == c)).sum()) for b, c in zip(bucket, comp)}
+    assert len(subsets) <= sum(coverage * (-(-g // size) + 1) for g in groups.values())
+    # the rounds cut at shifted places: with one node per layer no subset repeats
+    one_per_layer = bound_subsets(np.ones(16, int), ["z"] * 16, np.arange(16), subset_size=4,
+                                  coverage=2, seed=seed)
+    keys = [tuple(sorted(m.tolist())) for m in one_per_layer]
+    assert len(keys) == len(set(keys)) == 9
+    assert keys[:2] == [(0, 1, 2, 3), (4, 5, 6, 7)] and keys[4:6] == [(0, 1), (2, 3, 4, 5)]
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 7), min_size=1, max_size=5), st.integers(0, 10_000))
 def test_running_stats_stream_equals_in_memory(chunks, seed):
