@@ -135,12 +135,20 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
         final = a[(Component.RESID_POST, L - 1)][:, -1]
         scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
 
-        def dla(x: Tensor, scale: Tensor = scale, direction: Tensor = direction) -> Tensor:
+        # the frozen final norm is linear, so ``<norm(x), direction>`` is ``<x, read>`` with
+        # ``read`` the norm's transpose applied to the direction: taken once per batch from
+        # the model's own norm on the identity, then every component is one dot product (the
+        # per-neuron writes ``[batch d_mlp d_model]`` are never formed)
+        eye = torch.eye(final.shape[-1], dtype=final.dtype, device=final.device)
+        basis = model.final_norm_frozen(eye.expand(len(final), -1, -1), scale[:, None],
+                                        bias=False)  # [batch d_model(in) d_model(out)]
+        read = torch.einsum("bkd,bd->bk", basis, direction)  # [batch d_model]
+
+        def dla(x: Tensor, read: Tensor = read) -> Tensor:
             """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
             shape = x.shape
             flat = x.reshape(shape[0], -1, shape[-1])
-            y = model.final_norm_frozen(flat, scale[:, None], bias=False)
-            return torch.einsum("bnd,bd->bn", y, direction).reshape(shape[:-1])
+            return torch.einsum("bnd,bd->bn", flat, read).reshape(shape[:-1])
 
         logits = run.logits if run.logits_raw is None else run.logits_raw  # pre-softcap
         total = (logits.gather(-1, batch.attribute_ids[:, None])[:, 0])
@@ -166,8 +174,8 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
             if neurons:
                 n = a[(Component.NEURONS, layer)][:, -1]
                 f = model.mlp_write_scale(layer, n)  # [batch d_model]; ones without post norm
-                per = n[:, :, None] * model.W_out(layer) * f[:, None, :]
-                nd = dla(per)  # [batch neuron]
+                # neuron i writes n_i * W_out[i] * f: its DLA is n_i * <W_out[i], f * read>
+                nd = n * torch.einsum("nd,bd->bn", model.W_out(layer), f * read)  # [batch neuron]
                 add("dla", "mlp_out", layer, None, None,
                     nd.sum(-1) + dla(model.b_out(layer) * f))
                 add("dla", "neurons", layer, None, range(model.d_mlp), nd)
