@@ -267,7 +267,8 @@ def test_bound_subsets_cover_each_node_coverage_times_in_few_adjacent_subsets(n,
         inside = group & (layer > layer[m].min()) & (layer < layer[m].max())
         assert inside.sum() <= len(m) and set(np.flatnonzero(inside)) <= set(m.tolist())
     assert (seen == coverage).all()
-    groups = {(b, c): int(((bucket == b) & (comp == c)).sum()) for b, c in zip(bucket, comp)}
+    groups = {(b, c): int(((bucket == b) & (comp == c)).sum())
+              for b, c in zip(bucket, comp, strict=True)}
     assert len(subsets) <= sum(coverage * (-(-g // size) + 1) for g in groups.values())
     # the rounds cut at shifted places: with one node per layer no subset repeats
     one_per_layer = bound_subsets(np.ones(16, int), ["z"] * 16, np.arange(16), subset_size=4,
