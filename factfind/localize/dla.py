@@ -136,13 +136,13 @@ def _dla_sweep(model: Model, batches: list[tuple[TokenBatch, Tensor | None]],
         scale = model.final_norm_scale(final)  # [batch 1], frozen from the clean run
 
         # the frozen final norm is linear, so ``<norm(x), direction>`` is ``<x, read>`` with
-        # ``read`` the norm's transpose applied to the direction: taken once per batch from
-        # the model's own norm on the identity, then every component is one dot product (the
-        # per-neuron writes ``[batch d_mlp d_model]`` are never formed)
-        eye = torch.eye(final.shape[-1], dtype=final.dtype, device=final.device)
-        basis = model.final_norm_frozen(eye.expand(len(final), -1, -1), scale[:, None],
-                                        bias=False)  # [batch d_model(in) d_model(out)]
-        read = torch.einsum("bkd,bd->bk", basis, direction)  # [batch d_model]
+        # ``read`` the norm's transpose applied to the direction: one vector-Jacobian product
+        # of the model's own norm per batch ([batch d_model]), then every component is one dot
+        # product (the per-neuron writes ``[batch d_mlp d_model]`` are never formed)
+        with torch.enable_grad():
+            x0 = torch.zeros_like(final, requires_grad=True)
+            y = (model.final_norm_frozen(x0, scale, bias=False) * direction).sum()
+            (read,) = torch.autograd.grad(y, x0)
 
         def dla(x: Tensor, read: Tensor = read) -> Tensor:
             """``x [batch ... d_model]`` at the final position -> ``[batch ...]``."""
