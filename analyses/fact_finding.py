@@ -98,6 +98,10 @@ class Config:
     bound_nodes: int = _opt(256, "nodes sampled per AtP* search for the missed-effect bound")
     atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
     top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
+    reference_prompts: int = _opt(64, "known facts for the AND test (x4 name swaps each) and "
+                                  "the MLP norms (with twice as many unknown facts); at most "
+                                  "the known pool. Sized apart from the pool: at 256 known "
+                                  "facts the two took 166 s of a 12-minute run")
     resample_k: int = _opt(8, "subjects resampled per neuron")
     threads: int = _opt(0, "torch CPU threads; 0: the cores idle at start (cores minus the "
                         "1-minute load average, at least 1). On a shared 2-core machine with "
@@ -504,7 +508,7 @@ def _neuron_steps(cfg: Config, cache: ff.RunCache, model: ff.Model, pairs: ff.Fa
     at_last = at_last.sort_values("score", ascending=False, kind="stable")
     per_layer = at_last.groupby("layer", sort=True).head(max(1, cfg.top_neurons // 2))
     per_layer = per_layer.sort_values(["layer", "score"], ascending=[True, False])
-    reference = known.sample(min(len(known), 4 * cfg.n_prompts), seed=cfg.seed + 3)
+    reference = known.sample(min(len(known), cfg.reference_prompts), seed=cfg.seed + 3)
 
     def unknown() -> ff.FactDataset:
         """Subjects the model does not know: for the organism, people of its world it never
