@@ -56,7 +56,8 @@ class Config:
     facts: str = _opt("organism:sport", "dataset: organism:<relation>, athletes, rome_known, "
                       "counterfact:val, lre:factual/<relation>, a CSV/JSON file")
     n_prompts: int = _opt(64, "known facts to pair and analyse (SmolLM2-135M knows 59 of "
-                          "rome_known's 1,209 facts by the paper rule, so it gets 59 pairs)")
+                          "rome_known's 1,209 facts by the paper rule, so it gets 59 pairs; "
+                          "with --known-rule rank, 64)")
     seed: int = _opt(0, "seed of every sample")
     device: str = _opt("cpu", "cpu, cuda, ...")
     dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")

@@ -238,8 +238,8 @@ def prune_circuit(
         raise ArgumentError(f"reserve must be in [0, 1], got {reserve}")
     # rounds of (re-scoring,) trying and measuring a circuit; the search may stop before
     # max_rounds (a step below one node), so the bar's ETA is an upper bound, and it says so
-    bar = tqdm(total=max_rounds + 1, desc=f"prune circuit (<= {max_rounds} rounds)",
-               unit="round", disable=not progress)
+    bar = tqdm(total=max_rounds + 1, desc=f"prune circuit (the model, then <= {max_rounds} "
+               "trial circuits)", unit="circuit", disable=not progress)
     first = measure(current)
     bar.update(1)
     rows = [_row(0, first, True, 0, current)]
