@@ -228,8 +228,11 @@ def main(argv: list[str] | None = None) -> Outcome:
         n_layers=model.n_layers, tracing=ff.aggregate(tracing), knockout=ff.aggregate(knockout),
         effective=eff, probes=probes)
     for row in findings.to_dict("records"):
-        log.info("%s: %s (%s)", row["finding"], "holds" if row["holds"] else "differs",
-                 row["measured"])
+        if row["holds"] is None or pd.isna(row["holds"]):  # "not measured/measurable: why"
+            log.info("%s: %s", row["finding"], row["measured"])
+        else:
+            log.info("%s: %s (%s)", row["finding"], "holds" if row["holds"] else "differs",
+                     row["measured"])
     log.info("localization done (%.0fs)", time.time() - t0)
 
     # 7. path patching: heads' direct effects, and MLPs at the subject -> heads at the final token

@@ -80,6 +80,23 @@ def test_effective_model_and_probe_onset():
     assert below["holds"] is False and "never exceeds chance" in below["measured"]
 
 
+def test_probe_onset_is_not_measurable_on_a_handful_of_held_out_prompts():
+    """SmolLM2 on rome_known: 59 known facts leave 2 relations with enough subjects to split,
+    3 + 5 held-out prompts; "differs" would be a verdict on 8 prompts. With 12 + 10 the same
+    curves are judged."""
+    curve = 0.25 + 0.7 / (1 + np.exp(-(np.arange(L) - 8)))
+    frames = [pd.DataFrame({"layer": np.arange(L), "role": "subject_last", "effect": curve,
+                            "chance": 0.25, "n": n, "relation": r})
+              for r, n in (("P17", 3), ("P30", 5))]
+    few = probe_onset(pd.concat(frames), L)
+    assert few["holds"] is None and few["measured"].startswith("not measurable: 8 held-out "
+                                                                "prompts in 2 relation(s)")
+    assert few["value"] == pytest.approx(curve.max()) and few["contrast"] == 0.25
+    enough = probe_onset(pd.concat([f.assign(n=f["n"] + 9) for f in frames]), L)
+    assert enough["holds"] and 8 <= enough["layer"] <= 12
+    assert probe_onset(pd.concat(frames), L, min_held_out=8)["holds"]
+
+
 def test_literature_findings_frame():
     df = literature_findings(n_layers=L, tracing=_tracing(8, 20), knockout=_knockout(16, 6))
     assert list(df["finding"]) == ["ROME early site", "ROME late site",
