@@ -185,3 +185,22 @@ def test_every_module_logger_is_used():
         if made and not used:
             unused.append(name)
     assert unused == []
+
+
+def test_importing_the_package_leaves_plotting_and_scipy_stats_for_later():
+    """``import factfind`` is paid by every command, ``--help`` included: seaborn, matplotlib
+    and scipy.stats (1.3 s of its 5 s) load where a figure is drawn or a test needs them; the
+    confidence intervals use scipy.special's t quantile, equal to scipy.stats'."""
+    import subprocess
+    import sys
+
+    code = ("import sys, factfind\n"
+            "heavy = [m for m in ('seaborn', 'matplotlib', 'scipy.stats') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    import numpy as np
+    from scipy import stats
+    from scipy.special import stdtrit
+
+    dof = np.array([1, 2, 5, 30, 1000])
+    np.testing.assert_allclose(stdtrit(dof, 0.975), stats.t.ppf(0.975, dof), rtol=1e-12)

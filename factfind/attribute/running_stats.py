@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy.special import stdtrit  # the t quantile; scipy.stats costs ~1 s to import
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class RunningStats:
         """Student-t interval for the mean (NaN with fewer than two values)."""
         sem = (self.var / self.count.clamp(min=1)).sqrt()
         dof, inverse = np.unique(np.maximum(self.count.numpy() - 1, 1), return_inverse=True)
-        t = torch.from_numpy(stats.t.ppf(0.5 + confidence / 2, dof)[inverse])  # few distinct n
+        t = torch.from_numpy(stdtrit(dof, 0.5 + confidence / 2)[inverse])  # few distinct n
         half = sem * t
         return self.mean - half, self.mean + half
 
