@@ -4,12 +4,14 @@
   :class:`~factfind.types.Site` s through nnsight (the only module that imports it);
 * :mod:`~factfind.model.architectures`: where each Hugging Face family keeps its modules;
 * :mod:`~factfind.model.incremental`: resuming a patched run from a cached base run;
-* :mod:`~factfind.model.checkpoints`: short names, GGUF files, provenance.
+* :mod:`~factfind.model.checkpoints`: short names, GGUF files, provenance;
+* :mod:`~factfind.model.loading`: :func:`load_model`, from any of those to a :class:`Model`.
 """
 
-from factfind.model.adapter import Model, load_model
+from factfind.model.adapter import Model
 from factfind.model.architectures import ArchSpec, UnsupportedArchitectureError, register_spec
 from factfind.model.checkpoints import CheckpointError
+from factfind.model.loading import load_model
 
 __all__ = [
     "ArchSpec", "CheckpointError", "Model", "UnsupportedArchitectureError", "load_model",

@@ -60,13 +60,10 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
-import os
 import sys
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -81,7 +78,6 @@ if TYPE_CHECKING:
     from factfind.data import FactPrompt
     from factfind.data.batch import TokenBatch
 
-log = logging.getLogger(__name__)
 
 _VOLATILE_CONFIG = frozenset({"architectures", "_name_or_path", "transformers_version",
                                "_commit_hash", "torch_dtype"})
@@ -123,8 +119,8 @@ WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Componen
 class Model:
     """A Hugging Face causal LM seen through nnsight, with uniform sites.
 
-    Build it with :func:`load_model`. Dimensions: ``n_layers, n_heads, n_kv_heads, d_model,
-    d_head, d_mlp, d_vocab``.
+    Build it with :func:`~factfind.model.loading.load_model`. Dimensions: ``n_layers, n_heads,
+    n_kv_heads, d_model, d_head, d_mlp, d_vocab``.
     """
 
     def __init__(self, hf_model: Any, tokenizer: Any, *, name: str, revision: str | None = None):
@@ -1045,138 +1041,3 @@ def _block_mask(mask: Tensor | None, block: Tensor, enc: Mapping[str, Tensor]) -
     if mask.dtype == torch.bool:
         return mask & ~block
     return mask.masked_fill(block, torch.finfo(mask.dtype).min)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def load_model(
-    source: Any = "organism",
-    *,
-    tokenizer: Any = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    revision: str | None = None,
-    attn_implementation: str = "eager",
-    device_map: str | dict[str, Any] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> Model:
-    """Load a causal LM for analysis.
-
-    Args:
-        source: ``"organism"`` (the shipped model organism), a local Hugging Face model
-            directory, a hub name (needs the hub to be reachable), a ``.gguf`` file
-            (dequantized once and cached as safetensors), a short name such as
-            ``"smollm2-135m"`` (:mod:`factfind.model.checkpoints`), a ``(model, tokenizer)``
-            pair, or an already-built ``PreTrainedModel`` (then pass ``tokenizer``).
-        tokenizer: a tokenizer to use instead of the one stored with the model.
-        device: ``"cpu"``, ``"cuda"``, ...; default CPU.
-        dtype: e.g. ``torch.float32`` or ``"bfloat16"``; default the checkpoint's.
-        revision: hub revision (branch, tag or commit).
-        attn_implementation: ``"eager"`` (default: exact, needed for parity with peers) or
-            ``"sdpa"``.
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard the layers over
-            every visible GPU, spilling to CPU; needs ``accelerate``). Inputs then go to the
-            embedding's device and activations stay where their layer runs; batch sizes follow
-            the least free memory among the devices (:meth:`Model.rows_that_fit`).
-        cache_dir: where dequantized GGUF checkpoints are cached (default ``$FACTFIND_CACHE``
-            or ``~/.cache/factfind``).
-
-    Returns:
-        A :class:`Model`; ``model.provenance`` says where its weights came from (source,
-        quantization, dtype).
-
-    Raises:
-        factfind.model.checkpoints.CheckpointError: a missing or corrupt ``.gguf`` file.
-
-    Example::
-
-        model = load_model("organism")
-        model = load_model("/models/pythia-2.8b", device="cuda", dtype="bfloat16")
-        model = load_model("/models/Llama-3.1-70B", device_map="auto", dtype="bfloat16")
-        model = load_model("smollm2-135m")          # SmolLM2-135M-Instruct, GGUF Q4_1
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from factfind.model.checkpoints import prepare
-
-    prepared = prepare(source, cache_dir=cache_dir) if isinstance(source, str | os.PathLike) \
-        else None
-    if prepared is not None:
-        source = prepared.path
-
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if device_map is not None:
-        import importlib.util
-
-        if not isinstance(source, (str, os.PathLike)):
-            raise ArgumentError("device_map shards a checkpoint while it loads: pass a model "
-                             "directory or hub name (or dispatch a built module yourself with "
-                             "accelerate.dispatch_model and pass it without device_map)")
-        if device is not None:
-            raise ArgumentError("pass device or device_map, not both")
-        if importlib.util.find_spec("accelerate") is None:
-            raise ImportError("device_map needs the accelerate package: pip install accelerate")
-    if isinstance(source, tuple):
-        hf, tok = source
-        name = getattr(hf.config, "name_or_path", "") or type(hf).__name__
-        rev = revision
-    elif isinstance(source, (str, os.PathLike)):
-        path = str(source)
-        if path == "organism":
-            from factfind.organism import CHECKPOINT_DIR
-
-            path = str(CHECKPOINT_DIR)
-            name = "factfind-organism"
-        else:
-            name = prepared.name if prepared is not None else path
-        kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        if revision is not None:
-            kwargs["revision"] = revision
-        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tok = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
-        rev = revision or getattr(hf.config, "_commit_hash", None) or _dir_revision(Path(path))
-    else:
-        hf, tok = source, tokenizer
-        if tok is None:
-            raise ArgumentError("load_model(<PreTrainedModel>) needs tokenizer=...")
-        name = getattr(hf.config, "name_or_path", "") or type(hf).__name__
-        rev = revision
-    spec_for(hf.config)  # fail early, before wrapping
-    if hasattr(hf, "set_attn_implementation"):
-        try:
-            hf.set_attn_implementation(attn_implementation)
-        except (ValueError, ImportError) as err:  # pragma: no cover - depends on the install
-            log.warning("could not set attn_implementation=%s: %s", attn_implementation, err)
-    if dtype is not None and device_map is None:
-        hf = hf.to(dtype=dtype)  # pyright: ignore[reportCallIssue]
-    if device is not None and device_map is None:
-        hf = hf.to(device=torch.device(device))  # pyright: ignore[reportCallIssue]
-    if tok is None:
-        raise ArgumentError(f"no tokenizer for {name!r}: pass tokenizer=...")
-    if prepared is not None and prepared.revision is not None and revision is None:
-        rev = prepared.revision  # the GGUF's content key, not the cache directory's
-    model = Model(hf, tok, name=name, revision=rev)
-    if prepared is not None:
-        model.provenance = dict(prepared.provenance)
-    return model
-
-
-def _dir_revision(path: Path) -> str | None:
-    """A content id for a local model directory: sha256 over its weight files' names and sizes
-    plus the config, cheap even for large checkpoints."""
-    if not path.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".json"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            if f.name == "config.json" or f.stat().st_size < 50_000_000:
-                h.update(f.read_bytes())
-    return "local-" + h.hexdigest()[:12]
