@@ -297,6 +297,35 @@ def test_prune_nodes(kw, nodes):
     assert set(pruned.graph.edges) == {e for e in g.graph.edges if set(e) <= nodes}
 
 
+def test_pruned_circuits_keep_their_order_whatever_the_hash_seed():
+    """A sub-circuit lists its nodes and edges in its graph's order: networkx's ``subgraph``
+    iterates a small node set in string-hash order, so the same fact-finding run wrote its
+    circuit's nodes in another order each time (PYTHONHASHSEED differs by process). The same
+    pruning in processes with different seeds writes the same lists."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json\n"
+            "from factfind.graph import CircuitGraph, Node, prune, prune_nodes\n"
+            "from factfind.graph import Provenance\n"
+            "g = CircuitGraph(Provenance('m', None, 'd', 'eap', created='2025-01-01'))\n"
+            "ids = ['embed@final', 'logits@final'] + [f'L{l}.h{h}@final' for l in range(6) "
+            "for h in range(40)]\n"
+            "for k, i in enumerate(ids):\n"
+            "    g.add_node(Node.parse(i, n_layers=6), score=1.0 + k * 37 % 101)\n"
+            "for k, i in enumerate(ids[2:]):\n"
+            "    g.add_edge('embed@final', i, score=k * 53 % 97 / 10 + 0.1)\n"
+            "    g.add_edge(i, 'logits@final', score=k * 29 % 89 / 10 + 0.1)\n"
+            "a, b = prune(g, top_n=240), prune_nodes(g, top_n=60)\n"
+            "assert 50 < a.graph.number_of_nodes() < 200, a.graph.number_of_nodes()\n"
+            "print(json.dumps([list(a.graph.nodes), list(a.graph.edges), list(b.graph.nodes)]))\n")
+    outs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": seed}
+                           ).stdout for seed in ("1", "2", "3")]
+    assert outs[0] and outs[0] == outs[1] == outs[2]
+
+
 # ------------------------------------------------------------------------------- serialisation
 
 

@@ -60,9 +60,23 @@ def _node_ranks(graph: CircuitGraph) -> dict[str, int]:
     return {n.id: i for i, n in enumerate(graph.nodes())}
 
 
+def _subgraph(g: nx.DiGraph, nodes: set[str], edges: set[tuple[str, str]] | None = None
+              ) -> nx.DiGraph:
+    """The nodes and edges of ``g`` given, with their data, in ``g``'s own order (networkx's
+    ``subgraph`` iterates a small node set in hash order, which differs from process to
+    process: the same run then wrote its circuit's nodes in another order each time)."""
+    h = nx.DiGraph(**g.graph)
+    kept = [n for n in g if n in nodes]
+    h.add_nodes_from((n, g.nodes[n]) for n in kept)
+    h.add_edges_from((u, v, d) for u in kept for v, d in g.adj[u].items()
+                     if v in nodes and (edges is None or (u, v) in edges))
+    return h
+
+
 def _on_paths(graph: CircuitGraph, edges: Iterable[tuple[str, str]]) -> CircuitGraph:
     """The sub-circuit of ``edges`` restricted to nodes on an embed → logits path."""
-    h: nx.DiGraph = graph.graph.edge_subgraph(list(edges)).copy()
+    chosen = set(edges)
+    h = _subgraph(graph.graph, {n for e in chosen for n in e}, chosen)
     kinds = dict(h.nodes(data="kind"))
     sources = [n for n, k in kinds.items() if k == "embed"]
     sinks = [n for n, k in kinds.items() if k == "logits"]
@@ -70,7 +84,7 @@ def _on_paths(graph: CircuitGraph, edges: Iterable[tuple[str, str]]) -> CircuitG
     up = set(sinks).union(*(nx.ancestors(h, t) for t in sinks))
     if not down & up:
         log.warning("pruning left no path from an input to the logits; the circuit is empty")
-    return CircuitGraph(graph.provenance, h.subgraph(down & up).copy())
+    return CircuitGraph(graph.provenance, _subgraph(h, down & up))
 
 
 def prune(graph: CircuitGraph, *, threshold: float | None = None, top_n: int | None = None,

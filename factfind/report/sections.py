@@ -69,8 +69,9 @@ EXPLAIN_FINDINGS = (
     "attention knockout (final -> subject matters in middle and upper layers, the relation "
     "arrives earlier); Fact Finding's effective model (how many layers of attention the subject "
     "needs) and the layer where a linear probe first decodes the attribute. Each row states the "
-    "rule it was judged by; 'holds' is False where this model differs, with the numbers. Depth "
-    "is layer / (layers - 1)."
+    "rule it was judged by; 'holds' is False where this model differs, with the numbers, and "
+    "empty where the data cannot decide (too few held-out prompts, a method not run: the "
+    "'measured' column says which). Depth is layer / (layers - 1)."
 )
 EXPLAIN_CONFIG = (
     "The configuration reproduces this run on its own (model revision, dataset fingerprint, "
