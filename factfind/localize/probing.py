@@ -27,6 +27,7 @@ whose OV circuit already maps the subject's representation to its attribute.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -95,14 +96,14 @@ def fit_logistic_newton(x: Tensor, y: Tensor, n_classes: int, *, l2: float = 1e-
        (the representer theorem). With the thin SVD ``x = U S V^T`` the loss is minimised over
        ``r = min(n, d)`` coordinates ``F = U S`` and mapped back by ``w = V w_r``: exactly the
        same minimiser, with ``(r+1) * classes`` parameters instead of ``(d+1) * classes``.
-    2. **Newton's method**, in float64 with the exact Hessian (solved by Cholesky)
-       ``sum_i f_i f_i^T (x) (diag(p_i) - p_i p_i^T) / n + 2 l2`` on the weights, batched over
-       the probes, each with its own backtracking (Armijo) line search, until the Newton
-       decrement says every probe's loss is within ``1e-14`` of its minimum. Adding one
-       constant to every class's bias changes nothing (softmax): the Hessian's null direction,
-       which the gradient never has a component along, so a ``1e-10`` ridge leaves the step
-       unchanged. Regularised logistic regression is strictly convex in the rest, so the
-       quadratic convergence is global with the line search.
+    2. **Newton's method**, in float64 with the exact Hessian
+       ``sum_i f_i f_i^T (x) (diag(p_i) - p_i p_i^T) / n + 2 l2`` on the weights (solved by
+       Cholesky), batched over the probes, each with its own backtracking (Armijo) line
+       search, until the Newton decrement says every probe's loss is within ``1e-14`` of its
+       minimum. Adding one constant to every class's bias changes nothing (softmax): the
+       Hessian's null direction, which the gradient never has a component along, so a
+       ``1e-10`` ridge leaves the step unchanged. Regularised logistic regression is strictly
+       convex in the rest, so the quadratic convergence is global with the line search.
 
     Where ``(r+1) * classes`` exceeds ``max_params`` (a Hessian solve per probe per step costs
     its cube) each probe is fitted by :func:`fit_logistic` on the reduced features instead.
@@ -227,8 +228,7 @@ def linear_probes(
                           if not t})
         y = torch.tensor([classes.index(f.attribute) if f.attribute in classes else -1
                           for f in data])
-        all_classes = sorted({f.attribute for f in data})
-        y_all = torch.tensor([all_classes.index(f.attribute) for f in data])
+        held_out = Counter(f.attribute for f, t in zip(data, is_test.tolist(), strict=True) if t)
         feats: dict[tuple[int, Role], list[Tensor]] = {}
         keys = [(comp, layer) for layer in range(model.n_layers)]
         for start in range(0, len(data), batch_size):
@@ -249,7 +249,7 @@ def linear_probes(
         else:
             w = fit_logistic_newton(z[:, ~is_test], y[~is_test], len(classes), l2=l2)
         preds = (torch.cat([z, torch.ones(*z.shape[:2], 1)], 2) @ w).argmax(-1)  # [probe n]
-        chance = float(torch.bincount(y_all[is_test]).max() / is_test.sum())
+        chance = max(held_out.values()) / sum(held_out.values())  # the majority attribute
         for (layer, role), pred in zip(feats, preds, strict=True):
             acc_test = float((pred[is_test] == y[is_test]).float().mean())
             acc_train = float((pred[~is_test] == y[~is_test]).float().mean())
