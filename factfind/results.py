@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import stdtrit  # the t quantile; scipy.stats costs ~1 s to import
+from scipy.special import stdtrit
 
 from factfind.errors import DegenerateResultError
 from factfind.types import RESULT_COLUMNS
@@ -64,6 +64,13 @@ def check_effects(df: pd.DataFrame) -> None:
         "the model knows (facts.known_by(model)) and pairs whose answers differ")
 
 
+def t_quantile(count: Any, confidence: float = 0.95) -> Any:
+    """Student's t quantile for a two-sided ``confidence`` interval of a mean of ``count``
+    values (``count - 1`` degrees of freedom, at least 1), elementwise over arrays. From
+    ``scipy.special`` (equal to ``scipy.stats.t.ppf``), which imports in a third of the time."""
+    return stdtrit(np.maximum(np.asarray(count) - 1, 1), 0.5 + confidence / 2)
+
+
 def _numeric(col: Any) -> pd.Series:
     """A float64 column with every missing marker (None, pd.NA, NaN) as NaN."""
     values = col.astype("object").where(col.notna(), np.nan)
@@ -85,7 +92,7 @@ def aggregate(df: pd.DataFrame, *, by: Sequence[str] = SITE_COLUMNS, value: str 
     mean = groups.mean()
     count = groups.count()
     sem = groups.sem()
-    half = sem * stdtrit(np.maximum(count - 1, 1), 0.5 + confidence / 2)
+    half = sem * t_quantile(count, confidence)
     half[count < 2] = np.nan
     out = pd.DataFrame({value: mean, "ci_low": mean - half, "ci_high": mean + half, "n": count})
     out = out.reset_index()

@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import stdtrit  # the t quantile; scipy.stats costs ~1 s to import
 from tqdm.auto import tqdm
 
 from factfind.cache import RunCache, chunk_files
 from factfind.errors import ArgumentError
-from factfind.results import SITE_COLUMNS, tidy
+from factfind.results import SITE_COLUMNS, t_quantile, tidy
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset, FactPairs
@@ -117,7 +116,7 @@ class StreamResult:
             raise ArgumentError(f"no chunks in {self.path}")
         n, mean = total["n"], total["mean"]
         sem = np.sqrt(total["m2"] / np.maximum(n - 1, 1) / np.maximum(n, 1))
-        half = sem * stdtrit(np.maximum(n - 1, 1), 0.5 + confidence / 2)
+        half = sem * t_quantile(n, confidence)
         half[n < 2] = np.nan
         mean = mean.where(n > 0, np.nan)
         out = pd.DataFrame({value: mean, "ci_low": mean - half, "ci_high": mean + half,

@@ -190,7 +190,8 @@ def test_every_module_logger_is_used():
 def test_importing_the_package_leaves_plotting_and_scipy_stats_for_later():
     """``import factfind`` is paid by every command, ``--help`` included: seaborn, matplotlib
     and scipy.stats (1.3 s of its 5 s) load where a figure is drawn or a test needs them; the
-    confidence intervals use scipy.special's t quantile, equal to scipy.stats'."""
+    confidence intervals use scipy.special's t quantile (``results.t_quantile``), equal to
+    scipy.stats'."""
     import subprocess
     import sys
 
@@ -200,7 +201,11 @@ def test_importing_the_package_leaves_plotting_and_scipy_stats_for_later():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     import numpy as np
     from scipy import stats
-    from scipy.special import stdtrit
 
-    dof = np.array([1, 2, 5, 30, 1000])
-    np.testing.assert_allclose(stdtrit(dof, 0.975), stats.t.ppf(0.975, dof), rtol=1e-12)
+    from factfind.results import t_quantile
+
+    count = np.array([0, 1, 2, 3, 6, 31, 1001])  # fewer than two values: 1 degree of freedom
+    np.testing.assert_allclose(t_quantile(count, 0.95),
+                               stats.t.ppf(0.975, np.maximum(count - 1, 1)), rtol=1e-12)
+    np.testing.assert_allclose(t_quantile(count, 0.9), stats.t.ppf(0.95, np.maximum(count - 1, 1)),
+                               rtol=1e-12)

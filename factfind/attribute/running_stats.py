@@ -17,17 +17,12 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from scipy.special import stdtrit  # the t quantile; scipy.stats costs ~1 s to import
 from torch import Tensor
 
-if TYPE_CHECKING:
-    pass
-
-
+from factfind.results import t_quantile
 
 # ----------------------------------------------------------------------------- streaming stats
 
@@ -133,8 +128,8 @@ class RunningStats:
     def ci(self, confidence: float = 0.95) -> tuple[Tensor, Tensor]:
         """Student-t interval for the mean (NaN with fewer than two values)."""
         sem = (self.var / self.count.clamp(min=1)).sqrt()
-        dof, inverse = np.unique(np.maximum(self.count.numpy() - 1, 1), return_inverse=True)
-        t = torch.from_numpy(stdtrit(dof, 0.5 + confidence / 2)[inverse])  # few distinct n
+        counts, inverse = np.unique(self.count.numpy(), return_inverse=True)
+        t = torch.from_numpy(t_quantile(counts, confidence)[inverse])  # few distinct n
         half = sem * t
         return self.mean - half, self.mean + half
 
