@@ -12,6 +12,8 @@ activation can be read or written:
 * ``head_out`` ``[batch pos head d_model]``: one head's share of ``attn_out``, its slice ``z`` of
   the output projection's input times its slice of ``W_O``;
 * ``z`` ``[batch pos head d_head]``: the per-head input to the output projection;
+* ``mlp_in`` ``[batch pos d_model]``: what the MLP reads (the output of its pre-norm, where the
+  family has one): the input of a transcoder;
 * ``mlp_out`` ``[batch pos d_model]``: the MLP block's output;
 * ``neurons`` ``[batch pos neuron]``: MLP hidden units after the non-linearity (input of
   ``W_out``);
@@ -51,6 +53,7 @@ class Component(StrEnum):
     ATTN_OUT = "attn_out"
     HEAD_OUT = "head_out"
     Z = "z"
+    MLP_IN = "mlp_in"
     MLP_OUT = "mlp_out"
     NEURONS = "neurons"
     PATTERN = "pattern"

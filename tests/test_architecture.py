@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("model",),                                  # the only nnsight user
     ("localize",),                               # patching, tracing, knockout, ablation, ...
     ("attribute",),                              # AtP, exact patching, verification, neurons
+    ("features",),                               # sparse dictionaries: SAEs, transcoders
     ("edges",),                                  # placement, path patching, EAP
     ("evaluate",),                               # faithfulness, pruning, search
     ("concepts",),

@@ -113,7 +113,7 @@ class Run:
 
 
 WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Component.ATTN_OUT,
-            Component.Z, Component.MLP_OUT, Component.NEURONS)
+            Component.Z, Component.MLP_IN, Component.MLP_OUT, Component.NEURONS)
 
 
 class Model:
@@ -559,6 +559,7 @@ class Model:
                 attn.output = (edits[key](out[0]), *out[1:])
             if key in need:
                 acts[key] = attn.output[0]
+        _access(_get(blk, spec.mlp), "input", (Component.MLP_IN, layer), need, edits, acts)
         _access(_get(blk, spec.mlp_out_proj), "input", (Component.NEURONS, layer), need, edits,
                 acts)
         _access(_get(blk, spec.mlp_post_norm or spec.mlp), "output", (Component.MLP_OUT, layer),
