@@ -121,6 +121,14 @@ class Site:
         return f"L{self.layer}.{unit}{pos}"
 
 
+#: Short names of sparse dictionaries in node ids (``L5.tc.f1234@final``): ``tc`` a transcoder
+#: (reads ``mlp_in``, writes ``mlp_out``), ``stc`` a skip transcoder, and SAEs by the site they
+#: read and write (Gemma Scope's names): ``res`` ``resid_post``, ``rpre`` ``resid_pre``, ``mlp``
+#: ``mlp_out``, ``att`` ``attn_out``. A *feature* node is one latent of one dictionary at one
+#: role; an *error* node (``L5.tc.err@final``) is that dictionary's error term, ``target -
+#: reconstruction``, which keeps a spliced model exact (see :mod:`factfind.features`).
+DICTIONARY_NAMES: tuple[str, ...] = ("tc", "stc", "res", "rpre", "mlp", "att")
+
 SiteKey: TypeAlias = tuple[Component, int]
 """(component, layer): the granularity at which the adapter reads and writes activations."""
 

@@ -124,13 +124,9 @@ class Dictionary:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        try:
-            self.kind = DictKind(self.kind)
-            self.activation = Activation(self.activation)
-            self.site = Component(self.site)
-        except ValueError as e:
-            raise ArgumentError(f"dictionary: {e}; kinds are {[k.value for k in DictKind]}, "
-                                f"activations {[a.value for a in Activation]}") from None
+        self.kind = _enum(DictKind, self.kind, "kind")
+        self.activation = _enum(Activation, self.activation, "activation")
+        self.site = _enum(Component, self.site, "site")
         if self.subtract_b_dec is None:
             self.subtract_b_dec = self.kind is DictKind.SAE
         self.layer = int(self.layer)
@@ -309,14 +305,14 @@ class Dictionary:
         """A randomly initialised dictionary (tests, and training's starting point): unit-norm
         decoder rows, the encoder their transpose (Conerly et al. 2024's initialisation),
         zero biases, thresholds at 0."""
-        dk = DictKind(kind)
+        dk = _enum(DictKind, kind, "kind")
         d_out = d_in if dk is DictKind.SAE else (d_out or d_in)
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(d_sae, d_out, generator=g, dtype=torch.float64)
         W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).to(dtype)
         W_enc = W_dec.T.clone() if d_out == d_in else \
             (torch.randn(d_in, d_sae, generator=g, dtype=torch.float64) / d_in ** 0.5).to(dtype)
-        act = Activation(activation)
+        act = _enum(Activation, activation, "activation")
         threshold = None
         if act is Activation.JUMPRELU:
             threshold = torch.zeros(d_sae, dtype=dtype)
@@ -338,6 +334,14 @@ class Dictionary:
         for key in ("kind", "activation", "site"):
             out[key] = str(out[key])
         return out
+
+
+def _enum(cls: Any, value: Any, what: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        raise ArgumentError(f"dictionary {what} must be one of "
+                            f"{[v.value for v in cls]}, got {value!r}") from None
 
 
 class Dictionaries(Mapping[str, Dictionary]):

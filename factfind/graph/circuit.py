@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import networkx as nx
@@ -43,6 +43,18 @@ COMPONENT_KINDS = {
     "mlp": "mlp", "neurons": "neuron", "resid_pre": "resid", "resid_post": "resid",
     "embed": "embed",
 }
+
+
+#: Renders a graph as HTML for notebooks (:meth:`CircuitGraph._repr_html_`). The explorer lives
+#: in :mod:`factfind.report`, a higher layer that this module may not import, so the report
+#: registers it here when it is imported (``import factfind`` does).
+_html_renderer: Callable[[CircuitGraph], str] | None = None
+
+
+def set_html_renderer(render: Callable[[CircuitGraph], str] | None) -> None:
+    """Make ``render(graph) -> html`` what a notebook shows for a :class:`CircuitGraph`."""
+    global _html_renderer
+    _html_renderer = render
 
 
 def _scored(score: float, method: str, what: str) -> dict[str, Any]:
@@ -72,6 +84,8 @@ class CircuitGraph:
     def add_node(self, node: Node, *, score: float, method: str | None = None) -> str:
         """Add (or overwrite) ``node`` with its score; ``method`` defaults to the provenance's."""
         attrs = _scored(score, method or self.provenance.method, node.id)
+        if node.dictionary is not None:  # feature and error nodes name their dictionary
+            attrs["dictionary"] = node.dictionary
         self.graph.add_node(node.id, kind=node.kind, layer=node.layer, index=node.index,
                             role=node.role, **attrs)
         return node.id
@@ -87,7 +101,7 @@ class CircuitGraph:
 
     def node(self, node_id: str) -> Node:
         d = self.graph.nodes[node_id]
-        return Node(d["kind"], d["layer"], d.get("index"), d["role"])
+        return Node(d["kind"], d["layer"], d.get("index"), d["role"], d.get("dictionary"))
 
     def nodes(self) -> list[Node]:
         return sorted(self.node(n) for n in self.graph)
@@ -123,7 +137,7 @@ class CircuitGraph:
         """
         g = cls(provenance)
         for row in df.to_dict("records"):
-            node = _row_node(row, n_layers)
+            node = node_of_row(row, n_layers)
             if node.id in g.graph:
                 raise ArgumentError(f"two rows for node {node.id}: aggregate over prompts first")
             g.add_node(node, score=row["effect"], method=_get(row, "method", provenance.method))
@@ -207,6 +221,11 @@ class CircuitGraph:
     def __contains__(self, node: object) -> bool:
         return (node.id if isinstance(node, Node) else node) in self.graph
 
+    def _repr_html_(self) -> str | None:
+        """The interactive circuit explorer, inline in Jupyter (``None``, so the plain repr,
+        where no renderer is registered: :func:`set_html_renderer`)."""
+        return None if _html_renderer is None else _html_renderer(self)
+
     def __repr__(self) -> str:
         p = self.provenance
         return (f"CircuitGraph({len(self)} nodes, {self.graph.number_of_edges()} edges, "
@@ -226,7 +245,10 @@ def _get(row: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None or pd.isna(value) else value
 
 
-def _row_node(row: Mapping[str, Any], n_layers: int) -> Node:
+def node_of_row(row: Mapping[str, Any], n_layers: int) -> Node:
+    """The graph node a tidy result row measures (``component``, ``layer``, ``head``,
+    ``neuron``, ``role``): ``mlp_out`` at layer 3, role ``subject_last`` is
+    ``L3.mlp@subject_last``; ``resid_post`` of layer l is the ``resid`` entering l + 1."""
     comp = str(row["component"])
     kind = COMPONENT_KINDS.get(comp)
     if kind is None:
@@ -254,4 +276,5 @@ def _edge_dict(g: nx.DiGraph) -> dict[tuple[str, str], dict[str, Any]]:
     return {(u, v): d for u, v, d in g.edges(data=True)}
 
 
-__all__ = ["COMPONENT_KINDS", "EDGE_COLUMNS", "NODE_COLUMNS", "STRUCTURAL", "CircuitGraph"]
+__all__ = ["COMPONENT_KINDS", "EDGE_COLUMNS", "NODE_COLUMNS", "STRUCTURAL", "CircuitGraph",
+           "node_of_row", "set_html_renderer"]

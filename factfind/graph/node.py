@@ -8,7 +8,10 @@ at one position role:
 * ``L3.h2@final``          head 2 of layer 3 at the final token;
 * ``L4.n311@subject_last`` neuron 311 of layer 4's MLP; ``L2.attn@final``, ``L6.resid@final``
   (the stream *entering* block 6) likewise; role ``all`` means every position;
-* ``embed@<role>``         the inputs, and ``logits@final`` the one output.
+* ``embed@<role>``         the inputs, and ``logits@final`` the one output;
+* ``L5.tc.f1234@subject_last`` feature 1234 of layer 5's transcoder, and ``L5.tc.err@final``
+  that dictionary's error term (the dictionary names of :data:`factfind.types.DICTIONARY_NAMES`:
+  ``tc``/``stc`` transcoders at the MLP, SAEs ``res``/``rpre``/``mlp``/``att``).
 
 Which node reads which (:func:`feeds`): a node reads only what was written at an earlier
 *stage* of the forward pass (:func:`stage`). MLPs and neurons act per position, so they read
@@ -31,13 +34,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from factfind.errors import ArgumentError
-from factfind.types import Role
+from factfind.types import DICTIONARY_NAMES, Role
 
-KINDS = ("embed", "resid", "attn", "head", "mlp", "neuron", "logits")  # order within a layer
+KINDS = ("embed", "resid", "attn", "head", "mlp", "neuron", "feature", "error",
+         "logits")  # order within a layer
+DICTIONARY_KINDS = ("feature", "error")
 ROLES = (*(r.value for r in Role), "all")
 ENDPOINTS = ("embed", "logits")
 _ID = re.compile(r"(?:(?P<end>embed|logits)|L(?P<layer>\d+)\."
-                 r"(?:h(?P<head>\d+)|n(?P<neuron>\d+)|(?P<block>mlp|attn|resid)))@(?P<role>\w+)")
+                 r"(?:h(?P<head>\d+)|n(?P<neuron>\d+)|(?P<dict>[a-z]+)\.(?:f(?P<feature>\d+)|"
+                 r"(?P<err>err))|(?P<block>mlp|attn|resid)))@(?P<role>\w+)")
 
 
 @functools.total_ordering
@@ -45,14 +51,17 @@ _ID = re.compile(r"(?:(?P<end>embed|logits)|L(?P<layer>\d+)\."
 class Node:
     """A component at a position role; ordered by (layer, kind, index, role).
 
-    ``layer`` is -1 for ``embed`` and ``n_layers`` for ``logits``; ``index`` is the head or
-    neuron index (``None`` for the other kinds); ``role`` is a :class:`Role` value or ``"all"``.
+    ``layer`` is -1 for ``embed`` and ``n_layers`` for ``logits``; ``index`` is the head,
+    neuron or feature index (``None`` for the other kinds); ``role`` is a :class:`Role` value or
+    ``"all"``; ``dictionary`` names the dictionary of a ``feature`` or ``error`` node (one of
+    :data:`~factfind.types.DICTIONARY_NAMES`), ``None`` for every other kind.
     """
 
     kind: str
     layer: int
     index: int | None = None
     role: str = "all"
+    dictionary: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer", int(self.layer))
@@ -63,7 +72,13 @@ class Node:
             raise ArgumentError(f"node kind must be one of {KINDS}, got {self.kind!r}")
         if self.role not in ROLES:
             raise ArgumentError(f"node role must be one of {ROLES}, got {self.role!r}")
-        if (self.index is None) == (self.kind in ("head", "neuron")):
+        if (self.dictionary is None) == (self.kind in DICTIONARY_KINDS):
+            raise ArgumentError(f"{self.kind} nodes {'take no' if self.dictionary else 'need a'} "
+                                f"dictionary, got {self.dictionary!r}")
+        if self.dictionary is not None and self.dictionary not in DICTIONARY_NAMES:
+            raise ArgumentError(f"dictionary must be one of {DICTIONARY_NAMES}, got "
+                                f"{self.dictionary!r}")
+        if (self.index is None) == (self.kind in ("head", "neuron", "feature")):
             raise ArgumentError(f"{self.kind} nodes {'need' if self.index is None else 'take no'} "
                              f"index, got {self.index!r}")
         if self.index is not None and self.index < 0:
@@ -74,18 +89,22 @@ class Node:
         # the order's key, computed once: a 30-layer model has ~230k neuron x role nodes, and
         # sorting them through a key built per comparison took seconds per sort
         index = -1 if self.index is None else self.index
-        object.__setattr__(self, "_order", (self.layer, KINDS.index(self.kind), index,
+        kind_rank = KINDS.index(self.kind) * len(DICTIONARY_NAMES) + (
+            0 if self.dictionary is None else DICTIONARY_NAMES.index(self.dictionary))
+        object.__setattr__(self, "_order", (self.layer, kind_rank, index,
                                             ROLES.index(self.role)))
         if self.kind in ENDPOINTS:
             object.__setattr__(self, "_id", f"{self.kind}@{self.role}")
         else:
-            unit = {"head": f"h{self.index}", "neuron": f"n{self.index}"}.get(self.kind,
-                                                                              self.kind)
+            unit = {"head": f"h{self.index}", "neuron": f"n{self.index}",
+                    "feature": f"{self.dictionary}.f{self.index}",
+                    "error": f"{self.dictionary}.err"}.get(self.kind, self.kind)
             object.__setattr__(self, "_id", f"L{self.layer}.{unit}@{self.role}")
 
     @property
     def id(self) -> str:
-        """``L5.mlp@subject_last``, ``L3.h2@final``, ``L4.n311@subject_last``, ``embed@final``."""
+        """``L5.mlp@subject_last``, ``L3.h2@final``, ``L4.n311@subject_last``, ``embed@final``,
+        ``L5.tc.f1234@final``, ``L5.tc.err@final``."""
         return self._id  # type: ignore[attr-defined]
 
     @classmethod
@@ -96,7 +115,8 @@ class Node:
         if m is None:
             raise ArgumentError(f"malformed node id {node_id!r}: expected e.g. "
                                 "'L5.mlp@subject_last', 'L3.h2@final', 'L4.n311@final', "
-                                "'embed@final' or 'logits@final'")
+                                "'L5.tc.f1234@final', 'L5.tc.err@final', 'embed@final' or "
+                                "'logits@final'")
         role = m["role"]
         if m["end"] == "embed":
             return cls("embed", -1, None, role)
@@ -104,9 +124,14 @@ class Node:
             if n_layers is None:
                 raise ArgumentError(f"{node_id!r} carries no layer: pass n_layers to parse it")
             return cls("logits", n_layers, None, role)
-        kind = "head" if m["head"] else "neuron" if m["neuron"] else m["block"]
-        index = m["head"] or m["neuron"]
-        node = cls(kind, int(m["layer"]), None if index is None else int(index), role)
+        if m["dict"]:
+            kind = "feature" if m["feature"] else "error"
+            index = m["feature"]
+        else:
+            kind = "head" if m["head"] else "neuron" if m["neuron"] else m["block"]
+            index = m["head"] or m["neuron"]
+        node = cls(kind, int(m["layer"]), None if index is None else int(index), role,
+                   m["dict"])
         if n_layers is not None and node.layer >= n_layers + (kind == "resid"):
             raise ArgumentError(f"{node_id!r} lies outside a model with {n_layers} layers")
         return node
@@ -131,23 +156,39 @@ def sort_nodes(nodes: Iterable[Node]) -> list[Node]:
     return sorted(nodes, key=_ORDER)
 
 
-def stage(kind: str, layer: int, parallel: bool) -> tuple[int, int]:
+def stage(kind: str, layer: int, parallel: bool, dictionary: str | None = None
+          ) -> tuple[int, int]:
     """Order in the forward pass: ``(layer, 0)`` the embeddings and the stream entering block
     ``layer``, ``(layer, 1)`` attention, ``(layer, 2)`` the MLP (1 in parallel blocks: it reads
-    the same stream as attention), ``(n_layers, 3)`` the logits. ``u`` can feed ``v`` only if
-    ``stage(u) < stage(v)``."""
+    the same stream as attention), ``(layer, 3)`` the stream leaving block ``layer`` and
+    ``(n_layers, 3)`` the logits. ``u`` can feed ``v`` only if ``stage(u) < stage(v)``. A
+    feature or error node sits where its dictionary reads: a transcoder's (``tc``, ``stc``) and
+    an ``mlp`` SAE's at the MLP, an ``att`` SAE's at attention, ``rpre`` at the stream entering
+    the block and ``res`` at the stream leaving it."""
+    if kind in DICTIONARY_KINDS:
+        sub = {"tc": 2 - parallel, "stc": 2 - parallel, "mlp": 2 - parallel, "att": 1,
+               "rpre": 0, "res": 3}[dictionary or ""]
+        return (layer, sub)
     sub = {"embed": 0, "resid": 0, "head": 1, "attn": 1, "mlp": 2 - parallel,
            "neuron": 2 - parallel, "logits": 3}[kind]
     return (layer, sub)
 
 
+def _reads_every_position(v: Node) -> bool:
+    """Attention (and an SAE over attention's output) reads every earlier position; everything
+    else reads its own."""
+    return v.kind in ("attn", "head") or (v.kind in DICTIONARY_KINDS and v.dictionary == "att")
+
+
 def feeds(u: Node, v: Node, parallel: bool) -> bool:
     """Whether ``v`` reads what ``u`` writes into the residual stream."""
-    if stage(u.kind, u.layer, parallel) >= stage(v.kind, v.layer, parallel):
+    if stage(u.kind, u.layer, parallel, u.dictionary) >= \
+            stage(v.kind, v.layer, parallel, v.dictionary):
         return False
-    if v.kind in ("attn", "head"):  # attention reads every (earlier) position
+    if _reads_every_position(v):  # attention reads every (earlier) position
         return True
     return u.role == v.role or "all" in (u.role, v.role)  # MLPs, stream, logits: per position
 
 
-__all__ = ["ENDPOINTS", "KINDS", "ROLES", "Node", "feeds", "sort_nodes", "stage"]
+__all__ = ["DICTIONARY_KINDS", "ENDPOINTS", "KINDS", "ROLES", "Node", "feeds", "sort_nodes",
+           "stage"]
