@@ -97,3 +97,80 @@ def check_mode(value: object, name: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ArgumentError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
                             f"got {value!r}")
+
+
+class EmptyGraphError(ArgumentError):
+    """A circuit graph with no nodes was handed to something that draws or explores it (e.g. a
+    graph pruned to nothing: lower the threshold or keep more edges)."""
+
+
+class MissingLayerError(ArgumentError):
+    """A graph node other than ``embed`` or ``logits`` has no ``layer`` attribute, so the
+    explorer cannot place it on the layer axis; the message names the node."""
+
+
+class NoFigureError(WrongTypeError):
+    """:func:`factfind.show` was given an object that has no report figure (neither an
+    analysis frame it recognises nor a circuit graph); the message names what it accepts."""
+
+
+class CacheError(FactfindError, OSError):
+    """A file of factfind's caches (a step result, a streamed chunk, a dequantized checkpoint,
+    the organism's checkpoint) that cannot be read or written. The message names the file and
+    what to do; ``path`` holds it. It is also an :class:`OSError`, so code that caught the raw
+    error from inside pyarrow or the file system still catches it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(message)
+
+    def __str__(self) -> str:  # OSError would prefix an errno
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> Any:
+        state = dict(self.__dict__, errno=self.errno)
+        return (_rebuild_cache_error, (type(self), self.args[0] if self.args else "", state))
+
+
+def _rebuild_cache_error(cls: type[CacheError], message: str, state: dict[str, Any]
+                         ) -> CacheError:
+    err = cls.__new__(cls, message)
+    CacheError.__init__(err, message)
+    for name, value in state.items():
+        setattr(err, name, value)
+    return err
+
+
+class CacheCorruptError(CacheError):
+    """A cached entry failed its check (size or sha256 differ from what was recorded when it
+    was written, its record is missing, or reading it fails) and cannot be rebuilt here.
+
+    Attributes:
+        path: the entry.
+        reason: what failed, e.g. ``"size 100 bytes, recorded 48213"``.
+        moved_to: where the entry was moved aside (``None`` if it could not be moved).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, reason: str = "",
+                 moved_to: str | None = None) -> None:
+        self.reason = reason
+        self.moved_to = moved_to
+        super().__init__(message, path=path)
+
+
+class CacheWriteError(CacheError):
+    """A write to a cache or output folder failed: no space left, permission denied, a
+    read-only file system. Nothing partial was left behind.
+
+    Attributes:
+        path: the file that was being written.
+        needed: bytes the write needed (``None`` where unknown).
+        errno: the operating system's error number (``errno.ENOSPC``...), as on any
+            :class:`OSError`.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, needed: int | None = None,
+                 errno: int | None = None) -> None:
+        self.needed = needed
+        super().__init__(message, path=path)
+        self.errno = errno

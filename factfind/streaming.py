@@ -5,10 +5,13 @@ when the machine is preempted at fact 9,000. :func:`stream` runs any per-prompt 
 (``activation_patching``, ``causal_tracing``, ``attention_knockout``, ...) on one chunk of the
 dataset at a time and appends that chunk's tidy table to a folder of parquet files - one file
 per chunk, written under a temporary name and renamed into place (atomic), so a file that
-exists is complete. The folder is a :class:`~factfind.cache.RunCache` step keyed by the model,
-the dataset, the analysis and its options: rerunning the same call *resumes* - finished chunks
-are skipped without being read or recomputed, and only the chunk that was in flight when the
-run died is lost.
+exists is complete, with its size and sha256 in a sidecar (``_chunk-*.parquet.time.json``)
+that every read checks: a chunk damaged on disk is moved into the cache's quarantine folder
+and computed again (:mod:`factfind.integrity`). The folder is a
+:class:`~factfind.cache.RunCache` step keyed by the model, the dataset, the analysis and its
+options: rerunning the same call *resumes* - finished chunks are checked (size and hash, not
+parsed) and skipped, never recomputed, and only the chunk that was in flight when the run died
+is lost.
 
 Memory is flat in the number of prompts: a chunk's activations and table are freed once its
 file is written, and :meth:`StreamResult.aggregate` reduces the stored tables to per-site means
@@ -40,7 +43,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from factfind.cache import RunCache, chunk_files
+from factfind.cache import RunCache, chunk_files, read_chunk
 from factfind.errors import ArgumentError
 from factfind.results import SITE_COLUMNS, t_quantile, tidy
 
@@ -93,9 +96,12 @@ class StreamResult:
         return chunk_files(self.path)
 
     def chunks(self, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
-        """Each chunk's table in prompt order, one at a time."""
+        """Each chunk's table in prompt order, one at a time, each verified against the size
+        and sha256 recorded when it was written
+        (a damaged chunk raises :class:`~factfind.errors.CacheCorruptError` after moving it
+        into the cache's quarantine folder; rerunning :func:`stream` computes it again)."""
         for path in self.files():
-            yield pd.read_parquet(path, columns=list(columns) if columns else None)
+            yield read_chunk(path, columns)
 
     def read(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The whole table (memory grows with the dataset: prefer :meth:`aggregate`)."""

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "factfind"
 #: lowest first; a unit imports only units of lower layers (and itself)
 LAYERS: list[tuple[str, ...]] = [
     ("errors",),                                 # typed errors a user can fix
-    ("types",),                                  # the vocabulary
+    ("types", "integrity"),                      # the vocabulary; verified cache files
     ("validation", "metrics", "results", "console", "cache", "graph", "organism"),
     ("streaming",),
     ("data",),                                   # facts -> pairs -> token batches
