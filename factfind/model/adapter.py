@@ -72,6 +72,7 @@ from torch import Tensor
 from factfind.errors import ArgumentError, OutOfRangeError
 from factfind.model.architectures import UnsupportedArchitectureError, _get, spec_for
 from factfind.model.incremental import Prefix, PrefixLayer, Resume, patch_edits
+from factfind.model.weights import WeightViews
 from factfind.types import Component, Remote, SiteKey
 
 if TYPE_CHECKING:
@@ -116,8 +117,11 @@ WRITABLE = (Component.EMBED, Component.RESID_PRE, Component.RESID_POST, Componen
             Component.Z, Component.MLP_IN, Component.MLP_OUT, Component.NEURONS)
 
 
-class Model:
+class Model(WeightViews):
     """A Hugging Face causal LM seen through nnsight, with uniform sites.
+
+    The weight and norm views (``W_O``, ``W_U``, frozen norm scales, rotary...) are
+    :class:`~factfind.model.weights.WeightViews`; this class adds the traced run.
 
     Build it with :func:`~factfind.model.loading.load_model`. Dimensions: ``n_layers, n_heads,
     n_kv_heads, d_model, d_head, d_mlp, d_vocab``.
@@ -228,148 +232,6 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, arch={self.spec.name}, layers={self.n_layers}, "
                 f"heads={self.n_heads}, d_model={self.d_model}, d_mlp={self.d_mlp})")
-
-    # -- weights (read-only views in the [in, out] convention) ---------------------------------
-
-    def _block_hf(self, layer: int) -> Any:
-        return _get(self.hf, self.spec.blocks)[layer]
-
-    def _weight(self, module: Any) -> Tensor:
-        """Weight as ``[in, out]`` for Linear and Conv1D alike."""
-        return module.weight if self.spec.conv1d else module.weight.T
-
-    def W_O(self, layer: int) -> Tensor:
-        """Output projection per head: ``[head d_head d_model]``."""
-        w = self._weight(_get(self._block_hf(layer), self.spec.attn_out_proj))
-        return w.reshape(self.n_heads, self.d_head, self.d_model)
-
-    def b_O(self, layer: int) -> Tensor:
-        """Output-projection bias ``[d_model]`` (zeros when the family has none)."""
-        return _bias(_get(self._block_hf(layer), self.spec.attn_out_proj), self.d_model)
-
-    def W_out(self, layer: int) -> Tensor:
-        """MLP output weight ``[neuron d_model]``."""
-        return self._weight(_get(self._block_hf(layer), self.spec.mlp_out_proj))
-
-    def b_out(self, layer: int) -> Tensor:
-        """MLP output bias ``[d_model]`` (zeros when the family has none)."""
-        return _bias(_get(self._block_hf(layer), self.spec.mlp_out_proj), self.d_model)
-
-    @property
-    def W_U(self) -> Tensor:
-        """Unembedding ``[d_model d_vocab]``."""
-        return _get(self.hf, self.spec.unembed).weight.T
-
-    @property
-    def b_U(self) -> Tensor:
-        return _bias(_get(self.hf, self.spec.unembed), self.d_vocab)
-
-    def final_norm_scale(self, resid: Tensor) -> Tensor:
-        """The final norm's denominator for a residual ``[... d_model]``, shape ``[... 1]``."""
-        norm = _get(self.hf, self.spec.final_norm)
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-        x = resid.float()
-        if self.spec.norm_kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt().to(resid.dtype)
-
-    def final_norm_frozen(self, x: Tensor, scale: Tensor, *, bias: bool = True) -> Tensor:
-        """The final norm as a *linear* map with its scale frozen (for direct logit attribution).
-
-        ``x`` is one additive component of the final residual ``[... d_model]``; ``scale`` comes
-        from :meth:`final_norm_scale` on the clean run. Centring (LayerNorm) is linear, so the
-        components' results sum to the normalised residual when ``bias`` is given to exactly
-        one of them.
-        """
-        norm = _get(self.hf, self.spec.final_norm)
-        if self.spec.norm_kind == "layernorm":
-            x = x - x.mean(-1, keepdim=True)
-        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
-        out = x / scale * gain
-        nb = getattr(norm, "bias", None)
-        if bias and nb is not None:
-            out = out + nb
-        return out
-
-    # -- post norms, softcaps and parallel blocks (see the module doc) -------------------------
-
-    @property
-    def parallel(self) -> bool:
-        """Whether attention and MLP read the same block input (GPT-J; GPT-NeoX with
-        ``use_parallel_residual``)."""
-        return self.spec.parallel or bool(getattr(self.hf.config, "use_parallel_residual", False))
-
-    def attn_write_scale(self, layer: int, z: Tensor) -> Tensor:
-        """The attention post norm frozen at this ``z [... head d_head]``: ``[... d_model]``
-        with ``attn_out = (z @ W_O + b_O) * scale``; all ones in families without a post norm."""
-        if self.spec.attn_post_norm is None:
-            return torch.ones(*z.shape[:-2], self.d_model, dtype=z.dtype, device=z.device)
-        pre = torch.einsum("...hd,hdm->...m", z, self.W_O(layer).to(z.dtype)) + self.b_O(layer)
-        return self._post_scale(self.spec.attn_post_norm, layer, pre)
-
-    def mlp_write_scale(self, layer: int, neurons: Tensor) -> Tensor:
-        """The MLP post norm frozen at these ``neurons [... neuron]``: ``[... d_model]`` with
-        ``mlp_out = (neurons @ W_out + b_out) * scale``; all ones without a post norm."""
-        if self.spec.mlp_post_norm is None:
-            return torch.ones(*neurons.shape[:-1], self.d_model, dtype=neurons.dtype,
-                              device=neurons.device)
-        pre = neurons @ self.W_out(layer).to(neurons.dtype) + self.b_out(layer)
-        return self._post_scale(self.spec.mlp_post_norm, layer, pre)
-
-    def _post_scale(self, path: str, layer: int, pre: Tensor) -> Tensor:
-        norm = _get(self._block_hf(layer), path)
-        x = pre.float()
-        rms = (x.pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
-        return (_gain(norm, self.spec.norm_kind).float() / rms).to(pre.dtype)
-
-    def head_out(self, layer: int, z: Tensor) -> Tensor:
-        """Each head's write into the residual stream, ``[... head d_model]`` from ``z [... head
-        d_head]``: ``z[h] @ W_O[h]`` times the run's frozen post-norm scale (module doc); the
-        heads sum to ``attn_out - b_O`` exactly."""
-        out = torch.einsum("...hd,hdm->...hm", z, self.W_O(layer).to(z.dtype))
-        if self.spec.attn_post_norm is None:
-            return out
-        return out * self.attn_write_scale(layer, z)[..., None, :]
-
-    def z_grad(self, layer: int, z: Tensor, grad_attn_out: Tensor) -> Tensor:
-        """``dM/dz [... head d_head]`` (float) from ``dM/d attn_out [... d_model]`` at ``z``:
-        through ``W_O`` and, in post-norm families, through the post norm with its real
-        (input-dependent) scale."""
-        W = self.W_O(layer)
-        g = grad_attn_out
-        if self.spec.attn_post_norm is not None:
-            norm = _get(self._block_hf(layer), self.spec.attn_post_norm)
-            with torch.enable_grad():
-                pre = torch.einsum("...hd,hdm->...m", z.detach().to(W.dtype), W) + self.b_O(layer)
-                pre.requires_grad_(True)
-                g = torch.autograd.grad(norm(pre), pre, g.to(pre.dtype))[0]
-        return torch.einsum("...m,hdm->...hd", g.float(), W.float())
-
-    @property
-    def final_logit_softcap(self) -> float | None:
-        """``cap`` when the logits pass ``cap * tanh(logits / cap)`` (Gemma 2/3), else None."""
-        if not self.spec.final_softcap:
-            return None
-        return getattr(self.hf.config, "final_logit_softcapping", None)
-
-    def softcap_logits(self, logits: Tensor) -> Tensor:
-        """Raw (pre-softcap) logits to the model's output logits (identity without a cap)."""
-        cap = self.final_logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
-
-    def attn_softcap(self, layer: int) -> float | None:
-        """``cap`` when attention scores pass ``cap * tanh(s / cap)`` (Gemma 2), else None."""
-        if not self.spec.attn_softcap:
-            return None
-        return getattr(_get(self._block_hf(layer), self.spec.attn), "attn_logit_softcapping",
-                       None)
-
-    def attn_logits(self, layer: int, qk: Tensor) -> Tensor:
-        """Pre-mask attention scores from raw ``q . k``: times :meth:`attn_scale`, then the
-        family's softcap if any."""
-        s = qk * self.attn_scale(layer)
-        cap = self.attn_softcap(layer)
-        return s if cap is None else cap * torch.tanh(s / cap)
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -644,159 +506,6 @@ class Model:
             self.tokenizer.__dict__["_persistent_id"] = "Tokenizer"
         return dict(self.__dict__)
 
-    def attn_scale(self, layer: int) -> float:
-        """The factor on ``q . k`` before the softmax (``1/sqrt(d_head)`` in most families)."""
-        return float(_get(self._block_hf(layer), self.spec.attn).scaling)
-
-    @torch.no_grad()
-    def _queries_keys(self, layer: int, args: Any, kwargs: Any) -> tuple[Tensor, Tensor]:
-        """Queries and keys ``[batch pos head d_head]`` (q/k norms and rotary applied; key-value
-        heads repeated), recomputed from the attention module's input with its own weights."""
-        import importlib
-
-        attn = _get(self._block_hf(layer), self.spec.attn)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        b, p = hidden.shape[:2]
-        dh, layout = self.d_head, self.spec.values_layout
-        if layout == "c_attn":
-            out = attn.c_attn(hidden)
-            q = out[..., :self.d_model].reshape(b, p, self.n_heads, dh)
-            k = out[..., self.d_model:2 * self.d_model].reshape(b, p, self.n_heads, dh)
-        elif layout == "neox":
-            out = attn.query_key_value(hidden).reshape(b, p, self.n_heads, 3 * dh)
-            q, k = out[..., :dh], out[..., dh:2 * dh]
-        else:
-            if layout == "fused":  # Phi-3: [q | k | v] with key-value heads
-                out = attn.qkv_proj(hidden)
-                nq, nk = self.n_heads * dh, self.n_kv_heads * dh
-                q, k = out[..., :nq], out[..., nq:nq + nk]
-            else:
-                q, k = attn.q_proj(hidden), attn.k_proj(hidden)
-            q_norm: Any = getattr(attn, "q_norm", None)
-            k_norm: Any = getattr(attn, "k_norm", None)
-            whole = q_norm is not None and q_norm.weight.numel() == q.shape[-1]
-            if q_norm is not None and whole:  # OLMo 2: over the whole projection
-                q, k = q_norm(q), k_norm(k)
-            q = q.reshape(b, p, self.n_heads, dh)
-            k = k.reshape(b, p, self.n_kv_heads, dh)
-            if q_norm is not None and not whole:  # Qwen3, Gemma 3: per head
-                q, k = q_norm(q), k_norm(k)
-        rope = kwargs.get("position_embeddings")
-        if rope is not None and self.spec.rotary == "gptj":
-            q, k = _gptj_rotary(attn, q, *rope), _gptj_rotary(attn, k, *rope)
-        elif rope is not None:
-            module = importlib.import_module(type(attn).__module__)
-            cos, sin = rope
-            qr, kr = module.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            q, k = qr.transpose(1, 2), kr.transpose(1, 2)
-        k = k.repeat_interleave(self.n_heads // k.shape[2], dim=2)
-        return q, k
-
-    def _split_values(self, out: Tensor) -> Tensor:
-        """The value vectors ``[batch pos head d_head]`` from the values module's output."""
-        b, p = out.shape[:2]
-        dh = self.d_head
-        layout = self.spec.values_layout
-        if layout == "c_attn":
-            v = out[..., 2 * self.d_model:].reshape(b, p, self.n_heads, dh)
-        elif layout == "neox":
-            v = out.reshape(b, p, self.n_heads, 3 * dh)[..., 2 * dh:]
-        else:
-            if layout == "fused":  # Phi-3: [q | k | v]
-                out = out[..., (self.n_heads + self.n_kv_heads) * dh:]
-            v = out.reshape(b, p, self.n_kv_heads, dh)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-        return v
-
-    # -- per-head reading of the residual stream (EAP's receiver gradients) -------------------
-
-    def W_QKV(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Query, key and value projections per *query* head, each ``[head d_model d_head]``
-        (the ``[in, out]`` convention; key-value heads repeated for grouped-query attention,
-        as in the ``k``/``v`` sites). Biases are left out: they carry no gradient."""
-        attn = _get(self._block_hf(layer), self.spec.attn)
-        H, dh, d = self.n_heads, self.d_head, self.d_model
-        layout = self.spec.values_layout
-        if layout == "c_attn":
-            w = self._weight(attn.c_attn)
-            q, k, v = (w[:, i * d:(i + 1) * d].reshape(d, H, dh).transpose(0, 1)
-                       for i in range(3))
-        elif layout == "neox":
-            w = attn.query_key_value.weight.reshape(H, 3, dh, d)
-            q, k, v = (w[:, i].transpose(1, 2) for i in range(3))
-        else:
-            def heads(module: Any) -> Tensor:
-                w = self._weight(module)
-                return w.reshape(d, w.shape[1] // dh, dh).transpose(0, 1)
-            q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
-            k = k.repeat_interleave(H // k.shape[0], dim=0)
-            v = v.repeat_interleave(H // v.shape[0], dim=0)
-        return q, k, v
-
-    def rotary_transpose(self, layer: int, dq: Tensor, dk: Tensor, position_ids: Tensor
-                         ) -> tuple[Tensor, Tensor]:
-        """Pull cotangents of the rotary-applied queries and keys ``[... batch pos head
-        d_head]`` back to the queries and keys before the rotary embedding (the transpose of
-        a linear map per position; the identity in families without rotary embeddings)."""
-        rope = self._rope(layer, dq, position_ids)
-        if rope is None:
-            return dq, dk
-        apply, cos, sin = rope
-        with torch.enable_grad():
-            q0 = torch.zeros_like(dq, requires_grad=True)
-            k0 = torch.zeros_like(dk, requires_grad=True)
-            qr, kr = apply(q0, k0, cos, sin, unsqueeze_dim=2)
-            gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
-        return gq, gk
-
-    def rotary(self, layer: int, q: Tensor, k: Tensor, position_ids: Tensor
-               ) -> tuple[Tensor, Tensor]:
-        """The rotary embedding applied to queries and keys ``[... batch pos head d_head]``
-        (the map :meth:`rotary_transpose` transposes; the identity without rotary)."""
-        rope = self._rope(layer, q, position_ids)
-        if rope is None:
-            return q, k
-        apply, cos, sin = rope
-        return apply(q, k, cos, sin, unsqueeze_dim=2)
-
-    def _rope(self, layer: int, like: Tensor, position_ids: Tensor
-              ) -> tuple[Callable[..., tuple[Tensor, Tensor]], Tensor, Tensor] | None:
-        """Layer ``layer``'s rotary embedding: its family's ``apply_rotary_pos_emb`` and the
-        ``cos``, ``sin`` at ``position_ids`` in ``like``'s dtype, or ``None`` without rotary."""
-        import importlib
-
-        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
-        rope = getattr(base, "rotary_emb", None)
-        if rope is None:
-            return None
-        attn = _get(self._block_hf(layer), self.spec.attn)
-        module = importlib.import_module(type(attn).__module__)
-        cos, sin = rope(like, position_ids.to(like.device))
-        return module.apply_rotary_pos_emb, cos.to(like.dtype), sin.to(like.dtype)
-
-    def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
-        ``norm(x) = gain * c / s (+ bias)`` with ``c = x`` (RMSNorm) or ``x - mean(x)``
-        (LayerNorm, ``centred``) and ``s = sqrt(mean(c^2) + eps)``. Returns ``(gain [d_model],
-        c / s [batch pos d_model], s [batch pos 1], centred)``; its vector-Jacobian product is
-        ``dx = (gw - (c/s) mean(gw * c/s)) / s`` with ``gw = g * gain`` (centred with it)."""
-        norm = _get(self._block_hf(layer), "input_layernorm|ln_1")
-        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
-        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
-        centred = self.spec.norm_kind == "layernorm"
-        x = resid - resid.mean(-1, keepdim=True) if centred else resid
-        s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        return gain, x / s, s, centred
-
-    def _unembed_columns(self, h: Tensor, columns: Tensor) -> Tensor:
-        """``[rows k]``: the logits of token ids ``columns [rows k]`` for the final norm's
-        outputs ``h [rows d_model]`` (unembedding rows gathered, one dot product each)."""
-        unembed = _get(self.hf, self.spec.unembed)
-        w = unembed.weight[columns]  # [rows k d_model]
-        out = torch.einsum("rd,rkd->rk", h.to(w.dtype), w)
-        bias = getattr(unembed, "bias", None)
-        return out if bias is None else out + bias[columns]
-
     def final_logits(
         self, prompts: Sequence[FactPrompt], *, batch_size: int = 64
     ) -> Tensor:
@@ -985,34 +694,6 @@ def _for_server(value: Any) -> Any:
         return dataclasses.replace(v, **changes)
 
     return _tree_map(value, leaf)
-
-
-def _gptj_rotary(attn: Any, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
-    """GPT-J's rotary embedding on ``x [batch pos head d_head]``: interleaved pairs, on the first
-    ``rotary_dim`` features only."""
-    import importlib
-
-    module = importlib.import_module(type(attn).__module__)
-    rot = attn.rotary_dim or x.shape[-1]
-    x_rot = module.apply_rotary_pos_emb(x[..., :rot], sin, cos)
-    return torch.cat([x_rot, x[..., rot:]], dim=-1)
-
-
-def _eps(norm: Any) -> float:
-    return getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-
-
-def _gain(norm: Any, kind: str) -> Tensor:
-    """A norm's multiplicative gain: ``1 + w`` for Gemma's RMSNorm, else ``w``."""
-    return norm.weight + 1.0 if kind == "gemma_rmsnorm" else norm.weight
-
-
-def _bias(module: Any, size: int) -> Tensor:
-    b = getattr(module, "bias", None)
-    if b is None:
-        w = module.weight
-        return torch.zeros(size, dtype=w.dtype, device=w.device)
-    return b
 
 
 def _encoding(batch: Any, device: torch.device) -> dict[str, Any]:
