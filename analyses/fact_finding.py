@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> Outcome:
                                             _full_time(timings),
                                         "steps computed / from cache":
                                             f"{len(cache.computed)} / {len(cache.hits)}",
+                                        "cache entries rebuilt (damaged; quarantined)":
+                                            _rebuilt(cache),
                                         "load average (1 min) at start / end":
                                             f"{load0:.2f} / {_load():.2f}",
                                         "machine": _machine(cfg.device)},
@@ -345,14 +347,57 @@ def main(argv: list[str] | None = None) -> Outcome:
                                 "to replace it, or --out DIR to write elsewhere")
         log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
     else:
-        ff.report.write_report(data, out, overwrite=args.overwrite)
-        for path, write in ((out.with_suffix(".graphml"), ff.graph.to_graphml),
-                            (out.with_suffix(".json"), ff.graph.to_json)):
-            write(circuit, path, overwrite=args.overwrite)
+        _write_outputs(out, data, circuit, cache=cache)
     log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
              len(cache.hits), len(cache.computed))
     print(out)
     return Outcome(out, cache)
+
+
+def _rebuilt(cache: ff.RunCache) -> str:
+    """How many cached entries this run found damaged, moved into quarantine and rebuilt (step
+    results and chunks, and dequantized checkpoints), and which."""
+    steps = list(cache.rebuilt)
+    other = [str(q.path) for q in ff.integrity.QUARANTINED
+             if not str(q.path).startswith(str(cache.root))]
+    names = steps + other
+    return f"{len(names)}" + (f": {', '.join(names)}" if names else "")
+
+
+def _write_outputs(out: Path, data: ff.report.ReportData, circuit: ff.graph.CircuitGraph, *,
+                   cache: ff.RunCache) -> None:
+    """The report and its circuit (``.graphml``, ``.json``), written into a staging folder
+    beside them and then renamed into place: a failed write (no space, no permission, a
+    read-only folder) leaves no partial file and a report being replaced as it was, and ends
+    in one line (:class:`~factfind.errors.CacheWriteError`) naming the bytes needed."""
+    import os
+    import shutil
+    import tempfile
+
+    html = ff.report.render_report(data).encode("utf-8")
+    needed = len(html)
+    kept = (f"every step stays cached in {cache.root}, so rerunning with --out elsewhere "
+            "writes the report without computing anything")
+    stage: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        ff.report.write_report(html.decode("utf-8"), stage / out.name)
+        ff.graph.to_graphml(circuit, stage / out.with_suffix(".graphml").name)
+        ff.graph.to_json(circuit, stage / out.with_suffix(".json").name)
+        needed = sum(f.stat().st_size for f in stage.iterdir())
+        for f in sorted(stage.iterdir()):
+            os.chmod(f, 0o644)
+            os.replace(f, out.parent / f.name)
+    except OSError as err:
+        if stage is not None and stage.exists():
+            needed += sum(f.stat().st_size for f in stage.iterdir() if f.name != out.name)
+        raise ff.integrity.write_error(out, err, needed=needed, kept=kept,
+                                       elsewhere="pass --out DIR on another file system"
+                                       ) from err
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def _set_threads(threads: int, load: float) -> None:

@@ -11,7 +11,7 @@ report)::
     ff.aggregate(ff.activation_patching(model, pairs))
 """
 
-from factfind import graph, report
+from factfind import graph, integrity, report
 from factfind.attribute.atp import Estimates, atp, atp_star, estimate
 from factfind.attribute.exact import exact_patching
 from factfind.attribute.neurons import (
@@ -45,6 +45,9 @@ from factfind.edges.path_patching import path_patching, path_patching_sweep
 from factfind.edges.placement import all_nodes
 from factfind.errors import (
     ArgumentError,
+    CacheCorruptError,
+    CacheError,
+    CacheWriteError,
     DegenerateResultError,
     EmptyInputError,
     FactfindError,
@@ -60,6 +63,7 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
+from factfind.features.formats import load_dictionaries
 from factfind.graph import CircuitGraph, prune, prune_nodes, to_graph
 from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution
@@ -93,6 +97,9 @@ __all__ = [
     "Ablation",
     "ArchSpec",
     "ArgumentError",
+    "CacheCorruptError",
+    "CacheError",
+    "CacheWriteError",
     "CircuitGraph",
     "Component",
     "DegenerateResultError",
@@ -140,9 +147,11 @@ __all__ = [
     "from_records",
     "graph",
     "greedy_circuit",
+    "integrity",
     "known_mask",
     "linear_probes",
     "literature_findings",
+    "load_dictionaries",
     "load_facts",
     "load_model",
     "mean_activations",

@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -195,8 +194,9 @@ _ERRNO_WORDS = (  # errors raised by non-Python writers (safetensors, tokenizers
 )
 
 
-def _errno_of(err: BaseException) -> int | None:
-    """The disk errno behind ``err``: an OSError's, or one named in another writer's message."""
+def errno_of(err: BaseException) -> int | None:
+    """The disk errno behind ``err``: an OSError's, or one named in another writer's message
+    (safetensors and tokenizers raise their own errors); ``None`` if it is not a disk error."""
     if isinstance(err, OSError) and err.errno is not None:
         return err.errno
     text = str(err).lower()
@@ -207,13 +207,15 @@ def _errno_of(err: BaseException) -> int | None:
 
 
 def write_error(path: str | os.PathLike[str], err: BaseException, *, needed: int | None,
-                elsewhere: str = _ELSEWHERE, kept: str = "") -> CacheWriteError:
+                elsewhere: str = _ELSEWHERE, kept: str = "", at_least: bool = False
+                ) -> CacheWriteError:
     """The one-line :class:`CacheWriteError` for a failed write of ``path``: the path, the
-    bytes the write needed, the cause and the fix (``elsewhere`` says how to write to another
-    folder, e.g. ``"pass --cache DIR on another file system"``; ``kept`` what still stands)."""
-    code = _errno_of(err)
+    bytes the write needed (``at_least``: a lower bound, what a writer had written when it
+    failed), the cause and the fix (``elsewhere`` says how to write to another folder, e.g.
+    ``"pass --cache DIR on another file system"``; ``kept`` what still stands)."""
+    code = errno_of(err)
     where = Path(path).parent
-    size = "" if needed is None else f" ({needed:,} bytes)"
+    size = "" if needed is None else f" ({'at least ' if at_least else ''}{needed:,} bytes)"
     if code in (errno.ENOSPC, errno.EDQUOT):
         cause = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
         amount = "space" if needed is None else f"at least {needed:,} bytes"
@@ -254,9 +256,11 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_tmp(folder: Path, name: str, data: bytes | Callable[[Path], None]) -> Path:
+def _write_tmp(folder: Path, name: str, data: bytes | Callable[[Path], None],
+               written: list[int] | None = None) -> Path:
     """Write ``data`` (bytes, or ``writer(tmp_path)``) to a temporary file in ``folder``,
-    flushed to disk; the caller moves or removes it."""
+    flushed to disk; the caller moves or removes it. On failure the temporary file is removed
+    and its size at that moment appended to ``written``."""
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
@@ -272,6 +276,8 @@ def _write_tmp(folder: Path, name: str, data: bytes | Callable[[Path], None]) ->
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as its root
     except BaseException:
+        if written is not None and tmp.exists():
+            written.append(tmp.stat().st_size)
         tmp.unlink(missing_ok=True)
         raise
     return tmp
@@ -301,7 +307,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[Path], No
                 tmp.unlink(missing_ok=True)
                 raise
     except Exception as err:
-        if _errno_of(err) is None:
+        if errno_of(err) is None:
             raise
         raise write_error(p, err, needed=size, elsewhere=elsewhere, kept=kept) from err
     return p
@@ -339,13 +345,14 @@ def write_verified(path: str | os.PathLike[str], data: bytes | Callable[[Path], 
     side = Path(sidecar) if sidecar is not None else sidecar_of(p)
     size = len(data) if isinstance(data, bytes | bytearray | memoryview) else needed
     tmp: Path | None = None
+    written: list[int] = []
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with folder_lock(p.parent):
             _sweep(p.parent, p.name)
             _sweep(side.parent, side.name)
             try:
-                tmp = _write_tmp(p.parent, p.name, data)
+                tmp = _write_tmp(p.parent, p.name, data, written)
                 if isinstance(data, bytes | bytearray | memoryview):
                     record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
                 else:
@@ -362,11 +369,11 @@ def write_verified(path: str | os.PathLike[str], data: bytes | Callable[[Path], 
                 if tmp is not None:
                     tmp.unlink(missing_ok=True)
     except Exception as err:
-        if _errno_of(err) is None:
+        if errno_of(err) is None:
             raise
-        if size is None and tmp is not None and tmp.exists():
-            size = tmp.stat().st_size
-        raise write_error(p, err, needed=size, elsewhere=elsewhere, kept=kept) from err
+        at_least = size is None and bool(written)
+        raise write_error(p, err, needed=written[0] if at_least else size, elsewhere=elsewhere,
+                          kept=kept, at_least=at_least) from err
     return record
 
 
@@ -399,6 +406,10 @@ def quarantine(path: str | os.PathLike[str], *, reason: str,
         rel = Path(p.name)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     target = base / QUARANTINE / stamp / rel
+    n = 0
+    while target.exists() or target.is_symlink():  # never replace an earlier quarantined one
+        n += 1
+        target = base / QUARANTINE / f"{stamp}.{n}" / rel
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(p, target)
@@ -410,7 +421,7 @@ def quarantine(path: str | os.PathLike[str], *, reason: str,
             f"Fix: move it out of the cache yourself, or use another cache folder.",
             path=str(p), reason=reason) from None
     QUARANTINED.append(Quarantined(p, target, reason))
-    log.warning("damaged cache entry %s (%s): moved to %s; rebuilding it", p, reason, target)
+    log.warning("damaged cache entry %s (%s): moved to %s", p, reason, target)
     return target
 
 
@@ -505,17 +516,27 @@ def manifest(folder: str | os.PathLike[str], *, skip: tuple[str, ...] = ()) -> d
     return out
 
 
-def folder_size(folder: str | os.PathLike[str]) -> int:
-    """Bytes of every file below ``folder``."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
-
-def remove_tree(folder: str | os.PathLike[str]) -> None:
-    """Remove a temporary folder of ours (never a cache entry: those are quarantined)."""
-    shutil.rmtree(folder, ignore_errors=True)
+def safetensors_incomplete(path: Path) -> str | None:
+    """Whether a safetensors file is shorter or longer than its own header says (a read of
+    its first bytes: the 8-byte header length, the JSON header with each tensor's byte
+    offsets); ``None`` when it is whole."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                return f"size {size} bytes, shorter than its header"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    if 8 + n + end != size:
+        return f"size {size} bytes, its header says {8 + n + end}"
+    return None
 
 
 __all__ = ["QUARANTINE", "QUARANTINED", "SIDECAR_SUFFIX", "Quarantined", "atomic_write",
-           "check", "check_folder", "digest", "folder_lock", "folder_size", "manifest",
-           "quarantine", "read_record", "read_verified", "sidecar_of", "verified_by_record",
-           "write_error", "write_verified"]
+           "check", "check_folder", "digest", "errno_of", "folder_lock", "manifest",
+           "quarantine", "read_record", "read_verified", "safetensors_incomplete", "sidecar_of",
+           "verified_by_record", "write_error", "write_verified"]

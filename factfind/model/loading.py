@@ -60,6 +60,10 @@ def load_model(
 
     Raises:
         factfind.model.checkpoints.CheckpointError: a missing or corrupt ``.gguf`` file.
+        factfind.errors.CacheCorruptError: the organism's checkpoint, or a dequantized cache
+            whose GGUF is gone, fails its size and sha256 check (a damaged cache whose GGUF is
+            there is converted again instead).
+        factfind.errors.CacheWriteError: a dequantized cache cannot be written.
 
     Example::
 
@@ -97,8 +101,9 @@ def load_model(
     elif isinstance(source, (str, os.PathLike)):
         path = str(source)
         if path == "organism":
-            from factfind.organism import CHECKPOINT_DIR
+            from factfind.organism import CHECKPOINT_DIR, check_checkpoint
 
+            check_checkpoint()  # size and sha256 of each file, one line naming a bad one
             path = str(CHECKPOINT_DIR)
             name = "factfind-organism"
         else:

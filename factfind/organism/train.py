@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from factfind.errors import ArgumentError
+from factfind.organism import write_manifest
 from factfind.organism.corpus import FactCorpus
 from factfind.organism.tokenizer import PAD, train_tokenizer
 from factfind.organism.world import WorldConfig, generate_world, save_world
@@ -304,6 +305,7 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
         "loss_curve": curve,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_manifest(out)
     log.info("accuracy: %s", metrics["accuracy"])
     return metrics
 
