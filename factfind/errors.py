@@ -174,3 +174,42 @@ class CacheWriteError(CacheError):
         self.needed = needed
         super().__init__(message, path=path)
         self.errno = errno
+
+
+class DictionaryFileError(FactfindError, ValueError):
+    """A sparse dictionary's file that is missing, unreadable (a truncated safetensors, bad JSON
+    or YAML, a broken ``.npz``) or not laid out as its format says (a missing tensor, shapes
+    that do not fit together); the message names the file. ``path`` holds it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(message)
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_dictionary_error, (type(self), self.args[0] if self.args else "",
+                                            self.path))
+
+
+def _rebuild_dictionary_error(cls: type[DictionaryFileError], message: str, path: str | None
+                              ) -> DictionaryFileError:
+    return cls(message, path=path)
+
+
+class UnknownHookError(DictionaryFileError):
+    """A dictionary file names a hook point that does not map onto a factfind site (e.g.
+    ``blocks.3.attn.hook_z``, or the residual stream before the MLP's norm where a transcoder
+    must read ``mlp_in``); the message names the file, the hook and the sites factfind has."""
+
+
+class FormatCapabilityError(ArgumentError):
+    """A dictionary that the asked format cannot express (e.g. a TopK transcoder in
+    circuit-tracer's format, an SAE in a transcoder set); the message names the dictionary,
+    the format and the formats that can hold it."""
+
+
+class HubUnavailableError(FactfindError, OSError):
+    """A hub name that could not be fetched (no network, an offline hub, a repository that is
+    not there); the message names it and says to download the folder and pass its path."""
+
+    def __str__(self) -> str:  # OSError would prefix an errno
+        return str(self.args[0]) if self.args else ""

@@ -44,7 +44,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
@@ -421,10 +421,16 @@ class Dictionaries(Mapping[str, Dictionary]):
 
     def save(self, path: Any, *, format: str = "saelens", overwrite: bool = False) -> Any:
         """Write every dictionary to ``path`` in ``format`` (``"saelens"``, ``"sparsify"``,
-        ``"circuit_tracer"``, ``"gemmascope"``; see :mod:`factfind.features.formats`)."""
-        from factfind.features.formats import save_dictionaries
+        ``"circuit_tracer"``, ``"gemmascope"``; see :mod:`factfind.features.formats`, which
+        imports this module and registers its writer in :data:`SAVERS`, so no import cycle)."""
+        if "save" not in SAVERS:
+            raise ArgumentError("no dictionary writer registered: import factfind.features")
+        return SAVERS["save"](self, path, format=format, overwrite=overwrite)
 
-        return save_dictionaries(self, path, format=format, overwrite=overwrite)
+
+#: the writer ``Dictionaries.save`` calls, registered by :mod:`factfind.features.formats` (which
+#: imports this module; importing it back would be a cycle)
+SAVERS: dict[str, Callable[..., Any]] = {}
 
 
 __all__ = ["SAE_SITES", "SHORT_NAMES", "Activation", "DictKind", "Dictionaries", "Dictionary"]
