@@ -215,6 +215,8 @@ def write_error(path: str | os.PathLike[str], err: BaseException, *, needed: int
     ``"pass --cache DIR on another file system"``; ``kept`` what still stands)."""
     code = errno_of(err)
     where = Path(path).parent
+    while not where.exists() and where.parent != where:  # the folder that refused it
+        where = where.parent
     size = "" if needed is None else f" ({'at least ' if at_least else ''}{needed:,} bytes)"
     if code in (errno.ENOSPC, errno.EDQUOT):
         cause = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
