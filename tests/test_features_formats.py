@@ -544,3 +544,30 @@ def test_fuzz_corrupt_dictionary_files_raise_typed_errors(saved_sets, tmp_path_f
         assert "\n" not in str(e)
     else:  # the change did not matter (trailing bytes of JSON whitespace, a flipped mantissa)
         assert len(dicts) >= 1
+
+
+def test_two_dictionaries_for_one_site_name_both_folders():
+    with pytest.raises(DictionaryFileError, match=r"two dictionaries for L2\.res, in .*batchtopk "
+                                                  r"and .*standard; load one folder") as e:
+        load_dictionaries(DATA / "saelens")
+    assert "\n" not in str(e.value)
+
+
+@FUZZ
+@given(source=st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=3), max_size=2),
+                        st.just('{"cfg": 1}'), st.just(""), st.just("not/a/real/hub/name\n")),
+       fmt=st.one_of(st.none(), st.sampled_from(sorted(FORMATS)), st.text(max_size=8)))
+def test_fuzz_bad_arguments_to_load_and_save_raise_typed_errors(monkeypatch, source, fmt):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FactfindError) as e:
+        load_dictionaries(source, format=fmt)
+    assert "\n" not in str(e.value)
+    ds = Dictionaries([_random(DictKind.SAE, Activation.TOPK, 0, seed=0)])
+    if fmt not in FORMATS:
+        with pytest.raises(ArgumentError, match="format must be one of"):
+            save_dictionaries(ds, _tmp() / "x", format=str(fmt))
+    if not isinstance(source, str) or not source.strip():
+        with pytest.raises(FactfindError):
+            save_dictionaries(ds, source, format="saelens")  # type: ignore[arg-type]

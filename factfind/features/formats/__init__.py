@@ -94,6 +94,8 @@ def load_dictionaries(source: str | os.PathLike[str], *, model: Any = None,
     """
     if not isinstance(source, (str, os.PathLike)):
         raise WrongTypeError(f"source must be a path or hub name, got {type(source).__name__}")
+    if not str(source).strip():
+        raise ArgumentError("source is empty: pass a folder, a file or a hub name")
     if format is not None and format not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(map(repr, FORMATS))}, got "
                             f"{format!r}")
@@ -110,8 +112,16 @@ def load_dictionaries(source: str | os.PathLike[str], *, model: Any = None,
         found = _find(path, format)
     fetch = _hub_fetcher(revision)
     out: list[Dictionary] = []
+    origin: dict[str, Path] = {}
     for module, folder in found:
-        out.extend(module.read(folder, dtype=dtype, site=site, layer=layer, fetch=fetch))
+        for d in module.read(folder, dtype=dtype, site=site, layer=layer, fetch=fetch):
+            if d.name in origin:  # e.g. a release with several widths or L0s per layer
+                raise DictionaryFileError(f"{path}: two dictionaries for {d.name}, in "
+                                          f"{origin[d.name]} and {folder}; load one folder "
+                                          "per set (one dictionary per layer and site)",
+                                          path=str(path))
+            origin[d.name] = folder
+            out.append(d)
     model_name = getattr(model, "name", None)
     dicts = Dictionaries(out, model=next((d.model for d in out if d.model), model_name),
                          meta={"source": str(source), "format": found[0][0].NAME})

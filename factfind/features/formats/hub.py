@@ -54,8 +54,8 @@ def resolve(source: str | os.PathLike[str], *, revision: str | None = None) -> P
         return path
     text = str(source)
     if text.startswith((".", "/", "~")) or os.sep + os.sep in text or \
-            not re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)+/?$", text):
-        raise DictionaryFileError(f"{text}: no such file or folder", path=text)
+            not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)+/?", text):
+        raise DictionaryFileError(f"{text!r}: no such file or folder", path=text)
     repo, sub = hub_location(text)
     try:
         from huggingface_hub import snapshot_download
@@ -88,7 +88,8 @@ def fetch_file(uri: str, *, revision: str | None = None) -> Path:
 
 def _unavailable(name: str, repo: str, sub: str | None, e: Exception) -> HubUnavailableError:
     what = type(e).__name__
-    reason = "the repository or file is not there" if "NotFound" in what or "404" in str(e) \
+    gone = ("RepositoryNotFound", "RevisionNotFound", "EntryNotFound", "GatedRepo")
+    reason = "the repository or file is not there" if what.startswith(gone) \
         else "the hub could not be reached"
     get = f"huggingface-cli download {repo}" + (f" --include '{sub}/*'" if sub else "")
     return HubUnavailableError(f"{name}: {reason} ({what}); download the folder on a machine "
