@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train-organism":
         from factfind.organism.train import main as train_main
 
-        train_main(rest)
-        return 0
+        return run_cli(train_main, rest)
     args = parser.parse_args(argv)
     if args.command == "info":
         return run_cli(_info, args.model)

@@ -109,6 +109,11 @@ def digest(path: str | os.PathLike[str]) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def sha256_of(data: bytes) -> str:
+    """The sha256 hex digest of bytes in memory (what :func:`write_verified` records)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_record(sidecar: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The JSON object in a sidecar, or ``None`` if it is missing or unreadable."""
     try:
@@ -266,7 +271,7 @@ def _write_tmp(folder: Path, name: str, data: bytes | Callable[[Path], None],
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        if isinstance(data, bytes | bytearray | memoryview):
+        if isinstance(data, bytes):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -297,7 +302,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[Path], No
             temporary file is left and an existing ``path`` is as it was.
     """
     p = Path(path)
-    size = len(data) if isinstance(data, bytes | bytearray | memoryview) else needed
+    size = len(data) if isinstance(data, bytes) else needed
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with folder_lock(p.parent):
@@ -345,7 +350,7 @@ def write_verified(path: str | os.PathLike[str], data: bytes | Callable[[Path], 
     """
     p = Path(path)
     side = Path(sidecar) if sidecar is not None else sidecar_of(p)
-    size = len(data) if isinstance(data, bytes | bytearray | memoryview) else needed
+    size = len(data) if isinstance(data, bytes) else needed
     tmp: Path | None = None
     written: list[int] = []
     try:
@@ -355,8 +360,8 @@ def write_verified(path: str | os.PathLike[str], data: bytes | Callable[[Path], 
             _sweep(side.parent, side.name)
             try:
                 tmp = _write_tmp(p.parent, p.name, data, written)
-                if isinstance(data, bytes | bytearray | memoryview):
-                    record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                if isinstance(data, bytes):
+                    record = {"size": len(data), "sha256": sha256_of(data)}
                 else:
                     n, sha = digest(tmp)
                     record = {"size": n, "sha256": sha}
@@ -540,5 +545,5 @@ def safetensors_incomplete(path: Path) -> str | None:
 
 __all__ = ["QUARANTINE", "QUARANTINED", "SIDECAR_SUFFIX", "Quarantined", "atomic_write",
            "check", "check_folder", "digest", "errno_of", "folder_lock", "manifest",
-           "quarantine", "read_record", "read_verified", "safetensors_incomplete", "sidecar_of",
-           "verified_by_record", "write_error", "write_verified"]
+           "quarantine", "read_record", "read_verified", "safetensors_incomplete", "sha256_of",
+           "sidecar_of", "verified_by_record", "write_error", "write_verified"]

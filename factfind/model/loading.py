@@ -151,6 +151,8 @@ def _dir_revision(path: Path) -> str | None:
         return None
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
+        if f.name == "MANIFEST.json":  # the organism's record of these files, not a weight
+            continue
         if f.suffix in (".safetensors", ".bin", ".json"):
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())

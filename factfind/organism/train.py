@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from factfind.errors import ArgumentError
+from factfind.integrity import atomic_write, write_error
 from factfind.organism import write_manifest
 from factfind.organism.corpus import FactCorpus
 from factfind.organism.tokenizer import PAD, train_tokenizer
@@ -272,10 +273,14 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
     log.info("trained %d steps in %.1fs (%d tokens)", config.steps, wall, n_tokens)
 
     model.eval()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_world(world, out / "world.json")
-    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    try:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        save_world(world, out / "world.json")
+        (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
+        raise write_error(out / "model.safetensors", e, needed=n_params * 4,
+                          elsewhere="pass --out DIR on another file system") from e
 
     t0 = time.perf_counter()
     tables = {
@@ -304,7 +309,8 @@ def train(config: TrainConfig, out_dir: str | Path) -> dict[str, Any]:
         "tables": {k: t.to_dict(orient="records") for k, t in tables.items()},
         "loss_curve": curve,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode(),
+                 elsewhere="pass --out DIR on another file system")
     write_manifest(out)
     log.info("accuracy: %s", metrics["accuracy"])
     return metrics

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from factfind.organism import load_world
+from factfind.organism import CHECKED_FILES, MANIFEST, check_checkpoint, load_world
 from factfind.organism.evaluate import evaluate
 from factfind.organism.train import TrainConfig, lr_at, train
 from factfind.organism.world import WorldConfig
@@ -33,6 +33,8 @@ def test_train_writes_a_loadable_checkpoint(trained):
               "world.json", "train_config.json", "metrics.json"):
         assert (out / f).is_file(), f
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")), "no pickles"
+    check_checkpoint(out)  # its MANIFEST.json records what a load verifies
+    assert sorted(json.loads((out / MANIFEST).read_text())) == sorted(CHECKED_FILES)
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "GPTNeoXForCausalLM"
