@@ -571,3 +571,86 @@ def test_fuzz_bad_arguments_to_load_and_save_raise_typed_errors(monkeypatch, sou
     if not isinstance(source, str) or not source.strip():
         with pytest.raises(FactfindError):
             save_dictionaries(ds, source, format="saelens")  # type: ignore[arg-type]
+
+
+def test_a_pre_v6_saelens_config_with_flat_fields_reads_the_same(tmp_path):
+    folder = tmp_path / "v5"
+    shutil.copytree(DATA / "saelens" / "topk", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    flat = {k: v for k, v in cfg.items() if k not in ("metadata", "architecture", "k",
+                                                       "rescale_acts_by_decoder_norm")}
+    flat |= {"model_name": "tiny-llama", "hook_name": cfg["metadata"]["hook_name"],
+             "hook_layer": 1, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+             "k": 5}
+    (folder / "cfg.json").write_text(json.dumps(flat))
+    new, old = load_dictionaries(DATA / "saelens" / "topk"), load_dictionaries(folder)
+    _same(new["L1.rpre"], old["L1.rpre"])
+
+
+@pytest.mark.parametrize("style", ["paths", "records"])
+def test_circuit_tracer_configs_listing_their_files(tmp_path, style):
+    src = DATA / "circuit_tracer" / "jumprelu"
+    files = tmp_path / "weights"
+    shutil.copytree(src, files)
+    folder = tmp_path / "set"
+    folder.mkdir()
+    listed = [str(files / f"layer_{i}.safetensors") for i in range(2)]
+    if style == "records":  # circuit-tracer <= 0.2: {id, layer, filepath}, in any order
+        listed = [{"id": f"tc-{i}", "layer": i, "filepath": p} for i, p in enumerate(listed)][::-1]
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "model_name": "tiny-llama", "feature_input_hook": "ln2.hook_normalized",
+        "feature_output_hook": "hook_mlp_out", "transcoders": listed}))
+    for name, d in load_dictionaries(folder).items():
+        _same(d, load_dictionaries(src)[name])
+
+
+def test_circuit_tracer_hub_uris_offline_fail_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "config.yaml").write_text(
+        "model_name: google/gemma-2-2b\nfeature_input_hook: ln2.hook_normalized\n"
+        "feature_output_hook: hook_mlp_out\ntranscoders:\n"
+        "- hf://google/gemma-scope-2b-pt-transcoders/layer_0/width_16k/average_l0_76/params.npz\n")
+    with pytest.raises(HubUnavailableError, match=r"hf://google/gemma-scope-2b-pt-transcoders/"
+                                                  r".*could not be reached") as e:
+        load_dictionaries(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.real
+def test_sparsify_skip_transcoders_load_onto_smollm2_and_splice_exactly(smollm2, tmp_path):
+    """EleutherAI's SmolLM2-135M skip transcoders are sparsify folders named layers.N.mlp;
+    a set laid out the same way (random weights, 3 layers) loads onto the real model, fits
+    its mlp_in, and splices in with the error term to the model's own logits."""
+    from factfind.features import spliced_run
+
+    d = smollm2.d_model
+    ds = Dictionaries([_random(DictKind.SKIP_TRANSCODER, Activation.TOPK, layer, seed=layer,
+                               d_in=d, d_sae=64) for layer in (0, 14, 29)], model=smollm2.name)
+    folder = ds.save(tmp_path / "skip-transcoder-SmolLM2-135M", format="sparsify")
+    for sub in folder.iterdir():  # as sparsify writes them: no factfind block
+        if (sub / "cfg.json").is_file():
+            cfg = json.loads((sub / "cfg.json").read_text())
+            (sub / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                      if k != "factfind"}))
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == \
+        ["layers.0.mlp", "layers.14.mlp", "layers.29.mlp"]
+    dicts = load_dictionaries(folder, model=smollm2)
+    assert list(dicts) == ["L0.stc", "L14.stc", "L29.stc"] and dicts.model == smollm2.name
+    for name, saved in ds.items():  # the files alone (no factfind block) give the same weights
+        for f in Dictionary.tensor_fields():
+            a, b = getattr(saved, f), getattr(dicts[name], f)
+            assert (a is None and b is None) or (a is not None and b is not None
+                                                 and torch.equal(a, b)), (name, f)
+    ids = torch.tensor([smollm2.tokenizer("Michael Jordan plays the sport of")["input_ids"]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    base = smollm2.run(batch, logits="all", save=[(Component.MLP_IN, 14)])
+    feats: dict[str, torch.Tensor] = {}
+    spliced = spliced_run(smollm2, batch, dicts, capture=feats, logits="all")
+    torch.testing.assert_close(spliced.logits, base.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats["L14.stc"],
+                               dicts["L14.stc"].encode(base.acts[(Component.MLP_IN, 14)]))
+    assert feats["L14.stc"].abs().sum() > 0
