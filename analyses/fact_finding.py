@@ -312,7 +312,10 @@ def main(argv: list[str] | None = None) -> Outcome:
         _paths_section(paths),
         ff.report.circuit_section(circuit, caption=f"EAP-IG ({cfg.eap_ig_steps} steps) on "
                            f"{len(circuit_pairs)} pairs, the {cfg.circuit_edges} strongest edges "
-                           "kept and pruned to paths from the embeddings to the logits."),
+                           "kept and pruned to paths from the embeddings to the logits.",
+                           full=full, full_caption=f"The whole EAP-IG graph the circuit was "
+                           f"cut from ({full.graph.number_of_edges():,} edges).",
+                           evidence=patching),
         ff.report.faithfulness_section(pd.concat([
             curve.assign(method="EAP-IG top n, head/MLP x role nodes, resample ablation"),
             pruned.drop(columns=["nodes"]).assign(

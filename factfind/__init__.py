@@ -74,6 +74,7 @@ from factfind.localize.subspace import SubspacePatch, subspace_patching
 from factfind.localize.tracing import causal_tracing
 from factfind.model import ArchSpec, Model, load_model, register_spec
 from factfind.report.findings import literature_findings
+from factfind.report.show import show
 from factfind.results import aggregate, tidy
 from factfind.streaming import stream
 from factfind.types import (
@@ -172,6 +173,7 @@ __all__ = [
     "report",
     "resample_neurons",
     "run_cli",
+    "show",
     "stream",
     "subspace_patching",
     "swap_variants",

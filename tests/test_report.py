@@ -137,8 +137,16 @@ def test_every_section_figure_table_and_graph_is_present(html: str,
     assert html.count('<figure class="plot"') == n_figures
     assert html.count('<table class="sortable">') == n_tables
     assert 'id="circuit-graph"' in html
-    assert html.count('<g class="node"') == 5
-    assert html.count('<path class="edge"') == 5
+    data = _explorer_data(html)
+    assert len(data["nodes"]["id"]) == 5 and len(data["edges"]["effect"]) == 5
+
+
+def _explorer_data(html: str, graph_id: str = "circuit-graph") -> dict:
+    """The JSON the explorer of ``graph_id`` draws."""
+    m = re.search(rf'id="{graph_id}".*?<script type="application/json" class="ffx-data">'
+                  r"(.*?)</script>", html, re.DOTALL)
+    assert m is not None
+    return json.loads(m.group(1))
 
 
 def test_no_network_references_and_a_strict_content_security_policy(html: str) -> None:
@@ -146,19 +154,22 @@ def test_no_network_references_and_a_strict_content_security_policy(html: str) -
     assert not re.search(r"url\(\s*['\"]?(?:https?:)?//|@import", html, re.IGNORECASE)
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html)
     assert csp and "default-src 'none'" in csp.group(1)
-    # the one script is pinned by its hash, so an injected script could not run
+    # the two scripts (the vendored d3, ours) are pinned by their hashes, so an injected script
+    # could not run; the graph's JSON is data (type application/json), never executed
     scripts = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
-    assert len(scripts) == 1
-    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
-    assert f"script-src 'sha256-{digest}'" in csp.group(1)
+    assert len(scripts) == 2 and scripts[0].startswith("/*! d3 7.9.0 | ISC licence")
+    digests = [base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() for s in scripts]
+    assert f"script-src 'sha256-{digests[0]}' 'sha256-{digests[1]}';" in csp.group(1)
 
 
 def test_every_dataset_string_is_escaped(html: str) -> None:
     assert EVIL not in html
-    assert html.count("<script") == 1
-    # title, subtitle, facts, sample table (2 cells), config JSON, provenance, graph node data
-    assert html.count(ESCAPED) >= 7
-    assert "&#34;subject&#34;: &#34;&lt;script&gt;" in html  # inside a node's data-info
+    assert html.count("<script") == 3  # d3, ours, the graph's JSON
+    # title, subtitle, facts, sample table (2 cells), config JSON, provenance
+    assert html.count(ESCAPED) >= 6
+    # in the graph's JSON, < and > are escapes, so the string cannot close the element
+    assert _explorer_data(html)["extra"]["2"]["subject"] == EVIL
+    assert '"subject":"\\u003cscript\\u003ealert(1)\\u003c/script\\u003e"' in html
 
 
 def test_svg_figures_strings_escaped_by_matplotlib() -> None:
@@ -239,10 +250,13 @@ def test_graph_view_of_circuit_graph_attributes() -> None:
                    role=role, score=0.5, abs_score=0.5, sign=1, method="atp")
     g.add_edge("embed@subject_last", "L1.n5@subject_last", score=0.0, method="structural")
     g.add_edge("L1.n5@subject_last", "logits@final", score=float("nan"))
-    svg = R.graph_view(g).svg
-    lanes = [svg.index(f">{r}</text>") for r in ("subject_last", "final", "all")]
-    assert lanes == sorted(lanes)  # unknown roles after the known ones
-    assert "&#34;index&#34;: null" in svg and "NaN" not in svg  # data-info stays valid JSON
+    view = R.graph_view(g)
+    data = json.loads(view.data)  # valid JSON: NaN is gone
+    assert data["lanes"] == ["subject_last", "final", "all"]  # unknown roles after known ones
+    assert data["nodes"]["index"] == [None, None, 5, None]
+    assert data["edges"]["effect"] == [0.0, 0.0] and "NaN" not in view.data
+    assert data["edges"]["method"] == ["structural", None]
+    assert data["node_method"] == "atp" and data["n_layers"] == 2
 
 
 def test_graph_view_takes_a_digraph_or_a_wrapper() -> None:
@@ -251,17 +265,16 @@ def test_graph_view_takes_a_digraph_or_a_wrapper() -> None:
     class Wrapper:  # like factfind.graph.CircuitGraph
         graph = g
 
-    assert R.graph_view(Wrapper()).svg == R.graph_view(g).svg
+    assert R.graph_view(Wrapper()).data == R.graph_view(g).data
     view = R.graph_view(g)
     assert (view.n_nodes, view.n_edges) == (5, 5)
-    # lanes in role order, columns embed … logits
-    assert view.svg.index(">subject_last</text>") < view.svg.index(">final</text>")
-    columns = [view.svg.index(f">{c}</text>") for c in ("embed", "L2", "L4", "logits")]
-    assert columns == sorted(columns)
-    info = json.loads(re.search(r'data-id="L4.h3@final" data-info="([^"]+)"', view.svg)
-                      .group(1).replace("&#34;", '"'))  # type: ignore[union-attr]
-    assert info == {"node": "L4.h3@final", "kind": "head", "layer": 4, "role": "final",
-                    "score": -0.2}
+    data = json.loads(view.data)
+    # lanes in role order; edges strongest first
+    assert data["lanes"] == ["subject_last", "final"]
+    assert data["edges"]["effect"] == [0.9, 0.7, 0.65, -0.3, -0.2]
+    i = data["nodes"]["id"].index("L4.h3@final")
+    assert (data["nodes"]["kind"][i], data["nodes"]["layer"][i], data["nodes"]["score"][i]) == (
+        "head", 4, -0.2)
     with pytest.raises(TypeError):
         R.graph_view({"not": "a graph"})
 
@@ -358,13 +371,13 @@ def test_report_in_headless_chromium(tmp_path: Path, report_data: R.ReportData) 
         assert got["tables"] == got["tablesWithRows"] == n_tables
         assert got["nodes"] == got["nodesWithSize"] == 5
         assert EVIL in got["text"]  # shown as literal text
-        assert got["scripts"] == 1
+        assert got["scripts"] == 3  # d3, ours, the graph's JSON
 
         # hover over a node with the real mouse pointer: the details panel shows its scores
         box = page.evaluate("""(() => {
           const n = document.querySelector('#circuit-graph svg .node[data-id="L4.h1@final"]');
           n.scrollIntoView({block: "center", behavior: "instant"});
-          const r = n.querySelector("circle").getBoundingClientRect();
+          const r = n.getBoundingClientRect();
           return {x: r.x + r.width / 2, y: r.y + r.height / 2};
         })()""")
         page.mouse_move(box["x"], box["y"])
@@ -378,7 +391,7 @@ def test_report_in_headless_chromium(tmp_path: Path, report_data: R.ReportData) 
           e.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
           return document.querySelector('#circuit-graph .graph-details').innerText;
         })()""")
-        assert "→" in details and "score" in details
+        assert "→" in details and "effect" in details
 
         # clicking a numeric header sorts numerically, clicking again reverses
         order = page.evaluate("""(() => {

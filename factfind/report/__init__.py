@@ -15,9 +15,11 @@ The parts, from the bottom up:
   per-figure element ids);
   :func:`accuracy_table` and :func:`top_units` summarise frames for :class:`Table` s, which render
   with sortable columns (click a header).
-* :func:`graph_view` draws a circuit (a networkx ``DiGraph``, or anything with such a ``.graph``)
-  as SVG by layer (x) and position role (y), with a native tooltip and a details panel per node
-  and edge.
+* :func:`graph_view` makes a circuit (a networkx ``DiGraph``, or anything with such a
+  ``.graph``) an interactive explorer (:mod:`factfind.report.explorer`): layer by token lane,
+  zoom, threshold and top-k, search, a panel per node with its evidence, pinning, supernodes
+  and export; the same explorer is what a notebook shows for a ``CircuitGraph``, and
+  :func:`show` renders any analysis frame as its report figure.
 * Section builders (:func:`model_section`, :func:`dataset_section`, :func:`accuracy_section`,
   :func:`tracing_section`, :func:`patching_section`, :func:`units_section`,
   :func:`circuit_section`, :func:`faithfulness_section`, :func:`config_section`) assemble the
@@ -26,8 +28,8 @@ The parts, from the bottom up:
   atomically and refuses to replace an existing file unless asked.
 
 One module per part: ``document`` (data model, rendering, writing), ``figures``, ``tables``,
-``circuit_view``, ``sections``; ``neurons`` and ``concepts`` hold the sections of the neuron-level
-and concept analyses. Everything public of the first five is importable from here.
+``explorer``, ``sections``, ``show``; ``neurons`` and ``concepts`` hold the sections of the
+neuron-level and concept analyses. Everything public of the first six is importable from here.
 
 Example::
 
@@ -40,9 +42,6 @@ Example::
 """
 
 from factfind.report import concepts, findings, neurons
-from factfind.report.circuit_view import (
-    graph_view,
-)
 from factfind.report.document import (
     ROLE_ORDER,
     Figure,
@@ -52,6 +51,10 @@ from factfind.report.document import (
     Table,
     render_report,
     write_report,
+)
+from factfind.report.explorer import (
+    explorer_html,
+    graph_view,
 )
 from factfind.report.figures import (
     bar_plot,
@@ -81,6 +84,7 @@ from factfind.report.sections import (
     tracing_section,
     units_section,
 )
+from factfind.report.show import Shown, show
 from factfind.report.tables import (
     accuracy_table,
     site_label,
@@ -102,6 +106,7 @@ __all__ = [
     "GraphView",
     "ReportData",
     "Section",
+    "Shown",
     "Table",
     "accuracy_section",
     "accuracy_table",
@@ -110,6 +115,7 @@ __all__ = [
     "concepts",
     "config_section",
     "dataset_section",
+    "explorer_html",
     "faithfulness_section",
     "findings",
     "findings_section",
@@ -122,6 +128,7 @@ __all__ = [
     "patching_section",
     "render_report",
     "scatter_plot",
+    "show",
     "site_label",
     "top_units",
     "tracing_section",

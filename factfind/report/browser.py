@@ -42,6 +42,31 @@ class CDPError(RuntimeError):
     """The browser answered a command with an error, or went away."""
 
 
+#: Flags every headless check starts Chromium with: this module's :class:`Browser` and the
+#: Playwright tests and benchmarks (:func:`launch_playwright`). No sandbox (containers), no GPU,
+#: and nothing that phones home, so a report check sees only the report's own requests.
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run")
+
+
+def launch_playwright(playwright: Any, executable: str | None = None, **kwargs: Any) -> Any:
+    """Start the system Chromium (Debian's ``/usr/bin/chromium`` or what :func:`find_chromium`
+    finds) through Playwright for Python, headless, with :data:`CHROMIUM_ARGS`: never a browser
+    build that Playwright downloads. ``playwright`` is the object of ``sync_playwright()``.
+
+    Example::
+
+        with sync_playwright() as p:
+            browser = launch_playwright(p)
+            page = browser.new_page(); page.goto(Path("report.html").resolve().as_uri())
+    """
+    exe = executable or find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no chromium executable on PATH (apt-get install chromium)")
+    return playwright.chromium.launch(executable_path=exe, args=list(CHROMIUM_ARGS),
+                                      headless=True, **kwargs)
+
+
 def find_chromium() -> str | None:
     """The path of a Chromium executable on PATH (Debian's ``chromium`` first), or None."""
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -85,12 +110,11 @@ class Browser:
         evt_r, evt_w = os.pipe()     # the browser writes fd 4, we read
         width, height = self.window
         args = [
-            self.executable, "--headless", "--no-sandbox", "--disable-gpu",
+            self.executable, "--headless", *CHROMIUM_ARGS,
             "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
             f"--window-size={width},{height}", "--hide-scrollbars", "--mute-audio",
-            "--no-first-run", "--no-default-browser-check", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", "--disable-default-apps", "--disable-domain-reliability",
+            "--no-default-browser-check", "--disable-dev-shm-usage", "--disable-extensions",
+            "--disable-default-apps", "--disable-domain-reliability",
             "--disable-client-side-phishing-detection", "--no-pings", "--metrics-recording-only",
             "--disable-breakpad", "--disable-crash-reporter",
             "--disable-features=Translate,MediaRouter,OptimizationHints,AutofillServerCommunication",

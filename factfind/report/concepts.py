@@ -22,8 +22,8 @@ from typing import Any
 import networkx as nx
 import pandas as pd
 
-from factfind.report.circuit_view import graph_view
 from factfind.report.document import Section, Table
+from factfind.report.explorer import graph_view
 from factfind.report.figures import bar_plot, heatmap, line_plot
 
 EXPLAIN_REPRESENTATION = (

@@ -21,6 +21,7 @@ import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,10 @@ class Table:
 
 @dataclass(frozen=True)
 class GraphView:
-    """An interactive circuit drawing made by :func:`graph_view` (SVG plus a details panel)."""
+    """An interactive circuit explorer made by :func:`factfind.report.explorer.graph_view`:
+    ``data`` is the graph as the explorer's JSON (already safe inside a ``<script>``)."""
 
-    svg: str
+    data: str
     caption: str = ""
     n_nodes: int = 0
     n_edges: int = 0
@@ -133,10 +135,43 @@ class ReportData:
 
 
 @dataclass(frozen=True)
+class Library:
+    """A vendored JavaScript library (``factfind/report/vendor/manifest.json``)."""
+
+    name: str
+    version: str
+    license: str
+    license_text: str
+    sha256: str
+    code: str
+
+    @property
+    def script(self) -> str:
+        """The code as it is inlined: the licence first, in a comment that minifiers keep."""
+        notice = self.license_text.strip().replace("*/", "* /")
+        return (f"/*! {self.name} {self.version} | {self.license} licence, inlined by "
+                f"factfind.\n{notice}\n*/\n{self.code}")
+
+
+@functools.cache
+def library(name: str = "d3") -> Library:
+    """The pinned copy of ``name`` shipped in ``factfind/report/vendor`` (read once)."""
+    vendor = resources.files("factfind.report") / "vendor"
+    entry = json.loads((vendor / "manifest.json").read_text(encoding="utf-8"))[name]
+    return Library(name=name, version=entry["version"], license=entry["license"],
+                   license_text=(vendor / entry["license_file"]).read_text(encoding="utf-8"),
+                   sha256=entry["sha256"],
+                   code=(vendor / entry["file"]).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
 class _Assets:
     env: jinja2.Environment
-    css: Markup
-    js: Markup
+    css: Markup           # the page's CSS, the explorer's included
+    js: Markup            # our script: sortable tables and the circuit explorer
+    explorer_css: Markup  # the explorer's alone (notebook fragments)
+    explorer_js: Markup
+    library: Markup       # the vendored d3, licence first (:func:`library`)
 
 
 @functools.cache
@@ -145,8 +180,10 @@ def _assets() -> _Assets:
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     assert env.loader is not None
-    css, js = (env.loader.get_source(env, name)[0] for name in ("report.css", "report.js"))
-    return _Assets(env, Markup(css), Markup(js))
+    css, js, ecss, ejs = (env.loader.get_source(env, name)[0] for name in
+                          ("report.css", "report.js", "explorer.css", "explorer.js"))
+    return _Assets(env, Markup(css + ecss), Markup(js + ejs), Markup(ecss), Markup(ejs),
+                   Markup(library().script))
 
 
 def render_report(data: ReportData) -> str:
@@ -157,7 +194,8 @@ def render_report(data: ReportData) -> str:
         html = render_report(ReportData(title="t", sections=[model_section({"name": "gpt2"})]))
     """
     assets = _assets()
-    script_hash = base64.b64encode(hashlib.sha256(str(assets.js).encode()).digest()).decode()
+    script_hashes = [base64.b64encode(hashlib.sha256(str(js).encode()).digest()).decode()
+                     for js in (assets.library, assets.js)]
     sections = []
     for s in data.sections:
         sections.append({
@@ -166,7 +204,7 @@ def render_report(data: ReportData) -> str:
             "facts": [(k, _format_fact(v)) for k, v in s.facts.items()],
             # the first graph of the "circuit" section has the stable id #circuit-graph
             "graphs": [{"id": "circuit-graph" if (s.id, i) == ("circuit", 0)
-                        else f"{s.id}-graph{i}", "svg": Markup(g.svg), "caption": g.caption}
+                        else f"{s.id}-graph{i}", "data": Markup(g.data), "caption": g.caption}
                        for i, g in enumerate(s.graphs)],
             "figures": [_figure_context(f, f"{s.id}-fig{i}") for i, f in enumerate(s.figures)],
             "tables": [_table_context(t, f"{s.id}-table{i}") for i, t in enumerate(s.tables)],
@@ -174,7 +212,7 @@ def render_report(data: ReportData) -> str:
         })
     return assets.env.get_template("report.html.j2").render(
         title=data.title, subtitle=data.subtitle, sections=sections,
-        css=assets.css, js=assets.js, script_hash=script_hash,
+        css=assets.css, js=assets.js, library=assets.library, script_hashes=script_hashes,
     )
 
 

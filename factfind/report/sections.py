@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from factfind.report.circuit_view import _as_graph, _score, graph_view
 from factfind.report.document import Figure, Section, Table, _missing
+from factfind.report.explorer import _as_graph, _score, graph_view
 from factfind.report.figures import _by_magnitude, bar_plot, heatmap, line_plot
 from factfind.report.tables import top_units
 
@@ -54,9 +54,13 @@ EXPLAIN_UNITS = (
 )
 EXPLAIN_CIRCUIT = (
     "The circuit is the subgraph of components and connections that carries the fact from the "
-    "subject to the prediction. Columns are layers, lanes are token roles; circle size and edge "
-    "width show the size of a score, blue positive and red negative. Hover over or click a node or "
-    "edge to see its scores."
+    "subject to the prediction. Columns are layers (embeddings left, logits right), lanes are "
+    "token roles; the shape is the kind of node (head, MLP, ...), size and edge width show the "
+    "size of a score, blue positive and red negative. Zoom with the wheel and drag to pan; the "
+    "|effect| slider and the top-k box filter the edges, the search box finds a node by id. "
+    "Hover over or click a node to see its scores, its per-prompt values where measured and its "
+    "strongest inputs and outputs (click one to follow it); pin nodes to show them alone, group "
+    "them into a supernode or export them as node-link JSON."
 )
 EXPLAIN_FAITHFULNESS = (
     "Faithfulness is the share of the full model's metric (the logit difference) recovered when "
@@ -155,18 +159,32 @@ def units_section(df: pd.DataFrame, *, k: int = 20, value: str = "effect",
 
 
 def circuit_section(graph: Any, *, caption: str = "", top_edges: int = 30,
+                    full: Any = None, full_caption: str = "", full_edges: int = 2000,
+                    evidence: pd.DataFrame | None = None,
                     explanation: str = EXPLAIN_CIRCUIT) -> Section:
-    """Section ``circuit``: the interactive graph view (id ``circuit-graph``) and a sortable
-    table of its strongest edges."""
+    """Section ``circuit``: the circuit explorer (id ``circuit-graph``), the explorer of the
+    ``full`` graph it was cut from (its strongest ``full_edges`` edges, e.g. the whole EAP-IG
+    graph; id ``circuit-graph1``) and a sortable table of the circuit's strongest edges, in the
+    API's words: ``sender, receiver, effect``. ``evidence`` (per-prompt node results, e.g.
+    activation patching) gives each matching node its per-prompt distribution in the panel."""
     g = _as_graph(graph)
-    view = graph_view(g, caption=caption or f"{g.number_of_nodes()} nodes, "
-                                            f"{g.number_of_edges()} edges.")
-    edges = pd.DataFrame([{"source": str(u), "target": str(v), "score": _score(a)}
-                          for u, v, a in g.edges(data=True)], columns=["source", "target", "score"])
-    edges = _by_magnitude(edges, "score")
-    return Section(id="circuit", title="Circuit", explanation=explanation, graphs=[view],
-                   tables=[Table(edges.reset_index(drop=True), caption="Strongest edges",
-                                 max_rows=top_edges)])
+    views = [graph_view(g, evidence=evidence, caption=caption or
+                        f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges.")]
+    if full is not None:
+        views.append(graph_view(full, evidence=evidence, max_edges=full_edges,
+                                caption=full_caption or "The graph the circuit was cut from."))
+    return Section(id="circuit", title="Circuit", explanation=explanation, graphs=views,
+                   tables=[Table(edge_table(g), caption="Strongest edges", max_rows=top_edges)])
+
+
+def edge_table(graph: Any) -> pd.DataFrame:
+    """A graph's edges as ``sender, receiver, effect`` (the edge results' columns,
+    :data:`factfind.types.EDGE_RESULT_COLUMNS`), strongest |effect| first."""
+    g = _as_graph(graph)
+    edges = pd.DataFrame([{"sender": str(u), "receiver": str(v), "effect": _score(a)}
+                          for u, v, a in g.edges(data=True)],
+                         columns=["sender", "receiver", "effect"])
+    return _by_magnitude(edges, "effect").reset_index(drop=True)
 
 
 def faithfulness_section(df: pd.DataFrame, *, x: str = "size", y: str = "faithfulness",

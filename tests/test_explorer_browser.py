@@ -1,0 +1,300 @@
+"""The circuit explorer in real headless Chromium, driven the way a reader uses it.
+
+Playwright for Python drives Debian's ``/usr/bin/chromium`` (``launch_playwright``: never a
+downloaded browser build). The page is the committed organism report
+(``reports/fact_finding-organism-organism_sport.html``, written by ``make report``); what each
+test expects is computed from the circuit saved beside it (``.json``), not read from the page.
+The mouse clicks, drags and scrolls, the keyboard types; the page is only read, never poked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from factfind import report as R
+from factfind.graph import read_json
+from factfind.report.browser import find_chromium, launch_playwright
+from factfind.testing.graphs import synthetic_graph
+
+pytestmark = pytest.mark.browser
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "reports" / "fact_finding-organism-organism_sport.html"
+CIRCUIT = REPORT.with_suffix(".json")
+VIEW = "#circuit-graph"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if find_chromium() is None:
+        pytest.skip("chromium is not on PATH (CI installs Debian's chromium)")
+    with sync_api.sync_playwright() as p:
+        b = launch_playwright(p)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page with every request, console message and page error it caused."""
+
+    def __init__(self, browser: Any, url: str) -> None:
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900},
+                                     accept_downloads=True)
+        self.requests: list[str] = []
+        self.problems: list[str] = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("console", lambda m: self.problems.append(f"console {m.type}: {m.text}")
+                     if m.type in ("error", "warning") else None)
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.goto(url)
+        self.page.locator(f".ffx[data-ready]{VIEW}").wait_for(timeout=20_000)
+        self.view = self.page.locator(VIEW)
+        self.view.scroll_into_view_if_needed()
+
+    def count(self) -> dict[str, int]:
+        c = self.view.locator(".ffx-count")
+        return {"nodes": int(c.get_attribute("data-nodes") or -1),
+                "edges": int(c.get_attribute("data-edges") or -1),
+                "drawn_nodes": self.view.locator("path.node").count(),
+                "drawn_edges": self.view.locator("path.edge").count()}
+
+    def search(self, text: str) -> None:
+        box = self.view.locator(".ffx-search")
+        box.click()
+        box.fill("")
+        box.type(text)
+        box.press("Enter")
+
+    def panel(self) -> str:
+        return self.view.locator(".ffx-panel").inner_text()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Watched]:
+    w = Watched(browser, REPORT.as_uri())
+    yield w
+    w.page.close()
+    # every test: nothing but the file itself (and a download's blob) was requested, and the
+    # console stayed clean
+    assert all(u.startswith(("file:", "blob:", "data:")) for u in w.requests), w.requests
+    assert w.requests and w.requests[0] == REPORT.as_uri()
+    assert not w.problems, w.problems
+
+
+@pytest.fixture(scope="module")
+def circuit() -> Any:
+    return read_json(CIRCUIT)
+
+
+def test_the_explorer_draws_every_node_of_the_circuit(page: Watched, circuit: Any) -> None:
+    got = page.count()
+    n, m = len(circuit), circuit.graph.number_of_edges()
+    assert got["nodes"] == got["drawn_nodes"] == n
+    assert got["edges"] == got["drawn_edges"] == m  # a small graph opens with every edge
+    assert page.view.locator(".ffx-count").inner_text().startswith(f"{n} nodes · {m} of {m}")
+    boxes = [page.view.locator("path.node").nth(i).bounding_box() for i in range(n)]
+    svg = page.view.locator("svg.ffx-svg").bounding_box()
+    assert svg is not None and all(b and b["width"] > 2 and b["height"] > 2 for b in boxes)
+    assert all(b and svg["x"] <= b["x"] and b["x"] + b["width"] <= svg["x"] + svg["width"]
+               for b in boxes)  # the first view fits the whole circuit
+    # the layer axis runs from the embeddings to the logits
+    labels = [t.strip() for t in page.view.locator(".layer-label").all_text_contents()]
+    assert labels[0] == "embed" and labels[-1] == "logits" and "L0" in labels
+
+
+def test_the_threshold_slider_shows_the_edges_above_it(page: Watched, circuit: Any) -> None:
+    effects = sorted((abs(d["score"]) for _, _, d in circuit.graph.edges(data=True)),
+                     reverse=True)
+    slider = page.view.locator(".ffx-threshold")
+    box = slider.bounding_box()
+    assert box is not None
+    # drag the thumb from the left end to 60% of the track, as a reader would
+    y = box["y"] + box["height"] / 2
+    page.page.mouse.move(box["x"] + 4, y)
+    page.page.mouse.down()
+    page.page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=8)
+    page.page.mouse.up()
+    t = float(page.view.locator(".ffx-threshold-value").get_attribute("data-value") or "nan")
+    expected = sum(e >= t for e in effects)
+    got = page.count()
+    assert 0 < expected < len(effects), (t, effects)
+    assert got["edges"] == got["drawn_edges"] == expected
+    assert page.view.locator(".ffx-threshold-value").inner_text() == f"{t:.4g}" or math.isclose(
+        float(page.view.locator(".ffx-threshold-value").inner_text()), t, rel_tol=1e-3)
+    # the keyboard moves it too: one step right hides no more edges than are above the new value
+    slider.press("ArrowRight")
+    t2 = float(page.view.locator(".ffx-threshold-value").get_attribute("data-value") or "nan")
+    assert t2 > t and page.count()["edges"] == sum(e >= t2 for e in effects)
+    # top-k caps what the threshold lets through
+    slider.press("Home")
+    page.view.locator(".ffx-topk").fill("5")
+    assert page.count()["drawn_edges"] == 5
+    drawn = [abs(float(page.view.locator("path.edge").nth(i).get_attribute("data-effect") or 0))
+             for i in range(5)]
+    assert sorted(drawn, reverse=True) == pytest.approx(effects[:5])
+
+
+def test_clicking_a_node_shows_its_panel_with_its_score(page: Watched, circuit: Any) -> None:
+    inner = [(n, d) for n, d in circuit.graph.nodes(data=True)
+             if d["kind"] not in ("embed", "logits")]
+    node, attrs = max(inner, key=lambda nd: abs(nd[1]["score"]))
+    page.view.locator(f'path.node[data-id="{node}"]').click()
+    assert page.view.locator(".ffx-panel h3").inner_text() == node
+    text = page.panel()
+    score = float(text.split("score\n", 1)[1].split("\n", 1)[0])
+    assert math.isclose(score, attrs["score"], rel_tol=1e-3)
+    assert f"method\n{attrs['method']}" in text
+    # its strongest input, as listed, is its strongest incoming edge; clicking it follows it
+    ins = sorted(circuit.graph.in_edges(node, data=True), key=lambda e: -abs(e[2]["score"]))
+    first = page.view.locator(".ffx-panel .ffx-links").first.locator("button").first
+    assert first.locator(".id").inner_text() == ins[0][0]
+    first.click()
+    assert page.view.locator(".ffx-panel h3").inner_text() == ins[0][0]
+    assert page.view.locator(f'path.node.active[data-id="{ins[0][0]}"]').count() == 1
+
+
+def test_hovering_previews_a_node_and_the_wheel_and_a_drag_move_the_view(page: Watched) -> None:
+    node = page.view.locator("path.node.kind-mlp").first
+    node.hover()
+    assert page.view.locator(".ffx-panel h3").inner_text() == node.get_attribute("data-id")
+    view = page.view.locator("g.ffx-view")
+    before = view.get_attribute("transform")
+    svg = page.view.locator("svg.ffx-svg").bounding_box()
+    assert svg is not None
+    page.page.mouse.move(svg["x"] + svg["width"] / 2, svg["y"] + svg["height"] / 2)
+    page.page.mouse.wheel(0, -400)  # zoom in
+    page.page.wait_for_function(
+        f"document.querySelector('{VIEW} g.ffx-view').getAttribute('transform') !== {before!r}")
+    zoomed = view.get_attribute("transform")
+    assert zoomed is not None and float(zoomed.split("scale(")[1].rstrip(")")) > float(
+        (before or "scale(1)").split("scale(")[1].rstrip(")"))
+    page.page.mouse.move(svg["x"] + 60, svg["y"] + svg["height"] - 20)
+    page.page.mouse.down()
+    page.page.mouse.move(svg["x"] + 260, svg["y"] + svg["height"] - 60, steps=5)
+    page.page.mouse.up()
+    assert view.get_attribute("transform") != zoomed  # panned
+
+
+def test_search_finds_a_node_by_id(page: Watched, circuit: Any) -> None:
+    target = sorted(circuit.graph.nodes)[len(circuit) // 2]
+    page.search(target)
+    assert page.view.locator(".ffx-panel h3").inner_text() == target
+    assert page.view.locator(f'path.node.active[data-id="{target}"]').count() == 1
+    # a part of an id lists every match
+    part = target.split("@")[1]
+    page.search(f"@{part}")
+    n = sum(1 for v in circuit.graph.nodes if f"@{part}" in v)
+    assert page.view.locator(".ffx-search-count").inner_text() == (
+        f"{n} match{'' if n == 1 else 'es'}")
+    assert page.view.locator("path.node.match").count() == n
+
+
+def test_pin_and_export_give_node_link_json_that_loads_back(page: Watched, circuit: Any,
+                                                            tmp_path: Path) -> None:
+    heads = sorted(n for n, d in circuit.graph.nodes(data=True) if d["kind"] == "head")[:3]
+    chosen = [*heads, "logits@final"]
+    for node in chosen:
+        page.search(node)
+        page.view.locator(".ffx-panel .ffx-pin").click()
+    assert page.view.locator(".ffx-pin-count").inner_text() == f"{len(chosen)} pinned"
+    with page.page.expect_download() as download:
+        page.view.locator(".ffx-export").click()
+    path = tmp_path / "pinned.json"
+    download.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert data["directed"] is True and {n["id"] for n in data["nodes"]} == set(chosen)
+    loaded = read_json(path)
+    expected = circuit.graph.subgraph(chosen)
+    assert dict(loaded.graph.nodes(data=True)) == dict(expected.nodes(data=True))
+    assert {(u, v): d for u, v, d in loaded.graph.edges(data=True)} == {
+        (u, v): d for u, v, d in expected.edges(data=True)}
+    assert loaded.provenance == circuit.provenance
+    # the same JSON is shown for copying
+    assert json.loads(page.view.locator(".ffx-export-text").input_value()) == data
+    # "pinned only" shows the pinned subgraph alone
+    page.view.locator(".ffx-pinned-only").check()
+    got = page.count()
+    assert got["drawn_nodes"] == len(chosen)
+    assert got["drawn_edges"] == expected.number_of_edges()
+
+
+def test_a_supernode_sums_its_members_edges(page: Watched, circuit: Any) -> None:
+    members = sorted(u for u, _ in circuit.graph.in_edges("logits@final"))[:2]
+    for node in members:
+        page.search(node)
+        page.view.locator(".ffx-panel .ffx-pin").click()
+    page.view.locator(".ffx-group-name").fill("movers")
+    page.view.locator(".ffx-group").click()
+    got = page.count()
+    assert got["drawn_nodes"] == len(circuit) - 1
+    assert page.view.locator('path.node.kind-group[data-id="movers"]').count() == 1
+    assert page.view.locator(".ffx-panel h3").inner_text() == "movers"
+    edge = page.view.locator('path.edge[data-sender="movers"][data-receiver="logits@final"]')
+    total = sum(circuit.graph.edges[m, "logits@final"]["score"] for m in members)
+    assert float(edge.get_attribute("data-effect") or "nan") == pytest.approx(total)
+    page.view.locator(".ffx-panel .ffx-ungroup").click()
+    assert page.count()["drawn_nodes"] == len(circuit)
+
+
+@pytest.mark.parametrize("layers", [18, 30, 80])
+def test_the_layout_reads_on_deep_models(browser: Any, tmp_path: Path, layers: int) -> None:
+    graph = synthetic_graph(12 * layers, 40 * layers, n_layers=layers, seed=layers)
+    path = R.write_report(R.ReportData(title=f"{layers} layers", sections=[
+        R.Section(id="circuit", title="Circuit", graphs=[R.graph_view(graph)])]),
+        tmp_path / "deep.html")
+    w = Watched(browser, path.as_uri())
+    got = w.page.evaluate("""() => {
+      const root = document.querySelector('#circuit-graph');
+      const svg = root.querySelector('svg.ffx-svg').getBoundingClientRect();
+      const shown = (e) => e.style.display !== 'none';
+      const labels = [...root.querySelectorAll('.layer-label')].filter(shown)
+        .map((e) => [e.textContent, e.getBoundingClientRect()]);
+      const overlaps = labels.slice(1).filter(([, b], i) => b.left < labels[i][1].right).length;
+      const nodes = [...root.querySelectorAll('path.node')].map((e) => e.getBoundingClientRect());
+      const outside = nodes.filter((b) => b.left < svg.left || b.right > svg.right
+        || b.top < svg.top || b.bottom > svg.bottom).length;
+      // two nodes overlap when their boxes cross by more than the stroke
+      let clashes = 0;
+      const sorted = nodes.slice().sort((a, b) => a.left - b.left);
+      for (let i = 0; i < sorted.length; i++) {
+        for (let j = i + 1; j < sorted.length && sorted[j].left < sorted[i].right - 1; j++) {
+          const a = sorted[i], b = sorted[j];
+          if (Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 1
+              && Math.min(a.right, b.right) - Math.max(a.left, b.left) > 1) clashes++;
+        }
+      }
+      return {labels: labels.map(([t]) => t), overlaps, outside, clashes, n: nodes.length};
+    }""")
+    w.page.close()
+    assert got["n"] == len(graph)
+    assert got["labels"][0] == "embed" and got["labels"][-1] == "logits"
+    assert len(got["labels"]) >= 6  # some layers are named, thinned so that none overlap
+    assert got["overlaps"] == 0 and got["outside"] == 0 and got["clashes"] == 0, got
+    assert not w.problems
+
+
+@pytest.mark.slow
+def test_a_10k_node_graph_is_interactive_within_two_seconds(browser: Any,
+                                                            tmp_path: Path) -> None:
+    graph = synthetic_graph(10_000, 50_000, n_layers=80)
+    path = R.write_report(R.ReportData(title="10k", sections=[
+        R.Section(id="circuit", title="Circuit", graphs=[R.graph_view(graph)])]),
+        tmp_path / "big.html")
+    w = Watched(browser, path.as_uri())
+    ready_ms = float(w.view.get_attribute("data-ready-ms") or "nan")
+    got = w.count()
+    assert got["drawn_nodes"] == 10_000
+    assert 400 <= got["drawn_edges"] < 500  # the initial view draws the strongest edges
+    # the rest appear as the threshold moves
+    w.view.locator(".ffx-threshold").press("Home")
+    assert w.count()["drawn_edges"] == 50_000
+    w.page.close()
+    assert ready_ms <= 2000, f"interactive after {ready_ms:.0f} ms"
+    assert not w.problems
