@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     ff.configure_logging()
     t0 = time.time()
     load0 = _load()
+    moved0 = len(ff.integrity.QUARANTINED)  # entries this process set aside before this run
     _set_threads(cfg.threads, load0)
 
     # 1. model, facts, the facts the model knows, corrupt partners ---------------------------
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                                         "steps computed / from cache":
                                             f"{len(cache.computed)} / {len(cache.hits)}",
                                         "cache entries rebuilt (damaged; quarantined)":
-                                            _rebuilt(cache),
+                                            _rebuilt(cache, since=moved0),
                                         "load average (1 min) at start / end":
                                             f"{load0:.2f} / {_load():.2f}",
                                         "machine": _machine(cfg.device)},
@@ -357,11 +358,12 @@ def main(argv: list[str] | None = None) -> Outcome:
     return Outcome(out, cache)
 
 
-def _rebuilt(cache: ff.RunCache) -> str:
+def _rebuilt(cache: ff.RunCache, *, since: int) -> str:
     """How many cached entries this run found damaged, moved into quarantine and rebuilt (step
-    results and chunks, and dequantized checkpoints), and which."""
+    results and chunks, and dequantized checkpoints), and which (``since``: the length of
+    :data:`factfind.integrity.QUARANTINED` when the run began)."""
     steps = list(cache.rebuilt)
-    other = [str(q.path) for q in ff.integrity.QUARANTINED
+    other = [str(q.path) for q in ff.integrity.QUARANTINED[since:]
              if not str(q.path).startswith(str(cache.root))]
     names = steps + other
     return f"{len(names)}" + (f": {', '.join(names)}" if names else "")
