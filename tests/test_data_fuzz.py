@@ -164,3 +164,79 @@ def test_lre_malformed(scratch, top, samples, templates, which):
     path.write_text(json.dumps(top), encoding="utf-8")
     only_fact_data_errors(load_lre, path, templates=which)
     only_fact_data_errors(load_lre, path, templates=which, on_error="skip")
+
+
+# ---- sparse dictionaries' files (factfind.features.formats): damaged files and configs raise
+# DictionaryFileError naming the file, nothing else (more in tests/test_features_formats.py)
+
+DICT_FILES = {"saelens/standard": ["cfg.json", "sae_weights.safetensors"],
+              "sparsify/transcoder/layers.3.mlp": ["cfg.json", "sae.safetensors"],
+              "circuit_tracer/jumprelu": ["config.yaml", "layer_1.safetensors"],
+              "gemmascope/gemma-scope-2b-pt-transcoders/layer_3/width_16k/average_l0_5":
+                  ["params.npz"]}
+DICT_CASES = [(folder, name) for folder, names in DICT_FILES.items() for name in names]
+
+
+@FUZZ
+@given(case=st.sampled_from(DICT_CASES), data=st.one_of(
+    st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode())))
+def test_dictionary_files_random_bytes(scratch, case, data):
+    import shutil
+    from pathlib import Path
+
+    from factfind.errors import DictionaryFileError
+    from factfind.features import load_dictionaries
+
+    folder, name = case
+    src = Path(__file__).parent / "data" / "formats" / folder
+    dst = scratch / "dict" / folder.replace("/", "_")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    (dst / name).write_bytes(data)
+    try:
+        load_dictionaries(dst, format=folder.split("/")[0])
+    except DictionaryFileError as e:  # UnknownHookError is one too
+        assert str(e) and "\n" not in str(e) and e.path
+
+
+def _dict_config(folder: str, name: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parent / "data" / "formats" / folder / name).read_text()
+    return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+
+
+DICT_CONFIGS = [("saelens/jumprelu_skip_transcoder", "cfg.json"),
+                ("sparsify/skip_transcoder/layers.1.mlp", "cfg.json"),
+                ("circuit_tracer/relu_skip", "config.yaml"),
+                ("gemmascope/gemma-scope-2-270m-pt/transcoder/layer_5_width_16k_l0_small_affine",
+                 "config.json")]
+
+
+@FUZZ
+@given(data=st.data(), case=st.sampled_from(DICT_CONFIGS))
+def test_dictionary_configs_damaged(scratch, data, case):
+    """Fields of each format's config dropped or replaced by anything (SAELens' metadata too)."""
+    import shutil
+    from pathlib import Path
+
+    from factfind.errors import DictionaryFileError
+    from factfind.features import load_dictionaries
+
+    folder, name = case
+    base = _dict_config(folder, name)
+    cfg = data.draw(damaged(base))
+    if isinstance(cfg, dict) and isinstance(base.get("metadata"), dict) and data.draw(
+            st.booleans()):
+        cfg["metadata"] = data.draw(damaged(base["metadata"]))
+    src = Path(__file__).parent / "data" / "formats" / folder
+    dst = scratch / "dictcfg" / folder.replace("/", "_")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    (dst / name).write_text(json.dumps(cfg), encoding="utf-8")
+    try:
+        load_dictionaries(dst, format=folder.split("/")[0])
+    except DictionaryFileError as e:
+        assert str(e) and "\n" not in str(e) and e.path

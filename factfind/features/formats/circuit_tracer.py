@@ -66,8 +66,8 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, fetch: Any = None,
             raise DictionaryFileError(f"{cfg_path}: {key} {hook!r} is {got}; factfind's "
                                       f"transcoders read mlp_in and write mlp_out",
                                       path=str(cfg_path))
-    model = cfg.get("model_name")
-    ours: dict[str, Any] = cfg["factfind"] if isinstance(cfg.get("factfind"), dict) else {}
+    model = files.name_or_none(cfg.get("model_name"))
+    metas = files.section(files.section(cfg, "factfind"), "meta")
     out = []
     for layer, path in _layer_files(folder, cfg, fetch):
         if path.suffix == ".npz" or _is_gemmascope_2(path):
@@ -75,7 +75,7 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, fetch: Any = None,
                                      model=model)
         else:
             d = _read_layer(path, layer, dtype, model)
-        d.meta.update((ours.get("meta") or {}).get(str(layer), {}))
+        d.meta.update(files.section(metas, str(layer)))
         out.append(d)
     if [d.layer for d in out] != list(range(len(out))):
         raise DictionaryFileError(f"{cfg_path}: a transcoder set needs one file per layer from "
@@ -98,7 +98,11 @@ def _layer_files(folder: Path, cfg: dict[str, Any], fetch: Any) -> list[tuple[in
     out = []
     for i, item in enumerate(listed):
         if isinstance(item, dict):  # circuit-tracer <= 0.2: {id, layer, filepath}
-            layer, ref = int(item.get("layer", i)), str(item.get("filepath", ""))
+            layer, ref = item.get("layer", i), str(item.get("filepath", ""))
+            if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+                raise DictionaryFileError(f"{folder / CONFIG}: transcoders[{i}].layer must be "
+                                          f"an integer >= 0, got {layer!r}",
+                                          path=str(folder / CONFIG))
         else:
             layer, ref = i, str(item)
         if ref.startswith("hf://"):

@@ -105,6 +105,18 @@ def build(path: Path, **fields: Any) -> Dictionary:
         raise DictionaryFileError(f"{path}: {e}", path=str(path)) from None
 
 
+def section(data: Any, key: str) -> dict[str, Any]:
+    """``data[key]`` when it is a mapping (a config's ``metadata``, ``factfind`` block), else
+    ``{}``: configs are read defensively, a wrong type never escapes as a ``TypeError``."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def name_or_none(value: Any) -> str | None:
+    """A config's model name: a string, else ``None``."""
+    return value if isinstance(value, str) and value else None
+
+
 def cast(tensors: dict[str, Tensor | None], dtype: torch.dtype | None) -> dict[str, Any]:
     if dtype is None:
         return tensors
@@ -160,5 +172,6 @@ def atomic_folder(path: Path, *, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["DTYPES", "atomic_folder", "build", "cast", "read_json", "read_npz",
-           "read_safetensors", "read_yaml", "tensor", "write_json", "write_safetensors"]
+__all__ = ["DTYPES", "atomic_folder", "build", "cast", "name_or_none", "read_json", "read_npz",
+           "read_safetensors", "read_yaml", "section", "tensor", "write_json",
+           "write_safetensors"]

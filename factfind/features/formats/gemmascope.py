@@ -99,8 +99,8 @@ def read_file(path: Path, *, dtype: torch.dtype | None = None, site: Any = None,
         W_enc=files.tensor(t, path, "w_enc"), b_enc=files.tensor(t, path, "b_enc"),
         W_dec=W_dec, b_dec=files.tensor(t, path, "b_dec"),
         threshold=files.tensor(t, path, "threshold"), W_skip=skip), dtype)
-    ours: dict[str, Any] = cfg["factfind"] if isinstance(cfg.get("factfind"), dict) else {}
-    meta = dict(ours.get("meta") or {})
+    ours = files.section(cfg, "factfind")
+    meta = files.section(ours, "meta")
     if before and not ours:  # factfind's own files name factfind's site
         meta["hook_before_post_norm"] = True
     return files.build(path, kind=kind, activation=Activation.JUMPRELU, layer=layer, site=comp,

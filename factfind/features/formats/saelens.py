@@ -76,8 +76,8 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
     """The dictionary in one SAELens folder (see the module docstring for the mapping)."""
     cfg_path, w_path = folder / CFG, folder / WEIGHTS
     cfg = files.read_json(cfg_path)
-    meta: dict[str, Any] = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
-    arch = cfg.get("architecture", "standard")
+    meta = files.section(cfg, "metadata") or cfg  # before v6 the fields were flat
+    arch = str(cfg.get("architecture", "standard"))
     if arch == "standard" and str(cfg.get("activation_fn_str", cfg.get("activation_fn"))) \
             == "topk":  # pre-6 configs (and SAELens' sparsify conversions) said it this way
         arch = "topk"
@@ -96,7 +96,7 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
         raise DictionaryFileError(f"{cfg_path}: reshape_activations="
                                   f"{cfg['reshape_activations']!r} (per-head z) has no factfind "
                                   "site", path=str(cfg_path))
-    model_name = meta.get("model_name")
+    model_name = files.name_or_none(meta.get("model_name"))
     site = _site(meta, kind, cfg_path, model_name)
     t = files.read_safetensors(w_path)
     if "finetuning_scaling_factor" in t:
@@ -111,8 +111,8 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
     W_skip = files.tensor(t, w_path, "W_skip") if kind is DictKind.SKIP_TRANSCODER else None
     if W_skip is not None:
         W_skip = W_skip.T  # SAELens applies x @ W_skip.T
-    k = cfg.get("k") if act is Activation.TOPK else None
-    ours: dict[str, Any] = meta["factfind"] if isinstance(meta.get("factfind"), dict) else {}
+    k = _int(cfg.get("k"), "k", cfg_path) if act is Activation.TOPK else None
+    ours = files.section(meta, "factfind")
     if act is Activation.TOPK and cfg.get("rescale_acts_by_decoder_norm"):
         # encode scales pre-activations by ||W_dec row|| before TopK, decode divides by it:
         # the same as a dictionary whose W_enc, b_enc carry the norms and W_dec unit rows
@@ -122,19 +122,27 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
         W_dec = torch.where(norms[:, None] > 0, W_dec / safe[:, None], W_dec)
     if act is Activation.JUMPRELU and threshold is not None and threshold.numel() > 0 and \
             bool((threshold == threshold.flatten()[0]).all()):
-        details = meta.get("training_architecture_details") or {}
+        details = files.section(meta, "training_architecture_details")
         if meta.get("training_architecture") == "batchtopk" or \
                 ours.get("activation") == Activation.BATCHTOPK:
             # SAELens saves a BatchTopK SAE for inference as JumpReLU with its one threshold
             act, threshold = Activation.BATCHTOPK, threshold.flatten()[0].clone()
-            k = int(ours.get("k") or details.get("k") or 1)
+            k = _int(ours.get("k") or details.get("k") or 1, "k", cfg_path)
     want = files.DTYPES.get(str(cfg.get("dtype", "")).removeprefix("torch."), dtype)
     tensors = files.cast(dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
                               threshold=threshold, W_skip=W_skip), dtype or want)
     return [files.build(w_path, kind=kind, activation=act, layer=site.layer,
                         site=site.component, k=k,
                         subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-                        model=model_name, meta=dict(ours.get("meta") or {}), **tensors)]
+                        model=model_name, meta=files.section(ours, "meta"), **tensors)]
+
+
+def _int(value: Any, key: str, path: Path) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DictionaryFileError(f"{path}: {key} must be an integer, got {value!r}",
+                                  path=str(path)) from None
 
 
 def _site(meta: dict[str, Any], kind: DictKind, cfg_path: Path, model_name: str | None) -> Any:

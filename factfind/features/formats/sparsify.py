@@ -64,9 +64,14 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
         raise DictionaryFileError(f"{cfg_path}: cfg.json lacks a valid {e} (d_in, num_latents "
                                   "or expansion_factor, k)", path=str(cfg_path)) from None
     run_cfg = folder.parent / "config.json"
-    model = files.read_json(run_cfg).get("model") if run_cfg.is_file() else None
-    ours: dict[str, Any] = cfg["factfind"] if isinstance(cfg.get("factfind"), dict) else {}
-    model = model or ours.get("model")
+    model = None
+    if run_cfg.is_file():  # sparsify's run config beside the hook points, if it reads
+        try:
+            model = files.name_or_none(files.read_json(run_cfg).get("model"))
+        except DictionaryFileError:
+            model = None
+    ours = files.section(cfg, "factfind")
+    model = model or files.name_or_none(ours.get("model"))
     transcode = bool(cfg.get("transcode", False))
     name, where = folder.name, str(folder)
     if transcode:
@@ -92,7 +97,7 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
         raise DictionaryFileError(f"{w_path}: encoder.weight is "
                                   f"{tuple(tensors['W_enc'].T.shape)}, but cfg.json says "
                                   f"[{d_sae} {d_in}] (num_latents, d_in)", path=str(w_path))
-    meta = dict(ours.get("meta") or {})
+    meta = files.section(ours, "meta")
     if site.before_post_norm and not ours:  # factfind's own files name factfind's site
         meta["hook_before_post_norm"] = True
     return [files.build(w_path, kind=kind, activation=Activation.TOPK, layer=site.layer,
