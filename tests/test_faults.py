@@ -407,3 +407,23 @@ def test_report_being_replaced_stays_as_it_was(tmp_path, monkeypatch):
         assert out.with_suffix(suffix).read_bytes() == data
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(
         out.with_suffix(s).name for s in old)  # no staging folder, no partial file
+
+
+def test_full_disk_while_caching_a_dequantized_checkpoint_is_one_line(tiny_gguf, tmp_path,
+                                                                       monkeypatch):
+    from transformers import PreTrainedModel
+
+    def full_disk(self, directory, *a, **k):  # part of the weights, then the disk is full
+        (Path(directory) / "model.safetensors").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(CacheWriteError) as err:
+        ff.load_model(tiny_gguf, cache_dir=tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "no space left" in message and "FACTFIND_CACHE" in message
+    assert err.value.needed and err.value.needed > 100_000  # the float32 weights' bytes
+    assert f"{err.value.needed:,} bytes" in message
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == []  # nothing partial
+    monkeypatch.undo()
+    assert ff.load_model(tiny_gguf, cache_dir=tmp_path).n_layers == 2
