@@ -654,3 +654,15 @@ def test_sparsify_skip_transcoders_load_onto_smollm2_and_splice_exactly(smollm2,
     torch.testing.assert_close(feats["L14.stc"],
                                dicts["L14.stc"].encode(base.acts[(Component.MLP_IN, 14)]))
     assert feats["L14.stc"].abs().sum() > 0
+
+
+def test_a_saelens_transcoder_on_transformerlens_folded_norms_is_flagged(tmp_path, caplog):
+    d = load_dictionaries(DATA / "saelens" / "transcoder")["L3.tc"]
+    assert d.meta["tl_fold_ln"] is True
+    assert "ln2.hook_normalized" in caplog.text and "fold_ln" in caplog.text
+    folder = tmp_path / "unfolded"
+    shutil.copytree(DATA / "saelens" / "transcoder", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["model_from_pretrained_kwargs"] = {"fold_ln": False}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert "tl_fold_ln" not in load_dictionaries(folder)["L3.tc"].meta

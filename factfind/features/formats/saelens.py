@@ -30,6 +30,16 @@ reshaping have no factfind equivalent and are refused with one line naming the f
 transcoder has no SAELens inference architecture, so saving one raises
 :class:`~factfind.errors.FormatCapabilityError`.
 
+**TransformerLens' weight processing.** SAELens trains on a TransformerLens model, whose
+``from_pretrained`` folds each norm's weight into the next layer by default (``fold_ln``), so
+``blocks.N.ln2.hook_normalized`` is the MLP input *without* the norm's weight (and bias), while
+factfind's ``mlp_in`` is what the Hugging Face MLP reads, with it. ``metadata.
+model_from_pretrained_kwargs`` records how the training model was loaded (``fold_ln: false``
+means the hook is factfind's ``mlp_in``; SAELens' own default keeps ``center_writing_weights``
+off, so its residual-stream hooks are the Hugging Face residual). A transcoder on that hook
+without ``fold_ln: false`` loads with a warning and ``meta["tl_fold_ln"] = True``: fold the
+weight in (``W_enc / w[:, None]``) if it was trained folded.
+
 A set is saved one subfolder per dictionary, named by its hook (``blocks.5.hook_resid_post``),
 as SAELens' own releases are; factfind's fields that SAELens cannot hold (a BatchTopK's ``k``,
 the dictionary's ``meta``) ride in ``metadata.factfind``, which SAELens keeps and ignores.
@@ -37,6 +47,7 @@ the dictionary's ``meta``) ride in ``metadata.factfind``, which SAELens keeps an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,8 @@ from factfind.features.dictionary import Activation, Dictionaries, Dictionary, D
 from factfind.features.formats import files
 from factfind.features.formats.hooks import parse_hf_hook, parse_tl_hook, tl_hook
 from factfind.types import Component
+
+log = logging.getLogger(__name__)
 
 NAME = "saelens"
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -131,10 +144,18 @@ def read(folder: Path, *, dtype: torch.dtype | None = None, **_: Any) -> list[Di
     want = files.DTYPES.get(str(cfg.get("dtype", "")).removeprefix("torch."), dtype)
     tensors = files.cast(dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
                               threshold=threshold, W_skip=W_skip), dtype or want)
+    extra = files.section(ours, "meta")
+    loaded = files.section(meta, "model_from_pretrained_kwargs")
+    if not ours and kind is not DictKind.SAE and str(meta.get("hook_name", "")).endswith(
+            "ln2.hook_normalized") and loaded.get("fold_ln", True) is not False:
+        log.warning("%s reads blocks.%d.ln2.hook_normalized and does not say fold_ln=False: if "
+                    "it was trained on a TransformerLens model with folded norms, its input "
+                    "lacks the norm's weight that factfind's mlp_in includes", cfg_path, site.layer)
+        extra["tl_fold_ln"] = True
     return [files.build(w_path, kind=kind, activation=act, layer=site.layer,
                         site=site.component, k=k,
                         subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-                        model=model_name, meta=files.section(ours, "meta"), **tensors)]
+                        model=model_name, meta=extra, **tensors)]
 
 
 def _int(value: Any, key: str, path: Path) -> int:
