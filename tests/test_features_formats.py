@@ -666,3 +666,11 @@ def test_a_saelens_transcoder_on_transformerlens_folded_norms_is_flagged(tmp_pat
     cfg["metadata"]["model_from_pretrained_kwargs"] = {"fold_ln": False}
     (folder / "cfg.json").write_text(json.dumps(cfg))
     assert "tl_fold_ln" not in load_dictionaries(folder)["L3.tc"].meta
+
+
+def test_one_dictionary_saves_and_loads_cast_to_a_dtype(tmp_path):
+    d = _random(DictKind.TRANSCODER, Activation.JUMPRELU, 4, seed=3, subtract=False)
+    out = save_dictionaries(d, tmp_path / "one", format="gemmascope")
+    back = load_dictionaries(out, dtype=torch.float64)["L4.tc"]
+    assert back.W_enc.dtype == torch.float64 and back.threshold is not None
+    assert torch.equal(back.W_enc, d.W_enc.double()) and back.layer == 4
