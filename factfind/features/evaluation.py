@@ -67,6 +67,7 @@ from factfind.errors import ArgumentError, EmptyInputError
 from factfind.features.dictionary import Dictionaries, Dictionary
 from factfind.features.splice import spliced_run
 from factfind.results import tidy
+from factfind.types import Component
 
 if TYPE_CHECKING:
     from factfind.model import Model
@@ -379,6 +380,28 @@ def evaluate_dictionaries(
     return tidy(rows)
 
 
+def collect_activations(model: Model, data: Any, sites: Iterable[tuple[Any, int]], *,
+                        batch_size: int = 16, max_length: int = 128,
+                        max_tokens: int | None = None) -> dict[tuple[Any, int], Tensor]:
+    """The activations ``[tokens d]`` of each ``(component, layer)`` site on the evaluated
+    tokens of ``data`` (padding and special tokens left out), float32 on the CPU: what feature
+    splitting and superposition are measured on."""
+    keys = sorted({(Component(c), int(layer)) for c, layer in sites}, key=str)
+    if not keys:
+        raise ArgumentError("no sites to collect")
+    parts: dict[tuple[Any, int], list[Tensor]] = {k: [] for k in keys}
+    with torch.no_grad():
+        for tb in token_batches(model, data, batch_size=batch_size, max_length=max_length,
+                                max_tokens=max_tokens):
+            run = model.run(tb.batch, save=keys)
+            for k in keys:
+                parts[k].append(run.acts[k][tb.valid.to(run.logits.device)].float().cpu())
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if not len(next(iter(out.values()))):
+        raise EmptyInputError("no tokens to collect: every token is padding or special")
+    return out
+
+
 def feature_density(model: Model, dicts: Dictionaries | Dictionary | Iterable[Dictionary],
                     data: Any, *, batch_size: int = 8, max_length: int = 128,
                     max_tokens: int | None = None) -> pd.DataFrame:
@@ -416,5 +439,6 @@ def feature_density(model: Model, dicts: Dictionaries | Dictionary | Iterable[Di
     return out
 
 
-__all__ = ["DENSE_THRESHOLD", "Tokens", "as_dictionaries", "evaluate_dictionaries",
+__all__ = ["DENSE_THRESHOLD", "Tokens", "as_dictionaries", "collect_activations",
+           "evaluate_dictionaries",
            "feature_density", "special_ids", "token_batches"]
