@@ -67,7 +67,10 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
+from factfind.features.dashboard import FeatureDashboard, feature_dashboard
+from factfind.features.evaluation import evaluate_dictionaries
 from factfind.features.formats import load_dictionaries
+from factfind.features.labels import attribute_features
 from factfind.graph import CircuitGraph, prune, prune_nodes, to_graph
 from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution
@@ -117,6 +120,7 @@ __all__ = [
     "FactPairs",
     "FactPrompt",
     "FactfindError",
+    "FeatureDashboard",
     "FormatCapabilityError",
     "HubUnavailableError",
     "Metric",
@@ -137,6 +141,7 @@ __all__ = [
     "atp",
     "atp_star",
     "attention_knockout",
+    "attribute_features",
     "causal_tracing",
     "completeness",
     "configure_logging",
@@ -150,9 +155,11 @@ __all__ = [
     "encode_pairs",
     "estimate",
     "evaluate_circuits",
+    "evaluate_dictionaries",
     "exact_patching",
     "faithfulness",
     "faithfulness_curve",
+    "feature_dashboard",
     "from_records",
     "graph",
     "greedy_circuit",

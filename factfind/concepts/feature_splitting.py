@@ -23,7 +23,7 @@ lands near ``F / d``; above 1 a site holds more features than it has dimensions.
 
 Example::
 
-    x = collect_activations(model, corpus, [("mlp_in", 3)])[("mlp_in", 3)]
+    x = site_activations(model, corpus, [("mlp_in", 3)])[("mlp_in", 3)]
     feature_splitting(tc_512, tc_2048, x)        # parent, child, cos, coactivation
     features_per_dimension([tc_512, tc_2048, tc_8192], x, y)
 """
@@ -70,7 +70,7 @@ def feature_splitting(narrow: Dictionary, wide: Dictionary, x: Tensor, *,
     Args:
         narrow, wide: two dictionaries of the same kind and site (widths ``w_n < w_w``).
         x: ``[tokens d_in]`` activations of the site they read (e.g. from
-            :func:`factfind.features.evaluation.collect_activations`).
+            :func:`factfind.features.evaluation.site_activations`).
         min_cos, min_coactivation: the thresholds a child meets.
 
     Returns:

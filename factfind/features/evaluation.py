@@ -380,7 +380,7 @@ def evaluate_dictionaries(
     return tidy(rows)
 
 
-def collect_activations(model: Model, data: Any, sites: Iterable[tuple[Any, int]], *,
+def site_activations(model: Model, data: Any, sites: Iterable[tuple[Any, int]], *,
                         batch_size: int = 16, max_length: int = 128,
                         max_tokens: int | None = None) -> dict[tuple[Any, int], Tensor]:
     """The activations ``[tokens d]`` of each ``(component, layer)`` site on the evaluated
@@ -439,6 +439,13 @@ def feature_density(model: Model, dicts: Dictionaries | Dictionary | Iterable[Di
     return out
 
 
-__all__ = ["DENSE_THRESHOLD", "Tokens", "as_dictionaries", "collect_activations",
-           "evaluate_dictionaries",
-           "feature_density", "special_ids", "token_batches"]
+__all__ = [
+    "DENSE_THRESHOLD",
+    "Tokens",
+    "as_dictionaries",
+    "evaluate_dictionaries",
+    "feature_density",
+    "site_activations",
+    "special_ids",
+    "token_batches",
+]
