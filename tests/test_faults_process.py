@@ -383,3 +383,26 @@ def test_organism_run_killed_at_random_moments_resumes_to_the_same_results(organ
     assert (tmp_path / "out" / REPORT).is_file()
     _equal_runs(cache, tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_organism_runs_sharing_one_cache_at_once_equal_the_uninterrupted_run(
+        organism_run, tmp_path):
+    cache, _, _, _ = organism_run
+    runs = [subprocess.Popen(
+        [sys.executable, "-m", "factfind.cli", "fact-finding", *ARGS, "--cache",
+         str(tmp_path / "cache"), "--out", str(tmp_path / f"out{i}")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1")) for i in range(2)]
+    try:
+        for run in runs:
+            _, err = run.communicate(timeout=600)
+            assert run.returncode == 0, err[-3000:]
+            assert "damaged" not in err
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    _equal_runs(cache, tmp_path / "cache")
+    assert not (tmp_path / "cache" / integrity.QUARANTINE).exists()
+    assert (tmp_path / "out0" / REPORT).is_file() and (tmp_path / "out1" / REPORT).is_file()
