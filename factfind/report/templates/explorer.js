@@ -262,7 +262,9 @@
     svg.call(zoom).on("dblclick.zoom", null);
     function fit(animate) {
       width = Math.max(320, holder.clientWidth || 760);
-      height = Math.max(280, Math.min(640, 90 + data.lanes.length * 84));
+      // as tall as the drawing is at the width's scale, within 260-640 px
+      const kw = (width - GUTTER - 12) / L.width;
+      height = Math.round(Math.max(260, Math.min(640, L.height * kw + AXIS + 24)));
       svg.attr("width", width).attr("height", height);
       axisBg.attr("width", width);
       laneBg.attr("height", height);
@@ -340,7 +342,7 @@
       const named = keys.length <= LABELS_UP_TO ? keys
         : keys.filter((k) => k === selected || matches.has(k) || k[0] === "g");
       textG.selectAll("text").data(named, (k) => k).join("text").attr("class", "node-label")
-        .attr("x", (k) => pos(k)[0]).attr("y", (k) => pos(k)[1] + pos(k)[2] + 8)
+        .attr("x", (k) => pos(k)[0]).attr("y", (k) => pos(k)[1] + pos(k)[2] + 8.5)
         .text((k) => (k[0] === "g" ? idOf(k) : label(+k.slice(1))));
       countEl.textContent = `${keys.length.toLocaleString("en")} nodes · `
         + `${list.length.toLocaleString("en")} of ${shown.length.toLocaleString("en")} edges`
