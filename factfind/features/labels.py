@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -174,9 +175,15 @@ def attribute_features(
     return tidy(out.reset_index(drop=True))
 
 
-def best_attribute_features(df: pd.DataFrame) -> pd.DataFrame:
-    """The best feature (by F1) for each value of :func:`attribute_features`' frame."""
-    return df.sort_values(["f1", "precision"], ascending=False, kind="stable") \
+def best_attribute_features(df: pd.DataFrame, *, max_density: float = 0.5) -> pd.DataFrame:
+    """The best feature (by F1) for each value of :func:`attribute_features`' frame, among
+    features that fire on at most ``max_density`` of the prompts (a feature that fires on
+    nearly every prompt has recall 1 and the base rate as precision: an F1 near
+    ``2 b / (1 + b)`` that says nothing about the value)."""
+    sparse = np.asarray(df["fired"], dtype=float) <= max_density * np.asarray(df["n"],
+                                                                                dtype=float)
+    keep = pd.DataFrame(df[sparse])
+    return keep.sort_values(["f1", "precision"], ascending=False, kind="stable") \
         .groupby("value", sort=True).head(1).sort_values("value").reset_index(drop=True)
 
 
