@@ -1,0 +1,932 @@
+"""Node attribution over dictionary features and error nodes, verified by exact patching.
+
+A dictionary spliced into a run with its error term (:mod:`factfind.features.splice`) writes
+
+    site = sum_f a_f W_dec[f] + b_dec + err,          err = site - decode(a)
+
+so the run is the model's own and every quantity downstream splits into the features' share and
+the error's. **Sparse Feature Circuits** (Marks et al. 2024) attribute a counterfactual metric to
+those nodes - every feature ``a_f`` of every dictionary and each dictionary's error ``err`` (a
+``d_model`` vector), at each position - with attribution patching (AtP; Nanda 2023, Kramár et
+al. 2024) or integrated gradients (IG). With clean/corrupt pairs and the default *noising*
+direction (base = clean, source = corrupt), the effect of setting one node to its source value is
+
+    c(n) ≈ (n(source) - n(base)) . dM/dn (base)                                      (AtP)
+    c(n) ≈ (n(source) - n(base)) . mean_k dM/dn (base + alpha_k (source - base))     (IG)
+
+with ``dM/da_f = W_dec[f] . dM/dsite`` (the decoder is linear) and ``dM/derr = dM/dsite``.
+
+**Why one plain run suffices.** With the error kept, the spliced site is ``decode(encode(x)) +
+(x - decode(encode(x))) = x``: its Jacobian is the identity, so the gradient at a site equals
+the plain model's and the features' gradients are that gradient read through the decoder. AtP
+of every feature of every dictionary therefore costs one base forward + backward and one source
+forward of the *plain* model (saving each dictionary's input and output), plus the encoders at
+the positions of the asked roles. **Sparsity**: a feature inactive in both runs at a position has
+``a(source) - a(base) = 0`` there, so only the (position, feature) pairs active in either run
+are scored, each with one ``d_model`` dot product ``W_dec[f] . g``: no dense ``[pos d_sae]``
+gradient is formed. Nodes inactive in every prompt have exactly zero attribution and no row.
+``reference=True`` runs the literal recipe instead - the dictionaries spliced in, autograd with
+respect to every feature activation and error term, dense - which the tests hold equal.
+
+**Integrated gradients** (``steps=m``). As Marks et al. (who use 10 steps), each dictionary is
+integrated on its own: its features and error move together on the straight line from base to
+source values while the rest of the network runs, so the site's value moves on the straight line
+``site(alpha) = (1 - alpha) site(base) + alpha site(source)`` (the decoder is affine with the
+same bias at both ends). The gradients are taken at ``m`` points ``alpha_k = (k + 1/2) / m``:
+Hanna et al. (2024)'s EAP-IG places them at ``k / m`` (a Riemann sum that includes one end);
+the midpoint rule costs the same and its error falls as ``1/m^2``. **Completeness**: the
+attributions of one dictionary's features and error over every position sum to ``sum_k
+Δsite . g_k / m``, the quadrature of ``M(base with the whole site patched) - M(base)``. A
+dictionary's IG costs ``m`` forward + backward rows per prompt (stacked in one run).
+
+A role that names several tokens (``relation``) sums its tokens' attributions (AtP is linear)
+and patches them together. A skip transcoder's dense skip path ``x @ W_skip`` is not a sparse
+node: it is part of its error node, which holds everything the features do not write.
+
+**Verification** (Kramár et al.'s AtP* recipe, :mod:`factfind.attribute.verification`):
+estimates rank; :func:`verify_features` patches the top nodes exactly - one feature's
+activation (and only it) from the source run, through its decoder, in the base run, error kept
+(the spliced run with ``edit_features``, written as the equal additive edit ``site + Δa_f
+W_dec[f]``) - and :func:`feature_missed_bound` bounds the unverified ones by patching subsets of
+them (:func:`~factfind.attribute.verification.bound_subsets`; no-cancellation assumption).
+
+Example::
+
+    dicts = ff.load_dictionaries("transcoders/")           # or fit_dictionary(...)
+    est = ff.feature_atp(model, pairs, dicts)              # one row per node, |effect| ranked
+    ver = ff.verify_features(model, pairs, dicts, est, top=20)
+    ver.frame[["node", "estimate", "effect"]]
+    ff.to_graph(est, model, pairs)                         # feature and error nodes
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from factfind.attribute.verification import Bound, bound_subsets
+from factfind.data.batch import PairBatch, pair_batches
+from factfind.errors import ArgumentError, NotFoundError, check_mode
+from factfind.features.dictionary import Dictionaries, Dictionary, DictKind
+from factfind.features.splice import splice_edits
+from factfind.graph.node import Node
+from factfind.localize.patching import DEFAULT_ROLES
+from factfind.results import t_quantile, tidy
+from factfind.types import DIRECTIONS, Component, Metric, Role, SiteKey
+from factfind.validation import validated
+
+if TYPE_CHECKING:
+    from factfind.data import FactPairs
+    from factfind.data.batch import TokenBatch
+    from factfind.model import Model
+
+log = logging.getLogger(__name__)
+
+#: integrated-gradient points when ``steps`` is asked for without a number (Marks et al. 2024)
+DEFAULT_IG_STEPS = 10
+#: the extra columns of a feature-attribution frame (after the result columns)
+FEATURE_COLUMNS = ("dictionary", "feature", "node")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def as_dictionaries(dicts: Dictionaries | Dictionary | Iterable[Dictionary], model: Model
+                    ) -> Dictionaries:
+    """``dicts`` as a :class:`Dictionaries` checked against ``model`` and moved to its device
+    (an empty set, dictionaries of another model or site: one-line :class:`ArgumentError`)."""
+    if isinstance(dicts, Dictionary):
+        dicts = [dicts]
+    if not isinstance(dicts, Dictionaries):
+        items = list(dicts)
+        if not items:
+            raise ArgumentError("an empty set of dictionaries: pass at least one Dictionary "
+                                "(load_dictionaries, fit_dictionary or Dictionary.random)")
+        dicts = Dictionaries(items)
+    dicts.check(model)
+    dev = model.device
+    if any(d.W_dec.device != dev for d in dicts.values()):
+        dicts = dicts.to(dev)
+    return dicts
+
+
+def _keys(d: Dictionary) -> tuple[SiteKey, SiteKey]:
+    """The site a dictionary reads and the one it writes (a transcoder: ``mlp_in``,
+    ``mlp_out``; an SAE: its site twice)."""
+    return (d.site, d.layer), (d.out_site, d.layer)
+
+
+def _roles(roles: Iterable[Role | str]) -> list[Role]:
+    out = []
+    for r in roles:
+        try:
+            out.append(Role(r))
+        except ValueError:
+            raise ArgumentError(f"roles must be position roles {[x.value for x in Role]}, got "
+                                f"{r!r}") from None
+    if not out:
+        raise ArgumentError("roles is empty: name at least one position role")
+    return out
+
+
+def _role_masks(tb: TokenBatch, roles: Sequence[Role], device: torch.device) -> Tensor:
+    """``[role batch pos]`` float: the tokens each role names in each row (0 on padding)."""
+    am = tb.attention_mask.bool().cpu()
+    return torch.stack([tb.position_mask(r) & am for r in roles]).to(device, torch.float32)
+
+
+@dataclass
+class _Side:
+    """One run's dictionary nodes at the selected positions of a batch."""
+
+    acts: dict[str, Tensor]  # name -> [N d_sae] feature activations
+    err: dict[str, Tensor]  # name -> [N d_out] error term (site - decode(acts))
+    site: dict[str, Tensor]  # name -> [N d_out] the site's value
+
+
+def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
+          metric: Callable[[Tensor], Tensor] | None = None,
+          ) -> tuple[_Side, dict[SiteKey, Tensor], dict[SiteKey, Tensor]]:
+    """One plain run of ``tb`` reading every dictionary's input and output (with ``metric``:
+    and the gradients at the outputs); features and errors encoded at ``sel [batch pos]``."""
+    saves = sorted({k for d in dicts.values() for k in _keys(d)})
+    run = model.run(tb, save=saves, metric=metric)
+    side = _Side({}, {}, {})
+    for name, d in dicts.items():
+        read, write = _keys(d)
+        x = run.acts[read][sel]
+        y = run.acts[write][sel].to(d.W_dec.dtype)
+        a = d.encode(x)
+        side.acts[name], side.site[name] = a, y
+        side.err[name] = y - d.decode(a)
+    return side, run.acts, run.grads
+
+
+# ----------------------------------------------------------------------------- attribution
+
+
+def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sparse AtP/IG of one dictionary's features: ``(batch, role, feature, value)`` for every
+    (prompt, role, feature) with a non-zero activation change at some position of the role.
+
+    ``delta [N d_sae]`` activation changes and ``g [N d_out]`` site gradients at the ``N``
+    selected positions (rows ``pos_b [N]``), ``w [role N]`` the role weights of each position."""
+    n_idx, f_idx = delta.nonzero(as_tuple=True)  # only active features: the sparsity
+    gdot = (g[n_idx].to(d.W_dec.dtype) * d.W_dec[f_idx]).sum(-1)
+    val = (delta[n_idx, f_idx] * gdot).double()
+    R = w.shape[0]
+    F = d.d_sae
+    keys, vals = [], []
+    for r in range(R):
+        wr = w[r, n_idx].double()
+        hit = wr != 0
+        keys.append((pos_b[n_idx[hit]] * R + r) * F + f_idx[hit])
+        vals.append(val[hit] * wr[hit])
+    key, value = torch.cat(keys), torch.cat(vals)
+    uniq, inv = torch.unique(key, return_inverse=True)
+    total = torch.zeros(len(uniq), dtype=torch.float64, device=value.device).index_add_(
+        0, inv, value)
+    b = uniq // (R * F)
+    r = (uniq // F) % R
+    f = uniq % F
+    return b.cpu(), r.cpu(), f.cpu(), total.cpu()
+
+
+def _batch_rows(dicts: Dictionaries, roles: Sequence[Role], base: _Side, src: _Side,
+                grads: dict[str, Tensor], sel: Tensor, masks: Tensor, offset: int,
+                ) -> list[pd.DataFrame]:
+    """The per-prompt frames of one batch (features with a change, every error node)."""
+    pos_b = sel.nonzero(as_tuple=True)[0]
+    w = masks[:, sel]  # [role N]
+    n_batch = sel.shape[0]
+    present = masks.sum(-1).gt(0).cpu()  # [role batch]
+    out = []
+    for name, d in dicts.items():
+        delta = src.acts[name] - base.acts[name]
+        g = grads[name]
+        b, r, f, val = _feature_scores(d, delta, g, pos_b, w)
+        out.append(_rows(d, roles, b + offset, r, f, val))
+        de = ((src.err[name] - base.err[name]) * g.to(d.W_dec.dtype)).sum(-1).double()  # [N]
+        err = torch.zeros(len(roles), n_batch, dtype=torch.float64, device=de.device)
+        err.index_add_(1, pos_b, w.double() * de[None])
+        err = torch.where(present.to(err.device), err, torch.nan).cpu()
+        rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
+        out.append(_rows(d, roles, bb.flatten() + offset, rr.flatten(), None,
+                         err.flatten()))
+    return out
+
+
+def _rows(d: Dictionary, roles: Sequence[Role], b: Tensor, r: Tensor, f: Tensor | None,
+          val: Tensor) -> pd.DataFrame:
+    role_names = np.array([str(x) for x in roles], dtype=object)
+    rn = role_names[r.numpy()] if len(r) else np.array([], dtype=object)
+    if f is None:
+        nodes = np.array([d.error_id(x) for x in role_names], dtype=object)[r.numpy()] \
+            if len(r) else np.array([], dtype=object)
+        feat = pd.array([pd.NA] * len(b), dtype="Int64")
+    else:
+        prefix = f"{d.name}.f"
+        nodes = np.array([f"{prefix}{int(i)}@{x}" for i, x in zip(f.tolist(), rn, strict=True)],
+                         dtype=object)
+        feat = pd.array(f.numpy(), dtype="Int64")
+    return pd.DataFrame({"component": d.short, "layer": d.layer, "role": rn,
+                         "prompt": b.numpy(), "effect": val.numpy(), "dictionary": d.name,
+                         "feature": feat, "node": nodes})
+
+
+def _ig_grads(model: Model, d: Dictionary, tb: TokenBatch, pb: PairBatch, metric: Metric | None,
+              base_site: Tensor, src_site: Tensor, steps: int) -> Tensor:
+    """``[batch pos d_out]``: the mean of ``dM/dsite`` over the ``steps`` midpoints of the
+    straight line from the base to the source value of ``d``'s written site (the rest of the
+    network running), in one stacked run of ``steps * batch`` rows."""
+    _, write = _keys(d)
+    alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    a = alphas.to(base_site.device, base_site.dtype)[:, None, None, None]
+    target = (base_site[None] + a * (src_site - base_site)[None]).flatten(0, 1)
+
+    def edit(y: Tensor) -> Tensor:  # the value of the point, the gradient of the site
+        return y + (target.to(y.dtype) - y).detach()
+
+    fn = lambda lg: pb.measure(lg, steps, metric).sum()
+    run = model.run(tb.repeat(steps), save=[write], edits={write: edit}, metric=fn)
+    g = run.grads[write]
+    return g.reshape(steps, *base_site.shape).mean(0)
+
+
+def _method(steps: int | None) -> str:
+    return "feature_atp" if steps is None else "feature_ig"
+
+
+@validated
+def feature_atp(
+    model: Model,
+    pairs: FactPairs | PairBatch,
+    dicts: Dictionaries | Dictionary | Sequence[Dictionary],
+    *,
+    roles: Sequence[Role | str] = DEFAULT_ROLES,
+    direction: str = "noise",
+    metric: Metric | None = None,
+    steps: int | None = None,
+    batch_size: int = 32,
+    per_prompt: bool = False,
+    reference: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """AtP (or IG with ``steps``) of every feature and error node of every dictionary.
+
+    Per batch: one base forward + backward and one source forward of the plain model (AtP), or
+    per dictionary one stacked run of ``steps`` interpolation points (IG); see the module doc.
+
+    Args:
+        model: the model the dictionaries were trained on.
+        pairs: clean/corrupt prompt pairs (or their :class:`~factfind.data.batch.PairBatch`).
+        dicts: the dictionaries (a :class:`Dictionaries`, one :class:`Dictionary` or a list).
+        roles: the position roles whose nodes are scored.
+        direction: ``"noise"`` (default: base clean, source corrupt) or ``"denoise"``.
+        metric: ``metric(logits, correct, wrong) -> [rows]``, differentiable (default the
+            logit difference).
+        steps: ``None`` for AtP; ``m >= 1`` for integrated gradients with ``m`` midpoints
+            (:data:`DEFAULT_IG_STEPS` = 10 as in Marks et al.).
+        batch_size: prompts per forward.
+        per_prompt: one row per prompt and node (every prompt for each node that changes in
+            some prompt: ``ff.aggregate`` of it gives the default frame) instead of one per node.
+        reference: the slow literal recipe (dictionaries spliced in, autograd with respect to
+            every feature activation and error term, dense): what the fast path is tested
+            against.
+        progress: a progress bar over batches.
+
+    Returns:
+        A tidy frame: ``method`` (``feature_atp`` / ``feature_ig``), ``component`` (the
+        dictionary's short name, e.g. ``tc``), ``layer``, ``role``, ``effect`` (mean over
+        prompts, with a 95% CI and ``n``; one value per prompt with ``per_prompt``), then
+        ``dictionary`` (``L5.tc``), ``feature`` (<NA> for an error node), ``node``
+        (``L5.tc.f1234@subject_last``, ``L5.tc.err@final``), ``score = |effect|`` and
+        ``direction``. Features whose activation changes in no prompt have no row (their
+        attribution is exactly 0).
+
+    Example::
+
+        est = feature_atp(model, pairs, dicts, roles=["subject_last", "final"])
+        est.nlargest(20, "score")
+    """
+    check_mode(direction, "direction", DIRECTIONS)
+    if steps is not None and steps < 1:
+        raise ArgumentError(f"steps must be >= 1 (integrated gradients) or None (AtP), got "
+                            f"{steps}")
+    ds = as_dictionaries(dicts, model)
+    role_list = _roles(roles)
+    batches = list(pair_batches(model, pairs, batch_size))
+    bar = tqdm(total=len(batches), desc=_method(steps), unit="batch", disable=not progress)
+    frames: list[pd.DataFrame] = []
+    present: list[Tensor] = []
+    for start, pb in batches:
+        base_tb, src_tb = pb.base_and_source(direction)
+        masks = _role_masks(base_tb, role_list, model.device)
+        present.append(masks.sum(-1).gt(0).cpu())
+        if reference:
+            frames += _reference_batch(model, ds, role_list, pb, base_tb, src_tb, masks, start,
+                                       metric=metric, steps=steps)
+        else:
+            frames += _fast_batch(model, ds, role_list, pb, base_tb, src_tb, masks, start,
+                                  metric=metric, steps=steps)
+        bar.update(1)
+    bar.close()
+    df = pd.concat(frames, ignore_index=True)
+    df = _finish(df, torch.cat(present, 1), role_list, per_prompt=per_prompt)
+    df["method"] = _method(steps)
+    df["direction"] = direction
+    return tidy(df)
+
+
+def _fast_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
+                base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
+                metric: Metric | None, steps: int | None) -> list[pd.DataFrame]:
+    sel = masks.sum(0).gt(0)  # [batch pos]: the positions of any role
+    fn = lambda lg: pb.measure(lg, 1, metric).sum()
+    base, base_acts, base_grads = _read(model, ds, base_tb, sel, metric=None if steps else fn)
+    src, src_acts, _ = _read(model, ds, src_tb, sel)
+    grads: dict[str, Tensor] = {}
+    for name, d in ds.items():
+        write = _keys(d)[1]
+        if steps is None:
+            grads[name] = base_grads[write][sel]
+        else:
+            g = _ig_grads(model, d, base_tb, pb, metric, base_acts[write], src_acts[write],
+                          steps)
+            grads[name] = g[sel]
+    return _batch_rows(ds, roles, base, src, grads, sel, masks, offset)
+
+
+def _finish(df: pd.DataFrame, present: Tensor, roles: Sequence[Role], *,
+            per_prompt: bool) -> pd.DataFrame:
+    """Per-prompt rows completed with zeros (a node's prompts where its role exists but it did
+    not change), or reduced to one row per node: the mean over the prompts where its role
+    exists, a 95% Student-t interval and ``n``."""
+    role_index = {str(r): i for i, r in enumerate(roles)}
+    have = present.numpy()  # [role prompt]
+    df = pd.DataFrame(df[df["effect"].notna()])
+    if per_prompt:
+        nodes = df.drop_duplicates("node").drop(columns=["prompt", "effect"])
+        r = np.array([role_index[str(x)] for x in nodes["role"]], dtype=int)
+        grid = [(i, p) for i, ri in enumerate(r) for p in np.flatnonzero(have[ri])]
+        idx = np.array([g[0] for g in grid], dtype=int)
+        full = nodes.iloc[idx].reset_index(drop=True)
+        full["prompt"] = np.array([g[1] for g in grid], dtype=int)
+        got = df.set_index(["node", "prompt"])["effect"]
+        key = pd.MultiIndex.from_arrays([full["node"], full["prompt"]])
+        full["effect"] = got.reindex(key).fillna(0.0).to_numpy()
+        return full
+    codes, uniq = pd.factorize(df["node"].astype(str).to_numpy(dtype=object))
+    e = df["effect"].to_numpy(dtype=float)
+    s1 = np.bincount(codes, weights=e, minlength=len(uniq))
+    s2 = np.bincount(codes, weights=e * e, minlength=len(uniq))
+    first_row = np.full(len(uniq), len(codes))
+    np.minimum.at(first_row, codes, np.arange(len(codes)))
+    first = df.iloc[first_row].reset_index(drop=True).drop(columns=["prompt", "effect"])
+    r = np.array([role_index[str(x)] for x in first["role"]], dtype=int)
+    n = have.sum(1)[r].astype(float)
+    mean = s1 / n
+    var = np.where(n > 1, (s2 - n * mean ** 2) / np.maximum(n - 1, 1), np.nan)
+    half = np.sqrt(np.maximum(var, 0) / n) * t_quantile(n)
+    first["effect"] = mean
+    first["ci_low"], first["ci_high"] = mean - half, mean + half
+    first["n"] = n.astype(int)
+    first["prompt"] = pd.NA
+    first["score"] = np.abs(mean)
+    return first
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _reference_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
+                     base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
+                     metric: Metric | None, steps: int | None) -> list[pd.DataFrame]:
+    """The literal recipe: spliced runs, autograd with respect to every feature activation and
+    error term at every position, dense products, a loop over dictionaries and IG points."""
+    every = base_tb.attention_mask.to(model.device).bool()
+    base, _, _ = _read(model, ds, base_tb, every)
+    src, _, _ = _read(model, ds, src_tb, every)
+    shape = every.shape
+    grads: dict[str, Tensor] = {}
+    fn = lambda lg: pb.measure(lg, 1, metric).sum()
+    if steps is None:
+        grads.update(_spliced_grads(model, ds, base_tb, fn, {}))
+    else:
+        for name, d in ds.items():
+            acc_a = torch.zeros(*shape, d.d_sae, dtype=d.W_dec.dtype, device=model.device)
+            acc_e = torch.zeros(*shape, d.d_out, dtype=d.W_dec.dtype, device=model.device)
+            for k in range(steps):
+                alpha = (k + 0.5) / steps
+                a = _dense(base.acts[name], every) + alpha * _dense(
+                    src.acts[name] - base.acts[name], every)
+                e = _dense(base.err[name], every) + alpha * _dense(
+                    src.err[name] - base.err[name], every)
+                got = _spliced_grads(model, ds, base_tb, fn, {name: (a, e)}, only=name)
+                acc_a += got[name + "/acts"]
+                acc_e += got[name]
+            grads[name] = acc_e / steps
+            grads[name + "/acts"] = acc_a / steps
+    out = []
+    n_batch = shape[0]
+    w = masks[:, every]  # [role N]
+    present = masks.sum(-1).gt(0).cpu()
+    for name, d in ds.items():
+        ga = grads[name + "/acts"][every]
+        ge = grads[name][every]
+        delta = src.acts[name] - base.acts[name]  # [N F] dense
+        per_pos = delta * ga  # [N F]
+        feats = torch.einsum("rn,nf->rnf", w.to(per_pos.dtype), per_pos)
+        pos_b = every.nonzero(as_tuple=True)[0]
+        per_prompt = torch.zeros(len(roles), n_batch, d.d_sae, dtype=per_pos.dtype,
+                                 device=per_pos.device).index_add_(1, pos_b, feats)
+        changed = torch.zeros(len(roles), n_batch, d.d_sae, dtype=torch.bool,
+                              device=per_pos.device).index_add_(
+            1, pos_b, (w[:, :, None] != 0) & (delta != 0)[None])
+        r, b, f = changed.nonzero(as_tuple=True)
+        out.append(_rows(d, roles, b.cpu() + offset, r.cpu(), f.cpu(),
+                         per_prompt[r, b, f].double().cpu()))
+        de = ((src.err[name] - base.err[name]) * ge).sum(-1)
+        err = torch.zeros(len(roles), n_batch, dtype=de.dtype, device=de.device).index_add_(
+            1, pos_b, w.to(de.dtype) * de[None]).double()
+        err = torch.where(present.to(err.device), err, torch.nan).cpu()
+        rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
+        out.append(_rows(d, roles, bb.flatten() + offset, rr.flatten(), None, err.flatten()))
+    return out
+
+
+def _dense(values: Tensor, sel: Tensor) -> Tensor:
+    out = torch.zeros(*sel.shape, values.shape[-1], dtype=values.dtype, device=values.device)
+    out[sel] = values
+    return out
+
+
+def _chain_sae(prev: Callable[[Tensor], Tensor] | None, write: Callable[[Tensor, Tensor], Tensor]
+               ) -> Callable[[Tensor], Tensor]:
+    def edit(y: Tensor) -> Tensor:
+        y = prev(y) if prev is not None else y
+        return write(y, y)
+    return edit
+
+
+def _spliced_grads(model: Model, ds: Dictionaries, tb: TokenBatch,
+                   fn: Callable[[Tensor], Tensor], fixed: dict[str, tuple[Tensor, Tensor]],
+                   only: str | None = None) -> dict[str, Tensor]:
+    """A run of ``tb`` with every dictionary spliced in (error kept) and the gradients of
+    ``fn`` with respect to each one's feature activations (``name + "/acts"``) and error term
+    (``name``), ``[batch pos ...]``. ``fixed`` sets a dictionary's features and error to given
+    values (a point of IG's path); ``only`` takes that one's gradients only."""
+    held: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
+
+    def hook(name: str, d: Dictionary) -> Callable[[Tensor, Tensor], Tensor]:
+        def write(x: Tensor, target: Tensor) -> Tensor:
+            if name in fixed:  # a point of IG's path: the site is what these write
+                a, e = (t.clone().requires_grad_(True) for t in fixed[name])
+                held[name + "/acts"], held[name] = a, e
+                return (d.decode(a) + e).to(target.dtype)
+            a = d.encode(x).detach().requires_grad_(True)
+            # the error holds everything the features do not write (a skip path too)
+            e = (target.to(a.dtype) - d.decode(a)).detach().requires_grad_(True)
+            held[name + "/acts"], held[name] = a, e
+            # Marks et al.'s splice: the value is the site's own, the gradient reaches the
+            # features through the decoder, the error as it is, and the site's input (the
+            # model upstream) unchanged - not a second time through the encoder
+            spliced = d.decode(a) + e
+            return (target.to(a.dtype) + (spliced - spliced.detach())).to(target.dtype)
+        return write
+
+    edits: dict[SiteKey, Callable[[Tensor], Tensor]] = {}
+    seen: dict[str, Tensor] = {}
+    for name, d in ds.items():
+        w = hook(name, d)
+        if d.kind is DictKind.SAE:
+            key = (d.site, d.layer)
+            edits[key] = _chain_sae(edits.get(key), w)
+        else:
+            kin, kout = (Component.MLP_IN, d.layer), (Component.MLP_OUT, d.layer)
+            pin, pout = edits.get(kin), edits.get(kout)
+
+            def remember(x: Tensor, name: str = name, pin: Any = pin) -> Tensor:
+                x = pin(x) if pin else x
+                seen[name] = x
+                return x
+
+            def replace(y: Tensor, name: str = name, w: Any = w, pout: Any = pout) -> Tensor:
+                y = pout(y) if pout else y
+                return w(seen.pop(name), y)
+
+            edits[kin], edits[kout] = remember, replace
+
+    def metric(lg: Tensor) -> Tensor:
+        value = fn(lg)
+        names = [n for n in held if only is None or n.split("/")[0] == only]
+        got = torch.autograd.grad(value, [held[n] for n in names], allow_unused=True,
+                                  retain_graph=True)
+        for n, g in zip(names, got, strict=True):
+            out[n] = torch.zeros_like(held[n]) if g is None else g.detach()
+        return value
+
+    model.run(tb, edits=edits, metric=metric)
+    return out
+
+
+# ----------------------------------------------------------------------------- exact patching
+
+
+def parse_feature_node(node_id: str, dicts: Dictionaries) -> tuple[Dictionary, int | None, Role]:
+    """``(dictionary, feature index or None for the error node, role)`` of a node id such as
+    ``L5.tc.f1234@final``; a typed one-line error for ids that name no feature of ``dicts``."""
+    try:
+        node = Node.parse(node_id)
+    except ArgumentError as e:
+        raise ArgumentError(f"{node_id!r} is not a feature node id: {e}") from None
+    if node.kind not in ("feature", "error"):
+        raise NotFoundError(f"{node_id!r} names a {node.kind}, not a dictionary feature or "
+                            "error node (e.g. 'L5.tc.f1234@final', 'L5.tc.err@final')")
+    name = f"L{node.layer}.{node.dictionary}"
+    if name not in dicts:
+        raise NotFoundError(f"{node_id!r}: no dictionary {name} in this set (have "
+                            f"{', '.join(dicts)})")
+    d = dicts[name]
+    if node.index is not None and node.index >= d.d_sae:
+        raise NotFoundError(f"{node_id!r}: {name} has {d.d_sae} features (0..{d.d_sae - 1})")
+    if node.role == "all":
+        raise ArgumentError(f"{node_id!r}: patch a feature at a position role, not 'all'")
+    return d, node.index, Role(node.role)
+
+
+@dataclass
+class _Patches:
+    """One batch's base metric and, per dictionary, the activation and error changes."""
+
+    pb: PairBatch
+    base_tb: TokenBatch
+    masks: dict[Role, Tensor]  # role -> [batch pos] float
+    delta_a: dict[str, Tensor]  # name -> [batch pos d_sae]
+    delta_e: dict[str, Tensor]  # name -> [batch pos d_out]
+    base_metric: Tensor  # [batch]
+
+
+def _prepare_patches(model: Model, ds: Dictionaries, pb: PairBatch, roles: Iterable[Role],
+                     direction: str, metric: Metric | None) -> _Patches:
+    base_tb, src_tb = pb.base_and_source(direction)
+    every = base_tb.attention_mask.to(model.device).bool()
+    base, _, _ = _read(model, ds, base_tb, every)
+    src, _, _ = _read(model, ds, src_tb, every)
+    masks = {r: (base_tb.position_mask(r) & every.cpu()).to(model.device, torch.float32)
+             for r in set(roles)}
+    da = {n: _dense(src.acts[n] - base.acts[n], every) for n in ds}
+    de = {n: _dense(src.err[n] - base.err[n], every) for n in ds}
+    with torch.no_grad():
+        m0 = pb.measure_run(lambda lg: model.run(base_tb, logits=lg).logits, 1, metric)
+    return _Patches(pb, base_tb, masks, da, de, m0)
+
+
+def _node_delta(ds: Dictionaries, p: _Patches, node: tuple[Dictionary, int | None, Role]
+                ) -> tuple[SiteKey, Tensor]:
+    """The additive change of the written site that patches one node: ``m Δa_f W_dec[f]`` or
+    ``m Δerr`` (``[batch pos d_out]``, ``m`` the role's positions)."""
+    d, f, role = node
+    m = p.masks[role][..., None]
+    if f is None:
+        return _keys(d)[1], m * p.delta_e[d.name]
+    return _keys(d)[1], m * p.delta_a[d.name][..., f:f + 1] * d.W_dec[f]
+
+
+def _patch_chunk(model: Model, ds: Dictionaries, p: _Patches,
+                 sets: Sequence[Sequence[tuple[Dictionary, int | None, Role]]],
+                 metric: Metric | None) -> Tensor:
+    """``[set batch]`` exact effects ``M(patched) - M(base)`` of patching each set as a whole
+    (NaN where none of its nodes' roles exists), one stacked forward of ``S * batch`` rows."""
+    S, B = len(sets), len(p.pb)
+    deltas: dict[SiteKey, Tensor] = {}
+    for s, group in enumerate(sets):
+        for node in group:
+            key, dv = _node_delta(ds, p, node)
+            if key not in deltas:
+                deltas[key] = torch.zeros(S, *dv.shape, dtype=dv.dtype, device=dv.device)
+            deltas[key][s] += dv
+    edits = {k: (lambda y, v=v: y + v.flatten(0, 1).to(y.dtype)) for k, v in deltas.items()}
+    tb = p.base_tb.repeat(S)
+    with torch.no_grad():
+        m = p.pb.measure_run(lambda lg: model.run(tb, edits=edits, logits=lg).logits, S, metric)
+    eff = (m.reshape(S, B) - p.base_metric[None]).double().cpu()
+    valid = torch.stack([
+        torch.stack([p.masks[node[2]].sum(-1).gt(0).cpu() for node in group]).any(0)
+        for group in sets])
+    return torch.where(valid, eff, torch.nan)
+
+
+def _patch_sets(model: Model, ds: Dictionaries, pairs: FactPairs | PairBatch,
+                sets: Sequence[Sequence[tuple[Dictionary, int | None, Role]]], *,
+                direction: str, metric: Metric | None, batch_size: int, chunk: int,
+                progress: bool, desc: str) -> Tensor:
+    """``[set prompt]`` exact effects of every set, over every batch of pairs."""
+    roles = {node[2] for group in sets for node in group}
+    batches = list(pair_batches(model, pairs, batch_size))
+    n_chunks = math.ceil(len(sets) / chunk)
+    bar = tqdm(total=len(batches) * n_chunks, desc=desc, unit="chunk", disable=not progress)
+    cols = []
+    for _, pb in batches:
+        p = _prepare_patches(model, ds, pb, roles, direction, metric)
+        parts = []
+        for c in range(0, len(sets), chunk):
+            parts.append(_patch_chunk(model, ds, p, sets[c:c + chunk], metric))
+            bar.update(1)
+        cols.append(torch.cat(parts) if parts else torch.zeros(0, len(pb), dtype=torch.float64))
+    bar.close()
+    return torch.cat(cols, 1)
+
+
+def _summary(eff: Tensor) -> dict[str, np.ndarray]:
+    """Mean over prompts (NaN left out), 95% CI and ``n`` per row of ``[set prompt]``."""
+    x = eff.numpy()
+    ok = np.isfinite(x)
+    n = ok.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(ok, x, 0).sum(1) / n
+        var = np.where(ok, (x - mean[:, None]) ** 2, 0).sum(1) / np.maximum(n - 1, 1)
+        half = np.where(n > 1, np.sqrt(var / n) * t_quantile(n), np.nan)
+    return {"effect": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+@validated
+def patch_features(
+    model: Model,
+    pairs: FactPairs | PairBatch,
+    dicts: Dictionaries | Dictionary | Sequence[Dictionary],
+    nodes: Sequence[str],
+    *,
+    direction: str = "noise",
+    metric: Metric | None = None,
+    batch_size: int = 32,
+    chunk: int = 16,
+    reference: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Exact effect of patching each feature (or error) node on its own.
+
+    A feature node ``L5.tc.f1234@final`` takes its activation from the source run at the
+    role's positions, in the base run with every dictionary spliced in and error terms kept:
+    the run changes by exactly ``Δa_f W_dec[f]`` at the dictionary's written site, which is
+    the additive edit applied here (``S`` nodes stacked in one forward). ``reference=True``
+    runs :func:`~factfind.features.splice.spliced_run` with ``edit_features`` instead, one node
+    at a time. An error node patches its dictionary's error term.
+
+    Returns:
+        One row per node: ``method="exact"``, the site columns, ``effect`` (mean of
+        ``M(patched) - M(base)`` over prompts where the role exists) with a 95% CI and ``n``,
+        ``dictionary``, ``feature``, ``node``.
+    """
+    check_mode(direction, "direction", DIRECTIONS)
+    ds = as_dictionaries(dicts, model)
+    if not nodes:
+        raise ArgumentError("nodes is empty: name at least one feature node id")
+    parsed = [parse_feature_node(n, ds) for n in nodes]
+    if reference:
+        eff = torch.cat([_reference_patch(model, ds, pb, parsed, direction, metric)
+                         for _, pb in pair_batches(model, pairs, batch_size)], 1)
+    else:
+        eff = _patch_sets(model, ds, pairs, [[n] for n in parsed], direction=direction,
+                          metric=metric, batch_size=batch_size, chunk=chunk, progress=progress,
+                          desc="patch features")
+    return _node_frame(parsed, list(nodes), _summary(eff), direction)
+
+
+def _node_frame(parsed: Sequence[tuple[Dictionary, int | None, Role]], ids: Sequence[str],
+                stats: dict[str, np.ndarray], direction: str) -> pd.DataFrame:
+    df = pd.DataFrame({
+        "method": "exact", "component": [d.short for d, _, _ in parsed],
+        "layer": [d.layer for d, _, _ in parsed], "role": [str(r) for _, _, r in parsed],
+        **stats, "dictionary": [d.name for d, _, _ in parsed],
+        "feature": pd.array([f for _, f, _ in parsed], dtype="Int64"), "node": list(ids)})
+    df["direction"] = direction
+    return tidy(df)
+
+
+def _reference_patch(model: Model, ds: Dictionaries, pb: PairBatch,
+                     parsed: Sequence[tuple[Dictionary, int | None, Role]], direction: str,
+                     metric: Metric | None) -> Tensor:
+    """``[node batch]``: each node patched by a spliced run with ``edit_features`` (or, for an
+    error node, its error term replaced), one node per forward."""
+    base_tb, src_tb = pb.base_and_source(direction)
+    every = base_tb.attention_mask.to(model.device).bool()
+    src, _, _ = _read(model, ds, src_tb, every)
+    with torch.no_grad():
+        m0 = pb.measure_run(lambda lg: model.run(base_tb, logits=lg).logits, 1, metric)
+    rows = []
+    seen_x: dict[str, Tensor] = {}
+    for d, f, role in parsed:
+        m = (base_tb.position_mask(role) & every.cpu()).to(model.device)
+        a1 = _dense(src.acts[d.name], every)
+        e1 = _dense(src.err[d.name], every)
+        if f is not None:
+            def edit(a: Tensor, f: int = f, m: Tensor = m, a1: Tensor = a1) -> Tensor:
+                out = a.clone()
+                out[..., f] = torch.where(m, a1[..., f].to(a.dtype), a[..., f])
+                return out
+            edits = splice_edits(ds, error=True, edit_features={d.name: edit})
+        else:
+            edits = splice_edits([x for x in ds.values() if x is not d], error=True)
+            write = _keys(d)[1]
+            prev_write = edits.get(write)
+
+            def swap_error(y: Tensor, d: Dictionary = d, m: Tensor = m, e1: Tensor = e1,
+                           prev: Any = prev_write) -> Tensor:
+                y = prev(y) if prev else y
+                # y is the model's site: its error is y - decode(acts); put e1 where m holds
+                x = seen_x.get(d.name, y)
+                a = d.encode(x)
+                e0 = y.to(a.dtype) - d.decode(a)
+                return (y.to(a.dtype) + m[..., None] * (e1 - e0)).to(y.dtype)
+
+            if d.kind is not DictKind.SAE:
+                kin = (Component.MLP_IN, d.layer)
+                pin = edits.get(kin)
+
+                def remember(x: Tensor, d: Dictionary = d, pin: Any = pin) -> Tensor:
+                    x = pin(x) if pin else x
+                    seen_x[d.name] = x
+                    return x
+                edits[kin] = remember
+            edits[write] = swap_error
+        with torch.no_grad():
+            m1 = pb.measure_run(
+                lambda lg, edits=edits: model.run(base_tb, edits=edits, logits=lg).logits, 1,
+                metric)
+        ok = m.sum(-1).gt(0).cpu()
+        rows.append(torch.where(ok, (m1 - m0).double().cpu(), torch.nan))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@dataclass
+class FeatureVerification:
+    """The outcome of :func:`verify_features`.
+
+    Attributes:
+        frame: the verified nodes in rank order: ``method="exact"``, ``effect`` (exact) with
+            CI and ``n``, the attribution's ``estimate``, ``score``, ``rank``, ``node`` and the
+            site columns.
+        candidates: every attributed node in rank order with ``rank`` and ``verified``.
+        direction: of the patches.
+    """
+
+    frame: pd.DataFrame
+    candidates: pd.DataFrame
+    direction: str
+
+    @property
+    def n_verified(self) -> int:
+        return len(self.frame)
+
+
+@validated
+def verify_features(
+    model: Model,
+    pairs: FactPairs | PairBatch,
+    dicts: Dictionaries | Dictionary | Sequence[Dictionary],
+    estimates: pd.DataFrame,
+    *,
+    top: int = 32,
+    metric: Metric | None = None,
+    batch_size: int = 32,
+    chunk: int = 16,
+    progress: bool = True,
+) -> FeatureVerification:
+    """Patch the ``top`` nodes of a :func:`feature_atp` frame exactly, in descending ``score``
+    (``|effect|``), and return estimate against exact per node.
+
+    Args:
+        estimates: the aggregate frame of :func:`feature_atp` (one row per node; its
+            ``direction`` column sets the patches' direction).
+        top: how many nodes to verify (the rest are bounded by :func:`feature_missed_bound`).
+        metric: the attribution's metric (default the logit difference).
+
+    Example::
+
+        ver = verify_features(model, pairs, dicts, feature_atp(model, pairs, dicts), top=16)
+        ver.frame[["node", "estimate", "effect"]]
+    """
+    df = _candidates(estimates)
+    direction = str(df["direction"].iloc[0]) if "direction" in df.columns else "noise"
+    ds = as_dictionaries(dicts, model)
+    k = min(top, len(df))
+    ids = df["node"].astype(str).tolist()[:k]
+    exact = patch_features(model, pairs, ds, ids, direction=direction, metric=metric,
+                           batch_size=batch_size, chunk=chunk, progress=progress)
+    ver = df.iloc[:k].copy()
+    ver["estimate"] = ver["effect"]
+    for col in ("method", "effect", "ci_low", "ci_high", "n"):
+        ver[col] = exact[col].to_numpy()
+    cand = df.copy()
+    cand["verified"] = cand["rank"] < k
+    log.info("verify_features: %d of %d nodes patched", k, len(df))
+    return FeatureVerification(tidy(ver), cand, direction)
+
+
+def _candidates(estimates: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(estimates, pd.DataFrame) or "node" not in estimates.columns:
+        raise ArgumentError("verify_features needs a feature_atp frame (columns node, effect)")
+    if bool(estimates["prompt"].notna().any()):
+        raise ArgumentError("verify_features ranks nodes: pass the aggregate frame (one row "
+                            "per node), not per_prompt=True")
+    if len(estimates) == 0:
+        raise ArgumentError("no nodes to verify: the attribution frame is empty")
+    score = estimates["score"] if "score" in estimates.columns else estimates["effect"].abs()
+    order = np.argsort(-np.nan_to_num(score.to_numpy(dtype=float)), kind="stable")
+    cand = estimates.iloc[order].reset_index(drop=True)
+    cand["score"] = np.nan_to_num(score.to_numpy(dtype=float)[order])
+    cand["rank"] = np.arange(len(cand))
+    return cand
+
+
+def feature_missed_bound(
+    model: Model,
+    pairs: FactPairs | PairBatch,
+    dicts: Dictionaries | Dictionary | Sequence[Dictionary],
+    verification: FeatureVerification,
+    *,
+    subset_size: int = 16,
+    coverage: int = 2,
+    max_nodes: int | None = None,
+    seed: int = 0,
+    metric: Metric | None = None,
+    batch_size: int = 32,
+    chunk: int = 16,
+    progress: bool = True,
+) -> Bound:
+    """Bound the exact effect of the nodes :func:`verify_features` did not patch.
+
+    AtP*'s subsampling diagnostic (:func:`factfind.attribute.verification.missed_effect_bound`,
+    whose subsets :func:`~factfind.attribute.verification.bound_subsets` cuts here too): the
+    unverified nodes, grouped by rank bucket ``[V, 2V), [2V, 4V), ...`` and dictionary, are
+    patched in subsets of ``subset_size`` (each node in ``coverage`` subsets), and a node's
+    bound is the smallest ``|c(S)|`` over the subsets that hold it - valid if patching a set
+    moves the metric at least as much as its largest member (no cancellation). Nodes absent
+    from the attribution frame changed in no prompt: their effect is exactly 0.
+
+    Returns:
+        A :class:`~factfind.attribute.verification.Bound` (``nodes`` with ``node``, ``rank``,
+        ``score``, ``bound``; ``buckets``; ``max``; ``subsets``).
+    """
+    if subset_size < 1 or coverage < 1:
+        raise ArgumentError("subset_size and coverage must be >= 1")
+    ds = as_dictionaries(dicts, model)
+    cand = verification.candidates
+    todo = cast(pd.DataFrame, cand.loc[~cand["verified"].to_numpy(dtype=bool)])
+    if max_nodes is not None:
+        todo = cast(pd.DataFrame, todo.iloc[:max_nodes])
+    parsed = [parse_feature_node(str(n), ds) for n in todo["node"]]
+    ranks = todo["rank"].to_numpy()
+    edges = [verification.n_verified]
+    while edges[-1] < len(cand):
+        edges.append(min(len(cand), max(edges[-1] + 1, 2 * edges[-1])))
+    bucket = np.searchsorted(edges, ranks, side="right")
+    members = bound_subsets(bucket, [d.name for d, _, _ in parsed],
+                            np.array([d.layer for d, _, _ in parsed]),
+                            subset_size=subset_size, coverage=coverage, seed=seed)
+    sets = [[parsed[j] for j in m] for m in members]
+    bound = np.full(len(parsed), np.inf)
+    if sets:
+        eff = _patch_sets(model, ds, pairs, sets, direction=verification.direction,
+                          metric=metric, batch_size=batch_size, chunk=chunk, progress=progress,
+                          desc="bound features")
+        size = np.abs(np.nan_to_num(_summary(eff)["effect"]))
+        for m, e in zip(members, size, strict=True):
+            bound[m] = np.minimum(bound[m], e)
+    bound[~np.isfinite(bound)] = np.nan
+    nodes = cast(pd.DataFrame, todo[["node", "dictionary", "feature", "layer", "role", "rank",
+                                     "score"]]).copy()
+    nodes["bound"] = bound
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (ranks >= lo) & (ranks < hi)
+        if not sel.any():
+            continue
+        b = bound[sel]
+        rows.append({"method": "feature/bound", "rank_start": lo, "rank_stop": hi,
+                     "nodes": int(sel.sum()), "covered": int(np.isfinite(b).sum()),
+                     "effect": float(np.nanmax(b)) if np.isfinite(b).any() else math.nan})
+    top = float(np.nanmax(bound)) if np.isfinite(bound).any() else math.nan
+    buckets = tidy(rows) if rows else tidy(pd.DataFrame({"effect": pd.Series(dtype=float)}))
+    return Bound(nodes.reset_index(drop=True), buckets, top, len(sets))
+
+
+__all__ = ["DEFAULT_IG_STEPS", "FEATURE_COLUMNS", "FeatureVerification", "as_dictionaries",
+           "feature_atp", "feature_missed_bound", "parse_feature_node", "patch_features",
+           "verify_features"]
