@@ -4,6 +4,7 @@
     factfind train-organism --seed 0 --out DIR          retrain the model organism
     factfind info [--model M]                           architecture and sites of a model
     factfind datasets                                   the shipped fact datasets
+    factfind train-dictionaries [--layers ...] ...      sparse dictionaries at every layer
 
 The analyses are top-to-bottom scripts in the repository's ``analyses/`` folder; a subcommand
 runs the script of the same name with the remaining arguments.
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="describe a model's architecture and sites")
     info.add_argument("--model", default="organism")
     sub.add_parser("datasets", help="list the shipped fact datasets")
+    sub.add_parser("train-dictionaries", help="train sparse dictionaries (transcoders) at "
+                   "every layer", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from factfind.organism.train import main as train_main
 
         return run_cli(train_main, rest)
+    if command == "train-dictionaries":
+        from factfind.features.training import cli_main
+
+        return run_cli(cli_main, rest)
     args = parser.parse_args(argv)
     if args.command == "info":
         return run_cli(_info, args.model)

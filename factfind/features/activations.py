@@ -163,8 +163,8 @@ def cache_key(model: Any, corpus: Any, sites: Sequence[SiteKey], settings: dict[
 def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, int]],
                         folder: str | os.PathLike[str] | None = None,
                         batch_tokens: int = 4096, shard_tokens: int = 32768,
-                        max_len: int = 128, seed: int = 0, progress: bool = True
-                        ) -> ActivationCache:
+                        max_len: int = 128, seed: int = 0, progress: bool = True,
+                        cache_dir: str | os.PathLike[str] | None = None) -> ActivationCache:
     """Collect (or resume, or load) the activations of ``corpus`` at ``sites``.
 
     Args:
@@ -176,6 +176,7 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
         batch_tokens: tokens per forward (rows x longest text); shard_tokens: tokens per shard.
         max_len: texts are cut to this many tokens.
         seed: the order of the batches (and so of the shards).
+        cache_dir: the cache root when ``folder`` is None (default ``$FACTFIND_CACHE``).
 
     Returns:
         An :class:`ActivationCache`.
@@ -194,7 +195,10 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
     settings = {"batch_tokens": batch_tokens, "shard_tokens": shard_tokens,
                 "max_len": max_len, "seed": seed, "dtype": "float16", "version": 1}
     key = cache_key(model, corpus, keys, settings)
-    root = Path(folder) if folder is not None else cache_root() / "activations" / key
+    root = Path(folder) if folder is not None else cache_root(cache_dir) / "activations" / key
+    import time
+
+    t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "manifest.json"
     if manifest.exists():
@@ -265,7 +269,8 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
             "corpus": corpus.fingerprint(), "sites": [site_name(k) for k in keys],
             "shards": [p.name for p in shards], "shard_tokens": shard_sizes,
             "tokens": sum(shard_sizes), "excluded": "padding" + (", BOS" if adds_bos else ""),
-            **settings}
+            "seconds_this_process": time.perf_counter() - t0,
+            "threads": torch.get_num_threads(), **settings}
     from factfind.cache import atomic_write_bytes
 
     atomic_write_bytes(manifest, json.dumps(meta, indent=1).encode())

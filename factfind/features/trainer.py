@@ -164,13 +164,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _first_batch(self, x: Tensor, y: Tensor) -> None:
+    def initialize(self, x: Tensor, y: Tensor | None) -> None:
+        """Fix the scales and the initial ``b_dec`` (and ``W_skip``) from sample rows (the first
+        batch unless the caller passes a larger sample). A skip transcoder's linear path starts
+        at the ridge least-squares fit of ``y`` on ``x``: the features then only learn what the
+        best linear map misses (on SmolLM2's MLPs that map alone explains 0.36-0.74 of the
+        variance, which Adam needs thousands of steps to find)."""
         s = self.s
+        x = x.float()
+        y = x if y is None else y.float()
         with torch.no_grad():
             s.x_scale = (self.d_in ** .5 / x.norm(dim=1).mean().clamp_min(1e-12)).float()
             s.y_scale = s.x_scale.clone() if self.kind is DictKind.SAE else \
                 (self.d_out ** .5 / y.norm(dim=1).mean().clamp_min(1e-12)).float()
-            s.b_dec.copy_((y * s.y_scale).mean(0))
+            xs, ys = x * s.x_scale, y * s.y_scale
+            s.b_dec.copy_(ys.mean(0))
+            if s.W_skip is not None:
+                xc, yc = (xs - xs.mean(0)).double(), (ys - ys.mean(0)).double()
+                ridge = 1e-3 * float(xc.pow(2).sum()) / max(xc.shape[0], 1)
+                A = xc.T @ xc + ridge * torch.eye(self.d_in, dtype=torch.float64)
+                W = torch.linalg.solve(A, xc.T @ yc)                      # [d_in d_out]
+                s.W_skip.copy_(W.float())
+                s.b_dec.copy_((ys - xs @ s.W_skip).mean(0))
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The kept entries of ``relu(pre)`` ``[B W]``: flat ``rows``, ``cols`` (row-major) and
@@ -201,7 +216,7 @@ class Trainer:
         x = x.float()
         y = x if y is None else y.float()
         if s.step == 0 and float(s.x_scale) == 0:
-            self._first_batch(x, y)
+            self.initialize(x, y)
         x = x * s.x_scale
         y = y * s.y_scale
         B = x.shape[0]

@@ -93,7 +93,8 @@ def fit_dictionary(x: Tensor | Iterable[Batch | Tensor], y: Tensor | None = None
                    lr_scale: float = 1.0, decay: float = 0.2, aux_k: int | None = None,
                    aux_alpha: float = 1 / 32, dead_after: int = 100_000, seed: int = 0,
                    layer: int = 0, site: Component | str | None = None,
-                   total_steps: int | None = None, checkpoint: str | Path | None = None,
+                   total_steps: int | None = None, init: Batch | None = None,
+                   checkpoint: str | Path | None = None,
                    checkpoint_every: float = 30.0, progress: bool = True,
                    model: str | None = None) -> Dictionary:
     """Fit one sparse dictionary on activations held in memory or streamed in batches.
@@ -106,6 +107,9 @@ def fit_dictionary(x: Tensor | Iterable[Batch | Tensor], y: Tensor | None = None
             dead_after, seed: see :class:`FitConfig`.
         layer, site: recorded on the returned :class:`Dictionary`.
         total_steps: the number of steps of an iterable (for the lr decay and the progress bar).
+        init: sample ``(x, y)`` rows that fix the scales, ``b_dec`` and a skip transcoder's
+            initial ``W_skip`` (default: up to 16,384 rows of in-memory data, or the first
+            batch of an iterable).
         checkpoint: a path stem; the trainer's state is saved there atomically every
             ``checkpoint_every`` seconds and a rerun resumes from it (same result as an
             uninterrupted run: the skipped batches are replayed from the same stream).
@@ -150,6 +154,11 @@ def fit_dictionary(x: Tensor | Iterable[Batch | Tensor], y: Tensor | None = None
         steps = total_steps or 1
         stream = _chain(first, it)
     trainer = Trainer(cfg, d_in, d_out, total_steps=steps, layer=layer, site=site)
+    if init is None and isinstance(x, Tensor):
+        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:16384]
+        init = (x[pick], None if y is None else y[pick])
+    if init is not None:
+        trainer.initialize(*init)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and trainer.load(ckpt):
         log.info("resuming %s from step %d", ckpt, trainer.s.step)
@@ -193,8 +202,8 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 #: the defaults of :func:`train_dictionaries` (chosen by measurement on SmolLM2-135M; see
 #: benchmarks/README.md, "Dictionaries on SmolLM2")
 DEFAULTS: dict[str, Any] = {"kind": "skip_transcoder", "activation": "topk", "expansion": 4,
-                            "k": 32, "tokens": 100_000, "epochs": 2, "batch_size": 2048,
-                            "lr_scale": 4.0, "dead_after": 50_000}
+                            "k": 32, "tokens": 40_000, "epochs": 2, "batch_size": 512,
+                            "lr_scale": 4.0, "dead_after": 20_000}
 
 
 def _sites_for(model: Any, kind: DictKind, layers: Iterable[int] | None,
@@ -333,8 +342,7 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
         return dicts
     t_collect = time.perf_counter()
     cache = collect_activations(model, corpus, sites=sites, progress=progress,
-                                folder=None if cache_dir is None else
-                                Path(cache_dir) / "activations" / key, seed=seed)
+                                cache_dir=cache_dir, seed=seed)
     seconds = {"collect": time.perf_counter() - t_collect}
     done: list[Dictionary] = []
     steps = cache.steps(batch_size, epochs)
@@ -370,3 +378,58 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
     save_dictionaries(dicts, final, format="sparsify", overwrite=True)
     atomic_write_bytes(prov_path, json.dumps(provenance, indent=1, default=str).encode())
     return dicts
+
+
+def cli_main(argv: list[str] | None = None) -> None:
+    """``factfind train-dictionaries [--model M] [--layers 0,3] [--kind K] [--width W] [--k K]
+    [--tokens N] [--epochs E] [--threads T] [--out DIR]``: train (or load from the cache) one
+    dictionary per layer on the default corpus and print a per-layer summary."""
+    import argparse
+
+    from factfind.console import configure_logging
+    from factfind.model import load_model
+
+    p = argparse.ArgumentParser(prog="factfind train-dictionaries",
+                                description="train sparse dictionaries at every layer")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default=None, help="a .txt/.jsonl file or folder (default: the "
+                   "offline default corpus)")
+    p.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--kind", default=DEFAULTS["kind"], choices=[k.value for k in DictKind])
+    p.add_argument("--activation", default=DEFAULTS["activation"], choices=["topk", "batchtopk"])
+    p.add_argument("--width", type=int, default=None, help="default: 4 x d_model")
+    p.add_argument("--k", type=int, default=DEFAULTS["k"])
+    p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"])
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--held-out", type=float, default=0.05, help="fraction of the corpus's texts "
+                   "kept out of training (Corpus.split; 0 trains on all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=None, help="cache folder (default $FACTFIND_CACHE or "
+                   "~/.cache/factfind)")
+    p.add_argument("--out", default=None, help="also save the set here (sparsify format)")
+    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    a = p.parse_args(argv)
+    configure_logging()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model)
+    from factfind.features.corpus import load_corpus
+
+    corpus = load_corpus(a.corpus, model=model, seed=a.seed)
+    if a.held_out > 0:
+        corpus = corpus.split(a.held_out, seed=a.seed)[0]
+    t = time.perf_counter()
+    dicts = train_dictionaries(model, corpus, kind=a.kind, activation=a.activation,
+                               layers=None if a.layers is None else
+                               [int(x) for x in a.layers.split(",")],
+                               width=a.width, k=a.k, tokens=a.tokens, epochs=a.epochs,
+                               seed=a.seed, cache_dir=a.cache, force=a.force)
+    wall = time.perf_counter() - t
+    log.info("%s: %d dictionaries in %.1f s wall (%s)", model.name, len(dicts), wall,
+             (dicts.meta.get("loaded_from_cache") and "loaded from the cache") or "trained")
+    for name, d in dicts.items():
+        tr = d.meta.get("training", {})
+        log.info("%s  train fvu %.3f  dead %.1f%%  %.1f s", name, tr.get("final_fvu", float("nan")),
+                 100 * tr.get("dead_fraction", float("nan")), tr.get("seconds", float("nan")))
+    if a.out:
+        dicts.save(a.out, format="sparsify")
