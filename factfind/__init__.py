@@ -67,10 +67,12 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
+from factfind.features.corpus import load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard
 from factfind.features.evaluation import evaluate_dictionaries
 from factfind.features.formats import load_dictionaries
 from factfind.features.labels import attribute_features
+from factfind.features.training import fit_dictionary, train_dictionaries
 from factfind.graph import CircuitGraph, prune, prune_nodes, to_graph
 from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution
@@ -160,6 +162,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "feature_dashboard",
+    "fit_dictionary",
     "from_records",
     "graph",
     "greedy_circuit",
@@ -167,6 +170,7 @@ __all__ = [
     "known_mask",
     "linear_probes",
     "literature_findings",
+    "load_corpus",
     "load_dictionaries",
     "load_facts",
     "load_model",
@@ -194,5 +198,6 @@ __all__ = [
     "swap_variants",
     "tidy",
     "to_graph",
+    "train_dictionaries",
     "verify",
 ]

@@ -122,3 +122,17 @@ def test_inputs_and_errors(gpt2_model, facts):
     for t in token_batches(gpt2_model, TEXTS, batch_size=4):
         assert not t.valid[t.batch["attention_mask"] == 0].any()
     assert Component(d.site) is Component.RESID_POST
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5])
+def test_sizes_are_refused_before_any_forward(gpt2_model, facts, bad):
+    from factfind.features.dashboard import feature_dashboard
+    from factfind.features.labels import attribute_features
+
+    d = Dictionary.random(d_in=gpt2_model.d_model, d_sae=16, k=2, site="resid_post")
+    for call in (lambda: evaluate_dictionaries(gpt2_model, d, TEXTS, batch_size=bad),
+                 lambda: feature_dashboard(gpt2_model, d, 1, corpus=TEXTS, batch_size=bad),
+                 lambda: attribute_features(gpt2_model, d, facts, attribute=facts[0].relation,
+                                            batch_size=bad)):
+        with pytest.raises(ArgumentError, match="batch_size"):
+            call()

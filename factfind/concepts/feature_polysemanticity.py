@@ -38,12 +38,14 @@ from factfind.features.evaluation import as_dictionaries
 from factfind.features.labels import role_feature_activations
 from factfind.results import tidy
 from factfind.types import Component, Role, Site
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
     from factfind.model import Model
 
 
+@validated
 def feature_selectivity(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],
@@ -106,6 +108,7 @@ def feature_selectivity(
     return tidy(pd.concat(frames, ignore_index=True))
 
 
+@validated
 def polysemanticity_comparison(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],

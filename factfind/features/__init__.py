@@ -8,17 +8,23 @@
 * :mod:`.evaluation`: SAELens' evaluations on held-out tokens (:func:`evaluate_dictionaries`);
 * :mod:`.dashboard`: feature dashboards (:func:`feature_dashboard`);
 * :mod:`.labels`: features scored against known attributes (:func:`attribute_features`) and
-  labelled from their top tokens.
+  labelled from their top tokens;
+* :mod:`.corpus`, :mod:`.activations`, :mod:`.training` (:mod:`.trainer`): the corpus
+  (:func:`load_corpus`), the on-disk activation cache, and TopK / BatchTopK training with AuxK
+  (:func:`fit_dictionary` on tensors, :func:`train_dictionaries` at every layer of a model).
 """
 
+from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.evaluation import evaluate_dictionaries, feature_density
 from factfind.features.formats import load_dictionaries, save_dictionaries
 from factfind.features.labels import attribute_features, best_attribute_features
 from factfind.features.splice import splice_edits, spliced_run
+from factfind.features.training import fit_dictionary, train_dictionaries
 
-__all__ = ["Activation", "DictKind", "Dictionaries", "Dictionary", "FeatureDashboard",
+__all__ = ["Activation", "Corpus", "DictKind", "Dictionaries", "Dictionary", "FeatureDashboard",
            "attribute_features", "best_attribute_features", "evaluate_dictionaries",
-           "feature_dashboard", "feature_dashboards", "feature_density", "load_dictionaries",
-           "save_dictionaries", "splice_edits", "spliced_run"]
+           "feature_dashboard", "feature_dashboards", "feature_density", "fit_dictionary",
+           "load_corpus", "load_dictionaries", "save_dictionaries", "splice_edits",
+           "spliced_run", "train_dictionaries"]

@@ -49,6 +49,7 @@ from factfind.errors import ArgumentError, NotFoundError
 from factfind.features.dictionary import Dictionaries, Dictionary
 from factfind.features.evaluation import as_dictionaries, token_batches
 from factfind.features.labels import auto_label
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.model import Model
@@ -254,6 +255,7 @@ def _pick(found: list[tuple[float, int, int]], n_top: int, quantiles: Sequence[f
     return out
 
 
+@validated
 def feature_dashboards(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],
@@ -331,6 +333,7 @@ def feature_dashboards(
     return out
 
 
+@validated
 def feature_dashboard(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],

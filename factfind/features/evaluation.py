@@ -68,6 +68,7 @@ from factfind.features.dictionary import Dictionaries, Dictionary
 from factfind.features.splice import spliced_run
 from factfind.results import tidy
 from factfind.types import Component
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.model import Model
@@ -251,6 +252,7 @@ def _kl(clean_lp: Tensor, logits: Tensor, keep: Tensor) -> Tensor:
     return kl[keep.to(kl.device)].double().sum().cpu()
 
 
+@validated
 def evaluate_dictionaries(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],
@@ -402,6 +404,7 @@ def site_activations(model: Model, data: Any, sites: Iterable[tuple[Any, int]], 
     return out
 
 
+@validated
 def feature_density(model: Model, dicts: Dictionaries | Dictionary | Iterable[Dictionary],
                     data: Any, *, batch_size: int = 8, max_length: int = 128,
                     max_tokens: int | None = None) -> pd.DataFrame:

@@ -45,6 +45,7 @@ from factfind.features.evaluation import as_dictionaries
 from factfind.localize.probing import _gather_role
 from factfind.results import tidy
 from factfind.types import Role
+from factfind.validation import validated
 
 if TYPE_CHECKING:
     from factfind.data import FactDataset
@@ -100,6 +101,7 @@ def subject_labels(facts: FactDataset | Sequence[Any], attribute: str) -> dict[s
     return out
 
 
+@validated
 def attribute_features(
     model: Model,
     dicts: Dictionaries | Dictionary | Iterable[Dictionary],
