@@ -67,6 +67,13 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
+from factfind.features.attribution import (
+    FeatureVerification,
+    feature_atp,
+    feature_missed_bound,
+    patch_features,
+    verify_features,
+)
 from factfind.features.corpus import load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard
 from factfind.features.evaluation import evaluate_dictionaries
@@ -123,6 +130,7 @@ __all__ = [
     "FactPrompt",
     "FactfindError",
     "FeatureDashboard",
+    "FeatureVerification",
     "FormatCapabilityError",
     "HubUnavailableError",
     "Metric",
@@ -161,7 +169,9 @@ __all__ = [
     "exact_patching",
     "faithfulness",
     "faithfulness_curve",
+    "feature_atp",
     "feature_dashboard",
+    "feature_missed_bound",
     "fit_dictionary",
     "from_records",
     "graph",
@@ -182,6 +192,7 @@ __all__ = [
     "mlp_output_norms",
     "neuron_dla",
     "neuron_nonlinearity",
+    "patch_features",
     "path_patching",
     "path_patching_circuit",
     "path_patching_sweep",
@@ -200,4 +211,5 @@ __all__ = [
     "to_graph",
     "train_dictionaries",
     "verify",
+    "verify_features",
 ]

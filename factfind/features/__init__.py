@@ -11,9 +11,19 @@
   labelled from their top tokens;
 * :mod:`.corpus`, :mod:`.activations`, :mod:`.training` (:mod:`.trainer`): the corpus
   (:func:`load_corpus`), the on-disk activation cache, and TopK / BatchTopK training with AuxK
-  (:func:`fit_dictionary` on tensors, :func:`train_dictionaries` at every layer of a model).
+  (:func:`fit_dictionary` on tensors, :func:`train_dictionaries` at every layer of a model);
+* :mod:`.attribution`: AtP / IG of every feature and error node over clean/corrupt pairs
+  (:func:`feature_atp`), exact feature patches (:func:`patch_features`), verification
+  (:func:`verify_features`) and the missed-effect bound (:func:`feature_missed_bound`).
 """
 
+from factfind.features.attribution import (
+    FeatureVerification,
+    feature_atp,
+    feature_missed_bound,
+    patch_features,
+    verify_features,
+)
 from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
@@ -23,8 +33,29 @@ from factfind.features.labels import attribute_features, best_attribute_features
 from factfind.features.splice import splice_edits, spliced_run
 from factfind.features.training import fit_dictionary, train_dictionaries
 
-__all__ = ["Activation", "Corpus", "DictKind", "Dictionaries", "Dictionary", "FeatureDashboard",
-           "attribute_features", "best_attribute_features", "evaluate_dictionaries",
-           "feature_dashboard", "feature_dashboards", "feature_density", "fit_dictionary",
-           "load_corpus", "load_dictionaries", "save_dictionaries", "splice_edits",
-           "spliced_run", "train_dictionaries"]
+__all__ = [
+    "Activation",
+    "Corpus",
+    "DictKind",
+    "Dictionaries",
+    "Dictionary",
+    "FeatureDashboard",
+    "FeatureVerification",
+    "attribute_features",
+    "best_attribute_features",
+    "evaluate_dictionaries",
+    "feature_atp",
+    "feature_dashboard",
+    "feature_dashboards",
+    "feature_density",
+    "feature_missed_bound",
+    "fit_dictionary",
+    "load_corpus",
+    "load_dictionaries",
+    "patch_features",
+    "save_dictionaries",
+    "splice_edits",
+    "spliced_run",
+    "train_dictionaries",
+    "verify_features",
+]
