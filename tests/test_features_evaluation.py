@@ -118,6 +118,13 @@ def test_inputs_and_errors(gpt2_model, facts):
         assert a[col].iloc[0] == pytest.approx(b[col].iloc[0]) == pytest.approx(c[col].iloc[0])
     assert a["tokens"].iloc[0] > 0
     assert "ce_recovered" not in a.columns or a["ce_recovered"].isna().all()
+    # a Corpus (features.corpus) is read like its texts
+    from factfind.features.corpus import Corpus
+
+    e = evaluate_dictionaries(gpt2_model, d, Corpus(TEXTS), downstream=False, progress=False)
+    f = evaluate_dictionaries(gpt2_model, d, TEXTS, downstream=False, progress=False)
+    assert e["tokens"].iloc[0] == f["tokens"].iloc[0] > 0
+    assert e["explained_variance"].iloc[0] == pytest.approx(f["explained_variance"].iloc[0])
     # padding and special tokens are never evaluated
     for t in token_batches(gpt2_model, TEXTS, batch_size=4):
         assert not t.valid[t.batch["attention_mask"] == 0].any()
