@@ -182,7 +182,7 @@ def test_two_runs_sharing_one_cache_at_once_both_finish_correctly(reference, gpt
 # --- the organism, through the command line ------------------------------------------------------
 
 ARGS = ["--n-prompts", "8", "--tracing-prompts", "4", "--tracing-samples", "2", "--batch-size",
-        "8", "--threads", "1"]
+        "8", "--threads", "1", "--circuit-prompts", "4", "--prune-exact-max", "0"]
 REPORT = "fact_finding-organism-organism_sport.html"
 
 
