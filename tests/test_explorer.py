@@ -233,3 +233,17 @@ def test_committed_reports_grow_by_at_most_one_megabyte(name: str) -> None:
     html = path.read_text(encoding="utf-8")
     assert 'class="graph-view ffx" id="circuit-graph"' in html  # made with the explorer
     assert path.stat().st_size - SIZE_BEFORE[name] <= 1_000_000
+
+
+def test_a_notebook_holds_the_strongest_edges_of_a_big_graph() -> None:
+    from factfind.report.explorer import NOTEBOOK_EDGES
+
+    g = synthetic_graph(1000, NOTEBOOK_EDGES + 500, n_layers=12)
+    html = g._repr_html_()
+    assert html is not None
+    m = re.search(r'class="ffx-data">(.*?)</script>', html, re.DOTALL)
+    data = json.loads(m.group(1))  # type: ignore[union-attr]
+    assert len(data["edges"]["effect"]) == NOTEBOOK_EDGES
+    assert data["edges_total"] == NOTEBOOK_EDGES + 500
+    strongest = sorted((abs(d["score"]) for _, _, d in g.graph.edges(data=True)), reverse=True)
+    assert [abs(e) for e in data["edges"]["effect"]] == strongest[:NOTEBOOK_EDGES]

@@ -257,6 +257,10 @@ def test_the_layout_reads_on_deep_models(browser: Any, tmp_path: Path, layers: i
       const labels = [...root.querySelectorAll('.layer-label')].filter(shown)
         .map((e) => [e.textContent, e.getBoundingClientRect()]);
       const overlaps = labels.slice(1).filter(([, b], i) => b.left < labels[i][1].right).length;
+      const lanes = [...root.querySelectorAll('.lane-label')].filter(shown)
+        .map((e) => e.getBoundingClientRect());
+      const laneOverlaps = lanes.slice(1).filter((b, i) => b.top < lanes[i].bottom).length;
+      const cut = labels.filter(([, b]) => b.left < svg.left || b.right > svg.right).length;
       const nodes = [...root.querySelectorAll('path.node')].map((e) => e.getBoundingClientRect());
       const outside = nodes.filter((b) => b.left < svg.left || b.right > svg.right
         || b.top < svg.top || b.bottom > svg.bottom).length;
@@ -270,13 +274,15 @@ def test_the_layout_reads_on_deep_models(browser: Any, tmp_path: Path, layers: i
               && Math.min(a.right, b.right) - Math.max(a.left, b.left) > 1) clashes++;
         }
       }
-      return {labels: labels.map(([t]) => t), overlaps, outside, clashes, n: nodes.length};
+      return {labels: labels.map(([t]) => t), overlaps, outside, clashes, n: nodes.length,
+              lanes: lanes.length, laneOverlaps, cut};
     }""")
     w.page.close()
     assert got["n"] == len(graph)
     assert got["labels"][0] == "embed" and got["labels"][-1] == "logits"
     assert len(got["labels"]) >= 6  # some layers are named, thinned so that none overlap
     assert got["overlaps"] == 0 and got["outside"] == 0 and got["clashes"] == 0, got
+    assert got["lanes"] == 5 and got["laneOverlaps"] == 0 and got["cut"] == 0, got  # 5 roles
     assert not w.problems
 
 

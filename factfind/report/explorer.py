@@ -57,6 +57,9 @@ from factfind.results import aggregate
 
 #: edges a large graph shows when it opens (the strongest by |effect|)
 INITIAL_EDGES = 400
+#: edges a notebook's explorer of a CircuitGraph holds (a complete EAP-IG graph of a 30-layer
+#: model has ~750k, tens of MB of JSON; the strongest 5,000 are ~0.2 MB)
+NOTEBOOK_EDGES = 5000
 ENDPOINTS = ("embed", "logits")
 _SCORE_KEYS = ("score",)           # the value a node or edge is drawn and filtered by
 _DERIVED = ("abs_score", "sign")   # recomputed from the score, so never shipped
@@ -225,7 +228,8 @@ def _evidence(df: pd.DataFrame, keep: list[Any], index: dict[Any, int],
 
 def explorer_html(graph: Any, *, caption: str = "", **kwargs: Any) -> str:
     """One self-contained HTML fragment with the explorer of ``graph``: what
-    ``CircuitGraph._repr_html_`` returns in Jupyter. ``kwargs`` go to :func:`explorer_data`."""
+    ``CircuitGraph._repr_html_`` returns in Jupyter (with ``max_edges=NOTEBOOK_EDGES``).
+    ``kwargs`` go to :func:`explorer_data`."""
     return view_html(graph_view(graph, caption=caption, **kwargs))
 
 
@@ -333,7 +337,11 @@ def _plain_graph(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_circuit.set_html_renderer(explorer_html)  # CircuitGraph._repr_html_
+def _notebook_html(graph: Any) -> str:
+    return explorer_html(graph, max_edges=NOTEBOOK_EDGES)
 
-__all__ = ["INITIAL_EDGES", "data_json", "explorer_data", "explorer_html", "graph_view",
+
+_circuit.set_html_renderer(_notebook_html)  # CircuitGraph._repr_html_
+
+__all__ = ["INITIAL_EDGES", "NOTEBOOK_EDGES", "data_json", "explorer_data", "explorer_html", "graph_view",
            "view_html"]

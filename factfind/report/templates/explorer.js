@@ -7,8 +7,9 @@
   "use strict";
   if (typeof d3 === "undefined") return;
   const POS = "#2563eb", NEG = "#dc2626", ZERO = "#9ca3af";
-  const COL = 120;        // layout units per layer column
-  const STEP = 16;        // layout units between two nodes of one cell
+  // Layout units are screen pixels of the first view: a layer column gets the width's share
+  // (10-140 px), so 4 layers fill the width as well as 80 do, and zoom does the rest
+  const STEP = 16;        // px between two nodes of one cell
   const GUTTER = 96;      // px for the lane labels at the left
   const AXIS = 24;        // px for the layer labels at the top
   const SLIDER = 1000;    // slider positions
@@ -64,7 +65,7 @@
   };
   const shortName = (id) => id.replace(/^L\d+\./, "").split("@")[0];
 
-  function layout(data) {
+  function layout(data, avail) {
     const N = data.nodes.id.length, nodes = data.nodes;
     const layers = nodes.layer.filter((l, i) => l !== null && nodes.kind[i] !== "embed"
                                                 && nodes.kind[i] !== "logits");
@@ -76,6 +77,8 @@
     const dictOf = (i) => (data.extra[i] || {}).dictionary;
     const stages = [...new Set(d3.range(N).filter((i) => !["embed", "logits"].includes(
       nodes.kind[i])).map((i) => stageOf(nodes.kind[i], dictOf(i))))].sort();
+    const columns = nl - first + 2;
+    const COL = Math.max(10, Math.min(140, avail / columns));
     const slots = Math.max(1, stages.length), slotW = COL * 0.86 / slots;
     const slotX = (i) => {
       const c = colOf(i);
@@ -99,7 +102,7 @@
       c.rows = Math.ceil(c.members.length / c.perRow);
       rows[c.lane] = Math.max(rows[c.lane], c.rows);
     });
-    const laneH = rows.map((r) => Math.max(72, r * STEP + 28));
+    const laneH = rows.map((r) => Math.max(60, r * STEP + 28));
     const laneTop = [0];
     laneH.forEach((h, i) => laneTop.push(laneTop[i] + h));
     const x = new Float64Array(N), y = new Float64Array(N), r = new Float64Array(N);
@@ -107,19 +110,21 @@
     const maxAbs = d3.max(inner, (i) => Math.abs(nodes.score[i])) || 1;
     cells.forEach((c) => {
       const across = Math.min(c.members.length, c.perRow);
+      // a node stays inside its slot and its grid cell, so no two ever overlap
+      const cap = Math.min(STEP, c.w) * 0.45;
       const cy = laneTop[c.lane] + laneH[c.lane] / 2;
       c.members.forEach((i, k) => {
         const row = Math.floor(k / c.perRow), col = k % c.perRow;
         x[i] = c.x + (col - (across - 1) / 2) * STEP;
         y[i] = cy + (row - (c.rows - 1) / 2) * STEP;
         const endpoint = nodes.kind[i] === "embed" || nodes.kind[i] === "logits";
-        r[i] = endpoint ? STEP * 0.4 : STEP * (0.18 + 0.26 * Math.sqrt(Math.abs(nodes.score[i]) / maxAbs));
+        r[i] = endpoint ? Math.min(STEP * 0.4, COL * 0.3)
+          : cap * (0.4 + 0.6 * Math.sqrt(Math.abs(nodes.score[i]) / maxAbs));
       });
     });
-    const columns = nl - first + 2;
     const colLabel = (c) => (c === 0 ? "embed" : c === columns - 1 ? "logits" : `L${c - 1 + first}`);
     return {x, y, r, laneTop, laneH, width: columns * COL, height: laneTop[lanes],
-            columns, colLabel};
+            columns, colLabel, COL};
   }
 
   function init(root) {
@@ -130,12 +135,13 @@
     const extra = (i) => data.extra[i] || {};
     const label = (i) => extra(i).label ?? shortName(nodes.id[i]);
     const byId = new Map(nodes.id.map((id, i) => [id, i]));
-    const L = layout(data);
+    const holder = root.querySelector(".ffx-canvas");
+    const L = layout(data, Math.max(320, holder.clientWidth || 760) - GUTTER - 12);
+    const COL = L.COL;
     const $ = (sel) => root.querySelector(sel);
     const panel = $(".ffx-panel"), countEl = $(".ffx-count");
     const slider = $(".ffx-threshold"), thrOut = $(".ffx-threshold-value");
     const topkIn = $(".ffx-topk"), search = $(".ffx-search"), searchCount = $(".ffx-search-count");
-    const holder = $(".ffx-canvas");
 
     // ------------------------------------------------------------------ state
     const pinned = new Set();       // node indexes
@@ -173,7 +179,8 @@
     const pos = (key) => {
       if (key[0] === "n") { const i = +key.slice(1); return [L.x[i], L.y[i], L.r[i]]; }
       const g = groups[+key.slice(1)];
-      return [d3.mean(g.members, (i) => L.x[i]), d3.mean(g.members, (i) => L.y[i]), STEP * 0.62];
+      return [d3.mean(g.members, (i) => L.x[i]), d3.mean(g.members, (i) => L.y[i]),
+              Math.max(4, Math.min(STEP * 0.62, COL * 0.4))];
     };
     const scoreOf = (key) => (key[0] === "n" ? nodes.score[+key.slice(1)]
       : d3.sum(groups[+key.slice(1)].members, (i) => nodes.score[i]));
@@ -229,29 +236,45 @@
       .attr("height", AXIS);
     let width = 0, height = 0, transform = d3.zoomIdentity;
 
+    // label widths, estimated once (11 px text): no layout reads on every zoom event
+    const labelW = colLabels.map((node) => 6.5 * node.textContent.length + 4);
     function drawAxes(t) {
-      // name the embeddings and the logits, then every step-th layer whose label keeps 34 px
-      // from the labels already placed, so that 18, 30 and 80 layers all stay legible
+      // name the embeddings and the logits, then every step-th layer whose label keeps clear
+      // of the labels already placed, so that 18, 30 and 80 layers all stay legible
       const colPx = COL * t.k;
       const step = [1, 2, 5, 10, 20, 50].find((s) => colPx * s >= 34) || 100;
-      const xs = colLabels.map((_, c) => t.applyX((c + 0.5) * COL));
-      const inView = (x) => x > GUTTER && x < width;
-      const placed = [0, L.columns - 1].filter((c) => inView(xs[c])).map((c) => xs[c]);
+      const last = L.columns - 1;
+      const spans = colLabels.map((_, c) => {
+        const x = t.applyX((c + 0.5) * COL), w = labelW[c];
+        // the end labels lean inwards so that the gutter and the edge never cut them
+        if (c === 0) return [Math.max(x - w / 2, GUTTER + 2), "start"];
+        if (c === last) return [Math.min(x + w / 2, width - 2), "end"];
+        return [x, "middle"];
+      });
+      const extent = (c) => {
+        const [x, anchor] = spans[c];
+        const w = labelW[c];
+        return anchor === "start" ? [x, x + w] : anchor === "end" ? [x - w, x] : [x - w / 2, x + w / 2];
+      };
+      const inView = (c) => { const [a, b] = extent(c); return a >= GUTTER && b <= width; };
+      const placed = [0, last].filter(inView).map(extent);
       colLabels.forEach((node, c) => {
-        const endpoint = c === 0 || c === L.columns - 1;
-        let show = endpoint && inView(xs[c]);
-        if (!endpoint && (c - 1) % step === 0 && inView(xs[c])
-            && placed.every((x) => Math.abs(x - xs[c]) >= 34)) {
-          placed.push(xs[c]);
-          show = true;
+        let show = (c === 0 || c === last) && inView(c);
+        if (c !== 0 && c !== last && (c - 1) % step === 0 && inView(c)) {
+          const [a, b] = extent(c);
+          if (placed.every(([p, q]) => b + 6 <= p || a >= q + 6)) { placed.push([a, b]); show = true; }
         }
-        node.setAttribute("x", xs[c].toFixed(1));
+        node.setAttribute("x", spans[c][0].toFixed(1));
+        node.setAttribute("text-anchor", spans[c][1]);
         node.style.display = show ? "" : "none";
       });
+      let lastY = -Infinity;
       laneLabels.forEach((node, i) => {
         const y = t.applyY(L.laneTop[i] + L.laneH[i] / 2);
         node.setAttribute("y", (y + 4).toFixed(1));
-        node.style.display = y > AXIS && y < height ? "" : "none";
+        const show = y > AXIS + 6 && y < height - 4 && y - lastY >= 14;
+        if (show) lastY = y;
+        node.style.display = show ? "" : "none";
       });
     }
     const zoom = d3.zoom().on("zoom", (event) => {
@@ -262,9 +285,8 @@
     svg.call(zoom).on("dblclick.zoom", null);
     function fit(animate) {
       width = Math.max(320, holder.clientWidth || 760);
-      // as tall as the drawing is at the width's scale, within 260-640 px
-      const kw = (width - GUTTER - 12) / L.width;
-      height = Math.round(Math.max(260, Math.min(640, L.height * kw + AXIS + 24)));
+      // as tall as the drawing, within 260-640 px
+      height = Math.round(Math.max(260, Math.min(640, L.height + AXIS + 24)));
       svg.attr("width", width).attr("height", height);
       axisBg.attr("width", width);
       laneBg.attr("height", height);
