@@ -343,5 +343,5 @@ def _notebook_html(graph: Any) -> str:
 
 _circuit.set_html_renderer(_notebook_html)  # CircuitGraph._repr_html_
 
-__all__ = ["INITIAL_EDGES", "NOTEBOOK_EDGES", "data_json", "explorer_data", "explorer_html", "graph_view",
-           "view_html"]
+__all__ = ["INITIAL_EDGES", "NOTEBOOK_EDGES", "data_json", "explorer_data", "explorer_html",
+           "graph_view", "view_html"]
