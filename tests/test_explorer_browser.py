@@ -304,3 +304,31 @@ def test_a_10k_node_graph_is_interactive_within_two_seconds(browser: Any,
     w.page.close()
     assert ready_ms <= 2000, f"interactive after {ready_ms:.0f} ms"
     assert not w.problems
+
+
+def test_feature_nodes_sit_where_their_dictionary_reads(browser: Any, tmp_path: Path) -> None:
+    from factfind.graph import CircuitGraph, Node, Provenance
+
+    g = CircuitGraph(Provenance(model="m", revision=None, dataset="d", method="attribution"))
+    nodes = [Node("embed", -1, None, "final"), Node("head", 0, 0, "final"),
+             Node("feature", 0, 1, "final", "att"), Node("feature", 0, 3, "final", "tc"),
+             Node("error", 0, None, "final", "tc"), Node("logits", 1, None, "final")]
+    for i, n in enumerate(nodes):
+        g.add_node(n, score=0.1 * (i + 1))
+    for u, v in zip(nodes, nodes[1:], strict=False):
+        g.add_edge(u, v, score=0.5)
+    path = R.write_report(R.ReportData(title="features", sections=[
+        R.circuit_section(g)]), tmp_path / "features.html")
+    w = Watched(browser, path.as_uri())
+    x = {n.id: (w.view.locator(f'path.node[data-id="{n.id}"]').bounding_box() or {})["x"]
+         for n in nodes}
+    drawn = w.count()["drawn_nodes"]
+    w.search("L0.tc.f3@final")
+    text = w.panel()
+    w.page.close()
+    assert drawn == len(nodes)
+    assert x["L0.att.f1@final"] < x["L0.tc.f3@final"]  # attention's stage, then the MLP's
+    assert abs(x["L0.h0@final"] - x["L0.att.f1@final"]) < abs(x["L0.h0@final"]
+                                                              - x["L0.tc.f3@final"])
+    assert "kind\nfeature" in text and "dictionary\ntc" in text
+    assert not w.problems
