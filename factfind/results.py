@@ -19,6 +19,9 @@ from factfind.errors import DegenerateResultError
 from factfind.types import RESULT_COLUMNS
 
 SITE_COLUMNS = ("method", "component", "layer", "head", "neuron", "position", "role")
+#: the columns that name a unit finer than a site where a frame has them (a dictionary's
+#: features and error nodes: :func:`factfind.features.feature_atp`)
+UNIT_COLUMNS = ("dictionary", "feature", "node")
 
 
 def tidy(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +80,8 @@ def _numeric(col: Any) -> pd.Series:
     return pd.Series(pd.to_numeric(values, errors="coerce"), index=col.index, dtype="float64")
 
 
-def aggregate(df: pd.DataFrame, *, by: Sequence[str] = SITE_COLUMNS, value: str = "effect",
+def aggregate(df: pd.DataFrame, *, by: Sequence[str] = (*SITE_COLUMNS, *UNIT_COLUMNS),
+              value: str = "effect",
               confidence: float = 0.95) -> pd.DataFrame:
     """Mean of ``value`` over prompts for each site, with a Student-t confidence interval.
 

@@ -32,6 +32,7 @@ from factfind.edges.eap import eap, eap_ig
 from factfind.edges.path_patching import path_patching_sweep
 from factfind.errors import DegenerateResultError, FactfindError
 from factfind.evaluate import faithfulness
+from factfind.features import Dictionary
 from factfind.localize.ablation import effective_model
 from factfind.localize.probing import mechanistic_probes
 from factfind.types import Role, Site
@@ -59,6 +60,10 @@ ANALYSES: dict[str, tuple[Callable[..., Any], str, dict[str, Any]]] = {
     "path_patching_sweep": (path_patching_sweep, "pairs",
                             {"senders": [Site("mlp_out", 0, position=Role.FINAL)]}),
     "faithfulness": (faithfulness, "data", {"circuit": ["L1.mlp@final"]}),
+    # a transcoder of the tiny GPT-2 (d_model 32) at layer 1
+    "feature_atp": (ff.feature_atp, "pairs",
+                    {"dicts": [Dictionary.random(kind="transcoder", layer=1, d_in=32, d_sae=32,
+                                                 k=4)], "roles": ["final"]}),
 }
 
 NAN, INF = math.nan, math.inf

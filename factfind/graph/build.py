@@ -9,7 +9,9 @@ Two kinds of result score a circuit, and :func:`to_graph` tells them apart by th
   ``effect``: activation patching at roles, AtP / AtP*, exact patching, verification) become
   :meth:`CircuitGraph.from_node_scores`: every node measured, the edges the residual stream
   allows marked ``structural``. Per-prompt rows are averaged per node first; rows at absolute
-  positions are refused (a graph's nodes sit at position *roles*).
+  positions are refused (a graph's nodes sit at position *roles*). Rows with a ``node`` id
+  (:func:`~factfind.features.feature_atp`, ``verify_features``) become feature and error nodes
+  (kind, layer, role, dictionary) with a ``label``: the frame's ``label`` column, else the id.
 
 Either way the graph carries the :class:`~factfind.graph.Provenance` of the model and data it
 measured, and is pruned with :func:`~factfind.graph.prune` (edge scores) or
@@ -76,8 +78,15 @@ def to_graph(result: pd.DataFrame, model: Measured, data: Any, *,
         raise ArgumentError("to_graph needs an edge result (sender, receiver, effect) or a node "
                             "result (component, layer, ..., role, effect); got columns "
                             f"{', '.join(map(str, result.columns))}")
-    return CircuitGraph.from_node_scores(_per_node(result), prov, n_layers=model.n_layers,
-                                         parallel=bool(getattr(model, "parallel", False)))
+    nodes = _per_node(result)
+    g = CircuitGraph.from_node_scores(nodes, prov, n_layers=model.n_layers,
+                                      parallel=bool(getattr(model, "parallel", False)))
+    if "node" in nodes.columns:  # feature and error nodes: a label each (the id's unit if none)
+        labels = nodes["label"] if "label" in nodes.columns else [pd.NA] * len(nodes)
+        for node_id, label in zip(nodes["node"].astype(str), labels, strict=True):
+            unit = node_id.split("@")[0]
+            g.graph.nodes[node_id]["label"] = unit if pd.isna(label) else str(label)
+    return g
 
 
 def _per_node(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +95,7 @@ def _per_node(df: pd.DataFrame) -> pd.DataFrame:
         raise ArgumentError("this result has rows at absolute positions; a circuit graph's nodes "
                             "sit at position roles: rerun with positions=<roles> (e.g. "
                             "'subject_last', 'final')")
-    keys = [c for c in _NODE_KEYS if c in df.columns]
+    keys = [c for c in (*_NODE_KEYS, "node") if c in df.columns]
     if bool(df.duplicated(keys).to_numpy().any()):
         means = df.groupby(keys, dropna=False, sort=False)["effect"].mean()
         df = pd.DataFrame(means).reset_index()

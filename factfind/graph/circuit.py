@@ -249,6 +249,9 @@ def node_of_row(row: Mapping[str, Any], n_layers: int) -> Node:
     """The graph node a tidy result row measures (``component``, ``layer``, ``head``,
     ``neuron``, ``role``): ``mlp_out`` at layer 3, role ``subject_last`` is
     ``L3.mlp@subject_last``; ``resid_post`` of layer l is the ``resid`` entering l + 1."""
+    node_id = _get(row, "node", None)
+    if isinstance(node_id, str):  # feature and error nodes carry their id (feature_atp)
+        return Node.parse(node_id, n_layers=n_layers)
     comp = str(row["component"])
     kind = COMPONENT_KINDS.get(comp)
     if kind is None:
