@@ -9,6 +9,7 @@ The mouse clicks, drags and scrolls, the keyboard types; the page is only read, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -315,7 +316,7 @@ def test_feature_nodes_sit_where_their_dictionary_reads(browser: Any, tmp_path: 
              Node("error", 0, None, "final", "tc"), Node("logits", 1, None, "final")]
     for i, n in enumerate(nodes):
         g.add_node(n, score=0.1 * (i + 1))
-    for u, v in zip(nodes, nodes[1:], strict=False):
+    for u, v in itertools.pairwise(nodes):
         g.add_edge(u, v, score=0.5)
     path = R.write_report(R.ReportData(title="features", sections=[
         R.circuit_section(g)]), tmp_path / "features.html")
