@@ -380,7 +380,7 @@ def _write_outputs(out: Path, data: ff.report.ReportData, circuit: ff.graph.Circ
     import tempfile
 
     html = ff.report.render_report(data).encode("utf-8")
-    needed = len(html)
+    needed, staged = len(html), False
     kept = (f"every step stays cached in {cache.root}, so rerunning with --out elsewhere "
             "writes the report without computing anything")
     stage: Path | None = None
@@ -390,14 +390,14 @@ def _write_outputs(out: Path, data: ff.report.ReportData, circuit: ff.graph.Circ
         ff.report.write_report(html.decode("utf-8"), stage / out.name)
         ff.graph.to_graphml(circuit, stage / out.with_suffix(".graphml").name)
         ff.graph.to_json(circuit, stage / out.with_suffix(".json").name)
-        needed = sum(f.stat().st_size for f in stage.iterdir())
+        needed, staged = sum(f.stat().st_size for f in stage.iterdir()), True
         for f in sorted(stage.iterdir()):
             os.chmod(f, 0o644)
             os.replace(f, out.parent / f.name)
     except OSError as err:
-        if stage is not None and stage.exists():
+        if stage is not None and stage.exists() and not staged:
             needed += sum(f.stat().st_size for f in stage.iterdir() if f.name != out.name)
-        raise ff.integrity.write_error(out, err, needed=needed, kept=kept,
+        raise ff.integrity.write_error(out, err, needed=needed, kept=kept, at_least=not staged,
                                        elsewhere="pass --out DIR on another file system"
                                        ) from err
     finally:
