@@ -212,7 +212,8 @@ def _scan(model: Model, wanted: Sequence[tuple[Dictionary, int]], data: Any, *,
             hits.tokens += int(valid.sum())
             for name, idx in by_dict.items():
                 d = dicts[name]
-                acts = d.encode(run.acts[(d.site, d.layer)]).float().cpu()  # [b pos d_sae]
+                x = run.acts[(d.site, d.layer)].to(d.W_enc.device)
+                acts = d.encode(x).float().cpu()  # [b pos d_sae]
                 for i in idx:
                     a = acts[..., wanted[i][1]] * valid  # [b pos]
                     nz = torch.nonzero(a > 0)

@@ -238,6 +238,12 @@ class _Acc:
         self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
 
 
+def _rows(act: Tensor, mask: Tensor, d: Dictionary) -> Tensor:
+    """``act [batch pos d]`` at the ``mask [batch pos]`` tokens, on the dictionary's device
+    (a model on a GPU with dictionaries on the CPU, or the reverse)."""
+    return act[mask.to(act.device)].to(d.W_enc.device)
+
+
 def _next_token_ce(logits: Tensor, ids: Tensor, keep: Tensor) -> Tensor:
     """Summed next-token cross-entropy at positions ``keep [batch pos-1]``."""
     lp = F.log_softmax(logits[:, :-1].float(), -1)
@@ -325,9 +331,9 @@ def evaluate_dictionaries(
                 n_ce += int(keep_ce.sum())
             for d in ds.values():
                 acc = accs[d.name]
-                x = clean.acts[(d.site, d.layer)][valid.to(clean.logits.device)].float()
-                y = clean.acts[(d.out_site, d.layer)][valid.to(clean.logits.device)].float()
                 dd = f32[d.name]
+                x = _rows(clean.acts[(d.site, d.layer)], valid, dd).float()
+                y = _rows(clean.acts[(d.out_site, d.layer)], valid, dd).float()
                 f = dd.encode(x)
                 y_hat = dd.decode(f) + (dd.skip(x) if dd.W_skip is not None else 0.0)
                 active = f > 0
@@ -397,7 +403,7 @@ def site_activations(model: Model, data: Any, sites: Iterable[tuple[Any, int]], 
                                 max_tokens=max_tokens):
             run = model.run(tb.batch, save=keys)
             for k in keys:
-                parts[k].append(run.acts[k][tb.valid.to(run.logits.device)].float().cpu())
+                parts[k].append(run.acts[k][tb.valid.to(run.acts[k].device)].float().cpu())
     out = {k: torch.cat(v) for k, v in parts.items()}
     if not len(next(iter(out.values()))):
         raise EmptyInputError("no tokens to collect: every token is padding or special")
@@ -425,7 +431,7 @@ def feature_density(model: Model, dicts: Dictionaries | Dictionary | Iterable[Di
                                 max_tokens=max_tokens):
             run = model.run(tb.batch, save=sites)
             for d in ds.values():
-                x = run.acts[(d.site, d.layer)][tb.valid.to(run.logits.device)]
+                x = _rows(run.acts[(d.site, d.layer)], tb.valid, d)
                 fired[d.name] += (d.encode(x) > 0).sum(0).double().cpu()
             n += int(tb.valid.sum())
     if n == 0:

@@ -79,7 +79,7 @@ def role_feature_activations(model: Model, dicts: Dictionaries | Dictionary |
             run = model.run(batch, save=sites)
             for d in ds.values():
                 x = _gather_role(run.acts[(d.site, d.layer)], batch, r)
-                parts[d.name].append(d.encode(x).float().cpu())
+                parts[d.name].append(d.encode(x.to(d.W_enc.device)).float().cpu())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
