@@ -296,7 +296,7 @@ def _from_path_or_hub(source: str | os.PathLike[str], *, per_line: bool, text_fi
         return Corpus(texts, {"source": str(path), "files": len(files)})
     if path.exists():
         return Corpus(_read_file(path, per_line, text_field), {"source": str(path)})
-    if path.suffix in (".txt", ".jsonl", ".json") or os.sep in str(source):
+    if path.suffix in (".txt", ".jsonl", ".json") or str(source).startswith(("/", ".", "~")):
         raise NotFoundError(f"no corpus file {str(source)!r}")
     try:
         import datasets  # type: ignore[import-untyped]
