@@ -154,6 +154,21 @@ class _Side:
     site: dict[str, Tensor]  # name -> [N d_out] the site's value
 
 
+def _sparse_decode(d: Dictionary, acts: Tensor) -> Tensor:
+    """``decode(acts)`` from the non-zero activations only (``[N d_sae] -> [N d_out]``): one
+    ``d_out`` row per active feature instead of the dense ``d_sae x d_out`` product."""
+    n_idx, f_idx = acts.nonzero(as_tuple=True)
+    out = d.b_dec.expand(acts.shape[0], d.d_out).clone()
+    return out.index_add_(0, n_idx, acts[n_idx, f_idx, None].to(d.W_dec.dtype) * d.W_dec[f_idx])
+
+
+def _encode(d: Dictionary, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Feature activations and error term (``y - decode(acts)``) at positions ``x [N d_in]``,
+    ``y [N d_out]``."""
+    a = d.encode(x)
+    return a, y.to(d.W_dec.dtype) - _sparse_decode(d, a)
+
+
 def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
           metric: Callable[[Tensor], Tensor] | None = None,
           ) -> tuple[_Side, dict[SiteKey, Tensor], dict[SiteKey, Tensor]]:
@@ -164,12 +179,32 @@ def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
     side = _Side({}, {}, {})
     for name, d in dicts.items():
         read, write = _keys(d)
-        x = run.acts[read][sel]
-        y = run.acts[write][sel].to(d.W_dec.dtype)
-        a = d.encode(x)
-        side.acts[name], side.site[name] = a, y
-        side.err[name] = y - d.decode(a)
+        y = run.acts[write][sel]
+        side.acts[name], side.err[name] = _encode(d, run.acts[read][sel], y)
+        side.site[name] = y
     return side, run.acts, run.grads
+
+
+def _read_pair(model: Model, dicts: Dictionaries, base_tb: TokenBatch, src_tb: TokenBatch,
+               sel: Tensor, metric: Callable[[Tensor], Tensor] | None,
+               ) -> tuple[_Side, _Side, dict[SiteKey, Tensor], dict[SiteKey, Tensor],
+                          dict[SiteKey, Tensor]]:
+    """:func:`_read` of the base run (with the metric's gradients) and the source run, the two
+    sides encoded together (one encoder product per dictionary)."""
+    saves = sorted({k for d in dicts.values() for k in _keys(d)})
+    base_run = model.run(base_tb, save=saves, metric=metric)
+    src_run = model.run(src_tb, save=saves)
+    base, src = _Side({}, {}, {}), _Side({}, {}, {})
+    for name, d in dicts.items():
+        read, write = _keys(d)
+        x = torch.cat([base_run.acts[read][sel], src_run.acts[read][sel]])
+        y = torch.cat([base_run.acts[write][sel], src_run.acts[write][sel]])
+        a, e = _encode(d, x, y)
+        n = len(x) // 2
+        base.acts[name], src.acts[name] = a[:n], a[n:]
+        base.err[name], src.err[name] = e[:n], e[n:]
+        base.site[name], src.site[name] = y[:n], y[n:]
+    return base, src, base_run.acts, src_run.acts, base_run.grads
 
 
 # ----------------------------------------------------------------------------- attribution
@@ -203,46 +238,39 @@ def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: T
     return b.cpu(), r.cpu(), f.cpu(), total.cpu()
 
 
+#: a batch's scores as integer-coded arrays: dictionary index, feature (-1: the error node),
+#: role index, prompt, value - the frame's strings are made once per node, at the end
+Scores = dict[str, np.ndarray]
+
+
 def _batch_rows(dicts: Dictionaries, roles: Sequence[Role], base: _Side, src: _Side,
                 grads: dict[str, Tensor], sel: Tensor, masks: Tensor, offset: int,
-                ) -> list[pd.DataFrame]:
-    """The per-prompt frames of one batch (features with a change, every error node)."""
+                ) -> list[Scores]:
+    """The per-prompt scores of one batch (features with a change, every error node)."""
     pos_b = sel.nonzero(as_tuple=True)[0]
     w = masks[:, sel]  # [role N]
     n_batch = sel.shape[0]
     present = masks.sum(-1).gt(0).cpu()  # [role batch]
+    rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
     out = []
-    for name, d in dicts.items():
+    for di, (name, d) in enumerate(dicts.items()):
         delta = src.acts[name] - base.acts[name]
         g = grads[name]
         b, r, f, val = _feature_scores(d, delta, g, pos_b, w)
-        out.append(_rows(d, roles, b + offset, r, f, val))
+        out.append(_codes(di, f, r, b + offset, val))
         de = ((src.err[name] - base.err[name]) * g.to(d.W_dec.dtype)).sum(-1).double()  # [N]
         err = torch.zeros(len(roles), n_batch, dtype=torch.float64, device=de.device)
         err.index_add_(1, pos_b, w.double() * de[None])
         err = torch.where(present.to(err.device), err, torch.nan).cpu()
-        rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
-        out.append(_rows(d, roles, bb.flatten() + offset, rr.flatten(), None,
-                         err.flatten()))
+        out.append(_codes(di, torch.full((err.numel(),), -1), rr.flatten(),
+                          bb.flatten() + offset, err.flatten()))
     return out
 
 
-def _rows(d: Dictionary, roles: Sequence[Role], b: Tensor, r: Tensor, f: Tensor | None,
-          val: Tensor) -> pd.DataFrame:
-    role_names = np.array([str(x) for x in roles], dtype=object)
-    rn = role_names[r.numpy()] if len(r) else np.array([], dtype=object)
-    if f is None:
-        nodes = np.array([d.error_id(x) for x in role_names], dtype=object)[r.numpy()] \
-            if len(r) else np.array([], dtype=object)
-        feat = pd.array([pd.NA] * len(b), dtype="Int64")
-    else:
-        prefix = f"{d.name}.f"
-        nodes = np.array([f"{prefix}{int(i)}@{x}" for i, x in zip(f.tolist(), rn, strict=True)],
-                         dtype=object)
-        feat = pd.array(f.numpy(), dtype="Int64")
-    return pd.DataFrame({"component": d.short, "layer": d.layer, "role": rn,
-                         "prompt": b.numpy(), "effect": val.numpy(), "dictionary": d.name,
-                         "feature": feat, "node": nodes})
+def _codes(di: int, f: Tensor, r: Tensor, b: Tensor, val: Tensor) -> Scores:
+    return {"dict": np.full(len(f), di, dtype=np.int64), "feature": f.numpy().astype(np.int64),
+            "role": r.numpy().astype(np.int64), "prompt": b.numpy().astype(np.int64),
+            "effect": val.numpy().astype(np.float64)}
 
 
 def _ig_grads(model: Model, d: Dictionary, tb: TokenBatch, pb: PairBatch, metric: Metric | None,
@@ -328,7 +356,7 @@ def feature_atp(
     role_list = _roles(roles)
     batches = list(pair_batches(model, pairs, batch_size))
     bar = tqdm(total=len(batches), desc=_method(steps), unit="batch", disable=not progress)
-    frames: list[pd.DataFrame] = []
+    frames: list[Scores] = []
     present: list[Tensor] = []
     for start, pb in batches:
         base_tb, src_tb = pb.base_and_source(direction)
@@ -342,8 +370,8 @@ def feature_atp(
                                   metric=metric, steps=steps)
         bar.update(1)
     bar.close()
-    df = pd.concat(frames, ignore_index=True)
-    df = _finish(df, torch.cat(present, 1), role_list, per_prompt=per_prompt)
+    scores = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
+    df = _finish(ds, scores, torch.cat(present, 1), role_list, per_prompt=per_prompt)
     df["method"] = _method(steps)
     df["direction"] = direction
     return tidy(df)
@@ -351,11 +379,11 @@ def feature_atp(
 
 def _fast_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
                 base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
-                metric: Metric | None, steps: int | None) -> list[pd.DataFrame]:
+                metric: Metric | None, steps: int | None) -> list[Scores]:
     sel = masks.sum(0).gt(0)  # [batch pos]: the positions of any role
     fn = lambda lg: pb.measure(lg, 1, metric).sum()
-    base, base_acts, base_grads = _read(model, ds, base_tb, sel, metric=None if steps else fn)
-    src, src_acts, _ = _read(model, ds, src_tb, sel)
+    base, src, base_acts, src_acts, base_grads = _read_pair(
+        model, ds, base_tb, src_tb, sel, None if steps else fn)
     grads: dict[str, Tensor] = {}
     for name, d in ds.items():
         write = _keys(d)[1]
@@ -368,43 +396,59 @@ def _fast_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairB
     return _batch_rows(ds, roles, base, src, grads, sel, masks, offset)
 
 
-def _finish(df: pd.DataFrame, present: Tensor, roles: Sequence[Role], *,
+def _finish(ds: Dictionaries, scores: Scores, present: Tensor, roles: Sequence[Role], *,
             per_prompt: bool) -> pd.DataFrame:
-    """Per-prompt rows completed with zeros (a node's prompts where its role exists but it did
-    not change), or reduced to one row per node: the mean over the prompts where its role
-    exists, a 95% Student-t interval and ``n``."""
-    role_index = {str(r): i for i, r in enumerate(roles)}
+    """The frame: per-prompt rows completed with zeros (a node's prompts where its role exists
+    but it did not change), or one row per node - the mean over the prompts where its role
+    exists, a 95% Student-t interval and ``n``. Strings are made once per node."""
     have = present.numpy()  # [role prompt]
-    df = pd.DataFrame(df[df["effect"].notna()])
-    if per_prompt:
-        nodes = df.drop_duplicates("node").drop(columns=["prompt", "effect"])
-        r = np.array([role_index[str(x)] for x in nodes["role"]], dtype=int)
-        grid = [(i, p) for i, ri in enumerate(r) for p in np.flatnonzero(have[ri])]
-        idx = np.array([g[0] for g in grid], dtype=int)
-        full = nodes.iloc[idx].reset_index(drop=True)
-        full["prompt"] = np.array([g[1] for g in grid], dtype=int)
-        got = df.set_index(["node", "prompt"])["effect"]
-        key = pd.MultiIndex.from_arrays([full["node"], full["prompt"]])
-        full["effect"] = got.reindex(key).fillna(0.0).to_numpy()
-        return full
-    codes, uniq = pd.factorize(df["node"].astype(str).to_numpy(dtype=object))
-    e = df["effect"].to_numpy(dtype=float)
-    s1 = np.bincount(codes, weights=e, minlength=len(uniq))
-    s2 = np.bincount(codes, weights=e * e, minlength=len(uniq))
-    first_row = np.full(len(uniq), len(codes))
-    np.minimum.at(first_row, codes, np.arange(len(codes)))
-    first = df.iloc[first_row].reset_index(drop=True).drop(columns=["prompt", "effect"])
-    r = np.array([role_index[str(x)] for x in first["role"]], dtype=int)
-    n = have.sum(1)[r].astype(float)
+    ok = np.isfinite(scores["effect"])
+    sc = {k: v[ok] for k, v in scores.items()}
+    R = len(roles)
+    F = max(d.d_sae for d in ds.values()) + 1
+    key = (sc["dict"] * F + sc["feature"] + 1) * R + sc["role"]
+    uniq, codes = np.unique(key, return_inverse=True)
+    u_dict, u_feat, u_role = uniq // (F * R), (uniq // R) % F - 1, uniq % R
+    if per_prompt:  # every node x every prompt where its role exists
+        node_rep = np.concatenate([np.full(int(have[r].sum()), i) for i, r in enumerate(u_role)]
+                                  ) if len(uniq) else np.zeros(0, dtype=np.int64)
+        prompts = np.concatenate([np.flatnonzero(have[r]) for r in u_role]) if len(uniq) \
+            else np.zeros(0, dtype=np.int64)
+        n_p = have.shape[1]
+        effect = np.zeros(len(node_rep))
+        lookup = pd.Series(np.arange(len(node_rep)), index=node_rep * n_p + prompts)
+        effect[lookup.loc[codes * n_p + sc["prompt"]].to_numpy()] = sc["effect"]
+        df = _node_columns(ds, roles, u_dict[node_rep], u_feat[node_rep], u_role[node_rep])
+        df["prompt"], df["effect"] = prompts, effect
+        return df
+    s1 = np.bincount(codes, weights=sc["effect"], minlength=len(uniq))
+    s2 = np.bincount(codes, weights=sc["effect"] ** 2, minlength=len(uniq))
+    n = have.sum(1)[u_role].astype(float)
     mean = s1 / n
     var = np.where(n > 1, (s2 - n * mean ** 2) / np.maximum(n - 1, 1), np.nan)
     half = np.sqrt(np.maximum(var, 0) / n) * t_quantile(n)
-    first["effect"] = mean
-    first["ci_low"], first["ci_high"] = mean - half, mean + half
-    first["n"] = n.astype(int)
-    first["prompt"] = pd.NA
-    first["score"] = np.abs(mean)
-    return first
+    df = _node_columns(ds, roles, u_dict, u_feat, u_role)
+    df["effect"], df["ci_low"], df["ci_high"] = mean, mean - half, mean + half
+    df["n"] = n.astype(int)
+    df["score"] = np.abs(mean)
+    return df
+
+
+def _node_columns(ds: Dictionaries, roles: Sequence[Role], di: np.ndarray, feat: np.ndarray,
+                  role: np.ndarray) -> pd.DataFrame:
+    """The site columns and node ids of integer-coded nodes (feature -1: the error node)."""
+    dl = list(ds.values())
+    names = np.array([d.name for d in dl], dtype=object)
+    role_names = np.array([str(r) for r in roles], dtype=object)
+    unit = np.where(feat < 0, ".err", np.char.add(".f", feat.astype(str))).astype(object)
+    nodes = names[di] + unit + "@" + role_names[role]
+    return pd.DataFrame({
+        "component": np.array([d.short for d in dl], dtype=object)[di],
+        "layer": np.array([d.layer for d in dl], dtype=np.int64)[di],
+        "role": role_names[role], "dictionary": names[di],
+        "feature": pd.arrays.IntegerArray(np.where(feat < 0, 0, feat).astype(np.int64),
+                                          feat < 0),
+        "node": nodes})
 
 
 # ----------------------------------------------------------------------------- reference
@@ -412,7 +456,7 @@ def _finish(df: pd.DataFrame, present: Tensor, roles: Sequence[Role], *,
 
 def _reference_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
                      base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
-                     metric: Metric | None, steps: int | None) -> list[pd.DataFrame]:
+                     metric: Metric | None, steps: int | None) -> list[Scores]:
     """The literal recipe: spliced runs, autograd with respect to every feature activation and
     error term at every position, dense products, a loop over dictionaries and IG points."""
     every = base_tb.attention_mask.to(model.device).bool()
@@ -442,7 +486,7 @@ def _reference_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: 
     n_batch = shape[0]
     w = masks[:, every]  # [role N]
     present = masks.sum(-1).gt(0).cpu()
-    for name, d in ds.items():
+    for di, (name, d) in enumerate(ds.items()):
         ga = grads[name + "/acts"][every]
         ge = grads[name][every]
         delta = src.acts[name] - base.acts[name]  # [N F] dense
@@ -455,14 +499,15 @@ def _reference_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: 
                               device=per_pos.device).index_add_(
             1, pos_b, (w[:, :, None] != 0) & (delta != 0)[None])
         r, b, f = changed.nonzero(as_tuple=True)
-        out.append(_rows(d, roles, b.cpu() + offset, r.cpu(), f.cpu(),
-                         per_prompt[r, b, f].double().cpu()))
+        out.append(_codes(di, f.cpu(), r.cpu(), b.cpu() + offset,
+                          per_prompt[r, b, f].double().cpu()))
         de = ((src.err[name] - base.err[name]) * ge).sum(-1)
         err = torch.zeros(len(roles), n_batch, dtype=de.dtype, device=de.device).index_add_(
             1, pos_b, w.to(de.dtype) * de[None]).double()
         err = torch.where(present.to(err.device), err, torch.nan).cpu()
         rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
-        out.append(_rows(d, roles, bb.flatten() + offset, rr.flatten(), None, err.flatten()))
+        out.append(_codes(di, torch.full((err.numel(),), -1), rr.flatten(),
+                          bb.flatten() + offset, err.flatten()))
     return out
 
 
