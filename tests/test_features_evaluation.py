@@ -143,3 +143,33 @@ def test_sizes_are_refused_before_any_forward(gpt2_model, facts, bad):
                                             batch_size=bad)):
         with pytest.raises(ArgumentError, match="batch_size"):
             call()
+
+
+@pytest.mark.slow
+def test_a_trained_organism_transcoder_recovers_the_loss(tmp_path):
+    """A transcoder trained as a user would (train_dictionaries, 20k tokens of the organism's
+    own fact sentences) keeps the model: measured EV 0.992, CE recovered 0.963, KL recovered
+    0.981 on held-out sentences (L1, width 512, k=16, 1 thread)."""
+    import random
+
+    import factfind as ff
+    from factfind.features.corpus import Corpus
+    from factfind.features.training import train_dictionaries
+
+    model, facts = ff.load_model("organism"), ff.load_facts("organism")
+    rng = random.Random(0)
+    by: dict = {}
+    for p in facts:
+        by.setdefault((p.subject, p.relation), []).append(p)
+    texts = []
+    for key in sorted(by):
+        p = rng.choice(by[key])
+        texts.append(p.template.format(p.subject) + " " + p.attribute + ".")
+    train, held_out = Corpus(texts).split(0.05)
+    ds = train_dictionaries(model, train, layers=[1], kind="transcoder", width=512, k=16,
+                            tokens=20_000, cache_dir=tmp_path, progress=False)
+    row = evaluate_dictionaries(model, ds, held_out, progress=False).iloc[0]
+    assert row["dictionary"] == "L1.tc" and row["tokens"] > 3000
+    assert row["explained_variance"] > 0.95
+    assert row["ce_recovered"] > 0.9 and row["kl_recovered"] > 0.9
+    assert row["l0"] <= 16 and row["dead_fraction"] < 0.8
