@@ -185,6 +185,10 @@ def test_show_draws_each_analysis_frame_as_its_report_figure() -> None:
                            "head": h, "role": None, "effect": float(rng.normal())}
                           for layer in range(3) for h in range(4)])
     assert ff.show(heads).what == "head x layer heatmaps"
+    by_layer = pd.DataFrame({"method": "effective_model", "layer": [0, 1, 2, 0, 1, 2],
+                             "prompt": [0, 0, 0, 1, 1, 1], "effect": [0.1, 0.5, 0.9] * 2})
+    shown = ff.show(by_layer)
+    assert shown.what == "effect by layer" and shown.html.count('<figure class="plot"') == 1
     faith = pd.DataFrame({"size": [1, 2, 4], "faithfulness": [0.2, 0.6, 0.9]})
     assert ff.show(faith).what == "faithfulness curve"
     edges = pd.DataFrame({"method": "eap", "sender": ["embed@final", "L0.h0@final"],

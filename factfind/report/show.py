@@ -10,7 +10,8 @@ working is what the report will show. :func:`show` looks at what it is given:
   faithfulness line plot;
 * a *node result* with layers and token roles (tracing, patching, knockout, probes, DLA ...)
   -> one layer x role heatmap per method and component, as in the tracing and patching
-  sections; per-head rows without roles -> a head x layer heatmap;
+  sections; per-head rows without roles -> a head x layer heatmap; rows with only a layer
+  (the effective model, norms by layer) -> the effect against the layer;
 * per-unit rows (heads or neurons) -> the top units' bar chart;
 * a :class:`~factfind.report.Figure`, :class:`~factfind.report.Section` or ``GraphView`` ->
   itself.
@@ -119,10 +120,19 @@ def _frame(df: pd.DataFrame, *, max_edges: int) -> Shown:
         if "position" in cols and bool(df["position"].notna().to_numpy().any()):
             figs = _heatmaps(df, ("method", "component"), x="layer", y="position")
             return Shown(_figures_html(figs), "layer x position heatmaps")
+        # one value per layer (the effective model, a probe or a norm by layer): a line each
+        hue = next((c for c in ("method", "component") if c in cols
+                    and len(set(df[c].dropna().tolist())) > 1), None)
+        keys = ["layer", *([hue] if hue else [])]
+        means = pd.DataFrame(df.groupby(keys, dropna=False)["effect"].mean()).reset_index()
+        fig = line_plot(means, x="layer", y="effect", hue=hue, title="Effect by layer",
+                        caption="mean effect by layer" + (f", one line per {hue}." if hue
+                                                            else "."))
+        return Shown(_figures_html([fig]), "effect by layer")
     raise NoFigureError("show() has no figure for a frame with columns "
                         f"{', '.join(sorted(cols))}: it draws edge results (sender, receiver, "
                         "effect), faithfulness curves (faithfulness, size) and node results "
-                        "(effect by layer and role, head, neuron or position)")
+                        "(effect by layer, with a role, head, neuron or position or not)")
 
 
 def _heatmaps(df: pd.DataFrame, group_by: Sequence[str], *, x: str, y: str) -> list[Figure]:
