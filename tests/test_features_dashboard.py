@@ -52,6 +52,7 @@ def test_top_contexts_match_a_brute_force_scan(gpt2_model, dicts):
                              batch_size=2, progress=False)
     ref = _scan(gpt2_model, d, f)
     top = dash.contexts[dash.contexts["kind"] == "top"]
+    assert dash.feature_id == f"L0.tc.f{f}@final"
     assert len(ref) > 3 and len(top) == 3
     torch.testing.assert_close(torch.tensor(list(top["activation"])),
                                torch.tensor([v for v, _, _ in ref[:3]]), rtol=1e-4, atol=1e-5)

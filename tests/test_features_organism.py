@@ -13,8 +13,10 @@ Measured (seed 0, `pytest tests/test_features_organism.py -m slow`):
 * at the **subject's last token** (L1.res, any relation's prompt) no feature is a sport
   feature: best F1 0.13-0.18, precision at most 0.61 with recall 0.10. The organism does not
   carry a person's sport at the subject's last token (its recorded linear probes there are at
-  chance too: reports/concepts-organism-organism-seed1.json); it looks the sport up later, at
-  the final token.
+  chance too: reports/concepts-organism-organism-seed1.json; a logistic probe on resid_post at
+  subject_last of the three templates that name the relation before the subject, 1,200 people
+  to train, 400 held out, scores 0.24-0.28 at layers 0-3 against 0.998 at the final token of
+  layer 3); it looks the sport up later, at the final token.
 """
 
 import random

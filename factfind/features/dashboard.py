@@ -93,6 +93,12 @@ def resolve_feature(dicts: Dictionaries, feature: FeatureRef) -> tuple[Dictionar
     return d, int(index)
 
 
+def _role_of(feature: FeatureRef) -> str:
+    """The role a node id names (``"all"`` for pairs, indices and ids without one)."""
+    m = _FEATURE.fullmatch(str(feature)) if isinstance(feature, str) else None
+    return m["role"] if m is not None and m["role"] else "all"
+
+
 def logit_lens(model: Model, d: Dictionary, feature: int, *, n: int = 10) -> pd.DataFrame:
     """The tokens a feature's decoder row promotes and suppresses through the final norm.
 
@@ -288,6 +294,7 @@ def feature_dashboards(
     if not features:
         raise ArgumentError("no features asked for")
     wanted = [resolve_feature(ds, f) for f in features]
+    roles = [_role_of(f) for f in features]
     from factfind.features.evaluation import special_ids
 
     special = set(special_ids(model.tokenizer))
@@ -323,7 +330,7 @@ def feature_dashboards(
         else:
             hist = pd.DataFrame({"bin_low": [], "bin_high": [], "count": []})
         out.append(FeatureDashboard(
-            feature_id=d.feature_id(f), dictionary=d.name, layer=d.layer, feature=f,
+            feature_id=d.feature_id(f, roles[i]), dictionary=d.name, layer=d.layer, feature=f,
             label=auto_label(top_tokens, promoted, n=n_label) if top_tokens else
             "never fires on the evaluated tokens; " + auto_label([], promoted, n=n_label),
             density=density_src.fired[i] / max(density_src.tokens, 1),
