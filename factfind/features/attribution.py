@@ -65,19 +65,20 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from factfind.attribute.verification import Bound, bound_subsets
 from factfind.data.batch import PairBatch, pair_batches
 from factfind.errors import ArgumentError, NotFoundError, check_mode
-from factfind.features.dictionary import Dictionaries, Dictionary, DictKind
+from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.splice import splice_edits
 from factfind.graph.node import Node
 from factfind.localize.patching import DEFAULT_ROLES
@@ -152,21 +153,31 @@ class _Side:
     acts: dict[str, Tensor]  # name -> [N d_sae] feature activations
     err: dict[str, Tensor]  # name -> [N d_out] error term (site - decode(acts))
     site: dict[str, Tensor]  # name -> [N d_out] the site's value
+    #: name -> (rows, features) of the entries active in either run (on the base side only)
+    active: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
-def _sparse_decode(d: Dictionary, acts: Tensor) -> Tensor:
-    """``decode(acts)`` from the non-zero activations only (``[N d_sae] -> [N d_out]``): one
-    ``d_out`` row per active feature instead of the dense ``d_sae x d_out`` product."""
+def _encode(d: Dictionary, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Feature activations, the error term ``y - decode(acts)`` and the active entries' rows and
+    features, at positions ``x [N d_in]``, ``y [N d_out]``. The error is decoded from the
+    active features only (one ``d_out`` row each, not the dense ``d_sae x d_out`` product);
+    for TopK from the top-k's own indices (:meth:`Dictionary.activate`'s computation, keeping
+    them: no scan of the dense ``[N d_sae]`` for its non-zeros)."""
+    n = x.shape[0]
+    if d.activation is Activation.TOPK:
+        assert d.k is not None
+        vals, idx = torch.relu(d.pre_acts(x)).topk(d.k, dim=-1, sorted=False)
+        acts = torch.zeros(n, d.d_sae, dtype=vals.dtype, device=vals.device)
+        acts.scatter_(-1, idx, vals)
+        dec = F.embedding_bag(idx, d.W_dec, per_sample_weights=vals.to(d.W_dec.dtype),
+                              mode="sum") + d.b_dec
+        rows = torch.arange(n, device=idx.device)[:, None].expand_as(idx)
+        return acts, y.to(d.W_dec.dtype) - dec, rows.flatten(), idx.flatten()
+    acts = d.encode(x)
     n_idx, f_idx = acts.nonzero(as_tuple=True)
-    out = d.b_dec.expand(acts.shape[0], d.d_out).clone()
-    return out.index_add_(0, n_idx, acts[n_idx, f_idx, None].to(d.W_dec.dtype) * d.W_dec[f_idx])
-
-
-def _encode(d: Dictionary, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Feature activations and error term (``y - decode(acts)``) at positions ``x [N d_in]``,
-    ``y [N d_out]``."""
-    a = d.encode(x)
-    return a, y.to(d.W_dec.dtype) - _sparse_decode(d, a)
+    dec = d.b_dec.expand(n, d.d_out).clone().index_add_(
+        0, n_idx, acts[n_idx, f_idx, None].to(d.W_dec.dtype) * d.W_dec[f_idx])
+    return acts, y.to(d.W_dec.dtype) - dec, n_idx, f_idx
 
 
 def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
@@ -180,7 +191,7 @@ def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
     for name, d in dicts.items():
         read, write = _keys(d)
         y = run.acts[write][sel]
-        side.acts[name], side.err[name] = _encode(d, run.acts[read][sel], y)
+        side.acts[name], side.err[name], _, _ = _encode(d, run.acts[read][sel], y)
         side.site[name] = y
     return side, run.acts, run.grads
 
@@ -199,8 +210,12 @@ def _read_pair(model: Model, dicts: Dictionaries, base_tb: TokenBatch, src_tb: T
         read, write = _keys(d)
         x = torch.cat([base_run.acts[read][sel], src_run.acts[read][sel]])
         y = torch.cat([base_run.acts[write][sel], src_run.acts[write][sel]])
-        a, e = _encode(d, x, y)
+        a, e, n_idx, f_idx = _encode(d, x, y)
         n = len(x) // 2
+        # the entries active on either side, each (position, feature) once
+        n_idx = torch.where(n_idx < n, n_idx, n_idx - n)
+        key = torch.unique(n_idx * d.d_sae + f_idx)
+        base.active[name] = (key // d.d_sae, key % d.d_sae)
         base.acts[name], src.acts[name] = a[:n], a[n:]
         base.err[name], src.err[name] = e[:n], e[n:]
         base.site[name], src.site[name] = y[:n], y[n:]
@@ -210,31 +225,38 @@ def _read_pair(model: Model, dicts: Dictionaries, base_tb: TokenBatch, src_tb: T
 # ----------------------------------------------------------------------------- attribution
 
 
-def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: Tensor
+def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: Tensor,
+                    active: tuple[Tensor, Tensor] | None = None,
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse AtP/IG of one dictionary's features: ``(batch, role, feature, value)`` for every
     (prompt, role, feature) with a non-zero activation change at some position of the role.
 
     ``delta [N d_sae]`` activation changes and ``g [N d_out]`` site gradients at the ``N``
-    selected positions (rows ``pos_b [N]``), ``w [role N]`` the role weights of each position."""
-    n_idx, f_idx = delta.nonzero(as_tuple=True)  # only active features: the sparsity
+    selected positions (rows ``pos_b [N]``), ``w [role N]`` the role weights of each position;
+    ``active``: the (row, feature) entries active in either run, if known (else scanned)."""
+    if active is None:
+        n_idx, f_idx = delta.nonzero(as_tuple=True)  # only active features: the sparsity
+    else:
+        n_idx, f_idx = active
+        moved = delta[n_idx, f_idx] != 0
+        n_idx, f_idx = n_idx[moved], f_idx[moved]
     gdot = (g[n_idx].to(d.W_dec.dtype) * d.W_dec[f_idx]).sum(-1)
     val = (delta[n_idx, f_idx] * gdot).double()
     R = w.shape[0]
-    F = d.d_sae
+    W = d.d_sae
     keys, vals = [], []
     for r in range(R):
         wr = w[r, n_idx].double()
         hit = wr != 0
-        keys.append((pos_b[n_idx[hit]] * R + r) * F + f_idx[hit])
+        keys.append((pos_b[n_idx[hit]] * R + r) * W + f_idx[hit])
         vals.append(val[hit] * wr[hit])
     key, value = torch.cat(keys), torch.cat(vals)
     uniq, inv = torch.unique(key, return_inverse=True)
     total = torch.zeros(len(uniq), dtype=torch.float64, device=value.device).index_add_(
         0, inv, value)
-    b = uniq // (R * F)
-    r = (uniq // F) % R
-    f = uniq % F
+    b = uniq // (R * W)
+    r = (uniq // W) % R
+    f = uniq % W
     return b.cpu(), r.cpu(), f.cpu(), total.cpu()
 
 
@@ -256,7 +278,7 @@ def _batch_rows(dicts: Dictionaries, roles: Sequence[Role], base: _Side, src: _S
     for di, (name, d) in enumerate(dicts.items()):
         delta = src.acts[name] - base.acts[name]
         g = grads[name]
-        b, r, f, val = _feature_scores(d, delta, g, pos_b, w)
+        b, r, f, val = _feature_scores(d, delta, g, pos_b, w, base.active.get(name))
         out.append(_codes(di, f, r, b + offset, val))
         de = ((src.err[name] - base.err[name]) * g.to(d.W_dec.dtype)).sum(-1).double()  # [N]
         err = torch.zeros(len(roles), n_batch, dtype=torch.float64, device=de.device)
@@ -405,10 +427,10 @@ def _finish(ds: Dictionaries, scores: Scores, present: Tensor, roles: Sequence[R
     ok = np.isfinite(scores["effect"])
     sc = {k: v[ok] for k, v in scores.items()}
     R = len(roles)
-    F = max(d.d_sae for d in ds.values()) + 1
-    key = (sc["dict"] * F + sc["feature"] + 1) * R + sc["role"]
+    W = max(d.d_sae for d in ds.values()) + 1
+    key = (sc["dict"] * W + sc["feature"] + 1) * R + sc["role"]
     uniq, codes = np.unique(key, return_inverse=True)
-    u_dict, u_feat, u_role = uniq // (F * R), (uniq // R) % F - 1, uniq % R
+    u_dict, u_feat, u_role = uniq // (W * R), (uniq // R) % W - 1, uniq % R
     if per_prompt:  # every node x every prompt where its role exists
         node_rep = np.concatenate([np.full(int(have[r].sum()), i) for i, r in enumerate(u_role)]
                                   ) if len(uniq) else np.zeros(0, dtype=np.int64)
