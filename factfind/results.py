@@ -76,6 +76,10 @@ def t_quantile(count: Any, confidence: float = 0.95) -> Any:
 
 def _numeric(col: Any) -> pd.Series:
     """A float64 column with every missing marker (None, pd.NA, NaN) as NaN."""
+    if pd.api.types.is_numeric_dtype(col.dtype) and not pd.api.types.is_bool_dtype(col.dtype):
+        # already numbers (numpy or nullable): no round trip through objects
+        return pd.Series(col.to_numpy(dtype="float64", na_value=np.nan), index=col.index,
+                         dtype="float64")
     values = col.astype("object").where(col.notna(), np.nan)
     return pd.Series(pd.to_numeric(values, errors="coerce"), index=col.index, dtype="float64")
 

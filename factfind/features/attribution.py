@@ -448,7 +448,8 @@ def _finish(ds: Dictionaries, scores: Scores, present: Tensor, roles: Sequence[R
     n = have.sum(1)[u_role].astype(float)
     mean = s1 / n
     var = np.where(n > 1, (s2 - n * mean ** 2) / np.maximum(n - 1, 1), np.nan)
-    half = np.sqrt(np.maximum(var, 0) / n) * t_quantile(n)
+    counts, where = np.unique(n, return_inverse=True)  # a few distinct counts: one t each
+    half = np.sqrt(np.maximum(var, 0) / n) * np.asarray(t_quantile(counts))[where]
     df = _node_columns(ds, roles, u_dict, u_feat, u_role)
     df["effect"], df["ci_low"], df["ci_high"] = mean, mean - half, mean + half
     df["n"] = n.astype(int)
