@@ -12,7 +12,8 @@ from factfind.features.dashboard import (
     resolve_feature,
 )
 from factfind.features.dictionary import Dictionaries, Dictionary
-from factfind.features.evaluation import feature_density, special_ids
+from factfind.features.evaluation import feature_density
+from factfind.features.tokens import special_ids
 from factfind.types import Component
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",

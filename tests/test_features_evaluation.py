@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from factfind.errors import ArgumentError, EmptyInputError
 from factfind.features.dictionary import Dictionaries, Dictionary
-from factfind.features.evaluation import evaluate_dictionaries, special_ids, token_batches
+from factfind.features.evaluation import evaluate_dictionaries
+from factfind.features.tokens import special_ids, token_batches
 from factfind.types import Component
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",

@@ -34,8 +34,8 @@ from factfind.concepts.polysemanticity import (
 )
 from factfind.errors import ArgumentError
 from factfind.features.dictionary import Dictionaries, Dictionary
-from factfind.features.evaluation import as_dictionaries
 from factfind.features.labels import role_feature_activations
+from factfind.features.tokens import as_dictionaries
 from factfind.results import tidy
 from factfind.types import Component, Role, Site
 from factfind.validation import validated

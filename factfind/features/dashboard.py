@@ -47,8 +47,8 @@ from tqdm.auto import tqdm
 
 from factfind.errors import ArgumentError, NotFoundError
 from factfind.features.dictionary import Dictionaries, Dictionary
-from factfind.features.evaluation import as_dictionaries, token_batches
 from factfind.features.labels import auto_label
+from factfind.features.tokens import as_dictionaries, special_ids, token_batches
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -295,8 +295,6 @@ def feature_dashboards(
         raise ArgumentError("no features asked for")
     wanted = [resolve_feature(ds, f) for f in features]
     roles = [_role_of(f) for f in features]
-    from factfind.features.evaluation import special_ids
-
     special = set(special_ids(model.tokenizer))
     sources = {name: _scan(model, wanted, data, batch_size=batch_size, max_length=max_length,
                            max_tokens=max_tokens, progress=progress, desc=f"dashboard {name}")

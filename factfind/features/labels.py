@@ -41,7 +41,7 @@ from torch import Tensor
 
 from factfind.errors import ArgumentError, EmptyInputError
 from factfind.features.dictionary import Dictionaries, Dictionary
-from factfind.features.evaluation import as_dictionaries
+from factfind.features.tokens import as_dictionaries
 from factfind.localize.probing import _gather_role
 from factfind.results import tidy
 from factfind.types import Role
