@@ -240,7 +240,13 @@ def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: T
         n_idx, f_idx = active
         moved = delta[n_idx, f_idx] != 0
         n_idx, f_idx = n_idx[moved], f_idx[moved]
-    gdot = (g[n_idx].to(d.W_dec.dtype) * d.W_dec[f_idx]).sum(-1)
+    gd = g.to(d.W_dec.dtype)
+    if delta.shape[0] * d.d_sae <= 64 * len(n_idx):
+        # many active entries per position: one product g @ W_dec^T beats gathering a d_out
+        # row per entry (the gather is memory-bound: ~80x a multiply-add here)
+        gdot = (gd @ d.W_dec.T)[n_idx, f_idx]
+    else:
+        gdot = (gd[n_idx] * d.W_dec[f_idx]).sum(-1)
     val = (delta[n_idx, f_idx] * gdot).double()
     R = w.shape[0]
     W = d.d_sae
