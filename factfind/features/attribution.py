@@ -80,6 +80,7 @@ from factfind.data.batch import PairBatch, pair_batches
 from factfind.errors import ArgumentError, NotFoundError, check_mode
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.splice import splice_edits
+from factfind.features.tokens import as_dictionaries
 from factfind.graph.node import Node
 from factfind.localize.patching import DEFAULT_ROLES
 from factfind.results import t_quantile, tidy
@@ -102,23 +103,15 @@ FEATURE_COLUMNS = ("dictionary", "feature", "node")
 # ----------------------------------------------------------------------------- inputs
 
 
-def as_dictionaries(dicts: Dictionaries | Dictionary | Iterable[Dictionary], model: Model
-                    ) -> Dictionaries:
+def _checked(dicts: Dictionaries | Dictionary | Iterable[Dictionary], model: Model
+             ) -> Dictionaries:
     """``dicts`` as a :class:`Dictionaries` checked against ``model`` and moved to its device
     (an empty set, dictionaries of another model or site: one-line :class:`ArgumentError`)."""
-    if isinstance(dicts, Dictionary):
-        dicts = [dicts]
-    if not isinstance(dicts, Dictionaries):
-        items = list(dicts)
-        if not items:
-            raise ArgumentError("an empty set of dictionaries: pass at least one Dictionary "
-                                "(load_dictionaries, fit_dictionary or Dictionary.random)")
-        dicts = Dictionaries(items)
-    dicts.check(model)
-    dev = model.device
-    if any(d.W_dec.device != dev for d in dicts.values()):
-        dicts = dicts.to(dev)
-    return dicts
+    ds = as_dictionaries(dicts)
+    ds.check(model)
+    if any(d.W_dec.device != model.device for d in ds.values()):
+        ds = ds.to(model.device)
+    return ds
 
 
 def _keys(d: Dictionary) -> tuple[SiteKey, SiteKey]:
@@ -380,7 +373,7 @@ def feature_atp(
     if steps is not None and steps < 1:
         raise ArgumentError(f"steps must be >= 1 (integrated gradients) or None (AtP), got "
                             f"{steps}")
-    ds = as_dictionaries(dicts, model)
+    ds = _checked(dicts, model)
     role_list = _roles(roles)
     batches = list(pair_batches(model, pairs, batch_size))
     bar = tqdm(total=len(batches), desc=_method(steps), unit="batch", disable=not progress)
@@ -765,7 +758,7 @@ def patch_features(
         ``dictionary``, ``feature``, ``node``.
     """
     check_mode(direction, "direction", DIRECTIONS)
-    ds = as_dictionaries(dicts, model)
+    ds = _checked(dicts, model)
     if not nodes:
         raise ArgumentError("nodes is empty: name at least one feature node id")
     parsed = [parse_feature_node(n, ds) for n in nodes]
@@ -898,7 +891,7 @@ def verify_features(
     """
     df = _candidates(estimates)
     direction = str(df["direction"].iloc[0]) if "direction" in df.columns else "noise"
-    ds = as_dictionaries(dicts, model)
+    ds = _checked(dicts, model)
     k = min(top, len(df))
     ids = df["node"].astype(str).tolist()[:k]
     exact = patch_features(model, pairs, ds, ids, direction=direction, metric=metric,
@@ -960,7 +953,7 @@ def feature_missed_bound(
     """
     if subset_size < 1 or coverage < 1:
         raise ArgumentError("subset_size and coverage must be >= 1")
-    ds = as_dictionaries(dicts, model)
+    ds = _checked(dicts, model)
     cand = verification.candidates
     todo = cast(pd.DataFrame, cand.loc[~cand["verified"].to_numpy(dtype=bool)])
     if max_nodes is not None:
@@ -1001,6 +994,5 @@ def feature_missed_bound(
     return Bound(nodes.reset_index(drop=True), buckets, top, len(sets))
 
 
-__all__ = ["DEFAULT_IG_STEPS", "FEATURE_COLUMNS", "FeatureVerification", "as_dictionaries",
-           "feature_atp", "feature_missed_bound", "parse_feature_node", "patch_features",
-           "verify_features"]
+__all__ = ["DEFAULT_IG_STEPS", "FEATURE_COLUMNS", "FeatureVerification", "feature_atp",
+           "feature_missed_bound", "parse_feature_node", "patch_features", "verify_features"]
