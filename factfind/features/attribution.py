@@ -393,8 +393,13 @@ def feature_atp(
     bar.close()
     scores = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
     df = _finish(ds, scores, torch.cat(present, 1), role_list, per_prompt=per_prompt)
-    df["method"] = _method(steps)
+    df["method"] = pd.array([_method(steps)] * len(df), dtype="string")
     df["direction"] = direction
+    for col in ("head", "neuron", "position", "prompt"):  # typed, so tidy has nothing to parse
+        if col not in df.columns:
+            df[col] = pd.array([pd.NA] * len(df), dtype="Int64")
+    for col in ("component", "role"):
+        df[col] = df[col].astype("string")
     return tidy(df)
 
 
