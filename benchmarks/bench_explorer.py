@@ -124,9 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--screenshot", nargs=2, metavar=("REPORT", "PNG"),
                     help="instead: save a picture of REPORT's circuit explorer to PNG")
     ap.add_argument("--node", help="with --screenshot: the node to select")
+    ap.add_argument("--selector", default="#circuit-graph",
+                    help="with --screenshot: which explorer (#circuit-graph1: the whole EAP-IG "
+                    "graph)")
     a = ap.parse_args(argv)
     if a.screenshot:
-        screenshot(Path(a.screenshot[0]), Path(a.screenshot[1]), node=a.node)
+        screenshot(Path(a.screenshot[0]), Path(a.screenshot[1]), node=a.node,
+                   selector=a.selector)
         return
     with tempfile.TemporaryDirectory() as tmp:
         page = build_page(Path(tmp) / "explorer-bench.html", nodes=a.nodes, edges=a.edges,
