@@ -257,3 +257,36 @@ def test_bad_input_is_a_typed_one_line_error(facts):
     per_prompt = ff.feature_atp(model, pairs, dicts, per_prompt=True, progress=False)
     with pytest.raises(ArgumentError, match="aggregate frame"):
         ff.verify_features(model, pairs, dicts, per_prompt, progress=False)
+
+
+def test_fitted_skip_transcoders_are_complete_and_carry_the_effect(facts):
+    """Skip transcoders fitted with ``fit_dictionary`` on the tiny Llama's own MLP activations:
+    IG stays complete, fast equals reference, and the features (not only the error nodes)
+    carry a visible share of the attribution."""
+    from factfind.features.training import fit_dictionary
+
+    model = tiny_model("llama")
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    tb = model.tokenize(list(facts))
+    sites = [(c, layer) for layer in range(model.n_layers) for c in ("mlp_in", "mlp_out")]
+    run = model.run(tb, save=sites)
+    keep = tb.attention_mask.bool()
+    fitted = [fit_dictionary(run.acts[("mlp_in", layer)][keep],
+                             run.acts[("mlp_out", layer)][keep], kind="skip_transcoder",
+                             width=4 * model.d_model, k=8, batch_size=64, epochs=30, layer=layer,
+                             progress=False) for layer in range(model.n_layers)]
+    dicts = Dictionaries(fitted)
+    ig = ff.feature_atp(model, pairs, dicts, roles=GROUP_ROLES, steps=DEFAULT_IG_STEPS,
+                        per_prompt=True, progress=False)
+    for name, d in dicts.items():
+        exact = _whole_site_change(model, pairs, d)
+        got = ig[ig["dictionary"] == name].groupby("prompt")["effect"].sum()
+        got = got.reindex(range(len(pairs))).fillna(0).to_numpy()
+        assert np.abs(got - exact).sum() <= 0.02 * np.abs(exact).sum()
+    fast = ff.feature_atp(model, pairs, dicts, progress=False)
+    ref = ff.feature_atp(model, pairs, dicts, reference=True, progress=False)
+    both = _joined(fast, ref)
+    np.testing.assert_allclose(both["effect"], both["effect_ref"], rtol=1e-4,
+                               atol=1e-5 * both["effect_ref"].abs().max())
+    feats = fast[fast["feature"].notna()]["effect"].abs().sum()
+    assert feats > 0.1 * fast["effect"].abs().sum()
