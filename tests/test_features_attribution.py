@@ -230,6 +230,10 @@ def test_bad_input_is_a_typed_one_line_error(facts):
         (ArgumentError, lambda: ff.feature_atp(model, pairs, [deep], progress=False),
          "does not exist"),
         (ArgumentError, lambda: ff.feature_atp(model, pairs, [], progress=False), "empty"),
+        (ArgumentError, lambda: ff.feature_atp(model, pairs, None, progress=False),  # type: ignore[arg-type]
+         "dicts must be"),
+        (ArgumentError, lambda: ff.feature_atp(model, pairs, ["L0.tc"], progress=False),  # type: ignore[list-item]
+         "Dictionary objects"),
         (ArgumentError, lambda: ff.feature_atp(model, pairs.clean, dicts, progress=False),
          "pairs"),
         (EmptyInputError, lambda: ff.feature_atp(model, pairs[:0], dicts, progress=False),

@@ -107,6 +107,13 @@ def _checked(dicts: Dictionaries | Dictionary | Iterable[Dictionary], model: Mod
              ) -> Dictionaries:
     """``dicts`` as a :class:`Dictionaries` checked against ``model`` and moved to its device
     (an empty set, dictionaries of another model or site: one-line :class:`ArgumentError`)."""
+    if not isinstance(dicts, (Dictionary, Dictionaries, list, tuple)):
+        raise ArgumentError(f"dicts must be a Dictionaries, a Dictionary or a list of them, got "
+                            f"{type(dicts).__name__}")
+    if isinstance(dicts, (list, tuple)):
+        bad = [type(d).__name__ for d in dicts if not isinstance(d, Dictionary)]
+        if bad:
+            raise ArgumentError(f"dicts holds Dictionary objects, got {bad[0]}")
     ds = as_dictionaries(dicts)
     ds.check(model)
     if any(d.W_dec.device != model.device for d in ds.values()):
@@ -368,6 +375,7 @@ def feature_atp(
 
         est = feature_atp(model, pairs, dicts, roles=["subject_last", "final"])
         est.nlargest(20, "score")
+        ff.to_graph(est.nlargest(500, "score"), model, pairs)   # structural edges: O(nodes^2)
     """
     check_mode(direction, "direction", DIRECTIONS)
     if steps is not None and steps < 1:
