@@ -294,3 +294,26 @@ def test_fitted_skip_transcoders_are_complete_and_carry_the_effect(facts):
                                atol=1e-5 * both["effect_ref"].abs().max())
     feats = fast[fast["feature"].notna()]["effect"].abs().sum()
     assert feats > 0.1 * fast["effect"].abs().sum()
+
+
+def test_denoising_and_a_metric_of_its_own(facts):
+    """``direction="denoise"`` and ``metric=`` reach every path: fast == reference, and the
+    exact patch of the top node is measured with the same metric."""
+    from factfind.metrics import prob_correct
+
+    model = tiny_model("gpt2")
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    dicts = _dicts(model)
+    kw = {"direction": "denoise", "metric": prob_correct, "progress": False}
+    fast = ff.feature_atp(model, pairs, dicts, **kw)
+    ref = ff.feature_atp(model, pairs, dicts, reference=True, **kw)
+    both = _joined(fast, ref)
+    assert both["effect_ref"].abs().max() > 0
+    np.testing.assert_allclose(both["effect"], both["effect_ref"], rtol=1e-4,
+                               atol=1e-5 * both["effect_ref"].abs().max())
+    assert (fast["direction"] == "denoise").all()
+    ver = ff.verify_features(model, pairs, dicts, fast, top=4, metric=prob_correct,
+                             progress=False)
+    ids = ver.frame["node"].tolist()
+    again = ff.patch_features(model, pairs, dicts, ids, reference=True, **kw)
+    np.testing.assert_allclose(ver.frame["effect"], again["effect"], rtol=1e-4, atol=1e-6)
