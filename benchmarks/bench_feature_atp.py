@@ -13,7 +13,8 @@ too, this times, side by side in one run:
    with respect to every feature activation and error term at every position, dense), and the
    largest difference between the two on the non-zero values.
 
-Models: the shipped organism (known sport facts) and a tiny random Llama (fixture facts).
+Models: the shipped organism (known sport facts) and a tiny random Llama (fixture facts);
+``--models smollm2`` adds SmolLM2-135M on bench_eap's athlete pairs (one token length).
 
     python benchmarks/bench_feature_atp.py               # 1 thread, both models
     python benchmarks/bench_feature_atp.py --sae         # a residual SAE at every layer too
@@ -61,6 +62,8 @@ def models(which: list[str]) -> list[tuple[str, Any, Any]]:
                                  for b, s in (("Jordan", "basketball"), ("Woods", "golf"),
                                               ("Williams", "tennis"), ("Messi", "football"))])
         out.append(("tiny llama (4 layers, d_model 128)", model, facts))
+    if "smollm2" in which:  # the real model (30 layers, d_model 576, GQA): athlete pairs
+        out.append(("smollm2-135m", ff.load_model("smollm2-135m"), None))
     return out
 
 
@@ -117,6 +120,10 @@ def main() -> None:
     for name, model, facts in models(args.models.split(",")):
         if name == "organism":
             pairs = known_pairs(model, facts, args.pairs)
+        elif facts is None:
+            from bench_eap import pairs_for
+
+            pairs = pairs_for(model, args.pairs)
         else:
             pairs = facts.corrupt(model, seed=0, on_missing="skip")[:args.pairs]
         pb = ff.encode_pairs(model, pairs)
