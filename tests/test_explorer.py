@@ -251,3 +251,12 @@ def test_a_notebook_holds_the_strongest_edges_of_a_big_graph() -> None:
     assert data["edges_total"] == NOTEBOOK_EDGES + 500
     strongest = sorted((abs(d["score"]) for _, _, d in g.graph.edges(data=True)), reverse=True)
     assert [abs(e) for e in data["edges"]["effect"]] == strongest[:NOTEBOOK_EDGES]
+
+
+def test_the_organism_report_carries_the_current_explorer() -> None:
+    # the browser tests drive the committed organism report: after a change to the explorer,
+    # regenerate it (`python analyses/fact_finding.py --overwrite`), so they test this code
+    html = (REPORTS / "fact_finding-organism-organism_sport.html").read_text(encoding="utf-8")
+    templates = ROOT / "factfind" / "report" / "templates"
+    for name in ("explorer.js", "explorer.css"):
+        assert (templates / name).read_text(encoding="utf-8") in html, name
