@@ -24,14 +24,18 @@ from factfind.types import GROUP_ROLES
 
 
 def _dicts(model, *, dtype=torch.float32, seed=0) -> Dictionaries:
-    """A transcoder per layer (TopK, JumpReLU), a ReLU SAE on resid_post of layer 0 and a skip
-    transcoder beside it: every kind, several activations, two dictionaries at one layer."""
+    """A transcoder per layer (TopK, JumpReLU), a ReLU SAE on resid_post of layer 0, TopK SAEs
+    on resid_pre and attn_out of the last layer: several kinds, sites and activations, and
+    several dictionaries at one layer."""
     D, L = model.d_model, model.n_layers
     items = [Dictionary.random(kind="transcoder", activation="topk" if i % 2 == 0 else
                                "jumprelu", layer=i, d_in=D, d_sae=64, k=6, seed=seed + i,
                                dtype=dtype) for i in range(L)]
     items.append(Dictionary.random(kind="sae", activation="relu", layer=0, d_in=D, d_sae=48,
                                    seed=seed + 7, dtype=dtype))
+    items += [Dictionary.random(kind="sae", activation="topk", layer=L - 1, site=site, d_in=D,
+                                d_sae=32, k=4, seed=seed + 8 + i, dtype=dtype)
+              for i, site in enumerate(("resid_pre", "attn_out"))]
     return Dictionaries(items)
 
 

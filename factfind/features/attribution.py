@@ -657,6 +657,7 @@ class _Patches:
     delta_a: dict[str, Tensor]  # name -> [batch pos d_sae]
     delta_e: dict[str, Tensor]  # name -> [batch pos d_out]
     base_metric: Tensor  # [batch]
+    prefix: Any  # the base run kept for incremental patched runs (Model.base_run)
 
 
 def _prepare_patches(model: Model, ds: Dictionaries, pb: PairBatch, roles: Iterable[Role],
@@ -671,7 +672,8 @@ def _prepare_patches(model: Model, ds: Dictionaries, pb: PairBatch, roles: Itera
     de = {n: _dense(src.err[n] - base.err[n], every) for n in ds}
     with torch.no_grad():
         m0 = pb.measure_run(lambda lg: model.run(base_tb, logits=lg).logits, 1, metric)
-    return _Patches(pb, base_tb, masks, da, de, m0)
+        prefix = model.base_run(base_tb)
+    return _Patches(pb, base_tb, masks, da, de, m0, prefix)
 
 
 def _node_delta(ds: Dictionaries, p: _Patches, node: tuple[Dictionary, int | None, Role]
@@ -699,9 +701,15 @@ def _patch_chunk(model: Model, ds: Dictionaries, p: _Patches,
                 deltas[key] = torch.zeros(S, *dv.shape, dtype=dv.dtype, device=dv.device)
             deltas[key][s] += dv
     edits = {k: (lambda y, v=v: y + v.flatten(0, 1).to(y.dtype)) for k, v in deltas.items()}
-    tb = p.base_tb.repeat(S)
+    # incremental (Model.run_from): nothing changes below the lowest patched layer or before
+    # the first patched position, so the stacked run starts there from the cached base run
+    layer = min(k[1] for k in deltas)
+    touched = torch.stack([p.masks[node[2]] for group in sets for node in group]).sum(0)
+    cols = touched.sum(0).nonzero()
+    start = (layer, int(cols.min()) if len(cols) else 0)
     with torch.no_grad():
-        m = p.pb.measure_run(lambda lg: model.run(tb, edits=edits, logits=lg).logits, S, metric)
+        m = p.pb.measure_run(lambda lg: model.run_from(
+            p.prefix, start=start, reps=S, edits=edits, logits=lg).logits, S, metric)
     eff = (m.reshape(S, B) - p.base_metric[None]).double().cpu()
     valid = torch.stack([
         torch.stack([p.masks[node[2]].sum(-1).gt(0).cpu() for node in group]).any(0)
@@ -721,11 +729,14 @@ def _patch_sets(model: Model, ds: Dictionaries, pairs: FactPairs | PairBatch,
     cols = []
     for _, pb in batches:
         p = _prepare_patches(model, ds, pb, roles, direction, metric)
-        parts = []
+        # sets of late layers together: each stacked run starts at its lowest layer
+        order = sorted(range(len(sets)), key=lambda i: min(n[0].layer for n in sets[i]))
+        out = torch.full((len(sets), len(pb)), torch.nan, dtype=torch.float64)
         for c in range(0, len(sets), chunk):
-            parts.append(_patch_chunk(model, ds, p, sets[c:c + chunk], metric))
+            idx = order[c:c + chunk]
+            out[idx] = _patch_chunk(model, ds, p, [sets[i] for i in idx], metric)
             bar.update(1)
-        cols.append(torch.cat(parts) if parts else torch.zeros(0, len(pb), dtype=torch.float64))
+        cols.append(out)
     bar.close()
     return torch.cat(cols, 1)
 
