@@ -772,9 +772,11 @@ def patch_features(
     A feature node ``L5.tc.f1234@final`` takes its activation from the source run at the
     role's positions, in the base run with every dictionary spliced in and error terms kept:
     the run changes by exactly ``Δa_f W_dec[f]`` at the dictionary's written site, which is
-    the additive edit applied here (``S`` nodes stacked in one forward). ``reference=True``
-    runs :func:`~factfind.features.splice.spliced_run` with ``edit_features`` instead, one node
-    at a time. An error node patches its dictionary's error term.
+    the additive edit applied here (``S`` nodes stacked in one incremental forward that starts
+    at the lowest patched layer and first patched position, :meth:`Model.run_from`).
+    ``reference=True`` runs :func:`~factfind.features.splice.spliced_run` with
+    ``edit_features`` instead, one node at a time. An error node patches its dictionary's
+    error term.
 
     Returns:
         One row per node: ``method="exact"``, the site columns, ``effect`` (mean of
