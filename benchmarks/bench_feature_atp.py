@@ -23,6 +23,7 @@ Models: the shipped organism (known sport facts) and a tiny random Llama (fixtur
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -80,8 +81,9 @@ def run_one(name: str, model: Any, pb: Any, dicts: Dictionaries, width: int, arg
 
     t_runs = best_of(runs, args.repeats)
     t_atp = best_of(lambda: ff.feature_atp(model, pb, dicts, **kw), args.repeats)
-    t_ig = best_of(lambda: ff.feature_atp(model, pb, dicts, steps=DEFAULT_IG_STEPS, **kw),
-                   max(1, args.repeats // 3))
+    t_ig = math.nan if args.no_ig else best_of(
+        lambda: ff.feature_atp(model, pb, dicts, steps=DEFAULT_IG_STEPS, **kw),
+        max(1, args.repeats // 3))
     t0 = time.perf_counter()
     ref = ff.feature_atp(model, pb, dicts, reference=True, **kw)
     t_ref = time.perf_counter() - t0
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--sae", action="store_true", help="a residual SAE at every layer too")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-ig", action="store_true", help="skip IG (slow on deep models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine())
