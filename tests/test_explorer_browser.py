@@ -287,6 +287,24 @@ def test_the_layout_reads_on_deep_models(browser: Any, tmp_path: Path, layers: i
     assert not w.problems
 
 
+def test_a_graph_of_tied_edges_opens_on_top_k(browser: Any, tmp_path: Path) -> None:
+    # node-score graphs (to_graph of a patching result) carry every structural edge at effect 0
+    graph = synthetic_graph(300, 1500, n_layers=6)
+    for _, _, d in graph.graph.edges(data=True):
+        d.update(score=0.0, abs_score=0.0, sign=0, method="structural")
+    path = R.write_report(R.ReportData(title="ties", sections=[
+        R.Section(id="circuit", title="Circuit", graphs=[R.graph_view(graph)])]),
+        tmp_path / "ties.html")
+    w = Watched(browser, path.as_uri())
+    first = w.count()["drawn_edges"]
+    topk = w.view.locator(".ffx-topk").input_value()
+    w.view.locator(".ffx-topk").fill("")  # a reader clears the box: every edge
+    every = w.count()["drawn_edges"]
+    w.page.close()
+    assert (first, topk, every) == (400, "400", 1500)
+    assert not w.problems
+
+
 @pytest.mark.slow
 def test_a_10k_node_graph_is_interactive_within_two_seconds(browser: Any,
                                                             tmp_path: Path) -> None:

@@ -210,6 +210,11 @@
     rescale();
     slider.max = String(SLIDER);
     slider.value = String(E > data.initial_edges ? positionOf(absSorted[data.initial_edges - 1]) : 0);
+    // ties (a node-score graph's structural edges all have effect 0) pass any threshold: then
+    // the first view caps them with top-k instead
+    if (countAbove(thresholdAt(+slider.value)) > 2 * data.initial_edges) {
+      topkIn.value = String(data.initial_edges);
+    }
 
     // ------------------------------------------------------------------ the drawing
     const svg = d3.select(holder).append("svg").attr("class", "graph ffx-svg")
