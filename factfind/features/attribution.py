@@ -212,10 +212,12 @@ def _read_pair(model: Model, dicts: Dictionaries, base_tb: TokenBatch, src_tb: T
         y = torch.cat([base_run.acts[write][sel], src_run.acts[write][sel]])
         a, e, n_idx, f_idx = _encode(d, x, y)
         n = len(x) // 2
-        # the entries active on either side, each (position, feature) once
-        n_idx = torch.where(n_idx < n, n_idx, n_idx - n)
-        key = torch.unique(n_idx * d.d_sae + f_idx)
-        base.active[name] = (key // d.d_sae, key % d.d_sae)
+        # the entries active on either side, each (position, feature) once: the base side's,
+        # and the source side's where the base's is not active
+        src_side = n_idx >= n
+        rows = torch.where(src_side, n_idx - n, n_idx)
+        once = ~src_side | (a[rows, f_idx] == 0)
+        base.active[name] = (rows[once], f_idx[once])
         base.acts[name], src.acts[name] = a[:n], a[n:]
         base.err[name], src.err[name] = e[:n], e[n:]
         base.site[name], src.site[name] = y[:n], y[n:]
