@@ -23,10 +23,13 @@ of every feature of every dictionary therefore costs one base forward + backward
 forward of the *plain* model (saving each dictionary's input and output), plus the encoders at
 the positions of the asked roles. **Sparsity**: a feature inactive in both runs at a position has
 ``a(source) - a(base) = 0`` there, so only the (position, feature) pairs active in either run
-are scored, each with one ``d_model`` dot product ``W_dec[f] . g``: no dense ``[pos d_sae]``
-gradient is formed. Nodes inactive in every prompt have exactly zero attribution and no row.
-``reference=True`` runs the literal recipe instead - the dictionaries spliced in, autograd with
-respect to every feature activation and error term, dense - which the tests hold equal.
+are scored, each with one ``d_model`` dot product ``W_dec[f] . g`` (or, where the active
+entries are many per position, one product ``g @ W_dec^T`` at the roles' positions only).
+Nodes inactive in every prompt have exactly zero attribution and no row. ``reference=True``
+runs the literal recipe instead - the dictionaries spliced in as Marks et al. splice them (the
+value is the site's own; the gradient reaches each feature through its decoder, the error as
+it is, and the site's input unchanged), autograd with respect to every feature activation and
+error term, dense - which the tests hold equal.
 
 **Integrated gradients** (``steps=m``). As Marks et al. (who use 10 steps), each dictionary is
 integrated on its own: its features and error move together on the straight line from base to
@@ -56,7 +59,7 @@ Example::
     est = ff.feature_atp(model, pairs, dicts)              # one row per node, |effect| ranked
     ver = ff.verify_features(model, pairs, dicts, est, top=20)
     ver.frame[["node", "estimate", "effect"]]
-    ff.to_graph(est, model, pairs)                         # feature and error nodes
+    ff.to_graph(est.nlargest(500, "score"), model, pairs)  # feature and error nodes
 """
 
 from __future__ import annotations
