@@ -13,9 +13,10 @@
 (b) **The default run's one-off cost and the cached load**: the seconds recorded in the default
     dictionaries' provenance (``factfind train-dictionaries --threads 2``), and the wall time of
     a second ``train_dictionaries`` call with the same arguments (served from the cache).
-(c) **Peak memory, flat in corpus size**: activation collection + training of one layer of the
-    organism at 1x and 10x tokens, each in a fresh process: peak RSS (ru_maxrss) and their
-    ratio, and the same above the process's RSS after loading the model.
+(c) **Peak memory, flat in corpus size**: activation collection + training of skip
+    transcoders at all 4 layers of the organism (8 sites; 16k tokens per 32 MiB shard) at 1x
+    (20k) and 10x (200k) tokens, each in a fresh process: peak RSS (ru_maxrss) and their ratio,
+    and the same above the process's RSS after loading the model and the corpus.
 
 Run from the repository root: ``python benchmarks/bench_dictionaries.py [a] [b] [c]``.
 """
@@ -88,7 +89,7 @@ def _find_cache(layer: int) -> Path:
     return max(hits)[1]
 
 
-def bench_throughput(layer: int = 15, tokens: int = 32768, width: int = 2304, k: int = 32,
+def bench_throughput(layer: int = 15, tokens: int = 24576, width: int = 2304, k: int = 32,
                      batch_size: int = 512, lr: float = 2e-3) -> dict:
     from safetensors.torch import save_file
 
@@ -175,14 +176,14 @@ _MEMORY_SCRIPT = textwrap.dedent('''
     model = ff.load_model("organism")
     corpus = load_corpus(model=model, samples=0, progress=False)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    d = ff.train_dictionaries(model, corpus, layers=[1], tokens=int(sys.argv[1]), width=512,
-                              k=16, epochs=1, cache_dir=sys.argv[2], progress=False)
+    d = ff.train_dictionaries(model, corpus, tokens=int(sys.argv[1]), width=512, k=16,
+                              epochs=1, cache_dir=sys.argv[2], progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"tokens": d.meta["activation_tokens"], "base_kb": base, "peak_kb": peak}))
 ''')
 
 
-def bench_memory(small: int = 4_000) -> dict:
+def bench_memory(small: int = 20_000) -> dict:
     out = {}
     for mult in (1, 10):
         with tempfile.TemporaryDirectory() as tmp:

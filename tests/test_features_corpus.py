@@ -48,7 +48,7 @@ def test_split_is_stable_and_disjoint():
     train, test = c.split(0.1)
     assert set(train.texts).isdisjoint(test.texts) and len(train) + len(test) == 400
     assert 20 < len(test) < 70
-    again = Corpus(c.texts + ["one more"], {}).split(0.1)[1]
+    again = Corpus([*c.texts, "one more"], {}).split(0.1)[1]
     assert set(test.texts) <= set(again.texts)  # adding texts moves none of the others
     with pytest.raises(ArgumentError, match="held_out"):
         c.split(1.5)
