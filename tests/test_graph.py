@@ -29,6 +29,7 @@ from factfind.graph import (
     union,
 )
 from factfind.results import tidy
+from factfind.types import DICTIONARY_NAMES
 
 PROV = Provenance("gpt2", "abc123", "ds-1", "eap", {"seed": 0, "batch": 8},
                   created="2025-01-01T00:00:00+00:00", version="0.1.0")
@@ -61,8 +62,10 @@ def nodes(draw):
     kind = draw(st.sampled_from(KINDS))
     layer = {"embed": -1, "logits": n_layers, "resid": draw(st.integers(0, n_layers))}.get(
         kind, draw(st.integers(0, n_layers - 1)))
-    index = draw(st.integers(0, 10**5)) if kind in ("head", "neuron") else None
-    return Node(kind, layer, index, draw(st.sampled_from(ROLES))), n_layers
+    index = draw(st.integers(0, 10**5)) if kind in ("head", "neuron", "feature") else None
+    dictionary = draw(st.sampled_from(DICTIONARY_NAMES)) if kind in ("feature", "error") \
+        else None
+    return Node(kind, layer, index, draw(st.sampled_from(ROLES)), dictionary), n_layers
 
 
 @given(nodes())
