@@ -255,11 +255,11 @@ def load_corpus(source: str | os.PathLike[str] | Sequence[str] | None = None, *,
     if source is None:
         corpus = default_corpus(model, samples=samples, sample_tokens=sample_tokens, seed=seed,
                                 progress=progress)
-    elif isinstance(source, (list, tuple)):
-        corpus = Corpus([str(t) for t in source], {"source": "texts"})
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         corpus = _from_path_or_hub(source, per_line=per_line, text_field=text_field,
                                    split=split, limit=limit)
+    else:
+        corpus = Corpus([str(t) for t in source], {"source": "texts"})
     if limit is not None:
         corpus = Corpus(corpus.texts[:limit], {**corpus.provenance, "limit": limit})
     if model is not None and "tokens" not in corpus.provenance:
@@ -303,7 +303,7 @@ def _from_path_or_hub(source: str | os.PathLike[str], *, per_line: bool, text_fi
 
         ds = datasets.load_dataset(str(source), split=split if limit is None
                                    else f"{split}[:{limit}]")
-        texts = [str(r[text_field]) for r in ds]
+        texts = [str(r[text_field]) for r in ds]  # type: ignore[index]
     except Exception as e:  # hub unreachable, unknown name, no such field
         raise NotFoundError(f"corpus {str(source)!r}: not a file here and not loadable from "
                             f"the Hugging Face hub ({type(e).__name__}: "

@@ -316,7 +316,8 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
     dk = DictKind(kind) if kind in {k_.value for k_ in DictKind} else None
     if dk is None:
         raise ArgumentError(f"kind must be one of {[k_.value for k_ in DictKind]}, got {kind!r}")
-    width = int(width) if width is not None else DEFAULTS["expansion"] * model.d_model
+    width = int(width) if width is not None else int(DEFAULTS["expansion"] * model.d_model)
+    assert width is not None
     FitConfig(kind=kind, activation=activation, width=width, k=k, batch_size=batch_size,
               epochs=epochs, lr=lr, lr_scale=lr_scale)  # validates before any forward
     plan = _sites_for(model, dk, layers, Component(sae_site))
