@@ -210,7 +210,9 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
         shard_tokens = max(256, shard_bytes // (2 * model.d_model * len(keys)))
     settings = {"batch_tokens": batch_tokens, "shard_tokens": shard_tokens,
                 "max_len": max_len, "seed": seed, "dtype": "float16", "version": 1}
-    key = cache_key(model, corpus, keys, settings)
+    # the key leaves out how the rows are cut into shards (any cut reads back the same rows)
+    key = cache_key(model, corpus, keys, {k: v for k, v in settings.items()
+                                          if k != "shard_tokens"})
     root = Path(folder) if folder is not None else cache_root(cache_dir) / "activations" / key
     import time
 

@@ -250,6 +250,21 @@ def _select_tokens(corpus: Any, tokenizer: Any, tokens: int | None, seed: int) -
     return Corpus([corpus.texts[i] for i in sorted(picked)], prov)
 
 
+def _init_sample(cache: Any, x_site: Any, y_site: Any, rows: int = 16384) -> Batch:
+    """The first ``rows`` rows of the cache (its shards are already in a shuffled order): what
+    fixes the scales, ``b_dec`` and a skip transcoder's least-squares ``W_skip``. One batch of
+    512 rows is too few for a 576 x 576 least-squares fit."""
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    for shard in cache.shards:
+        xs.append(cache.read(shard, x_site))
+        if y_site is not None:
+            ys.append(cache.read(shard, y_site))
+        if sum(len(t) for t in xs) >= rows:
+            break
+    return torch.cat(xs)[:rows], (torch.cat(ys)[:rows] if ys else None)
+
+
 def dictionaries_dir(cache_dir: str | Path | None = None) -> Path:
     """``$FACTFIND_CACHE/dictionaries`` (or ``~/.cache/factfind/dictionaries``)."""
     from factfind.model.checkpoints import cache_root
@@ -357,6 +372,8 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
         stream = cache.batches((x_site, layer), None if y_site is None else (y_site, layer),
                                batch_size=batch_size, epochs=epochs, seed=seed + layer)
         d = fit_dictionary(stream, kind=kind, activation=activation, width=width, k=k,
+                           init=_init_sample(cache, (x_site, layer),
+                                             None if y_site is None else (y_site, layer)),
                            batch_size=batch_size, lr=lr, lr_scale=lr_scale,
                            dead_after=dead_after, aux_alpha=aux_alpha, seed=seed + layer,
                            layer=layer, site=x_site, total_steps=steps,
