@@ -67,19 +67,19 @@ from factfind.evaluate import (
     minimize_circuit,
     prune_circuit,
 )
-from factfind.features.attribution import (
-    FeatureVerification,
-    feature_atp,
-    feature_missed_bound,
-    patch_features,
-    verify_features,
-)
+from factfind.features.attribution import feature_atp
 from factfind.features.corpus import load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard
 from factfind.features.evaluation import evaluate_dictionaries
 from factfind.features.formats import load_dictionaries
 from factfind.features.labels import attribute_features
 from factfind.features.training import fit_dictionary, train_dictionaries
+from factfind.features.verification import (
+    FeatureVerification,
+    feature_missed_bound,
+    patch_features,
+    verify_features,
+)
 from factfind.graph import CircuitGraph, prune, prune_nodes, to_graph
 from factfind.localize.ablation import ablation, effective_model, mean_activations
 from factfind.localize.dla import direct_logit_attribution

@@ -13,17 +13,12 @@
   (:func:`load_corpus`), the on-disk activation cache, and TopK / BatchTopK training with AuxK
   (:func:`fit_dictionary` on tensors, :func:`train_dictionaries` at every layer of a model);
 * :mod:`.attribution`: AtP / IG of every feature and error node over clean/corrupt pairs
-  (:func:`feature_atp`), exact feature patches (:func:`patch_features`), verification
-  (:func:`verify_features`) and the missed-effect bound (:func:`feature_missed_bound`).
+  (:func:`feature_atp`); :mod:`.verification`: exact feature patches (:func:`patch_features`),
+  verification (:func:`verify_features`) and the missed-effect bound
+  (:func:`feature_missed_bound`).
 """
 
-from factfind.features.attribution import (
-    FeatureVerification,
-    feature_atp,
-    feature_missed_bound,
-    patch_features,
-    verify_features,
-)
+from factfind.features.attribution import feature_atp
 from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
@@ -32,6 +27,12 @@ from factfind.features.formats import load_dictionaries, save_dictionaries
 from factfind.features.labels import attribute_features, best_attribute_features
 from factfind.features.splice import splice_edits, spliced_run
 from factfind.features.training import fit_dictionary, train_dictionaries
+from factfind.features.verification import (
+    FeatureVerification,
+    feature_missed_bound,
+    patch_features,
+    verify_features,
+)
 
 __all__ = [
     "Activation",
