@@ -223,6 +223,8 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
         meta = json.loads(manifest.read_text())
         shards = [root / s for s in meta["shards"]]
         if meta.get("key") == key and all(integrity.check(s) is None for s in shards):
+            log.info("activations: %d tokens at %d sites from the cache %s", int(meta["tokens"]),
+                     len(keys), root)
             return ActivationCache(root, keys, shards, int(meta["tokens"]), model.d_model, meta)
     tok = model.tokenizer
     ids = tok(list(corpus.texts), add_special_tokens=True, truncation=True,
@@ -252,6 +254,7 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
     shard_sizes: list[int] = []
     bar = tqdm(total=sum(keep_counts), disable=not progress, unit="tok",
                desc="activations", leave=False)
+    kept = computed = 0
     try:
         for s_i, group in enumerate(plan):
             path = root / f"shard-{s_i:05d}.safetensors"
@@ -260,7 +263,12 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
             shard_sizes.append(n_keep)
             if integrity.check(path) is None:
                 bar.update(n_keep)
+                kept += 1
                 continue
+            if kept and not computed:  # the first shard computed after cached ones
+                log.info("activations: resuming %s, %d of %d shards already cached", root, kept,
+                         len(plan))
+            computed += 1
             parts: dict[SiteKey, list[Tensor]] = {k: [] for k in keys}
             for j in group:
                 rows = [ids[i] for i in batches[j]]
