@@ -228,3 +228,64 @@ def test_train_dictionaries_caches_and_reloads(organism, tmp_path):
     with pytest.raises(ArgumentError, match="unknown site"):
         train_dictionaries(organism, corpus, kind="sae", sae_site="mlp_in",
                            cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "random bytes", "zero length",
+                                   "missing manifest and truncated"])
+def test_a_damaged_dictionary_cache_is_quarantined_and_rebuilt(organism, tmp_path, fault):
+    """Issue 27 for the feature work's caches: a damaged file of a cached dictionary set (and
+    of one layer's folder) is moved into ``quarantine/``, never deleted, and the set is
+    retrained to the same weights (same seed)."""
+    corpus = Corpus(TEXTS * 2, {"source": "test"})
+    kw = dict(layers=[1], width=32, k=4, tokens=None, epochs=1, batch_size=64,
+              cache_dir=tmp_path, progress=False)
+    first = train_dictionaries(organism, corpus, **kw)
+    root = tmp_path / "dictionaries" / first.meta["key"]
+    for folder in (root / "dictionaries", root / "layers" / "L1"):
+        victim = next(p for p in sorted(folder.rglob("*.safetensors")))
+        data = victim.read_bytes()
+        if fault == "truncated":
+            victim.write_bytes(data[: len(data) // 2])
+        elif fault == "random bytes":
+            victim.write_bytes(torch.randint(0, 256, (len(data),), dtype=torch.uint8)
+                               .numpy().tobytes())
+        elif fault == "zero length":
+            victim.write_bytes(b"")
+        else:
+            folder.with_name(folder.name + ".manifest.json").unlink()
+            victim.write_bytes(data[:100])
+    again = train_dictionaries(organism, corpus, **kw)
+    assert not again.meta.get("loaded_from_cache")  # rebuilt, not served
+    assert torch.equal(again["L1.stc"].W_enc, first["L1.stc"].W_enc)
+    moved = list((tmp_path / "dictionaries" / "quarantine").rglob("*.safetensors"))
+    assert len(moved) == 2  # the set's file and the layer's, both kept
+    third = train_dictionaries(organism, corpus, **kw)
+    assert third.meta["loaded_from_cache"]
+
+
+@pytest.mark.parametrize("fault", ["truncated", "random bytes", "zero length",
+                                   "missing sidecar and truncated"])
+def test_a_damaged_activation_shard_is_quarantined_and_collected_again(organism, tmp_path,
+                                                                       fault):
+    corpus = Corpus(TEXTS, {"source": "test"})
+    sites = [("mlp_in", 1)]
+    kw = dict(sites=sites, folder=tmp_path / "acts" / "k", shard_tokens=64, batch_tokens=64,
+              progress=False)
+    a = collect_activations(organism, corpus, **kw)
+    x = a.tensor(("mlp_in", 1))
+    victim = a.shards[1]
+    data = victim.read_bytes()
+    if fault == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif fault == "random bytes":
+        victim.write_bytes(torch.randint(0, 256, (len(data),), dtype=torch.uint8)
+                           .numpy().tobytes())
+    elif fault == "zero length":
+        victim.write_bytes(b"")
+    else:
+        victim.with_name(victim.name + ".time.json").unlink()
+        victim.write_bytes(data[:200])
+    b = collect_activations(organism, corpus, **kw)
+    assert torch.equal(b.tensor(("mlp_in", 1)), x)
+    moved = list((tmp_path / "acts" / "quarantine").rglob(victim.name))
+    assert len(moved) == 1 and moved[0].read_bytes() != data  # the damaged bytes, kept

@@ -222,7 +222,7 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
     if manifest.exists():
         meta = json.loads(manifest.read_text())
         shards = [root / s for s in meta["shards"]]
-        if meta.get("key") == key and all(integrity.check(s) is None for s in shards):
+        if meta.get("key") == key and all(_shard_damage(s) is None for s in shards):
             log.info("activations: %d tokens at %d sites from the cache %s", int(meta["tokens"]),
                      len(keys), root)
             return ActivationCache(root, keys, shards, int(meta["tokens"]), model.d_model, meta)
@@ -261,10 +261,14 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
             n_keep = sum(keep_counts[j] for j in group)
             shards.append(path)
             shard_sizes.append(n_keep)
-            if integrity.check(path) is None:
+            reason = _shard_damage(path)
+            if reason is None:
                 bar.update(n_keep)
                 kept += 1
                 continue
+            if path.exists():  # damaged: set aside (never deleted), then collected again
+                integrity.quarantine(path, reason=reason, sidecar=integrity.sidecar_of(path),
+                                     root=root.parent)
             if kept and not computed:  # the first shard computed after cached ones
                 log.info("activations: resuming %s, %d of %d shards already cached", root, kept,
                          len(plan))
@@ -303,6 +307,18 @@ def collect_activations(model: Any, corpus: Any, *, sites: Sequence[tuple[Any, i
 
     atomic_write_bytes(manifest, json.dumps(meta, indent=1).encode())
     return ActivationCache(root, keys, shards, sum(shard_sizes), model.d_model, meta)
+
+
+def _shard_damage(path: Path) -> str | None:
+    """Why a shard cannot be used (missing, or not what was written: its size and sha256
+    against its sidecar, or, without a sidecar, a safetensors file shorter or longer than its
+    own header), or ``None``."""
+    from factfind import integrity
+
+    reason = integrity.check(path)
+    if reason is None and not integrity.verified_by_record(path):
+        reason = integrity.safetensors_incomplete(path)
+    return reason
 
 
 def _check_finite(a: Tensor, site: SiteKey) -> None:

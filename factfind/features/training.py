@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -320,12 +321,10 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
         dicts = ff.train_dictionaries(model, layers=[3, 20], k=32)
         dicts.at(3).reconstruct(x)
     """
-    import json
 
     from factfind.cache import atomic_write_bytes
     from factfind.features.activations import cache_key, collect_activations
     from factfind.features.corpus import load_corpus
-    from factfind.features.formats import load_dictionaries, save_dictionaries
 
     t0 = time.perf_counter()
     dk = DictKind(kind) if kind in {k_.value for k_ in DictKind} else None
@@ -350,12 +349,14 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
     root = dictionaries_dir(cache_dir) / key
     final = root / "dictionaries"
     prov_path = root / "provenance.json"
+    quarantine_root = dictionaries_dir(cache_dir)
     if final.exists() and prov_path.exists() and not force:
-        dicts = load_dictionaries(final)
-        dicts.meta.update(json.loads(prov_path.read_text()))
-        dicts.meta["loaded_from_cache"] = str(root)
-        log.info("loaded %d cached dictionaries from %s", len(dicts), root)
-        return dicts
+        cached = _load_verified(final, quarantine_root)
+        if cached is not None:
+            cached.meta.update(json.loads(prov_path.read_text()))
+            cached.meta["loaded_from_cache"] = str(root)
+            log.info("loaded %d cached dictionaries from %s", len(cached), root)
+            return cached
     t_collect = time.perf_counter()
     cache = collect_activations(model, corpus, sites=sites, progress=progress,
                                 cache_dir=cache_dir, seed=seed)
@@ -366,8 +367,10 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
     for layer, x_site, y_site in plan:
         one = root / "layers" / f"L{layer}"
         if one.exists() and not force:
-            done.append(next(iter(load_dictionaries(one).values())))
-            continue
+            cached = _load_verified(one, quarantine_root)
+            if cached is not None:
+                done.append(next(iter(cached.values())))
+                continue
         t_layer = time.perf_counter()
         stream = cache.batches((x_site, layer), None if y_site is None else (y_site, layer),
                                batch_size=batch_size, epochs=epochs, seed=seed + layer)
@@ -380,7 +383,7 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
                            checkpoint=root / "checkpoints" / f"L{layer}", progress=progress,
                            model=model_id)
         d.meta["training"]["seconds"] = time.perf_counter() - t_layer
-        save_dictionaries(d, one, format="sparsify", overwrite=True)
+        _save_verified(d, one)
         done.append(d)
         log.info("trained %s: fvu %.3f, dead %.1f%%, %.1f s", d.name,
                  d.meta["training"]["final_fvu"], 100 * d.meta["training"]["dead_fraction"],
@@ -393,9 +396,48 @@ def train_dictionaries(model: Any, corpus: Any = None, *, layers: Iterable[int] 
                   "config": config, "seconds": seconds, "key": key,
                   "threads": torch.get_num_threads()}
     dicts = Dictionaries(done, model=model_id, meta=provenance)
-    save_dictionaries(dicts, final, format="sparsify", overwrite=True)
+    _save_verified(dicts, final)
     atomic_write_bytes(prov_path, json.dumps(provenance, indent=1, default=str).encode())
     return dicts
+
+
+def _manifest_of(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".manifest.json")
+
+
+def _save_verified(dicts: Dictionaries | Dictionary, folder: Path) -> None:
+    """Save in sparsify's format, then record every file's size and sha256 beside the folder
+    (``<folder>.manifest.json``), which :func:`_load_verified` checks before reading."""
+    from factfind.cache import atomic_write_bytes
+    from factfind.features.formats import save_dictionaries
+    from factfind.integrity import manifest
+
+    save_dictionaries(dicts, folder, format="sparsify", overwrite=True)
+    atomic_write_bytes(_manifest_of(folder), json.dumps(manifest(folder), indent=1).encode())
+
+
+def _load_verified(folder: Path, root: Path) -> Dictionaries | None:
+    """A cached dictionary folder if its files match the manifest written with it (or, for a
+    folder cached before manifests, if it reads); else it is moved into ``<root>/quarantine``
+    (one log line, nothing deleted) and ``None`` says to rebuild it."""
+    from factfind.errors import DictionaryFileError
+    from factfind.features.formats import load_dictionaries
+    from factfind.integrity import check_folder, quarantine
+
+    record = _manifest_of(folder)
+    reason = None
+    if record.exists():
+        try:
+            reason = check_folder(folder, json.loads(record.read_text()))
+        except (OSError, ValueError) as e:
+            reason = f"unreadable manifest ({type(e).__name__})"
+    if reason is None:
+        try:
+            return load_dictionaries(folder)
+        except DictionaryFileError as e:
+            reason = str(e)
+    quarantine(folder, reason=reason, sidecar=record, root=root)
+    return None
 
 
 def cli_main(argv: list[str] | None = None) -> None:
