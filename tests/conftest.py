@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models of each family, a small fact set with corrupt partners, and the
 planted-circuit models (:mod:`factfind.testing.planted`) of both families."""
 
+import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
@@ -24,6 +25,23 @@ settings.register_profile("factfind", deadline=None)
 settings.load_profile("factfind")
 
 from conftest_data import SUBJECTS, fact_records  # noqa: E402,F401  (shared with test modules)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs an analysis' ``main`` calls ``configure_logging``, which points the root
+    logger at the stderr pytest captured for that test; restored afterwards, so a later test's
+    log line never goes to a closed stream ("Logging error ... I/O operation on closed file")."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
