@@ -25,6 +25,7 @@ import pandas as pd
 from factfind.report.document import Section, Table
 from factfind.report.explorer import graph_view
 from factfind.report.figures import bar_plot, heatmap, line_plot
+from factfind.report.tables import columns
 
 EXPLAIN_REPRESENTATION = (
     "Linear representation hypothesis: the model stores which attribute a subject has as a "
@@ -104,13 +105,13 @@ def representation_section(decodability: pd.DataFrame, agreement: pd.DataFrame,
                            caption="Effect of patching along the direction(s) over the full "
                                    "activation patch's effect.", alt="patch ratios"))
     tables = [
-        Table(_cols(decodability, ["relation", "layer", "role", "direction", "effect",
+        Table(columns(decodability, ["relation", "layer", "role", "direction", "effect",
                                       "train_accuracy", "chance", "n"]),
                  caption="Held-out decodability (effect = accuracy)", max_rows=60),
-        Table(_cols(agreement, ["relation", "kind", "layer", "role", "method_a", "method_b",
+        Table(columns(agreement, ["relation", "kind", "layer", "role", "method_a", "method_b",
                                    "direction", "layer_b", "effect"]),
                  caption="Cosine agreement across methods and layers", max_rows=80),
-        Table(_cols(ratios, ["layer", "role", "subspace", "rank", "effect", "full_effect",
+        Table(columns(ratios, ["layer", "role", "subspace", "rank", "effect", "full_effect",
                                 "ratio", "n"]),
                  caption="Subspace patching: effect and ratio to the full patch", max_rows=80)]
     return Section(id="concepts-representation", title="Linear representation of attributes",
@@ -131,13 +132,13 @@ def polysemanticity_section(selectivity: pd.DataFrame, fractions: pd.DataFrame,
     sel = selectivity.assign(unit=selectivity["layer"].astype(str).radd("L") + ".n"
                              + selectivity["neuron"].astype(str))
     tables = [
-        Table(_cols(fractions, ["key", "neurons", "selective", "effect",
+        Table(columns(fractions, ["key", "neurons", "selective", "effect",
                                    "mean_polysemanticity", "mean_effective_values",
                                    "n_values"]),
                  caption="Fraction of selective neurons that are monosemantic (effect)"),
-        Table(_cols(basis, ["group", "basis", "k", "effect", "full_effect", "ratio", "n"]),
+        Table(columns(basis, ["group", "basis", "k", "effect", "full_effect", "ratio", "n"]),
                  caption="Top-k neurons vs top-k PCA directions", max_rows=60),
-        Table(_cols(sel, ["unit", "role", "key", "effect", "effective_values", "max_z",
+        Table(columns(sel, ["unit", "role", "key", "effect", "effective_values", "max_z",
                              "top_value", "n_values"]),
                  caption="Polysemanticity per neuron and key (effect = values responded to)",
                  max_rows=90)]
@@ -156,16 +157,16 @@ def superposition_section(capacity: pd.DataFrame, interference: pd.DataFrame,
                         caption="Participation ratio of each lookup activation over the dataset.",
                         alt="effective rank")]
     tables = [
-        Table(_cols(capacity, ["facts", "subjects", "relations", "bits", "lookup_layers",
+        Table(columns(capacity, ["facts", "subjects", "relations", "bits", "lookup_layers",
                                   "neurons", "d_model", "effect", "facts_per_dim",
                                   "bits_per_neuron", "bits_per_dim"]),
                  caption="Capacity (effect = facts per lookup neuron)"),
-        Table(_cols(interference, ["component", "layer", "role", "pairs", "effect", "median",
+        Table(columns(interference, ["component", "layer", "role", "pairs", "effect", "median",
                                       "p90", "max", "n_features", "d", "welch_bound",
                                       "random_mean", "worst_pair"]),
                  caption="Interference between attribute directions (effect = mean |cos|)",
                  max_rows=60),
-        Table(_cols(effective_rank, ["component", "layer", "role", "effect", "entropy_rank",
+        Table(columns(effective_rank, ["component", "layer", "role", "effect", "entropy_rank",
                                         "dims_90", "dims", "n", "subjects"]),
                  caption="Effective rank (effect = participation ratio)")]
     if by_world is not None and not by_world.empty:
@@ -188,7 +189,7 @@ def universality_section(comparison: pd.DataFrame, counts: pd.DataFrame,
         nxg = g if isinstance(g, nx.DiGraph) else g.graph
         views.append(graph_view(nxg, caption=f"{name}: {nxg.number_of_nodes()} nodes, "
                                                 f"{nxg.number_of_edges()} edges"))
-    tables = [Table(_cols(comparison, ["graph_a", "graph_b", "measure", "effect", "count_a",
+    tables = [Table(columns(comparison, ["graph_a", "graph_b", "measure", "effect", "count_a",
                                           "count_b", "shared", "ged", "ged_exact"]),
                        caption="Similarity measures (effect in [0, 1])"),
               Table(counts, caption="Nodes per role signature, side by side", max_rows=80)]
@@ -196,6 +197,3 @@ def universality_section(comparison: pd.DataFrame, counts: pd.DataFrame,
                       explanation=explanation, figures=figs, tables=tables, graphs=views)
 
 
-def _cols(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
-    """The named columns that exist, in order."""
-    return pd.DataFrame(df[[c for c in cols if c in df.columns]]).reset_index(drop=True)

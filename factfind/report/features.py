@@ -17,6 +17,7 @@ import pandas as pd
 from factfind.errors import ArgumentError
 from factfind.report.document import Figure, Section, Table
 from factfind.report.figures import line_plot
+from factfind.report.tables import columns
 
 EXPLAIN_QUALITY = (
     "A sparse dictionary replaces a site of the model by a sparse code over many more features "
@@ -62,9 +63,6 @@ MAX_L0 = 64
 def _mean(column: Any) -> float:
     return float(np.nanmean(np.asarray(column, dtype=float)))
 
-
-def _cols(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame(df[[c for c in cols if c in df.columns]])
 
 
 def quality_table(quality: pd.DataFrame) -> pd.DataFrame:
@@ -118,7 +116,7 @@ def dictionary_quality_section(quality: pd.DataFrame, *, training: Mapping[str, 
                               caption="Share of features that never fired on the held-out "
                                       "tokens, and of those firing on more than 10% of them.",
                               alt="dead and dense fractions"))
-    table = Table(_cols(df, ["dictionary", "layer", "kind", "activation", "width", "k",
+    table = Table(columns(df, ["dictionary", "layer", "kind", "activation", "width", "k",
                              "explained_variance", "l0", "dead_fraction", "dense_fraction",
                              "ce_recovered", "kl_recovered", "ce_clean", "ce_spliced",
                              "ce_zero", "tokens", "misses"]),
@@ -163,7 +161,7 @@ def attribute_features_section(scores: pd.DataFrame, *, top: int = 3,
     per_value = best.groupby("value", sort=True).head(1)
     facts = {"attribute values": len(set(scores["value"])),
              "best F1 (mean over values)": round(_mean(per_value["f1"]), 3)}
-    shown = _cols(best, ["value", "feature_id", "role", "precision", "recall", "f1", "fired",
+    shown = columns(best, ["value", "feature_id", "role", "precision", "recall", "f1", "fired",
                          "positives", "hits", "base_rate", "n"]).round(3)
     return Section(id="dictionaries-attributes", title="Features that name an attribute",
                    explanation=explanation, facts=facts,

@@ -18,6 +18,12 @@ from factfind.report.document import _missing
 from factfind.report.figures import _aggregate, _by_magnitude
 
 
+def columns(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """The named columns of ``df`` that exist, in the order named (a table shows what a frame
+    has, whichever analysis made it)."""
+    return pd.DataFrame(df[[c for c in cols if c in df.columns]]).reset_index(drop=True)
+
+
 def site_label(row: Mapping[str, Any]) -> str:
     """A compact name for a result row, in the style of :attr:`factfind.types.Site.name`:
     ``L3.h2@final``, ``L4.n311@subject_last``, ``L5.mlp_out@pos7``."""
