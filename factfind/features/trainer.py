@@ -76,6 +76,24 @@ class FitConfig:
             raise ArgumentError(f"fit_dictionary trains activation='topk' or 'batchtopk', got "
                                 f"{act.value!r} (load a JumpReLU dictionary instead)")
         del kind
+        for name in ("width", "k", "batch_size", "epochs", "dead_after", "seed", "aux_k"):
+            v = getattr(self, name)
+            if v is None and name == "aux_k":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ArgumentError(f"fit_dictionary: {name} must be an integer, got {v!r}")
+        for name in ("lr", "lr_scale", "aux_alpha", "decay"):
+            v = getattr(self, name)
+            if v is None and name == "lr":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0 or (v == 0 and name in ("lr", "lr_scale")):
+                raise ArgumentError(f"fit_dictionary: {name} must be a finite number "
+                                    f"{'> 0' if name in ('lr', 'lr_scale') else '>= 0'}, "
+                                    f"got {v!r}")
+        if self.seed < 0 or self.dead_after <= 0 or (self.aux_k is not None and self.aux_k <= 0):
+            raise ArgumentError(f"fit_dictionary: seed must be >= 0 and dead_after, aux_k > 0, "
+                                f"got {self.seed}, {self.dead_after}, {self.aux_k}")
         if self.width <= 0:
             raise ArgumentError(f"width must be > 0, got {self.width}")
         if self.k <= 0:
