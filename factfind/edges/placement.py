@@ -23,8 +23,9 @@ to the residual stream.
   by its block's post-norm scale frozen at the run it comes from
   (:meth:`~factfind.model.Model.attn_write_scale`), so a whole layer's writes are exactly what
   it adds to the residual stream in that run. :func:`set_changes` is what a *set* of senders
-  changes between two runs (each run's writes at its own scale), overlapping senders counted
-  once.
+  changes between two runs, overlapping senders counted once; with a post norm it is exact
+  rather than a sum of per-unit writes (the layer's write with the senders' units at their
+  source values and the others at base, minus the base write: the norm sees the mix).
 
 Example::
 
@@ -202,7 +203,12 @@ def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Te
     """What a *set* of senders changes in the residual stream, ``src`` minus ``base``, one
     ``(kind, layer, [batch pos d_model])`` per embed / attention layer / MLP layer; senders that
     overlap (a head and its whole layer, an MLP and one of its neurons) count once. ``cache``
-    keeps per-head and per-layer changes between calls on the same two runs."""
+    keeps per-head and per-layer changes between calls on the same two runs.
+
+    In post-norm families a layer's write is not a sum over its heads or neurons: the post norm
+    divides by the rms of the whole sublayer output. The change is then taken exactly, as the
+    literal recipe makes it: the layer's write with the senders' units at their ``src`` values
+    and every other unit at its ``base`` value, minus the base write (:func:`_mixed_change`)."""
     cache = {} if cache is None else cache
     masks: dict[SiteKey, Tensor] = {}
     for p in placed:
@@ -211,19 +217,19 @@ def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Te
     out = []
     for (comp, layer), m in sorted(masks.items()):
         key = (comp, layer)
-        post = comp is Component.NEURONS and model.spec.mlp_post_norm is not None
+        if comp is Component.Z and model.spec.attn_post_norm is not None:
+            out.append(("head", layer, _mixed_change(model, key, src[key], base[key], m, cache)))
+            continue
+        if comp is Component.NEURONS and model.spec.mlp_post_norm is not None:
+            out.append(("mlp", layer, _mixed_change(model, key, src[key], base[key], m, cache)))
+            continue
         if key not in cache:
             d = src[key] - base[key]
-            if comp is Component.Z and model.spec.attn_post_norm is not None:
-                d = model.head_out(layer, src[key]) - model.head_out(layer, base[key])
-            elif comp is Component.Z:  # per head, in the residual stream: [B P H d_model]
+            if comp is Component.Z:  # per head, in the residual stream: [B P H d_model]
                 d = torch.einsum("bphd,hdm->bphm", d, model.W_O(layer).to(d.dtype))
             cache[key] = d
         d = cache[key]
-        if post:  # each run's writes at its own post-norm scale
-            out.append(("mlp", layer, _post_norm_mlp_change(model, layer, src[key], base[key],
-                                                            m, cache)))
-        elif comp is Component.EMBED:
+        if comp is Component.EMBED:
             out.append(("embed", -1, d * m[..., None].to(d.dtype)))
         elif comp is Component.Z:
             out.append(("head", layer, torch.einsum("bph,bphm->bpm", m.to(d.dtype), d)))
@@ -238,19 +244,45 @@ def set_changes(model: Model, src: dict[SiteKey, Tensor], base: dict[SiteKey, Te
     return out
 
 
+def _layer_write(model: Model, key: SiteKey, act: Tensor) -> Tensor:
+    """A whole sublayer's write into the residual stream from its ``z [N head d_head]`` or
+    ``neurons [N neuron]``, through the post norm at this activation's own scale: ``[N
+    d_model]`` (no bias: post-norm families have none on these projections)."""
+    comp, layer = key
+    if comp is Component.Z:
+        pre = torch.einsum("nhd,hdm->nm", act, model.W_O(layer).to(act.dtype))
+        return pre * model.attn_write_scale(layer, act)
+    return (act @ model.W_out(layer).to(act.dtype)) * model.mlp_write_scale(layer, act)
 
-def _post_norm_mlp_change(model: Model, layer: int, src: Tensor, base: Tensor, m: Tensor,
-                          cache: dict[Any, Tensor]) -> Tensor:
-    """``[B P d_model]``: what the neurons in ``m [B P neuron]`` write in ``src`` minus in
-    ``base``, each run's writes times its own frozen post-norm scale."""
-    key = ("mlp_scales", layer)
-    if key not in cache:
-        cache[key] = torch.stack([model.mlp_write_scale(layer, src),
-                                  model.mlp_write_scale(layer, base)])
-    fs, fb = cache[key]
-    w = model.W_out(layer).to(src.dtype)
-    mm = m.to(src.device, src.dtype)
-    return ((src * mm) @ w) * fs - ((base * mm) @ w) * fb
+
+def _mixed_change(model: Model, key: SiteKey, src: Tensor, base: Tensor, m: Tensor,
+                  cache: dict[Any, Tensor]) -> Tensor:
+    """``[B P d_model]``: a post-norm sublayer's write with the units in ``m`` (``[B P head]``
+    or ``[B P neuron]``) at their ``src`` values and the rest at ``base``, minus its base
+    write; computed at the positions ``m`` touches only (zero elsewhere). Where ``m`` holds
+    every unit of a position the mixed write is the source run's own, cached per layer."""
+    m = m.to(src.device)
+    rows = m.any(-1)  # [B P]
+    out = torch.zeros(*rows.shape, model.d_model, dtype=src.dtype, device=src.device)
+    if not bool(rows.any()):
+        return out
+    if ("base_write", key) not in cache:
+        cache[("base_write", key)] = _layer_write(model, key, base.flatten(0, 1)).reshape(
+            *rows.shape, model.d_model)
+    base_w = cache[("base_write", key)]
+    full = rows & m.all(-1)
+    part = rows & ~full
+    if bool(full.any()):
+        if ("src_write", key) not in cache:
+            cache[("src_write", key)] = _layer_write(model, key, src.flatten(0, 1)).reshape(
+                *rows.shape, model.d_model)
+        out[full] = cache[("src_write", key)][full] - base_w[full]
+    if bool(part.any()):
+        sel = m[part]  # [N unit]
+        shape = (*sel.shape, *([1] * (src.dim() - 3)))
+        mixed = torch.where(sel.reshape(shape), src[part], base[part])
+        out[part] = _layer_write(model, key, mixed) - base_w[part]
+    return out
 
 
 __all__ = [
