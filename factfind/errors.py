@@ -213,3 +213,53 @@ class HubUnavailableError(FactfindError, OSError):
 
     def __str__(self) -> str:  # OSError would prefix an errno
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(FactfindError, ValueError):
+    """A checkpoint that cannot be resolved or read: a missing or corrupt GGUF file, an unknown
+    short name. ``argument`` names the argument at fault (the message starts with it)."""
+
+    def __init__(self, message: str, *, argument: str = "source") -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_checkpoint_error, (type(self), self.args[0] if self.args else "",
+                                            dict(self.__dict__)))
+
+
+def _rebuild_checkpoint_error(cls: type[CheckpointError], message: str, state: dict[str, Any]
+                              ) -> CheckpointError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class ModelNotInstalledError(CheckpointError):
+    """A short model name (``"gemma-3-270m"``) whose package is not installed, with nothing
+    cached and the hub's copy out of reach; the message names the package to install.
+
+    Attributes:
+        package: the pip name of the package that ships the checkpoint.
+    """
+
+    def __init__(self, message: str, *, package: str | None = None,
+                 argument: str = "source") -> None:
+        self.package = package
+        super().__init__(message, argument=argument)
+
+
+class IncompleteInstallError(CheckpointError):
+    """A package that ships its checkpoint in chunk packages is installed, but some of the
+    chunk packages are not (or lack their slice); the message names each one and the pip
+    command that installs them.
+
+    Attributes:
+        missing: the pip names of the chunk packages to install.
+    """
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = (),
+                 argument: str = "source") -> None:
+        self.missing = missing
+        super().__init__(message, argument=argument)

