@@ -26,6 +26,16 @@ attn, resid) and the token role it sits at. :func:`compare_graphs` returns one r
 
 :func:`signature_counts` lists the counts side by side, for the report.
 
+**Across models of different sizes** the fact-recall measurements themselves are compared on
+relative depth, ``layer / (n_layers - 1)`` (:func:`layer_depth`, the findings table's
+convention): :func:`model_measures` reads one model's literature findings, knockout and pruned
+circuit into one row per :data:`MEASURES` entry (ROME's early and late sites, Geva's knockout
+peak and centroid, Fact Finding's effective-model and probe onsets, the circuit's median depth
+and its size at faithfulness 0.9); :func:`agreement` says, per measure, which models sit
+earliest and latest and whether they agree within :data:`AGREE_WITHIN`;
+:func:`circuit_composition` counts a circuit's kinds (heads, neurons, ...) and
+:func:`node_signature_similarity` compares circuits given as node lists by signature.
+
 Example::
 
     ga, gb = prune(to_graph(eap_ig(m1, p1), m1, p1), top_n=40), prune(..., top_n=40)
@@ -36,10 +46,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import pandas as pd
 
 from factfind.graph import CircuitGraph, Node, compare
@@ -181,3 +192,218 @@ def signature_counts(graphs: Iterable[tuple[str, CircuitGraph]], *, bins: int = 
     keys = sorted(set().union(*cols.values()))
     return pd.DataFrame([{"layer_fraction": k[0], "kind": k[1], "role": k[2],
                           **{name: c[k] for name, c in cols.items()}} for k in keys])
+
+
+# ----------------------------------------------------------------------------- across models
+# The same fact-recall measurements on several models, side by side on relative depth: where
+# ROME's sites and Geva's knockout peak, when Fact Finding's effective model and probe set in,
+# how large and of what kinds the circuit at faithfulness 0.9 is (analyses/universality.py).
+
+AGREE_WITHIN = 0.15
+"""Two depths "agree" when they differ by at most this (0.15 of the depth: about 2 of 18
+layers, 4 of 30, and less than one of the organism's 4)."""
+
+FINDING_MEASURES = {
+    "ROME early site": "early site",
+    "ROME late site": "late site",
+    "Geva knockout: final -> subject": "knockout centroid",
+    "Fact Finding effective model": "effective model onset",
+    "Fact Finding probe by layer": "probe onset",
+}
+"""The literature finding (:mod:`factfind.report.findings`) each depth measure is read from."""
+
+MEASURES = {
+    "early site": "causal tracing: the layer whose MLP window at the last subject token restores "
+                  "the answer most (ROME's early site)",
+    "late site": "causal tracing: the layer whose attention window at the final token restores "
+                 "the answer most (ROME's late site)",
+    "knockout peak": "attention knockout: the window start whose final -> subject block drops "
+                     "p(answer) most (Geva et al.)",
+    "knockout centroid": "attention knockout: the damage-weighted mean window start of the "
+                         "final -> subject block",
+    "effective model onset": "the smallest k from which attention at the subject can be "
+                             "mean-ablated keeping 90% of the accuracy (Fact Finding)",
+    "probe onset": "the first layer where a linear probe at the last subject token reaches 90% "
+                   "of its best held-out accuracy (Fact Finding)",
+    "circuit depth": "the median layer of the nodes of the pruned circuit at F >= 0.9",
+    "circuit size": "nodes (head or neuron x token role) of the pruned circuit at F >= 0.9; "
+                    "value: share of all such nodes",
+}
+"""Every measure of :func:`model_measures`, in table order, with its definition."""
+
+MEASURE_COLUMNS = ("model", "measure", "layer", "n_layers", "depth", "value", "holds",
+                   "detail")
+
+
+def layer_depth(layer: float, n_layers: int) -> float:
+    """Relative depth ``layer / (n_layers - 1)``: 0 for the first layer, 1 for the last (the
+    convention of :mod:`factfind.report.findings`, so one layer has one depth in a report)."""
+    return float(layer) / max(1, n_layers - 1)
+
+
+def circuit_nodes_of(path: pd.DataFrame, n_layers: int) -> list[Node]:
+    """The nodes of a pruning search's result (:func:`~factfind.evaluate.prune_circuit`: the
+    last accepted row's ``;``-joined ids)."""
+    accepted = path.loc[path["accepted"].to_numpy(dtype=bool)]
+    if accepted.empty or not str(accepted["nodes"].iloc[-1]):
+        return []
+    return [Node.parse(i, n_layers=n_layers) for i in str(accepted["nodes"].iloc[-1]).split(";")]
+
+
+def _measure(model: str, measure: str, n_layers: int, *, layer: float | None = None,
+             value: float | None = None, holds: bool | None = None, detail: str = ""
+             ) -> dict[str, Any]:
+    at = float("nan") if layer is None or pd.isna(layer) else float(layer)
+    return {"model": model, "measure": measure, "layer": at, "n_layers": n_layers,
+            "depth": float("nan") if np.isnan(at) else round(layer_depth(at, n_layers), 3),
+            "value": float("nan") if value is None or pd.isna(value) else float(value),
+            "holds": holds, "detail": detail}
+
+
+def _knockout_peak(knockout: pd.DataFrame | None) -> tuple[float | None, float | None, str]:
+    """The window start of the largest final -> subject drop in an aggregated knockout table."""
+    if knockout is None or knockout.empty:
+        return None, None, "not measured"
+    rows = knockout.loc[(knockout["role"].astype(str) == "subject").to_numpy()]
+    if rows.empty:
+        return None, None, "no final -> subject knockout"
+    curve = rows.groupby("layer")["effect"].mean()
+    drop = -float(curve.min())
+    if not drop > 0:
+        return None, drop, "blocking final -> subject never lowers p(answer)"
+    layer = int(curve.idxmin())
+    return layer, drop, f"p(answer) drops {drop:.1%} blocking from layer {layer}"
+
+
+def model_measures(model: str, n_layers: int, findings: pd.DataFrame, *,
+                   knockout: pd.DataFrame | None = None, circuit: pd.DataFrame | None = None,
+                   target: float = 0.9) -> pd.DataFrame:
+    """One model's row per :data:`MEASURES` entry, on relative depth (:func:`layer_depth`).
+
+    Args:
+        model: the label of the model in the tables.
+        n_layers: its depth.
+        findings: :func:`~factfind.report.findings.literature_findings` of the model (the
+            sites, the knockout centroid, the effective model and the probe onset are read
+            from it, with its ``holds`` and its ``measured`` text as ``detail``).
+        knockout: the aggregated attention knockout (for the peak: the window start of the
+            largest final -> subject drop; ``value`` is the drop).
+        circuit: the path of :func:`~factfind.evaluate.prune_circuit` (the last accepted row
+            is the circuit; ``holds`` says whether it keeps ``F >= target``).
+
+    Returns:
+        :data:`MEASURE_COLUMNS`; ``layer``/``depth`` NaN where a measure has no layer (not
+        measurable, or no circuit), ``detail`` says why.
+    """
+    by_finding = {r["finding"]: r for r in findings.to_dict("records")}
+    rows: dict[str, dict[str, Any]] = {}
+    for finding, measure in FINDING_MEASURES.items():
+        r = by_finding.get(finding)
+        if r is None:
+            rows[measure] = _measure(model, measure, n_layers, detail="not measured")
+            continue
+        holds = None if r["holds"] is None or pd.isna(r["holds"]) else bool(r["holds"])
+        layer = r["layer"]
+        if measure in ("early site", "late site") and not (r["value"] is not None
+                                                          and float(r["value"]) > 0):
+            layer = None  # no restoration anywhere: the argmax of the curve is no site
+        rows[measure] = _measure(model, measure, n_layers, layer=layer, value=r["value"],
+                                 holds=holds, detail=str(r["measured"]))
+    layer, drop, detail = _knockout_peak(knockout)
+    rows["knockout peak"] = _measure(model, "knockout peak", n_layers, layer=layer, value=drop,
+                                     detail=detail)
+    if circuit is None or circuit.empty:
+        rows["circuit depth"] = _measure(model, "circuit depth", n_layers, detail="not measured")
+        rows["circuit size"] = _measure(model, "circuit size", n_layers, detail="not measured")
+    else:
+        accepted = circuit.loc[circuit["accepted"].to_numpy(dtype=bool)]
+        last = accepted.iloc[-1]
+        start = int(circuit["size"].iloc[0])
+        nodes = circuit_nodes_of(circuit, n_layers)
+        f = float(last["faithfulness"])
+        detail = (f"{int(last['size']):,} of {start:,} nodes ({float(last['fraction']):.2%}) at "
+                  f"faithfulness {f:.2f} after {int(circuit['round'].to_numpy().max())} rounds")
+        rows["circuit size"] = _measure(model, "circuit size", n_layers,
+                                        value=float(last["fraction"]), holds=f >= target,
+                                        detail=detail)
+        if nodes:
+            med = float(np.median([v.layer for v in nodes]))
+            rows["circuit depth"] = _measure(model, "circuit depth", n_layers, layer=med,
+                                             value=float(len(nodes)),
+                                             detail=f"median layer {med:g} of {len(nodes)} nodes")
+        else:
+            rows["circuit depth"] = _measure(model, "circuit depth", n_layers,
+                                             detail="the circuit has no nodes")
+    return pd.DataFrame([rows[m] for m in MEASURES], columns=list(MEASURE_COLUMNS))
+
+
+def circuit_composition(model: str, nodes: Sequence[Node], n_layers: int) -> pd.DataFrame:
+    """The kinds of a circuit's components: one row per kind (head, mlp, neuron, feature, ...)
+    with ``nodes``, ``share`` of the circuit, distinct ``layers`` it occupies (for neurons: the
+    MLP layers), ``median_depth`` and its most common token ``role``."""
+    rows = []
+    total = len(nodes)
+    for kind in sorted({v.kind for v in nodes}):
+        of = [v for v in nodes if v.kind == kind]
+        layers = [v.layer for v in of]
+        rows.append({"model": model, "kind": kind, "nodes": len(of), "share": len(of) / total,
+                     "layers": len(set(layers)),
+                     "median_depth": round(layer_depth(float(np.median(layers)), n_layers), 3),
+                     "role": Counter(v.role for v in of).most_common(1)[0][0]})
+    return pd.DataFrame(rows, columns=["model", "kind", "nodes", "share", "layers",
+                                       "median_depth", "role"])
+
+
+def node_signature_similarity(circuits: Mapping[str, tuple[Sequence[Node], int]], *,
+                              bins: int = 4) -> pd.DataFrame:
+    """Every pair of circuits given as ``{model: (nodes, n_layers)}`` compared by the weighted
+    Jaccard of their node signatures (:func:`signature`: depth quarter, kind, role) and of each
+    part, as :func:`compare_graphs`' ``nodes/...`` rows (columns ``graph_a``, ``graph_b``,
+    ``measure``, ``effect``, ``count_a``, ``count_b``, ``shared``). Unit indices never enter,
+    so circuits of models of any size compare."""
+    sigs = {m: [signature(v, n, bins=bins) for v in nodes] for m, (nodes, n) in circuits.items()}
+    parts = {"signature": slice(0, 3), "layer_fraction": slice(0, 1), "kind": slice(1, 2),
+             "role": slice(2, 3)}
+    rows = []
+    names = list(sigs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for part, sl in parts.items():
+                j, na, nb, shared = _weighted_jaccard(Counter(s[sl] for s in sigs[a]),
+                                                      Counter(s[sl] for s in sigs[b]))
+                rows.append({"graph_a": a, "graph_b": b, "measure": f"nodes/{part}",
+                             "effect": j, "count_a": na, "count_b": nb, "shared": shared})
+    return pd.DataFrame(rows, columns=["graph_a", "graph_b", "measure", "effect", "count_a",
+                                       "count_b", "shared"])
+
+
+def agreement(measures: pd.DataFrame, *, within: float = AGREE_WITHIN) -> pd.DataFrame:
+    """Where models agree: per depth measure of :func:`model_measures` rows (several models),
+    the models that have it, the ``earliest`` and ``latest`` of them with their depths, the
+    ``spread`` (latest - earliest) and ``agree`` (``spread <= within``). The circuit size is
+    compared by the ratio of the largest to the smallest share (``ratio``; ``agree`` when it is
+    at most 2). A measure fewer than two models have gets ``agree`` None."""
+    rows = []
+    for measure in MEASURES:
+        m = measures.loc[(measures["measure"] == measure).to_numpy()]
+        col = "value" if measure == "circuit size" else "depth"
+        have = m.loc[m[col].notna().to_numpy()]
+        row: dict[str, Any] = {"measure": measure, "models": len(have),
+                               "missing": ", ".join(m.loc[m[col].isna().to_numpy(), "model"]
+                                                    .astype(str))}
+        if have.empty:
+            rows.append({**row, "agree": None})
+            continue
+        order = have.sort_values(col, kind="stable")
+        lo, hi = order.iloc[0], order.iloc[-1]
+        row.update(earliest=lo["model"], earliest_value=float(lo[col]), latest=hi["model"],
+                   latest_value=float(hi[col]), spread=float(hi[col]) - float(lo[col]))
+        if measure == "circuit size":
+            ratio = float(hi[col]) / float(lo[col]) if float(lo[col]) > 0 else float("inf")
+            row.update(ratio=ratio, agree=bool(ratio <= 2.0) if len(have) > 1 else None)
+        else:
+            row.update(agree=bool(row["spread"] <= within) if len(have) > 1 else None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["measure", "models", "agree", "earliest",
+                                       "earliest_value", "latest", "latest_value", "spread",
+                                       "ratio", "missing"])
