@@ -18,7 +18,11 @@ the full model ``M`` and the empty circuit ``∅``. The pieces, one module each:
   of nodes (heads and single neurons): attribution scores re-taken in each pruned circuit's
   context order the removals, exact faithfulness accepts them (:func:`removal_scores`);
 * :mod:`~factfind.evaluate.paths`: :func:`proportion_explained` (Goldowsky-Dill et al. 2023),
-  a graph tested as a hypothesis about paths by edge-level path patching.
+  a graph tested as a hypothesis about paths by edge-level path patching;
+* :mod:`~factfind.evaluate.bases`: feature circuits (dictionary features and error nodes)
+  through the same engine (:func:`evaluate_feature_circuits`), and the feature, neuron and
+  head/MLP bases compared at equal node budgets (:func:`basis_comparison`,
+  :func:`basis_figure`).
 
 Example::
 
@@ -27,13 +31,15 @@ Example::
     proportion_explained(model, pairs, circuit)           # the paths the nodes induce
 """
 
+from factfind.evaluate.bases import basis_comparison, basis_figure, evaluate_feature_circuits
 from factfind.evaluate.engine import CircuitLike, circuit_nodes, evaluate_circuits, node_scores
 from factfind.evaluate.measures import completeness, faithfulness, faithfulness_curve, minimality
 from factfind.evaluate.paths import proportion_explained
 from factfind.evaluate.prune import prune_circuit, removal_scores
 from factfind.evaluate.search import greedy_circuit, minimize_circuit
 
-__all__ = ["CircuitLike", "circuit_nodes", "completeness", "evaluate_circuits",
-           "faithfulness", "faithfulness_curve", "greedy_circuit", "minimality",
+__all__ = ["CircuitLike", "basis_comparison", "basis_figure", "circuit_nodes", "completeness",
+           "evaluate_circuits", "evaluate_feature_circuits", "faithfulness",
+           "faithfulness_curve", "greedy_circuit", "minimality",
            "minimize_circuit", "node_scores", "proportion_explained", "prune_circuit",
            "removal_scores"]

@@ -15,15 +15,22 @@
 * :mod:`.attribution`: AtP / IG of every feature and error node over clean/corrupt pairs
   (:func:`feature_atp`); :mod:`.verification`: exact feature patches (:func:`patch_features`),
   verification (:func:`verify_features`) and the missed-effect bound
-  (:func:`feature_missed_bound`).
+  (:func:`feature_missed_bound`);
+* :mod:`.interventions`: swap or steer the attributed features and count answer flips
+  (:func:`feature_interventions`); :mod:`.circuits`: per-pair attributions aggregated over a
+  relation (:func:`aggregate_circuit`) and their stability across halves
+  (:func:`circuit_stability`). The three-bases comparison is
+  :mod:`factfind.evaluate.bases` (it needs the circuit engine, a layer above).
 """
 
 from factfind.features.attribution import feature_atp
+from factfind.features.circuits import aggregate_circuit, circuit_stability
 from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.evaluation import evaluate_dictionaries, feature_density
 from factfind.features.formats import load_dictionaries, save_dictionaries
+from factfind.features.interventions import feature_interventions
 from factfind.features.labels import attribute_features, best_attribute_features
 from factfind.features.splice import splice_edits, spliced_run
 from factfind.features.training import fit_dictionary, train_dictionaries
@@ -42,13 +49,16 @@ __all__ = [
     "Dictionary",
     "FeatureDashboard",
     "FeatureVerification",
+    "aggregate_circuit",
     "attribute_features",
     "best_attribute_features",
+    "circuit_stability",
     "evaluate_dictionaries",
     "feature_atp",
     "feature_dashboard",
     "feature_dashboards",
     "feature_density",
+    "feature_interventions",
     "feature_missed_bound",
     "fit_dictionary",
     "load_corpus",
