@@ -440,6 +440,10 @@ def test_bad_input_is_one_typed_line(facts):
         g.feature_index(0, 0, 10 ** 6)
     one_line(e)
     assert g.index_of(g.node_names()[5]) == 5
+    last = g.n_pos - 1
+    final_feature = next(i for i in range(g.n_features) if int(g.features[i, 1]) == last)
+    la, _, f = g.features[final_feature].tolist()
+    assert g.index_of(f"L{la}.{g.dictionary[la]}.f{f}@final") == final_feature
     empty = g.prune()
     empty.node_mask[:] = False
     empty.edge_mask[:] = False

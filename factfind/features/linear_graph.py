@@ -154,9 +154,15 @@ class LinearGraph:
     def index_of(self, node: str) -> int:
         """The node index of a node named as in :meth:`nodes_frame`'s ``name`` column:
         ``L3.tc.f301@5`` (feature 301 of layer 3 at position 5), ``L3.tc.err@5``,
-        ``embed@5``, ``logit@<token id>``. A name that matches no node is a one-line
+        ``embed@5``, ``logit@<token id>``; a factfind id at a role that names one position
+        (``L3.tc.f301@final``) works too. A name that matches no node is a one-line
         :class:`NotFoundError`."""
         names = self.node_names()
+        unit, _, where = node.rpartition("@")
+        if unit and where in self.roles:  # a factfind id at a role that names one position
+            hits = [p for p, r in enumerate(self.roles) if r == where]
+            if len(hits) == 1:
+                node = f"{unit}@{hits[0]}"
         try:
             return names.index(node)
         except ValueError:

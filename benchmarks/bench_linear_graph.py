@@ -1,0 +1,182 @@
+"""Benchmark: the single-prompt linearised attribution graph (factfind.features.linear_graph).
+
+Measures, in one run per model, the cost of the graph in forward-pass equivalents: **FE per
+target node** = (seconds of the batched transposed passes / number of targets) / (seconds of one
+plain forward of the same prompt), the goal being <= 1.5 FE; and the wall time of the default
+single-prompt graph (capture, every target, pruning, scores) on SmolLM2-135M with its default
+dictionaries (skip transcoders at all 30 layers, `train_dictionaries`' cached set; the goal
+<= 5 min on 2 cores). Also: the head split of the pruned graph's strongest targets, and the
+graph's replacement and completeness scores and error share per layer.
+
+    python benchmarks/bench_linear_graph.py --models organism,smollm2 --threads 1
+    python benchmarks/bench_linear_graph.py --models organism \
+        --circuit-tracer /tmp/ct-venv/bin/python
+
+With ``--circuit-tracer PYTHON`` (a virtualenv holding circuit-tracer 0.5.0, which does not install
+beside factfind's pins: ``python3 -m venv /tmp/ct-venv && /tmp/ct-venv/bin/pip install
+torch==2.13.0 circuit-tracer==0.5.0``) the same adjacency is pruned and scored by circuit-tracer's
+own ``prune_graph`` and ``compute_graph_scores``, and the exported graph JSON is validated by its
+own pydantic ``Model`` and ``Metadata``; the script prints both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import best_of, machine
+
+
+def _organism():
+    import factfind as ff
+    from factfind.features import Dictionaries, Dictionary
+
+    model = ff.load_model("organism")
+    facts = ff.load_facts("organism:sport").known_by(model)
+    dicts = Dictionaries([Dictionary.random(kind="skip_transcoder", activation="topk", layer=la,
+                                            d_in=model.d_model, d_sae=4 * model.d_model, k=32,
+                                            seed=la) for la in range(model.n_layers)])
+    return model, facts[0], dicts, "organism, random skip transcoders 4x d_model, k=32"
+
+
+def _smollm2():
+    import factfind as ff
+
+    model = ff.load_model("smollm2-135m")
+    corpus = ff.load_corpus(model=model, progress=False).split(0.05)[0]
+    dicts = ff.train_dictionaries(model, corpus, progress=False)  # the cached default set
+    facts = ff.load_facts("rome_known")
+    known = facts[:200].known_by(model)
+    return model, known[0], dicts, f"smollm2-135m, default dictionaries {dicts!r}"
+
+
+def bench(name: str, batch_size: int, heads: int, ct_python: str | None = None) -> dict:
+    from factfind.features.linear_graph import linear_graph
+
+    t0 = time.perf_counter()
+    model, prompt, dicts, what = {"organism": _organism, "smollm2": _smollm2}[name]()
+    t_load = time.perf_counter() - t0
+    tb = model.tokenize([prompt])
+    fe = best_of(lambda: model.run(tb), 3)
+    t1 = time.perf_counter()
+    g = linear_graph(model, prompt, dicts, batch_size=batch_size, progress=False)
+    t_graph = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    pruned = g.prune()
+    rep, comp = g.scores()
+    share = g.error_share()
+    t_prune = time.perf_counter() - t2
+    per_target = g.meta["seconds_targets"] / max(1, g.meta["n_targets"])
+    out = {"model": what, "prompt": g.prompt, "tokens": g.n_pos, "load_s": round(t_load, 2),
+           "features": g.n_features, "targets": g.meta["n_targets"], "logits": g.n_logits,
+           "forward_s": fe, "graph_s": round(t_graph, 2), "targets_s":
+           round(g.meta["seconds_targets"], 2), "prune_and_scores_s": round(t_prune, 2),
+           "fe_per_target": round(per_target / fe, 3),
+           "total_s": round(t_graph + t_prune, 2),
+           "kept_nodes": int(pruned.node_mask.sum()), "kept_edges": int(pruned.edge_mask.sum()),
+           "replacement": round(rep, 4), "completeness": round(comp, 4),
+           "error_flagged_layers": share.loc[share["flagged"], "layer"].tolist()}
+    if heads:
+        kept = [i for i in pruned.node_mask.nonzero()[:, 0].tolist() if i in set(g.target_rows())]
+        infl = pruned.cumulative_scores
+        top = sorted(kept, key=lambda i: float(infl[i]))[:heads]
+        t3 = time.perf_counter()
+        df = g.split_heads(top, progress=False)
+        dt = time.perf_counter() - t3
+        out.update({"head_split_targets": len(top), "head_split_s": round(dt, 2),
+                    "head_split_fe_per_target": round(dt / max(1, len(top)) / fe, 1),
+                    "head_rows": len(df)})
+    if ct_python:
+        out.update(against_circuit_tracer(g, ct_python))
+    return out
+
+
+_CT_SCRIPT = r"""
+import json, sys, types
+import torch
+from safetensors.torch import load_file
+from circuit_tracer.graph import compute_graph_scores, prune_graph
+from circuit_tracer.frontend.graph_models import Metadata, Model
+
+t = load_file(sys.argv[1])
+info = json.loads(open(sys.argv[2]).read())
+g = types.SimpleNamespace(
+    adjacency_matrix=t["adjacency"], logit_probabilities=t["logit_probs"],
+    input_tokens=t["tokens"], logit_targets=list(range(len(t["logit_probs"]))),
+    selected_features=torch.arange(info["n_features"]),
+    cfg=types.SimpleNamespace(n_layers=info["n_layers"]))
+res = prune_graph(g, 0.8, 0.98)
+rep, comp = compute_graph_scores(g)
+data = json.load(open(sys.argv[3]))
+Model.model_validate(data)
+meta = json.load(open(sys.argv[4]))
+for m in meta["graphs"]:
+    Metadata.model_validate(m)
+print(json.dumps({"replacement": rep, "completeness": comp,
+                  "kept_nodes": int(res.node_mask.sum()), "kept_edges": int(res.edge_mask.sum()),
+                  "node_mask": res.node_mask.int().tolist(),
+                  "cumulative": res.cumulative_scores.tolist(),
+                  "schema": "ok: circuit_tracer.frontend.graph_models.Model"}))
+"""
+
+
+def against_circuit_tracer(g, python: str) -> dict:
+    """circuit-tracer's own pruning, scores and schema on this graph (see the docstring)."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from factfind.features.linear_graph_export import to_circuit_tracer_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        save_file({"adjacency": g.adjacency.contiguous(), "logit_probs": g.logit_probs.float(),
+                   "tokens": g.tokens.contiguous()}, str(t / "graph.safetensors"))
+        (t / "info.json").write_text(json.dumps({"n_features": g.n_features,
+                                                 "n_layers": g.n_layers}))
+        path = to_circuit_tracer_json(g, t / "graphs", slug="bench")
+        (t / "ct.py").write_text(_CT_SCRIPT)
+        r = subprocess.run([python, str(t / "ct.py"), str(t / "graph.safetensors"),
+                            str(t / "info.json"), str(path), str(t / "graphs" /
+                                                                  "graph-metadata.json")],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            return {"circuit_tracer": "failed: " + r.stderr.strip().splitlines()[-1]}
+        theirs = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = g.prune()
+    rep, comp = g.scores()
+    same_mask = theirs.pop("node_mask") == ours.node_mask.int().tolist()
+    cum = torch.tensor(theirs.pop("cumulative"))
+    return {"circuit_tracer": theirs, "factfind_replacement": rep,
+            "factfind_completeness": comp, "same_node_mask": same_mask,
+            "cumulative_max_diff": float((cum - ours.cumulative_scores).abs().max()),
+            "same_kept_edges": int(ours.edge_mask.sum()) == theirs["kept_edges"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--models", default="organism,smollm2")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=5,
+                        help="split the edges of this many top targets by head (0: skip)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--circuit-tracer", default=None, metavar="PYTHON",
+                        help="a python with circuit-tracer 0.5.0: compare pruning, scores, schema")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {machine()}; load average {os.getloadavg()}")
+    for name in args.models.split(","):
+        print(json.dumps(bench(name, args.batch_size, args.heads, args.circuit_tracer)),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
