@@ -92,8 +92,12 @@ def test_reports_show_relation_ids_with_their_names() -> None:
     figure = html[html.index('id="accuracy-fig0"'):]
     assert "P17 (country)" in figure[:figure.index("</figure>")]
     assert ">P17</td>" not in html and ">P17<" not in html
-    section = R.dataset_section({"relations": ["P17", "P101"]})
-    assert section.facts["relations"] == ["P17 (country)", "P101 (field of work)"]
+    # any section's facts: a list of ids, or one (the dictionaries report's provenance)
+    html = R.render_report(R.ReportData(title="t", sections=[
+        R.dataset_section({"relations": ["P17", "P101"]}),
+        R.config_section({"seed": 0}, {"relation": "P641", "note": "P17"})]))
+    assert '<dd>[&#34;P17 (country)&#34;, &#34;P101 (field of work)&#34;]</dd>' in html
+    assert "<dd>P641 (sport)</dd>" in html and "<dd>P17</dd>" in html  # only relation facts
 
 
 # ----------------------------------------------------------------------------- long tables

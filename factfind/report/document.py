@@ -113,7 +113,8 @@ class Section:
     """One section of a report: ``id`` (lowercase, digits, hyphens; unique in the report), a title,
     ``points`` (short plain-text lines shown as a list, e.g. a summary's findings), a plain-text
     ``explanation`` (blank lines separate paragraphs), then ``facts`` (shown as a definition
-    list), ``graphs``, ``figures``, ``tables`` and a preformatted ``code`` block."""
+    list; a fact ``relation`` or ``relations`` shows each id with its name, ``P17 (country)``),
+    ``graphs``, ``figures``, ``tables`` and a preformatted ``code`` block."""
 
     id: str
     title: str
@@ -223,7 +224,8 @@ def render_report(data: ReportData) -> str:
             "id": s.id, "title": s.title,
             "paragraphs": [p.strip() for p in re.split(r"\n\s*\n", s.explanation) if p.strip()],
             "points": [str(p) for p in s.points],
-            "facts": [(k, _format_fact(v)) for k, v in s.facts.items()],
+            "facts": [(k, _format_fact(_relations(v) if k in _RELATION_KEYS else v))
+                      for k, v in s.facts.items()],
             # the first graph of the "circuit" section has the stable id #circuit-graph
             "graphs": [{"id": "circuit-graph" if (s.id, i) == ("circuit", 0)
                         else f"{s.id}-graph{i}", "data": Markup(g.data), "caption": g.caption}
@@ -293,6 +295,19 @@ def _format_value(v: Any) -> str:
     if isinstance(v, float | np.floating):
         return f"{float(v):.4g}"
     return str(v)
+
+
+#: facts shown with each relation id's name (``P17 (country)``)
+_RELATION_KEYS = ("relation", "relations")
+
+
+def _relations(value: Any) -> Any:
+    """Relation ids with their names: one id, a comma-separated string or a list of them."""
+    if isinstance(value, str):
+        return ", ".join(relation_label(r.strip()) for r in value.split(",") if r.strip())
+    if isinstance(value, list | tuple):
+        return [relation_label(r) for r in value]
+    return value
 
 
 def _format_fact(v: Any) -> str:

@@ -102,22 +102,12 @@ def summary_section(summary: pd.DataFrame, *, title: str = "Findings first",
                    explanation=explanation)
 
 
-def _relations(value: Any) -> Any:
-    """Relation ids with their names: a list, or a comma-separated string, of ids."""
-    if isinstance(value, str):
-        return ", ".join(relation_label(r.strip()) for r in value.split(",") if r.strip())
-    if isinstance(value, list | tuple):
-        return [relation_label(r) for r in value]
-    return value
-
-
 def dataset_section(info: Mapping[str, Any], sample: pd.DataFrame | None = None, *,
                     max_rows: int = 20, explanation: str = EXPLAIN_DATASET) -> Section:
-    """Section ``dataset``: name, fingerprint, counts, relations (each id with its name,
-    ``P17 (country)``), and a sample of prompts."""
+    """Section ``dataset``: name, fingerprint, counts, relations (a fact ``relations`` shows
+    each id with its name, ``P17 (country)``), and a sample of prompts."""
     tables = [] if sample is None else [Table(sample, caption="Sample of prompts",
                                               max_rows=max_rows)]
-    info = {k: _relations(v) if k in ("relation", "relations") else v for k, v in info.items()}
     return Section(id="dataset", title="Dataset", explanation=explanation, facts=info,
                    tables=tables)
 
