@@ -235,6 +235,39 @@ def test_the_summary_follows_the_data_not_a_script() -> None:
     assert list(only["topic"]) == ["verdict"]
 
 
+def test_the_summary_reads_what_cannot_be_judged_and_what_never_happens() -> None:
+    """SmolLM2-like edge cases: a probe on too few held-out prompts, attention needed in every
+    layer, knockout that never hurts, no damage from the relation, no head at the final token,
+    no accepted circuit."""
+    knockout = _knockout().assign(effect=lambda d: np.where(d["role"] == "subject", 0.01, 0.0))
+    probes = pd.DataFrame({"layer": np.arange(L), "role": "subject_last", "effect": 0.6,
+                           "chance": 0.25, "n": 3, "relation": "P17"})
+    eff = pd.DataFrame({"layer": np.arange(L + 1), "accuracy": [0.1] * L + [1.0],
+                        "clean_accuracy": 1.0, "n": 12})
+    tracing = _tracing(2, 6)
+    findings = literature_findings(n_layers=L, tracing=ff.aggregate(tracing),
+                                   knockout=ff.aggregate(knockout), effective=eff, probes=probes)
+    heads = ff.tidy(pd.DataFrame([{"method": "p", "component": "head_out", "layer": 1,
+                                   "head": 0, "role": "subject_last", "prompt": 0,
+                                   "effect": 0.5}]))
+    circuit = pd.DataFrame({"size": [10, 5], "faithfulness": [1.0, 0.2],
+                            "accepted": [False, False]})
+    s = findings_summary(findings, n_layers=L, tracing=tracing, heads=heads,
+                         knockout=knockout, circuit=circuit).set_index("topic")
+    assert "never lowers p(answer) (at most 1% [1%, 1%] higher), n=10 prompts; 0 of 1 of "         "Geva et al.'s findings hold." in s.loc["knockout", "text"]
+    assert "relation's tokens" not in s.loc["knockout", "text"]
+    assert s.loc["effective model", "text"].startswith("The subject's tokens need attention in "
+                                                       "every layer: mean-ablating their "
+                                                       f"attention from layer {L} on")
+    assert s.loc["probe", "text"] == (
+        "Where the attribute becomes linearly readable is not judged: not measurable: 3 "
+        "held-out prompts in 1 relation(s) with enough subjects to split, fewer than 20 (best "
+        "held-out accuracy 0.60 vs chance 0.25).")
+    assert "strongest single head" not in s.loc["readout", "text"]  # none at the final token
+    assert "circuit" not in s.index
+    assert s.loc["verdict", "text"].endswith("; 2 could not be judged.")
+
+
 def test_the_summary_needs_per_prompt_results() -> None:
     tracing = _tracing(2, 6)
     findings = literature_findings(n_layers=L, tracing=ff.aggregate(tracing))

@@ -488,10 +488,11 @@ def _knockout_line(knockout: pd.DataFrame, findings: pd.DataFrame, L: int
                f"{float(order['contrast']):.1f})")
     lead = ("The final token reads the subject through attention" if _holds(row) else
             "Attention from the final token to the subject")
+    what = (f"cuts p(answer) by {_pct(drop)}{_ci(*ci, _pct)}" if drop > 0 else
+            f"never lowers p(answer) (at most {_pct(-drop)}{_ci(-ci[1], -ci[0], _pct)} higher)")
     text = (f"{lead}: blocking final → subject at layer {layer} (depth {_depth(layer, L):.2f}) "
-            f"cuts p(answer) by {_pct(drop)}"
-            f"{_ci(*ci, _pct)}{_n(worst['n'])}{rel}; {held} of {len(verdicts)} of Geva et al.'s "
-            f"findings hold.")
+            f"{what}{_n(worst['n'])}{rel}; {held} of {len(verdicts)} of Geva et al.'s findings "
+            f"hold.")
     return _line("knockout", text, layer=layer, n_layers=L, value=drop, ci=ci, n=worst["n"],
                  holds=None if not verdicts else held == len(verdicts))
 
