@@ -254,7 +254,8 @@ def test_the_summary_reads_what_cannot_be_judged_and_what_never_happens() -> Non
                             "accepted": [False, False]})
     s = findings_summary(findings, n_layers=L, tracing=tracing, heads=heads,
                          knockout=knockout, circuit=circuit).set_index("topic")
-    assert "never lowers p(answer) (at most 1% [1%, 1%] higher), n=10 prompts; 0 of 1 of "         "Geva et al.'s findings hold." in s.loc["knockout", "text"]
+    assert ("never lowers p(answer) (at most 1% [1%, 1%] higher), n=10 prompts; 0 of 1 of "
+            "Geva et al.'s findings hold.") in s.loc["knockout", "text"]
     assert "relation's tokens" not in s.loc["knockout", "text"]
     assert s.loc["effective model", "text"].startswith("The subject's tokens need attention in "
                                                        "every layer: mean-ablating their "
