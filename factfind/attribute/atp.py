@@ -160,7 +160,11 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, allow: Tensor,
 
 @dataclass
 class _Batch:
-    """One batch's base and source activations, the deltas and the cached softmax fixes."""
+    """One batch's base and source activations, the deltas and the cached softmax fixes.
+
+    ``cache`` holds what does not depend on the gradients, so that GradDrop's blocked passes
+    (one :func:`_scores` call per blocked layer) reuse it: per layer the source-minus-base
+    deltas, the base pattern, values and ``z``, and the QK fix's patched softmaxes."""
 
     base: dict[SiteKey, Tensor]
     src: dict[SiteKey, Tensor]
@@ -168,6 +172,26 @@ class _Batch:
     qvalid: Tensor  # [batch pos] float: real tokens
     allow: Tensor  # [batch q k]
     cache: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+    def get(self, name: str, layer: int, make: Callable[[], Tensor]) -> Tensor:
+        """``cache[(name, layer)]``, made by ``make()`` on first use."""
+        key = (name, layer)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def delta(self, comp: Component, layer: int) -> Tensor:
+        """``source - base`` at a site, float."""
+        return self.get(f"d_{comp.value}", layer, lambda: (
+            self.src[(comp, layer)].float() - self.base[(comp, layer)].float()))
+
+    def heads(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The base run's pattern ``A [B H T T]``, values ``v`` and ``z = A v`` ``[B T H d]``
+        (float), read back from the saved pattern and values."""
+        A = self.get("A", layer, lambda: self.base[(Component.PATTERN, layer)].float())
+        v = self.get("v", layer, lambda: self.base[(Component.V, layer)].float())
+        z = self.get("z", layer, lambda: torch.einsum("bhqk,bkhd->bqhd", A, v))
+        return A, v, z
 
 
 def _saves(index: NodeIndex, *, grads: bool) -> list[SiteKey]:
@@ -203,10 +227,18 @@ def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tens
             qk_fix: bool, below: int | None = None) -> Tensor:
     """``[batch node]`` estimates ``(source - base) . grad`` for every node (QK-fixed for q, k
     when asked), from one set of gradients; with ``below``, zeros for the nodes at layers
-    ``>= below`` (GradDrop does not use them)."""
+    ``>= below`` (GradDrop does not use them). What does not depend on the gradients is
+    cached on ``b``; ``dM/dz`` is pulled back once per layer, for head outputs and values."""
     out = []
     masks = b.masks  # [P B T]
     n_batch, n_pos = masks.shape[1], masks.shape[0]
+    g_z: dict[int, Tensor] = {}
+
+    def z_grad(layer: int) -> Tensor:
+        if layer not in g_z:
+            g_z[layer] = _z_grad(model, grads, layer, b.heads(layer)[2])
+        return g_z[layer]
+
     for comp in index.components:
         per_layer = []
         for layer in index.layers:
@@ -217,7 +249,7 @@ def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tens
                 per_layer.append(torch.zeros(n_batch, n_pos, units, device=masks.device))
                 continue
             if comp in (Component.NEURONS, Component.MLP_OUT):
-                d = (b.src[key].float() - b.base[key].float())
+                d = b.delta(comp, layer)
                 g = grads.get(key)
                 g = torch.zeros_like(d) if g is None else g.float()
                 if comp is Component.NEURONS:
@@ -225,18 +257,18 @@ def _scores(model: Model, index: NodeIndex, b: _Batch, grads: dict[SiteKey, Tens
                 else:
                     per_layer.append(torch.einsum("pbt,bt->bp", masks, (d * g).sum(-1))[..., None])
                 continue
-            A = b.base[(Component.PATTERN, layer)].float()  # [B H T T]
-            v = b.base[(Component.V, layer)].float()
-            z = torch.einsum("bhqk,bkhd->bqhd", A, v)
-            g_z = _z_grad(model, grads, layer, z)
             if comp is Component.Z:
-                dz = b.src[(Component.Z, layer)].float() - z
-                per_layer.append(torch.einsum("pbt,bth->bph", masks, (dz * g_z).sum(-1)))
+                dz = b.get("dz", layer, lambda layer=layer: (
+                    b.src[(Component.Z, layer)].float() - b.heads(layer)[2]))
+                per_layer.append(torch.einsum("pbt,bth->bph", masks,
+                                              (dz * z_grad(layer)).sum(-1)))
             elif comp is Component.V:
-                g_v = torch.einsum("bhts,bthd->bshd", A, g_z)
-                dv = b.src[(Component.V, layer)].float() - v
+                A = b.heads(layer)[0]
+                g_v = torch.einsum("bhts,bthd->bshd", A, z_grad(layer))
+                dv = b.delta(Component.V, layer)
                 per_layer.append(torch.einsum("pbt,bth->bph", masks, (dv * g_v).sum(-1)))
             else:
+                A = b.heads(layer)[0]
                 g_a = grads.get((Component.PATTERN, layer))
                 g_a = torch.zeros_like(A) if g_a is None else g_a.float()
                 per_layer.append(_qk_scores(model, b, comp, layer, A, g_a, qk_fix=qk_fix))
@@ -249,7 +281,8 @@ def _qk_scores(model: Model, b: _Batch, comp: Component, layer: int, A: Tensor, 
     """``[batch position head]`` estimates for query or key nodes at one layer.
 
     Linear (AtP): ``sum dM/dS * dS`` with the softmax Jacobian ``dM/dS = A * (g - sum_s A g)``.
-    QK fix (AtP*): ``sum (A' - A) * g`` with ``A'`` the exact softmax of the patched logits.
+    QK fix (AtP*): ``sum (A' - A) * g`` with ``A'`` the exact softmax of the patched logits
+    (made once per batch and layer, cached on ``b``).
     """
     scale, cap = model.attn_scale(layer), model.attn_softcap(layer)
     q0, k0 = b.base[(Component.Q, layer)].float(), b.base[(Component.K, layer)].float()
@@ -258,27 +291,34 @@ def _qk_scores(model: Model, b: _Batch, comp: Component, layer: int, A: Tensor, 
     if not qk_fix:
         dmds = A * (g - (A * g).sum(-1, keepdim=True)) * qv  # [B H T T]
         if comp is Component.Q:
-            ds = attention_logits(q1 - q0, k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0)
+            ds = b.get("ds_q", layer, lambda: attention_logits(
+                q1 - q0, k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0))
             row = (dmds * ds).sum(-1)  # [B H T]: per query row
             return torch.einsum("pbt,bht->bph", b.masks, row)
-        ds = attention_logits(q0, k1 - k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0)
+        ds = b.get("ds_k", layer, lambda: attention_logits(
+            q0, k1 - k0, scale, b.allow, cap).nan_to_num(0.0, 0.0, 0.0))
         col = (dmds * ds).sum(-2)  # [B H S]: per key column
         return torch.einsum("pbs,bhs->bph", b.masks, col)
-    s0 = attention_logits(q0, k0, scale, b.allow, cap)
-    a0 = s0.softmax(-1)
-    if comp is Component.Q:
-        key = ("dA_q", layer)
-        if key not in b.cache:  # rows are independent: patch every query row at once
-            b.cache[key] = (attention_logits(q1, k0, scale, b.allow, cap).softmax(-1) - a0) * qv
-        row = (b.cache[key] * g).sum(-1)  # [B H T]
+
+    def s0() -> Tensor:
+        return b.get("s0", layer, lambda: attention_logits(q0, k0, scale, b.allow, cap))
+
+    def a0() -> Tensor:
+        return b.get("a0", layer, lambda: s0().softmax(-1))
+
+    if comp is Component.Q:  # rows are independent: patch every query row at once
+        dA = b.get("dA_q", layer, lambda: (attention_logits(
+            q1, k0, scale, b.allow, cap).softmax(-1) - a0()) * qv)
+        row = (dA * g).sum(-1)  # [B H T]
         return torch.einsum("pbt,bht->bph", b.masks, row)
-    key = ("dA_k", layer)
-    if key not in b.cache:  # one softmax per position spec: all of its keys patched together
-        ds = attention_logits(q0, k1, scale, b.allow, cap) - s0  # [B H T S] (NaN where masked)
+
+    def key_fix() -> Tensor:  # one softmax per position spec: all of its keys patched together
+        ds = attention_logits(q0, k1, scale, b.allow, cap) - s0()  # [B H T S] (NaN: masked)
         ds = ds.nan_to_num(0.0, 0.0, 0.0)
-        b.cache[key] = torch.stack([
-            ((s0 + ds * m[:, None, None, :]).softmax(-1) - a0) * qv for m in b.masks])
-    return torch.einsum("pbhts,bhts->bph", b.cache[key], g)
+        return torch.stack([((s0() + ds * m[:, None, None, :]).softmax(-1) - a0()) * qv
+                            for m in b.masks])
+
+    return torch.einsum("pbhts,bhts->bph", b.get("dA_k", layer, key_fix), g)
 
 
 @dataclass

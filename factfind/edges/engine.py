@@ -154,10 +154,11 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
     :func:`base_and_source_runs` for these jobs or more, shared by the chunks of a batch.
 
     With ``incremental`` both stacked forwards resume from the cached base run
-    (:mod:`factfind.model.incremental`): run 1 at the first receiver layer, run 2 at the first layer
-    and position it writes. Cost: two forwards for the base and source runs, then per job
-    about ``(n_layers - l1) / n_layers`` (run 1) plus ``(n_layers - l2) / n_layers * (P - p2)
-    / P`` (run 2) of a forward. With the default metric the patched runs unembed the two
+    (:mod:`factfind.model.incremental`): run 1 at the first receiver layer and the senders'
+    first position, run 2 at the first layer and position it writes. Cost: two forwards for
+    the base and source runs, then per job about ``(n_layers - l1) / n_layers * (P - p1) / P``
+    (run 1, from the senders' first position ``p1``) plus ``(n_layers - l2) / n_layers *
+    (P - p2) / P`` (run 2) of a forward. With the default metric the patched runs unembed the two
     answers only (``Model.run(logits=<ids>)``)."""
     answers = metric is None
     metric = metric or logit_diff
@@ -219,15 +220,23 @@ def path_metrics(model: Model, pb: PairBatch, jobs: Sequence[Job], *, qkv: str =
         for key in [k for k in keys if k[1] < first]:  # unreached: the base run's values
             got[key] = base[key][None].expand(len(r1), *base[key].shape)
         keys = {k for k in keys if k[1] >= first}
+        # the senders change nothing before their first position, so (attention being
+        # causal) no receiver input there changes: an incremental run 1 starts at it too
+        p1 = 0 if prefix is None else min(
+            (first_position(s.mask) for j in r1 for s in jobs[j].senders), default=0)
         if prefix is None:
             run1 = model.run(base_b.repeat(len(r1)), save=keys, edits=edits).acts
-        elif edits:  # every position (receivers read the senders' changes anywhere upstream)
-            run1 = model.run_from(prefix, start=(first, 0), reps=len(r1), save=keys,
+        elif edits:
+            run1 = model.run_from(prefix, start=(first, p1), reps=len(r1), save=keys,
                                   edits=edits).acts
         else:
             run1 = {}
         for key, act in run1.items():
-            got[key] = act.reshape(len(r1), B, *act.shape[1:])
+            act = act.reshape(len(r1), B, *act.shape[1:])
+            if p1:  # positions before p1: the base run's values
+                head = base[key][None, :, :p1].expand(len(r1), *base[key][:, :p1].shape)
+                act = torch.cat([head.to(act.dtype), act], dim=2)
+            got[key] = act
         if qkv != "qkv":
             for layer in {k[1] for k in keys if k[0] is Component.Z}:
                 qkv_ = [got[(c, layer)] if c.value in qkv else
