@@ -23,8 +23,11 @@ rows (:class:`PrefixLayer`), edits lifted to full-length activations, and the pl
 
 Exactness: the incremental forward does the same arithmetic on the recomputed positions as a
 full forward (the same weights, positions, masks and keys/values), so results agree with the
-plain-loop references to float rounding (tests: <= 1e-5 on GPT-2, GPT-NeoX and Llama/Qwen2
-with grouped-query attention, left-padded, patches at position 0 and at the final position).
+plain-loop references to float rounding (tests: <= 1e-5 on every family of
+:data:`factfind.testing.models.FAMILIES` and the derived ones, post norms, q/k norms,
+softcapping, biases, fused projections, parallel blocks and grouped-query attention included;
+left-padded, patches at position 0 and at the final position: ``tests/test_incremental.py``,
+``tests/test_fast_paths_families.py``).
 """
 
 from __future__ import annotations
