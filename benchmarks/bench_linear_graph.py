@@ -17,11 +17,25 @@ beside factfind's pins: ``python3 -m venv /tmp/ct-venv && /tmp/ct-venv/bin/pip i
 torch==2.13.0 circuit-tracer==0.5.0``) the same adjacency is pruned and scored by circuit-tracer's
 own ``prune_graph`` and ``compute_graph_scores``, and the exported graph JSON is validated by its
 own pydantic ``Model`` and ``Metadata``; the script prints both sides.
+
+With ``--edges-against PYTHON`` the *edges* themselves are compared: circuit-tracer 0.5.0's own
+``attribute`` (its nnsight backend; 0.5.0 needs nnsight 0.6, which its own venv lacks: install
+it beside with ``/tmp/ct-venv/bin/pip install --target /tmp/ct-nnsight06 --no-deps
+nnsight==0.6.3 astor toml rich zstandard httpx accelerate`` plus ``python-socketio[client]
+ipython`` with their dependencies, and pass ``--ct-pythonpath /tmp/ct-nnsight06``) builds the
+graph of the same model (saved as a Hugging Face folder), the same ReLU skip transcoders
+(written in circuit-tracer's format by ``Dictionaries.save``) and the same tokens (with a
+leading special token, which circuit-tracer prepends otherwise), and the two adjacency
+matrices are compared entry by entry, per kind of source.
+
+    python benchmarks/bench_linear_graph.py --models none --edges-against \
+        /tmp/ct-venv/bin/python --ct-pythonpath /tmp/ct-nnsight06 --edge-models llama,gemma3
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -161,6 +175,130 @@ def against_circuit_tracer(g, python: str) -> dict:
             "same_kept_edges": int(ours.edge_mask.sum()) == theirs["kept_edges"]}
 
 
+_CT_ATTRIBUTE = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+from safetensors.torch import save_file
+from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+from circuit_tracer.replacement_model import ReplacementModel
+from circuit_tracer.attribution.attribute import attribute
+out, n_layers, ids = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+tcs = load_transcoder_set({i: f"{out}/tc/layer_{i}.safetensors" for i in range(n_layers)},
+                          scan="factfind", feature_input_hook="mlp.hook_in",
+                          feature_output_hook="hook_mlp_out", device=torch.device("cpu"),
+                          lazy_encoder=False, lazy_decoder=False)
+model = ReplacementModel.from_pretrained_and_transcoders(f"{out}/model", tcs, backend="nnsight",
+                                                         device=torch.device("cpu"))
+t = time.perf_counter()
+g = attribute(torch.tensor(ids), model, max_n_logits=10, desired_logit_prob=0.95,
+              batch_size=64, verbose=False)
+dt = time.perf_counter() - t
+save_file({"adjacency": g.adjacency_matrix.float().contiguous(),
+           "features": g.active_features[g.selected_features].long().contiguous()},
+          f"{out}/theirs.safetensors")
+print(json.dumps({"seconds": dt}))
+"""
+
+
+def _relu_skip(model, dicts=None, prompt_tb=None):
+    """ReLU skip transcoders circuit-tracer can load: random ones (tiny models), or the
+    default TopK set with each encoder bias lowered so that ~32 features fire per token."""
+    from factfind.features import Activation, Dictionaries, Dictionary
+    from factfind.types import Component as C
+
+    if dicts is None:
+        items = []
+        for i in range(model.n_layers):
+            d = Dictionary.random(kind="skip_transcoder", activation="relu", layer=i,
+                                  d_in=model.d_model, d_sae=48, seed=i)
+            g = torch.Generator().manual_seed(10 + i)
+            d.W_skip = torch.randn(d.d_in, d.d_out, generator=g) * 0.05
+            d.b_enc = torch.full((48,), -0.3)
+            items.append(d)
+        return Dictionaries(items)
+    run = model.run(prompt_tb, save=[(C.MLP_IN, la) for la in range(model.n_layers)])
+    items = []
+    for d in dicts.values():
+        pre = d.pre_acts(run.acts[(C.MLP_IN, d.layer)][0]).flatten()
+        tau = torch.quantile(pre.float(), 1 - 32 / d.d_sae)
+        items.append(Dictionary(kind=d.kind, activation=Activation.RELU, layer=d.layer, site=d.site,
+                                W_enc=d.W_enc, b_enc=d.b_enc - tau, W_dec=d.W_dec,
+                                b_dec=d.b_dec, W_skip=d.W_skip, model=d.model))
+    return Dictionaries(items)
+
+
+def edges_against(family: str, python: str, pythonpath: str | None, threads: int) -> dict:
+    """Our adjacency against circuit-tracer's ``attribute`` on the same model, transcoders and
+    tokens (see the docstring)."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    import factfind as ff
+    from factfind.features.linear_graph import linear_graph
+    from factfind.model import load_model
+    from factfind.testing.models import tiny_hf_model, tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if family == "smollm2":
+            model = ff.load_model("smollm2-135m")
+            tok = model.tokenizer
+            prompt = ff.load_facts("rome_known")[:200].known_by(model)[0]
+            prompt = dataclasses.replace(prompt, prefix=(tok.bos_token or "<|endoftext|>")
+                                         + prompt.prefix)
+            corpus = ff.load_corpus(model=model, progress=False).split(0.05)[0]
+            dicts = _relu_skip(model, ff.train_dictionaries(model, corpus, progress=False),
+                               model.tokenize([prompt]))
+            model.hf.save_pretrained(f"{tmp}/model")
+        else:
+            tok = tiny_tokenizer()
+            hf = tiny_hf_model(family, len(tok))
+            hf.save_pretrained(f"{tmp}/model")
+            model = load_model((hf, tok))
+            dicts = _relu_skip(model)
+            prompt = ff.from_records([{"subject": "Michael Jordan", "relation": "sport",
+                                       "template": "<|endoftext|>Fact: {} plays the sport of",
+                                       "attribute": "basketball"}])[0]
+        tok.save_pretrained(f"{tmp}/model")
+        cfg_path = Path(tmp) / "model" / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())  # transformers 5 names its own backend class
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg))
+        dicts.save(f"{tmp}/tc", format="circuit_tracer", overwrite=True)
+        t0 = time.perf_counter()
+        g = linear_graph(model, prompt, dicts, progress=False)
+        ours_s = time.perf_counter() - t0
+        (Path(tmp) / "ct.py").write_text(_CT_ATTRIBUTE)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        r = subprocess.run([python, f"{tmp}/ct.py", tmp, str(model.n_layers),
+                            json.dumps(g.tokens.tolist()), str(threads)],
+                           capture_output=True, text=True, timeout=3000, env=env)
+        if r.returncode:
+            return {"family": family, "circuit_tracer": "failed: " +
+                    r.stderr.strip().splitlines()[-1]}
+        theirs_s = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+        t = load_file(f"{tmp}/theirs.safetensors")
+    A, B = g.adjacency.double(), t["adjacency"].double()
+    out: dict = {"family": family, "features": g.n_features,
+                 "same_features": bool(torch.equal(g.features, t["features"])),
+                 "factfind_s": round(ours_s, 2), "circuit_tracer_attribute_s":
+                 round(theirs_s, 2)}
+    if A.shape != B.shape:
+        return {**out, "shapes": [list(A.shape), list(B.shape)]}
+    scale = float(A.abs().max())
+    n_f, n_e, P = g.n_features, g.n_errors, g.n_pos
+    for name, cols in (("features", slice(0, n_f)), ("errors", slice(n_f, n_f + n_e)),
+                       ("embeddings", slice(n_f + n_e, n_f + n_e + P))):
+        x, y = A[:, cols], B[:, cols]
+        out[f"{name}_max_diff_over_scale"] = float((x - y).abs().max()) / scale
+        out[f"{name}_theirs_over_ours"] = float((y.flatten() @ x.flatten()) /
+                                                (x.flatten() @ x.flatten()))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--models", default="organism,smollm2")
@@ -170,12 +308,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--circuit-tracer", default=None, metavar="PYTHON",
                         help="a python with circuit-tracer 0.5.0: compare pruning, scores, schema")
+    parser.add_argument("--edges-against", default=None, metavar="PYTHON",
+                        help="a python with circuit-tracer 0.5.0: compare the edges themselves")
+    parser.add_argument("--ct-pythonpath", default=None)
+    parser.add_argument("--edge-models", default="llama,gemma3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {machine()}; load average {os.getloadavg()}")
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m and m != "none"]:
         print(json.dumps(bench(name, args.batch_size, args.heads, args.circuit_tracer)),
               flush=True)
+    if args.edges_against:
+        for family in args.edge_models.split(","):
+            print(json.dumps(edges_against(family, args.edges_against, args.ct_pythonpath,
+                                           args.threads)), flush=True)
 
 
 if __name__ == "__main__":
