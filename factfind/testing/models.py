@@ -67,8 +67,20 @@ def tiny_tokenizer() -> Any:
 
 
 def tiny_config(family: str, vocab_size: int, *, n_layers: int = 2, d_model: int = 32,
-                n_heads: int = 4) -> Any:
-    """A small config of ``family`` (see :data:`FAMILIES`)."""
+                n_heads: int = 4, **overrides: Any) -> Any:
+    """A small config of ``family`` (see :data:`FAMILIES`); ``overrides`` are config fields
+    set on it (e.g. ``sliding_window=3``, so that short prompts cross Gemma's window)."""
+    config = _tiny_config(family, vocab_size, n_layers=n_layers, d_model=d_model,
+                          n_heads=n_heads)
+    for name, value in overrides.items():
+        if not hasattr(config, name):
+            raise ArgumentError(f"{family} configs have no field {name!r}")
+        setattr(config, name, value)
+    return config
+
+
+def _tiny_config(family: str, vocab_size: int, *, n_layers: int, d_model: int,
+                 n_heads: int) -> Any:
     import transformers as tf
 
     common: dict[str, Any] = dict(vocab_size=vocab_size, attn_implementation="eager")
