@@ -1,15 +1,15 @@
 """Edge attribution patching: exact on a linearised model (against edge-by-edge patching), and
-recovery of the planted circuit."""
+recovery of the planted circuit. The one-pass gradients against the per-receiver reference, on
+every family: tests/test_eap_families.py."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from factfind.edges import eap_grads
 from factfind.edges.eap import eap, eap_ig, edge_attribution, to_graph
 from factfind.edges.edge_patching import edge_patching
 from factfind.graph import prune
-from factfind.testing.models import linearised_model, same_length_pairs, tiny_model
+from factfind.testing.models import linearised_model, same_length_pairs
 
 
 @pytest.fixture(scope="module", params=["gpt2", "gpt_neox", "llama"])
@@ -40,48 +40,6 @@ def test_eap_equals_edge_patching_on_a_linear_model(linear):
     slow = edge_patching(model, pairs, list(zip(few["sender"], few["receiver"], strict=True)),
                          reference=True)
     np.testing.assert_allclose(few["effect"], slow["effect"], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
-def test_fast_receiver_gradients_equal_the_per_receiver_copies(family, facts, monkeypatch):
-    """The one-pass receiver gradients (factfind.edges.eap_grads) against the slow reference, one
-    detached copy of the batch per receiver, on non-linear tiny models: sequential GPT-2,
-    parallel GPT-NeoX with partial rotary, grouped-query Llama (2 key-value heads for 4 query
-    heads); prompts of different lengths (left padding); EAP and EAP-IG."""
-    model = tiny_model(family)
-    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:5]
-    assert not bool(model.tokenize(list(pairs.clean)).attention_mask.all())  # padding
-    for steps in (0, 2):
-        fast = edge_attribution(model, pairs, steps=steps)
-        slow = edge_attribution(model, pairs, steps=steps, reference=True, copies=256)
-        for end in ("sender", "receiver"):
-            assert list(fast[end]) == list(slow[end])
-        top = np.abs(slow["effect"]).max()
-        assert top > 0.1 and (np.abs(slow["effect"]) > 1e-3 * top).sum() > 100
-        # every kind of receiver is non-zero: heads at each role, MLPs, the logits
-        for kind in (r"\.h\d+@final", r"\.h\d+@subject_last", r"\.mlp@", "logits"):
-            assert np.abs(slow.loc[slow["receiver"].str.contains(kind), "effect"]).max() > 1e-3
-        np.testing.assert_allclose(fast["effect"], slow["effect"], rtol=0, atol=1e-5 * top)
-        if steps:  # the points one per pass instead of stacked on the batch dimension
-            monkeypatch.setattr(eap_grads, "STACK_ROWS", 1)
-            single = edge_attribution(model, pairs, steps=steps)
-            monkeypatch.undo()
-            np.testing.assert_allclose(single["effect"], slow["effect"], rtol=0, atol=1e-5 * top)
-
-
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "olmo2", "gptj"])
-def test_families_without_the_fast_path_use_the_reference(family, facts, caplog):
-    """q/k norms (Qwen3), post-norms and softcapping (Gemma 2, OLMo 2), GPT-J's rotary: the
-    one-pass gradients are not written for them, so edge attribution says so and takes the
-    exact per-receiver path (non-zero scores, equal to asking for it)."""
-    model = tiny_model(family)
-    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:3]
-    with caplog.at_level("INFO", logger="factfind.edges.eap"):
-        auto = edge_attribution(model, pairs, steps=0)
-    assert "reference path" in caplog.text
-    slow = edge_attribution(model, pairs, steps=0, reference=True, copies=256)
-    assert np.abs(slow["effect"]).max() > 1e-3
-    np.testing.assert_array_equal(auto["effect"], slow["effect"])
 
 
 def test_eap_ig_and_neurons_on_a_linear_model(linear):

@@ -73,7 +73,7 @@ from factfind.edges.placement import is_parallel
 from factfind.errors import ArgumentError
 from factfind.graph.build import to_graph  # re-exported: v0.1 had it here
 from factfind.metrics import logit_diff
-from factfind.model.architectures import _get
+from factfind.model.attention import AttentionMismatchError
 from factfind.types import ROLE_NAMES, Component, Metric, SiteKey
 from factfind.validation import validated
 
@@ -141,10 +141,25 @@ def edge_attribution(
     labels_all = pb_all.clean.role_labels()
     n = len(pairs)
     bar = tqdm(total=n, disable=not progress, desc="eap-ig" if steps else "eap", unit="prompt")
-    sums = model.session(_eap_sweep, model, pb_all, labels_all, roles, steps=steps,
-                         neurons=neurons, metric=metric or logit_diff, batch_size=batch_size,
-                         copies=copies, progress=bar.update, remote=remote,
-                         reference=reference or neurons)
+
+    def sweep(reference: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return model.session(_eap_sweep, model, pb_all, labels_all, roles, steps=steps,
+                             neurons=neurons, metric=metric or logit_diff,
+                             batch_size=batch_size, copies=copies, progress=bar.update,
+                             remote=remote, reference=reference)
+
+    if reference or neurons:
+        sums = sweep(True)
+    else:
+        log.debug("edge attribution on %s uses the one-pass receiver gradients",
+                  model.spec.name)
+        try:
+            sums = sweep(False)
+        except AttentionMismatchError as err:  # an attention variant the recompute misses
+            log.warning("edge attribution on %s falls back to the per-receiver reference "
+                        "path: %s", model.spec.name, err)
+            bar.reset()
+            sums = sweep(True)
     bar.close()
     acc = _Scores(model, roles, neurons)
     acc.head, acc.mlp, acc.logits = sums
@@ -152,24 +167,16 @@ def edge_attribution(
     return _edge_frame(acc, method, n, _feasible(labels_all, roles))
 
 
-FAST_SPECS = ("gpt2", "gpt_neox", "llama", "gemma")
-"""Families whose receiver gradients :mod:`factfind.edges.eap_grads` pulls back by hand (tested
-against the reference): plain softmax attention after one input norm, no q/k norms, no
-post-norms, no softcapping."""
-
-
 def _fast_path_unsupported(model: Model) -> str | None:
-    """Why the one-pass gradients would not be exact for ``model`` (``None``: they are)."""
-    spec = model.spec
-    if spec.name not in FAST_SPECS or spec.derived:
-        return f"the one-pass gradients are written for {', '.join(FAST_SPECS)}"
-    if spec.attn_post_norm or spec.mlp_post_norm or spec.attn_softcap:
-        return "post-norms or attention softcapping"
-    attn = _get(model.hf, spec.blocks)[0]
-    for part in spec.attn.split("."):
-        attn = getattr(attn, part)
-    if getattr(attn, "q_norm", None) is not None:
-        return "q/k norms"
+    """Why the one-pass gradients would not be exact for ``model`` (``None``: they are).
+
+    They cover every registered and derived family (:mod:`factfind.edges.eap_grads`; the tests
+    check each against the reference). Left out: attention that is not causal (Gemma 3 with
+    ``use_bidirectional_attention``). Any other variant the recomputation misses is caught at
+    run time (:class:`~factfind.model.attention.AttentionMismatchError`) and also sent to the
+    reference."""
+    if getattr(model.hf.config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
     return None
 
 
@@ -219,7 +226,7 @@ def _fast_batch(model: Model, acc: _Scores, pb: PairBatch, onehot: Tensor, roles
     masks = onehot[..., roles].permute(2, 0, 1)  # [R batch pos]
     m = max(steps, 1)
     emb = (Component.EMBED, 0)
-    bad = model.run(pb.corrupt, save=acc.delta_keys()).acts
+    bad = model.run(pb.corrupt, save=acc.delta_keys(), logits=pb.answer_ids()).acts
     heads, mlps, logits, clean = receiver_grads(
         model, pb, masks, metric, base=bad[emb], alphas=[1.0] + [k / m for k in range(1, m)],
         extra=acc.delta_keys())

@@ -7,34 +7,46 @@ with a few small per-layer computations on the saved activations instead of one 
 the batch per receiver (:mod:`factfind.edges.eap_reference`, the slow reference):
 
 * **a head at query role r** reads the stream through its query at the positions of ``r`` and
-  its key and value at every position. From the backward pass we take ``dz_h = dm/dz_h`` (the
-  head's output before ``W_O``) and recompute, from the saved queries, keys (rotary applied)
-  and values, its attention ``A = softmax(scale q k^T + causal/padding mask)``. Masking ``dz_h``
-  to the positions of ``r`` and back-propagating through this one head's attention by hand::
+  its key and value at every position. Its receiver gradient is the gradient of ``<dz_h *
+  mask_r, z_h>`` with respect to ``x`` through head ``h`` alone, where ``dz_h = dm/dz_h`` comes
+  from the backward pass (``z`` is the output projection's input, so ``dz`` already carries
+  everything downstream: the output projection, a post norm with its real scale, the rest of
+  the model). The way from ``x`` to ``z_h`` splits in two
+  (:class:`~factfind.model.attention.LayerAttention`):
 
-      dS   = A * (dA - rowsum(A * dA)),   dA = dz_h v_h^T
-      dq_r = mask_r * scale dS k_h        (a query serves only its own position)
-      dk_r = scale (mask_r * dS)^T q_h,   dv_r = (mask_r * A)^T dz_h
+  - the *linear* part: the block's input norm (``x -> c / s``; linear but for its scale ``s``)
+    and the projections ``y = (c / s) W + b``, per query head;
+  - the *head space* part ``y -> z``: q/k norms, rotary embedding, scale, softcap, the causal,
+    padding and sliding-window mask, softmax, ``z = A v``. This is recomputed from the saved
+    block input with every role's copy stacked on a new leading dimension (a few hundredths of
+    a layer's forward) and differentiated by autograd with cotangent ``dz * mask_r``, giving
+    the cotangent ``dy`` of each head's own projections (keys and values repeated per query
+    head, so under grouped-query attention each query head gets its own share). The
+    recomputed ``z`` is checked against the model's (:class:`AttentionMismatchError`
+    otherwise): whatever the family does, the gradients are those of the model.
 
-  gives the cotangents of *this* query head's query, key and value. With grouped-query
-  attention a key-value head serves several query heads; working per query head (keys and
-  values repeated, as in the ``k``/``v`` sites) gives each its own share. The rotary
-  embedding's transpose, then the head's own slices of ``W_Q``, ``W_K``, ``W_V``
-  (:meth:`~factfind.model.Model.W_QKV`) and then the vector-Jacobian product of the block's
-  input norm at the saved residual take them to ``dm/dx_v [batch pos d_model]``.
+  Back in the residual stream, ``dx = (W dy - xh (xh . W dy) / d) / s`` with ``xh = c / s``
+  (the input norm's vector-Jacobian product, centred for LayerNorm; ``W dy`` alone without an
+  input norm). ``W`` is the same at every integration point, so ``sum_points dy / s`` is kept
+  in head space and taken to ``d_model`` once per batch, and only the rank-one terms
+  (``xh (xh . W dy)``, one number per role, head and token) are kept per point. A
+  whole-projection q/k norm (OLMo 2) couples the heads through its scale ``s_q = rms(y_q)``:
+  it enters the recomputation as a separate input per head, and its cotangent ``beta`` adds
+  ``beta y_q / (F s_q)`` to every head's ``dy_q`` - one more rank-one term per point.
 * **the MLP** of layer ``l``: ``dm/dresid_pre - dm/dresid_post`` minus every head's share (the
   whole attention's vector-Jacobian product). In a sequential block this is
   ``g_post J_mlp``, in a parallel one too (both read ``resid_pre``).
 * **the logits** read ``dm/dresid_post`` of the last layer.
 
-This assumes attention is ``softmax(scale q.k + mask) v`` over the prompt (no logit
-soft-capping, no sliding window shorter than the prompt), which holds for every registered
-family; the tests check it against the reference on GPT-2, GPT-NeoX and grouped-query Llama,
-Mistral and Qwen2 models.
+The tests check the result against the reference for every family factfind supports
+(:data:`factfind.testing.models.FAMILIES` and the derived ones), EAP and EAP-IG, with sliding
+windows shorter than the prompt.
 
-Cost per integration point: one forward and backward pass (about 3 FE), plus per layer work of
-order ``roles x batch x pos x d_model^2`` for the projections (a few tenths of an FE in all at
-six roles), independent of the number of heads' copies.
+Cost per integration point: one forward and backward pass (about 3 FE), plus per layer one
+projection of the normalised input (``batch x pos x d_model x 3 heads d_head``, a third of the
+layer's forward) and the head-space recomputation for every role; once per batch, the
+projection of the summed cotangents to ``d_model`` (``roles x batch x pos x heads x 3 d_head
+x d_model``), independent of the number of points.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ import torch
 from torch import Tensor
 
 from factfind.data.batch import PairBatch
+from factfind.metrics import logit_diff
+from factfind.model.attention import AttentionMismatchError, LayerAttention, layer_attention
 from factfind.types import Component, Metric, SiteKey
 
 if TYPE_CHECKING:
@@ -60,7 +74,7 @@ re-reads every weight)."""
 
 def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *,
                    base: Tensor | None = None, alphas: Sequence[float] = (1.0,),
-                   extra: Sequence[SiteKey] = (), cache: dict[Any, Tensor] | None = None
+                   extra: Sequence[SiteKey] = (), cache: dict[Any, Any] | None = None
                    ) -> tuple[list[Tensor], Tensor, Tensor, dict[SiteKey, Tensor]]:
     """Every receiver's input gradient, averaged over integration points.
 
@@ -76,27 +90,30 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
             points run stacked in one forward and backward pass.
         extra: more sites to save from the clean point's run (returned as the last value;
             ``alphas[0]`` must then be 1).
-        cache: per-layer projection weights, kept between calls.
+        cache: per-layer attention pieces and projection weights, kept between calls.
 
     Returns:
         Per layer the heads' gradients ``[R head batch pos d_model]``; the MLPs'
         ``[layer batch pos d_model]``; the logits' ``[batch pos d_model]``; the ``extra``
         activations.
 
+    Raises:
+        AttentionMismatchError: a layer's attention, recomputed from its projections, is not
+            the model's (an attention variant :mod:`factfind.model.attention` does not know).
+
     Cost: per point one forward and backward pass (about 3 FE; less stacked) plus, per layer,
-    the head's attention pulled back in head space (``roles x batch x heads x pos^2 x
-    d_head``) and one projection of the normalised input (``batch x pos x d_model x 3 heads
-    d_head``, a third of the layer's forward); once, the projection of the summed cotangents
-    to ``d_model`` (``roles x batch x pos x heads x 2 d_head x d_model``) - the pull-back to
-    the residual stream is linear in the cotangents, so it is paid once per batch, not once
-    per point.
+    one projection of the normalised input (``batch x pos x d_model x 3 heads d_head``, a
+    third of the layer's forward) and the head-space recomputation and its backward for every
+    role (``roles x batch x heads x pos^2 x d_head``); once, the projection of the summed
+    cotangents to ``d_model`` (``roles x batch x pos x heads x 2 d_head x d_model``, plus the
+    queries once) - the pull-back to the residual stream is linear in the cotangents, so it
+    is paid once per batch, not once per point.
     """
     if extra and alphas[0] != 1:
         raise ValueError("extra activations come from the clean point: alphas[0] must be 1")
     L = model.n_layers
-    save = [(c, layer) for layer in range(L) for c in (
-        Component.RESID_PRE, Component.RESID_POST, Component.Z, Component.Q, Component.K,
-        Component.V)]
+    save = [(c, layer) for layer in range(L)
+            for c in (Component.RESID_PRE, Component.RESID_POST, Component.Z)]
     cache = {} if cache is None else cache
     weight = 1 / len(alphas)
     B = pb.clean.input_ids.shape[0]
@@ -107,6 +124,9 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
     saved: dict[SiteKey, Tensor] = {}
     keys = pb.clean.attention_mask.bool()
     masks = masks.float()
+    # the logit difference needs two logits per row, not the whole unembedding (and its
+    # backward: a tenth of the pass on Gemma-3-270M's 262k-token vocabulary)
+    answers = metric is logit_diff
     rest = 1 - masks.sum(0, keepdim=True)  # positions of no role (padding): the MLP needs them
     full = torch.cat([masks, rest]) if bool(rest.abs().max() > 0) else masks
     for c0 in range(0, len(alphas), per):
@@ -125,13 +145,16 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
             edits[(Component.EMBED, 0)] = point
 
         def total(logits: Tensor, correct: Tensor = correct, wrong: Tensor = wrong) -> Tensor:
+            if answers:  # the two answers' logits only
+                return (logits[:, 0] - logits[:, 1]).float().sum()
             return metric(logits, correct, wrong).sum()
 
         run = model.run(batch, save=list(dict.fromkeys([*save, *(extra if c0 == 0 else [])])),
-                        metric=total, edits=edits)
+                        metric=total, edits=edits,
+                        logits=pb.answer_ids(c) if answers else "final")
         acts, grads = run.acts, run.grads
-        dtype = acts[(Component.RESID_PRE, 0)].dtype
         dev = acts[(Component.RESID_PRE, 0)].device
+        dt = torch.promote_types(acts[(Component.RESID_PRE, 0)].dtype, torch.float32)
         if c0 == 0:
             saved = {k: acts[k][:B] for k in extra}
 
@@ -140,9 +163,8 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
 
         for layer in range(L):
             _accumulate(model, layer, state[layer], acts[(Component.RESID_PRE, layer)],
-                        acts[(Component.Q, layer)].to(dtype), acts[(Component.K, layer)].to(dtype),
-                        acts[(Component.V, layer)], grads[(Component.Z, layer)],
-                        rep(full).to(dtype), rep(keys), rep(pb.clean.position_ids), cache,
+                        acts[(Component.Z, layer)], grads[(Component.Z, layer)],
+                        rep(full).to(dt), rep(keys), rep(pb.clean.position_ids), cache,
                         weight, c)
         g_mlp = torch.stack([grads[(Component.RESID_PRE, layer)]
                              - grads[(Component.RESID_POST, layer)] for layer in range(L)])
@@ -157,83 +179,132 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
         del run, acts, grads
     assert mlps is not None and logits is not None
     heads = []
-    full = full.to(mlps.device, mlps.dtype)
     for layer in range(L):
-        g = _project(model, layer, state[layer], full, pb.clean.position_ids, cache)
+        g = _project(model, layer, state[layer], full, cache)
         state[layer] = {}
-        heads.append(g[:len(masks)])
-        mlps[layer] -= g.sum((0, 1))  # the whole attention's share of dm/dresid_pre
+        heads.append(g[:len(masks)].to(mlps.dtype))
+        mlps[layer] -= g.sum((0, 1)).to(mlps.dtype)  # the whole attention's share of dm/dresid_pre
     return heads, mlps, logits, saved
 
 
-def _accumulate(model: Model, layer: int, acc: dict[str, Any], resid: Tensor, q: Tensor,
-                k: Tensor, v: Tensor, dz: Tensor, masks: Tensor, keys: Tensor,
-                position_ids: Tensor, cache: dict[Any, Tensor], weight: float, c: int = 1
-                ) -> None:
-    """Add ``c`` stacked points' share of layer ``layer``'s head cotangents to ``acc``, in
-    head space.
+def _attention(model: Model, layer: int, cache: dict[Any, Any], dt: torch.dtype
+               ) -> tuple[LayerAttention, Tensor, Tensor]:
+    """Layer ``layer``'s :class:`~factfind.model.attention.LayerAttention`, its projections
+    ``W [head d_model 3*d_head]`` in ``dt`` (centred for LayerNorm: the input norm's
+    vector-Jacobian product centres, and ``xh W`` is the same since ``xh`` is centred) and
+    the same as one ``[d_model head*3*d_head]`` matrix; cached."""
+    if ("att", layer) not in cache:
+        att = layer_attention(model, layer)
+        W = att.W.to(dt)
+        W = (W - W.mean(1, keepdim=True) if att.centred else W).contiguous()
+        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1).contiguous()
+        cache[("att", layer)] = (att, W, flat)
+    return cache[("att", layer)]
 
-    Per role mask and query head, the gradient of ``<dz_h * mask, z_h>`` w.r.t. ``resid``
-    through head ``h`` alone (see the module docstring) is ``(W_h c - xh (xh . W_h c)) / s``
-    with ``c`` the head's query/key/value cotangents (rotary transposed), ``W_h`` its
-    projections (the norm's gain and centring folded in), ``xh`` and ``s`` the norm's
-    normalised input and scale. Summed over points that is ``W_h (sum c / s) - sum alpha xh``
-    with ``alpha = (c . xh W_h) / (d s)``: ``acc`` keeps ``sum c / s`` (in rotary space; the
-    transpose is linear and the same at every point) and each point's ``alpha`` and ``xh``.
-    ``q k v dz`` are ``[c*batch pos head d_head]`` (copy-major); ``masks`` ``[R c*batch
-    pos]``; ``keys`` ``[c*batch pos]`` bool."""
-    (CB, P), d, dt = q.shape[:2], resid.shape[-1], q.dtype
-    H, e = q.shape[2], q.shape[3]
-    B = CB // c
-    scale = model.attn_scale(layer)
-    causal = torch.ones(P, P, dtype=torch.bool, device=q.device).tril()
-    allowed = causal[None, None] & keys[:, None, None, :]
-    scores = torch.einsum("bphe,bkhe->bhpk", q, k) * scale
-    A = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
+
+def _accumulate(model: Model, layer: int, acc: dict[str, Any], resid: Tensor, z: Tensor,
+                dz: Tensor, masks: Tensor, keys: Tensor, position_ids: Tensor,
+                cache: dict[Any, Any], weight: float, c: int = 1) -> None:
+    """Add ``c`` stacked points' share of layer ``layer``'s head cotangents to ``acc``.
+
+    Per role (``masks [R c*batch pos]``, the last one possibly the positions of no role) and
+    query head, the cotangent ``dy`` of the head's own projections, in three steps:
+
+    1. the softmax attention, by hand (``dz`` masked to the role's queries)::
+
+           dS   = A * (dA - rowsum(A * dA)) (* the softcap's slope),   dA = dz v^T
+           dq   = scale dS k                 (every role at once: a query serves its own
+                                              position, so a role's share is its positions')
+           dk_r = scale (mask_r * dS)^T q,   dv_r = (mask_r * A)^T dz
+
+    2. the q/k norms and the rotary embedding (maps of one position) by autograd: once for the
+       queries, once per role, batched, for the keys;
+    3. the recomputed ``z = A v`` is checked against the model's ``z``.
+
+    ``acc`` keeps, summed over points, ``dy / s`` (the queries summed over roles, taken apart
+    again in :func:`_project`), and per point the rank-one terms ``(coefficient [R batch pos
+    head], vector [batch pos d_model])``: the input norm's ``-(dy . y0) / (d s)`` on ``xh``
+    (``y0 = xh W``, the projections without biases) and a whole-projection q/k norm's.
+    ``resid`` ``[c*batch pos d_model]``, ``z`` and ``dz`` ``[c*batch pos head d_head]``
+    (copy-major); ``keys`` ``[c*batch pos]`` bool."""
+    dt = masks.dtype
+    att, W, flat = _attention(model, layer, cache, dt)
+    (CB, P, d), H, e = resid.shape, model.n_heads, model.d_head
+    B, R = CB // c, masks.shape[0]
+    xh, s = att.normalise(resid.to(dt))
+    Y = (xh.reshape(CB * P, d) @ flat).reshape(CB, P, H, 3 * e)  # xh W: no biases
+    y = Y + att.b.to(dt)
+    scales = att.qk_scales(y)
+    # a padding query's scores are all masked (a constant row: no gradient to q or k); its
+    # dz is zero in a real run anyway (it feeds nothing), zero it for the pull-back to hold
+    v, dz = y[..., 2 * e:], dz.to(dt) * keys[..., None, None]
+    with torch.enable_grad():
+        yq, yk = (y[..., i * e:(i + 1) * e].detach().requires_grad_(True) for i in (0, 1))
+        sq, sk = ((t.expand(CB, P, H, 1).clone().requires_grad_(True) for t in scales)
+                  if scales is not None else (None, None))
+        q, k = att.local(yq, yk, position_ids, None if sq is None or sk is None else (sq, sk))
+    A, slope = att.pattern(q.detach(), k.detach(), keys)
+    A = A.to(dt)
+    att.check(torch.einsum("bhpk,bkhe->bphe", A, v), z, keys)
     dA = torch.einsum("bphe,bkhe->bhpk", dz, v)
     dS = A * (dA - (A * dA).sum(-1, keepdim=True))
-    # a query serves its own position only: its cotangent is split by role later (a mask)
-    dq = torch.einsum("bhpk,bkhe->bphe", dS, k) * scale
-    # a role's queries read keys and values at every position they attend to
+    if slope is not None:
+        dS = dS * slope.to(dt)
+    dS = dS * att.scale
     m = masks[:, :, None, :, None]  # [R CB 1 P 1]
-    dk = torch.matmul((m * dS).transpose(-1, -2), q.transpose(1, 2)[None]) * scale
+    dk = torch.matmul((m * dS).transpose(-1, -2), q.detach().transpose(1, 2)[None])
     dv = torch.matmul((m * A).transpose(-1, -2), dz.transpose(1, 2)[None])  # [R CB H P e]
     dk, dv = dk.transpose(2, 3), dv.transpose(2, 3)  # [R CB P H e]
-    gain, xh, s, centred = model.attn_norm(layer, resid)
-    if layer not in cache:
-        W = torch.cat(model.W_QKV(layer), -1).to(dt) * gain.to(dt)[None, :, None]
-        cache[layer] = (W - W.mean(1, keepdim=True) if centred else W).contiguous()
-        cache[("flat", layer)] = cache[layer].permute(1, 0, 2).reshape(d, -1).contiguous()
-    # xh projected per head (the query/key/value the normalised input makes, without biases)
-    Y = (xh.reshape(CB * P, d).to(dt) @ cache[("flat", layer)]).reshape(CB, P, H, 3 * e)
-    yq, yk = model.rotary(layer, Y[..., :e], Y[..., e:2 * e], position_ids)
-    inv = (weight / s).to(dt)  # [CB P 1]
-    alpha = masks[..., None] * (dq * yq).sum(-1) + (dk * yk).sum(-1) + (dv * Y[..., 2 * e:]
-                                                                        ).sum(-1)
-    R = alpha.shape[0]
-    alpha = (alpha * (inv / d)).reshape(R, c, B, P, H).transpose(0, 1)
-    acc.setdefault("alpha", []).append(alpha)  # [c R B P H]
-    acc.setdefault("xh", []).append(xh.to(dt).reshape(c, B, P, d))
+    with torch.enable_grad():
+        dq = torch.einsum("bhpk,bkhe->bphe", dS, k.detach())
+        got_q = torch.autograd.grad(q, [yq, *([sq] if sq is not None else [])], dq,
+                                    retain_graph=True)
+        got_k = torch.autograd.grad(k, [yk, *([sk] if sk is not None else [])], dk,
+                                    is_grads_batched=True)
+    dyq, dyk = got_q[0], got_k[0]  # [CB P H e], [R CB P H e]
+    role = masks[..., None]  # [R CB P 1]
+    dot = (role * (dyq * Y[..., :e]).sum(-1)[None] + (dyk * Y[..., e:2 * e]).sum(-1)
+           + (dv * Y[..., 2 * e:]).sum(-1))  # [R CB P H]: (W dy) . xh
+    inv = weight / s  # [CB P 1]
+    terms: list[tuple[Tensor, Tensor]] = []
+    if scales is not None:
+        group = H // model.n_kv_heads
+        betas = (role * got_q[1][..., 0][None], got_k[1][..., 0])  # [R CB P H] each
+        for i, beta in enumerate(betas):  # the scale of the queries' norm, then the keys'
+            part, step = slice(i * e, (i + 1) * e), 1 if i == 0 else group
+            ds = y[..., ::step, part] / ((H // step) * e * scales[i])  # d s / d y, distinct heads
+            dot = dot + beta * (ds * Y[..., ::step, part]).sum((-1, -2))[None, ..., None]
+            terms.append((beta * inv[None], torch.einsum("bphe,hde->bpd", ds,
+                                                          W[::step, :, part])))
+    if att.has_norm:
+        terms.append((-dot * (inv / d)[None], xh))
     inv = inv[..., None]
-    for name, x in (("q", (dq * inv)[None]), ("k", dk * inv), ("v", dv * inv)):
-        x = x.reshape(x.shape[0], c, B, *x.shape[2:]).sum(1)
+    parts = {"q": (dyq * inv).reshape(c, B, P, H, e).sum(0),
+             "k": (dyk * inv).reshape(R, c, B, P, H, e).sum(1),
+             "v": (dv * inv).reshape(R, c, B, P, H, e).sum(1)}
+    for name, x in parts.items():
         if name in acc:
             acc[name].add_(x)
         else:
             acc[name] = x
+    for coef, vec in terms:
+        acc.setdefault("coef", []).append(coef.reshape(R, c, B, P, H).transpose(0, 1))
+        acc.setdefault("vec", []).append(vec.reshape(c, B, P, d))
 
 
 def _project(model: Model, layer: int, acc: dict[str, Any], masks: Tensor,
-             position_ids: Tensor, cache: dict[Any, Tensor]) -> Tensor:
+             cache: dict[Any, Any]) -> Tensor:
     """``[R head batch pos d_model]``: the summed head cotangents of :func:`_accumulate` taken
-    to the residual stream: rotary transpose, the head's projections, the norm's rank-one
-    term."""
-    dq, dk = model.rotary_transpose(layer, acc["q"], acc["k"], position_ids)
-    W = cache[layer]  # [head d_model 3*d_head]: q | k | v
-    e = dq.shape[-1]
-    g = torch.einsum("rbphe,hde->rhbpd", torch.cat([dk, acc["v"]], -1), W[..., e:])
-    gq = torch.einsum("bphe,hde->hbpd", dq[0], W[..., :e])
-    g += masks[:, None, :, :, None] * gq[None]
-    alpha, xh = torch.cat(acc["alpha"]), torch.cat(acc["xh"])  # [K R B P H], [K B P d]
-    g -= torch.einsum("krbph,kbpd->rhbpd", alpha, xh)
+    to the residual stream: the head's projections, then the rank-one terms."""
+    _, W, _ = _attention(model, layer, cache, acc["k"].dtype)
+    e = model.d_head
+    g = torch.einsum("rbphe,hde->rhbpd", acc["k"], W[..., e:2 * e])
+    g += torch.einsum("rbphe,hde->rhbpd", acc["v"], W[..., 2 * e:])
+    gq = torch.einsum("bphe,hde->hbpd", acc["q"], W[..., :e])
+    g += masks.to(g.device, g.dtype)[:, None, :, :, None] * gq[None]
+    if "coef" in acc:  # [K R B P H], [K B P d]
+        g += torch.einsum("krbph,kbpd->rhbpd", torch.cat(acc["coef"]), torch.cat(acc["vec"]))
     return g
+
+
+__all__ = ["STACK_ROWS", "AttentionMismatchError", "receiver_grads"]

@@ -4,17 +4,16 @@ The analyses need a model's weights in one convention across families - projecti
 out]``, per head where heads exist - and the few pieces of its forward pass that become *linear*
 once a norm's denominator is frozen at a run's own value: the final norm (direct logit
 attribution), the post norms of Gemma 2/3 and OLMo 2 (each head's and neuron's exact share of
-what enters the residual stream), the attention-input norm and the rotary embedding (EAP's
-receiver gradients). This module holds those views; :mod:`factfind.model.adapter` holds the
-traced run (the only nnsight user) and mixes them in, so ``model.W_O(3)`` and ``model.run(...)``
-live on one :class:`~factfind.model.Model`.
+what enters the residual stream); each attention layer as a function of its projections (EAP's
+receiver gradients) is :mod:`factfind.model.attention`. This module holds those views;
+:mod:`factfind.model.adapter` holds the traced run (the only nnsight user) and mixes them in,
+so ``model.W_O(3)`` and ``model.run(...)`` live on one :class:`~factfind.model.Model`.
 
 Shapes use the fixed dimension names of :mod:`factfind.types`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -216,7 +215,7 @@ class WeightViews:
             k = k.reshape(b, p, self.n_kv_heads, dh)
             if q_norm is not None and not whole:  # Qwen3, Gemma 3: per head
                 q, k = q_norm(q), k_norm(k)
-        rope = kwargs.get("position_embeddings")
+        rope = kwargs.get("position_embeddings") if _rotates(attn) else None
         if rope is not None and self.spec.rotary == "gptj":
             q, k = _gptj_rotary(attn, q, *rope), _gptj_rotary(attn, k, *rope)
         elif rope is not None:
@@ -249,79 +248,38 @@ class WeightViews:
         """Query, key and value projections per *query* head, each ``[head d_model d_head]``
         (the ``[in, out]`` convention; key-value heads repeated for grouped-query attention,
         as in the ``k``/``v`` sites). Biases are left out: they carry no gradient."""
-        attn = _get(self._block_hf(layer), self.spec.attn)
-        H, dh, d = self.n_heads, self.d_head, self.d_model
-        layout = self.spec.values_layout
-        if layout == "c_attn":
-            w = self._weight(attn.c_attn)
-            q, k, v = (w[:, i * d:(i + 1) * d].reshape(d, H, dh).transpose(0, 1)
-                       for i in range(3))
-        elif layout == "neox":
-            w = attn.query_key_value.weight.reshape(H, 3, dh, d)
-            q, k, v = (w[:, i].transpose(1, 2) for i in range(3))
-        else:
-            def heads(module: Any) -> Tensor:
-                w = self._weight(module)
-                return w.reshape(d, w.shape[1] // dh, dh).transpose(0, 1)
-            q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
-            k = k.repeat_interleave(H // k.shape[0], dim=0)
-            v = v.repeat_interleave(H // v.shape[0], dim=0)
+        q, k, v = self.qkv(layer)[0].split(self.d_head, -1)
         return q, k, v
 
-    def rotary_transpose(self, layer: int, dq: Tensor, dk: Tensor, position_ids: Tensor
-                         ) -> tuple[Tensor, Tensor]:
-        """Pull cotangents of the rotary-applied queries and keys ``[... batch pos head
-        d_head]`` back to the queries and keys before the rotary embedding (the transpose of
-        a linear map per position; the identity in families without rotary embeddings)."""
-        rope = self._rope(layer, dq, position_ids)
-        if rope is None:
-            return dq, dk
-        apply, cos, sin = rope
-        with torch.enable_grad():
-            q0 = torch.zeros_like(dq, requires_grad=True)
-            k0 = torch.zeros_like(dk, requires_grad=True)
-            qr, kr = apply(q0, k0, cos, sin, unsqueeze_dim=2)
-            gq, gk = torch.autograd.grad((qr, kr), (q0, k0), (dq, dk))
-        return gq, gk
-
-    def rotary(self, layer: int, q: Tensor, k: Tensor, position_ids: Tensor
-               ) -> tuple[Tensor, Tensor]:
-        """The rotary embedding applied to queries and keys ``[... batch pos head d_head]``
-        (the map :meth:`rotary_transpose` transposes; the identity without rotary)."""
-        rope = self._rope(layer, q, position_ids)
-        if rope is None:
-            return q, k
-        apply, cos, sin = rope
-        return apply(q, k, cos, sin, unsqueeze_dim=2)
-
-    def _rope(self, layer: int, like: Tensor, position_ids: Tensor
-              ) -> tuple[Callable[..., tuple[Tensor, Tensor]], Tensor, Tensor] | None:
-        """Layer ``layer``'s rotary embedding: its family's ``apply_rotary_pos_emb`` and the
-        ``cos``, ``sin`` at ``position_ids`` in ``like``'s dtype, or ``None`` without rotary."""
-        import importlib
-
-        base = _get(self.hf, self.spec.blocks.rsplit(".", 1)[0])
-        rope = getattr(base, "rotary_emb", None)
-        if rope is None:
-            return None
+    def qkv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``(W [head d_model 3*d_head], b [head 3*d_head])``: per query head its query, key
+        and value projections and their biases side by side (zeros where a family has none;
+        key-value heads repeated), from separate, fused (Phi-3) or interleaved (GPT-2,
+        NeoX) modules."""
         attn = _get(self._block_hf(layer), self.spec.attn)
-        module = importlib.import_module(type(attn).__module__)
-        cos, sin = rope(like, position_ids.to(like.device))
-        return module.apply_rotary_pos_emb, cos.to(like.dtype), sin.to(like.dtype)
-
-    def attn_norm(self, layer: int, resid: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
-        """The block's attention-input norm at ``resid [batch pos d_model]`` in parts:
-        ``norm(x) = gain * c / s (+ bias)`` with ``c = x`` (RMSNorm) or ``x - mean(x)``
-        (LayerNorm, ``centred``) and ``s = sqrt(mean(c^2) + eps)``. Returns ``(gain [d_model],
-        c / s [batch pos d_model], s [batch pos 1], centred)``; its vector-Jacobian product is
-        ``dx = (gw - (c/s) mean(gw * c/s)) / s`` with ``gw = g * gain`` (centred with it)."""
-        norm = _get(self._block_hf(layer), "input_layernorm|ln_1")
-        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
-        gain = norm.weight + 1.0 if self.spec.norm_kind == "gemma_rmsnorm" else norm.weight
-        centred = self.spec.norm_kind == "layernorm"
-        x = resid - resid.mean(-1, keepdim=True) if centred else resid
-        s = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-        return gain, x / s, s, centred
+        H, K, e, d = self.n_heads, self.n_kv_heads, self.d_head, self.d_model
+        layout = self.spec.values_layout
+        if layout == "neox":  # per head [q | k | v]
+            m = attn.query_key_value
+            return (self._weight(m).reshape(d, H, 3 * e).transpose(0, 1),
+                    _bias(m, 3 * H * e).reshape(H, 3 * e))
+        if layout == "c_attn":  # [q | k | v], each [head d_head]
+            ws = self._weight(attn.c_attn).split(H * e, -1)
+            bs = _bias(attn.c_attn, 3 * H * e).split(H * e)
+        elif layout == "fused":  # Phi-3: [q | k | v] with key-value heads
+            sizes = [H * e, K * e, K * e]
+            ws = self._weight(attn.qkv_proj).split(sizes, -1)
+            bs = _bias(attn.qkv_proj, sum(sizes)).split(sizes)
+        else:
+            mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+            ws = tuple(self._weight(m) for m in mods)
+            bs = tuple(_bias(m, w.shape[1]) for m, w in zip(mods, ws, strict=True))
+        parts_w, parts_b = [], []
+        for w, bb in zip(ws, bs, strict=True):
+            n = w.shape[1] // e  # query heads, or key-value heads (repeated per query head)
+            parts_w.append(w.reshape(d, n, e).transpose(0, 1).repeat_interleave(H // n, 0))
+            parts_b.append(bb.reshape(n, e).repeat_interleave(H // n, 0))
+        return torch.cat(parts_w, -1), torch.cat(parts_b, -1)
 
     def _unembed_columns(self, h: Tensor, columns: Tensor) -> Tensor:
         """``[rows k]``: the logits of token ids ``columns [rows k]`` for the final norm's
@@ -342,6 +300,13 @@ def _gptj_rotary(attn: Any, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     rot = attn.rotary_dim or x.shape[-1]
     x_rot = module.apply_rotary_pos_emb(x[..., :rot], sin, cos)
     return torch.cat([x_rot, x[..., rot:]], dim=-1)
+
+
+def _rotates(attn: Any) -> bool:
+    """Whether the attention module rotates its queries and keys: all but the global layers
+    of a hybrid EXAONE 4 (a sliding window configured, this layer not sliding)."""
+    return not (getattr(attn, "is_sliding", True) is False
+                and getattr(attn, "sliding_window", None) is not None)
 
 
 def _eps(norm: Any) -> float:
