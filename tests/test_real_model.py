@@ -36,25 +36,36 @@ def test_provenance_says_what_the_weights_are(smollm2):
     assert smollm2.n_layers == 30 and smollm2.n_kv_heads < smollm2.n_heads  # GQA
 
 
-def test_adapter_logits_equal_transformers(smollm2):
-    """A left-padded batch through the adapter (nnsight) vs a second copy of the same weights
-    loaded by transformers alone and called without factfind."""
+PARITY_PROMPTS = ["Fact: Tiger Woods plays the sport of golf\nFact: Michael Jordan plays the "
+                  "sport of", "The Eiffel Tower is located in the city of",
+                  "Paris is the capital of"]
+
+
+def adapter_and_transformers(model: ff.Model, name: str, prompts: list[str] = PARITY_PROMPTS
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Logits of a left-padded batch through the adapter (nnsight), and through a second copy
+    of the same weights (the short name's cached directory) loaded by transformers alone and
+    called without factfind: ``(adapter [batch pos vocab], transformers, real-token mask, the
+    transformers class)``. Asserts that the batch is padded."""
     from transformers import AutoModelForCausalLM
 
     from factfind.model.checkpoints import prepare
 
-    prepared = prepare("smollm2-135m")
+    prepared = prepare(name)
     assert prepared is not None
-    hf = AutoModelForCausalLM.from_pretrained(prepared.path, attn_implementation="eager").eval()
-    prompts = ["Fact: Tiger Woods plays the sport of golf\nFact: Michael Jordan plays the sport of",
-               "The Eiffel Tower is located in the city of", "Paris is the capital of"]
-    enc = smollm2.tokenizer(prompts, return_tensors="pt", padding=True)
+    hf = AutoModelForCausalLM.from_pretrained(prepared.path, attn_implementation="eager",
+                                              dtype=torch.float32).eval()
+    enc = model.tokenizer(prompts, return_tensors="pt", padding=True)
     assert not bool(enc["attention_mask"].all())  # left padding is exercised
-    got = smollm2.run(enc, logits="all").logits
+    got = model.run(enc, logits="all").logits
     position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(**enc, position_ids=position_ids).logits
-    real = enc["attention_mask"].bool()
+    return got, ref, enc["attention_mask"].bool(), type(hf).__name__
+
+
+def test_adapter_logits_equal_transformers(smollm2):
+    got, ref, real, _ = adapter_and_transformers(smollm2, "smollm2-135m")
     assert ref[real].abs().max() > 1.0
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=0)
     assert smollm2.tokenizer.decode(int(got[1, -1].argmax())).strip() == "Paris"
