@@ -106,9 +106,18 @@ class Config:
     tracing_samples: int = _as_in_fact_finding("tracing_samples")
     tracing_window: int = _as_in_fact_finding("tracing_window")
     knockout_window: int = _as_in_fact_finding("knockout_window")
-    prune_rounds: int = _opt(12, "most trial circuits of the pruning search (the fact-finding "
-                             "default; the organism's search ends in 12)")
-    prune_exact_max: int = _as_in_fact_finding("prune_exact_max")
+    prune_rounds: int = _opt(24, "most trial circuits of the pruning search. 24: at the "
+                             "fact-finding default 12, Gemma-3-270M's circuit was still "
+                             "shrinking (22% of its nodes at round 12), so its size would "
+                             "be the limit's, not the search's; a round costs a forward and "
+                             "an attribution pass over the pairs")
+    prune_exact_max: int = _opt(0, "score heads exactly while pruning only up to this many "
+                                "head x role nodes (else by attribution, as neurons always "
+                                "are; every accepted circuit is measured exactly either way). "
+                                "0: attribution on every model, so the circuits are found the "
+                                "same way; exact scoring costs a forward per head x role per "
+                                "round: 432 on Gemma-3-270M, ~25 min a round at 1 thread on "
+                                "a busy 2-core machine")
     agree_within: float = _opt(uv.AGREE_WITHIN, "depths that differ by at most this agree")
     threads: int = _as_in_fact_finding("threads")
     version: str = ff.__version__
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     runs = [_open(name, cfg.facts, "compared", cfg, args) for name in names]
     if cfg.reference.lower() not in ("", "none"):
         runs.append(_open("organism", cfg.reference, "reference", cfg, args))
+    log.info("models loaded and facts scored (%.0fs)", time.time() - t0)
     compared = [r for r in runs if r.role == "compared"]
     shared = _shared(compared, cfg)
     for run in runs:
@@ -205,9 +215,13 @@ def main(argv: list[str] | None = None) -> Outcome:
     composition = pd.concat([uv.circuit_composition(m, nodes, n)
                              for m, (nodes, n) in circuits.items()], ignore_index=True)
     similarity = uv.node_signature_similarity(circuits)
-    agree = uv.agreement(measures, within=cfg.agree_within)
+    # the compared models make the comparison; the organism is cited beside them (with one
+    # compared model it is all there is to compare with)
+    apart = _reference(runs) if len(compared) > 1 else []
+    agree = uv.agreement(measures, within=cfg.agree_within,
+                         among=[r.label for r in compared] if apart else None)
     for line in ru.agreement_paragraphs(measures, agree, findings, composition,
-                                        within=cfg.agree_within, reference=_reference(runs)):
+                                        within=cfg.agree_within, reference=apart):
         log.info("%s", line)
     curves = ru.depth_curves({r.label: r.tables for r in runs},
                              {r.label: r.model.n_layers for r in runs})
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
     sections = [
         ru.summary_section(measures, agree, findings, composition, within=cfg.agree_within,
-                           reference=_reference(runs)),
+                           reference=apart),
         ru.models_section(_models_table(runs, shared)),
         ru.findings_section(findings),
         *ru.measure_sections(measures, curves),
@@ -258,14 +272,15 @@ def main(argv: list[str] | None = None) -> Outcome:
 
 def _open(name: str, facts_spec: str, role: str, cfg: Config, args: argparse.Namespace) -> Run:
     """Load a model and its dataset, open its fact-finding run folder (the key that
-    ``factfind fact-finding --model NAME --facts FACTS`` with this run's seed, device, batch
-    size, known rule and threads opens) and score its facts there."""
+    ``factfind fact-finding --model NAME --facts FACTS`` with this run's seed, device, dtype,
+    batch size and known rule opens) and score its facts there."""
     model = ff.load_model(name, device=cfg.device, dtype=cfg.dtype)
     facts = ff.load_facts(facts_spec)
     ff_cfg = FF["Config"](model=name, facts=facts_spec, seed=cfg.seed, device=cfg.device,
                           dtype=cfg.dtype, batch_size=cfg.batch_size, known_rule=cfg.known_rule,
-                          known_top_k=cfg.known_top_k, known_min_prob=cfg.known_min_prob,
-                          threads=cfg.threads)
+                          known_top_k=cfg.known_top_k, known_min_prob=cfg.known_min_prob)
+    # threads left at its default: results do not depend on it, so the folder is the one a
+    # fact-finding run opens whatever --threads either was given
     cache = ff.RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
                              dataset=facts.fingerprint(), config=asdict(ff_cfg))
     log.info("%s: %r on %s (%d facts); cache %s", role, model, facts.name, len(facts),
@@ -298,9 +313,9 @@ def _shared(compared: list[Run], cfg: Config) -> ff.FactDataset:
     if len(shared) < cfg.min_pairs:
         counts = "; ".join(f"{r.label} knows {len(r.known)} of {r.scored} scored"
                            for r in compared)
-        none = [r.label for r, s in zip(compared, sets, strict=True)
-                if not s & set().union(*(o for o in sets if o is not s))] if len(sets) > 1 \
-            else []
+        others = [set().union(*sets[:i], *sets[i + 1:]) for i in range(len(sets))]
+        none = [r.label for r, s, o in zip(compared, sets, others, strict=True)
+                if len(sets) > 1 and not s & o]
         who = f" ({', '.join(none)} knows none of the facts the others know)" if none else ""
         raise ff.NotEnoughFactsError(
             f"the models share {len(shared)} known facts of {cfg.facts}{who}, fewer than "
@@ -342,6 +357,8 @@ def _measure(run: Run, cfg: Config) -> None:
     tagged with the pairs' fingerprint; then its findings and measures."""
     model, pairs, cache = run.model, run.pairs, run.cache
     assert pairs is not None
+    # every knob of a step is in its entry's name (the seed and the known rule are in the
+    # folder's): the pairs' fingerprint, then the step's own settings
     tag = {"pairs": pairs.fingerprint(), "universality": 1}
     bs = cfg.batch_size
 
@@ -357,9 +374,12 @@ def _measure(run: Run, cfg: Config) -> None:
             bar.update(n)
 
         tracing = cache.chunked("causal_tracing", n_trace, _shifted(trace),
-                                chunk=min(bs, 4), params=tag, progress=tick)
+                                chunk=min(bs, 4), progress=tick,
+                                params={**tag, "samples": cfg.tracing_samples,
+                                        "window": cfg.tracing_window})
     knockout = cache.table("attention_knockout", lambda: ff.attention_knockout(
-        model, pairs.clean, window=cfg.knockout_window, batch_size=bs), params=tag)
+        model, pairs.clean, window=cfg.knockout_window, batch_size=bs),
+        params={**tag, "window": cfg.knockout_window})
     pool = run.known.sample(min(256, len(run.known)), seed=cfg.seed + 1)
     eff = cache.table("effective_model", lambda: ff.effective_model(
         model, pairs.clean, pool=pool, progress=True),
@@ -373,14 +393,16 @@ def _measure(run: Run, cfg: Config) -> None:
     exact = ("head", "mlp") if n_units <= cfg.prune_exact_max else ()
     circuit = cache.table("neuron_circuit", lambda: ff.prune_circuit(
         model, pairs, everything, target=0.9, step=0.5, how="mean",
-        max_rounds=cfg.prune_rounds, batch_size=bs, exact=exact, progress=True), params=tag)
+        max_rounds=cfg.prune_rounds, batch_size=bs, exact=exact, progress=True),
+        params={**tag, "rounds": cfg.prune_rounds, "exact": list(exact)})
     tracing, knockout = ff.aggregate(tracing), ff.aggregate(knockout)
     findings = ff.literature_findings(n_layers=model.n_layers, tracing=tracing,
                                       knockout=knockout, effective=eff, probes=probes)
     run.tables = {"tracing": tracing, "knockout": knockout, "effective": eff, "probes": probes,
                   "circuit": circuit, "findings": findings,
                   "measures": uv.model_measures(run.label, model.n_layers, findings,
-                                                knockout=knockout, circuit=circuit)}
+                                                knockout=knockout, circuit=circuit,
+                                                max_rounds=cfg.prune_rounds)}
 
 
 def _shifted(compute: Any) -> Any:
@@ -406,7 +428,7 @@ def _models_table(runs: list[Run], shared: ff.FactDataset) -> pd.DataFrame:
                      "d_mlp": m.d_mlp, "architecture": m.spec.name,
                      "scored facts": r.scored, "known": len(r.known),
                      "shared": len(shared) if r.role == "compared" else None,
-                     "pairs": len(r.pairs or ()), "seconds": round(r.seconds, 1),
+                     "pairs": len(r.pairs or ()), "seconds on the pairs": round(r.seconds, 1),
                      "weights": ", ".join(f"{k}: {v}" for k, v in m.provenance.items())})
     return pd.DataFrame(rows)
 

@@ -36,7 +36,8 @@ organism = pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(
 
 
 def _model(name: str, n_layers: int, *, early: int, late: int, ko: int, k: int, onset: int,
-           early_peak: float = 0.4, circuit: pd.DataFrame | None = None) -> pd.DataFrame:
+           early_peak: float = 0.4, circuit: pd.DataFrame | None = None,
+           max_rounds: int | None = None) -> pd.DataFrame:
     """:func:`model_measures` of a model whose curves peak where the arguments say (its
     findings by :func:`ff.literature_findings`)."""
     layers = np.arange(n_layers)
@@ -62,7 +63,8 @@ def _model(name: str, n_layers: int, *, early: int, late: int, ko: int, k: int, 
                            "effect": np.where(layers >= onset, 0.95, 0.3)})
     findings = ff.literature_findings(n_layers=n_layers, tracing=tracing, knockout=knockout,
                                       effective=effective, probes=probes)
-    return model_measures(name, n_layers, findings, knockout=knockout, circuit=circuit)
+    return model_measures(name, n_layers, findings, knockout=knockout, circuit=circuit,
+                          max_rounds=max_rounds)
 
 
 def _circuit(ids: list[str], start: int, faithfulness: float = 0.93) -> pd.DataFrame:
@@ -135,16 +137,16 @@ def test_the_paragraph_cites_the_numbers_and_flips_with_them(two_models):
                              {"finding": "ROME early site", "model": "small", "holds": False,
                               "measured": "peak 0.01 below 0.02"}])
     lines = agreement_paragraphs(two_models, agree, findings, pd.DataFrame(
-        columns=["model", "kind", "nodes", "share", "layers", "median_depth", "role"]),
-        reference=["small"])
+        columns=["model", "kind", "nodes", "share", "layers", "median_depth", "role"]))
     text = "\n".join(lines)
     assert "agree within 0.15" in lines[1] and lines[1].startswith("Early site")
     assert "0.31 (layer 9 of 30)" in lines[1] and "0.29 (layer 5 of 18)" in lines[1]
     assert lines[2].startswith("Late site: the models differ")
     assert "the spread 0.34 exceeds 0.15" in lines[2]
-    assert "small (reference) 0.35 (layer 6 of 18)" in lines[2]
-    assert "ROME early site: holds on big; differs on small (reference) (peak 0.01 below" in text
-    assert re.search(r"The largest share \(small\) is 2\.7x the smallest \(big\)", text)
+    assert "small 0.35 (layer 6 of 18)" in lines[2]
+    assert "ROME early site: holds on big; differs on small (peak 0.01 below" in text
+    assert re.search(r"the largest share \(small\) is 2\.7x the smallest \(big\), more than "
+                     r"2x apart", text)
     # the headline counts what the sentences say
     n_agree = int(agree.loc[agree["measure"] != "circuit size", "agree"].sum())
     assert f"{n_agree} of 7 depth measures" in lines[0]
@@ -158,6 +160,37 @@ def test_the_paragraph_cites_the_numbers_and_flips_with_them(two_models):
     assert "the models differ" in sentence and "0.88 (layer 15 of 18)" in sentence
 
 
+def test_a_reference_model_is_cited_beside_the_comparison(two_models):
+    ref = _model("ref", 4, early=3, late=2, ko=3, k=2, onset=1)
+    three = pd.concat([two_models, ref], ignore_index=True)
+    agree = agreement(three, among=["big", "small"]).set_index("measure")
+    # the organism's early site at depth 1.0 does not widen the compared models' spread
+    assert agree.loc["early site", "agree"]
+    assert agree.loc["early site", "spread"] == pytest.approx(9 / 29 - 5 / 17, abs=2e-3)
+    assert not agreement(three).set_index("measure").loc["early site", "agree"]
+    lines = agreement_paragraphs(three, agree.reset_index(), pd.DataFrame(
+        columns=["finding", "model", "holds", "measured"]), pd.DataFrame(
+        columns=["model", "kind", "nodes", "share", "layers", "median_depth", "role"]),
+        reference=["ref"])
+    assert "Across 2 compared models (big and small)" in lines[0]
+    assert "The reference ref is cited beside them" in lines[0]
+    assert lines[1].endswith("; beside them ref (reference) 1.00 (layer 3 of 4).")
+
+
+def test_a_search_that_never_shrinks_has_no_circuit_and_a_capped_one_is_a_bound():
+    stuck = _circuit(["L1.h0@final"], 1000)
+    stuck.loc[1, "accepted"] = False
+    m = _model("m", 12, early=4, late=8, ko=6, k=2, onset=3, circuit=stuck).set_index(
+        "measure")
+    assert np.isnan(m.loc["circuit size", "value"]) and np.isnan(m.loc["circuit depth", "depth"])
+    assert "no smaller circuit: none of 2 trial circuits kept faithfulness >= 0.9 (best 0.93 " \
+        "at 1 of 1,000 nodes)" in m.loc["circuit size", "detail"]
+    capped = _model("m", 12, early=4, late=8, ko=6, k=2, onset=3, circuit=_circuit(
+        ["L1.h0@final", "L2.n3@subject_last"], 1000), max_rounds=2).set_index("measure")
+    assert capped.loc["circuit size", "value"] == pytest.approx(0.002)
+    assert "round limit, so this is an upper bound" in capped.loc["circuit size", "detail"]
+
+
 def test_a_site_without_restoration_has_no_depth():
     df = _model("m", 12, early=4, late=8, ko=6, k=2, onset=3, early_peak=-0.05)
     early = df.set_index("measure").loc["early site"]
@@ -165,7 +198,8 @@ def test_a_site_without_restoration_has_no_depth():
     assert "peak indirect effect -0.0" in early["detail"]
     sentence = measure_sentence("early site", df.loc[df["measure"] == "early site"],
                                 {"agree": None})
-    assert "not measured on any model; no value on m (peak indirect effect" in sentence
+    assert sentence.startswith("Early site: none of the compared models has a value; no value "
+                               "on m (peak indirect effect -0.0")
 
 
 def test_circuit_kinds_and_signatures_compare_across_sizes():
@@ -261,7 +295,7 @@ def test_organism_end_to_end(script, tmp_path):
         cited = f"{r['depth']:.2f} (layer {r['layer']:.3g} of 4)"
         assert cited in html, (r["model"], r["measure"], cited)
     # each model's steps live in the folder `factfind fact-finding` opens for it
-    ff_cfg = script["FF"]["Config"](model="organism", facts="organism:country", threads=1)
+    ff_cfg = script["FF"]["Config"](model="organism", facts="organism:country")
     model = ff.load_model("organism")
     root = ff.RunCache.open(tmp_path / "runs", model=[model.name, model.revision,
                                                       model.fingerprint()],

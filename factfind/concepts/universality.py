@@ -277,7 +277,7 @@ def _knockout_peak(knockout: pd.DataFrame | None) -> tuple[float | None, float |
 
 def model_measures(model: str, n_layers: int, findings: pd.DataFrame, *,
                    knockout: pd.DataFrame | None = None, circuit: pd.DataFrame | None = None,
-                   target: float = 0.9) -> pd.DataFrame:
+                   target: float = 0.9, max_rounds: int | None = None) -> pd.DataFrame:
     """One model's row per :data:`MEASURES` entry, on relative depth (:func:`layer_depth`).
 
     Args:
@@ -289,7 +289,9 @@ def model_measures(model: str, n_layers: int, findings: pd.DataFrame, *,
         knockout: the aggregated attention knockout (for the peak: the window start of the
             largest final -> subject drop; ``value`` is the drop).
         circuit: the path of :func:`~factfind.evaluate.prune_circuit` (the last accepted row
-            is the circuit; ``holds`` says whether it keeps ``F >= target``).
+            is the circuit; ``holds`` says whether it keeps ``F >= target``). A search that
+            accepted no smaller circuit gives no size or depth (the whole model is no
+            circuit); one that ran ``max_rounds`` says its size is an upper bound.
 
     Returns:
         :data:`MEASURE_COLUMNS`; ``layer``/``depth`` NaN where a measure has no layer (not
@@ -312,29 +314,45 @@ def model_measures(model: str, n_layers: int, findings: pd.DataFrame, *,
     layer, drop, detail = _knockout_peak(knockout)
     rows["knockout peak"] = _measure(model, "knockout peak", n_layers, layer=layer, value=drop,
                                      detail=detail)
-    if circuit is None or circuit.empty:
-        rows["circuit depth"] = _measure(model, "circuit depth", n_layers, detail="not measured")
-        rows["circuit size"] = _measure(model, "circuit size", n_layers, detail="not measured")
-    else:
-        accepted = circuit.loc[circuit["accepted"].to_numpy(dtype=bool)]
-        last = accepted.iloc[-1]
-        start = int(circuit["size"].iloc[0])
-        nodes = circuit_nodes_of(circuit, n_layers)
-        f = float(last["faithfulness"])
-        detail = (f"{int(last['size']):,} of {start:,} nodes ({float(last['fraction']):.2%}) at "
-                  f"faithfulness {f:.2f} after {int(circuit['round'].to_numpy().max())} rounds")
-        rows["circuit size"] = _measure(model, "circuit size", n_layers,
-                                        value=float(last["fraction"]), holds=f >= target,
-                                        detail=detail)
-        if nodes:
-            med = float(np.median([v.layer for v in nodes]))
-            rows["circuit depth"] = _measure(model, "circuit depth", n_layers, layer=med,
-                                             value=float(len(nodes)),
-                                             detail=f"median layer {med:g} of {len(nodes)} nodes")
-        else:
-            rows["circuit depth"] = _measure(model, "circuit depth", n_layers,
-                                             detail="the circuit has no nodes")
+    rows.update(_circuit_measures(model, n_layers, circuit, target=target,
+                                  max_rounds=max_rounds))
     return pd.DataFrame([rows[m] for m in MEASURES], columns=list(MEASURE_COLUMNS))
+
+
+def _circuit_measures(model: str, n_layers: int, circuit: pd.DataFrame | None, *,
+                      target: float, max_rounds: int | None) -> dict[str, dict[str, Any]]:
+    """``circuit size`` and ``circuit depth`` from a pruning path (see :func:`model_measures`)."""
+    if circuit is None or circuit.empty:
+        return {m: _measure(model, m, n_layers, detail="not measured")
+                for m in ("circuit size", "circuit depth")}
+    accepted = circuit.loc[circuit["accepted"].to_numpy(dtype=bool)]
+    last = accepted.iloc[-1]
+    start = int(circuit["size"].iloc[0])
+    rounds = int(circuit["round"].to_numpy().max())
+    if int(last["size"]) >= start:  # nothing accepted after the whole model
+        trials = circuit.iloc[1:]
+        best = trials.iloc[int(np.argmax(trials["faithfulness"].to_numpy(dtype=float)))] \
+            if len(trials) else None
+        why = (f"no smaller circuit: none of {len(trials)} trial circuits kept faithfulness "
+               f">= {target:g}" + (f" (best {float(best['faithfulness']):.2f} at "
+                                   f"{int(best['size']):,} of {start:,} nodes)"
+                                   if best is not None else ""))
+        return {m: _measure(model, m, n_layers, detail=why)
+                for m in ("circuit size", "circuit depth")}
+    f = float(last["faithfulness"])
+    bound = max_rounds is not None and rounds >= max_rounds
+    detail = (f"{int(last['size']):,} of {start:,} nodes ({float(last['fraction']):.2%}) at "
+              f"faithfulness {f:.2f} after {rounds} rounds"
+              + ("; the search hit its round limit, so this is an upper bound" if bound else ""))
+    nodes = circuit_nodes_of(circuit, n_layers)
+    med = float(np.median([v.layer for v in nodes])) if nodes else None
+    return {"circuit size": _measure(model, "circuit size", n_layers,
+                                     value=float(last["fraction"]), holds=f >= target,
+                                     detail=detail),
+            "circuit depth": _measure(model, "circuit depth", n_layers, layer=med,
+                                      value=float(len(nodes)),
+                                      detail=f"median layer {med:g} of {len(nodes):,} nodes"
+                                      if med is not None else "the circuit has no nodes")}
 
 
 def circuit_composition(model: str, nodes: Sequence[Node], n_layers: int) -> pd.DataFrame:
@@ -377,12 +395,16 @@ def node_signature_similarity(circuits: Mapping[str, tuple[Sequence[Node], int]]
                                        "count_b", "shared"])
 
 
-def agreement(measures: pd.DataFrame, *, within: float = AGREE_WITHIN) -> pd.DataFrame:
+def agreement(measures: pd.DataFrame, *, within: float = AGREE_WITHIN,
+              among: Sequence[str] | None = None) -> pd.DataFrame:
     """Where models agree: per depth measure of :func:`model_measures` rows (several models),
     the models that have it, the ``earliest`` and ``latest`` of them with their depths, the
     ``spread`` (latest - earliest) and ``agree`` (``spread <= within``). The circuit size is
     compared by the ratio of the largest to the smallest share (``ratio``; ``agree`` when it is
-    at most 2). A measure fewer than two models have gets ``agree`` None."""
+    at most 2). A measure fewer than two models have gets ``agree`` None. ``among``: only
+    these models are compared (a reference model is shown beside them, not in the spread)."""
+    if among is not None:
+        measures = measures.loc[measures["model"].isin(list(among)).to_numpy()]
     rows = []
     for measure in MEASURES:
         m = measures.loc[(measures["measure"] == measure).to_numpy()]

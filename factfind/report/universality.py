@@ -49,7 +49,8 @@ EXPLAIN_CIRCUITS = (
     "its kinds say whether the circuit is mostly heads or neurons and in how many MLP layers "
     "the neurons sit. The signature similarity compares two circuits by their nodes' "
     "(depth quarter, kind, token role): the weighted Jaccard of the two multisets (1: the same "
-    "mix at the same depths and roles)."
+    "mix at the same depths and roles). Feature nodes of sparse dictionaries would be counted "
+    "as a kind of their own; these circuits are cut from heads and neurons."
 )
 CURVES = {
     "early site": ("causal tracing: MLP at the last subject token",
@@ -81,38 +82,48 @@ def _join(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _apart(rows: pd.DataFrame, reference: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The compared models' rows and the reference models' rows."""
+    ref = rows["model"].isin(list(reference)).to_numpy()
+    return rows.loc[~ref], rows.loc[ref]
+
+
 def measure_sentence(measure: str, rows: pd.DataFrame, agree: Mapping[str, Any], *,
                      within: float = AGREE_WITHIN, reference: Sequence[str] = ()) -> str:
     """One sentence on one measure across the models (``rows``: its :func:`model_measures`
-    rows; ``agree``: its :func:`agreement` row), citing every model's number."""
-    if measure == "circuit size":
-        have = rows.loc[rows["value"].notna().to_numpy()]
-        if have.empty:
-            return "Circuit size at F >= 0.9: not measured on any model."
-        parts = [f"{_label(r['model'], reference)} {float(r['value']):.2%} ({r['detail']})"
-                 for r in have.to_dict("records")]
-        text = f"Circuit size at F >= 0.9: {_join(parts)}."
-        if len(have) > 1 and np.isfinite(agree.get("ratio", np.nan)):
-            verdict = "within a factor of 2" if agree["agree"] else "more than 2x apart"
-            text += (f" The largest share ({agree['latest']}) is {float(agree['ratio']):.1f}x "
-                     f"the smallest ({agree['earliest']}): {verdict}.")
-        return text
-    have = rows.loc[rows["depth"].notna().to_numpy()]
-    missing = rows.loc[rows["depth"].isna().to_numpy()]
-    name = measure[0].upper() + measure[1:]
+    rows; ``agree``: its :func:`agreement` row over the compared models), citing every model's
+    number; the ``reference`` models' numbers follow, outside the comparison."""
+    rows, ref = _apart(rows, reference)
+    col = "value" if measure == "circuit size" else "depth"
+
+    def cite(r: Mapping[str, Any]) -> str:
+        if measure == "circuit size":
+            return f"{_label(r['model'], reference)} {float(r['value']):.2%} ({r['detail']})"
+        return f"{_label(r['model'], reference)} {_depth_text(r)}"
+
+    have = rows.loc[rows[col].notna().to_numpy()].sort_values(col, kind="stable")
+    name = "Circuit size at F >= 0.9" if measure == "circuit size" else \
+        measure[0].upper() + measure[1:]
+    values = _join([cite(r) for r in have.to_dict("records")])
     if have.empty:
-        text = f"{name}: not measured on any model"
+        text = f"{name}: none of the compared models has a value"
+    elif agree.get("agree") is None:
+        text = f"{name}: only {values}"
+    elif measure == "circuit size":
+        verdict = "within a factor of 2" if agree["agree"] else "more than 2x apart"
+        text = (f"{name}: {values}; the largest share ({agree['latest']}) is "
+                f"{float(agree['ratio']):.1f}x the smallest ({agree['earliest']}), {verdict}")
+    elif agree["agree"]:
+        text = (f"{name}: the models agree within {within:g} of the depth, {values} "
+                f"(spread {float(agree['spread']):.2f})")
     else:
-        values = _join([f"{_label(r['model'], reference)} {_depth_text(r)}"
-                        for r in have.sort_values("depth", kind="stable").to_dict("records")])
-        if agree.get("agree") is None:
-            text = f"{name}: only {values}"
-        elif agree["agree"]:
-            text = (f"{name}: the models agree within {within:g} of the depth, {values} "
-                    f"(spread {float(agree['spread']):.2f})")
-        else:
-            text = (f"{name}: the models differ, {values}; the spread "
-                    f"{float(agree['spread']):.2f} exceeds {within:g}")
+        text = (f"{name}: the models differ, {values}; the spread "
+                f"{float(agree['spread']):.2f} exceeds {within:g}")
+    beside = ref.loc[ref[col].notna().to_numpy()]
+    if not beside.empty:
+        text += "; beside them " + _join([cite(r) for r in beside.to_dict("records")])
+    missing = pd.concat([rows.loc[rows[col].isna().to_numpy()],
+                         ref.loc[ref[col].isna().to_numpy()]])
     if not missing.empty:
         text += "; no value on " + "; ".join(
             f"{_label(r['model'], reference)} ({r['detail']})" for r in missing.to_dict("records"))
@@ -161,12 +172,14 @@ def agreement_paragraphs(measures: pd.DataFrame, agree: pd.DataFrame, findings: 
     judged = depth.loc[depth["agree"].notna().to_numpy()]
     same = [str(m) for m, a in zip(judged["measure"], judged["agree"], strict=True) if a]
     differ = [str(m) for m, a in zip(judged["measure"], judged["agree"], strict=True) if not a]
-    models = list(dict.fromkeys(measures["model"]))
-    head = (f"Across {len(models)} models ({_join([_label(m, reference) for m in models])}), "
-            f"{len(same)} of {len(judged)} depth measures that at least two models have agree "
-            f"within {within:g} of the depth"
-            + (f" ({_join(same)})" if same else "")
-            + (f" and {len(differ)} differ ({_join(differ)})" if differ else "") + ".")
+    models = [m for m in dict.fromkeys(measures["model"]) if m not in reference]
+    refs = [m for m in dict.fromkeys(measures["model"]) if m in reference]
+    head = (f"Across {len(models)} compared models ({_join(models)}), {len(same)} of "
+            f"{len(judged)} depth measures that at least two of them have agree within "
+            f"{within:g} of the depth" + (f" ({_join(same)})" if same else "")
+            + (f" and {len(differ)} differ ({_join(differ)})" if differ else "") + "."
+            + (f" The reference {_join(refs)} is cited beside them, outside the comparison."
+               if refs else ""))
     lines = [head]
     for measure in MEASURES:
         rows = measures.loc[(measures["measure"] == measure).to_numpy()]
