@@ -227,6 +227,12 @@ def test_the_summary_follows_the_data_not_a_script() -> None:
     assert "unlike ROME's early site: 1% of the positive effect at depth <= 0.6" in \
         s.loc["lookup", "text"]
     assert "unlike ROME's late site" in s.loc["readout", "text"]
+    # a site whose interval includes 0 says so (the MLPs at the final token, layer 1: ~0)
+    assert "(the interval includes 0)" not in s.loc["lookup", "text"]
+    weak = _summary(_tracing(2, 6).assign(effect=lambda d: d["effect"] - 0.4 * (
+        (d["method"] == "causal_tracing/mlp") & (d["role"] == "subject_last")).astype(float)
+        + 0.005)).set_index("topic")
+    assert "n=6 prompts (the interval includes 0)" in weak.loc["lookup", "text"]
     assert s.loc["verdict", "text"] == ("4 of 6 findings of the papers hold on this model; "
                                         "differs: ROME early site, ROME late site.")
     # without tables, their lines are left out; the verdict stays

@@ -350,6 +350,13 @@ def _ci(lo: Any, hi: Any, fmt: Any = _num) -> str:
     return f" [{fmt(float(lo))}, {fmt(float(hi))}]"
 
 
+def _zero(lo: Any, hi: Any) -> str:
+    """A warning when a 95% interval includes 0: the sign of the effect is not resolved."""
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return ""
+    return " (the interval includes 0)" if float(lo) <= 0 <= float(hi) else ""
+
+
 def _n(n: Any, noun: str = "prompts") -> str:
     return "" if n is None or pd.isna(n) else f", n={int(n)} {noun}"
 
@@ -428,7 +435,8 @@ def _site_line(topic: str, tracing_by_role: pd.DataFrame, row: dict[str, Any] | 
     effect = float(at["effect"])
     text = (f"{lead[0] if holds else lead[1]}, {_layers(a, b)}: causal tracing peaks at layer "
             f"{peak} of {n_layers} (depth {_depth(peak, n_layers):.2f}), indirect effect "
-            f"{_num(effect)}{_ci(at['ci_low'], at['ci_high'])}{_n(at['n'])}{extra}; {verdict}.")
+            f"{_num(effect)}{_ci(at['ci_low'], at['ci_high'])}{_n(at['n'])}"
+            f"{_zero(at['ci_low'], at['ci_high'])}{extra}; {verdict}.")
     return _line(topic, text, layer=peak, n_layers=n_layers, value=effect,
                  ci=(at["ci_low"], at["ci_high"]), n=at["n"], holds=holds)
 
@@ -447,7 +455,7 @@ def _strongest_head(heads: pd.DataFrame, role: str) -> str:
     best = agg.iloc[int(np.argmax(np.abs(agg["effect"].to_numpy(dtype=float))))]
     return (f"; the strongest single head there is {site_label(best.to_dict())} (activation "
             f"patching {_num(float(best['effect']))}{_ci(best['ci_low'], best['ci_high'])}"
-            f"{_n(best['n'], 'pairs')})")
+            f"{_n(best['n'], 'pairs')}{_zero(best['ci_low'], best['ci_high'])})")
 
 
 def _knows_line(accuracy: pd.DataFrame, pairs: int | None, L: int) -> dict[str, Any]:
@@ -491,7 +499,8 @@ def _knockout_line(knockout: pd.DataFrame, findings: pd.DataFrame, L: int
     what = (f"cuts p(answer) by {_pct(drop)}{_ci(*ci, _pct)}" if drop > 0 else
             f"never lowers p(answer) (at most {_pct(-drop)}{_ci(-ci[1], -ci[0], _pct)} higher)")
     text = (f"{lead}: blocking final → subject at layer {layer} (depth {_depth(layer, L):.2f}) "
-            f"{what}{_n(worst['n'])}{rel}; {held} of {len(verdicts)} of Geva et al.'s findings "
+            f"{what}{_n(worst['n'])}{_zero(*ci)}{rel}; {held} of {len(verdicts)} of Geva et "
+            f"al.'s findings "
             f"hold.")
     return _line("knockout", text, layer=layer, n_layers=L, value=drop, ci=ci, n=worst["n"],
                  holds=None if not verdicts else held == len(verdicts))
