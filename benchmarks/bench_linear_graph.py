@@ -264,7 +264,9 @@ def edges_against(family: str, python: str, pythonpath: str | None, threads: int
         cfg_path = Path(tmp) / "model" / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())  # transformers 5 names its own backend class
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        cfg_path.write_text(json.dumps(cfg))
+        cfg.update({k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)})
+        cfg_path.write_text(json.dumps(cfg))  # and its special tokens (circuit-tracer zeroes
+        # the features and errors of a leading special token, as factfind does)
         dicts.save(f"{tmp}/tc", format="circuit_tracer", overwrite=True)
         t0 = time.perf_counter()
         g = linear_graph(model, prompt, dicts, progress=False)

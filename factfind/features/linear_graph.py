@@ -608,16 +608,19 @@ def _target_batch(frozen: FrozenRun, rows: list[int], reads: Tensor, t_layer: Te
                   t_pos: Tensor, writes: Tensor, src: _Sources, adjacency: Tensor,
                   node_of_row: list[int], n_pos: int) -> None:
     """One transposed pass for a batch of targets (``rows`` index ``reads``), filling their
-    rows of ``adjacency``."""
+    rows of ``adjacency``. The pass covers positions up to the batch's last target only
+    (causal attention: nothing later reaches them; those sources' edges stay 0)."""
     B, d = len(rows), reads.shape[1]
     r = torch.tensor(rows)
     layers, pos, vec = t_layer[r], t_pos[r], reads[r]
+    n = int(pos.max()) + 1
+    frozen = frozen.narrow(n)
     L = frozen.n_layers
-    g_final = torch.zeros(B, n_pos, d, dtype=reads.dtype, device=reads.device)
+    g_final = torch.zeros(B, n, d, dtype=reads.dtype, device=reads.device)
     is_logit = layers >= L
     if bool(is_logit.any()):
         li = is_logit.nonzero()[:, 0]
-        g = torch.zeros(len(li), n_pos, d, dtype=reads.dtype, device=reads.device)
+        g = torch.zeros(len(li), n, d, dtype=reads.dtype, device=reads.device)
         g[torch.arange(len(li)), pos[li]] = vec[li]
         g_final[li] = frozen.norm_final.transpose(g)
     by_layer = {int(la): (layers == la).nonzero()[:, 0] for la in layers.unique().tolist()
@@ -636,14 +639,15 @@ def _target_batch(frozen: FrozenRun, rows: list[int], reads: Tensor, t_layer: Te
     def read(layer: int, g: Tensor) -> None:
         if layer < 0:
             start = src.err_start + n_err
-            out[:, start:start + n_pos] = (g * writes[start:start + n_pos][None]).sum(-1)
+            out[:, start:start + n] = (g * writes[start:start + n][None]).sum(-1)
             return
-        nodes = src.feat_nodes[layer]
+        at = src.feat_pos[layer] < n
+        nodes = src.feat_nodes[layer][at]
         if len(nodes):
-            gs = g[:, src.feat_pos[layer]]                      # [B k d]
+            gs = g[:, src.feat_pos[layer][at]]                  # [B k d]
             out[:, nodes] = (gs * writes[nodes][None]).sum(-1)
         e0 = src.err_start + layer * n_pos
-        out[:, e0:e0 + n_pos] = (g * writes[e0:e0 + n_pos][None]).sum(-1)
+        out[:, e0:e0 + n] = (g * writes[e0:e0 + n][None]).sum(-1)
 
     frozen.backward(int(layers.max()), inject, read, g_final)
     adjacency[torch.tensor([node_of_row[i] for i in rows])] = out.float().cpu()

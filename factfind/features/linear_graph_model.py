@@ -127,6 +127,8 @@ class FrozenRun:
             d_model]``.
         W_skip: ``[d_model d_model]`` a skip transcoder's linear path, or ``None``.
         parallel: attention and MLP read one stream (GPT-NeoX, GPT-J).
+        group: query heads per key-value head (grouped-query attention; 1 otherwise): the
+            transposed value path sums a group's heads before its one ``W_V``.
     """
 
     patterns: list[Tensor]
@@ -138,10 +140,26 @@ class FrozenRun:
     W_O: list[Tensor]
     W_skip: list[Tensor | None]
     parallel: bool
+    group: int = 1
 
     @property
     def n_layers(self) -> int:
         return len(self.patterns)
+
+    def narrow(self, n: int) -> FrozenRun:
+        """The frozen model of the first ``n`` positions (causal attention: a target at a
+        position ``< n`` reads nothing from later ones, so its pass can stop there)."""
+        if n >= self.patterns[0].shape[-1]:
+            return self
+
+        def cut(x: FrozenNorm | None) -> FrozenNorm | None:
+            return None if x is None else FrozenNorm(x.gain, x.inv_s[:n], x.centred, x.bias)
+
+        final = cut(self.norm_final)
+        assert final is not None
+        return FrozenRun([p[:, :n, :n] for p in self.patterns], [s[:n] for s in self.attn_scale],
+                         [cut(x) for x in self.norm_attn], [cut(x) for x in self.norm_mlp],
+                         final, self.W_V, self.W_O, self.W_skip, self.parallel, self.group)
 
     def to(self, dtype: torch.dtype) -> FrozenRun:
         """A copy in ``dtype`` (float64 for exactness checks)."""
@@ -156,7 +174,7 @@ class FrozenRun:
                          [n(x) for x in self.norm_attn], [n(x) for x in self.norm_mlp], final,
                          [w.to(dtype) for w in self.W_V], [w.to(dtype) for w in self.W_O],
                          [None if w is None else w.to(dtype) for w in self.W_skip],
-                         self.parallel)
+                         self.parallel, self.group)
 
     # ------------------------------------------------------------------ the linear pieces
 
@@ -179,7 +197,13 @@ class FrozenRun:
     def _attn_t(self, layer: int, g: Tensor) -> Tensor:
         gz = self._attn_heads_t(layer, g)
         gv = torch.einsum("hqk,bqhe->bkhe", self.patterns[layer], gz)
-        gx = torch.einsum("bkhe,hde->bkd", gv, self.W_V[layer])
+        G = self.group
+        if G > 1:  # the heads of a key-value group share one W_V: sum them first
+            b, k, H, e = gv.shape
+            gv = gv.reshape(b, k, H // G, G, e).sum(3)
+            gx = torch.einsum("bkje,jde->bkd", gv, self.W_V[layer][::G])
+        else:
+            gx = torch.einsum("bkhe,hde->bkd", gv, self.W_V[layer])
         na = self.norm_attn[layer]
         return gx if na is None else na.transpose(gx)
 
@@ -405,7 +429,7 @@ def capture(model: Any, batch: Any, dicts: Any, *, skip_check: bool = False
         d = _transcoder_at(dicts, layer)
         W_skip.append(None if d.W_skip is None else d.W_skip.detach().to(final_resid.dtype))
     frozen = FrozenRun(patterns, scales, norm_attn, norm_mlp, norm_final, W_V, W_O, W_skip,
-                       model.parallel)
+                       model.parallel, model.n_heads // model.n_kv_heads)
     values = {"out_logits": run.logits[0],
               "mlp_in": [acts[(C.MLP_IN, layer)] for layer in range(L)],
               "mlp_out": [acts[(C.MLP_OUT, layer)] for layer in range(L)],
