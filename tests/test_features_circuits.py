@@ -208,6 +208,16 @@ def test_stability_of_the_planted_circuit_is_high_and_not_everywhere(planted_set
     assert st.loc[8, "n"] == 20 and st.loc[8, "n_prompts"] == 8
 
 
+def test_fast_stability_equals_the_pandas_reference(tiny):
+    model, pairs, dicts = tiny
+    rows = ff.feature_atp(model, pairs, dicts, per_prompt=True, progress=False)
+    fast = circuit_stability(rows, k=(1, 5, 20, 80), splits=6, seed=3)
+    ref = circuit_stability(rows, k=(1, 5, 20, 80), splits=6, seed=3, reference=True)
+    cols = ["effect", "jaccard_first", "jaccard_min", "jaccard_max"]
+    np.testing.assert_allclose(fast[cols].to_numpy(float), ref[cols].to_numpy(float))
+    assert (ref["effect"] > 0).all() and (ref["effect"] < 1).any()  # not trivially 0 or 1
+
+
 def test_stability_works_on_head_and_neuron_frames(planted):
     rows = ff.atp(planted.model, planted.pairs, components=["head_out", "mlp_out"],
                   per_prompt=True, progress=False)
