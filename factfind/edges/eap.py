@@ -11,10 +11,12 @@ where ``a_u`` is what ``u`` writes at its positions and ``x_v`` is *v's own copy
 stream, so the gradient flows through ``v`` only (and then through everything downstream of
 ``v``). The residual stream is a sum, so every reader of layer ``l``'s stream sees the same
 ``x`` and one backward pass gives only the sum of their gradients. :mod:`factfind.edges.eap_grads`
-separates them from that one pass: the gradient at each head's output ``z`` is pulled back by
-hand through that head alone (its attention, its query/key/value projections - per *query*
-head under grouped-query attention - and the block's input norm), once per query role; the
-MLP's share is what remains of ``dm/dresid_pre - dm/dresid_post``. The literal way, one detached
+separates them from that one pass: the gradient at each head's output ``z`` is pulled back
+through that head alone (its attention recomputed from the saved block input, with whatever the
+family adds - q/k norms, softcap, sliding window, rotary variants; its query/key/value
+projections - per *query* head under grouped-query attention - and the block's input norm),
+once per query role, for every supported family; the MLP's share is what remains of
+``dm/dresid_pre - dm/dresid_post``. The literal way, one detached
 copy of the batch per receiver, is kept as the reference (:mod:`factfind.edges.eap_reference`,
 ``reference=True``) and still serves ``neurons=True``. Dot products with the activation
 differences, one batched matrix product per layer, give every edge.
@@ -40,12 +42,13 @@ of a layer's forward), whatever the number of heads, roles or positions. The cot
 summed over the points in head space and taken to ``d_model`` once (``roles x 2 heads d_head
 x d_model`` per token and layer, about 1 FE on a 30-layer model), then dotted with the
 differences once (``heads x roles x units x d_model`` per token and layer, one matrix product
-per layer and sender role, 1-2 FE on a 30-layer model). As measured on SmolLM2-135M (4 pairs
-x 20 tokens, 1 thread, ``benchmarks/bench_eap.py``): EAP-IG(5) about 19-21 FE, EAP about 7
-FE. The reference path costs one pass per receiver copy instead,
-``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies per point -
-about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5). Exact edge patching needs a pair of stacked
-passes per edge.
+per layer and sender role, 1-2 FE on a 30-layer model). As measured with
+``benchmarks/bench_eap.py --models`` (2 athlete pairs x 19-21 tokens, 1 thread, CPU time):
+EAP-IG(5) 8 FE on Gemma-3-270M, 15 FE on SmolLM2-135M, 22 FE on a Qwen3-0.6B-shaped model
+(28 layers, 2.5 million edges); EAP 4-12 FE. The reference path costs one pass per receiver
+copy instead, ``layers x (1 + heads x roles)`` (plus ``layers x d_mlp`` with neurons) copies
+per point - about 1,650 on SmolLM2, ~7,000 FE for EAP-IG(5); 1,006 FE on Gemma-3-270M. Exact
+edge patching needs a pair of stacked passes per edge.
 
 Example::
 
