@@ -293,7 +293,7 @@ def chunked(tiny_gguf, tmp_path, monkeypatch) -> tuple[ck.Alias, Path, Path]:
 
 
 def test_chunk_packages_are_assembled_once_verified_and_loaded(chunked, tiny_gguf):
-    alias, _, cache = chunked
+    alias, site, cache = chunked
     model = load_model(alias.name, cache_dir=cache)
     ref = {k: v.float() for k, v in tiny_gguf[1].state_dict().items()}
     for k, v in model.hf.state_dict().items():
@@ -314,6 +314,12 @@ def test_chunk_packages_are_assembled_once_verified_and_loaded(chunked, tiny_ggu
     again = load_model(alias.name, cache_dir=cache)
     assert assembled.stat().st_mtime_ns == stamp and again.provenance == prov
     assert again.revision == model.revision
+    # the packages uninstalled: the cached conversion loads, its provenance still complete
+    for folder in [alias.package, *alias.parts]:
+        shutil.rmtree(site / str(folder))
+    offline = load_model(alias.name, cache_dir=cache).provenance
+    assert "not installed" in offline["source"] and offline["license"] == "Tiny Terms of Use"
+    assert offline["file_sha256"] == record["sha256"] and "license_file" not in offline
 
 
 def test_partly_installed_chunk_packages_name_the_missing_parts_and_the_command(chunked,

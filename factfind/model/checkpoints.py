@@ -298,8 +298,10 @@ def prepare(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str]
             log.info("%s: package %s not installed; using its cached dequantization %s",
                      alias.name, alias.package, cached)
             prepared = _prepare_cached(cached, cache_dir)
+            gguf_file = (read_record(cached / _MARKER) or {}).get("gguf_file")
             prov = dict(prepared.provenance, source=f"package {alias.package} (not installed; "
-                        f"cached {cached.name}) ({alias.hub_id})", **alias.provenance())
+                        f"cached {cached.name}) ({alias.hub_id})",
+                        **alias.provenance(Path(gguf_file) if gguf_file else None))
             return Prepared(prepared.path, alias.name, prepared.revision, prov)
         if local is None:
             log.info("%s: package %s not installed (%s); loading the hub's %s", alias.name,
