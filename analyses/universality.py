@@ -210,8 +210,11 @@ def main(argv: list[str] | None = None) -> Outcome:
     measures = pd.concat([r.tables["measures"] for r in runs], ignore_index=True)
     findings = pd.concat([r.tables["findings"].assign(model=r.label, n_layers=r.model.n_layers)
                           for r in runs], ignore_index=True)
+    # a search that shrank nothing found no circuit (the whole model is none): left out
+    found = set(measures.loc[((measures["measure"] == "circuit size")
+                              & measures["value"].notna()).to_numpy(), "model"])
     circuits = {r.label: (uv.circuit_nodes_of(r.tables["circuit"], r.model.n_layers),
-                          r.model.n_layers) for r in runs}
+                          r.model.n_layers) for r in runs if r.label in found}
     composition = pd.concat([uv.circuit_composition(m, nodes, n)
                              for m, (nodes, n) in circuits.items()], ignore_index=True)
     similarity = uv.node_signature_similarity(circuits)

@@ -153,10 +153,10 @@ def finding_sentence(finding: str, rows: pd.DataFrame, *, reference: Sequence[st
 def kinds_sentence(composition: pd.DataFrame, *, reference: Sequence[str] = ()) -> str:
     """The circuits' make-up: the share of heads and of neurons (and other kinds) per model."""
     if composition.empty:
-        return "No circuit has nodes."
+        return "Kinds of the circuit components: no model has a circuit at F >= 0.9."
     parts = []
     for model, g in composition.groupby("model", sort=False):
-        kinds = ", ".join(f"{float(r['share']):.0%} {r['kind']}s ({int(r['nodes'])}"
+        kinds = ", ".join(f"{float(r['share']):.0%} {r['kind']}s ({int(r['nodes']):,}"
                           + (f" in {int(r['layers'])} MLP layers" if r["kind"] == "neuron"
                              else "") + ")" for r in g.to_dict("records"))
         parts.append(f"{_label(str(model), reference)}: {kinds}")
