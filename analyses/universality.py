@@ -131,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})"
+                       .replace("%", "%%"))  # argparse formats help with %
     p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
     p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -242,14 +243,18 @@ def main(argv: list[str] | None = None) -> Outcome:
         *ru.measure_sections(measures, curves),
         ru.circuits_section(composition, similarity, measures),
         ff.report.dataset_section(
-            {"dataset": cfg.facts, "shared facts (known by every compared model, paired)":
-             len(shared), "analysed pairs per model": len(compared[0].pairs or ()),
+            {"dataset": cfg.facts, "shared facts (known by every compared model)": len(shared),
+             "analysed pairs per model": len(compared[0].pairs or ()),
              "reference": cfg.reference},
             sample=_pairs_frame(runs).head(40), max_rows=40),
         ff.report.config_section(asdict(cfg), {
             "run key": key,
             "caches": "; ".join(f"{r.label}: {r.cache.root}" for r in runs),
             "wall time of this run (s)": round(wall, 1),
+            # each step's stored cost (computed now or when cached) plus this run's other work
+            "wall time if every step were computed (s)": round(
+                float(timings["seconds"].sum())
+                + max(0.0, wall - float(timings["this_run_seconds"].sum())), 1),
             "steps computed / from cache": f"{sum(len(r.cache.computed) for r in runs)} / "
                                            f"{sum(len(r.cache.hits) for r in runs)}",
             "load average (1 min) at start / end": f"{load0:.2f} / {FF['_load']():.2f}",

@@ -307,3 +307,16 @@ def test_organism_end_to_end(script, tmp_path):
     again = script["main"](args)
     assert all(c.computed == [] for c in again.caches.values())
     pd.testing.assert_frame_equal(again.measures, out.measures)
+
+
+def test_factfind_universality_runs_the_script(capsys):
+    from factfind.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["universality", "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--models", "--facts", "--reference", "--n-pairs", "--known-target",
+                 "--prune-rounds", "--agree-within"):
+        assert flag in out
+    assert "(default: smollm2-135m,gemma-3-270m)" in out and "(default: 16)" in out
