@@ -8,7 +8,8 @@ it against the package's sha256, dequantizes it to float32 once and caches that 
 
 What is asserted, and why these numbers:
 
-* **Provenance**: the package and version, the file's sha256 (the package's own), Q4_K_M
+* **Provenance**: the package and version, the file's sha256 (the package's own), where it was
+  converted (a third party's GGUF of google/gemma-3-270m), Q4_K_M
   dequantized ("a real trained model but not the original weights") and the licence, the
   Gemma Terms of Use, with the installed path of their text.
 * **Exactness**: the adapter's logits (nnsight, left-padded batch) equal a second copy of the
@@ -85,6 +86,7 @@ def test_provenance_names_the_package_the_file_and_the_terms(gemma3):
     terms = Path(prov["license_file"])
     assert terms.name == "GEMMA_TERMS.html" and "Gemma Terms of Use" in terms.read_text()
     assert "assembled from its 4 chunk packages" in prov["source"]
+    assert "conversion of google/gemma-3-270m" in prov["upstream"]
     assert (gemma3.n_layers, gemma3.n_heads, gemma3.n_kv_heads, gemma3.d_model) == (18, 4, 1,
                                                                                     640)
     assert gemma3.spec.name.startswith("gemma") and str(gemma3.revision).startswith("gguf-")

