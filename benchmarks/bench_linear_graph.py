@@ -227,6 +227,19 @@ def _relu_skip(model, dicts=None, prompt_tb=None):
     return Dictionaries(items)
 
 
+def _for_transformers_4(path: Path) -> None:
+    """A config saved by transformers 5 as transformers 4.57 (circuit-tracer's) reads it: the
+    rotary base lives in ``rope_theta`` there, not in ``rope_parameters`` (read otherwise as
+    the default 10,000: SmolLM2's is 100,000, and every pattern would differ)."""
+    cfg = json.loads(path.read_text())
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    path.write_text(json.dumps(cfg))
+
+
 def edges_against(family: str, python: str, pythonpath: str | None, threads: int) -> dict:
     """Our adjacency against circuit-tracer's ``attribute`` on the same model, transcoders and
     tokens (see the docstring)."""
@@ -261,6 +274,7 @@ def edges_against(family: str, python: str, pythonpath: str | None, threads: int
                                        "template": "<|endoftext|>Fact: {} plays the sport of",
                                        "attribute": "basketball"}])[0]
         tok.save_pretrained(f"{tmp}/model")
+        _for_transformers_4(Path(tmp) / "model" / "config.json")
         cfg_path = Path(tmp) / "model" / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())  # transformers 5 names its own backend class
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
