@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import runpy
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -39,6 +40,9 @@ import factfind as ff
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding")
+# the features step (issue 24): its flags, its cached steps and its report sections
+FEATURES: dict[str, Any] = runpy.run_path(str(ROOT / "analyses" / "_features_step.py"),
+                                          run_name="features_step")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -129,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--out", default=str(ROOT / "reports"), help="report directory")
     p.add_argument("--cache", default=str(ROOT / "runs"), help="result cache directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    FEATURES["add_arguments"](p)
     a = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config) if f.name != "version"})
     return cfg, a
@@ -287,6 +292,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     # 9. neurons and heads: AtP* verified exactly; Fact Finding's neuron analyses ---------------
     neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, is_known)
     log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
+    # 9b. features: dictionaries, feature circuits, the single-prompt graph (--features) -----
+    feats = FEATURES["features_step"](args, cfg=cfg, cache=cache, model=model, pairs=pairs)
 
     # 10. the report ---------------------------------------------------------------------------
     wall = time.time() - t0
@@ -333,7 +340,9 @@ def main(argv: list[str] | None = None) -> Outcome:
                 method="pruning, head/neuron x role nodes, mean ablation")],
             ignore_index=True), x="fraction"),
         *ff.report.neurons.neuron_sections(neurons),
-        ff.report.config_section(asdict(cfg), {"model": model.name, "revision": model.revision,
+        *feats.sections,
+        ff.report.config_section({**asdict(cfg), **feats.settings()},
+                                 {"model": model.name, "revision": model.revision,
                                         "model_fingerprint": model.fingerprint(),
                                         "dataset": facts.fingerprint(),
                                         "cache": str(cache.root),
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> Outcome:
                                 "to replace it, or --out DIR to write elsewhere")
         log.info("report %s exists (same configuration); pass --overwrite to replace it", out)
     else:
-        _write_outputs(out, data, circuit, cache=cache)
+        _write_outputs(out, data, circuit, cache=cache, extra=feats.files(out))
     log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
              len(cache.hits), len(cache.computed))
     print(out)
@@ -380,7 +389,7 @@ def _rebuilt(cache: ff.RunCache, *, since: int) -> str:
 
 
 def _write_outputs(out: Path, data: ff.report.ReportData, circuit: ff.graph.CircuitGraph, *,
-                   cache: ff.RunCache) -> None:
+                   cache: ff.RunCache, extra: dict[str, bytes] | None = None) -> None:
     """The report and its circuit (``.graphml``, ``.json``), written into a staging folder
     beside them and then renamed into place: a failed write (no space, no permission, a
     read-only folder) leaves no partial file and a report being replaced as it was, and ends
@@ -400,6 +409,8 @@ def _write_outputs(out: Path, data: ff.report.ReportData, circuit: ff.graph.Circ
         ff.report.write_report(html.decode("utf-8"), stage / out.name)
         ff.graph.to_graphml(circuit, stage / out.with_suffix(".graphml").name)
         ff.graph.to_json(circuit, stage / out.with_suffix(".json").name)
+        for name, blob in (extra or {}).items():  # the feature graph's exports
+            (stage / name).write_bytes(blob)
         needed, staged = sum(f.stat().st_size for f in stage.iterdir()), True
         for f in sorted(stage.iterdir()):
             os.chmod(f, 0o644)

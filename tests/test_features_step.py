@@ -1,0 +1,200 @@
+"""The features step of analyses/fact_finding.py (issue 24) and its report sections.
+
+Fast: the report's feature sections and summary lines from hand-made tables (the lines say
+where features lose, with the numbers; flags above 30%; typed errors), and the step's flags.
+Slow: the organism run with ``--features on`` and a tiny dictionary set trained for the test
+(``$FACTFIND_CACHE`` in tmp): the report has the Features section and each part, the feature
+graph's three exports exist and load back (circuit-tracer's JSON against its schema as
+tests/test_features_linear_graph.py checks it), and a second run is all cache hits.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_features_linear_graph import _check_circuit_tracer_schema
+
+import factfind as ff
+from factfind.errors import ArgumentError
+from factfind.organism import CHECKPOINT_DIR
+from factfind.report import features as rf
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = ROOT / "analyses" / "_features_step.py"
+
+
+def _bases() -> pd.DataFrame:
+    rows = []
+    for how, f, n, h in (("mean", (0.2, 0.5, 0.9), (0.4, 0.45, 0.8), (0.1, 0.3, 0.7)),
+                         ("resample", (0.6, 0.7, 0.95), (0.3, 0.5, 0.9), (0.2, 0.4, 0.6))):
+        for basis, vals in (("features", f), ("neurons", n), ("heads_mlps", h)):
+            rows += [{"basis": basis, "budget": b, "how": how, "faithfulness": v,
+                      "n_nodes": b} for b, v in zip((10, 50, 200), vals, strict=True)]
+            rows.append({"basis": basis, "budget": pd.NA, "how": how, "faithfulness": 1.0,
+                         "n_nodes": 999})
+    return pd.DataFrame(rows).astype({"budget": "Int64"})
+
+
+def _interventions() -> pd.DataFrame:
+    rows = []
+    for role, att, rnd in (("subject_last", 0.5, 0.0), ("final", 0.25, 0.125)):
+        for sel, rate in (("attributed", att), ("random", rnd)):
+            rows += [{"role": role, "intervention": "swap", "scale": 1.0, "selection": sel,
+                      "n_features": 10, "n": 64, "success_rate": rate,
+                      "success_low": rate / 2, "success_high": min(1.0, rate * 1.5 + 0.05),
+                      "effect": 1.0, "ci_low": 0.5, "ci_high": 1.5, "base_rate": 0.0,
+                      "source_rate": 1.0, "fraction": 0.4},
+                     {"role": role, "intervention": "steer x2", "scale": 2.0,
+                      "selection": sel, "n_features": 10, "n": 64, "success_rate": rate + 0.1,
+                      "success_low": rate, "success_high": rate + 0.2, "effect": 2.0,
+                      "ci_low": 1.0, "ci_high": 3.0, "base_rate": 0.0, "source_rate": 1.0,
+                      "fraction": 0.8}]
+    return pd.DataFrame(rows)
+
+
+def _error_share() -> pd.DataFrame:
+    return pd.DataFrame({"layer": [0, 1, 2, 3], "error_share": [0.01, 0.2, 0.05, 0.1],
+                         "error_share_of_layer": [0.1, 0.65, 0.3, 0.31],
+                         "flagged": [False, True, False, True]})
+
+
+def test_basis_lines_say_where_features_lose_with_the_numbers() -> None:
+    mean, resample = rf.basis_points(_bases())
+    assert mean.startswith("Mean ablation, faithfulness at 10/50/200 nodes:")
+    assert "features 0.20/0.50/0.90" in mean and "neurons 0.40/0.45/0.80" in mean
+    # features lose to neurons only at 10 nodes, and beat heads/MLPs everywhere
+    assert "Features lose to neurons at 10 nodes (0.20 vs 0.40)." in mean
+    assert "50 nodes (0.50" not in mean
+    assert "Features match or beat heads/MLPs at every budget." in mean
+    assert "Features match or beat neurons at every budget." in resample
+    flipped = _bases()
+    flipped.loc[(flipped["basis"] == "features") & (flipped["how"] == "resample"),
+                "faithfulness"] = 0.1
+    assert "Features lose to neurons at 10 nodes (0.10 vs 0.30), 50 nodes (0.10 vs 0.50)" \
+        in rf.basis_points(flipped)[1]
+    with pytest.raises(ArgumentError, match="basis table"):
+        rf.basis_points(pd.DataFrame({"basis": ["features"]}))
+
+
+def test_the_summary_reads_every_number_off_its_table() -> None:
+    stability = pd.DataFrame({"k": [10, 50, 200], "effect": [0.6, 0.42, 0.3],
+                              "ci_low": [0.5, 0.4, 0.25], "ci_high": [0.7, 0.44, 0.35],
+                              "n": 20, "n_prompts": 32})
+    verification = pd.DataFrame({"node": ["a", "b", "c"], "estimate": [1.0, -0.5, 0.2],
+                                 "effect": [1.2, 0.1, 0.3]})
+    lines = rf.features_summary(scores={"replacement": 0.84, "completeness": 0.951},
+                                error_share=_error_share(), stability=stability,
+                                interventions=_interventions(), bases=_bases(),
+                                verification=verification)
+    assert lines[0] == ("Single-prompt graph: replacement score 0.84, completeness 0.95; error "
+                        "nodes hold > 30% of their layer's influence at 2 of 4 layers (L1, L3).")
+    assert "top-50 nodes" in lines[1] and "Jaccard 0.42 [0.40, 0.44]" in lines[1]
+    assert "20 random splits into halves of 32 pairs" in lines[1]
+    assert lines[2].startswith("Swapping the top 10 features at subject_last")
+    assert "flips 32 of 64 answers (50%" in lines[2] and "random features: 0%" in lines[2]
+    assert "flips 16 of 64 answers (25%" in lines[3] and "random features: 12%" in lines[3]
+    assert "sign for 2" in lines[4] and "largest exact effect is 1.200" in lines[4]
+    assert any("Features lose to neurons" in line for line in lines[5:])
+    assert rf.features_summary() == []
+    assert rf.flagged_layers(_error_share()) == [1, 3]
+
+
+def test_the_feature_sections_hold_their_parts_and_refuse_wrong_tables() -> None:
+    inter = rf.interventions_section(_interventions())
+    assert inter.id == "features-interventions" and len(inter.points) == 2
+    assert len(inter.figures) == 1 and len(inter.tables[0].data) == 8
+    bases = rf.bases_section(_bases())
+    assert bases.id == "features-bases" and len(bases.figures) == 1
+    assert len(bases.tables[0].data) == len(_bases())
+    circuit = pd.DataFrame({"node": ["L1.stc.f3@final", "L0.stc.err@final", "L2.stc.f1@final"],
+                            "effect": [0.5, -0.9, 0.1], "ci_low": [0.4, -1.0, 0.0],
+                            "ci_high": [0.6, -0.8, 0.2], "n": 8, "group": "all"})
+    stability = pd.DataFrame({"k": [10, 50], "effect": [0.5, 0.4], "ci_low": [0.4, 0.3],
+                              "ci_high": [0.6, 0.5], "n": 20, "n_nodes": 3})
+    sec = rf.feature_circuit_section(circuit, stability)
+    shown = sec.tables[0].data
+    assert list(shown["node"]) == ["L0.stc.err@final", "L1.stc.f3@final", "L2.stc.f1@final"]
+    assert sec.facts["nodes attributed"] == 3
+    with pytest.raises(ArgumentError, match="interventions table"):
+        rf.interventions_section(pd.DataFrame({"role": ["final"]}))
+    with pytest.raises(ArgumentError, match="error-share table"):
+        rf.flagged_layers(pd.DataFrame({"layer": [0]}))
+    with pytest.raises(ArgumentError, match="'all' group"):
+        rf.feature_circuit_section(circuit.assign(group="P17"), stability)
+
+
+def test_the_steps_flags_default_and_refuse_bad_values() -> None:
+    import argparse
+
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+    p = argparse.ArgumentParser()
+    step["add_arguments"](p)
+    fc = step["config_from"](p.parse_args([]))
+    assert fc.features == "auto" and fc.budgets == [10, 50, 200] and fc.feature_pairs >= 50
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    assert step["enabled"](fc, Named("smollm2-135m"))
+    assert not step["enabled"](fc, Named("factfind-organism"))
+    on = step["config_from"](p.parse_args(["--features", "on"]))
+    assert step["enabled"](on, Named("factfind-organism"))
+    assert not step["enabled"](step["config_from"](p.parse_args(["--features", "off"])),
+                               Named("smollm2-135m"))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--features", "maybe"])
+    with pytest.raises(ArgumentError, match="--feature-budgets"):
+        step["config_from"](p.parse_args(["--feature-budgets", "10,x"]))
+    with pytest.raises(ArgumentError, match="--feature-pairs"):
+        step["config_from"](p.parse_args(["--feature-pairs", "0"]))
+    # off: no sections, no exports, nothing computed
+    res = step["features_step"](p.parse_args(["--features", "off"]), cfg=None, cache=None,
+                                model=Named("smollm2-135m"), pairs=None)
+    assert res.sections == [] and res.files(Path("x.html")) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
+                    reason="organism checkpoint not built")
+def test_the_organism_run_with_features_reports_exports_and_caches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FACTFIND_CACHE", str(tmp_path / "cache"))
+    script = runpy.run_path(str(ROOT / "analyses" / "fact_finding.py"),
+                            run_name="fact_finding_features_test")
+    args = ["--n-prompts", "8", "--tracing-prompts", "4", "--tracing-samples", "2",
+            "--batch-size", "8", "--threads", "1", "--features", "on",
+            "--feature-tokens", "6000", "--feature-epochs", "1", "--quality-tokens", "1500",
+            "--dashboard-tokens", "1500", "--feature-dashboards", "3",
+            "--out", str(tmp_path / "reports"), "--cache", str(tmp_path / "runs")]
+    first = script["main"](args)
+    html = first.report.read_text()
+    for part in ("features", "dictionaries-quality", "features-graph", "features-circuit",
+                 "features-interventions", "features-bases", "dictionaries-dashboards"):
+        assert f'id="{part}"' in html, part
+    for text in ("replacement score", "completeness score", "Error share per layer",
+                 "Jaccard of the top-k nodes", "Faithfulness per basis",
+                 "features: feature_pairs"):
+        assert text in html, text
+    computed = set(first.cache.computed)
+    assert {"features_quality", "features_atp", "features_circuit", "features_stability",
+            "features_verification", "features_graph", "features_interventions",
+            "features_bases", "features_dashboards"} <= computed
+    # the feature graph beside the report: GraphML and node-link JSON give the same graph,
+    # circuit-tracer's JSON passes its schema
+    stem = first.report.with_name(first.report.stem + "-features")
+    graph = ff.graph.read_graphml(stem.with_suffix(".graphml"))
+    assert ff.graph.read_json(stem.with_suffix(".json")) == graph
+    kinds = {d["kind"] for _, d in graph.graph.nodes(data=True)}
+    assert {"feature", "embed", "logits"} <= kinds and graph.provenance.method == "linear_graph"
+    tracer = json.loads(stem.with_name(stem.name + ".circuit-tracer.json").read_text())
+    _check_circuit_tracer_schema(tracer)
+    assert tracer["metadata"]["slug"] == stem.name + ".circuit-tracer"
+    # a second run is served from the cache, the features step included
+    again = script["main"](args)
+    assert again.cache.computed == []
+    assert {"features_graph", "features_bases", "features_dashboards"} <= set(again.cache.hits)
