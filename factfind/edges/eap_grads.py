@@ -192,14 +192,29 @@ def _attention(model: Model, layer: int, cache: dict[Any, Any], dt: torch.dtype
     """Layer ``layer``'s :class:`~factfind.model.attention.LayerAttention`, its projections
     ``W [head d_model 3*d_head]`` in ``dt`` (centred for LayerNorm: the input norm's
     vector-Jacobian product centres, and ``xh W`` is the same since ``xh`` is centred) and
-    the same as one ``[d_model head*3*d_head]`` matrix; cached."""
+    the distinct ones as one ``[d_model (heads + 2 kv_heads) d_head]`` matrix (each key-value
+    head once); cached."""
     if ("att", layer) not in cache:
         att = layer_attention(model, layer)
         W = att.W.to(dt)
         W = (W - W.mean(1, keepdim=True) if att.centred else W).contiguous()
-        flat = W.permute(1, 0, 2).reshape(W.shape[1], -1).contiguous()
+        e, group = model.d_head, model.n_heads // model.n_kv_heads
+        parts = (W[..., :e], W[::group, :, e:2 * e], W[::group, :, 2 * e:])
+        flat = torch.cat([w.permute(1, 0, 2).flatten(1) for w in parts], -1).contiguous()
         cache[("att", layer)] = (att, W, flat)
     return cache[("att", layer)]
+
+
+def _project_input(model: Model, xh: Tensor, flat: Tensor) -> Tensor:
+    """``xh W`` per query head ``[batch pos head 3*d_head]`` from ``xh [batch pos d_model]``:
+    one product with the distinct projections (:func:`_attention`), the key-value heads then
+    repeated per query head."""
+    (N, P, d), H, K, e = xh.shape, model.n_heads, model.n_kv_heads, model.d_head
+    Y = (xh.reshape(N * P, d) @ flat).reshape(N, P, H + 2 * K, e)
+    q, k, v = Y.split([H, K, K], 2)
+    if K != H:
+        k, v = k.repeat_interleave(H // K, 2), v.repeat_interleave(H // K, 2)
+    return torch.cat([q, k, v], -1)
 
 
 def _accumulate(model: Model, layer: int, acc: dict[str, Any], resid: Tensor, z: Tensor,
@@ -232,7 +247,7 @@ def _accumulate(model: Model, layer: int, acc: dict[str, Any], resid: Tensor, z:
     (CB, P, d), H, e = resid.shape, model.n_heads, model.d_head
     B, R = CB // c, masks.shape[0]
     xh, s = att.normalise(resid.to(dt))
-    Y = (xh.reshape(CB * P, d) @ flat).reshape(CB, P, H, 3 * e)  # xh W: no biases
+    Y = _project_input(model, xh, flat)  # xh W: no biases
     y = Y + att.b.to(dt)
     scales = att.qk_scales(y)
     # a padding query's scores are all masked (a constant row: no gradient to q or k); its
