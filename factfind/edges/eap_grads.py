@@ -17,13 +17,16 @@ the batch per receiver (:mod:`factfind.edges.eap_reference`, the slow reference)
   - the *linear* part: the block's input norm (``x -> c / s``; linear but for its scale ``s``)
     and the projections ``y = (c / s) W + b``, per query head;
   - the *head space* part ``y -> z``: q/k norms, rotary embedding, scale, softcap, the causal,
-    padding and sliding-window mask, softmax, ``z = A v``. This is recomputed from the saved
-    block input with every role's copy stacked on a new leading dimension (a few hundredths of
-    a layer's forward) and differentiated by autograd with cotangent ``dz * mask_r``, giving
-    the cotangent ``dy`` of each head's own projections (keys and values repeated per query
-    head, so under grouped-query attention each query head gets its own share). The
-    recomputed ``z`` is checked against the model's (:class:`AttentionMismatchError`
-    otherwise): whatever the family does, the gradients are those of the model.
+    padding and sliding-window mask, softmax, ``z = A v``, recomputed from the saved block
+    input (a few hundredths of a layer's forward). Its vector-Jacobian product with cotangent
+    ``dz * mask_r`` gives the cotangent ``dy`` of each head's own projections (keys and values
+    repeated per query head, so under grouped-query attention each query head gets its own
+    share): the softmax attention is pulled back by hand (every role at once, on a leading
+    dimension), the q/k norms and the rotary embedding - maps of one position, whatever the
+    family makes of them - by autograd (the queries once: a query serves its own position
+    only; the keys once per role, batched). The recomputed ``z`` is checked against the
+    model's (:class:`~factfind.model.attention.AttentionMismatchError` otherwise): whatever
+    the family does, the gradients are those of the model.
 
   Back in the residual stream, ``dx = (W dy - xh (xh . W dy) / d) / s`` with ``xh = c / s``
   (the input norm's vector-Jacobian product, centred for LayerNorm; ``W dy`` alone without an
@@ -43,8 +46,9 @@ The tests check the result against the reference for every family factfind suppo
 windows shorter than the prompt.
 
 Cost per integration point: one forward and backward pass (about 3 FE), plus per layer one
-projection of the normalised input (``batch x pos x d_model x 3 heads d_head``, a third of the
-layer's forward) and the head-space recomputation for every role; once per batch, the
+projection of the normalised input (``batch x pos x d_model x (heads + 2 kv_heads) d_head``,
+what the layer's own projections cost) and the head-space pull-back for every role; once per
+batch, the
 projection of the summed cotangents to ``d_model`` (``roles x batch x pos x heads x 3 d_head
 x d_model``), independent of the number of points.
 """
@@ -102,9 +106,9 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
             the model's (an attention variant :mod:`factfind.model.attention` does not know).
 
     Cost: per point one forward and backward pass (about 3 FE; less stacked) plus, per layer,
-    one projection of the normalised input (``batch x pos x d_model x 3 heads d_head``, a
-    third of the layer's forward) and the head-space recomputation and its backward for every
-    role (``roles x batch x heads x pos^2 x d_head``); once, the projection of the summed
+    one projection of the normalised input (``batch x pos x d_model x (heads + 2 kv_heads)
+    d_head``) and the head-space recomputation and its pull-back for every role (``roles x
+    batch x heads x pos^2 x d_head``); once, the projection of the summed
     cotangents to ``d_model`` (``roles x batch x pos x heads x 2 d_head x d_model``, plus the
     queries once) - the pull-back to the residual stream is linear in the cotangents, so it
     is paid once per batch, not once per point.
