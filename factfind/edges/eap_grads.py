@@ -131,7 +131,9 @@ def receiver_grads(model: Model, pb: PairBatch, masks: Tensor, metric: Metric, *
     # the logit difference needs two logits per row, not the whole unembedding (and its
     # backward: a tenth of the pass on Gemma-3-270M's 262k-token vocabulary)
     answers = metric is logit_diff
-    rest = 1 - masks.sum(0, keepdim=True)  # positions of no role (padding): the MLP needs them
+    # real tokens of no role (none when the roles partition the prompt): the MLP's share needs
+    # the whole attention's; padding queries feed nothing (dz = 0 there), so they need no row
+    rest = (1 - masks.sum(0, keepdim=True)) * keys.to(masks.device)
     full = torch.cat([masks, rest]) if bool(rest.abs().max() > 0) else masks
     for c0 in range(0, len(alphas), per):
         chunk = list(alphas[c0:c0 + per])
