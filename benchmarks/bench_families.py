@@ -10,8 +10,10 @@ know by the rank rule, ``.corrupt(model, seed=0, pool=facts)``: partners of the 
 token length from the whole set; the random Qwen3 knows none, so its pairs
 are the first athletes' pairs, unfiltered).
 
-FE = a method's wall time ÷ one plain transformers forward of the same clean prompts
-(``no_grad``, ``logits_to_keep=1``; median of 11), both timed in this run. Rows:
+FE = a method's time ÷ one plain transformers forward of the same clean prompts (``no_grad``,
+``logits_to_keep=1``; the median of the forwards timed right before and right after the
+method, so that a change of the machine's load between rows cancels), in wall time and in
+process CPU time (which other jobs on a shared machine disturb less). Rows:
 
 * **EAP-IG(5)**: ``ff.eap_ig(model, pairs, steps=5)``, every edge of the graph; FE per call.
 * **patching / site**: ``activation_patching`` of ``resid_pre`` at every layer x position
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +48,6 @@ from typing import Any
 import pandas as pd
 import torch
 from _common import machine
-from bench_incremental import forward_time, timed
 
 import factfind as ff
 from factfind.types import Site
@@ -102,12 +104,40 @@ def athlete_pairs(model: ff.Model, n: int, *, known: bool) -> Any:
     return pairs[:n]
 
 
+def clocked(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
+    """Best wall time and best process CPU time of ``reps`` calls (CPU time: what this process
+    ran, which other jobs on a shared machine disturb less than the wall clock)."""
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return wall, cpu
+
+
+def forward_clock(model: ff.Model, batch: Any, n: int = 7) -> tuple[float, float]:
+    """Median wall and CPU time of one plain transformers forward (no grad, final-position
+    logits) of ``batch``."""
+    enc = {"input_ids": batch.input_ids.to(model.device),
+           "attention_mask": batch.attention_mask.to(model.device),
+           "position_ids": batch.position_ids.to(model.device)}
+    walls, cpus = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            t, c = time.perf_counter(), time.process_time()
+            model.hf(**enc, use_cache=False, logits_to_keep=1)
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def measure(model: ff.Model, pairs: Any, *, skip: set[str], reps: int) -> dict[str, float]:
-    """Each row's FE (see the module docstring) on one model and its pairs."""
+    """Each row's FE (see the module docstring) on one model and its pairs, in wall time and
+    in CPU time. Each row's FE divides by the forward timed right before and right after it
+    (their mean), so that a change of the machine's load between rows cancels."""
     batch = model.tokenize(list(pairs.clean))
     P, L = batch.input_ids.shape[1], model.n_layers
     B = len(pairs)
-    fe = forward_time(model, batch)
     calls: dict[str, tuple[Callable[[], Any], float]] = {
         "eap-ig": (lambda: ff.eap_ig(model, pairs, steps=5, batch_size=B, progress=False), 1),
         "patching": (lambda: ff.activation_patching(
@@ -124,17 +154,21 @@ def measure(model: ff.Model, pairs: Any, *, skip: set[str], reps: int) -> dict[s
             [Site("z", layer, position="final") for layer in range(L)], batch_size=B,
             progress=False), L),
     }
-    out = {"fe_ms": fe * 1e3, "tokens": float(P), "layers": float(L)}
+    before = forward_clock(model, batch, n=11)
+    out = {"fe_ms": before[0] * 1e3, "fe_cpu_ms": before[1] * 1e3, "tokens": float(P),
+           "layers": float(L)}
     for row in ROWS:
         if row in skip:
             continue
         fn, per = calls[row]
-        t = timed(fn, 1 if row == "eap-ig" else reps)
-        out[row] = t / fe / per
-        out[row + "_s"] = t
-        print(f"  {model.name}: {row} {t:.2f} s = {out[row]:.3f} FE per unit", flush=True)
-    fe2 = forward_time(model, batch)  # again: the machine's load may have moved
-    out["fe_end_ms"] = fe2 * 1e3
+        wall, cpu = clocked(fn, 1 if row == "eap-ig" else reps)
+        after = forward_clock(model, batch)
+        fe_wall, fe_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        out[row], out[row + "_cpu"] = wall / fe_wall / per, cpu / fe_cpu / per
+        out[row + "_s"] = wall
+        print(f"  {model.name}: {row} {wall:.2f} s = {out[row]:.3f} FE per unit (CPU time: "
+              f"{out[row + '_cpu']:.3f}; forward {fe_wall * 1e3:.0f} ms)", flush=True)
+        before = after
     return out
 
 
@@ -164,23 +198,26 @@ def main() -> None:
               f"{pairs.clean[0].prompt[-60:]!r} -> {pairs.clean[0].attribute!r}", flush=True)
         cols[name] = measure(model, pairs, skip=skip, reps=args.reps)
     load_end = os.getloadavg()
+    rows = [r for r in ROWS if r not in skip]
+    labels = [TARGETS[r][0] for r in rows] + [TARGETS[r][0] + " (CPU time)" for r in rows]
+    keys = rows + [r + "_cpu" for r in rows]
     table = pd.DataFrame({
-        "row": [TARGETS[r][0] for r in ROWS if r not in skip],
-        **{name: [cols[name].get(r, float("nan")) for r in ROWS if r not in skip]
-           for name in names},
-        "target": [f"<= {TARGETS[r][1]:g}" for r in ROWS if r not in skip]})
-    extra = pd.DataFrame({"row": ["one plain forward, ms", "tokens x layers"],
-                          **{n: [cols[n]["fe_ms"], cols[n]["tokens"] * cols[n]["layers"]]
-                             for n in names}, "target": ["", ""]})
-    table = pd.concat([table, extra], ignore_index=True)
+        "row": [*labels, "one plain forward, ms", "one plain forward, CPU ms",
+                "tokens x layers"],
+        **{n: [cols[n].get(k, float("nan")) for k in keys]
+           + [cols[n]["fe_ms"], cols[n]["fe_cpu_ms"], cols[n]["tokens"] * cols[n]["layers"]]
+           for n in names},
+        "target": [f"<= {TARGETS[r][1]:g}" for r in rows] * 2 + ["", "", ""]})
     header = (f"{start}; {machine()}; load average {load_start[0]:.2f} at the start, "
               f"{load_end[0]:.2f} at the end; {args.pairs} athlete pairs per model")
     text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
     print(header)
     print(text)
-    met = [f"{n}: {r} {cols[n][r]:.3f} > {TARGETS[r][1]:g}" for n in names for r in ROWS
-           if r in cols[n] and cols[n][r] > TARGETS[r][1]]
-    print("every target met" if not met else "targets missed: " + "; ".join(met))
+    for clock, suffix in (("wall", ""), ("CPU", "_cpu")):
+        missed = [f"{n}: {r} {cols[n][r + suffix]:.3f} > {TARGETS[r][1]:g}" for n in names
+                  for r in rows if cols[n][r + suffix] > TARGETS[r][1]]
+        print(f"{clock} time: " + ("every target met" if not missed else
+                                   "targets missed: " + "; ".join(missed)))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

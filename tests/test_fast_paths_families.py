@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from factfind.testing.models import DERIVED_FAMILIES, FAMILIES, tiny_model
-from factfind.types import Site
+from factfind.types import Role, Site
 
 ALL_FAMILIES = FAMILIES + DERIVED_FAMILIES
 
@@ -95,10 +95,16 @@ def test_tracing(family, subject_first):
     np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-4)
 
 
-def test_grad_drop(family):
+def test_grad_drop(family, facts):
+    """On "Fact: {} plays the sport of" prompts: the fast path runs the positions before the
+    subject once without gradients and the rest with them (``_base_run``), the reference
+    runs every position."""
     from factfind.attribute.atp import estimate
 
-    model, pairs = family
+    model, _ = family
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")[:4]
+    first = model.tokenize(list(pairs.clean)).position_mask(Role.SUBJECT_FIRST)
+    assert int(first.any(0).nonzero()[0, 0]) > 0  # a truncated prefix to skip
     kw = dict(components=["neurons", "mlp_out", "head_out", "q", "k", "v"],
               positions=["subject_first", "subject_last", "final"], qk_fix=True,
               grad_drop=True, batch_size=4, progress=False)

@@ -562,7 +562,9 @@ class Model(WeightViews):
     def run_from(self, prefix: Prefix, *, start: tuple[int, int], reps: int = 1,
                  edits: Mapping[SiteKey, Edit] | None = None,
                  block_attention: Mapping[int, Tensor] | None = None,
-                 save: Iterable[SiteKey] = (), logits: str | Tensor = "final") -> Run:
+                 save: Iterable[SiteKey] = (), logits: str | Tensor = "final",
+                 metric: Callable[[Tensor], Tensor] | None = None,
+                 keep_graph: bool = False) -> Run:
         """A patched forward of ``reps`` stacked copies of the base rows (copy-major, like
         :func:`factfind.localize.patching.repeat`) that recomputes only layers ``>= start[0]`` at
         positions ``>= start[1]``; the final-position logits equal :meth:`run` on the stacked
@@ -580,6 +582,8 @@ class Model(WeightViews):
             save: sites at layers ``>= start[0]`` whose activations to return, over the
                 positions ``>= start[1]`` only.
             logits: ``"final"`` or token ids ``[reps*batch k]``, as for :meth:`run`.
+            metric, keep_graph: gradients of ``metric`` with respect to the saved activations
+                (positions ``>= start[1]``), as for :meth:`run`.
 
         Returns:
             A :class:`Run` with the final-position ``logits`` ``[reps*batch d_vocab]``. Cost:
@@ -606,7 +610,8 @@ class Model(WeightViews):
         if early:
             raise ArgumentError(f"cannot save {early}: they lie before the start layer {layer}")
         return self.run(enc, edits=patch_edits(prefix, edits or {}, layer, p0), save=save,
-                        block_attention=blocks, logits=logits,
+                        block_attention=blocks, logits=logits, metric=metric,
+                        keep_graph=keep_graph,
                         _resume=Resume(cache=cache, layer=layer, resid=resid))
 
     def _check_site(self, key: SiteKey, *, writing: bool) -> None:
