@@ -477,3 +477,34 @@ def test_norm_layouts_are_found():
         for p in paths:
             if p is not None:
                 _get(model._block_hf(0), p)
+
+
+def test_max_feature_nodes_keeps_the_most_influential_features(facts):
+    """circuit-tracer's ``max_feature_nodes``: the logits' rows, then features in the order of
+    their partial influence; the kept graph is the full graph restricted to the kept nodes
+    (every entry), and its first re-ranking takes the features the logits' rows rank highest."""
+    model = tiny_model("llama")
+    dicts = _transcoders(model)
+    full = linear_graph(model, facts[0], dicts, progress=False, batch_size=8)
+    cap = linear_graph(model, facts[0], dicts, progress=False, batch_size=8,
+                       max_feature_nodes=40, update_interval=2)
+    assert cap.n_features == 40 and cap.meta["n_active_features"] == full.n_features
+    sel = torch.tensor([full.feature_index(*f) for f in cap.features.tolist()])
+    keep = torch.cat([sel, torch.arange(full.n_features, full.n_nodes)])
+    np.testing.assert_allclose(cap.adjacency.numpy(), full.adjacency[keep][:, keep].numpy(),
+                               rtol=1e-5, atol=1e-7)
+    # the first 16 picked (2 batches of 8) are the top 16 by influence through the logit rows
+    from factfind.features.linear_graph import _partial_influence
+
+    n_l = full.n_logits
+    rows = full.adjacency[full.n_nodes - n_l:]
+    infl = _partial_influence(rows, torch.arange(full.n_nodes - n_l, full.n_nodes),
+                              full.logit_probs, full.n_nodes)
+    top = set(torch.argsort(infl[:full.n_features], descending=True, stable=True)[:16].tolist())
+    assert top <= set(sel.tolist())
+    # reference and head split still work on the kept graph
+    ref = cap.reference_edges(list(range(cap.n_features)), dtype=torch.float64)
+    np.testing.assert_allclose(cap.adjacency[:, :cap.n_features].numpy(), ref.numpy(),
+                               rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    with pytest.raises(ArgumentError):
+        linear_graph(model, facts[0], dicts, max_feature_nodes=0, progress=False)

@@ -481,8 +481,9 @@ def _salient_logits(logits: Tensor, W_U: Tensor, *, max_n_logits: int,
 
 def linear_graph(model: Any, prompt: Any, dicts: Dictionaries | Sequence[Dictionary], *,
                  max_n_logits: int = MAX_N_LOGITS, desired_logit_prob: float = DESIRED_LOGIT_PROB,
-                 batch_size: int = 64, zero_bos: bool = True, progress: bool = True
-                 ) -> LinearGraph:
+                 batch_size: int = 64, zero_bos: bool = True,
+                 max_feature_nodes: int | None = None, update_interval: int = 4,
+                 progress: bool = True) -> LinearGraph:
     """The single-prompt attribution graph (see the module docstring).
 
     Args:
@@ -493,6 +494,12 @@ def linear_graph(model: Any, prompt: Any, dicts: Dictionaries | Sequence[Diction
         max_n_logits, desired_logit_prob: the logit nodes (circuit-tracer's 10 and 0.95).
         batch_size: targets per transposed pass.
         zero_bos: leave out the features and errors of a leading special token.
+        max_feature_nodes: keep only this many features, the most influential ones, as
+            circuit-tracer's ``max_feature_nodes`` does: the logits' rows first, then, every
+            ``update_interval`` batches, the features ranked by their influence on the logits
+            through the rows computed so far; the unvisited features are no nodes (their
+            columns dropped). ``None``: every active feature.
+        update_interval: batches between re-rankings (circuit-tracer's 4).
         progress: a progress bar over target batches.
 
     Returns:
@@ -503,8 +510,10 @@ def linear_graph(model: Any, prompt: Any, dicts: Dictionaries | Sequence[Diction
         raise ArgumentError(f"max_n_logits must be an int >= 1, got {max_n_logits!r}")
     if not 0 < float(desired_logit_prob) <= 1:
         raise ArgumentError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ArgumentError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for name, v in (("batch_size", batch_size), ("update_interval", update_interval),
+                    ("max_feature_nodes", 1 if max_feature_nodes is None else max_feature_nodes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ArgumentError(f"{name} must be an int >= 1, got {v!r}")
     tb = _one_prompt(model, prompt)
     ds = _transcoders(model, dicts)
     t0 = time.perf_counter()
@@ -551,33 +560,54 @@ def linear_graph(model: Any, prompt: Any, dicts: Dictionaries | Sequence[Diction
                        logit_vecs.to(dtype)])
     t_layer = torch.cat([features[:, 0], torch.full((n_logits,), L)])
     t_pos = torch.cat([features[:, 1], torch.full((n_logits,), n_pos - 1)])
-    adjacency = torch.zeros(n, n, dtype=torch.float32)
     src_index = _source_index(features, L, n_pos)
-    # targets: logits first, then features from the top layer down (a batch starts high)
-    order = [n_f + i for i in range(n_logits)] + \
-        sorted(range(n_f), key=lambda i: (-int(features[i, 0]), int(features[i, 1])))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    activations = torch.cat(acts).float().cpu()
     t1 = time.perf_counter()
-    node_of_row = list(range(n_f)) + [n - n_logits + i for i in range(n_logits)]
+
+    def by_position(targets: Sequence[int]) -> list[list[int]]:
+        """Features from the top layer down, then by position (a batch starts high and stops
+        early), in batches."""
+        order = sorted(targets, key=lambda i: (-int(t_layer[i]), int(t_pos[i])))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    logit_rows = [n_f + i for i in range(n_logits)]
     with torch.no_grad():
-        for rows in tqdm(batches, desc="linear graph", unit="batch", disable=not progress):
-            _target_batch(frozen, rows, reads, t_layer, t_pos, writes, src_index, adjacency,
-                          node_of_row, n_pos)
+        if max_feature_nodes is None or max_feature_nodes >= n_f:
+            adjacency = torch.zeros(n, n, dtype=torch.float32)
+            node_of_row = list(range(n_f)) + [n - n_logits + i for i in range(n_logits)]
+            batches = by_position(logit_rows) + by_position(range(n_f))
+            for rows in tqdm(batches, desc="linear graph", unit="batch", disable=not progress):
+                _target_batch(frozen, rows, reads, t_layer, t_pos, writes, src_index,
+                              adjacency, [node_of_row[i] for i in rows], n_pos)
+            n_targets = n_f + n_logits
+        else:
+            keep = _influential_features(frozen, max_feature_nodes, by_position, logit_rows,
+                                         logit_p, reads, t_layer, t_pos, writes, src_index,
+                                         n, n_f, n_pos, progress=progress,
+                                         update_interval=update_interval,
+                                         batch_size=batch_size)
+            selected, adjacency = keep
+            cols = torch.cat([selected, torch.arange(n_f, n)])
+            tgt = torch.cat([selected, torch.arange(n_f, n_f + n_logits)])
+            features, activations = features[selected], activations[selected]
+            writes, reads = writes[cols[:n - n_f - n_logits + len(selected)]], reads[tgt]
+            t_layer, t_pos = t_layer[tgt], t_pos[tgt]
+            n_targets = len(selected) + n_logits
     t_targets = time.perf_counter() - t1
     t2 = time.perf_counter()
     with torch.no_grad():
         model.run(tb)
     t_fe = time.perf_counter() - t2
-    n_targets = n_f + n_logits
     tok = model.tokenizer
     roles = [r or "prefix" for r in tb.role_names()[0]]
     meta = {"seconds_capture": t_capture, "seconds_targets": t_targets,
             "seconds_forward": t_fe, "n_targets": n_targets,
             "fe_per_target": (t_targets / max(1, n_targets)) / max(t_fe, 1e-9),
             "batch_size": batch_size, "zero_bos": bool(skip_first),
-            "dictionaries": ds.fingerprint(), "threads": torch.get_num_threads()}
+            "dictionaries": ds.fingerprint(), "threads": torch.get_num_threads(),
+            "n_active_features": n_f, "max_feature_nodes": max_feature_nodes}
     return LinearGraph(
-        adjacency=adjacency, features=features, activations=torch.cat(acts).float().cpu(),
+        adjacency=adjacency, features=features, activations=activations,
         tokens=ids, token_strs=[tok.decode([int(t)]) for t in ids.tolist()], roles=roles,
         logit_tokens=logit_idx.cpu(), logit_probs=logit_p.cpu(),
         logit_strs=[tok.decode([int(t)]) for t in logit_idx.tolist()],
@@ -605,11 +635,12 @@ def _source_index(features: Tensor, n_layers: int, n_pos: int) -> _Sources:
 
 
 def _target_batch(frozen: FrozenRun, rows: list[int], reads: Tensor, t_layer: Tensor,
-                  t_pos: Tensor, writes: Tensor, src: _Sources, adjacency: Tensor,
-                  node_of_row: list[int], n_pos: int) -> None:
-    """One transposed pass for a batch of targets (``rows`` index ``reads``), filling their
-    rows of ``adjacency``. The pass covers positions up to the batch's last target only
-    (causal attention: nothing later reaches them; those sources' edges stay 0)."""
+                  t_pos: Tensor, writes: Tensor, src: _Sources, dest: Tensor,
+                  dest_rows: list[int], n_pos: int) -> None:
+    """One transposed pass for a batch of targets (``rows`` index ``reads``), writing their
+    edges from every source into rows ``dest_rows`` of ``dest [.. n]``. The pass covers
+    positions up to the batch's last target only (causal attention: nothing later reaches
+    them; those sources' edges stay 0)."""
     B, d = len(rows), reads.shape[1]
     r = torch.tensor(rows)
     layers, pos, vec = t_layer[r], t_pos[r], reads[r]
@@ -625,7 +656,7 @@ def _target_batch(frozen: FrozenRun, rows: list[int], reads: Tensor, t_layer: Te
         g_final[li] = frozen.norm_final.transpose(g)
     by_layer = {int(la): (layers == la).nonzero()[:, 0] for la in layers.unique().tolist()
                 if la < L}
-    out = torch.zeros(B, adjacency.shape[1], dtype=reads.dtype, device=reads.device)
+    out = torch.zeros(B, dest.shape[1], dtype=reads.dtype, device=reads.device)
     n_err = L * n_pos
 
     def inject(layer: int, g_in: Tensor) -> Tensor:
@@ -650,7 +681,68 @@ def _target_batch(frozen: FrozenRun, rows: list[int], reads: Tensor, t_layer: Te
         out[:, e0:e0 + n] = (g * writes[e0:e0 + n][None]).sum(-1)
 
     frozen.backward(int(layers.max()), inject, read, g_final)
-    adjacency[torch.tensor([node_of_row[i] for i in rows])] = out.float().cpu()
+    dest[torch.tensor(dest_rows)] = out.float().cpu()
+
+
+def _partial_influence(rows: Tensor, row_nodes: Tensor, logit_p: Tensor, n: int) -> Tensor:
+    """circuit-tracer's ``compute_partial_influences``: each node's influence on the logits
+    through the rows computed so far (``rows [k n]`` of nodes ``row_nodes [k]``)."""
+    from factfind.features.linear_graph_prune import normalize_matrix
+
+    normalized = normalize_matrix(rows)
+    influence = torch.zeros(n)
+    prod = torch.zeros(n)
+    prod[n - len(logit_p):] = logit_p.float().cpu()
+    for _ in range(1000):
+        prod = prod[row_nodes] @ normalized
+        if not bool(prod.any()):
+            break
+        influence += prod
+    return influence
+
+
+def _influential_features(frozen: FrozenRun, max_nodes: int, by_position: Any,
+                          logit_rows: list[int], logit_p: Tensor, reads: Tensor,
+                          t_layer: Tensor, t_pos: Tensor, writes: Tensor, src: _Sources, n: int,
+                          n_f: int, n_pos: int, *, progress: bool, update_interval: int,
+                          batch_size: int) -> tuple[Tensor, Tensor]:
+    """circuit-tracer's influence-ordered visit (see ``max_feature_nodes``). Returns the
+    selected features (ascending) and the square adjacency over them and every non-feature
+    node."""
+    n_logits = len(logit_rows)
+    buf = torch.zeros(max_nodes + n_logits, n)
+    row_nodes: list[int] = []
+    bar = tqdm(total=max_nodes + n_logits, desc="linear graph", unit="target",
+               disable=not progress)
+
+    def compute(targets: list[int]) -> None:
+        for rows in by_position(targets):
+            st = len(row_nodes)
+            nodes = [t if t < n_f else n - n_logits + (t - n_f) for t in rows]
+            _target_batch(frozen, rows, reads, t_layer, t_pos, writes, src, buf,
+                          list(range(st, st + len(rows))), n_pos)
+            row_nodes.extend(nodes)
+            bar.update(len(rows))
+
+    compute(logit_rows)
+    visited = torch.zeros(n_f, dtype=torch.bool)
+    while int(visited.sum()) < max_nodes:
+        infl = _partial_influence(buf[:len(row_nodes)], torch.tensor(row_nodes), logit_p, n)
+        rank = torch.argsort(infl[:n_f], descending=True, stable=True)
+        todo = rank[~visited[rank]][:min(update_interval * batch_size,
+                                         max_nodes - int(visited.sum()))]
+        visited[todo] = True
+        compute(todo.tolist())
+    bar.close()
+    selected = visited.nonzero()[:, 0]
+    new_index = torch.full((n,), -1, dtype=torch.long)
+    new_index[selected] = torch.arange(len(selected))
+    n_small = len(selected) + n - n_f
+    new_index[n_f:] = torch.arange(len(selected), n_small)
+    cols = torch.cat([selected, torch.arange(n_f, n)])
+    adjacency = torch.zeros(n_small, n_small)
+    adjacency[new_index[torch.tensor(row_nodes)]] = buf[:len(row_nodes)][:, cols]
+    return selected, adjacency
 
 
 __all__ = ["DESIRED_LOGIT_PROB", "EDGE_THRESHOLD", "MAX_N_LOGITS", "NODE_THRESHOLD",
