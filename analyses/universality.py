@@ -25,9 +25,12 @@ ONE dataset, and sets the models side by side on relative depth, ``layer / (n_la
     agree within 0.15 of the depth and where they differ), in
     ``reports/universality-<dataset>.html``.
 
-Every step is cached under ``runs/`` in each model's fact-finding run folder (steps on the
-shared pairs carry the pairs' fingerprint in their name), so a second run, or one after the
-fact-finding runs, computes little:
+Every step is cached under ``runs/``: the fact scoring and the probes in each model's
+fact-finding run folder (the very entries ``factfind fact-finding`` computes with its defaults),
+the steps on the shared pairs in a universality folder per model, keyed by the model, the
+dataset, the seed and the known rule only (so a new fact-finding option does not discard
+them), each entry named by the pairs' fingerprint and its own settings. A second run, or one
+after the fact-finding runs, computes little:
 
     python analyses/universality.py                                   # SmolLM2 vs Gemma-3-270M
     python analyses/universality.py --models smollm2-135m,gemma-3-270m,/models/pythia-160m
@@ -146,7 +149,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
 
 @dataclass
 class Run:
-    """One model on one dataset: its fact-finding cache folder, the facts it knows, its pairs
+    """One model on one dataset: its cache folders (``ff_cache``: the fact-finding run's, for
+    the scoring and the probes; ``cache``: this analysis' steps), the facts it knows, its pairs
     and, once measured, its tables."""
 
     label: str
@@ -154,6 +158,7 @@ class Run:
     model: ff.Model
     facts: ff.FactDataset
     cache: ff.RunCache
+    ff_cache: ff.RunCache
     ff_config: Any
     known: ff.FactDataset  # among the scored facts
     probe_known: ff.FactDataset  # the fact-finding run's own known pool (probes)
@@ -165,10 +170,12 @@ class Run:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a run produced: the report and, per model, its cache (which steps were hits)."""
+    """What a run produced: the report and, per model, its caches (which steps were hits):
+    this analysis' steps and the fact-finding run's folder (scoring, probes)."""
 
     report: Path
     caches: dict[str, ff.RunCache]
+    ff_caches: dict[str, ff.RunCache]
     measures: pd.DataFrame
 
 
@@ -232,8 +239,10 @@ def main(argv: list[str] | None = None) -> Outcome:
 
     # 4. the report --------------------------------------------------------------------------
     wall = time.time() - t0
-    timings = pd.DataFrame(pd.concat([FF["_timing_table"](r.cache, r.seconds).iloc[:-2]
-                                      .assign(model=r.label) for r in runs], ignore_index=True))
+    every = [c for r in runs for c in (r.ff_cache, r.cache)]
+    timings = pd.DataFrame(pd.concat([FF["_timing_table"](c, 0.0).iloc[:-2].assign(model=r.label)
+                                      for r in runs for c in (r.ff_cache, r.cache)],
+                                     ignore_index=True))
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
     sections = [
         ru.summary_section(measures, agree, findings, composition, within=cfg.agree_within,
@@ -249,14 +258,16 @@ def main(argv: list[str] | None = None) -> Outcome:
             sample=_pairs_frame(runs).head(40), max_rows=40),
         ff.report.config_section(asdict(cfg), {
             "run key": key,
-            "caches": "; ".join(f"{r.label}: {r.cache.root}" for r in runs),
+            "caches": "; ".join(f"{r.label}: {r.cache.root} (fact-finding run: "
+                                f"{r.ff_cache.root})" for r in runs),
             "wall time of this run (s)": round(wall, 1),
             # each step's stored cost (computed now or when cached) plus this run's other work
             "wall time if every step were computed (s)": round(
-                float(timings["seconds"].sum())
-                + max(0.0, wall - float(timings["this_run_seconds"].sum())), 1),
-            "steps computed / from cache": f"{sum(len(r.cache.computed) for r in runs)} / "
-                                           f"{sum(len(r.cache.hits) for r in runs)}",
+                float(timings["seconds"].to_numpy(dtype=float).sum())
+                + max(0.0, wall - float(timings["this_run_seconds"].to_numpy(dtype=float).sum())),
+                1),
+            "steps computed / from cache": f"{sum(len(c.computed) for c in every)} / "
+                                           f"{sum(len(c.hits) for c in every)}",
             "load average (1 min) at start / end": f"{load0:.2f} / {FF['_load']():.2f}",
             "machine": FF["_machine"](cfg.device)},
             timings=pd.DataFrame(timings[["model", "step", "seconds", "cpu_seconds", "status",
@@ -273,9 +284,10 @@ def main(argv: list[str] | None = None) -> Outcome:
                                "to replace it, or --out DIR to write elsewhere")
     ff.report.write_report(data, out, overwrite=True)  # same run key (provenance), or asked
     log.info("report: %s (%.0fs; %d steps from cache, %d computed)", out, time.time() - t0,
-             sum(len(r.cache.hits) for r in runs), sum(len(r.cache.computed) for r in runs))
+             sum(len(c.hits) for c in every), sum(len(c.computed) for c in every))
     print(out)
-    return Outcome(out, {r.label: r.cache for r in runs}, measures)
+    return Outcome(out, {r.label: r.cache for r in runs}, {r.label: r.ff_cache for r in runs},
+                   measures)
 
 
 def _open(name: str, facts_spec: str, role: str, cfg: Config, args: argparse.Namespace) -> Run:
@@ -289,18 +301,24 @@ def _open(name: str, facts_spec: str, role: str, cfg: Config, args: argparse.Nam
                           known_top_k=cfg.known_top_k, known_min_prob=cfg.known_min_prob)
     # threads left at its default: results do not depend on it, so the folder is the one a
     # fact-finding run opens whatever --threads either was given
-    cache = ff.RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
-                             dataset=facts.fingerprint(), config=asdict(ff_cfg))
-    log.info("%s: %r on %s (%d facts); cache %s", role, model, facts.name, len(facts),
-             cache.root)
+    key = {"model": [model.name, model.revision, model.fingerprint()],
+           "dataset": facts.fingerprint()}
+    ff_cache = ff.RunCache.open(args.cache, **key, config=asdict(ff_cfg))
+    cache = ff.RunCache.open(args.cache, **key, config={
+        "analysis": "universality", **{k: getattr(cfg, k) for k in (
+            "seed", "device", "dtype", "known_rule", "known_top_k", "known_min_prob")},
+        "version": cfg.version})
+    log.info("%s: %r on %s (%d facts); caches %s, %s (fact-finding run)", role, model,
+             facts.name, len(facts), cache.root, ff_cache.root)
     # the fact-finding run's own pool (probes are its step), then on to --known-target
-    pool, scores = FF["_score_until_known"](cache, model, facts, ff_cfg)
+    pool, scores = FF["_score_until_known"](ff_cache, model, facts, ff_cfg)
     probe_known = _known_of(pool, scores, ff_cfg, facts)
     if role == "compared":
         wide = dataclasses.replace(ff_cfg, n_prompts=math.ceil(cfg.known_target / 4))
-        pool, scores = FF["_score_until_known"](cache, model, facts, wide)
+        pool, scores = FF["_score_until_known"](ff_cache, model, facts, wide)
     label = model.name if role == "compared" else f"{model.name} ({facts_spec})"
-    return Run(label, role, model, facts, cache, ff_cfg, _known_of(pool, scores, ff_cfg, facts),
+    return Run(label, role, model, facts, cache, ff_cache, ff_cfg,
+               _known_of(pool, scores, ff_cfg, facts),
                probe_known, len(pool))
 
 
@@ -361,8 +379,9 @@ def _pair_shared(compared: list[Run], shared: ff.FactDataset, cfg: Config) -> No
 
 
 def _measure(run: Run, cfg: Config) -> None:
-    """The fact-finding steps on ``run.pairs``, cached in the model's run folder under names
-    tagged with the pairs' fingerprint; then its findings and measures."""
+    """The fact-finding steps on ``run.pairs``, cached in the model's universality folder under
+    names tagged with the pairs' fingerprint (the probes: the fact-finding run's entry); then
+    its findings and measures."""
     model, pairs, cache = run.model, run.pairs, run.cache
     assert pairs is not None
     # every knob of a step is in its entry's name (the seed and the known rule are in the
@@ -393,7 +412,7 @@ def _measure(run: Run, cfg: Config) -> None:
         model, pairs.clean, pool=pool, progress=True),
         params={**tag, "pool": pool.fingerprint()})
     # the fact-finding run's step as it is (its cache entry, if that run came first)
-    probes = cache.table("linear_probes", lambda: ff.linear_probes(
+    probes = run.ff_cache.table("linear_probes", lambda: ff.linear_probes(
         model, run.probe_known.sample(min(256, len(run.probe_known)), seed=cfg.seed + 2),
         seed=cfg.seed))
     everything = ff.all_nodes(model, model.tokenize(list(pairs.clean)), neurons=True)

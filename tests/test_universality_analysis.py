@@ -301,11 +301,14 @@ def test_organism_end_to_end(script, tmp_path):
                                                       model.fingerprint()],
                             dataset=ff.load_facts("organism:country").fingerprint(),
                             config=__import__("dataclasses").asdict(ff_cfg)).root
-    assert out.caches["factfind-organism"].root == root
+    assert out.ff_caches["factfind-organism"].root == root
     assert (root / "linear_probes.parquet").exists()  # the fact-finding step's own name
     assert any(p.name.startswith("attribute_scores-000000-") for p in root.iterdir())
+    # this analysis' own steps live beside it, in a folder that fact-finding options leave be
+    own = out.caches["factfind-organism"].root
+    assert own != root and any(p.name.startswith("neuron_circuit-") for p in own.iterdir())
     again = script["main"](args)
-    assert all(c.computed == [] for c in again.caches.values())
+    assert all(c.computed == [] for c in [*again.caches.values(), *again.ff_caches.values()])
     pd.testing.assert_frame_equal(again.measures, out.measures)
 
 
