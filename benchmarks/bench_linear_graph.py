@@ -217,6 +217,7 @@ from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_se
 from circuit_tracer.replacement_model import ReplacementModel
 from circuit_tracer.attribution.attribute import attribute
 out, n_layers, ids = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+cap = json.loads(sys.argv[5])
 tcs = load_transcoder_set({i: f"{out}/tc/layer_{i}.safetensors" for i in range(n_layers)},
                           scan="factfind", feature_input_hook="mlp.hook_in",
                           feature_output_hook="hook_mlp_out", device=torch.device("cpu"),
@@ -225,7 +226,8 @@ model = ReplacementModel.from_pretrained_and_transcoders(f"{out}/model", tcs, ba
                                                          device=torch.device("cpu"))
 t = time.perf_counter()
 g = attribute(torch.tensor(ids), model, max_n_logits=10, desired_logit_prob=0.95,
-              batch_size=64, verbose=False)
+              batch_size=cap["batch_size"], max_feature_nodes=cap["max_feature_nodes"],
+              update_interval=cap["update_interval"], verbose=False)
 dt = time.perf_counter() - t
 save_file({"adjacency": g.adjacency_matrix.float().contiguous(),
            "features": g.active_features[g.selected_features].long().contiguous()},
@@ -274,7 +276,8 @@ def _for_transformers_4(path: Path) -> None:
     path.write_text(json.dumps(cfg))
 
 
-def edges_against(family: str, python: str, pythonpath: str | None, threads: int) -> dict:
+def edges_against(family: str, python: str, pythonpath: str | None, threads: int,
+                  max_feature_nodes: int | None = None) -> dict:
     """Our adjacency against circuit-tracer's ``attribute`` on the same model, transcoders and
     tokens (see the docstring)."""
     import subprocess
@@ -316,15 +319,17 @@ def edges_against(family: str, python: str, pythonpath: str | None, threads: int
         cfg_path.write_text(json.dumps(cfg))  # and its special tokens (circuit-tracer zeroes
         # the features and errors of a leading special token, as factfind does)
         dicts.save(f"{tmp}/tc", format="circuit_tracer", overwrite=True)
+        cap = {"max_feature_nodes": max_feature_nodes,
+               "batch_size": 8 if max_feature_nodes else 64, "update_interval": 2}
         t0 = time.perf_counter()
-        g = linear_graph(model, prompt, dicts, progress=False)
+        g = linear_graph(model, prompt, dicts, progress=False, **cap)
         ours_s = time.perf_counter() - t0
         (Path(tmp) / "ct.py").write_text(_CT_ATTRIBUTE)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         r = subprocess.run([python, f"{tmp}/ct.py", tmp, str(model.n_layers),
-                            json.dumps(g.tokens.tolist()), str(threads)],
+                            json.dumps(g.tokens.tolist()), str(threads), json.dumps(cap)],
                            capture_output=True, text=True, timeout=3000, env=env)
         if r.returncode:
             return {"family": family, "circuit_tracer": "failed: " +
@@ -333,6 +338,7 @@ def edges_against(family: str, python: str, pythonpath: str | None, threads: int
         t = load_file(f"{tmp}/theirs.safetensors")
     A, B = g.adjacency.double(), t["adjacency"].double()
     out: dict = {"family": family, "features": g.n_features,
+                 "max_feature_nodes": max_feature_nodes,
                  "same_features": bool(torch.equal(g.features, t["features"])),
                  "factfind_s": round(ours_s, 2), "circuit_tracer_attribute_s":
                  round(theirs_s, 2)}
@@ -364,6 +370,8 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=0, metavar="N",
                         help="compare N sampled sources' edges with the slow reference")
     parser.add_argument("--edge-models", default="llama,gemma3")
+    parser.add_argument("--max-feature-nodes", type=int, default=None,
+                        help="with --edges-against: both sides keep this many features")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {machine()}; load average {os.getloadavg()}")
@@ -374,7 +382,7 @@ def main() -> None:
     if args.edges_against:
         for family in args.edge_models.split(","):
             print(json.dumps(edges_against(family, args.edges_against, args.ct_pythonpath,
-                                           args.threads)), flush=True)
+                                           args.threads, args.max_feature_nodes)), flush=True)
 
 
 if __name__ == "__main__":
