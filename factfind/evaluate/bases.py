@@ -483,7 +483,7 @@ def basis_comparison(
                               batch_size=batch_size, progress=progress)
     elif not {"basis", "node", "score"} <= set(scores.columns):
         raise ArgumentError("scores must be a basis_scores frame (columns basis, node, score)")
-    roles = model.tokenize(list(pairs.clean[:64])).roles_present()
+    roles = encode_pairs(model, pairs).clean.roles_present()
     rows = []
     for how in hows:
         means = None
