@@ -76,6 +76,7 @@ def test_swapping_the_planted_features_flips_every_answer_and_random_ones_none(p
     for row in df.to_dict("records"):
         assert row["n"] == len(pairs) and row["n_features"] == 4
         assert row["base_rate"] == 0.0 and row["source_rate"] == 1.0
+        assert row["n_known"] == len(pairs) and row["success_known"] == row["success_rate"]
         if row["selection"] == "attributed":
             assert set(row["nodes"].split(";")) == set(truth[row["role"]])
             assert row["success_rate"] == 1.0, row
@@ -160,6 +161,10 @@ def test_per_prompt_rows_give_the_rates(tiny):
         assert row["success_rate"] == pytest.approx(part["success"].mean())
         assert row["effect"] == pytest.approx(part["effect"].mean())
         assert row["n"] == len(part)
+        known = part[part["source_hit"]]
+        assert row["n_known"] == len(known)
+        if len(known):
+            assert row["success_known"] == pytest.approx(known["success"].mean())
         assert row["success_low"] <= row["success_rate"] <= row["success_high"]
 
 

@@ -270,6 +270,8 @@ def feature_interventions(
         ``n`` (pairs where the role exists), then ``intervention`` (``swap`` / ``steer x2``),
         ``scale``, ``selection`` (``attributed`` / ``random``), ``n_features``,
         ``success_rate`` with its Wilson interval ``success_low``/``success_high``,
+        ``n_known`` (pairs whose source run answers with the other attribute) and
+        ``success_known`` (the success rate among them: the swap's ceiling is 1 there),
         ``base_rate``, ``source_rate``, ``full_change``, ``fraction`` and ``nodes``
         (``;``-joined ids).
 
@@ -361,10 +363,14 @@ def _frame(specs: list[dict], E: np.ndarray, H: np.ndarray, V: np.ndarray, B: np
         half = float(e.std(ddof=1) / math.sqrt(n) * t_quantile(n)) if n > 1 else math.nan
         hits = int(H[i, ok].sum())
         lo, hi = _wilson(np.array(hits, dtype=float), np.array(n, dtype=float))
+        known = ok & S  # pairs whose source run itself answers with the other attribute
+        n_known = int(known.sum())
         full = float(F[ok].mean()) if n else math.nan
         rows.append({**common, "effect": mean, "ci_low": mean - half, "ci_high": mean + half,
                      "n": n, "success_rate": hits / n if n else math.nan,
                      "success_low": float(lo), "success_high": float(hi),
+                     "n_known": n_known,
+                     "success_known": float(H[i, known].mean()) if n_known else math.nan,
                      "base_rate": float(B[ok].mean()) if n else math.nan,
                      "source_rate": float(S[ok].mean()) if n else math.nan,
                      "full_change": full, "fraction": mean / full if full else math.nan})
