@@ -20,7 +20,12 @@
   (:func:`feature_interventions`); :mod:`.circuits`: per-pair attributions aggregated over a
   relation (:func:`aggregate_circuit`) and their stability across halves
   (:func:`circuit_stability`). The three-bases comparison is
-  :mod:`factfind.evaluate.bases` (it needs the circuit engine, a layer above).
+  :mod:`factfind.evaluate.bases` (it needs the circuit engine, a layer above);
+* :mod:`.linear_graph`: circuit-tracer's single-prompt attribution graph over transcoders
+  (:func:`linear_graph`: patterns and norms frozen, edges by batched gradient injection, each
+  cross-position edge split over heads, influence pruning, replacement/completeness scores);
+  :mod:`.linear_graph_export`: as a :class:`~factfind.graph.CircuitGraph`
+  (:func:`to_circuit_graph`) or circuit-tracer's graph JSON (:func:`to_circuit_tracer_json`).
 """
 
 from factfind.features.attribution import feature_atp
@@ -32,6 +37,8 @@ from factfind.features.evaluation import evaluate_dictionaries, feature_density
 from factfind.features.formats import load_dictionaries, save_dictionaries
 from factfind.features.interventions import feature_interventions
 from factfind.features.labels import attribute_features, best_attribute_features
+from factfind.features.linear_graph import LinearGraph, linear_graph
+from factfind.features.linear_graph_export import to_circuit_graph, to_circuit_tracer_json
 from factfind.features.splice import splice_edits, spliced_run
 from factfind.features.training import fit_dictionary, train_dictionaries
 from factfind.features.verification import (
@@ -49,6 +56,7 @@ __all__ = [
     "Dictionary",
     "FeatureDashboard",
     "FeatureVerification",
+    "LinearGraph",
     "aggregate_circuit",
     "attribute_features",
     "best_attribute_features",
@@ -61,12 +69,15 @@ __all__ = [
     "feature_interventions",
     "feature_missed_bound",
     "fit_dictionary",
+    "linear_graph",
     "load_corpus",
     "load_dictionaries",
     "patch_features",
     "save_dictionaries",
     "splice_edits",
     "spliced_run",
+    "to_circuit_graph",
+    "to_circuit_tracer_json",
     "train_dictionaries",
     "verify_features",
 ]
