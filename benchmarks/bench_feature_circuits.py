@@ -53,7 +53,8 @@ def random_dictionaries(model: Any, width: int = 4, k: int = 32) -> Dictionaries
     return Dictionaries(out)
 
 
-def setup(name: str, n: int, dicts_path: str | None = None) -> tuple[Any, Any, Dictionaries]:
+def setup(name: str, n: int, dicts_path: str | None = None, known_partners: bool = False
+          ) -> tuple[Any, Any, Dictionaries]:
     if name == "tiny":
         from factfind.testing.models import tiny_model
 
@@ -73,8 +74,11 @@ def setup(name: str, n: int, dicts_path: str | None = None) -> tuple[Any, Any, D
         model = ff.load_model("smollm2-135m")
         facts = ff.load_facts("rome_known")
         known = facts.known_by(model)  # rank 1 (279 of 1,209)
-        pairs = known.sample(min(len(known), 4 * n), seed=0).corrupt(
-            model, seed=0, on_missing="skip", pool=facts, fallback=ff.FALLBACKS)[:n]
+        if known_partners:  # partners the model knows too: a swap can reach their answer
+            pairs = known.corrupt(model, seed=0, on_missing="skip")[:n]
+        else:
+            pairs = known.sample(min(len(known), 4 * n), seed=0).corrupt(
+                model, seed=0, on_missing="skip", pool=facts, fallback=ff.FALLBACKS)[:n]
         # the cached default set, or a saved one (a set train_dictionaries wrote)
         dicts = ff.load_dictionaries(dicts_path) if dicts_path else ff.train_dictionaries(model)
         return model, pairs, dicts
@@ -91,7 +95,7 @@ def timed(label: str, fn: Any, t_fwd: float, log: list[dict]) -> Any:
 
 
 def run(name: str, args: Any) -> None:
-    model, pairs, dicts = setup(name, args.pairs, args.dicts)
+    model, pairs, dicts = setup(name, args.pairs, args.dicts, args.known_partners)
     pb = ff.encode_pairs(model, pairs)
     bs = args.batch_size
 
@@ -111,6 +115,17 @@ def run(name: str, args: Any) -> None:
     rows = timed("feature AtP (per prompt)", lambda: ff.feature_atp(
         model, pb, dicts, per_prompt=True, **kw), t_fwd, log)
     circuit = timed("aggregate_circuit", lambda: aggregate_circuit(rows), t_fwd, log)
+    if args.interventions_only:
+        est = ff.feature_atp(model, pb, dicts, roles=["subject_last", "final"], **kw)
+        inter = timed("feature_interventions", lambda: feature_interventions(
+            model, pairs, dicts, est, top=args.top, scales=(1.0, 2.0), **kw), t_fwd, log)
+        print(inter[["role", "intervention", "selection", "n", "success_rate", "success_high",
+                     "n_known", "success_known", "effect", "fraction", "source_rate"]]
+              .to_string())
+        if name == "smollm2" and args.save:
+            inter.to_csv(RESULTS / "feature_circuits_smollm2_interventions_known.csv",
+                         index=False)
+        return
     ks = [int(k) for k in args.ks.split(",")]
     stab = timed("circuit_stability (20 splits)", lambda: circuit_stability(
         rows, k=ks, splits=20), t_fwd, log)
@@ -161,6 +176,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="10,50,200")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", action="store_true", help="write the SmolLM2 tables")
+    parser.add_argument("--known-partners", action="store_true",
+                        help="SmolLM2: corrupt partners among the facts it knows")
+    parser.add_argument("--interventions-only", action="store_true")
     parser.add_argument("--dicts", default=None,
                         help="SmolLM2's dictionaries from this folder (default: the cached "
                              "default set of ff.train_dictionaries, trained if missing)")
