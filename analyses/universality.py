@@ -310,16 +310,21 @@ def _open(name: str, facts_spec: str, role: str, cfg: Config, args: argparse.Nam
         "version": cfg.version})
     log.info("%s: %r on %s (%d facts); caches %s, %s (fact-finding run)", role, model,
              facts.name, len(facts), cache.root, ff_cache.root)
-    # the fact-finding run's own pool (probes are its step), then on to --known-target
-    pool, scores = FF["_score_until_known"](ff_cache, model, facts, ff_cfg)
-    probe_known = _known_of(pool, scores, ff_cfg, facts)
-    if role == "compared":
-        wide = dataclasses.replace(ff_cfg, n_prompts=math.ceil(cfg.known_target / 4))
+    if role == "compared":  # on to --known-target, at least as far as fact-finding scores
+        wide = dataclasses.replace(
+            ff_cfg, n_prompts=max(ff_cfg.n_prompts, math.ceil(cfg.known_target / 4)))
         pool, scores = FF["_score_until_known"](ff_cache, model, facts, wide)
+        # the fact-finding run's own pool (the probes are its step): a prefix of the same
+        # chunks, read through a second handle so that each chunk's cost is counted once
+        again = ff.RunCache.open(args.cache, **key, config=asdict(ff_cfg))
+        ff_pool, ff_scores = FF["_score_until_known"](again, model, facts, ff_cfg)
+    else:
+        pool, scores = FF["_score_until_known"](ff_cache, model, facts, ff_cfg)
+        ff_pool, ff_scores = pool, scores
     label = model.name if role == "compared" else f"{model.name} ({facts_spec})"
     return Run(label, role, model, facts, cache, ff_cache, ff_cfg,
                _known_of(pool, scores, ff_cfg, facts),
-               probe_known, len(pool))
+               _known_of(ff_pool, ff_scores, ff_cfg, facts), len(pool))
 
 
 def _known_of(pool: ff.FactDataset, scores: pd.DataFrame, ff_cfg: Any, facts: ff.FactDataset
