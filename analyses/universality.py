@@ -141,9 +141,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     a = p.parse_args(argv)
     cfg = Config(**{f.name: getattr(a, f.name) for f in fields(Config) if f.name != "version"})
-    if not [m for m in cfg.models.split(",") if m.strip()]:
+    names = [m.strip() for m in cfg.models.split(",") if m.strip()]
+    if not names:
         raise ff.ArgumentError("--models is empty; name at least one model, e.g. "
                                "--models smollm2-135m,gemma-3-270m")
+    if len(set(names)) < len(names):
+        twice = sorted({m for m in names if names.count(m) > 1})
+        raise ff.ArgumentError(f"--models names {', '.join(twice)} more than once; name each "
+                               "model once")
     return cfg, a
 
 

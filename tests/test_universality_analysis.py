@@ -233,6 +233,8 @@ def script():
 def test_empty_models_is_a_typed_error(script):
     with pytest.raises(ff.ArgumentError, match="--models is empty"):
         script["parse_args"](["--models", " , "])
+    with pytest.raises(ff.ArgumentError, match="names smollm2-135m more than once"):
+        script["parse_args"](["--models", "smollm2-135m,gemma-3-270m, smollm2-135m"])
 
 
 @organism
