@@ -33,10 +33,12 @@ second run is served from the cache. The report gets the sections of
 ``-features.circuit-tracer.json``, the file circuit-tracer's frontend opens; list its
 ``metadata`` in that folder's ``graph-metadata.json`` to serve it).
 
-Cost: dominated by the single-prompt graph (a transposed pass of the frozen model per batch of
-targets: SmolLM2-135M's ~5,000 active features on an 8-token prompt, ~150 s at 1 thread) and
-the basis comparison; the attributions, verification and interventions are a few forwards per
-pair. Measured on SmolLM2-135M (cached dictionaries): see ``--help`` and the commit log.
+Cost, measured on SmolLM2-135M with its cached default dictionaries (59 rome_known pairs, 1
+thread, shared 2-core machine at load 3-6): 251 s = 90 forwards of the pairs. Interventions
+80 s (8 sets x 59 pairs plus the reads), the bases 72 s (AtP* ranks the neurons: 30 backward
+passes; then one ablated run per budget, basis and ablation), the single-prompt graph 25 s
+(4,905 active features, 0.036 forwards per target), AtP 17 s, verification 17 s, dashboards
+18 s, quality 11 s; the rest is loading the dictionaries and drawing the sections.
 """
 
 from __future__ import annotations
@@ -84,9 +86,11 @@ class FeaturesConfig:
     features: str = _opt("auto", "the features step: 'auto' runs it on real models and not on "
                          "the organism (its 4 layers need dictionaries trained for the run, "
                          "~1 min, and its findings are the planted circuit's, tested "
-                         "elsewhere); 'on' or 'off' force it. It adds ~5 min on SmolLM2-135M "
-                         "at 2 cores once the dictionaries are cached (training them the "
-                         "first time: ~6 min)")
+                         "elsewhere); 'on' or 'off' force it. On SmolLM2-135M with its cached "
+                         "dictionaries and 59 pairs it took 251 s at 1 thread on a shared "
+                         "2-core machine (load 3-6; 90 forwards of the pairs): interventions "
+                         "80 s, bases 72 s, graph 25 s, the rest <= 18 s each. Training the "
+                         "dictionaries the first time adds ~6 min")
     dictionaries: str = _opt("", "a saved dictionary set (any format ff.load_dictionaries "
                              "reads: a transcoder at every layer for the graph); default the "
                              "model's default set, loaded from $FACTFIND_CACHE/dictionaries or "
@@ -104,7 +108,10 @@ class FeaturesConfig:
                                  "(m passes per dictionary and batch: 30x AtP's cost at "
                                  "m = 1 on a 30-layer model, so off by default)")
     feature_verify: int = _opt(16, "top feature/error nodes patched exactly (one stacked "
-                               "patched run per node and batch)")
+                               "patched run per node and pair)")
+    verify_pairs: int = _opt(16, "pairs (the first ones) the top nodes are ranked on and "
+                             "patched on: 16 nodes x 16 pairs is ~4 forwards of 64 pairs; on "
+                             "all 64 pairs the verification took 150 s of SmolLM2's step")
     feature_top: int = _opt(10, "features per role swapped and steered in the interventions "
                             "(the top by attribution at subject_last and at final)")
     basis_pairs: int = _opt(16, "pairs for the three-bases comparison (the run's circuit "
@@ -114,10 +121,15 @@ class FeaturesConfig:
     feature_budgets: str = _opt("10,50,200", "node budgets of the bases comparison and the k "
                                 "of the stability (the issue's 10 / 50 / 200)")
     feature_dashboards: int = _opt(6, "dashboards of the circuit's top features")
-    dashboard_tokens: int = _opt(8_000, "held-out corpus tokens scanned for the dashboards' "
-                                 "top contexts (plus the pairs' prompts)")
-    quality_tokens: int = _opt(4_000, "held-out tokens for the dictionary quality (with CE "
-                               "loss recovered: 2 spliced forwards per dictionary and batch)")
+    dashboard_tokens: int = _opt(2_000, "held-out corpus tokens scanned for the dashboards' "
+                                 "top contexts (plus the pairs' prompts; SmolLM2 reads ~80 "
+                                 "tokens/s at 1 thread: 8,000 took 100 s)")
+    quality_tokens: int = _opt(1_500, "held-out tokens for the dictionary quality (explained "
+                               "variance, L0, dead and dense fractions: one forward per batch)")
+    quality_downstream: int = _opt(0, "1: the quality also splices each dictionary in for CE- "
+                                   "and KL-loss recovered, 2 forwards per dictionary and batch "
+                                   "(60 per batch on SmolLM2: ~80 min for 4,000 tokens at 1 "
+                                   "thread, so off; analyses/dictionaries.py reports them)")
     graph_pair: int = _opt(0, "the pair whose clean prompt gets the single-prompt graph")
 
     @property
@@ -149,7 +161,7 @@ def config_from(args: Any) -> FeaturesConfig:
     if not budgets or any(b < 1 for b in budgets):
         raise ff.ArgumentError(f"--feature-budgets must be comma-separated node counts >= 1, "
                                f"got {fc.feature_budgets!r} (e.g. 10,50,200)")
-    for name in ("feature_pairs", "basis_pairs", "feature_verify", "feature_top",
+    for name in ("feature_pairs", "basis_pairs", "feature_verify", "verify_pairs", "feature_top",
                  "quality_tokens", "dashboard_tokens"):
         if getattr(fc, name) < 1:
             raise ff.ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got "
@@ -274,6 +286,34 @@ def _once(compute: Callable[[], pd.DataFrame]) -> Callable[[], pd.DataFrame]:
     return get
 
 
+#: a relation with at least this many pairs gets its own dataset-level circuit
+MIN_GROUP = 8
+
+
+def relation_groups(pairs: Any) -> list[str]:
+    """One circuit group label per pair: its relation where the relation has
+    :data:`MIN_GROUP` pairs or more (a mean over fewer has no useful interval), else
+    ``"other"``; the ``all`` group is always there."""
+    from collections import Counter
+
+    rel = [str(p.relation) for p in pairs.clean]
+    counts = Counter(rel)
+    return [r if counts[r] >= MIN_GROUP else "other" for r in rel]
+
+
+def node_frame(per_pair: pd.DataFrame, *, prompts: int | None = None) -> pd.DataFrame:
+    """:func:`~factfind.features.attribution.feature_atp`'s node frame (one row per node: the
+    mean over the pairs where its role exists, a 95% interval, ``n`` and ``score``) from its
+    per-pair frame, over the first ``prompts`` pairs (default all), so one AtP pass serves
+    the circuit, the stability, the verification and the interventions."""
+    rows = per_pair if prompts is None else \
+        pd.DataFrame(per_pair[(per_pair["prompt"].to_numpy() < prompts)])
+    agg = aggregate_circuit(rows)
+    direction = str(per_pair["direction"].iloc[0]) if "direction" in per_pair.columns \
+        else "noise"
+    return agg.assign(prompt=pd.array([pd.NA] * len(agg), dtype="Int64"), direction=direction)
+
+
 def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs: Any
                   ) -> FeaturesResult:
     """Run the step (module docstring) if ``--features`` says so; every result cached in the
@@ -296,23 +336,26 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
     steps = fc.feature_ig_steps or None
 
     quality = cache.table("features_quality", lambda: ff.evaluate_dictionaries(
-        model, dicts, held, max_tokens=fc.quality_tokens),
-        params={"dicts": tag["dicts"], "tokens": fc.quality_tokens})
-    # 2. attribution: per node (verification, interventions) and per pair (circuit, stability)
-    est = cache.table("features_atp", lambda: ff.feature_atp(
-        model, fpairs, dicts, steps=steps, batch_size=bs), params=atp_tag)
+        model, dicts, held, max_tokens=fc.quality_tokens,
+        downstream=bool(fc.quality_downstream)),
+        params={"dicts": tag["dicts"], "tokens": fc.quality_tokens,
+                "downstream": bool(fc.quality_downstream)})
+    # 2. attribution per pair (one AtP pass per batch); its mean per node ranks the features
+    # for the interventions, its first pairs' mean the nodes to verify exactly
     per_pair = _once(lambda: ff.feature_atp(model, fpairs, dicts, steps=steps, batch_size=bs,
                                             per_prompt=True))
-    relations = [str(p.relation) for p in fpairs.clean]
+    est = cache.table("features_atp", lambda: node_frame(per_pair()), params=atp_tag)
     ks = sorted({*fc.budgets, *STABILITY_KS})
     circuit = cache.table("features_circuit", lambda: aggregate_circuit(
-        per_pair(), groups=relations).groupby("group", sort=False).head(500)
-        .reset_index(drop=True), params=atp_tag)
+        per_pair(), groups=relation_groups(fpairs)).groupby("group", sort=False).head(500)
+        .reset_index(drop=True), params={**atp_tag, "min_group": MIN_GROUP})
     stability = cache.table("features_stability", lambda: circuit_stability(
         per_pair(), k=ks, splits=20, seed=cfg.seed), params={**atp_tag, "k": ks})
+    vpairs = fpairs[:fc.verify_pairs]
     verified = cache.table("features_verification", lambda: ff.verify_features(
-        model, fpairs, dicts, est, top=fc.feature_verify, batch_size=bs).frame,
-        params={**atp_tag, "top": fc.feature_verify})
+        model, vpairs, dicts, node_frame(per_pair(), prompts=len(vpairs)),
+        top=fc.feature_verify, batch_size=bs).frame,
+        params={**atp_tag, "top": fc.feature_verify, "pairs": vpairs.fingerprint()})
     log.info("features: attribution, circuit and verification done (%.0fs)", time.time() - t0)
 
     # 4. the single-prompt graph of one pair's clean prompt
@@ -374,6 +417,9 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
              "pairs (attribution, circuit, interventions)": len(fpairs),
              "pairs (bases)": len(bpairs),
              "attribution": f"integrated gradients, {steps} steps" if steps else "AtP",
+             "dictionary quality": f"{fc.quality_tokens:,} held-out tokens"
+                                   + ("" if fc.quality_downstream else
+                                      "; CE/KL recovered not measured (--quality-downstream 1)"),
              "graph prompt": g["facts"]["prompt"]}
     training = {k: v for k, v in (dicts.meta or {}).items() if isinstance(v, (int, float, str))}
     result.sections = [

@@ -158,6 +158,45 @@ def test_the_steps_flags_default_and_refuse_bad_values() -> None:
     assert res.sections == [] and res.files(Path("x.html")) == {}
 
 
+def test_one_per_pair_pass_gives_feature_atps_node_frame(gpt2_model, pairs) -> None:
+    """The step ranks nodes from the per-pair AtP frame (no second pass): equal to
+    feature_atp's own node frame, on non-zero values, over all pairs and over the first k."""
+    from factfind.features import Dictionaries, Dictionary
+
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+    dicts = Dictionaries([Dictionary.random(kind="skip_transcoder", activation="topk",
+                                            layer=layer, d_in=gpt2_model.d_model,
+                                            d_sae=4 * gpt2_model.d_model, k=8, seed=layer)
+                          for layer in range(gpt2_model.n_layers)])
+    rows = ff.feature_atp(gpt2_model, pairs, dicts, per_prompt=True, progress=False)
+    for k in (None, 3):
+        want = ff.feature_atp(gpt2_model, pairs if k is None else pairs[:k], dicts,
+                              progress=False).set_index("node").sort_index()
+        got = step["node_frame"](rows, prompts=k)
+        got = pd.DataFrame(got[got["effect"].to_numpy() != 0]).set_index("node").sort_index()
+        want = pd.DataFrame(want[want["effect"].to_numpy() != 0])
+        assert len(want) > 10 and list(got.index) == list(want.index)
+        assert bool((want["effect"].abs() > 0).all())
+        for col in ("effect", "ci_low", "ci_high", "score"):
+            assert got[col].to_numpy() == pytest.approx(want[col].to_numpy(), rel=1e-9,
+                                                        abs=1e-12, nan_ok=True), col
+        assert (got["n"].to_numpy() == want["n"].to_numpy()).all()
+        assert bool(got["prompt"].isna().all()) and set(got["direction"]) == {"noise"}
+    ver = ff.verify_features(gpt2_model, pairs, dicts, step["node_frame"](rows), top=3,
+                             progress=False)
+    assert ver.n_verified == 3
+
+
+def test_small_relations_share_one_circuit_group(pairs) -> None:
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+    labels = step["relation_groups"](pairs)
+    assert len(labels) == len(pairs)
+    counts = pd.Series([str(p.relation) for p in pairs.clean]).value_counts()
+    for label, p in zip(labels, pairs.clean, strict=True):
+        assert label == (str(p.relation) if counts[str(p.relation)] >= step["MIN_GROUP"]
+                         else "other")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
                     reason="organism checkpoint not built")
