@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 
 from factfind.data.batch import encode_pairs
-from factfind.edges.placement import Placed, is_parallel, node_mask, writes
+from factfind.edges.placement import Placed, is_parallel, node_mask, set_changes, unit_mask
 from factfind.evaluate.engine import CircuitLike, circuit_nodes
 from factfind.graph import ENDPOINTS, CircuitGraph, Node, feeds, stage
 from factfind.metrics import logit_diff, share
-from factfind.types import Component, Metric
+from factfind.types import Component, Metric, SiteKey
 from factfind.validation import validated
 
 if TYPE_CHECKING:
@@ -68,7 +68,25 @@ def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *
     Returns:
         The proportion (1 for the complete graph, 0 for the empty one).
     """
-    metric = metric or logit_diff
+    return _proportion(model, pairs, circuit, metric or logit_diff, batch_size,
+                       _edge_patched_metric)
+
+
+@validated
+def proportion_explained_reference(model: Model, pairs: FactPairs, circuit: CircuitLike, *,
+                                   metric: Metric | None = None, batch_size: int = 16) -> float:
+    """:func:`proportion_explained` by the literal recipe (slow, exact reference): one forward
+    per receiver node, on the corrupt input, with every head's ``z``, every MLP's neurons and
+    the embeddings upstream of the receiver pinned to their corrupt values except the units
+    and positions of the receiver's senders in ``H``, pinned to their values along ``H``; the
+    model itself then computes the receiver (post norms, softcaps and all). The logits are one
+    more such forward with the senders into the logits."""
+    return _proportion(model, pairs, circuit, metric or logit_diff, batch_size,
+                       _edge_patched_metric_reference)
+
+
+def _proportion(model: Model, pairs: FactPairs, circuit: CircuitLike, metric: Metric,
+                batch_size: int, m_of_h: Any) -> float:
     pb_all = encode_pairs(model, pairs)
     roles = pb_all.clean.roles_present()
     edges = _edges(model, circuit, roles)
@@ -78,7 +96,7 @@ def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *
         idx = slice(start, min(n, start + batch_size))
         clean, bad = pb_all.clean.take(idx), pb_all.corrupt.take(idx)
         correct, wrong = pb_all.correct[idx], pb_all.wrong[idx]
-        m_h = _edge_patched_metric(model, clean, bad, edges, correct, wrong, metric)
+        m_h = m_of_h(model, clean, bad, edges, correct, wrong, metric)
         m_c = metric(model.run(clean).logits, correct, wrong)
         m_k = metric(model.run(bad).logits, correct, wrong)
         sums += torch.stack([m_h.double().sum(), m_c.double().sum(), m_k.double().sum()]).cpu()
@@ -86,11 +104,28 @@ def proportion_explained(model: Model, pairs: FactPairs, circuit: CircuitLike, *
     return share(m_h, m_k, m_c, what="the proportion explained")
 
 
+def _record(along: dict[SiteKey, Tensor], p: Placed, value: Tensor, model: Model) -> None:
+    """Write a recomputed node's values (its units at its positions, from ``value``, the
+    node's own run of its site) into the table of every unit's value along ``H``. Nodes
+    recorded later win where they overlap (a neuron node over its MLP node)."""
+    m = unit_mask(model, p).to(value.device)
+    shape = (*m.shape, *([1] * (value.dim() - m.dim())))
+    along[p.key] = torch.where(m.reshape(shape), value, along[p.key])
+
+
 def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
                          edges: set[tuple[Node, Node]], correct: Tensor, wrong: Tensor,
                          metric: Metric) -> Tensor:
     """``m(H)`` per prompt: layer by layer, each node of ``H`` recomputed from the corrupt
-    stream plus, for each of its incoming edges, the sender's (patched - corrupt) change."""
+    stream plus what its incoming edges' senders change in it.
+
+    ``along`` holds every head's ``z`` and every MLP's neurons at their values along ``H``
+    (corrupt where no node of ``H`` recomputed them). A receiver's senders change the stream
+    by :func:`~factfind.edges.placement.set_changes` of ``along`` against the corrupt run with
+    those senders' units: per layer, a sum of per-unit writes, or in post-norm families the
+    layer's write with the senders' units along ``H`` and the rest corrupt, minus the corrupt
+    write (the norm divides by the rms of the mix, so per-unit writes at any frozen scale are
+    not exact there)."""
     L, parallel = model.n_layers, is_parallel(model)
     labels = clean.role_labels()
     keys = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L) for c in (
@@ -98,30 +133,33 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
         Component.ATTN_OUT, Component.RESID_POST)]
     ref = model.run(bad, save=keys).acts
     cl = model.run(clean, save=[(Component.EMBED, 0)]).acts
+    along = {k: ref[k] for k in keys if k[0] in (Component.Z, Component.NEURONS)}
+    along[(Component.EMBED, 0)] = cl[(Component.EMBED, 0)]
     placed: dict[Node, Placed] = {}
+    cache: dict[Any, Tensor] = {}  # set_changes' per-layer terms; a layer is final when read
 
     def place(n: Node) -> Placed:
         if n not in placed:
             placed[n] = Placed(n.kind, n.layer, n.index, node_mask(clean, n.role, labels))
         return placed[n]
 
-    change: dict[Node, Tensor] = {}  # node -> (patched - corrupt) writes [B P d]
     into: dict[Node, list[Node]] = {}
     for u, v in edges:
         into.setdefault(v, []).append(u)
-    for u in {u for u, _ in edges if u.kind == "embed"}:
-        p = place(u)
-        change[u] = writes(model, cl, p) - writes(model, ref, p)
 
-    def incoming(v: Node, below: tuple[int, int], only_layer: int | None = None) -> Tensor:
-        out = torch.zeros_like(ref[(Component.RESID_PRE, 0)])
-        for u in into.get(v, []):
-            if stage(u.kind, u.layer, parallel) >= below or u not in change:
-                continue
-            if only_layer is not None and not (u.layer == only_layer and u.kind == "head"):
-                continue
-            out = out + change[u]
-        return out
+    def incoming(v: Node, below: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The senders' change to the stream ``v`` reads: ``(into resid_pre, into attn_out)``,
+        the second only from heads of ``v``'s own layer (sequential MLP receivers)."""
+        x = torch.zeros_like(ref[(Component.RESID_PRE, 0)])
+        y = torch.zeros_like(x)
+        senders = [place(u) for u in into.get(v, []) if stage(u.kind, u.layer, parallel) < below
+                   and (u.kind == "embed" or u in into)]  # no inputs in H: its corrupt value
+        for kind, layer, d in set_changes(model, along, ref, senders, cache):
+            if kind == "head" and layer == v.layer and v.kind in ("mlp", "neuron"):
+                y = y + d.to(y.dtype)
+            else:
+                x = x + d.to(x.dtype)
+        return x, y
 
     for layer in range(L):
         here = sorted({v for v in into if v.kind not in ENDPOINTS and v.layer == layer})
@@ -130,17 +168,18 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
         # sequential blocks: the MLP reads this layer's heads, so they run first
         for stage_nodes in ([heads + mlps] if parallel else [heads, mlps]):
             if stage_nodes:
-                _run_stage(model, clean, ref, layer, stage_nodes, place, incoming, change)
+                _run_stage(model, clean, ref, layer, stage_nodes, place, incoming, along)
     final = Node("logits", L, None, "final")
-    x = ref[(Component.RESID_POST, L - 1)] + incoming(final, (L, 3))
+    x = ref[(Component.RESID_POST, L - 1)] + incoming(final, (L, 3))[0]
     logits = model.run(clean, edits={(Component.RESID_POST, L - 1): _constant(x)}).logits
     return metric(logits, correct, wrong)
 
 
 def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: int,
-               here: list[Node], place: Any, incoming: Any, change: dict[Node, Tensor]) -> None:
+               here: list[Node], place: Any, incoming: Any, along: dict[SiteKey, Tensor]
+               ) -> None:
     """Recompute the nodes ``here`` of one layer (one copy of the batch per head node, one per
-    neuron index, one for all MLP nodes) and record their (patched - corrupt) changes."""
+    neuron index, one for all MLP nodes) and record their values along ``H``."""
     parallel = is_parallel(model)
     copies: list[list[Node]] = [[v] for v in here if v.kind in ("head", "attn")]
     mlps = [v for v in here if v.kind == "mlp"]
@@ -153,12 +192,13 @@ def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: i
         x = ref[(Component.RESID_PRE, layer)].clone()
         y = ref[(Component.ATTN_OUT, layer)].clone()
         for v in group:
+            dx, dy = incoming(v, stage(v.kind, layer, parallel))
             if v.kind in ("head", "attn"):
-                x = x + incoming(v, stage("head", layer, parallel))
+                x = x + dx
             else:  # MLPs act per position: only this node's positions change
-                mask = place(v).mask[..., None].to(x.dtype)
-                x = x + incoming(v, stage("head", layer, parallel)) * mask
-                y = y + incoming(v, (layer, 2), only_layer=layer) * mask
+                mask = place(v).mask[..., None].to(x.device, x.dtype)
+                x = x + dx * mask
+                y = y + dy * mask
         pre.append(x)
         mid.append(y)
     edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(torch.cat(pre))}
@@ -168,10 +208,52 @@ def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: i
     run = model.run(clean.repeat(len(copies)), edits=edits, save=[
         (Component.Z, layer), (Component.NEURONS, layer)]).acts
     for c, group in enumerate(copies):
-        mine = {k: a[c * B:(c + 1) * B] for k, a in run.items()}
         for v in group:
             p = place(v)
-            change[v] = writes(model, mine, p) - writes(model, ref, p)
+            _record(along, p, run[p.key][c * B:(c + 1) * B], model)
+
+
+def _edge_patched_metric_reference(model: Model, clean: TokenBatch, bad: TokenBatch,
+                                   edges: set[tuple[Node, Node]], correct: Tensor,
+                                   wrong: Tensor, metric: Metric) -> Tensor:
+    """``m(H)`` per prompt by the literal recipe: receivers in forward order, one forward of
+    the corrupt input each, every site upstream of the receiver pinned (corrupt values, the
+    receiver's senders' units at their values along ``H``)."""
+    L, parallel = model.n_layers, is_parallel(model)
+    labels = clean.role_labels()
+    every = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L)
+                                      for c in (Component.Z, Component.NEURONS)]
+    corrupt = model.run(bad, save=every).acts
+    along = dict(corrupt)
+    along[(Component.EMBED, 0)] = model.run(clean, save=[(Component.EMBED, 0)]).acts[
+        (Component.EMBED, 0)]
+    site_stage = {k: stage({Component.EMBED: "embed", Component.Z: "head"}.get(k[0], "mlp"),
+                           -1 if k[0] is Component.EMBED else k[1], parallel) for k in every}
+
+    def placed(n: Node) -> Placed:
+        return Placed(n.kind, n.layer, n.index, node_mask(clean, n.role, labels))
+
+    into: dict[Node, list[Node]] = {}
+    for u, v in edges:
+        into.setdefault(v, []).append(u)
+    order = sorted(into, key=lambda v: stage(v.kind, v.layer, parallel))
+    logits = None
+    for v in order:
+        below = stage(v.kind, v.layer, parallel)
+        pinned = {k: corrupt[k].clone() for k in every if site_stage[k] < below}
+        for u in into[v]:
+            p = placed(u)
+            m = unit_mask(model, p)
+            pinned[p.key][m] = along[p.key][m]  # this sender's units at its positions
+        edits = {k: _constant(val) for k, val in pinned.items()}
+        if v.kind == "logits":
+            logits = model.run(bad, edits=edits).logits
+            continue
+        p = placed(v)
+        _record(along, p, model.run(bad, edits=edits, save=[p.key]).acts[p.key], model)
+    if logits is None:  # nothing reaches the logits: the corrupt run
+        logits = model.run(bad).logits
+    return metric(logits, correct, wrong)
 
 
 def _constant(value: Tensor):
@@ -180,4 +262,4 @@ def _constant(value: Tensor):
     return edit
 
 
-__all__ = ["proportion_explained"]
+__all__ = ["proportion_explained", "proportion_explained_reference"]
