@@ -11,9 +11,10 @@ gets wrong by several percent of the effect.
 
 One tiny random model per family of :data:`~factfind.testing.models.FAMILIES` and
 :data:`~factfind.testing.models.DERIVED_FAMILIES` (3 layers, every weight drawn), prompts
-that start with the subject, and a random circuit of heads and MLPs at several roles, given
-both as a node set (the edges it induces) and as a graph with a random half of those edges.
-For the node set the proportion is also resample faithfulness (a node-level computation).
+that start with the subject or follow a shared prefix (the fast path's copies resume past
+it), and a random circuit of heads and MLPs at several roles, given both as a node set (the
+edges it induces) and as a graph with a random half of those edges. For the node set the
+proportion is also resample faithfulness (a node-level computation).
 """
 
 import random
@@ -27,13 +28,15 @@ from factfind.testing.models import DERIVED_FAMILIES, FAMILIES, tiny_model
 ALL_FAMILIES = FAMILIES + DERIVED_FAMILIES
 
 
-@pytest.fixture(scope="module")
-def subject_first():
+@pytest.fixture(scope="module", params=["{} plays the sport of", "Fact: {} plays the sport of"])
+def prompts(request):
+    """Prompts that start with the subject (every position carries a change), and prompts
+    after a shared prefix (the fast path's copies resume past it)."""
     from conftest_data import fact_records
 
     from factfind.data import from_records
 
-    return from_records([{**r, "template": "{} plays the sport of"} for r in fact_records()])
+    return from_records([{**r, "template": request.param} for r in fact_records()])
 
 
 def _circuit(model, batch, seed):
@@ -72,7 +75,7 @@ def _graph(model, nodes, seed):
 
 
 @pytest.mark.parametrize("name", ALL_FAMILIES)
-def test_proportion_explained_fast_equals_reference(name, subject_first):
+def test_proportion_explained_fast_equals_reference(name, prompts):
     from factfind.data.batch import encode_pairs
     from factfind.evaluate import faithfulness
     from factfind.evaluate.paths import (
@@ -86,7 +89,7 @@ def test_proportion_explained_fast_equals_reference(name, subject_first):
 
     torch.manual_seed(0)
     model = tiny_model(name, n_layers=3)
-    pairs = subject_first.corrupt(model, seed=0, on_missing="skip")[:4]
+    pairs = prompts.corrupt(model, seed=0, on_missing="skip")[:4]
     pb = encode_pairs(model, pairs)
     nodes = _circuit(model, pb.clean, seed=1)
     m_k = logit_diff(model.run(pb.corrupt).logits, pb.correct, pb.wrong).double()
@@ -101,7 +104,9 @@ def test_proportion_explained_fast_equals_reference(name, subject_first):
         np.testing.assert_allclose(fast.numpy(), slow.numpy(), rtol=1e-4, atol=1e-6)
         pe = proportion_explained(model, pairs, circuit)
         pe_ref = proportion_explained_reference(model, pairs, circuit)
-        assert abs(pe_ref) > 1e-3 and abs(pe_ref - 1) > 1e-3, pe_ref
+        # (the per-prompt values above are the non-zero check: on a random model the mean
+        # of four prompts' changes can nearly cancel)
+        assert abs(pe_ref - 1) > 1e-3, pe_ref
         assert pe == pytest.approx(pe_ref, rel=1e-4, abs=1e-6)
     # a node set's induced graph is node-level resample ablation: a third computation
     assert proportion_explained(model, pairs, nodes) == pytest.approx(

@@ -32,6 +32,7 @@ from factfind.edges.placement import Placed, is_parallel, node_mask, set_changes
 from factfind.evaluate.engine import CircuitLike, circuit_nodes
 from factfind.graph import ENDPOINTS, CircuitGraph, Node, feeds, stage
 from factfind.metrics import logit_diff, share
+from factfind.model.incremental import first_position
 from factfind.types import Component, Metric, SiteKey
 from factfind.validation import validated
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from factfind.data import FactPairs
     from factfind.data.batch import TokenBatch
     from factfind.model import Model
+    from factfind.model.incremental import Prefix
 
 
 def _edges(model: Model, circuit: CircuitLike, roles: Sequence[str]) -> set[tuple[Node, Node]]:
@@ -131,7 +133,8 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
     keys = [(Component.EMBED, 0)] + [(c, layer) for layer in range(L) for c in (
         Component.Z, Component.MLP_OUT, Component.NEURONS, Component.RESID_PRE,
         Component.ATTN_OUT, Component.RESID_POST)]
-    ref = model.run(bad, save=keys).acts
+    prefix = model.base_run(bad, save=keys)  # the corrupt run, resumable at any layer
+    ref = prefix.acts
     cl = model.run(clean, save=[(Component.EMBED, 0)]).acts
     along = {k: ref[k] for k in keys if k[0] in (Component.Z, Component.NEURONS)}
     along[(Component.EMBED, 0)] = cl[(Component.EMBED, 0)]
@@ -168,19 +171,22 @@ def _edge_patched_metric(model: Model, clean: TokenBatch, bad: TokenBatch,
         # sequential blocks: the MLP reads this layer's heads, so they run first
         for stage_nodes in ([heads + mlps] if parallel else [heads, mlps]):
             if stage_nodes:
-                _run_stage(model, clean, ref, layer, stage_nodes, place, incoming, along)
+                _run_stage(model, prefix, layer, stage_nodes, place, incoming, along)
     final = Node("logits", L, None, "final")
     x = ref[(Component.RESID_POST, L - 1)] + incoming(final, (L, 3))[0]
-    logits = model.run(clean, edits={(Component.RESID_POST, L - 1): _constant(x)}).logits
+    logits = model.run_from(prefix, start=(L - 1, prefix.n_pos - 1),  # the last norm only
+                            edits={(Component.RESID_POST, L - 1): _constant(x)}).logits
     return metric(logits, correct, wrong)
 
 
-def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: int,
-               here: list[Node], place: Any, incoming: Any, along: dict[SiteKey, Tensor]
-               ) -> None:
+def _run_stage(model: Model, prefix: Prefix, layer: int, here: list[Node], place: Any,
+               incoming: Any, along: dict[SiteKey, Tensor]) -> None:
     """Recompute the nodes ``here`` of one layer (one copy of the batch per head node, one per
-    neuron index, one for all MLP nodes) and record their values along ``H``."""
+    neuron index, one for all MLP nodes) and record their values along ``H``. The copies
+    resume the corrupt run at this layer and at the first position their inputs change
+    (:meth:`~factfind.model.Model.run_from`): nothing before either differs from it."""
     parallel = is_parallel(model)
+    ref = prefix.acts
     copies: list[list[Node]] = [[v] for v in here if v.kind in ("head", "attn")]
     mlps = [v for v in here if v.kind == "mlp"]
     if mlps:
@@ -201,16 +207,25 @@ def _run_stage(model: Model, clean: TokenBatch, ref: dict[Any, Tensor], layer: i
                 y = y + dy * mask
         pre.append(x)
         mid.append(y)
-    edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(torch.cat(pre))}
+    n = len(copies)
+    x, y = torch.cat(pre), torch.cat(mid)
+    changed = x != ref[(Component.RESID_PRE, layer)].repeat(n, 1, 1)
+    edits: dict[Any, Any] = {(Component.RESID_PRE, layer): _constant(x)}
     if not parallel:  # the MLP reads resid_pre + attn_out: pin the attention output too
-        edits[(Component.ATTN_OUT, layer)] = _constant(torch.cat(mid))
-    B = clean.input_ids.shape[0]
-    run = model.run(clean.repeat(len(copies)), edits=edits, save=[
+        edits[(Component.ATTN_OUT, layer)] = _constant(y)
+        changed |= y != ref[(Component.ATTN_OUT, layer)].repeat(n, 1, 1)
+    if not bool(changed.any()):  # no sender changes anything: the corrupt values stand
+        return
+    p0 = first_position(changed)
+    B = prefix.enc["input_ids"].shape[0]
+    run = model.run_from(prefix, start=(layer, p0), reps=n, edits=edits, save=[
         (Component.Z, layer), (Component.NEURONS, layer)]).acts
     for c, group in enumerate(copies):
         for v in group:
             p = place(v)
-            _record(along, p, run[p.key][c * B:(c + 1) * B], model)
+            value = ref[p.key].clone()
+            value[:, p0:] = run[p.key][c * B:(c + 1) * B].to(value.dtype)
+            _record(along, p, value, model)
 
 
 def _edge_patched_metric_reference(model: Model, clean: TokenBatch, bad: TokenBatch,
