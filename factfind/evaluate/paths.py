@@ -10,9 +10,17 @@ one. For the graph induced by a node set it equals resample faithfulness on the 
 tests check that.
 
 The run goes layer by layer on the corrupt stream: each node of ``H`` is recomputed from the
-corrupt residual stream plus, for each of its incoming edges, the sender's (patched - corrupt)
-change (:func:`~factfind.edges.placement.writes`), one copy of the batch per head node; the logits
-read the corrupt final stream plus the changes of their incoming edges.
+corrupt residual stream plus what its incoming edges' senders change in it, one copy of the
+batch per head node, each copy resuming the cached corrupt run at its layer; the logits read
+the corrupt final stream plus the changes of their incoming edges. A sender's "value along
+``H``" is its head's ``z`` or its MLP's neurons as recomputed (corrupt where nothing in ``H``
+feeds it). What a receiver's senders change is
+:func:`~factfind.edges.placement.set_changes` of those values against the corrupt run: by
+linearity a sum of per-unit writes, except through a post norm (Gemma 2/3, OLMo 2, EXAONE 4),
+which divides by the rms of a whole sublayer's output: there the change is the sublayer's
+write with the senders' units along ``H`` and every other unit corrupt, minus its corrupt
+write. :func:`proportion_explained_reference` is the literal recipe, one forward per
+receiver with every upstream site pinned; the tests hold the two equal on every family.
 
 Example::
 
@@ -258,7 +266,7 @@ def _edge_patched_metric_reference(model: Model, clean: TokenBatch, bad: TokenBa
         pinned = {k: corrupt[k].clone() for k in every if site_stage[k] < below}
         for u in into[v]:
             p = placed(u)
-            m = unit_mask(model, p)
+            m = unit_mask(model, p).to(pinned[p.key].device)
             pinned[p.key][m] = along[p.key][m]  # this sender's units at its positions
         edits = {k: _constant(val) for k, val in pinned.items()}
         if v.kind == "logits":
