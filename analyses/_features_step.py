@@ -38,7 +38,8 @@ thread, shared 2-core machine at load 3-6): 251 s = 90 forwards of the pairs. In
 80 s (8 sets x 59 pairs plus the reads), the bases 72 s (AtP* ranks the neurons: 30 backward
 passes; then one ablated run per budget, basis and ablation), the single-prompt graph 25 s
 (4,905 active features, 0.036 forwards per target), AtP 17 s, verification 17 s, dashboards
-18 s, quality 11 s; the rest is loading the dictionaries and drawing the sections.
+18 s, quality 11 s; the rest is loading the dictionaries and drawing the sections. The
+missed-effect bound adds ~40 s at its default 32 nodes (64: ~50 s, 128: ~60 s).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -72,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding.features")
 ORGANISM = "factfind-organism"  # the name ff.load_model("organism") gives
 MODES = ("auto", "on", "off")
+T = TypeVar("T")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -88,16 +90,19 @@ class FeaturesConfig:
                          "~1 min, and its findings are the planted circuit's, tested "
                          "elsewhere); 'on' or 'off' force it. On SmolLM2-135M with its cached "
                          "dictionaries and 59 pairs it took 251 s at 1 thread on a shared "
-                         "2-core machine (load 3-6; 90 forwards of the pairs): interventions "
-                         "80 s, bases 72 s, graph 25 s, the rest <= 18 s each. Training the "
+                         "2-core machine (load 3-6; 90 forwards of the pairs) plus ~40 s "
+                         "for the missed-effect bound: interventions 80 s, bases 72 s, graph 25 "
+                         "s, the rest <= 18 s each. Training the "
                          "dictionaries the first time adds ~6 min")
     dictionaries: str = _opt("", "a saved dictionary set (any format ff.load_dictionaries "
                              "reads: a transcoder at every layer for the graph); default the "
                              "model's default set, loaded from $FACTFIND_CACHE/dictionaries or "
                              "trained")
     feature_tokens: int = _opt(40_000, "training tokens per layer if the default set must be "
-                               "trained (train_dictionaries' default: 40,000 reach explained "
-                               "variance ~0.8 on SmolLM2's middle layers in ~6 min at 2 cores)")
+                               "trained (train_dictionaries' default, so the set is the one "
+                               "analyses/dictionaries.py trains: ~6 min on SmolLM2 at 2 cores; "
+                               "its held-out explained variance is 0.34-1.0 by layer, >= 0.8 "
+                               "at 10 of 30)")
     feature_epochs: int = _opt(2, "training epochs if the default set must be trained")
     feature_pairs: int = _opt(64, "pairs (the run's first ones) for the feature attribution, "
                               "its dataset-level circuit and stability, the verification and "
@@ -109,6 +114,12 @@ class FeaturesConfig:
                                  "m = 1 on a 30-layer model, so off by default)")
     feature_verify: int = _opt(16, "top feature/error nodes patched exactly (one stacked "
                                "patched run per node and pair)")
+    feature_bound_nodes: int = _opt(32, "unverified nodes (the next ranks) bounded by "
+                                    "patching subsets of them (each node in 2; subsets are "
+                                    "cut per rank bucket and dictionary, so the cost grows "
+                                    "with the dictionaries they span: 32 nodes took ~40 s, "
+                                    "64 ~50 s, 128 ~60 s on SmolLM2 at 1 thread); 0: no "
+                                    "bound")
     verify_pairs: int = _opt(16, "pairs (the first ones) the top nodes are ranked on and "
                              "patched on: 16 nodes x 16 pairs is ~4 forwards of 64 pairs; on "
                              "all 64 pairs the verification took 150 s of SmolLM2's step")
@@ -166,9 +177,9 @@ def config_from(args: Any) -> FeaturesConfig:
         if getattr(fc, name) < 1:
             raise ff.ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got "
                                    f"{getattr(fc, name)}")
-    if fc.feature_ig_steps < 0 or fc.graph_pair < 0 or fc.feature_dashboards < 0:
-        raise ff.ArgumentError("--feature-ig-steps, --graph-pair and --feature-dashboards "
-                               "must be >= 0")
+    if min(fc.feature_ig_steps, fc.graph_pair, fc.feature_dashboards, fc.feature_bound_nodes) < 0:
+        raise ff.ArgumentError("--feature-ig-steps, --graph-pair, --feature-dashboards and "
+                               "--feature-bound-nodes must be >= 0")
     return fc
 
 
@@ -274,12 +285,12 @@ def _graph_from(data: dict[str, Any]) -> Any:
         return ff.graph.read_json(path)
 
 
-def _once(compute: Callable[[], pd.DataFrame]) -> Callable[[], pd.DataFrame]:
-    """``compute`` run at most once (the per-pair attribution that two cached steps derive
-    from: on a second run both are hits and it never runs)."""
-    held: list[pd.DataFrame] = []
+def _once(compute: Callable[[], T]) -> Callable[[], T]:
+    """``compute`` run at most once (the per-pair attribution that several cached steps
+    derive from: on a second run they are hits and it never runs)."""
+    held: list[T] = []
 
-    def get() -> pd.DataFrame:
+    def get() -> T:
         if not held:
             held.append(compute())
         return held[0]
@@ -352,10 +363,16 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
     stability = cache.table("features_stability", lambda: circuit_stability(
         per_pair(), k=ks, splits=20, seed=cfg.seed), params={**atp_tag, "k": ks})
     vpairs = fpairs[:fc.verify_pairs]
-    verified = cache.table("features_verification", lambda: ff.verify_features(
+    verification = _once(lambda: ff.verify_features(
         model, vpairs, dicts, node_frame(per_pair(), prompts=len(vpairs)),
-        top=fc.feature_verify, batch_size=bs).frame,
-        params={**atp_tag, "top": fc.feature_verify, "pairs": vpairs.fingerprint()})
+        top=fc.feature_verify, batch_size=bs))
+    vtag = {**atp_tag, "top": fc.feature_verify, "pairs": vpairs.fingerprint()}
+    verified = cache.table("features_verification", lambda: verification().frame, params=vtag)
+    # the unverified nodes' missed-effect bound: subsets of the next ranks patched together
+    bound = cache.table("features_bound", lambda: ff.feature_missed_bound(
+        model, vpairs, dicts, verification(), max_nodes=fc.feature_bound_nodes, batch_size=bs,
+        seed=cfg.seed).buckets, params={**vtag, "nodes": fc.feature_bound_nodes}) \
+        if fc.feature_bound_nodes else None
     log.info("features: attribution, circuit and verification done (%.0fs)", time.time() - t0)
 
     # 4. the single-prompt graph of one pair's clean prompt
@@ -406,7 +423,8 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
     error_share = _frame(g["error_share"])
     result.graph, result.tracer = cg, g["tracer"]
     result.tables = {"quality": quality, "atp": est, "circuit": circuit, "stability": stability,
-                     "verification": verified, "error_share": error_share,
+                     "verification": verified, "bound": pd.DataFrame() if bound is None
+                     else bound, "error_share": error_share,
                      "interventions": inter, "bases": bases}
     points = rf.features_summary(scores=g["scores"], error_share=error_share,
                                  stability=stability, interventions=inter, bases=bases,
@@ -430,7 +448,7 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
                                      f"The pruned attribution graph of {g['facts']['prompt']!r}"
                                      ": feature, error, embedding and logit nodes by token "
                                      "role.")),
-        rf.feature_circuit_section(circuit, stability, verification=verified),
+        rf.feature_circuit_section(circuit, stability, verification=verified, bound=bound),
         rf.interventions_section(inter),
         rf.bases_section(bases),
         *([rf.dashboards_section(boards)] if boards else []),

@@ -115,7 +115,11 @@ def test_the_feature_sections_hold_their_parts_and_refuse_wrong_tables() -> None
                             "ci_high": [0.6, -0.8, 0.2], "n": 8, "group": "all"})
     stability = pd.DataFrame({"k": [10, 50], "effect": [0.5, 0.4], "ci_low": [0.4, 0.3],
                               "ci_high": [0.6, 0.5], "n": 20, "n_nodes": 3})
-    sec = rf.feature_circuit_section(circuit, stability)
+    bound = pd.DataFrame({"rank_start": [16, 32], "rank_stop": [32, 64], "nodes": [16, 32],
+                          "covered": [16, 30], "effect": [0.2, 0.05]})
+    sec = rf.feature_circuit_section(circuit, stability, bound=bound)
+    assert list(sec.tables[-1].data["bound"]) == [0.2, 0.05]
+    assert len(rf.feature_circuit_section(circuit, stability).tables) == len(sec.tables) - 1
     shown = sec.tables[0].data
     assert list(shown["node"]) == ["L0.stc.err@final", "L1.stc.f3@final", "L2.stc.f1@final"]
     assert sec.facts["nodes attributed"] == 3
@@ -152,6 +156,11 @@ def test_the_steps_flags_default_and_refuse_bad_values() -> None:
         step["config_from"](p.parse_args(["--feature-budgets", "10,x"]))
     with pytest.raises(ArgumentError, match="--feature-pairs"):
         step["config_from"](p.parse_args(["--feature-pairs", "0"]))
+    # the fact-finding script's parser takes every flag beside its own (no clash)
+    ff_script = runpy.run_path(str(ROOT / "analyses" / "fact_finding.py"),
+                               run_name="fact_finding_flags_test")
+    cfg, a = ff_script["parse_args"](["--feature-pairs", "50", "--bound-nodes", "7"])
+    assert cfg.bound_nodes == 7 and step["config_from"](a).feature_pairs == 50
     # off: no sections, no exports, nothing computed
     res = step["features_step"](p.parse_args(["--features", "off"]), cfg=None, cache=None,
                                 model=Named("smollm2-135m"), pairs=None)
@@ -217,12 +226,13 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
         assert f'id="{part}"' in html, part
     for text in ("replacement score", "completeness score", "Error share per layer",
                  "Jaccard of the top-k nodes", "Faithfulness per basis",
+                 "Missed-effect bound of the unverified nodes",
                  "features: feature_pairs"):
         assert text in html, text
     computed = set(first.cache.computed)
     assert {"features_quality", "features_atp", "features_circuit", "features_stability",
-            "features_verification", "features_graph", "features_interventions",
-            "features_bases", "features_dashboards"} <= computed
+            "features_verification", "features_bound", "features_graph",
+            "features_interventions", "features_bases", "features_dashboards"} <= computed
     # the feature graph beside the report: GraphML and node-link JSON give the same graph,
     # circuit-tracer's JSON passes its schema
     stem = first.report.with_name(first.report.stem + "-features")
@@ -233,7 +243,24 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
     tracer = json.loads(stem.with_name(stem.name + ".circuit-tracer.json").read_text())
     _check_circuit_tracer_schema(tracer)
     assert tracer["metadata"]["slug"] == stem.name + ".circuit-tracer"
+    _graph_drawn(first.report)
     # a second run is served from the cache, the features step included
     again = script["main"](args)
     assert again.cache.computed == []
     assert {"features_graph", "features_bases", "features_dashboards"} <= set(again.cache.hits)
+
+
+def _graph_drawn(report: Path) -> None:
+    """The feature graph's explorer in headless Chromium: its nodes are drawn with a size."""
+    from factfind.report.browser import Browser, find_chromium
+
+    if find_chromium() is None:
+        return  # CI installs Debian's chromium; the export checks above still ran
+    with Browser(timeout=60) as browser:
+        page = browser.new_page()
+        page.goto(report.as_uri())
+        n = page.evaluate("""(() => Array.from(document.querySelectorAll(
+            "#features-graph svg .node")).filter((el) => {
+              const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0;
+            }).length)()""")
+    assert n > 2, n

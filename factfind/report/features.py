@@ -463,12 +463,15 @@ def feature_graph_section(graph: Any, *, scores: Mapping[str, Any],
 
 
 def feature_circuit_section(circuit: pd.DataFrame, stability: pd.DataFrame, *,
-                            verification: pd.DataFrame | None = None, top: int = 30,
+                            verification: pd.DataFrame | None = None,
+                            bound: pd.DataFrame | None = None, top: int = 30,
                             explanation: str = EXPLAIN_FEATURE_CIRCUIT) -> Section:
     """Section ``features-circuit``: the dataset-level circuit (the ``all`` group of
     :func:`~factfind.features.circuits.aggregate_circuit`; per relation its top 3 when there
     are several), its stability across halves (:func:`~factfind.features.circuits.
-    circuit_stability`) and the exact verification of the top nodes."""
+    circuit_stability`), the exact verification of the top nodes and the missed-effect bound
+    of the next ones (:func:`~factfind.features.verification.feature_missed_bound`'s
+    ``buckets``)."""
     _need(circuit, {"node", "effect"}, "a circuit table")
     _need(stability, {"k", "effect"}, "a stability table")
     groups = circuit["group"].astype(str) if "group" in circuit.columns \
@@ -511,6 +514,16 @@ def feature_circuit_section(circuit: pd.DataFrame, stability: pd.DataFrame, *,
                             caption="The top nodes patched exactly (the feature's activation "
                                     "from the corrupt run through its decoder, error kept): "
                                     "AtP's estimate against the exact effect"))
+    if bound is not None and len(bound):
+        _need(bound, {"rank_start", "rank_stop", "effect"}, "a bound table")
+        tables.append(Table(columns(bound, ["rank_start", "rank_stop", "nodes", "covered",
+                                            "effect"]).round(4).rename(
+                                                columns={"effect": "bound"}),
+                            caption="Missed-effect bound of the unverified nodes per rank "
+                                    "bucket: the smallest |effect| of the patched subsets "
+                                    "that hold a node, maximised over the bucket (valid if "
+                                    "patching a set moves the metric at least as much as its "
+                                    "largest member)"))
     facts: dict[str, Any] = {"nodes attributed": int(stability["n_nodes"].iloc[0])
                              if "n_nodes" in stability.columns else len(allc)}
     return Section(id="features-circuit", title="Features: the dataset-level circuit",
