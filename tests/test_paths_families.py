@@ -26,6 +26,9 @@ import torch
 from factfind.testing.models import DERIVED_FAMILIES, FAMILIES, tiny_model
 
 ALL_FAMILIES = FAMILIES + DERIVED_FAMILIES
+# Gemma 2 and 3 with a 3-token sliding window that the prompts cross (resumed copies read the
+# cached keys and values through it)
+SLIDING = {f"{f}-window3": (f, {"sliding_window": 3}) for f in ("gemma2", "gemma3")}
 
 
 @pytest.fixture(scope="module", params=["{} plays the sport of", "Fact: {} plays the sport of"])
@@ -74,7 +77,7 @@ def _graph(model, nodes, seed):
     return g
 
 
-@pytest.mark.parametrize("name", ALL_FAMILIES)
+@pytest.mark.parametrize("name", [*ALL_FAMILIES, *SLIDING])
 def test_proportion_explained_fast_equals_reference(name, prompts):
     from factfind.data.batch import encode_pairs
     from factfind.evaluate import faithfulness
@@ -88,7 +91,8 @@ def test_proportion_explained_fast_equals_reference(name, prompts):
     from factfind.metrics import logit_diff
 
     torch.manual_seed(0)
-    model = tiny_model(name, n_layers=3)
+    family, overrides = SLIDING.get(name, (name, {}))
+    model = tiny_model(family, n_layers=3, **overrides)
     pairs = prompts.corrupt(model, seed=0, on_missing="skip")[:4]
     pb = encode_pairs(model, pairs)
     nodes = _circuit(model, pb.clean, seed=1)
@@ -107,7 +111,8 @@ def test_proportion_explained_fast_equals_reference(name, prompts):
         # (the per-prompt values above are the non-zero check: on a random model the mean
         # of four prompts' changes can nearly cancel)
         assert abs(pe_ref - 1) > 1e-3, pe_ref
-        assert pe == pytest.approx(pe_ref, rel=1e-4, abs=1e-6)
+        # float32 rounding of m(H) (~1e-6) divided by a small mean effect: an absolute bound
+        assert pe == pytest.approx(pe_ref, rel=1e-4, abs=1e-5)
     # a node set's induced graph is node-level resample ablation: a third computation
     assert proportion_explained(model, pairs, nodes) == pytest.approx(
-        faithfulness(model, pairs, nodes, how="resample"), rel=1e-4, abs=1e-6)
+        faithfulness(model, pairs, nodes, how="resample"), rel=1e-4, abs=1e-5)
