@@ -215,8 +215,9 @@ def test_the_summary_cites_the_numbers_of_the_tables() -> None:
         "The subject's tokens need attention only in layers 0–1: mean-ablating their attention "
         "from layer 2 on keeps >= 90% of the clean accuracy 1.00 (from layer 0 on: 0.20), n=12")
     assert by.loc["circuit", "text"] == (
-        "A circuit of 50 of 400 nodes (12.5%: 30 neurons, 20 heads) keeps 0.92 of the model's "
-        "logit difference with every other node ablated, n=16 pairs.")
+        "A circuit of 50 of 400 nodes (12.5%: 30 neurons, 20 heads) has faithfulness 0.92 (its "
+        "share of the model's logit difference over the fully ablated model's) with every other "
+        "node ablated, n=16 pairs.")
     assert by.loc["verdict", "text"].startswith("6 of 6 findings of the papers hold")
 
 

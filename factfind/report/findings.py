@@ -551,9 +551,13 @@ def _circuit_line(circuit: pd.DataFrame, n: int | None, L: int) -> dict[str, Any
     first, last = path.iloc[0], path.iloc[-1]
     size, total = int(last["size"]), int(first["size"])
     kinds = _kinds(str(last["nodes"])) if "nodes" in path.columns else ""
-    text = (f"A circuit of {size:,} of {total:,} nodes ({size / total:.1%}{kinds}) keeps "
-            f"{float(last['faithfulness']):.2f} of the model's logit difference with every "
-            f"other node ablated{_n(n, 'pairs')}.")
+    f = float(last["faithfulness"])
+    over = (" (above 1: with everything else ablated the circuit overshoots the full model's "
+            "logit difference, so some ablated nodes pushed against the answer)") if f > 1.1 \
+        else ""
+    text = (f"A circuit of {size:,} of {total:,} nodes ({size / total:.1%}{kinds}) has "
+            f"faithfulness {f:.2f} (its share of the model's logit difference over the fully "
+            f"ablated model's) with every other node ablated{_n(n, 'pairs')}{over}.")
     return _line("circuit", text, n_layers=L, value=float(last["faithfulness"]), n=n)
 
 
