@@ -142,6 +142,11 @@ class FeaturesConfig:
                                    "(60 per batch on SmolLM2: ~80 min for 4,000 tokens at 1 "
                                    "thread, so off; analyses/dictionaries.py reports them)")
     graph_pair: int = _opt(0, "the pair whose clean prompt gets the single-prompt graph")
+    graph_edges: int = _opt(5_000, "edges of the influence-pruned graph kept in the explorer "
+                            "and the GraphML / node-link exports: the strongest, on paths "
+                            "from the embeddings to the logits (Gemma-3-270M's pruned graph "
+                            "had 64,627 edges: 13 MB of GraphML); circuit-tracer's JSON keeps "
+                            "its whole pruned graph; 0: keep all")
 
     @property
     def budgets(self) -> list[int]:
@@ -177,9 +182,10 @@ def config_from(args: Any) -> FeaturesConfig:
         if getattr(fc, name) < 1:
             raise ff.ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got "
                                    f"{getattr(fc, name)}")
-    if min(fc.feature_ig_steps, fc.graph_pair, fc.feature_dashboards, fc.feature_bound_nodes) < 0:
-        raise ff.ArgumentError("--feature-ig-steps, --graph-pair, --feature-dashboards and "
-                               "--feature-bound-nodes must be >= 0")
+    if min(fc.feature_ig_steps, fc.graph_pair, fc.feature_dashboards, fc.feature_bound_nodes,
+           fc.graph_edges) < 0:
+        raise ff.ArgumentError("--feature-ig-steps, --graph-pair, --feature-dashboards, "
+                               "--feature-bound-nodes and --graph-edges must be >= 0")
     return fc
 
 
@@ -212,7 +218,7 @@ class FeaturesResult:
                 out[path.name] = path.read_bytes()
         tracer = dict(self.tracer, metadata=dict(self.tracer["metadata"],
                                                  slug=f"{stem}.circuit-tracer"))
-        out[f"{stem}.circuit-tracer.json"] = json.dumps(tracer, indent=1).encode()
+        out[f"{stem}.circuit-tracer.json"] = json.dumps(tracer, separators=(",", ":")).encode()
         return out
 
 
@@ -416,6 +422,12 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
         params={**atp_tag, "top": top, "tokens": fc.dashboard_tokens}))
 
     cg = _graph_from(g["graph"])
+    n_edges = cg.graph.number_of_edges()
+    if fc.graph_edges and n_edges > fc.graph_edges:  # the strongest edges, on embed->logit paths
+        cg = ff.graph.prune(cg, top_n=fc.graph_edges)
+    kept = (f"the strongest {cg.graph.number_of_edges():,} of its {n_edges:,} edges (on paths "
+            "from the embeddings to the logits)" if cg.graph.number_of_edges() < n_edges
+            else f"all {n_edges:,} edges")
     labels = {b.feature_id.split("@")[0]: b.label for b in boards}
     for nid, attrs in cg.graph.nodes(data=True):
         if str(nid).split("@")[0] in labels:
@@ -446,8 +458,8 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
         rf.feature_graph_section(cg, scores=g["scores"], error_share=error_share,
                                  facts=g["facts"], caption=(
                                      f"The pruned attribution graph of {g['facts']['prompt']!r}"
-                                     ": feature, error, embedding and logit nodes by token "
-                                     "role.")),
+                                     f", {kept}: feature, error, embedding and logit nodes by "
+                                     "token role.")),
         rf.feature_circuit_section(circuit, stability, verification=verified, bound=bound),
         rf.interventions_section(inter),
         rf.bases_section(bases),

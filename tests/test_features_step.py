@@ -217,7 +217,7 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
     args = ["--n-prompts", "8", "--tracing-prompts", "4", "--tracing-samples", "2",
             "--batch-size", "8", "--threads", "1", "--features", "on",
             "--feature-tokens", "6000", "--feature-epochs", "1", "--quality-tokens", "1500",
-            "--dashboard-tokens", "1500", "--feature-dashboards", "3",
+            "--dashboard-tokens", "1500", "--feature-dashboards", "3", "--graph-edges", "40",
             "--out", str(tmp_path / "reports"), "--cache", str(tmp_path / "runs")]
     first = script["main"](args)
     html = first.report.read_text()
@@ -238,6 +238,8 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
     stem = first.report.with_name(first.report.stem + "-features")
     graph = ff.graph.read_graphml(stem.with_suffix(".graphml"))
     assert ff.graph.read_json(stem.with_suffix(".json")) == graph
+    # cut to its 40 strongest edges on embed -> logits paths (the organism's has hundreds)
+    assert 0 < graph.graph.number_of_edges() <= 40 and "the strongest" in html
     kinds = {d["kind"] for _, d in graph.graph.nodes(data=True)}
     assert {"feature", "embed", "logits"} <= kinds and graph.provenance.method == "linear_graph"
     tracer = json.loads(stem.with_name(stem.name + ".circuit-tracer.json").read_text())
