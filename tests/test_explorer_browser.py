@@ -20,7 +20,6 @@ import pytest
 
 from factfind import report as R
 from factfind.graph import read_json
-from factfind.report.browser import find_chromium, launch_playwright
 from factfind.testing.graphs import synthetic_graph
 
 pytestmark = pytest.mark.browser
@@ -33,13 +32,9 @@ VIEW = "#circuit-graph"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if find_chromium() is None:
-        pytest.skip("chromium is not on PATH (CI installs Debian's chromium)")
-    with sync_api.sync_playwright() as p:
-        b = launch_playwright(p)
-        yield b
-        b.close()
+def browser(playwright_browser: Any) -> Any:
+    """The shared Chromium of ``conftest.playwright_browser``, under this module's name."""
+    return playwright_browser
 
 
 class Watched:
