@@ -65,14 +65,18 @@ class Config:
     seed: int = _opt(0, "seed of every sample")
     device: str = _opt("cpu", "cpu, cuda, ...")
     dtype: str | None = _opt(None, "float32, bfloat16, float16 (default: the checkpoint's)")
-    batch_size: int = _opt(16, "prompts per forward pass")
+    batch_size: int = _opt(16, "prompts per forward pass (16 fills 2 CPU cores on "
+                           "SmolLM2-135M and Gemma-3-270M without paging; raise it on a GPU)")
     known_rule: str = _opt("paper", "'paper': a fact is known when p(attribute) > 0.5 (Fact "
                            "Finding's rule); 'rank': when its attribute is the top-k token")
     known_top_k: int = _opt(1, "... and its attribute token is within the top k")
     known_min_prob: float = _opt(0.0, "... and p(attribute) is at least this")
     min_pairs: int = _opt(4, "stop with an error below this many known, paired facts")
-    tracing_prompts: int = _opt(8, "pairs for causal tracing")
-    tracing_samples: int = _opt(2, "noise samples per traced prompt")
+    tracing_prompts: int = _opt(8, "pairs for causal tracing (8 resolve ROME's two sites on "
+                                "Gemma-3-270M, peaks 0.41 and 0.66 with intervals clear of "
+                                "0, in 18 s at 2 threads; the summary shows the intervals)")
+    tracing_samples: int = _opt(2, "noise samples per traced prompt (the noise varies less "
+                                "than the prompts do; more samples buy less than more prompts)")
     tracing_roles: str = _opt("subject_last,final", "comma-separated token roles to trace "
                               "('all': every token). Default the two sites of ROME's claims "
                               "(Meng et al. 2022: MLPs at the last subject token, attention at "
@@ -94,8 +98,13 @@ class Config:
                                     "extraction; the heads of the path patching): a head at a "
                                     "subject token starts its patched run there, so the 4 "
                                     "roles cost ~5x the final one on a 30-layer model")
-    circuit_prompts: int = _opt(16, "pairs for path patching, EAP-IG and the circuit")
-    eap_ig_steps: int = _opt(5, "integration steps of EAP-IG")
+    circuit_prompts: int = _opt(16, "pairs for path patching, EAP-IG and the circuit (16: "
+                                "the same pairs as patching and AtP*, so methods are compared "
+                                "on the same facts; EAP-IG(5) on them takes 10 s on "
+                                "Gemma-3-270M at 2 threads)")
+    eap_ig_steps: int = _opt(5, "integration steps of EAP-IG (Hanna et al. 2024 use 5 "
+                             "steps; each step costs about one "
+                             "forward and backward pass)")
     circuit_edges: int = _opt(60, "strongest EAP-IG edges kept in the circuit graph")
     prune_exact_max: int = _opt(128, "score heads and MLPs by exact ablation while pruning "
                                 "only up to this many head/MLP x role units (else by "
@@ -104,7 +113,9 @@ class Config:
                                 "Gemma-3-270M's 450 (18 layers x 5 x 5 roles) took over 6 min "
                                 "per round at 1 thread, so real models are scored by attribution "
                                 "(every accepted circuit is still measured exactly)")
-    atp_prompts: int = _opt(16, "pairs for AtP* and the neuron analyses")
+    atp_prompts: int = _opt(16, "pairs for AtP* and the neuron analyses (every neuron x "
+                            "role is scored, then the top ones patched exactly; 16 pairs keep "
+                            "AtP* and its bound under a minute on Gemma-3-270M)")
     bound_nodes: int = _opt(256, "nodes sampled per AtP* search for the missed-effect bound")
     atp_top_k: int = _opt(20, "AtP* candidates verified by exact patching")
     top_neurons: int = _opt(10, "neurons given Fact Finding's neuron analyses")
