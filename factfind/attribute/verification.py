@@ -345,15 +345,25 @@ def missed_effect_bound(
     nodes = cast(pd.DataFrame, todo[["component", "layer", "head", "neuron", "position", "role",
                                      "rank", "score"]]).copy()
     nodes["bound"] = bound
+    buckets, top = bound_buckets(bound, ranks, edges, method="atp*/bound")
+    return Bound(nodes.reset_index(drop=True), buckets, top, len(sets))
+
+
+def bound_buckets(bound: np.ndarray, ranks: np.ndarray, edges: Sequence[int], *, method: str
+                  ) -> tuple[pd.DataFrame, float]:
+    """The per-node bounds summarised per rank bucket ``[edges[i], edges[i+1])``: how many nodes,
+    how many a subset covered, and the largest bound (an empty frame with an ``effect``
+    column when no bucket has a node), plus the largest bound overall (NaN if none)."""
     rows = []
     for lo, hi in itertools.pairwise(edges):
         sel = (ranks >= lo) & (ranks < hi)
         if not sel.any():
             continue
         b = bound[sel]
-        rows.append({"method": "atp*/bound", "rank_start": lo, "rank_stop": hi,
+        rows.append({"method": method, "rank_start": lo, "rank_stop": hi,
                      "nodes": int(sel.sum()), "covered": int(np.isfinite(b).sum()),
                      "effect": float(np.nanmax(b)) if np.isfinite(b).any() else math.nan})
     top = float(np.nanmax(bound)) if np.isfinite(bound).any() else math.nan
-    return Bound(nodes.reset_index(drop=True), tidy(rows), top, len(sets))
+    return (tidy(rows) if rows else tidy(pd.DataFrame({"effect": pd.Series(dtype=float)})),
+            top)
 

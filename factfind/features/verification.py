@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from factfind.attribute.verification import Bound, bound_subsets
+from factfind.attribute.verification import Bound, bound_buckets, bound_subsets
 from factfind.data.batch import PairBatch, pair_batches
 from factfind.errors import ArgumentError, NotFoundError, check_mode
 from factfind.features.attribution import (
@@ -442,17 +441,7 @@ def feature_missed_bound(
     nodes = cast(pd.DataFrame, todo[["node", "dictionary", "feature", "layer", "role", "rank",
                                      "score"]]).copy()
     nodes["bound"] = bound
-    rows = []
-    for lo, hi in itertools.pairwise(edges):
-        sel = (ranks >= lo) & (ranks < hi)
-        if not sel.any():
-            continue
-        b = bound[sel]
-        rows.append({"method": "feature/bound", "rank_start": lo, "rank_stop": hi,
-                     "nodes": int(sel.sum()), "covered": int(np.isfinite(b).sum()),
-                     "effect": float(np.nanmax(b)) if np.isfinite(b).any() else math.nan})
-    top = float(np.nanmax(bound)) if np.isfinite(bound).any() else math.nan
-    buckets = tidy(rows) if rows else tidy(pd.DataFrame({"effect": pd.Series(dtype=float)}))
+    buckets, top = bound_buckets(bound, ranks, edges, method="feature/bound")
     return Bound(nodes.reset_index(drop=True), buckets, top, len(sets))
 
 
