@@ -76,6 +76,7 @@ from factfind.features.attribution import feature_atp
 from factfind.features.corpus import load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard
 from factfind.features.evaluation import evaluate_dictionaries
+from factfind.features.feature_edges import feature_edges, split_edge_heads
 from factfind.features.formats import load_dictionaries
 from factfind.features.labels import attribute_features
 from factfind.features.training import fit_dictionary, train_dictionaries
@@ -179,6 +180,7 @@ __all__ = [
     "faithfulness_curve",
     "feature_atp",
     "feature_dashboard",
+    "feature_edges",
     "feature_missed_bound",
     "fit_dictionary",
     "from_records",
@@ -214,6 +216,7 @@ __all__ = [
     "resample_neurons",
     "run_cli",
     "show",
+    "split_edge_heads",
     "stream",
     "subspace_patching",
     "swap_variants",

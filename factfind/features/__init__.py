@@ -25,7 +25,11 @@
   (:func:`linear_graph`: patterns and norms frozen, edges by batched gradient injection, each
   cross-position edge split over heads, influence pruning, replacement/completeness scores);
   :mod:`.linear_graph_export`: as a :class:`~factfind.graph.CircuitGraph`
-  (:func:`to_circuit_graph`) or circuit-tracer's graph JSON (:func:`to_circuit_tracer_json`).
+  (:func:`to_circuit_graph`) or circuit-tracer's graph JSON (:func:`to_circuit_tracer_json`);
+* :mod:`.feature_edges`: the counterfactual graph over pairs (:func:`feature_edges`: EAP-IG
+  with feature and error nodes as senders and receivers, the transcoded MLPs frozen into
+  nodes by :mod:`.feature_edges_model`; :func:`split_edge_heads` splits each cross-position
+  edge over the heads that carry it).
 """
 
 from factfind.features.attribution import feature_atp
@@ -34,6 +38,7 @@ from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.evaluation import evaluate_dictionaries, feature_density
+from factfind.features.feature_edges import feature_edges, split_edge_heads
 from factfind.features.formats import load_dictionaries, save_dictionaries
 from factfind.features.interventions import feature_interventions
 from factfind.features.labels import attribute_features, best_attribute_features
@@ -66,6 +71,7 @@ __all__ = [
     "feature_dashboard",
     "feature_dashboards",
     "feature_density",
+    "feature_edges",
     "feature_interventions",
     "feature_missed_bound",
     "fit_dictionary",
@@ -76,6 +82,7 @@ __all__ = [
     "save_dictionaries",
     "splice_edits",
     "spliced_run",
+    "split_edge_heads",
     "to_circuit_graph",
     "to_circuit_tracer_json",
     "train_dictionaries",

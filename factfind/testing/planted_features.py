@@ -89,5 +89,28 @@ def planted_feature_truth(dicts: Dictionaries) -> dict[str, list[str]]:
             "final": [ext.feature_id(f, "final") for f in ANSWER_FEATURES]}
 
 
+def planted_transcoders(model: Model) -> Dictionaries:
+    """A ReLU transcoder per layer of a planted model whose features are the MLP's own neurons
+    (encoder = the MLP's input weights and biases, decoder = its output weights, ``b_dec`` its
+    output bias): the lookup neurons ``L1.n0 ... L1.n15`` become the features ``L1.tc.f0 ...
+    L1.tc.f15``. The MLPs' GELU and the transcoders' ReLU agree to ~1e-22 at the planted
+    pre-activations (+-10 and beyond), so the error nodes hold almost nothing."""
+    from factfind.model.architectures import _get
+
+    out = []
+    for layer in range(model.n_layers):
+        mlp = _get(model._block_hf(layer), model.spec.mlp)
+        up = getattr(mlp, "c_fc", None) or mlp.dense_h_to_4h  # GPT-2 Conv1D [in out]; NeoX
+        W_in = up.weight.detach() if getattr(mlp, "c_fc", None) is not None \
+            else up.weight.detach().T
+        out.append(Dictionary(kind=DictKind.TRANSCODER, activation=Activation.RELU, layer=layer,
+                              site=Component.MLP_IN, W_enc=W_in.clone().float(),
+                              b_enc=up.bias.detach().clone().float(),
+                              W_dec=model.W_out(layer).detach().clone().float(),
+                              b_dec=model.b_out(layer).detach().clone().float(),
+                              model="factfind-planted"))
+    return Dictionaries(out)
+
+
 __all__ = ["ANSWER_FEATURES", "FEATURES", "SPORT_FEATURES", "planted_dictionaries",
-           "planted_dictionary", "planted_feature_truth"]
+           "planted_dictionary", "planted_feature_truth", "planted_transcoders"]
