@@ -110,6 +110,49 @@ def test_per_prompt_rows_aggregate_to_the_node_frame(setup):
     np.testing.assert_allclose(both["ci_low"], both["ci_low_ref"], rtol=1e-6, atol=1e-12)
 
 
+def test_the_frame_is_built_tidy(setup):
+    """The frame is built once in its final form: ``tidy`` of it changes nothing (columns,
+    order, dtypes, values), per node and per prompt."""
+    from factfind.results import tidy
+
+    model, pairs, dicts = setup
+    for per_prompt in (False, True):
+        est = ff.feature_atp(model, pairs, dicts, per_prompt=per_prompt, progress=False)
+        pd.testing.assert_frame_equal(tidy(est), est)
+        assert float(est["effect"].abs().to_numpy().max()) > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_topk_rows_with_fewer_than_k_positive_features(facts, family):
+    """A TopK dictionary positive at fewer than ``k`` features of some tokens (trained ones
+    are: the organism's default transcoders) has zero-valued entries in its top-k. A feature
+    that is such an entry in one run and active in the other is one node, counted once:
+    fast == reference (an earlier fast path counted it twice)."""
+    model = tiny_model(family)
+    pairs = facts.corrupt(model, seed=0, on_missing="skip")
+    pb = ff.encode_pairs(model, pairs)
+    sites = [("mlp_in", layer) for layer in range(model.n_layers)]
+    acts = model.run(pb.clean, save=sites).acts
+    keep = pb.clean.attention_mask.bool()
+    items, few = [], 0
+    for layer in range(model.n_layers):
+        d = Dictionary.random(kind="transcoder", activation="topk", layer=layer,
+                              d_in=model.d_model, d_sae=64, k=16, seed=layer)
+        pre = d.pre_acts(acts[("mlp_in", layer)][keep])
+        d.b_enc = d.b_enc - pre.flatten().quantile(1 - 8 / 64)  # ~8 of 64 positive per token
+        few += int(((d.pre_acts(acts[("mlp_in", layer)][keep]) > 0).sum(-1) < 16).sum())
+        items.append(d)
+    assert few > 0  # the case arises
+    dicts = Dictionaries(items)
+    fast = ff.feature_atp(model, pairs, dicts, progress=False)
+    ref = ff.feature_atp(model, pairs, dicts, reference=True, progress=False)
+    both = _joined(fast, ref)
+    nonzero = both["effect_ref"].abs() > 1e-6
+    assert both.loc[nonzero, "feature"].notna().sum() > 20
+    fast_v, ref_v = both["effect"].to_numpy(), both["effect_ref"].to_numpy()
+    np.testing.assert_allclose(fast_v, ref_v, rtol=1e-4, atol=1e-5 * np.abs(ref_v).max())
+
+
 def _whole_site_change(model, pairs, d: Dictionary) -> np.ndarray:
     """``[prompt]``: the metric's change when the dictionary's written site takes its source
     (corrupt) value at every position, in the clean run."""

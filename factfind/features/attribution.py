@@ -21,15 +21,29 @@ with ``dM/da_f = W_dec[f] . dM/dsite`` (the decoder is linear) and ``dM/derr = d
 the plain model's and the features' gradients are that gradient read through the decoder. AtP
 of every feature of every dictionary therefore costs one base forward + backward and one source
 forward of the *plain* model (saving each dictionary's input and output), plus the encoders at
-the positions of the asked roles. **Sparsity**: a feature inactive in both runs at a position has
-``a(source) - a(base) = 0`` there, so only the (position, feature) pairs active in either run
-are scored, each with one ``d_model`` dot product ``W_dec[f] . g`` (or, where the active
-entries are many per position, one product ``g @ W_dec^T`` at the roles' positions only).
-Nodes inactive in every prompt have exactly zero attribution and no row. ``reference=True``
-runs the literal recipe instead - the dictionaries spliced in as Marks et al. splice them (the
-value is the site's own; the gradient reaches each feature through its decoder, the error as
-it is, and the site's input unchanged), autograd with respect to every feature activation and
-error term, dense - which the tests hold equal.
+the positions of the asked roles (with the default logit-difference metric, both runs unembed
+the two answers only). **Sparsity**: a feature inactive in both runs at a position has
+``a(source) - a(base) = 0`` there, so only the active entries are scored: each run's active
+(position, feature) entries (TopK: the top-k's own indices) enter with their value, the base's
+negated, each times ``W_dec[f] . g`` (one product ``g @ W_dec^T`` at the roles' positions, or
+one ``d_model`` dot product per entry where the entries are few); summed per (position,
+feature), the values give ``Δa`` - which decides that the feature moved there (a TopK entry of
+value 0, or one equal in both runs, adds nothing) - and the products ``Δa . dM/da``. Every
+dictionary's entries are summed together, then into (prompt, role, feature) nodes: the only
+loop over dictionaries is their encoders. Nodes inactive in every prompt have exactly zero
+attribution and no row. ``reference=True`` runs the literal recipe instead - the dictionaries
+spliced in as Marks et al. splice them (the value is the site's own; the gradient reaches each
+feature through its decoder, the error as it is, and the site's input unchanged), autograd with
+respect to every feature activation and error term, dense - which the tests hold equal.
+
+**Cost**, measured by ``benchmarks/bench_feature_atp.py`` with each model's default
+dictionaries (a TopK skip transcoder at every layer, 4 x d_model wide, k 32) at 1 thread on a
+shared 2-core machine (load 4-4.5), per batch in forward-pass equivalents (wall; CPU time in
+brackets): the organism (16 pairs x 15 tokens, 4 x 512 features) 4.7 (4.2), SmolLM2-135M
+(6 x 20, 30 x 2,304) 3.6 (3.5), Gemma-3-270M (10 x 19, 18 x 2,560) 3.1 (2.8). Of these the
+model's runs are 2.8-3.0 (base forward + backward ~1.7-1.9, source forward ~0.8-1.0); the
+encoders 0.2-0.5, the scoring 0.1-0.5 and the frame <= 0.4 (the organism's forward is so
+small that its fixed costs show).
 
 **Integrated gradients** (``steps=m``). As Marks et al. (who use 10 steps), each dictionary is
 integrated on its own: its features and error move together on the straight line from base to
@@ -40,7 +54,8 @@ Hanna et al. (2024)'s EAP-IG places them at ``k / m`` (a Riemann sum that includ
 the midpoint rule costs the same and its error falls as ``1/m^2``. **Completeness**: the
 attributions of one dictionary's features and error over every position sum to ``sum_k
 Δsite . g_k / m``, the quadrature of ``M(base with the whole site patched) - M(base)``. A
-dictionary's IG costs ``m`` forward + backward rows per prompt (stacked in one run).
+written site's IG costs ``m`` forward + backward rows per prompt (stacked in one run; the
+path depends on the site alone, so dictionaries that write one site share it).
 
 A role that names several tokens (``relation``) sums its tokens' attributions (AtP is linear)
 and patches them together. A skip transcoder's dense skip path ``x @ W_skip`` is not a sparse
@@ -65,7 +80,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,7 +95,7 @@ from factfind.errors import ArgumentError, check_mode
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.tokens import as_dictionaries
 from factfind.localize.patching import DEFAULT_ROLES
-from factfind.results import t_quantile, tidy
+from factfind.results import check_effects, t_quantile
 from factfind.types import DIRECTIONS, Component, Metric, Role, SiteKey
 from factfind.validation import validated
 
@@ -144,36 +159,46 @@ def _role_masks(tb: TokenBatch, roles: Sequence[Role], device: torch.device) -> 
 
 @dataclass
 class _Side:
-    """One run's dictionary nodes at the selected positions of a batch."""
+    """One run's dictionary nodes at the selected positions of a batch, dense (the reference's
+    reading, and the verification's)."""
 
     acts: dict[str, Tensor]  # name -> [N d_sae] feature activations
     err: dict[str, Tensor]  # name -> [N d_out] error term (site - decode(acts))
     site: dict[str, Tensor]  # name -> [N d_out] the site's value
-    #: name -> (rows, features) of the entries active in either run (on the base side only)
-    active: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
-def _encode(d: Dictionary, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Feature activations, the error term ``y - decode(acts)`` and the active entries' rows and
-    features, at positions ``x [N d_in]``, ``y [N d_out]``. The error is decoded from the
-    active features only (one ``d_out`` row each, not the dense ``d_sae x d_out`` product);
-    for TopK from the top-k's own indices (:meth:`Dictionary.activate`'s computation, keeping
-    them: no scan of the dense ``[N d_sae]`` for its non-zeros)."""
+def _active(d: Dictionary, x: Tensor, y: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """``d``'s active entries at positions ``x [N d_in]`` - their rows, features and values,
+    each ``[E]`` - and the error term ``y - decode(acts)`` ``[N d_out]``, decoded from the
+    active entries only (one ``d_out`` row each, not the dense ``d_sae x d_out`` product).
+    TopK keeps the top-k's own indices (:meth:`Dictionary.activate`'s computation): no dense
+    ``[N d_sae]`` at all; other activations scan the dense encoding, returned last (TopK:
+    ``None``)."""
     n = x.shape[0]
     if d.activation is Activation.TOPK:
         assert d.k is not None
         vals, idx = torch.relu(d.pre_acts(x)).topk(d.k, dim=-1, sorted=False)
-        acts = torch.zeros(n, d.d_sae, dtype=vals.dtype, device=vals.device)
-        acts.scatter_(-1, idx, vals)
         dec = F.embedding_bag(idx, d.W_dec, per_sample_weights=vals.to(d.W_dec.dtype),
                               mode="sum") + d.b_dec
-        rows = torch.arange(n, device=idx.device)[:, None].expand_as(idx)
-        return acts, y.to(d.W_dec.dtype) - dec, rows.flatten(), idx.flatten()
+        rows = torch.arange(n, device=idx.device).repeat_interleave(idx.shape[1])
+        return rows, idx.flatten(), vals.flatten(), y.to(d.W_dec.dtype) - dec, None
     acts = d.encode(x)
-    n_idx, f_idx = acts.nonzero(as_tuple=True)
+    rows, feats = acts.nonzero(as_tuple=True)
+    vals = acts[rows, feats]
     dec = d.b_dec.expand(n, d.d_out).clone().index_add_(
-        0, n_idx, acts[n_idx, f_idx, None].to(d.W_dec.dtype) * d.W_dec[f_idx])
-    return acts, y.to(d.W_dec.dtype) - dec, n_idx, f_idx
+        0, rows, vals[:, None].to(d.W_dec.dtype) * d.W_dec[feats])
+    return rows, feats, vals, y.to(d.W_dec.dtype) - dec, acts
+
+
+def _encode(d: Dictionary, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense feature activations ``[N d_sae]`` and the error term ``[N d_out]`` at positions
+    ``x [N d_in]``, ``y [N d_out]`` (:func:`_active`, scattered)."""
+    rows, feats, vals, err, acts = _active(d, x, y)
+    if acts is None:
+        acts = torch.zeros(x.shape[0], d.d_sae, dtype=vals.dtype, device=vals.device)
+        acts[rows, feats] = vals
+    return acts, err
 
 
 def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
@@ -187,110 +212,104 @@ def _read(model: Model, dicts: Dictionaries, tb: TokenBatch, sel: Tensor, *,
     for name, d in dicts.items():
         read, write = _keys(d)
         y = run.acts[write][sel]
-        side.acts[name], side.err[name], _, _ = _encode(d, run.acts[read][sel], y)
+        side.acts[name], side.err[name] = _encode(d, run.acts[read][sel], y)
         side.site[name] = y
     return side, run.acts, run.grads
 
 
-def _read_pair(model: Model, dicts: Dictionaries, base_tb: TokenBatch, src_tb: TokenBatch,
-               sel: Tensor, metric: Callable[[Tensor], Tensor] | None,
-               ) -> tuple[_Side, _Side, dict[SiteKey, Tensor], dict[SiteKey, Tensor],
-                          dict[SiteKey, Tensor]]:
-    """:func:`_read` of the base run (with the metric's gradients) and the source run, the two
-    sides encoded together (one encoder product per dictionary)."""
-    saves = sorted({k for d in dicts.values() for k in _keys(d)})
-    base_run = model.run(base_tb, save=saves, metric=metric)
-    src_run = model.run(src_tb, save=saves)
-    base, src = _Side({}, {}, {}), _Side({}, {}, {})
-    for name, d in dicts.items():
-        read, write = _keys(d)
-        x = torch.cat([base_run.acts[read][sel], src_run.acts[read][sel]])
-        y = torch.cat([base_run.acts[write][sel], src_run.acts[write][sel]])
-        a, e, n_idx, f_idx = _encode(d, x, y)
-        n = len(x) // 2
-        # the entries active on either side, each (position, feature) once: the base side's,
-        # and the source side's where the base's is not active
-        src_side = n_idx >= n
-        rows = torch.where(src_side, n_idx - n, n_idx)
-        once = ~src_side | (a[rows, f_idx] == 0)
-        base.active[name] = (rows[once], f_idx[once])
-        base.acts[name], src.acts[name] = a[:n], a[n:]
-        base.err[name], src.err[name] = e[:n], e[n:]
-        base.site[name], src.site[name] = y[:n], y[n:]
-    return base, src, base_run.acts, src_run.acts, base_run.grads
-
-
 # ----------------------------------------------------------------------------- attribution
-
-
-def _feature_scores(d: Dictionary, delta: Tensor, g: Tensor, pos_b: Tensor, w: Tensor,
-                    active: tuple[Tensor, Tensor] | None = None,
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sparse AtP/IG of one dictionary's features: ``(batch, role, feature, value)`` for every
-    (prompt, role, feature) with a non-zero activation change at some position of the role.
-
-    ``delta [N d_sae]`` activation changes and ``g [N d_out]`` site gradients at the ``N``
-    selected positions (rows ``pos_b [N]``), ``w [role N]`` the role weights of each position;
-    ``active``: the (row, feature) entries active in either run, if known (else scanned)."""
-    if active is None:
-        n_idx, f_idx = delta.nonzero(as_tuple=True)  # only active features: the sparsity
-    else:
-        n_idx, f_idx = active
-        moved = delta[n_idx, f_idx] != 0
-        n_idx, f_idx = n_idx[moved], f_idx[moved]
-    gd = g.to(d.W_dec.dtype)
-    if delta.shape[0] * d.d_sae <= 64 * len(n_idx):
-        # many active entries per position: one product g @ W_dec^T beats gathering a d_out
-        # row per entry (the gather is memory-bound: ~80x a multiply-add here)
-        gdot = (gd @ d.W_dec.T)[n_idx, f_idx]
-    else:
-        gdot = (gd[n_idx] * d.W_dec[f_idx]).sum(-1)
-    val = (delta[n_idx, f_idx] * gdot).double()
-    R = w.shape[0]
-    W = d.d_sae
-    keys, vals = [], []
-    for r in range(R):
-        wr = w[r, n_idx].double()
-        hit = wr != 0
-        keys.append((pos_b[n_idx[hit]] * R + r) * W + f_idx[hit])
-        vals.append(val[hit] * wr[hit])
-    key, value = torch.cat(keys), torch.cat(vals)
-    uniq, inv = torch.unique(key, return_inverse=True)
-    total = torch.zeros(len(uniq), dtype=torch.float64, device=value.device).index_add_(
-        0, inv, value)
-    b = uniq // (R * W)
-    r = (uniq // W) % R
-    f = uniq % W
-    return b.cpu(), r.cpu(), f.cpu(), total.cpu()
-
 
 #: a batch's scores as integer-coded arrays: dictionary index, feature (-1: the error node),
 #: role index, prompt, value - the frame's strings are made once per node, at the end
 Scores = dict[str, np.ndarray]
 
 
-def _batch_rows(dicts: Dictionaries, roles: Sequence[Role], base: _Side, src: _Side,
-                grads: dict[str, Tensor], sel: Tensor, masks: Tensor, offset: int,
-                ) -> list[Scores]:
-    """The per-prompt scores of one batch (features with a change, every error node)."""
-    pos_b = sel.nonzero(as_tuple=True)[0]
-    w = masks[:, sel]  # [role N]
-    n_batch = sel.shape[0]
-    present = masks.sum(-1).gt(0).cpu()  # [role batch]
-    rr, bb = torch.meshgrid(torch.arange(len(roles)), torch.arange(n_batch), indexing="ij")
-    out = []
-    for di, (name, d) in enumerate(dicts.items()):
-        delta = src.acts[name] - base.acts[name]
-        g = grads[name]
-        b, r, f, val = _feature_scores(d, delta, g, pos_b, w, base.active.get(name))
-        out.append(_codes(di, f, r, b + offset, val))
-        de = ((src.err[name] - base.err[name]) * g.to(d.W_dec.dtype)).sum(-1).double()  # [N]
-        err = torch.zeros(len(roles), n_batch, dtype=torch.float64, device=de.device)
-        err.index_add_(1, pos_b, w.double() * de[None])
-        err = torch.where(present.to(err.device), err, torch.nan).cpu()
-        out.append(_codes(di, torch.full((err.numel(),), -1), rr.flatten(),
-                          bb.flatten() + offset, err.flatten()))
-    return out
+def _fast_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
+                base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
+                metric: Metric | None, steps: int | None) -> list[Scores]:
+    """One batch of the fast path: the two plain runs (or IG's stacked ones), then every
+    dictionary's active entries at the roles' ``N`` positions, scored all together.
+
+    Per dictionary (the only loop): one encoder product of the ``2N`` base and source rows,
+    the active entries (TopK: the top-k's indices), the error decoded from them, and for each
+    entry ``±a . (W_dec[f] . g)`` (base ``-``, source ``+``). Then, for every dictionary at
+    once: the entries keyed by (position, feature) and summed - ``Δa`` decides which moved
+    (an entry active on both sides with the same value has ``Δa = 0`` and no row, as the
+    dense reference has none), the products give ``Δa . dM/da`` - and the moved ones summed
+    into (prompt, role, feature) with the role's weight at each position."""
+    sel = masks.sum(0).gt(0)  # [batch pos]: the positions of any role
+    flat = sel.flatten().nonzero().squeeze(1)  # [N] their indices in the flattened batch
+    pos_b = torch.div(flat, sel.shape[1], rounding_mode="floor")  # [N] their prompts
+    saves = sorted({k for d in ds.values() for k in _keys(d)})
+    # the default metric needs the two answers' logits only: the runs skip the unembedding
+    # (the source run's logits are not used at all)
+    answers = pb.answer_ids().to(model.device)
+    fn = lambda lg: pb.measure(lg, 1, metric, answers=metric is None).sum()
+    base = model.run(base_tb, save=saves, metric=None if steps else fn,
+                     logits=answers if metric is None else "final")
+    src = model.run(src_tb, save=saves, logits=answers)
+
+    def at(t: Tensor) -> Tensor:  # [batch pos ...] -> [N ...] at the roles' positions
+        return t.flatten(0, 1).index_select(0, flat)
+
+    grads: dict[SiteKey, Tensor] = {}  # written site -> [N d_out] dM/dsite
+    for d in ds.values():
+        write = _keys(d)[1]
+        if write not in grads:  # IG of a site depends on the site alone: once per site
+            grads[write] = at(base.grads[write] if steps is None else _ig_grads(
+                model, write, base_tb, pb, metric, base.acts[write], src.acts[write], steps))
+    n = len(flat)
+    offsets = np.cumsum([0] + [d.d_sae for d in ds.values()])
+    width = int(offsets[-1])  # features of every dictionary, numbered one after another
+    keys, deltas, products, errors = [], [], [], []
+    for i, d in enumerate(ds.values()):
+        read, write = _keys(d)
+        x = torch.cat([at(base.acts[read]), at(src.acts[read])])
+        y = torch.cat([at(base.acts[write]), at(src.acts[write])])
+        rows, feats, vals, err, _ = _active(d, x, y)
+        g = grads[write].to(d.W_dec.dtype)
+        pos = rows % n
+        if n * d.d_sae <= 64 * len(rows):
+            # many active entries per position: one product g @ W_dec^T beats gathering a
+            # d_out row per entry (the gather is memory-bound: ~80x a multiply-add here)
+            gdot = (g @ d.W_dec.T)[pos, feats]
+        else:
+            gdot = (g[pos] * d.W_dec[feats]).sum(-1)
+        signed = torch.where(rows < n, -vals.double(), vals.double())  # base -, source +
+        keys.append(pos * width + int(offsets[i]) + feats)
+        deltas.append(signed)
+        products.append(signed * gdot.double())
+        errors.append(((err[n:] - err[:n]) * g).sum(-1).double())
+    R, B, L = len(roles), sel.shape[0], len(ds)
+    uniq, inv = torch.unique(torch.cat(keys), return_inverse=True)
+    # Δa per (position, feature), exactly 0 where equal on both sides (x - x in float64)
+    moved = torch.zeros(len(uniq), dtype=torch.float64, device=inv.device).index_add_(
+        0, inv, torch.cat(deltas)) != 0
+    value = torch.zeros(len(uniq), dtype=torch.float64, device=inv.device).index_add_(
+        0, inv, torch.cat(products))[moved]
+    uniq = uniq[moved]
+    pos, feat = torch.div(uniq, width, rounding_mode="floor"), uniq % width
+    w = masks.flatten(1)[:, flat]  # [role N] each position's weight in each role
+    wu = w[:, pos]  # [role U]
+    r, u = wu.nonzero(as_tuple=True)
+    node = (pos_b[pos[u]] * R + r) * width + feat[u]  # (prompt, role, feature)
+    uniq, inv = torch.unique(node, return_inverse=True)
+    total = torch.zeros(len(uniq), dtype=torch.float64, device=inv.device).index_add_(
+        0, inv, value[u] * wu[r, u].double())
+    # the error nodes: [role batch dictionary], NaN where the role is absent in a prompt
+    de = torch.stack(errors, 1)  # [N dictionary]
+    err = torch.zeros(R, B, L, dtype=torch.float64, device=de.device).index_add_(
+        1, pos_b, w.double()[:, :, None] * de[None])
+    err = torch.where(masks.sum(-1).gt(0)[..., None], err, torch.nan)
+    u_np = uniq.cpu().numpy()
+    g_feat = u_np % width
+    di = np.searchsorted(offsets, g_feat, side="right") - 1
+    rr, bb, ll = np.meshgrid(np.arange(R), np.arange(B), np.arange(L), indexing="ij")
+    return [{"dict": np.concatenate([di, ll.ravel()]),
+             "feature": np.concatenate([g_feat - offsets[di], np.full(ll.size, -1)]),
+             "role": np.concatenate([(u_np // width) % R, rr.ravel()]),
+             "prompt": np.concatenate([u_np // (width * R), bb.ravel()]) + offset,
+             "effect": np.concatenate([total.cpu().numpy(), err.cpu().numpy().ravel()])}]
 
 
 def _codes(di: int, f: Tensor, r: Tensor, b: Tensor, val: Tensor) -> Scores:
@@ -299,12 +318,12 @@ def _codes(di: int, f: Tensor, r: Tensor, b: Tensor, val: Tensor) -> Scores:
             "effect": val.numpy().astype(np.float64)}
 
 
-def _ig_grads(model: Model, d: Dictionary, tb: TokenBatch, pb: PairBatch, metric: Metric | None,
-              base_site: Tensor, src_site: Tensor, steps: int) -> Tensor:
+def _ig_grads(model: Model, write: SiteKey, tb: TokenBatch, pb: PairBatch,
+              metric: Metric | None, base_site: Tensor, src_site: Tensor, steps: int) -> Tensor:
     """``[batch pos d_out]``: the mean of ``dM/dsite`` over the ``steps`` midpoints of the
-    straight line from the base to the source value of ``d``'s written site (the rest of the
-    network running), in one stacked run of ``steps * batch`` rows."""
-    _, write = _keys(d)
+    straight line from the base to the source value of the site ``write`` (the rest of the
+    network running), in one stacked run of ``steps * batch`` rows (with the default metric,
+    unembedding the two answers only)."""
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     a = alphas.to(base_site.device, base_site.dtype)[:, None, None, None]
     target = (base_site[None] + a * (src_site - base_site)[None]).flatten(0, 1)
@@ -312,8 +331,9 @@ def _ig_grads(model: Model, d: Dictionary, tb: TokenBatch, pb: PairBatch, metric
     def edit(y: Tensor) -> Tensor:  # the value of the point, the gradient of the site
         return y + (target.to(y.dtype) - y).detach()
 
-    fn = lambda lg: pb.measure(lg, steps, metric).sum()
-    run = model.run(tb.repeat(steps), save=[write], edits={write: edit}, metric=fn)
+    fn = lambda lg: pb.measure(lg, steps, metric, answers=metric is None).sum()
+    lg = pb.answer_ids(steps).to(model.device) if metric is None else "final"
+    run = model.run(tb.repeat(steps), save=[write], edits={write: edit}, metric=fn, logits=lg)
     g = run.grads[write]
     return g.reshape(steps, *base_site.shape).mean(0)
 
@@ -339,8 +359,9 @@ def feature_atp(
 ) -> pd.DataFrame:
     """AtP (or IG with ``steps``) of every feature and error node of every dictionary.
 
-    Per batch: one base forward + backward and one source forward of the plain model (AtP), or
-    per dictionary one stacked run of ``steps`` interpolation points (IG); see the module doc.
+    Per batch: one base forward + backward and one source forward of the plain model (AtP;
+    measured 2.8-4.7 forward-pass equivalents per batch in all, see the module doc), or per
+    written site one stacked run of ``steps`` interpolation points (IG).
 
     Args:
         model: the model the dictionaries were trained on.
@@ -398,41 +419,16 @@ def feature_atp(
         bar.update(1)
     bar.close()
     scores = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
-    df = _finish(ds, scores, torch.cat(present, 1), role_list, per_prompt=per_prompt)
-    df["method"] = pd.array([_method(steps)] * len(df), dtype="string")
-    df["direction"] = direction
-    for col in ("head", "neuron", "position", "prompt"):  # typed, so tidy has nothing to parse
-        if col not in df.columns:
-            df[col] = pd.array([pd.NA] * len(df), dtype="Int64")
-    for col in ("component", "role"):
-        df[col] = df[col].astype("string")
-    return tidy(df)
-
-
-def _fast_batch(model: Model, ds: Dictionaries, roles: Sequence[Role], pb: PairBatch,
-                base_tb: TokenBatch, src_tb: TokenBatch, masks: Tensor, offset: int, *,
-                metric: Metric | None, steps: int | None) -> list[Scores]:
-    sel = masks.sum(0).gt(0)  # [batch pos]: the positions of any role
-    fn = lambda lg: pb.measure(lg, 1, metric).sum()
-    base, src, base_acts, src_acts, base_grads = _read_pair(
-        model, ds, base_tb, src_tb, sel, None if steps else fn)
-    grads: dict[str, Tensor] = {}
-    for name, d in ds.items():
-        write = _keys(d)[1]
-        if steps is None:
-            grads[name] = base_grads[write][sel]
-        else:
-            g = _ig_grads(model, d, base_tb, pb, metric, base_acts[write], src_acts[write],
-                          steps)
-            grads[name] = g[sel]
-    return _batch_rows(ds, roles, base, src, grads, sel, masks, offset)
+    return _finish(ds, scores, torch.cat(present, 1), role_list, per_prompt=per_prompt,
+                   method=_method(steps), direction=direction)
 
 
 def _finish(ds: Dictionaries, scores: Scores, present: Tensor, roles: Sequence[Role], *,
-            per_prompt: bool) -> pd.DataFrame:
-    """The frame: per-prompt rows completed with zeros (a node's prompts where its role exists
-    but it did not change), or one row per node - the mean over the prompts where its role
-    exists, a 95% Student-t interval and ``n``. Strings are made once per node."""
+            per_prompt: bool, method: str, direction: str) -> pd.DataFrame:
+    """The tidy frame, built once: per-prompt rows completed with zeros (a node's prompts where
+    its role exists but it did not change), or one row per node - the mean over the prompts
+    where its role exists, a 95% Student-t interval and ``n``. Strings are made once per node
+    (the site's once per dictionary), every column in its final type and place."""
     have = present.numpy()  # [role prompt]
     ok = np.isfinite(scores["effect"])
     sc = {k: v[ok] for k, v in scores.items()}
@@ -441,47 +437,71 @@ def _finish(ds: Dictionaries, scores: Scores, present: Tensor, roles: Sequence[R
     key = (sc["dict"] * W + sc["feature"] + 1) * R + sc["role"]
     uniq, codes = np.unique(key, return_inverse=True)
     u_dict, u_feat, u_role = uniq // (W * R), (uniq // R) % W - 1, uniq % R
+    nodes = _node_ids(ds, roles, u_dict, u_feat, u_role)
     if per_prompt:  # every node x every prompt where its role exists
-        node_rep = np.concatenate([np.full(int(have[r].sum()), i) for i, r in enumerate(u_role)]
-                                  ) if len(uniq) else np.zeros(0, dtype=np.int64)
-        prompts = np.concatenate([np.flatnonzero(have[r]) for r in u_role]) if len(uniq) \
-            else np.zeros(0, dtype=np.int64)
-        n_p = have.shape[1]
-        effect = np.zeros(len(node_rep))
-        lookup = pd.Series(np.arange(len(node_rep)), index=node_rep * n_p + prompts)
-        effect[lookup.loc[codes * n_p + sc["prompt"]].to_numpy()] = sc["effect"]
-        df = _node_columns(ds, roles, u_dict[node_rep], u_feat[node_rep], u_role[node_rep])
-        df["prompt"], df["effect"] = prompts, effect
-        return df
-    s1 = np.bincount(codes, weights=sc["effect"], minlength=len(uniq))
-    s2 = np.bincount(codes, weights=sc["effect"] ** 2, minlength=len(uniq))
-    n = have.sum(1)[u_role].astype(float)
-    mean = s1 / n
-    var = np.where(n > 1, (s2 - n * mean ** 2) / np.maximum(n - 1, 1), np.nan)
-    counts, where = np.unique(n, return_inverse=True)  # a few distinct counts: one t each
-    half = np.sqrt(np.maximum(var, 0) / n) * np.asarray(t_quantile(counts))[where]
-    df = _node_columns(ds, roles, u_dict, u_feat, u_role)
-    df["effect"], df["ci_low"], df["ci_high"] = mean, mean - half, mean + half
-    df["n"] = n.astype(int)
-    df["score"] = np.abs(mean)
+        n_have = have.sum(1)[u_role]
+        rep = np.repeat(np.arange(len(uniq)), n_have)  # row -> node
+        starts = np.cumsum(n_have) - n_have
+        prompts = np.concatenate([np.flatnonzero(h) for h in have])  # each role's prompts
+        p_start = np.cumsum(have.sum(1)) - have.sum(1)
+        prompt = prompts[p_start[u_role[rep]] + np.arange(len(rep)) - starts[rep]]
+        # each score's row: its node's first row + its prompt's rank among the role's prompts
+        rank = np.cumsum(have, 1) - 1  # [role prompt]
+        effect = np.zeros(len(rep))
+        effect[starts[codes] + rank[u_role[codes], sc["prompt"]]] = sc["effect"]
+        stats = {"prompt": _ints(prompt), "effect": effect, "ci_low": np.full(len(rep), np.nan),
+                 "ci_high": np.full(len(rep), np.nan), "n": _ints(None, len(rep))}
+        u_dict, u_feat, u_role, nodes = u_dict[rep], u_feat[rep], u_role[rep], nodes[rep]
+        extra: dict[str, Any] = {}
+    else:
+        s1 = np.bincount(codes, weights=sc["effect"], minlength=len(uniq))
+        s2 = np.bincount(codes, weights=sc["effect"] ** 2, minlength=len(uniq))
+        n = have.sum(1)[u_role].astype(float)
+        mean = s1 / n
+        var = np.where(n > 1, (s2 - n * mean ** 2) / np.maximum(n - 1, 1), np.nan)
+        counts, where = np.unique(n, return_inverse=True)  # a few distinct counts: one t each
+        half = np.sqrt(np.maximum(var, 0) / n) * np.asarray(t_quantile(counts))[where]
+        stats = {"prompt": _ints(None, len(uniq)), "effect": mean, "ci_low": mean - half,
+                 "ci_high": mean + half, "n": _ints(n.astype(np.int64))}
+        extra = {"score": np.abs(mean)}
+    rows = len(u_dict)
+    dl = list(ds.values())
+    strings = lambda values, codes: pd.array(values, dtype="string").take(codes)
+    df = pd.DataFrame({
+        "method": strings([method], np.zeros(rows, dtype=np.int64)),
+        "component": strings([d.short for d in dl], u_dict),
+        "layer": _ints(np.array([d.layer for d in dl], dtype=np.int64)[u_dict]),
+        "head": _ints(None, rows), "neuron": _ints(None, rows), "position": _ints(None, rows),
+        "role": strings([str(r) for r in roles], u_role),
+        **stats,
+        "dictionary": np.array([d.name for d in dl], dtype=object)[u_dict],
+        "feature": _ints(np.where(u_feat < 0, 0, u_feat), u_feat < 0),
+        "node": nodes, **extra,
+        "direction": np.full(rows, direction, dtype=object)}, copy=False)
+    if len(df) and not np.isfinite(stats["effect"]).any():
+        check_effects(df)  # every effect NaN: its one-line error
     return df
 
 
-def _node_columns(ds: Dictionaries, roles: Sequence[Role], di: np.ndarray, feat: np.ndarray,
-                  role: np.ndarray) -> pd.DataFrame:
-    """The site columns and node ids of integer-coded nodes (feature -1: the error node)."""
-    dl = list(ds.values())
-    names = np.array([d.name for d in dl], dtype=object)
+def _ints(values: np.ndarray | None, missing: np.ndarray | int | None = None) -> Any:
+    """A nullable Int64 column: ``values`` with ``missing`` (a mask) as <NA>; ``None``: a
+    column of ``missing`` (a length) <NA>s."""
+    if values is None:
+        assert isinstance(missing, int)
+        return pd.arrays.IntegerArray(np.zeros(missing, dtype=np.int64),
+                                      np.ones(missing, dtype=bool))
+    mask = np.zeros(len(values), dtype=bool) if missing is None else np.asarray(missing)
+    return pd.arrays.IntegerArray(values.astype(np.int64), mask)
+
+
+def _node_ids(ds: Dictionaries, roles: Sequence[Role], di: np.ndarray, feat: np.ndarray,
+              role: np.ndarray) -> np.ndarray:
+    """``[node]`` object: the ids of integer-coded nodes (``L5.tc.f1234@subject_last``; feature
+    -1: the error node, ``L5.tc.err@final``)."""
+    names = np.array([d.name for d in ds.values()], dtype=object)
     role_names = np.array([str(r) for r in roles], dtype=object)
     unit = np.where(feat < 0, ".err", np.char.add(".f", feat.astype(str))).astype(object)
-    nodes = names[di] + unit + "@" + role_names[role]
-    return pd.DataFrame({
-        "component": np.array([d.short for d in dl], dtype=object)[di],
-        "layer": np.array([d.layer for d in dl], dtype=np.int64)[di],
-        "role": role_names[role], "dictionary": names[di],
-        "feature": pd.arrays.IntegerArray(np.where(feat < 0, 0, feat).astype(np.int64),
-                                          feat < 0),
-        "node": nodes})
+    return names[di] + unit + "@" + role_names[role]
 
 
 # ----------------------------------------------------------------------------- reference
