@@ -25,11 +25,30 @@ neuron circuits run on :func:`~factfind.evaluate.engine.evaluate_circuits`. Feat
 run on :func:`evaluate_feature_circuits`, the same engine with each dictionary spliced into its
 MLP, error kept: a feature outside the circuit takes its per-role mean (or partner's)
 activation, an error node outside it its mean (or partner's) error, and the MLP writes
-``decode(a') + err'``. The full circuit writes ``decode(a) + err = mlp_out``: the model itself
-(``F = 1``), and the empty one writes the mean (partner's) ``mlp_out``, because the decoder is
-affine - the same ``m(∅)`` as the other bases. Nodes are ranked at the attribution roles
-(``subject_first``, ``subject_last``, ``relation``, ``final``); nodes at other roles (the
-prefix, inner subject tokens) are in no budgeted circuit, in every basis alike.
+``decode(a') + err'``. The error node is everything the MLP writes that no feature writes,
+``err = mlp_out - a @ W_dec - b_dec``: a skip transcoder's skip path ``x @ W_skip`` is part of
+it and is ablated with it. The full circuit writes ``decode(a) + err = mlp_out``: the model
+itself (``F = 1``), and the empty one writes the mean (partner's) ``mlp_out``, because the
+decoder is affine - the same ``m(∅)`` as the other bases, except in models with a norm after
+the MLP (Gemma's ``post_feedforward_layernorm``), where the other bases ablate the neurons
+before the norm (Gemma-3-270M, 16 athlete pairs: ``m(∅)`` 1.802 here, 1.790 there). Nodes are
+ranked at the attribution roles (``subject_first``, ``subject_last``, ``relation``,
+``final``); nodes at other roles (the prefix, inner subject tokens) are in no budgeted
+circuit, in every basis alike. ``tests/test_bases_reference.py`` checks the engine against a
+literal splice, prompt by prompt and position by position.
+
+Reading the table: a feature circuit can score *below* the empty circuit under mean ablation
+and still above it under resample. An error node kept while its features are ablated writes
+``mlp_out - (a - mean_a) @ W_dec``: the live MLP minus the features' deviation from their
+role's dense mean. With the default skip transcoders that deviation is noise to the MLP: on
+Gemma-3-270M (16 athlete pairs) the features explain -0.07 to 0.09 of the variance of
+``mlp_out`` across prompts at ``subject_last`` (their deviation is 9-26% of the MLP's at
+layers 0-3), so the error nodes carry the MLP and feature AtP ranks them high (4, 12, 22 of
+the top 10, 50, 200 nodes). There heads plus error nodes score -0.10 / -0.20 / -0.28; heads
+alone 0.00 / 0.08 / 0.03, heads and features 0.00 / 0.09 / 0.09, each kept error node widened
+to its whole MLP 0.03 / 0.17 / 0.14. On SmolLM2-135M (16 ROME-known pairs) features and skip
+path are large opposed writes at some layers (the features' deviation ~45x the MLP's at layer
+11): heads plus error nodes 0.12 / -0.05 / -0.57, heads and features 0.02 / 0.07 / 0.15.
 
 :func:`basis_comparison` makes the table (one row per basis, budget and ablation) and
 :func:`basis_figure` its figure. Nothing is tuned toward a basis: each is ranked by its own
