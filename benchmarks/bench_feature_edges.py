@@ -1,13 +1,13 @@
 """Benchmark: the counterfactual feature graph (factfind.features.feature_edges), in FE.
 
 For one model, in one run: one plain forward of the clean prompts (the FE unit, in batches of
-``--batch-size``); ``feature_atp`` with IG (the nodes: its ``--nodes`` strongest feature and error
-nodes); ``feature_edges`` over those nodes (EAP-IG with ``--steps`` points), its cost in FE
-per batch and per receiver and point; ``split_edge_heads`` of the ``--split`` strongest
-cross-position edges; and, with ``--check``, the reference path on the first ``--check``
-receivers' edges of one batch (max difference). Models: ``tiny`` (a random 4-layer Llama with
-random transcoders: FE only), ``smollm2`` and ``gemma3`` (athletes the model knows, the default
-dictionaries ``ff.train_dictionaries(model)`` loads from the cache).
+``--batch-size``); ``feature_atp`` (AtP, or IG with ``--node-ig``), whose ``--nodes`` strongest
+feature and error nodes are the graph's; ``feature_edges`` over them (EAP-IG with ``--steps``
+points), its cost in FE per batch and per receiver and point; ``split_edge_heads`` of the
+``--split`` strongest cross-position edges; and, with ``--check``, the reference path on the
+first ``--check`` receivers' edges of one batch (max difference). Models: ``tiny`` (a random
+4-layer Llama with random transcoders: FE only), ``smollm2`` and ``gemma3`` (athletes the model
+knows, its default dictionaries as ``train_dictionaries`` cached them; never trains).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_feature_edges.py --models gemma3 --pairs 16
 """
@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--split", type=int, default=5)
     ap.add_argument("--check", type=int, default=0)
+    ap.add_argument("--node-ig", type=int, default=0,
+                    help="IG steps of the node ranking (0: AtP, as the fact-finding step)")
     args = ap.parse_args()
     print(machine())
     print(f"threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
@@ -97,8 +99,8 @@ def main() -> None:
         n_batches = -(-len(pairs) // args.batch_size)
         fe = _forward(model, pairs, args.batch_size)
         t = time.perf_counter()
-        est = feature_atp(model, pairs, dicts, steps=10, batch_size=args.batch_size,
-                          progress=False)
+        est = feature_atp(model, pairs, dicts, steps=args.node_ig or None,
+                          batch_size=args.batch_size, progress=False)
         t_atp = time.perf_counter() - t
         nodes = est.nlargest(args.nodes, "score")
         t = time.perf_counter()
@@ -109,11 +111,13 @@ def main() -> None:
         per_batch = t_edges / n_batches / fe
         row = {"model": name, "pairs": len(pairs), "nodes": len(nodes), "edges": len(edges),
                "receivers": receivers, "forward s/batch": round(fe, 3),
-               "feature IG(10) FE/batch": round(t_atp / n_batches / fe, 1),
+               f"node ranking ({'IG' if args.node_ig else 'AtP'}) FE/batch":
+                   round(t_atp / n_batches / fe, 1),
                "feature edges FE/batch": round(per_batch, 1),
                "FE per receiver and point": round(per_batch / receivers
                                                   / max(args.steps, 1), 3),
                "edges s": round(t_edges, 1)}
+        print(row, flush=True)
         cross = edges[[s.split("@")[1] != r.split("@")[1] for s, r in
                        zip(edges["sender"], edges["receiver"], strict=True)]]
         if args.split and len(cross):

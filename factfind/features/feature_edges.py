@@ -78,6 +78,7 @@ from factfind.features.feature_edges_model import (
     by_head,
     mlp_frozen_stream,
     stream_sites,
+    stream_tangents,
 )
 from factfind.graph.node import Node
 from factfind.localize.patching import DEFAULT_ROLES
@@ -669,25 +670,23 @@ def _split_point(model: Model, ds: Dictionaries, g: _Graph, pb: PairBatch, wr: _
             mask = wr.masks[g.roles.index(u.role)].bool()
         for query, on in _query_slots(mask):
             cq = cot * on[:, None, None]
-            loc, shares = by_head(stream, u.layer, cq, query)
+            loc, cross = by_head(stream, u.layer, cq, query)
             leaf_layers = stream.leaf_layers(u.layer if u.layer < L else None)
             for s_id in senders:
                 s = s_of[s_id]
                 leaf = g.senders[s].layer if g.senders[s].kind != "embed" else -1
                 idx, W = wr.by_leaf[leaf]
-                w = W[idx.index(s)]  # [N d]
+                w = torch.zeros_like(stream.x[0])  # the sender's write, [batch pos d]
+                w[wr.sel] = W[idx.index(s)].to(w.dtype)
                 j = leaf_layers.index(leaf)
                 local[(s_id, t_id)] = local.get((s_id, t_id), 0.0) + weight * float(
-                    (loc[j][wr.sel].double() * w.double()).sum())
-                for layer, parts in shares:
-                    lay = stream.leaf_layers(layer)
-                    if leaf not in lay:
-                        continue
-                    P = parts[lay.index(leaf)][:, wr.sel].double()  # [H N d]
-                    per_head = torch.einsum("hnd,nd->h", P, w.double())
-                    for h, v in enumerate(per_head.tolist()):
+                    (loc[j].double() * w.double()).sum())
+                dx = stream_tangents(stream, leaf, w)  # what the write does to each x_k
+                for layer, v in cross:
+                    per_head = torch.einsum("hbpd,bpd->h", v.double(), dx[layer].double())
+                    for h, val in enumerate(per_head.tolist()):
                         key = (s_id, t_id, layer, h)
-                        acc[key] = acc.get(key, 0.0) + weight * v
+                        acc[key] = acc.get(key, 0.0) + weight * val
 
 
 def _query_slots(mask: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -80,6 +80,9 @@ class MlpFrozenStream:
     attn_write: list[Tensor]
     metric: Tensor
     parallel: bool
+    keys: Tensor
+    pos_ids: Tensor
+    model: Any
 
     def leaves(self, layer: int | None) -> list[Tensor]:
         """``x[0]`` and the constants upstream of layer ``layer``'s read (``None``: of the
@@ -103,11 +106,29 @@ def mlp_frozen_stream(model: Model, acts: dict[Any, Tensor], pb: PairBatch, froz
     tb = pb.clean
     keys = tb.attention_mask.bool().to(model.device)
     pos_ids = tb.position_ids.to(model.device)
+    x0 = acts[(Component.RESID_PRE, 0)].detach().clone().requires_grad_(True)
+    consts = {k: acts[(Component.MLP_OUT, k)].detach().clone().requires_grad_(True)
+              for k in sorted(frozen)}
+    xs, reads, read_at, hws, pres, writes = _blocks(model, x0, consts, keys, pos_ids)
+    if check:
+        for layer, read in enumerate(reads):
+            _check(f"layer {layer}'s MLP input", read, acts[(Component.MLP_IN, layer)], keys,
+                   model)
+    m = _metric(model, xs[-1], pb, metric)
+    if check and expect is not None:
+        _check("the metric", m, expect.to(m.device), None, model)
+    return MlpFrozenStream(xs, consts, reads, read_at, hws, pres, writes, m,
+                           bool(model.parallel), keys, pos_ids, model)
+
+
+def _blocks(model: Model, x0: Tensor, consts: dict[int, Tensor], keys: Tensor, pos_ids: Tensor
+            ) -> tuple[list[Tensor], ...]:
+    """The blocks with attention live and the MLPs of ``consts``' layers replaced by those
+    tensors: ``(x, reads, read_at, head_writes, attn_pre, attn_write)`` per layer."""
     blocks = _get(model.hf, model.spec.blocks)
     _, mlp_norm_path = norm_paths(model)
     parallel = bool(model.parallel)
-    x0 = acts[(Component.RESID_PRE, 0)].detach().clone().requires_grad_(True)
-    xs, consts, reads, read_at, hws, pres, writes = [x0], {}, [], [], [], [], []
+    xs, reads, read_at, hws, pres, writes = [x0], [], [], [], [], []
     x = x0
     for layer in range(model.n_layers):
         blk = blocks[layer]
@@ -124,22 +145,34 @@ def mlp_frozen_stream(model: Model, acts: dict[Any, Tensor], pb: PairBatch, froz
         read = _get(blk, mlp_norm_path)(at) if mlp_norm_path else at
         read_at.append(at)
         reads.append(read)
-        if check:
-            _check(f"layer {layer}'s MLP input", read, acts[(Component.MLP_IN, layer)], keys,
-                   model)
-        if layer in frozen:
-            c = acts[(Component.MLP_OUT, layer)].detach().clone().requires_grad_(True)
-            consts[layer] = c
-        else:  # not a node: the MLP stays live
+        c = consts.get(layer)
+        if c is None:  # not a node: the MLP stays live
             c = _get(blk, model.spec.mlp)(read)
             if model.spec.mlp_post_norm:
                 c = _get(blk, model.spec.mlp_post_norm)(c)
         x = x + aw + c if parallel else at + c
         xs.append(x)
-    m = _metric(model, x, pb, metric)
-    if check and expect is not None:
-        _check("the metric", m, expect.to(m.device), None, model)
-    return MlpFrozenStream(xs, consts, reads, read_at, hws, pres, writes, m, parallel)
+    return xs, reads, read_at, hws, pres, writes
+
+
+def stream_tangents(stream: MlpFrozenStream, leaf: int, tangent: Tensor) -> list[Tensor]:
+    """``[x_k tangents]``: how the stream entering each block moves when leaf ``leaf`` (-1:
+    ``x_0``; ``l``: layer ``l``'s MLP output) moves by ``tangent [batch pos d]`` - a
+    Jacobian-vector product through the MLP-frozen model (forward-mode autograd: one pass of
+    the blocks with dual numbers)."""
+    import torch.autograd.forward_ad as fwad
+
+    x0 = stream.x[0].detach()
+    with fwad.dual_level(), torch.no_grad():
+        dual = lambda v, k: fwad.make_dual(v, tangent.to(v.dtype) if k == leaf
+                                           else torch.zeros_like(v))
+        consts = {k: dual(c.detach(), k) for k, c in stream.consts.items()}
+        xs = _blocks(stream.model, dual(x0, -1), consts, stream.keys, stream.pos_ids)[0]
+        out = []
+        for x in xs:
+            t = fwad.unpack_dual(x).tangent
+            out.append(torch.zeros_like(x0) if t is None else t.clone())
+    return out
 
 
 def _metric(model: Model, resid: Tensor, pb: PairBatch, metric: Metric | None) -> Tensor:
@@ -179,23 +212,24 @@ def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], cotangents: Tensor
 
 
 def by_head(stream: MlpFrozenStream, top: int, cot: Tensor, query: Tensor,
-            ) -> tuple[list[Tensor], list[tuple[int, list[Tensor]]]]:
+            ) -> tuple[list[Tensor], list[tuple[int, Tensor]]]:
     """Split a receiver's gradient by the head that last moved it onto the receiver's position.
 
     ``cot [batch pos d_model]`` is the receiver's cotangent at ``read_at[top]`` (at ``x[L]`` for
     the metric, ``top = L``), at one position per row, ``query [batch]``. Going down the layers,
     the *local* gradient - what reached the stream at the query position without ever leaving
     it - is pulled back through each attention layer head by head: what head ``h`` of layer
-    ``k`` sends to *other* positions is its cross-position share, pulled down to the leaves in
-    full (whatever a path does below, its last step onto the query position was that head's),
-    and what it keeps at the query position stays local. Every path from another position
-    takes exactly one such last step, so at every leaf
+    ``k`` sends to *other* positions is its cross-position cotangent on ``x_k`` (whatever a
+    path does below ``x_k``, its last step onto the query position was that head's), and what
+    it keeps at the query position stays local. Every path from another position takes exactly
+    one such last step, so for any change ``dw`` of a leaf, with ``dx_k`` the change it makes
+    in ``x_k`` (:func:`stream_tangents`),
 
-        full gradient = local gradient + sum over (layer, head) of the shares.
+        <full gradient, dw> = <local gradient, dw> + sum over (k, h) of <cross_kh, dx_k>.
 
     Returns the local gradient per leaf of ``stream.leaves(top)`` (``[batch pos d]``, zero off
-    the query position) and, per layer ``k``, the heads' shares at each leaf of
-    ``stream.leaves(k)`` (``[head batch pos d]``).
+    the query position) and, per layer ``k`` below the read, the heads' cross-position
+    cotangents on ``x_k`` (``[head batch pos d]``).
     """
     B, P, _ = cot.shape
     L = len(stream.x) - 1
@@ -204,7 +238,7 @@ def by_head(stream: MlpFrozenStream, top: int, cot: Tensor, query: Tensor,
     g = cot * at_q
     leaves = stream.leaves(top if top < L else None)
     local = {id(t): torch.zeros_like(t) for t in leaves}
-    shares: list[tuple[int, list[Tensor]]] = []
+    cross: list[tuple[int, Tensor]] = []
     # a read of mid_top passes layer top's attention; a read of x_top (parallel, logits) not
     first = top if (top < L and not stream.parallel) else top - 1
     H = stream.head_writes[0].shape[2]
@@ -216,10 +250,7 @@ def by_head(stream: MlpFrozenStream, top: int, cot: Tensor, query: Tensor,
         eye = torch.eye(H, dtype=gp.dtype, device=gp.device)
         cots = eye[:, None, None, :, None] * gp[None, :, :, None, :]  # [H B P H d]
         (v,) = batched_grad(stream.head_writes[k], [stream.x[k]], cots)  # [H B P d]
-        cross = v * (1 - at_q[None])
-        below = stream.leaves(k)
-        parts = [cross] if k == 0 else batched_grad(stream.x[k], below, cross)
-        shares.append((k, parts))
+        cross.append((k, v * (1 - at_q[None])))
         g = g + (v * at_q[None]).sum(0)
     local[id(stream.x[0])] += g
-    return [local[id(t)] for t in leaves], shares
+    return [local[id(t)] for t in leaves], cross
