@@ -346,3 +346,102 @@ def test_feature_nodes_sit_where_their_dictionary_reads(browser: Any, tmp_path: 
                                                               - x["L0.tc.f3@final"])
     assert "kind\nfeature" in text and "dictionary\ntc" in text
     assert not w.problems
+
+
+def _dense_feature_graph(n_dense: int = 40, n_layers: int = 6) -> tuple[Any, list[Any], Any]:
+    """A feature graph with ``n_dense`` transcoder features in one (layer 1, relation) cell,
+    their |scores| shuffled against their indexes, and a few features at other layers."""
+    import numpy as np
+
+    from factfind.graph import CircuitGraph, Node, Provenance
+
+    rng = np.random.default_rng(7)
+    g = CircuitGraph(Provenance(model="m", revision=None, dataset="d", method="attribution"))
+    roles = ("subject_last", "relation", "final")
+    embeds = [Node("embed", -1, None, r) for r in roles]
+    logits = Node("logits", n_layers, None, "final")
+    dense = [Node("feature", 1, i, "relation", "tc") for i in range(n_dense)]
+    others = [Node("feature", layer, 100 + layer, role, "tc")
+              for layer in (0, 3, n_layers - 1) for role in roles]
+    scores = rng.permutation(np.linspace(0.05, 2.0, n_dense))
+    for n in [*embeds, logits]:
+        g.add_node(n, score=0.0)
+    for n, s in zip(dense, scores, strict=True):
+        g.add_node(n, score=float(s))
+    for n in others:
+        g.add_node(n, score=0.3)
+    for n in dense + others:
+        g.add_edge(embeds[roles.index(n.role)], n, score=0.1 + 0.01 * (n.index or 0))
+        g.add_edge(n, logits, score=0.2)
+    return g, dense, scores
+
+
+DENSE_JS = """() => {
+  const root = document.querySelector('#circuit-graph');
+  const svg = root.querySelector('svg.ffx-svg').getBoundingClientRect();
+  const gutter = +root.querySelector('.ffx-lane-axis rect').getAttribute('width');
+  const nodes = [...root.querySelectorAll('path.node')].map((e) => {
+    const b = e.getBoundingClientRect();
+    return {id: e.dataset.id, left: b.left, right: b.right, top: b.top, bottom: b.bottom,
+            x: (b.left + b.right) / 2, y: (b.top + b.bottom) / 2};
+  });
+  const clashes = [];
+  for (let i = 0; i < nodes.length; i++) {
+    for (let j = i + 1; j < nodes.length; j++) {
+      const a = nodes[i], b = nodes[j];
+      if (Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top) > 0.5
+          && Math.min(a.right, b.right) - Math.max(a.left, b.left) > 0.5) {
+        clashes.push([a.id, b.id]);
+      }
+    }
+  }
+  return {nodes, clashes, plotLeft: svg.left + gutter, plotWidth: svg.width - gutter,
+          svgHeight: svg.height};
+}"""
+
+
+def _drawn_dense(browser: Any, tmp_path: Path, g: Any) -> dict[str, Any]:
+    """The node boxes of ``g``'s explorer, as drawn: none overlap, all lie within the plot,
+    they span >= 70% of its width, and the drawing is at most 900 px tall."""
+    path = R.write_report(R.ReportData(title="dense", sections=[R.circuit_section(g)]),
+                          tmp_path / "dense.html")
+    w = Watched(browser, path.as_uri())
+    got = w.page.evaluate(DENSE_JS)
+    w.page.close()
+    assert not w.problems
+    assert len(got["nodes"]) == len(g) and not got["clashes"], got["clashes"][:5]
+    left = min(n["left"] for n in got["nodes"])
+    right = max(n["right"] for n in got["nodes"])
+    assert right - left >= 0.7 * got["plotWidth"], (left, right, got["plotWidth"])
+    assert got["plotLeft"] - 1 <= left and right <= got["plotLeft"] + got["plotWidth"] + 1
+    assert got["svgHeight"] <= 900
+    return got
+
+
+def test_a_dense_cell_is_a_grid_of_nodes_that_never_overlap(browser: Any,
+                                                            tmp_path: Path) -> None:
+    g, dense, scores = _dense_feature_graph()
+    nodes = {n["id"]: n for n in _drawn_dense(browser, tmp_path, g)["nodes"]}
+    cell = [nodes[n.id] for n in dense]
+    # wrapped into several sub-columns and rows, not one tall column: the cell is at most
+    # half as tall as its nodes stacked one above another
+    xs = {round(n["x"]) for n in cell}
+    ys = {round(n["y"]) for n in cell}
+    height = max(n["bottom"] for n in cell) - min(n["top"] for n in cell)
+    one = max(n["bottom"] - n["top"] for n in cell)
+    assert len(xs) >= 2 and len(ys) >= 2 and height <= 0.5 * len(cell) * one, (xs, ys, height)
+    # the strongest sit nearest the cell's centre: distance grows with falling |score|
+    cx = (min(n["left"] for n in cell) + max(n["right"] for n in cell)) / 2
+    cy = (min(n["top"] for n in cell) + max(n["bottom"] for n in cell)) / 2
+    dist = [math.hypot(nodes[n.id]["x"] - cx, nodes[n.id]["y"] - cy) for n in dense]
+    by_strength = [d for _, d in sorted(zip(scores.tolist(), dist, strict=True), reverse=True)]
+    assert max(by_strength[:4]) < min(by_strength[-4:]), by_strength
+    assert by_strength[0] == min(by_strength)
+
+
+@pytest.mark.parametrize(("n_dense", "n_layers"), [(120, 3), (400, 18)])
+def test_denser_cells_still_never_overlap_and_fill_the_width(browser: Any, tmp_path: Path,
+                                                             n_dense: int,
+                                                             n_layers: int) -> None:
+    g, _, _ = _dense_feature_graph(n_dense, n_layers)
+    _drawn_dense(browser, tmp_path, g)

@@ -9,8 +9,13 @@ ours (``templates/explorer.js``) draw it. What a reader gets:
   stream, then attention, then the MLP), y is the token-position lane (the role of the token
   for dataset-level graphs, ``position`` for per-prompt ones); kinds have shapes (head ●,
   attention ▲, MLP ■, neuron ◆, stream ✚, embeddings Y, logits ★), the sign is the colour
-  (blue positive, red negative) and |score| the size. Zoom and pan with the wheel and drag;
-  layer labels thin out so that 18, 30 and 80-layer models stay legible.
+  (blue positive, red negative) and |score| the size. The layers share the whole width the
+  page gives the drawing. The nodes of one (layer, stage, lane) cell -- tens of transcoder
+  features of one layer at one token, in a feature graph -- form a compact grid inside the
+  layer's slot, the strongest by |score| at the lane's centre and the weaker around them; one
+  node pitch (16 px down to 3 px) serves the whole graph, the largest at which it fits 900 px
+  tall, so that no two nodes overlap and sizes compare across cells. Zoom and pan with the
+  wheel and drag; layer labels thin out so that 18, 30 and 80-layer models stay legible.
 * **filters** -- an |effect| threshold slider (log scale) and a top-k box, both over the edges
   sorted by |effect|; a graph with more than ``initial_edges`` edges opens at the threshold of
   its ``initial_edges``-th edge and the rest appear as the slider moves. Search by node id or

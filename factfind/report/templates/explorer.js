@@ -8,8 +8,11 @@
   if (typeof d3 === "undefined") return;
   const POS = "#2563eb", NEG = "#dc2626", ZERO = "#9ca3af";
   // Layout units are screen pixels of the first view: a layer column gets the width's share
-  // (10-140 px), so 4 layers fill the width as well as 80 do, and zoom does the rest
-  const STEP = 16;        // px between two nodes of one cell
+  // (at least 10 px), so 4 layers fill the width as well as 80 do, and zoom does the rest
+  const STEP = 16;        // px between two nodes of one cell, at most
+  const MIN_STEP = 3;     // px between two nodes of one cell, at least (zoom in to read them)
+  const MAX_H = 900;      // px: the first view is at most this tall; a taller graph zooms
+  const LABEL_STEP = 14;  // px: node labels need this much room under each node
   const GUTTER = 96;      // px for the lane labels at the left
   const AXIS = 24;        // px for the layer labels at the top
   const SLIDER = 1000;    // slider positions
@@ -65,66 +68,94 @@
   };
   const shortName = (id) => id.replace(/^L\d+\./, "").split("@")[0];
 
+  // The layout. Columns are layers and share the width that the drawing is given, whatever
+  // the depth (a column is at least 10 px: 80 layers overflow and the first view scales
+  // down). Inside a column, a slot per stage; a (slot, lane) cell holds its nodes as a grid of
+  // `step`-px pitch, as many across as the slot holds and as many rows as they need, the
+  // strongest by |score| nearest the cell's centre. One pitch serves the whole graph (sizes
+  // stay comparable across cells): the largest, up to STEP, at which the lanes fit in MAX_H;
+  // where even MIN_STEP does not, the drawing runs taller and the reader zooms.
+  function gridOf(n, w, step) {  // [across, rows] of a cell of n nodes, w px wide
+    const fit = Math.max(1, Math.floor(w * 0.94 / step));
+    const rows = Math.ceil(n / Math.min(n, fit));
+    return [Math.ceil(n / rows), rows];
+  }
+  function centreOut(across, rows, n) {  // grid offsets (in steps), nearest the centre first
+    const out = [];
+    for (let row = 0; row < rows; row++) {
+      for (let col = 0; col < across; col++) out.push([col - (across - 1) / 2, row - (rows - 1) / 2]);
+    }
+    out.sort((a, b) => (a[0] * a[0] + a[1] * a[1]) - (b[0] * b[0] + b[1] * b[1])
+      || Math.abs(a[1]) - Math.abs(b[1]) || a[1] - b[1] || a[0] - b[0]);
+    return out.slice(0, n);
+  }
+
   function layout(data, avail) {
     const N = data.nodes.id.length, nodes = data.nodes;
-    const layers = nodes.layer.filter((l, i) => l !== null && nodes.kind[i] !== "embed"
-                                                && nodes.kind[i] !== "logits");
+    const endpoint = (i) => nodes.kind[i] === "embed" || nodes.kind[i] === "logits";
+    const layers = nodes.layer.filter((l, i) => l !== null && !endpoint(i));
     const first = layers.length ? Math.min(...layers) : 0;
     const last = layers.length ? Math.max(...layers) : -1;
     const nl = Math.max(data.n_layers, last + 1);
     const colOf = (i) => (nodes.kind[i] === "embed" ? 0 : nodes.kind[i] === "logits"
       ? nl - first + 1 : nodes.layer[i] - first + 1);
     const dictOf = (i) => (data.extra[i] || {}).dictionary;
-    const stages = [...new Set(d3.range(N).filter((i) => !["embed", "logits"].includes(
-      nodes.kind[i])).map((i) => stageOf(nodes.kind[i], dictOf(i))))].sort();
+    const stages = [...new Set(d3.range(N).filter((i) => !endpoint(i))
+      .map((i) => stageOf(nodes.kind[i], dictOf(i))))].sort();
     const columns = nl - first + 2;
-    const COL = Math.max(10, Math.min(140, avail / columns));
+    const COL = Math.max(10, avail / columns);
     const slots = Math.max(1, stages.length), slotW = COL * 0.86 / slots;
     const slotX = (i) => {
       const c = colOf(i);
-      if (nodes.kind[i] === "embed" || nodes.kind[i] === "logits") return [c * COL + COL / 2, COL * 0.8];
+      if (endpoint(i)) return [c * COL + COL / 2, COL * 0.8];
       return [c * COL + COL * 0.07 + slotW * (stages.indexOf(stageOf(nodes.kind[i], dictOf(i))) + 0.5), slotW];
     };
     const cells = new Map();
-    const order = d3.range(N).sort((a, b) => (KIND_ORDER.indexOf(nodes.kind[a])
-      - KIND_ORDER.indexOf(nodes.kind[b])) || ((nodes.index[a] ?? -1) - (nodes.index[b] ?? -1))
-      || d3.ascending(nodes.id[a], nodes.id[b]));
+    const order = d3.range(N).sort((a, b) => (Math.abs(nodes.score[b]) - Math.abs(nodes.score[a]))
+      || (KIND_ORDER.indexOf(nodes.kind[a]) - KIND_ORDER.indexOf(nodes.kind[b]))
+      || ((nodes.index[a] ?? -1) - (nodes.index[b] ?? -1)) || d3.ascending(nodes.id[a], nodes.id[b]));
     order.forEach((i) => {
       const [x, w] = slotX(i);
       const key = `${x}|${nodes.lane[i]}`;
       if (!cells.has(key)) cells.set(key, {x, w, lane: nodes.lane[i], members: []});
-      cells.get(key).members.push(i);
+      cells.get(key).members.push(i);  // strongest first
     });
     const lanes = data.lanes.length;
-    const rows = new Array(lanes).fill(1);
-    cells.forEach((c) => {
-      c.perRow = Math.max(1, Math.floor(c.w * 0.94 / STEP));
-      c.rows = Math.ceil(c.members.length / c.perRow);
-      rows[c.lane] = Math.max(rows[c.lane], c.rows);
-    });
-    const laneH = rows.map((r) => Math.max(60, r * STEP + 28));
+    // layout px per screen px of the first view, so that MAX_H is screen pixels
+    const shrink = Math.max(1, columns * COL / avail);
+    const room = (MAX_H - AXIS - 24) * shrink;
+    const minLane = Math.max(20, Math.min(60, room / lanes));
+    const pad = Math.min(28, minLane * 0.45);
+    const laneHeights = (step) => {
+      const rows = new Array(lanes).fill(0);
+      cells.forEach((c) => { rows[c.lane] = Math.max(rows[c.lane], gridOf(c.members.length, c.w, step)[1]); });
+      return rows.map((r) => Math.max(minLane, r * step + pad));
+    };
+    let step = STEP, laneH = laneHeights(step);
+    for (let s = STEP - 0.5; d3.sum(laneH) > room && s >= MIN_STEP; s -= 0.5) {
+      step = s;
+      laneH = laneHeights(s);
+    }
     const laneTop = [0];
     laneH.forEach((h, i) => laneTop.push(laneTop[i] + h));
     const x = new Float64Array(N), y = new Float64Array(N), r = new Float64Array(N);
-    const inner = d3.range(N).filter((i) => !["embed", "logits"].includes(nodes.kind[i]));
-    const maxAbs = d3.max(inner, (i) => Math.abs(nodes.score[i])) || 1;
+    const maxAbs = d3.max(d3.range(N).filter((i) => !endpoint(i)), (i) => Math.abs(nodes.score[i])) || 1;
     cells.forEach((c) => {
-      const across = Math.min(c.members.length, c.perRow);
+      const [across, rows] = gridOf(c.members.length, c.w, step);
+      const spots = centreOut(across, rows, c.members.length);
       // a node stays inside its slot and its grid cell, so no two ever overlap
-      const cap = Math.min(STEP, c.w) * 0.45;
+      const cap = Math.min(step, c.w) * 0.45;
       const cy = laneTop[c.lane] + laneH[c.lane] / 2;
       c.members.forEach((i, k) => {
-        const row = Math.floor(k / c.perRow), col = k % c.perRow;
-        x[i] = c.x + (col - (across - 1) / 2) * STEP;
-        y[i] = cy + (row - (c.rows - 1) / 2) * STEP;
-        const endpoint = nodes.kind[i] === "embed" || nodes.kind[i] === "logits";
-        r[i] = endpoint ? Math.min(STEP * 0.4, COL * 0.3)
+        x[i] = c.x + spots[k][0] * step;
+        y[i] = cy + spots[k][1] * step;
+        r[i] = endpoint(i) ? Math.min(step * 0.4, COL * 0.3)
           : cap * (0.4 + 0.6 * Math.sqrt(Math.abs(nodes.score[i]) / maxAbs));
       });
     });
     const colLabel = (c) => (c === 0 ? "embed" : c === columns - 1 ? "logits" : `L${c - 1 + first}`);
     return {x, y, r, laneTop, laneH, width: columns * COL, height: laneTop[lanes],
-            columns, colLabel, COL};
+            columns, colLabel, COL, step};
   }
 
   function init(root) {
@@ -180,7 +211,7 @@
       if (key[0] === "n") { const i = +key.slice(1); return [L.x[i], L.y[i], L.r[i]]; }
       const g = groups[+key.slice(1)];
       return [d3.mean(g.members, (i) => L.x[i]), d3.mean(g.members, (i) => L.y[i]),
-              Math.max(4, Math.min(STEP * 0.62, COL * 0.4))];
+              Math.max(4, Math.min(L.step * 0.62, COL * 0.4))];
     };
     const scoreOf = (key) => (key[0] === "n" ? nodes.score[+key.slice(1)]
       : d3.sum(groups[+key.slice(1)].members, (i) => nodes.score[i]));
@@ -290,12 +321,13 @@
     svg.call(zoom).on("dblclick.zoom", null);
     function fit(animate) {
       width = Math.max(320, holder.clientWidth || 760);
-      // as tall as the drawing, within 260-640 px
-      height = Math.round(Math.max(260, Math.min(640, L.height + AXIS + 24)));
+      // the whole width, and as tall as the drawing is then, within 260 px and MAX_H
+      const kw = (width - GUTTER - 12) / L.width;
+      height = Math.round(Math.max(260, Math.min(MAX_H, L.height * kw + AXIS + 24)));
       svg.attr("width", width).attr("height", height);
       axisBg.attr("width", width);
       laneBg.attr("height", height);
-      const k = Math.min((width - GUTTER - 12) / L.width, (height - AXIS - 12) / L.height);
+      const k = Math.min(kw, (height - AXIS - 12) / L.height);
       zoom.scaleExtent([k / 2, Math.max(k * 64, 8)]);
       const t = d3.zoomIdentity.translate(GUTTER + (width - GUTTER - L.width * k) / 2,
                                           AXIS + (height - AXIS - L.height * k) / 2).scale(k);
@@ -366,7 +398,7 @@
         .attr("data-effect", (e) => e[2]);
       svg.classed("focus", !!hl);
       const keys = [...nodeEls.keys()];
-      const named = keys.length <= LABELS_UP_TO ? keys
+      const named = keys.length <= LABELS_UP_TO && L.step >= LABEL_STEP ? keys
         : keys.filter((k) => k === selected || matches.has(k) || k[0] === "g");
       textG.selectAll("text").data(named, (k) => k).join("text").attr("class", "node-label")
         .attr("x", (k) => pos(k)[0]).attr("y", (k) => pos(k)[1] + pos(k)[2] + 8.5)
