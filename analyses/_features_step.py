@@ -18,6 +18,11 @@ On the run's known pairs this step
  4. builds circuit-tracer's **single-prompt attribution graph** of the first pair's clean
     prompt (:func:`~factfind.features.linear_graph.linear_graph`), prunes it by influence, and
     scores it (replacement, completeness, the error share per layer, flagged above 30%);
+ 4b. builds the **counterfactual graph over the pairs** (Sparse Feature Circuits' view,
+    :func:`factfind.feature_edges`): EAP-IG edges among the circuit's strongest feature and
+    error nodes, an embedding node per role and the logits, scored on the first pairs against
+    the logit difference with attention live; its strongest cross-position edges are split
+    over the heads that carry them (:func:`factfind.split_edge_heads`);
  5. **swaps and steers** the top features at the subject's last token and at the final token in
     each pair's clean run (:func:`factfind.feature_interventions`), against random controls;
  6. compares **three bases** - features, neurons, heads/MLPs - at equal node budgets
@@ -31,7 +36,8 @@ second run is served from the cache. The report gets the sections of
 :mod:`factfind.report.features`; the pruned graph is exported beside it
 (``<report>-features.graphml``, ``-features.json`` (node-link) and
 ``-features.circuit-tracer.json``, the file circuit-tracer's frontend opens; list its
-``metadata`` in that folder's ``graph-metadata.json`` to serve it).
+``metadata`` in that folder's ``graph-metadata.json`` to serve it), and the counterfactual
+graph as ``<report>-features-pairs.graphml`` and ``-features-pairs.json``.
 
 Cost, measured on SmolLM2-135M with its cached default dictionaries (59 rome_known pairs, 1
 thread, shared 2-core machine at load 3-6): 251 s = 90 forwards of the pairs. Interventions
@@ -39,7 +45,11 @@ thread, shared 2-core machine at load 3-6): 251 s = 90 forwards of the pairs. In
 passes; then one ablated run per budget, basis and ablation), the single-prompt graph 25 s
 (4,905 active features, 0.036 forwards per target), AtP 17 s, verification 17 s, dashboards
 18 s, quality 11 s; the rest is loading the dictionaries and drawing the sections. The
-missed-effect bound adds ~40 s at its default 32 nodes (64: ~50 s, 128: ~60 s).
+missed-effect bound adds ~40 s at its default 32 nodes (64: ~50 s, 128: ~60 s). The
+counterfactual graph (4b) costs about ``m (3 + c T)`` forwards per batch of its pairs (``m``
+EAP-IG points, ``T`` receivers: its nodes and the logits, ``c`` the MLP-free backward's share
+of a forward; ``factfind.features.feature_edges``), its head split about ``layers x heads``
+backward passes per split edge's receiver, position and point.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pandas as pd
 
 import factfind as ff
@@ -147,6 +158,28 @@ class FeaturesConfig:
                             "from the embeddings to the logits (Gemma-3-270M's pruned graph "
                             "had 64,627 edges: 13 MB of GraphML); circuit-tracer's JSON keeps "
                             "its whole pruned graph; 0: keep all")
+    edge_nodes: int = _opt(50, "feature and error nodes of the counterfactual graph over the "
+                           "pairs (ff.feature_edges): the strongest of the dataset-level "
+                           "circuit's 'all' group (50: the middle budget, the top 50 whose "
+                           "stability the report measures). Its cost grows with the receivers "
+                           "T (these nodes plus the logits): about m (3 + c T) forwards per "
+                           "batch of pairs, c the MLP-free backward's share of a forward; 50 "
+                           "nodes give up to ~1,500 edges")
+    edge_pairs: int = _opt(16, "pairs (the first of the feature pairs) the counterfactual graph "
+                           "is averaged over: 16, the verification's and the bases' count, a "
+                           "quarter of the attribution's pairs (the graph costs m (3 + c T) "
+                           "forwards per batch of pairs, so its time grows with them)")
+    edge_steps: int = _opt(5, "EAP-IG points m of the counterfactual graph and its head split "
+                           "(feature_edges' default, as the run's EAP-IG; 0: EAP at the clean "
+                           "input, about m times cheaper)")
+    edge_split: int = _opt(10, "strongest cross-position edges (sender and receiver at different "
+                           "roles) split over the heads that carry them (ff.split_edge_heads: "
+                           "about layers x heads backward passes per receiver, position and "
+                           "point, so a handful, the table's top rows; 0: no split)")
+    edge_graph_edges: int = _opt(300, "edges of the counterfactual graph kept in its explorer "
+                                 "and its GraphML / node-link exports: the strongest, on paths "
+                                 "from the embeddings to the logits (300: what the explorer "
+                                 "draws; its table lists the strongest of all); 0: keep all")
 
     @property
     def budgets(self) -> list[int]:
@@ -178,44 +211,52 @@ def config_from(args: Any) -> FeaturesConfig:
         raise ff.ArgumentError(f"--feature-budgets must be comma-separated node counts >= 1, "
                                f"got {fc.feature_budgets!r} (e.g. 10,50,200)")
     for name in ("feature_pairs", "basis_pairs", "feature_verify", "verify_pairs", "feature_top",
-                 "quality_tokens", "dashboard_tokens"):
+                 "quality_tokens", "dashboard_tokens", "edge_nodes", "edge_pairs"):
         if getattr(fc, name) < 1:
             raise ff.ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got "
                                    f"{getattr(fc, name)}")
-    if min(fc.feature_ig_steps, fc.graph_pair, fc.feature_dashboards, fc.feature_bound_nodes,
-           fc.graph_edges) < 0:
-        raise ff.ArgumentError("--feature-ig-steps, --graph-pair, --feature-dashboards, "
-                               "--feature-bound-nodes and --graph-edges must be >= 0")
+    for name in ("feature_ig_steps", "graph_pair", "feature_dashboards", "feature_bound_nodes",
+                 "graph_edges", "edge_steps", "edge_split", "edge_graph_edges"):
+        if getattr(fc, name) < 0:
+            raise ff.ArgumentError(f"--{name.replace('_', '-')} must be >= 0, got "
+                                   f"{getattr(fc, name)}")
     return fc
 
 
 @dataclass
 class FeaturesResult:
-    """What the step gives the report: its sections, its settings, and the exported graph
-    (``graph`` a CircuitGraph, ``tracer`` circuit-tracer's JSON) for :meth:`files`."""
+    """What the step gives the report: its sections, its settings, and the exported graphs
+    (``graph`` the single-prompt CircuitGraph, ``tracer`` circuit-tracer's JSON of it,
+    ``pairs_graph`` the counterfactual graph over the pairs) for :meth:`files`."""
 
     config: FeaturesConfig
     sections: list[Any] = field(default_factory=list)
     graph: Any = None
     tracer: dict[str, Any] | None = None
+    pairs_graph: Any = None
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     def settings(self) -> dict[str, Any]:
         return {f"features: {k}": v for k, v in asdict(self.config).items()}
 
     def files(self, report: Path) -> dict[str, bytes]:
-        """``<report>-features.graphml``, ``.json`` (node-link) and ``.circuit-tracer.json``
-        as bytes, for the report's staged, atomic write (none when the step did not run)."""
+        """``<report>-features.graphml``, ``.json`` (node-link) and ``.circuit-tracer.json``,
+        and the counterfactual graph's ``<report>-features-pairs.graphml`` and ``.json``, as
+        bytes, for the report's staged, atomic write (none when the step did not run)."""
         if self.graph is None or self.tracer is None:
             return {}
         stem = f"{report.stem}-features"
         out: dict[str, bytes] = {}
+        graphs = [(stem, self.graph)]
+        if self.pairs_graph is not None:
+            graphs.append((f"{stem}-pairs", self.pairs_graph))
         with tempfile.TemporaryDirectory() as tmp:
-            for suffix, write in ((".graphml", ff.graph.to_graphml),
-                                  (".json", ff.graph.to_json)):
-                path = Path(tmp) / f"{stem}{suffix}"
-                write(self.graph, path)
-                out[path.name] = path.read_bytes()
+            for name, graph in graphs:
+                for suffix, write in ((".graphml", ff.graph.to_graphml),
+                                      (".json", ff.graph.to_json)):
+                    path = Path(tmp) / f"{name}{suffix}"
+                    write(graph, path)
+                    out[path.name] = path.read_bytes()
         tracer = dict(self.tracer, metadata=dict(self.tracer["metadata"],
                                                  slug=f"{stem}.circuit-tracer"))
         out[f"{stem}.circuit-tracer.json"] = json.dumps(tracer, separators=(",", ":")).encode()
@@ -331,6 +372,65 @@ def node_frame(per_pair: pd.DataFrame, *, prompts: int | None = None) -> pd.Data
     return agg.assign(prompt=pd.array([pd.NA] * len(agg), dtype="Int64"), direction=direction)
 
 
+#: the columns of split_edge_heads' frame (an empty one when no cross-position edge is split)
+HEAD_COLUMNS = {"sender": "object", "receiver": "object", "layer": "Int64", "head": "Int64",
+                "share": "float64", "local": "float64", "edge": "float64", "n": "int64"}
+
+
+def edge_nodes(circuit: pd.DataFrame, top: int) -> list[str]:
+    """The ``top`` strongest feature and error nodes (by ``|effect|``, ties in the circuit's
+    order) of the dataset-level circuit's ``all`` group: the counterfactual graph's nodes."""
+    allc = pd.DataFrame(circuit[(circuit["group"].astype(str) == "all").to_numpy()])
+    kinds = [ff.graph.Node.parse(str(n)).kind for n in allc["node"]]
+    allc = pd.DataFrame(allc[[k in ("feature", "error") for k in kinds]])
+    size = allc["effect"].abs().to_numpy(dtype=float)
+    allc = allc.iloc[np.argsort(-size, kind="stable")]
+    allc = allc[allc["effect"].abs().to_numpy(dtype=float) > 0]
+    return allc["node"].astype(str).head(top).tolist()
+
+
+def cross_edges(edges: pd.DataFrame, top: int) -> list[list[str]]:
+    """The ``top`` strongest edges (``[sender, receiver]``) whose sender and receiver sit at
+    different roles: only attention carries them, so they are the ones to split over heads."""
+    role = [str(x).rsplit("@", 1)[-1] for x in edges["sender"]]
+    other = [str(x).rsplit("@", 1)[-1] for x in edges["receiver"]]
+    cross = pd.DataFrame(edges[np.array([a != b for a, b in zip(role, other, strict=True)],
+                                        dtype=bool)])
+    cross = cross.iloc[np.argsort(-cross["effect"].abs().to_numpy(dtype=float), kind="stable")]
+    return [[str(a), str(b)] for a, b in zip(cross["sender"].head(top),
+                                               cross["receiver"].head(top), strict=True)]
+
+
+def pairs_graph(edges: pd.DataFrame, model: Any, pairs: Any, *, keep: int,
+                config: dict[str, Any]) -> tuple[Any, str]:
+    """The counterfactual graph of ``edges`` (``ff.to_graph``), cut to its ``keep`` strongest
+    edges and to the nodes on paths from the embeddings to the logits (``0``: every edge, still
+    on those paths; when the strongest ``keep`` leave no such path, every edge too), with a
+    phrase saying what was kept."""
+    full = ff.to_graph(edges, model, pairs, config=config)
+    n_edges = full.graph.number_of_edges()
+    cut = bool(keep) and n_edges > keep
+    cg = ff.graph.prune(full, top_n=keep if cut else n_edges)
+    note = ""
+    if cut and cg.graph.number_of_nodes() == 0:
+        log.warning("the strongest %d edges of the counterfactual graph leave no path from "
+                    "the embeddings to the logits; keeping every edge on such a path", keep)
+        cg, cut = ff.graph.prune(full, top_n=n_edges), False
+        note = f" (its strongest {keep:,} leave no such path)"
+    kept = cg.graph.number_of_edges()
+    if kept == n_edges:
+        return cg, f"all {n_edges:,} edges"
+    return cg, (f"the {'strongest ' if cut else ''}{kept:,} of its {n_edges:,} edges (on paths "
+                f"from the embeddings to the logits){note}")
+
+
+def _label(cg: Any, labels: dict[str, str]) -> None:
+    """Each feature node of ``cg`` whose unit (the id before ``@``) has a label gets it."""
+    for nid, attrs in cg.graph.nodes(data=True):
+        if str(nid).split("@")[0] in labels:
+            attrs["label"] = labels[str(nid).split("@")[0]]
+
+
 def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs: Any
                   ) -> FeaturesResult:
     """Run the step (module docstring) if ``--features`` says so; every result cached in the
@@ -404,6 +504,21 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
     g = cache.json("features_graph", graph, params={"dicts": tag["dicts"],
                                                     "prompt": str(prompt)})
     log.info("features: single-prompt graph done (%.0fs)", time.time() - t0)
+    # 4b. the counterfactual graph over pairs: EAP-IG between the circuit's strongest nodes,
+    # its strongest cross-position edges split over the heads that carry them
+    epairs = fpairs[:fc.edge_pairs]
+    enodes = edge_nodes(circuit, fc.edge_nodes)
+    etag = {"dicts": tag["dicts"], "pairs": epairs.fingerprint(), "nodes": enodes,
+            "steps": fc.edge_steps}
+    edges = cache.table("features_edges", lambda: ff.feature_edges(
+        model, epairs, dicts, enodes, steps=fc.edge_steps, batch_size=bs), params=etag) \
+        if enodes else None
+    split = cross_edges(edges, fc.edge_split) if edges is not None else []
+    heads = cache.table("features_edge_heads", lambda: ff.split_edge_heads(
+        model, epairs, dicts, [(a, b) for a, b in split], steps=fc.edge_steps, batch_size=bs),
+        params={**etag, "edges": split}) if split else \
+        pd.DataFrame({c: pd.Series(dtype=t) for c, t in HEAD_COLUMNS.items()})
+    log.info("features: counterfactual graph done (%.0fs)", time.time() - t0)
     # 5. interventions at subject_last and final; 6. the three bases
     inter = cache.table("features_interventions", lambda: feature_interventions(
         model, fpairs, dicts, est, top=fc.feature_top, scales=(1.0, 2.0), batch_size=bs,
@@ -429,23 +544,38 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
             "from the embeddings to the logits)" if cg.graph.number_of_edges() < n_edges
             else f"all {n_edges:,} edges")
     labels = {b.feature_id.split("@")[0]: b.label for b in boards}
-    for nid, attrs in cg.graph.nodes(data=True):
-        if str(nid).split("@")[0] in labels:
-            attrs["label"] = labels[str(nid).split("@")[0]]
+    _label(cg, labels)
     error_share = _frame(g["error_share"])
     result.graph, result.tracer = cg, g["tracer"]
+    pairs_section = []
+    if edges is not None:
+        pg, pkept = pairs_graph(edges, model, epairs, keep=fc.edge_graph_edges,
+                                config={"steps": fc.edge_steps, "nodes": len(enodes)})
+        _label(pg, labels)
+        result.pairs_graph = pg
+        pairs_section = [rf.pairs_graph_section(pg, edges, heads, labels=labels, facts={
+            "nodes (features and errors)": f"{len(enodes)} strongest of the circuit's 'all' "
+                                           "group, plus an embedding node per role and the "
+                                           "logits",
+            "pairs": len(epairs), "EAP-IG points": fc.edge_steps or "0 (EAP)",
+            "graph": pkept}, caption=(
+                f"The counterfactual graph over {len(epairs)} pairs, {pkept}: feature, error, "
+                "embedding and logit nodes by token role; edges are EAP-IG effects on the logit "
+                "difference."))]
     result.tables = {"quality": quality, "atp": est, "circuit": circuit, "stability": stability,
                      "verification": verified, "bound": pd.DataFrame() if bound is None
                      else bound, "error_share": error_share,
-                     "interventions": inter, "bases": bases}
+                     "interventions": inter, "bases": bases,
+                     **({"edges": edges, "edge_heads": heads} if edges is not None else {})}
     points = rf.features_summary(scores=g["scores"], error_share=error_share,
                                  stability=stability, interventions=inter, bases=bases,
-                                 verification=verified)
+                                 verification=verified, pairs_edges=edges, pairs_heads=heads)
     kinds = sorted({d.kind.value for d in dicts.values()})
     facts = {"dictionaries": f"{len(dicts)} ({', '.join(kinds)}, "
                              f"{next(iter(dicts.values())).d_sae:,} features each): {source}",
              "pairs (attribution, circuit, interventions)": len(fpairs),
              "pairs (bases)": len(bpairs),
+             "pairs (counterfactual graph)": len(epairs),
              "attribution": f"integrated gradients, {steps} steps" if steps else "AtP",
              "dictionary quality": f"{fc.quality_tokens:,} held-out tokens"
                                    + ("" if fc.quality_downstream else
@@ -460,6 +590,7 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
                                      f"The pruned attribution graph of {g['facts']['prompt']!r}"
                                      f", {kept}: feature, error, embedding and logit nodes by "
                                      "token role.")),
+        *pairs_section,
         rf.feature_circuit_section(circuit, stability, verification=verified, bound=bound),
         rf.interventions_section(inter),
         rf.bases_section(bases),

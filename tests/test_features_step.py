@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import runpy
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_features_linear_graph import _check_circuit_tracer_schema
@@ -156,6 +158,15 @@ def test_the_steps_flags_default_and_refuse_bad_values() -> None:
         step["config_from"](p.parse_args(["--feature-budgets", "10,x"]))
     with pytest.raises(ArgumentError, match="--feature-pairs"):
         step["config_from"](p.parse_args(["--feature-pairs", "0"]))
+    # the counterfactual graph's knobs
+    assert (fc.edge_nodes, fc.edge_pairs, fc.edge_steps, fc.edge_split) == (50, 16, 5, 10)
+    for flag, bad in (("--edge-nodes", "0"), ("--edge-pairs", "0"), ("--edge-steps", "-1"),
+                      ("--edge-split", "-1"), ("--edge-graph-edges", "-2")):
+        with pytest.raises(ArgumentError, match=f"{flag} must be >= [01], got {bad}") as err:
+            step["config_from"](p.parse_args([flag, bad]))
+        assert "\n" not in str(err.value)
+    assert step["config_from"](p.parse_args(["--edge-steps", "0", "--edge-split", "0"])
+                               ).edge_steps == 0
     # the fact-finding script's parser takes every flag beside its own (no clash)
     ff_script = runpy.run_path(str(ROOT / "analyses" / "fact_finding.py"),
                                run_name="fact_finding_flags_test")
@@ -196,6 +207,67 @@ def test_one_per_pair_pass_gives_feature_atps_node_frame(gpt2_model, pairs) -> N
     assert ver.n_verified == 3
 
 
+def test_the_pairs_graphs_nodes_and_split_edges_are_the_strongest() -> None:
+    """edge_nodes: the circuit's 'all' group's strongest feature and error nodes by |effect|
+    (no heads, no zero effects, no other group); cross_edges: the strongest edges whose roles
+    differ."""
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+    circuit = pd.DataFrame({
+        "node": ["L0.stc.f1@final", "L1.stc.err@final", "L2.h0@final", "L1.stc.f9@final",
+                 "L0.stc.f5@subject_last", "L3.stc.f2@final"],
+        "effect": [0.5, -0.9, 2.0, 0.7, 0.0, 3.0],
+        "group": ["all", "all", "all", "all", "all", "P17"]})
+    assert step["edge_nodes"](circuit, 2) == ["L1.stc.err@final", "L1.stc.f9@final"]
+    assert step["edge_nodes"](circuit, 50) == ["L1.stc.err@final", "L1.stc.f9@final",
+                                               "L0.stc.f1@final"]
+    edges = pd.DataFrame({
+        "sender": ["embed@final", "L0.stc.f1@subject_last", "embed@subject_last",
+                   "L1.stc.f9@subject_last"],
+        "receiver": ["logits@final", "L1.stc.err@final", "L1.stc.f9@subject_last",
+                     "logits@final"],
+        "effect": [5.0, -0.2, 4.0, 0.3]})
+    assert step["cross_edges"](edges, 1) == [["L1.stc.f9@subject_last", "logits@final"]]
+    assert step["cross_edges"](edges, 10) == [["L1.stc.f9@subject_last", "logits@final"],
+                                              ["L0.stc.f1@subject_last", "L1.stc.err@final"]]
+    assert step["cross_edges"](edges.iloc[:1], 10) == []
+
+
+def test_the_pairs_graph_keeps_its_strongest_edges_on_paths_to_the_logits() -> None:
+    """pairs_graph: the top ``keep`` edges on embed -> logits paths; when they leave no path,
+    every edge (the explorer cannot draw an empty graph); 0 keeps every edge."""
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+
+    class Model:
+        name, revision, n_layers = "m", "r", 3
+
+    class Pairs:
+        def fingerprint(self) -> str:
+            return "p"
+
+        def __len__(self) -> int:
+            return 4
+
+    f1, f2 = "L0.stc.f1@final", "L1.stc.f2@final"
+    edges = pd.DataFrame({"method": "feature-eap-ig/5",
+                          "sender": ["embed@final", f1, f1, "embed@final"],
+                          "receiver": [f1, f2, "logits@final", "logits@final"],
+                          "effect": [0.5, 3.0, 0.4, 0.1]})
+    on_paths = {("embed@final", f1), (f1, "logits@final"), ("embed@final", "logits@final")}
+    g, kept = step["pairs_graph"](edges, Model(), Pairs(), keep=2, config={})
+    # the top 2 (f1 -> f2, embed -> f1) reach no logits: every edge on a path (f2 reaches none)
+    assert set(g.graph.edges) == on_paths and kept == (
+        "the 3 of its 4 edges (on paths from the embeddings to the logits) (its strongest 2 "
+        "leave no such path)")
+    g, kept = step["pairs_graph"](edges, Model(), Pairs(), keep=3, config={})
+    assert set(g.graph.edges) == {("embed@final", f1), (f1, "logits@final")}
+    assert kept.startswith("the strongest 2 of its 4 edges")
+    g, kept = step["pairs_graph"](edges, Model(), Pairs(), keep=0, config={})
+    assert set(g.graph.edges) == on_paths and kept.startswith("the 3 of its 4 edges (on")
+    edges["receiver"] = edges["receiver"].replace({f2: "logits@final"})
+    edges = edges.drop_duplicates(["sender", "receiver"])
+    assert step["pairs_graph"](edges, Model(), Pairs(), keep=0, config={})[1] == "all 3 edges"
+
+
 def test_small_relations_share_one_circuit_group(pairs) -> None:
     step = runpy.run_path(str(STEP), run_name="features_step_test")
     labels = step["relation_groups"](pairs)
@@ -218,21 +290,28 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
             "--batch-size", "8", "--threads", "1", "--features", "on",
             "--feature-tokens", "6000", "--feature-epochs", "1", "--quality-tokens", "1500",
             "--dashboard-tokens", "1500", "--feature-dashboards", "3", "--graph-edges", "40",
-            "--out", str(tmp_path / "reports"), "--cache", str(tmp_path / "runs")]
+            "--edge-nodes", "16", "--edge-steps", "2", "--edge-split", "4",
+            "--edge-graph-edges", "30", "--out", str(tmp_path / "reports"),
+            "--cache", str(tmp_path / "runs")]
     first = script["main"](args)
     html = first.report.read_text()
-    for part in ("features", "dictionaries-quality", "features-graph", "features-circuit",
+    for part in ("features", "dictionaries-quality", "features-graph", "features-pairs-graph",
+                 "features-circuit",
                  "features-interventions", "features-bases", "dictionaries-dashboards"):
         assert f'id="{part}"' in html, part
     for text in ("replacement score", "completeness score", "Error share per layer",
                  "Jaccard of the top-k nodes", "Faithfulness per basis",
                  "Missed-effect bound of the unverified nodes",
-                 "features: feature_pairs"):
+                 "features: feature_pairs", "features: edge_nodes", "carried by",
+                 "Counterfactual graph over the pairs (EAP-IG)"):
         assert text in html, text
     computed = set(first.cache.computed)
     assert {"features_quality", "features_atp", "features_circuit", "features_stability",
             "features_verification", "features_bound", "features_graph",
-            "features_interventions", "features_bases", "features_dashboards"} <= computed
+            "features_interventions", "features_bases", "features_dashboards",
+            "features_edges", "features_edge_heads"} <= computed
+    # the pairs graph comes after the single-prompt one
+    assert html.index('id="features-graph"') < html.index('id="features-pairs-graph"')
     # the feature graph beside the report: GraphML and node-link JSON give the same graph,
     # circuit-tracer's JSON passes its schema
     stem = first.report.with_name(first.report.stem + "-features")
@@ -245,15 +324,43 @@ def test_the_organism_run_with_features_reports_exports_and_caches(
     tracer = json.loads(stem.with_name(stem.name + ".circuit-tracer.json").read_text())
     _check_circuit_tracer_schema(tracer)
     assert tracer["metadata"]["slug"] == stem.name + ".circuit-tracer"
+    _pairs_graph_checked(first)
     _graph_drawn(first.report)
     # a second run is served from the cache, the features step included
     again = script["main"](args)
     assert again.cache.computed == []
-    assert {"features_graph", "features_bases", "features_dashboards"} <= set(again.cache.hits)
+    assert {"features_graph", "features_bases", "features_dashboards", "features_edges",
+            "features_edge_heads"} <= set(again.cache.hits)
+
+
+def _pairs_graph_checked(run: Any) -> None:
+    """The counterfactual graph: its cached edge frame (16 nodes, embeddings, logits) is
+    non-empty, its 4 split edges' head shares plus the local part sum to each edge, and its
+    exports load back equal, cut to the 30 strongest edges on embed -> logits paths."""
+    edges = pd.read_parquet(next(run.cache.root.glob("features_edges-*.parquet")))
+    heads = pd.read_parquet(next(run.cache.root.glob("features_edge_heads-*.parquet")))
+    assert len(edges) > 30 and bool((edges["score"] > 0).any())
+    assert set(edges["method"]) == {"feature-eap-ig/2"}
+    sums = heads.groupby(["sender", "receiver"]).agg(
+        share=("share", "sum"), local=("local", "first"), edge=("edge", "first"))
+    assert len(sums) == 4
+    scale = float(np.abs(edges["effect"].to_numpy(dtype=float)).max())
+    gap = np.abs((sums["share"] + sums["local"] - sums["edge"]).to_numpy(dtype=float))
+    assert float(gap.max()) <= 1e-4 * scale and bool((sums["edge"].abs() > 0).all())
+    split = edges.set_index(["sender", "receiver"]).loc[sums.index, "effect"]
+    assert split.to_numpy() == pytest.approx(sums["edge"].to_numpy(), rel=1e-4, abs=1e-6)
+    stem = run.report.with_name(run.report.stem + "-features-pairs")
+    graph = ff.graph.read_graphml(stem.with_suffix(".graphml"))
+    assert ff.graph.read_json(stem.with_suffix(".json")) == graph
+    assert 0 < graph.graph.number_of_edges() <= 30
+    kinds = {d["kind"] for _, d in graph.graph.nodes(data=True)}
+    assert {"feature", "embed", "logits"} <= kinds
+    assert graph.provenance.method == "feature-eap-ig/2"
 
 
 def _graph_drawn(report: Path) -> None:
-    """The feature graph's explorer in headless Chromium: its nodes are drawn with a size."""
+    """The feature graphs' explorers in headless Chromium (the single-prompt graph's and the
+    counterfactual graph's): their nodes are drawn with a size."""
     from factfind.report.browser import Browser, find_chromium
 
     if find_chromium() is None:
@@ -261,8 +368,9 @@ def _graph_drawn(report: Path) -> None:
     with Browser(timeout=60) as browser:
         page = browser.new_page()
         page.goto(report.as_uri())
-        n = page.evaluate("""(() => Array.from(document.querySelectorAll(
-            "#features-graph svg .node")).filter((el) => {
-              const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0;
-            }).length)()""")
-    assert n > 2, n
+        for section in ("features-graph", "features-pairs-graph"):
+            n = page.evaluate("""(() => Array.from(document.querySelectorAll(
+                "#SECTION svg .node")).filter((el) => {
+                  const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0;
+                }).length)()""".replace("SECTION", section))
+            assert n > 2, (section, n)

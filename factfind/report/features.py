@@ -7,7 +7,7 @@ Each function takes the tidy frames of :mod:`factfind.features` (and of
 comparison) and returns a :class:`Section`; the analysis script ``analyses/dictionaries.py``
 assembles the dictionary sections into ``reports/dictionaries-<model>.html``, and the features
 step of ``analyses/fact_finding.py`` (``analyses/_features_step.py``) the feature-circuit
-sections (:func:`features_summary`, :func:`feature_graph_section`,
+sections (:func:`features_summary`, :func:`feature_graph_section`, :func:`pairs_graph_section`,
 :func:`feature_circuit_section`, :func:`interventions_section`, :func:`bases_section`) into the
 fact-finding report.
 """
@@ -15,7 +15,7 @@ fact-finding report.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -275,6 +275,25 @@ EXPLAIN_BASES = (
     "toward a basis: each is ranked by its own standard estimate and measured by one engine."
 )
 
+EXPLAIN_PAIRS_GRAPH = (
+    "A second view of the same features, over the pairs rather than one prompt. The graph "
+    "above is circuit-tracer's: one prompt, attention patterns and norms frozen at its run, an "
+    "edge the direct, linear effect of a source on a target's pre-activation or on a logit. "
+    "This one is Sparse Feature Circuits' (Marks et al. 2024): its nodes are the strongest "
+    "feature and error nodes of the dataset-level circuit, one token-embedding node per role "
+    "and the logits; an edge is scored against the counterfactual metric (the logit "
+    "difference between the clean and the corrupt answer) with EAP-IG (Hanna et al. 2024): "
+    "the sender's change from clean to corrupt times the gradient of the metric through the "
+    "receiver, averaged over points between the corrupt and the clean input and over the "
+    "pairs (95% interval). Every MLP with a transcoder is made of nodes, so an edge is the "
+    "effect that passes through no other MLP; attention is live, not frozen, and heads are not "
+    "nodes: an edge between two positions can only cross through attention, and the table "
+    "says which heads carry it - each path's last step onto the receiver's position, split "
+    "exactly, so the heads' shares and the same-position part sum to the edge.\n\n"
+    "The graph keeps the strongest edges on paths from the embeddings to the logits and is "
+    "exported beside the report as GraphML and node-link JSON (-features-pairs)."
+)
+
 #: an error node holding more than this share of its layer's influence is flagged (issue 24)
 ERROR_FLAG = 0.3
 BASIS_NAMES = {"features": "features", "neurons": "neurons", "heads_mlps": "heads/MLPs"}
@@ -363,12 +382,16 @@ def features_summary(*, scores: Mapping[str, float] | None = None,
                      stability: pd.DataFrame | None = None,
                      interventions: pd.DataFrame | None = None,
                      bases: pd.DataFrame | None = None,
-                     verification: pd.DataFrame | None = None, k: int = 50) -> list[str]:
+                     verification: pd.DataFrame | None = None,
+                     pairs_edges: pd.DataFrame | None = None,
+                     pairs_heads: pd.DataFrame | None = None, k: int = 50) -> list[str]:
     """The feature-circuit findings as short lines, each read off its table (any table may be
     left out): replacement and completeness of the single-prompt graph and its flagged layers,
     the top-``k`` Jaccard across halves, the swap success per role against its control, how
     well AtP's estimates match the exact patches, and the basis comparison (:func:`basis_points`:
-    where features lose, with the numbers)."""
+    where features lose, with the numbers), then the counterfactual graph's strongest edge and
+    the head that carries most of its strongest cross-position edge (:func:`pairs_graph_points`,
+    given ``pairs_edges`` and ``pairs_heads``)."""
     lines = []
     if scores is not None:
         line = (f"Single-prompt graph: replacement score {_num(scores.get('replacement'))}, "
@@ -403,6 +426,8 @@ def features_summary(*, scores: Mapping[str, float] | None = None,
                      f"{_num(est[np.argmax(np.abs(ex))], 3)}).")
     if bases is not None:
         lines += basis_points(bases)
+    if pairs_edges is not None and pairs_heads is not None:
+        lines += pairs_graph_points(pairs_edges, pairs_heads)
     return lines
 
 
@@ -463,6 +488,143 @@ def feature_graph_section(graph: Any, *, scores: Mapping[str, Any],
                       max_rows=max(50, len(shown))),
                 Table(edge_table(graph), caption="Strongest edges of the pruned graph "
                                                  "(direct effects)", max_rows=top_edges)])
+
+
+# ----------------------------------------------------------------------------- the pairs graph
+
+EDGE_COLUMNS = {"sender", "receiver", "effect", "ci_low", "ci_high", "n"}
+HEAD_COLUMNS = {"sender", "receiver", "layer", "head", "share", "local", "edge"}
+
+
+def _role(node: str) -> str:
+    return node.rsplit("@", 1)[-1]
+
+
+def head_carriers(heads: pd.DataFrame, *, top: int = 2) -> dict[tuple[str, str], str]:
+    """Per edge of a :func:`~factfind.features.feature_edges.split_edge_heads` frame, who carries
+    it: its ``top`` largest parts by ``|share|`` - heads ``L9.h3`` and the same-position part
+    (``local``) - each as its share of the edge in % (``"L9.h3 83%, L7.h1 12%"``; ``"no head"``
+    when neither a head nor the local part carries anything)."""
+    _need(heads, HEAD_COLUMNS, "a head-split table")
+    out: dict[tuple[str, str], str] = {}
+    for key, part in heads.groupby(["sender", "receiver"], sort=False):
+        s, r = cast(tuple[str, str], key)  # two keys: a (sender, receiver) tuple
+        edge = float(part["edge"].iloc[0])
+        local = float(part["local"].iloc[0])
+        named = pd.DataFrame(part[part["head"].notna().to_numpy()])
+        parts = [(f"L{int(la)}.h{int(h)}", float(v)) for la, h, v in
+                 zip(named["layer"], named["head"], named["share"], strict=True)]
+        if local != 0:
+            parts.append(("same position", local))
+        parts = sorted((p for p in parts if p[1] != 0), key=lambda p: -abs(p[1]))[:top]
+        if not parts:
+            out[(str(s), str(r))] = "no head"
+        elif edge == 0:
+            out[(str(s), str(r))] = ", ".join(name for name, _ in parts)
+        else:
+            out[(str(s), str(r))] = ", ".join(f"{name} {100 * v / edge:.0f}%"
+                                              for name, v in parts)
+    return out
+
+
+def _labelled(node: str, graph: Any, labels: Mapping[str, str]) -> str:
+    """``node (label)`` where a label is known (``labels`` by id or by unit, else the graph
+    node's ``label``), else the id."""
+    import networkx as nx
+
+    unit = node.split("@")[0]
+    label = labels.get(node) or labels.get(unit)
+    # a CircuitGraph holds its DiGraph at .graph (a networkx graph's .graph is its attributes)
+    g = graph if isinstance(graph, nx.Graph) else getattr(graph, "graph", None)
+    if not label and isinstance(g, nx.Graph) and node in g:
+        label = g.nodes[node].get("label")
+    return f"{node} ({label})" if label and str(label) not in (node, unit) else node
+
+
+def pairs_edge_table(edges: pd.DataFrame, heads: pd.DataFrame, *, graph: Any = None,
+                     labels: Mapping[str, str] | None = None, top: int = 20) -> pd.DataFrame:
+    """The ``top`` strongest edges of a :func:`~factfind.features.feature_edges.feature_edges`
+    frame as the report shows them: sender and receiver (with their labels), ``effect [95%
+    CI]``, ``n`` and ``carried by`` (:func:`head_carriers`; for an edge the head split did not
+    reach, ``same role (not split)`` when sender and receiver share a role, else ``not
+    split``)."""
+    _need(edges, EDGE_COLUMNS, "a feature-edge table")
+    _need(heads, HEAD_COLUMNS, "a head-split table")
+    carriers = head_carriers(heads)
+    shown = edges.iloc[np.argsort(-np.abs(edges["effect"].to_numpy(dtype=float)),
+                                  kind="stable")].head(top)
+    labels = dict(labels or {})
+    rows = []
+    for r in shown.to_dict("records"):
+        s, v = str(r["sender"]), str(r["receiver"])
+        carried = carriers.get((s, v)) or ("same role (not split)" if _role(s) == _role(v)
+                                           else "not split")
+        rows.append({"sender": _labelled(s, graph, labels),
+                     "receiver": _labelled(v, graph, labels),
+                     "effect [95% CI]": f"{_num(r['effect'], 3)} [{_num(r['ci_low'], 3)}, "
+                                        f"{_num(r['ci_high'], 3)}]",
+                     "n": int(r["n"]), "carried by": carried})
+    return pd.DataFrame(rows, columns=["sender", "receiver", "effect [95% CI]", "n",
+                                       "carried by"])
+
+
+def pairs_graph_points(edges: pd.DataFrame, heads: pd.DataFrame) -> list[str]:
+    """The counterfactual graph's findings: its strongest edge, and the strongest cross-position
+    edge the head split reached with the head that carries most of it."""
+    _need(edges, EDGE_COLUMNS, "a feature-edge table")
+    _need(heads, HEAD_COLUMNS, "a head-split table")
+    if edges.empty:
+        return []
+    e = edges.iloc[int(np.argmax(np.abs(edges["effect"].to_numpy(dtype=float))))]
+    lines = [f"Counterfactual graph over the pairs (EAP-IG): {len(edges):,} edges scored; the "
+             f"strongest, {e['sender']} -> {e['receiver']}, has effect {_num(e['effect'], 3)} "
+             f"[{_num(e['ci_low'], 3)}, {_num(e['ci_high'], 3)}] on the logit difference."]
+    cross = pd.DataFrame(heads[np.array([_role(str(s)) != _role(str(r)) for s, r in
+                                         zip(heads["sender"], heads["receiver"], strict=True)],
+                                        dtype=bool)])
+    named = pd.DataFrame(cross[cross["head"].notna().to_numpy()])
+    if len(named):
+        edge_size = named["edge"].abs().to_numpy(dtype=float)
+        strongest = pd.DataFrame(named[edge_size == edge_size.max()])
+        order = np.argsort(-np.abs(strongest["share"].to_numpy(dtype=float)), kind="stable")
+        top = strongest.iloc[order[:2]]
+        edge = float(top["edge"].iloc[0])
+        carried = " and ".join((f"{100 * float(v) / edge:.0f}% " if edge else "")
+                               + f"by L{int(la)}.h{int(h)}" for la, h, v in
+                               zip(top["layer"], top["head"], top["share"], strict=True))
+        lines.append(f"The strongest cross-position edge split over heads, "
+                     f"{top['sender'].iloc[0]} -> {top['receiver'].iloc[0]} (effect "
+                     f"{_num(edge, 3)}), is carried {carried}.")
+    return lines
+
+
+def pairs_graph_section(graph: Any, edges: pd.DataFrame, heads: pd.DataFrame, *,
+                        facts: Mapping[str, Any] | None = None,
+                        labels: Mapping[str, str] | None = None, caption: str = "",
+                        max_edges: int = 300, top_edges: int = 20,
+                        explanation: str = EXPLAIN_PAIRS_GRAPH) -> Section:
+    """Section ``features-pairs-graph``: the counterfactual feature graph over the pairs
+    (:func:`~factfind.features.feature_edges.feature_edges`, a
+    :class:`~factfind.graph.CircuitGraph` of feature, error, embedding and logit nodes) in the
+    circuit explorer, its findings (:func:`pairs_graph_points`) and its ``top_edges`` strongest
+    edges with the heads that carry them (:func:`pairs_edge_table`, from
+    :func:`~factfind.features.feature_edges.split_edge_heads`). Labels are ``labels`` (by id or
+    by unit, e.g. the dashboards') or the graph nodes' ``label``."""
+    from factfind.report.explorer import graph_view
+
+    table = pairs_edge_table(edges, heads, graph=graph, labels=labels, top=top_edges)
+    split = heads.groupby(["sender", "receiver"]).ngroups if len(heads) else 0
+    info: dict[str, Any] = {"edges scored": len(edges),
+                            "cross-position edges split over heads": split}
+    info.update(dict(facts or {}))
+    return Section(
+        id="features-pairs-graph", title="Features: the counterfactual graph over the pairs",
+        explanation=explanation, facts=info, points=pairs_graph_points(edges, heads),
+        graphs=[graph_view(graph, caption=caption, max_edges=max_edges)],
+        tables=[Table(table, caption=f"The {len(table)} strongest edges over the pairs (EAP-IG "
+                                     "effect on the logit difference, 95% CI); carried by: the "
+                                     "heads (or the same position) that carry the largest "
+                                     "shares of the edge", max_rows=top_edges)])
 
 
 def feature_circuit_section(circuit: pd.DataFrame, stability: pd.DataFrame, *,
@@ -581,5 +743,6 @@ def bases_section(table: pd.DataFrame, *, explanation: str = EXPLAIN_BASES) -> S
 __all__ = ["AIMS", "ERROR_FLAG", "MAX_L0", "attribute_features_section", "bases_section",
            "basis_points", "corpus_section", "dashboards_section", "dictionary_quality_section",
            "error_share_figure", "feature_circuit_section", "feature_graph_section",
-           "features_section", "features_summary", "flagged_layers", "interventions_section",
-           "quality_table"]
+           "features_section", "features_summary", "flagged_layers", "head_carriers",
+           "interventions_section", "pairs_edge_table", "pairs_graph_points",
+           "pairs_graph_section", "quality_table"]
