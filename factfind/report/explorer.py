@@ -10,7 +10,8 @@ ours (``templates/explorer.js``) draw it. What a reader gets:
   for dataset-level graphs, ``position`` for per-prompt ones); kinds have shapes (head ●,
   attention ▲, MLP ■, neuron ◆, stream ✚, embeddings Y, logits ★), the sign is the colour
   (blue positive, red negative) and |score| the size. The layers share the whole width the
-  page gives the drawing. The nodes of one (layer, stage, lane) cell -- tens of transcoder
+  page gives the drawing, a layer's column widened by the square root of its densest cell's
+  size (at most 8 times). The nodes of one (layer, stage, lane) cell -- tens of transcoder
   features of one layer at one token, in a feature graph -- form a compact grid inside the
   layer's slot, the strongest by |score| at the lane's centre and the weaker around them; one
   node pitch (16 px down to 3 px) serves the whole graph, the largest at which it fits 900 px

@@ -12,6 +12,7 @@
   const STEP = 16;        // px between two nodes of one cell, at most
   const MIN_STEP = 3;     // px between two nodes of one cell, at least (zoom in to read them)
   const MAX_H = 900;      // px: the first view is at most this tall; a taller graph zooms
+  const WIDEN = 8;        // a dense layer's column is at most this many times the others'
   const LABEL_STEP = 14;  // px: node labels need this much room under each node
   const GUTTER = 96;      // px for the lane labels at the left
   const AXIS = 24;        // px for the layer labels at the top
@@ -70,7 +71,7 @@
 
   // The layout. Columns are layers and share the width that the drawing is given, whatever
   // the depth (a column is at least 10 px: 80 layers overflow and the first view scales
-  // down). Inside a column, a slot per stage; a (slot, lane) cell holds its nodes as a grid of
+  // down); a column with a dense cell is wider, by sqrt(its size), at most WIDEN. Inside a column, a slot per stage; a (slot, lane) cell holds its nodes as a grid of
   // `step`-px pitch, as many across as the slot holds and as many rows as they need, the
   // strongest by |score| nearest the cell's centre. One pitch serves the whole graph (sizes
   // stay comparable across cells): the largest, up to STEP, at which the lanes fit in MAX_H;
@@ -103,12 +104,25 @@
     const stages = [...new Set(d3.range(N).filter((i) => !endpoint(i))
       .map((i) => stageOf(nodes.kind[i], dictOf(i))))].sort();
     const columns = nl - first + 2;
-    const COL = Math.max(10, avail / columns);
-    const slots = Math.max(1, stages.length), slotW = COL * 0.86 / slots;
+    const slots = Math.max(1, stages.length);
+    const slotOf = (i) => (endpoint(i) ? -1 : stages.indexOf(stageOf(nodes.kind[i], dictOf(i))));
+    // a column widens with the square root of its densest cell (up to WIDEN times), so that
+    // tens of features of one layer and token form a squarish block, not a thin tall column
+    const densest = new Float64Array(columns), count = new Map();
+    for (let i = 0; i < N; i++) {
+      const key = `${colOf(i)}|${slotOf(i)}|${nodes.lane[i]}`, n = (count.get(key) || 0) + 1;
+      count.set(key, n);
+      densest[colOf(i)] = Math.max(densest[colOf(i)], n);
+    }
+    const weight = Array.from(densest, (n) => Math.max(1, Math.min(WIDEN, Math.sqrt(n))));
+    const unit = Math.max(10, avail / d3.sum(weight));
+    const colW = weight.map((w) => w * unit), colLeft = [0];
+    colW.forEach((w, c) => colLeft.push(colLeft[c] + w));
+    const colMid = (c) => colLeft[c] + colW[c] / 2;
     const slotX = (i) => {
-      const c = colOf(i);
-      if (endpoint(i)) return [c * COL + COL / 2, COL * 0.8];
-      return [c * COL + COL * 0.07 + slotW * (stages.indexOf(stageOf(nodes.kind[i], dictOf(i))) + 0.5), slotW];
+      const c = colOf(i), COL = colW[c], slotW = COL * 0.86 / slots;
+      if (endpoint(i)) return [colMid(c), COL * 0.8];
+      return [colLeft[c] + COL * 0.07 + slotW * (slotOf(i) + 0.5), slotW];
     };
     const cells = new Map();
     const order = d3.range(N).sort((a, b) => (Math.abs(nodes.score[b]) - Math.abs(nodes.score[a]))
@@ -122,7 +136,7 @@
     });
     const lanes = data.lanes.length;
     // layout px per screen px of the first view, so that MAX_H is screen pixels
-    const shrink = Math.max(1, columns * COL / avail);
+    const shrink = Math.max(1, colLeft[columns] / avail);
     const room = (MAX_H - AXIS - 24) * shrink;
     const minLane = Math.max(20, Math.min(60, room / lanes));
     const pad = Math.min(28, minLane * 0.45);
@@ -149,13 +163,13 @@
       c.members.forEach((i, k) => {
         x[i] = c.x + spots[k][0] * step;
         y[i] = cy + spots[k][1] * step;
-        r[i] = endpoint(i) ? Math.min(step * 0.4, COL * 0.3)
+        r[i] = endpoint(i) ? Math.min(step * 0.4, colW[colOf(i)] * 0.3)
           : cap * (0.4 + 0.6 * Math.sqrt(Math.abs(nodes.score[i]) / maxAbs));
       });
     });
     const colLabel = (c) => (c === 0 ? "embed" : c === columns - 1 ? "logits" : `L${c - 1 + first}`);
-    return {x, y, r, laneTop, laneH, width: columns * COL, height: laneTop[lanes],
-            columns, colLabel, COL, step};
+    return {x, y, r, laneTop, laneH, width: colLeft[columns], height: laneTop[lanes],
+            columns, colLabel, colMid, colW, COL: unit, step};
   }
 
   function init(root) {
@@ -275,13 +289,14 @@
     // label widths, estimated once (11 px text): no layout reads on every zoom event
     const labelW = colLabels.map((node) => 6.5 * node.textContent.length + 4);
     function drawAxes(t) {
-      // name the embeddings and the logits, then every step-th layer whose label keeps clear
-      // of the labels already placed, so that 18, 30 and 80 layers all stay legible
-      const colPx = COL * t.k;
+      // name the embeddings and the logits, then each layer whose column is wider than its
+      // label (a dense one), then every step-th layer, each only where its label keeps clear of
+      // the labels already placed, so that 18, 30 and 80 layers all stay legible
+      const colPx = L.width / L.columns * t.k;  // a mean column
       const step = [1, 2, 5, 10, 20, 50].find((s) => colPx * s >= 34) || 100;
       const last = L.columns - 1;
       const spans = colLabels.map((_, c) => {
-        const x = t.applyX((c + 0.5) * COL), w = labelW[c];
+        const x = t.applyX(L.colMid(c)), w = labelW[c];
         // the end labels lean inwards so that the gutter and the edge never cut them
         if (c === 0) return [Math.max(x - w / 2, GUTTER + 2), "start"];
         if (c === last) return [Math.min(x + w / 2, width - 2), "end"];
@@ -293,13 +308,16 @@
         return anchor === "start" ? [x, x + w] : anchor === "end" ? [x - w, x] : [x - w / 2, x + w / 2];
       };
       const inView = (c) => { const [a, b] = extent(c); return a >= GUTTER && b <= width; };
-      const placed = [0, last].filter(inView).map(extent);
+      const shown = new Set([0, last].filter(inView)), placed = [...shown].map(extent);
+      const inner = d3.range(1, last);
+      [...inner.filter((c) => L.colW[c] * t.k >= labelW[c] + 8),
+       ...inner.filter((c) => (c - 1) % step === 0)].forEach((c) => {
+        if (shown.has(c) || !inView(c)) return;
+        const [a, b] = extent(c);
+        if (placed.every(([p, q]) => b + 6 <= p || a >= q + 6)) { placed.push([a, b]); shown.add(c); }
+      });
       colLabels.forEach((node, c) => {
-        let show = (c === 0 || c === last) && inView(c);
-        if (c !== 0 && c !== last && (c - 1) % step === 0 && inView(c)) {
-          const [a, b] = extent(c);
-          if (placed.every(([p, q]) => b + 6 <= p || a >= q + 6)) { placed.push([a, b]); show = true; }
-        }
+        const show = shown.has(c);
         node.setAttribute("x", spans[c][0].toFixed(1));
         node.setAttribute("text-anchor", spans[c][1]);
         node.style.display = show ? "" : "none";
