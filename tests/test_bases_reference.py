@@ -1,4 +1,4 @@
-"""The feature basis's mean ablation against a slow, literal reference.
+"""The feature basis's mean (and resample) ablation against a slow, literal reference.
 
 :func:`~factfind.evaluate.bases.evaluate_feature_circuits` ablates a feature circuit with every
 dictionary spliced into its MLP, all circuits stacked in one forward, the means summed with
@@ -14,13 +14,14 @@ thing in the plainest code there is:
   takes its role's mean ``z``; each dictionary's ``mlp_out`` is rebuilt as
   ``sum_f a'_f W_dec[f] + b_dec + e'`` with ``a'_f = a_f`` for a kept feature and the role's
   mean otherwise, ``e' = mlp_out - sum_f a_f W_dec[f] - b_dec`` kept or the role's mean error;
-  then the logit difference of the clean answer over the corrupt one.
+  then the logit difference of the clean answer over the corrupt one. Under resample the
+  replacement is the corrupt partner's value at the same position (its own run, alone).
 
 They must agree on tiny models of three families (GPT-2; a grouped-query Llama; Gemma-3 with
 its post-norms) with TopK transcoders and skip transcoders whose skip path is not zero, for
 circuits that keep some of everything, and the full circuit must give the model's own metric.
 The real-model check runs Gemma-3-270M with its cached default dictionaries (skip transcoders
-at every layer) on a few athlete pairs.
+at every layer) on three athlete pairs (~25 s at one thread, the model load included).
 """
 
 from __future__ import annotations
@@ -46,66 +47,88 @@ Z, MLP_IN, MLP_OUT = Component.Z, Component.MLP_IN, Component.MLP_OUT
 # ----------------------------------------------------------------------------- the reference
 
 
-def reference_means(model, facts, dicts) -> tuple[dict, dict]:
-    """Per (role, site) the mean over every token of that role in ``facts``: ``z`` of each layer
-    ``[H d_head]``, and per dictionary the feature activations ``[F]`` and the error node
-    ``[d_out]`` (skip path included). Returns ``(means, counts)``."""
+def reference_values(model, fact, dicts) -> tuple[list, list[dict]]:
+    """One prompt, tokenized alone: its roles and, per position, ``z`` of each layer
+    ``[H d_head]`` and per dictionary the feature activations ``[F]`` and the error node
+    ``[d_out]``: ``mlp_out`` minus the sum over the active features of ``a_f W_dec[f]`` minus
+    ``b_dec`` (the skip path and the residual error together)."""
     assert sorted(d.layer for d in dicts.values()) == list(range(model.n_layers)), \
         "the reference reads every MLP through a dictionary"
-    sums: dict = {}
-    counts: dict[str, int] = {}
     save = [(Z, layer) for layer in range(model.n_layers)]
     save += [(c, d.layer) for d in dicts.values() for c in (MLP_IN, MLP_OUT)]
+    tb = model.tokenize([fact])
+    with torch.no_grad():
+        acts = model.run(tb, save=save).acts
+    roles = tb.role_names()[0]
     d64 = {name: d.to(torch.float64) for name, d in dicts.items()}
+    out = []
+    for p in range(len(roles)):
+        values = {("z", layer): acts[(Z, layer)][0, p].double()
+                  for layer in range(model.n_layers)}
+        for name, d in d64.items():
+            x = acts[(MLP_IN, d.layer)][0, p].double()
+            y = acts[(MLP_OUT, d.layer)][0, p].double()
+            a = d.encode(x)
+            written = d.b_dec + sum((a[f] * d.W_dec[f] for f in a.nonzero()[:, 0].tolist()),
+                                    torch.zeros_like(d.b_dec))
+            values[("a", name)] = a
+            values[("e", name)] = y - written
+        out.append(values)
+    return roles, out
+
+
+def reference_means(model, facts, dicts) -> tuple[dict, dict]:
+    """Per (role, site) the mean over every token of that role in ``facts`` of
+    :func:`reference_values`. Returns ``(means, counts)``."""
+    sums: dict = {}
+    counts: dict[str, int] = {}
     for fact in facts:
-        tb = model.tokenize([fact])
-        with torch.no_grad():
-            acts = model.run(tb, save=save).acts
-        for p, role in enumerate(tb.role_names()[0]):
+        roles, values = reference_values(model, fact, dicts)
+        for role, at in zip(roles, values, strict=True):
             if role is None:
                 continue
             counts[role] = counts.get(role, 0) + 1
-            values = {("z", layer): acts[(Z, layer)][0, p].double()
-                      for layer in range(model.n_layers)}
-            for name, d in d64.items():
-                x = acts[(MLP_IN, d.layer)][0, p].double()
-                y = acts[(MLP_OUT, d.layer)][0, p].double()
-                a = d.encode(x)
-                written = d.b_dec + sum((a[f] * d.W_dec[f] for f in a.nonzero()[:, 0].tolist()),
-                                        torch.zeros_like(d.b_dec))
-                values[("a", name)] = a
-                values[("e", name)] = y - written  # the skip path and the residual error
-            for key, v in values.items():
+            for key, v in at.items():
                 sums[(role, *key)] = sums.get((role, *key), 0) + v
     return {k: v / counts[k[0]] for k, v in sums.items()}, counts
 
 
-def reference_metric(model, pairs, dicts, keep: Iterable[Node], means: dict) -> float:
+def reference_metric(model, pairs, dicts, keep: Iterable[Node], means: dict | None) -> float:
     """The mean logit difference with everything outside ``keep`` (nodes at concrete roles)
-    replaced by its role's mean, one prompt and one position at a time."""
+    replaced by its role's mean (``means``) or, with ``means=None``, by the corrupt
+    partner's value at the same position, one prompt and one position at a time."""
     kept = {(n.kind, n.layer, n.index, n.role, n.dictionary) for n in keep}
+    kept_features: dict = {}  # (dictionary, role) -> [F] bool, looked up once
     d64 = {name: d.to(torch.float64) for name, d in dicts.items()}
     pb = ff.encode_pairs(model, pairs)
     total = 0.0
-    for i, fact in enumerate(pairs.clean):
+    for i, (fact, partner) in enumerate(zip(pairs.clean, pairs.corrupt, strict=True)):
         tb = model.tokenize([fact])
         roles = tb.role_names()[0]
+        partner_values: list[dict] = []
+        if means is None:  # the partner has the prompt's token length
+            partner_roles, partner_values = reference_values(model, partner, dicts)
+            assert len(partner_roles) == len(roles)
+
+        def ref(p, key, role, partner_values=partner_values):
+            return means[(role, *key)] if means is not None else partner_values[p][key]
+
         seen: dict = {}
         edits = {}
 
-        def heads(z, layer, roles=roles):
+        def heads(z, layer, roles=roles, ref=ref):
             z = z.clone()
             for p, role in enumerate(roles):
                 for h in range(model.n_heads):
                     if role is not None and ("head", layer, h, role, None) not in kept:
-                        z[0, p, h] = means[(role, "z", layer)][h].to(z.dtype)
+                        z[0, p, h] = ref(p, ("z", layer), role)[h].to(z.dtype)
             return z
 
         def remember(x, name, seen=seen):
             seen[name] = x
             return x
 
-        def splice(y, name, roles=roles, seen=seen):
+        def splice(y, name, roles=roles, seen=seen, ref=ref):
             d = d64[name]
             x = seen[name]
             out = y.clone()
@@ -114,11 +137,13 @@ def reference_metric(model, pairs, dicts, keep: Iterable[Node], means: dict) -> 
                     continue
                 a = d.encode(x[0, p].double())
                 e = y[0, p].double() - (a @ d.W_dec + d.b_dec)  # the skip path and the error
-                keep_f = torch.tensor([("feature", d.layer, f, role, d.short) in kept
-                                       for f in range(d.d_sae)])
-                a2 = torch.where(keep_f, a, means[(role, "a", name)])
+                if (name, role) not in kept_features:
+                    kept_features[(name, role)] = torch.tensor(
+                        [("feature", d.layer, f, role, d.short) in kept for f in range(d.d_sae)])
+                keep_f = kept_features[(name, role)]
+                a2 = torch.where(keep_f, a, ref(p, ("a", name), role))
                 e2 = e if ("error", d.layer, None, role, d.short) in kept \
-                    else means[(role, "e", name)]
+                    else ref(p, ("e", name), role)
                 out[0, p] = (a2 @ d.W_dec + d.b_dec + e2).to(y.dtype)
             return out
 
@@ -178,7 +203,8 @@ def tiny(request, facts):
     return model, pairs, _dictionaries(model)
 
 
-def test_engine_equals_the_literal_reference_on_tiny_models(tiny):
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_engine_equals_the_literal_reference_on_tiny_models(tiny, how):
     model, pairs, dicts = tiny
     if model.spec.name.startswith("llama"):
         assert model.n_kv_heads < model.n_heads  # grouped-query attention
@@ -188,21 +214,28 @@ def test_engine_equals_the_literal_reference_on_tiny_models(tiny):
                 _random_circuit(model, dicts, roles, 0.8, seed=2),
                 _random_circuit(model, dicts, roles, 1.0, seed=3)]
     res = evaluate_feature_circuits(model, pairs, dicts, [[n.id for n in c] for c in circuits],
-                                    how="mean", progress=False)
-    ref = [reference_metric(model, pairs, dicts, c, means) for c in circuits]
+                                    how=how, progress=False)
+    ref = [reference_metric(model, pairs, dicts, c, means if how == "mean" else None)
+           for c in circuits]
     got = res["metric"].tolist()
     assert got == pytest.approx(ref, abs=2e-5, rel=1e-4), (got, ref)
     # the empty and the full circuit are the engine's own m(∅) and m(M)
     assert res["empty"].iloc[0] == pytest.approx(ref[0], abs=2e-5)
     assert res["full"].iloc[0] == pytest.approx(ref[-1], abs=2e-5)
-    # m(M) is the model's own metric: every node kept splices nothing
+    # m(M) is the model's own metric: every node kept splices nothing; under resample m(∅) is
+    # the corrupt prompts' (every head and MLP output theirs)
     pb = ff.encode_pairs(model, pairs)
     with torch.no_grad():
         plain = float(pb.measure(model.run(pb.clean).logits).double().mean())
+        corrupt = float(pb.measure(model.run(pb.corrupt).logits).double().mean())
     assert ref[-1] == pytest.approx(plain, abs=2e-5)
-    # non-zero, distinct values: every circuit ablates something that moves the metric
+    if how == "resample":
+        assert ref[0] == pytest.approx(corrupt, abs=2e-5)
+    # non-zero values, the partial circuits between the empty and the full one (under
+    # resample a 30% circuit of GPT-2 lands 4e-4 from the empty one)
     assert min(abs(v) for v in ref) > 1e-3
-    assert min(abs(a - b) for i, a in enumerate(ref) for b in ref[i + 1:]) > 1e-3, ref
+    assert abs(ref[0] - ref[3]) > 1e-2 and abs(ref[2] - ref[0]) > 1e-3, ref
+    assert min(abs(ref[k] - ref[3]) for k in (1, 2)) > 1e-3, ref
     # the skip transcoders' skip path is large, and the error node carries it
     skip = dicts.at(1)
     assert skip.W_skip is not None and skip.W_skip.abs().max() > 0.3
@@ -227,8 +260,8 @@ def test_the_error_node_carries_the_skip_path(tiny):
 
 # ----------------------------------------------------------------------------- Gemma-3-270M
 
-#: four athletes Gemma-3-270M knows (p > 0.5), partnered among the athletes
-ATHLETES = ("Roberto Clemente", "Hank Aaron", "Terrell Owens", "Bobby Orr")
+#: three athletes Gemma-3-270M knows (p > 0.5), partnered among the athletes
+ATHLETES = ("Roberto Clemente", "Terrell Owens", "Bobby Orr")
 #: a circuit of the top nodes of the features basis on 16 athlete pairs (feature AtP of
 #: Gemma's default skip transcoders): heads at the final token, error nodes and features of
 #: the early MLPs at the last subject token
@@ -280,6 +313,11 @@ def test_engine_equals_the_reference_on_gemma3_with_its_default_dictionaries(gem
                                     how="mean", batch_size=8, progress=False)
     ref = [reference_metric(gemma3, pairs, dicts, c, means) for c in (circuit, [])]
     assert res["metric"].tolist() == pytest.approx(ref, abs=2e-3, rel=1e-3)
+    res_r = evaluate_feature_circuits(gemma3, pairs, dicts, [list(GEMMA_CIRCUIT)],
+                                      how="resample", batch_size=8, progress=False)
+    ref_r = reference_metric(gemma3, pairs, dicts, circuit, None)
+    assert res_r["metric"].iloc[0] == pytest.approx(ref_r, abs=2e-3, rel=1e-3)
+    assert abs(ref_r - res_r["empty"].iloc[0]) > 0.05
     assert res["empty"].iloc[0] == pytest.approx(ref[1], abs=2e-3)
     pb = ff.encode_pairs(gemma3, pairs)
     with torch.no_grad():
