@@ -403,8 +403,9 @@ DENSE_JS = """() => {
 def _drawn_dense(browser: Any, tmp_path: Path, g: Any) -> dict[str, Any]:
     """The node boxes of ``g``'s explorer, as drawn: none overlap, all lie within the plot,
     they span >= 70% of its width, and the drawing is at most 900 px tall."""
-    path = R.write_report(R.ReportData(title="dense", sections=[R.circuit_section(g)]),
-                          tmp_path / "dense.html")
+    path = R.write_report(R.ReportData(title="dense", sections=[
+        R.Section(id="circuit", title="Circuit", graphs=[R.graph_view(g)])]),
+        tmp_path / "dense.html")
     w = Watched(browser, path.as_uri())
     got = w.page.evaluate(DENSE_JS)
     w.page.close()
@@ -445,3 +446,25 @@ def test_denser_cells_still_never_overlap_and_fill_the_width(browser: Any, tmp_p
                                                              n_layers: int) -> None:
     g, _, _ = _dense_feature_graph(n_dense, n_layers)
     _drawn_dense(browser, tmp_path, g)
+
+
+def test_many_position_lanes_fit_the_height_without_overlaps(browser: Any,
+                                                             tmp_path: Path) -> None:
+    # a per-prompt graph of a 40-token prompt: 40 position lanes, one with 30 features in a cell
+    import networkx as nx
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    g = nx.DiGraph()
+    g.add_node("embed", kind="embed", score=0.0)
+    g.add_node("logits", kind="logits", layer=18, score=0.0)
+    for pos, layer in itertools.product(range(40), range(18)):
+        for i in range(30 if (pos, layer) == (3, 1) else int(rng.integers(0, 3))):
+            n = f"L{layer}.tc.f{i}@{pos}"
+            g.add_node(n, kind="feature", layer=layer, index=i, position=pos, dictionary="tc",
+                       score=float(rng.normal()))
+            g.add_edge("embed", n, score=float(rng.normal()))
+            g.add_edge(n, "logits", score=float(rng.normal()))
+    got = _drawn_dense(browser, tmp_path, g)
+    cell = [n for n in got["nodes"] if n["id"].startswith("L1.") and n["id"].endswith("@3")]
+    assert len(cell) == 30 and len({round(n["y"]) for n in cell}) >= 2  # rows inside its lane
