@@ -654,6 +654,18 @@ def _split_point(model: Model, ds: Dictionaries, g: _Graph, pb: PairBatch, wr: _
     acts, grads, m = _point_run(model, pb, point, metric)
     stream = mlp_frozen_stream(model, acts, pb, g.frozen, metric, expect=m)
     L = model.n_layers
+    tangents: dict[str, tuple[Tensor, list[Tensor]]] = {}  # per sender: its write, what it does
+
+    def moved(s_id: str) -> tuple[Tensor, list[Tensor]]:
+        if s_id not in tangents:
+            s = s_of[s_id]
+            leaf = g.senders[s].layer if g.senders[s].kind != "embed" else -1
+            idx, W = wr.by_leaf[leaf]
+            w = torch.zeros_like(stream.x[0])  # the sender's write, [batch pos d]
+            w[wr.sel] = W[idx.index(s)].to(w.dtype)
+            tangents[s_id] = w, stream_tangents(stream, leaf, w)
+        return tangents[s_id]
+
     for t_id in dict.fromkeys(t for _, t in pairs_ids):
         t = t_of[t_id]
         u = g.receivers[t]
@@ -675,13 +687,10 @@ def _split_point(model: Model, ds: Dictionaries, g: _Graph, pb: PairBatch, wr: _
             for s_id in senders:
                 s = s_of[s_id]
                 leaf = g.senders[s].layer if g.senders[s].kind != "embed" else -1
-                idx, W = wr.by_leaf[leaf]
-                w = torch.zeros_like(stream.x[0])  # the sender's write, [batch pos d]
-                w[wr.sel] = W[idx.index(s)].to(w.dtype)
+                w, dx = moved(s_id)  # the write, and what it does to each x_k
                 j = leaf_layers.index(leaf)
                 local[(s_id, t_id)] = local.get((s_id, t_id), 0.0) + weight * float(
                     (loc[j].double() * w.double()).sum())
-                dx = stream_tangents(stream, leaf, w)  # what the write does to each x_k
                 for layer, v in cross:
                     per_head = torch.einsum("hbpd,bpd->h", v.double(), dx[layer].double())
                     for h, val in enumerate(per_head.tolist()):
