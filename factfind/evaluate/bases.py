@@ -49,6 +49,9 @@ alone 0.00 / 0.08 / 0.03, heads and features 0.00 / 0.09 / 0.09, each kept error
 to its whole MLP 0.03 / 0.17 / 0.14. On SmolLM2-135M (16 ROME-known pairs) features and skip
 path are large opposed writes at some layers (the features' deviation ~45x the MLP's at layer
 11): heads plus error nodes 0.12 / -0.05 / -0.57, heads and features 0.02 / 0.07 / 0.15.
+Ranked without error nodes (the next heads and features fill the budget), the basis scores
+-0.01 / 0.11 / 0.20 under mean and 0.01 / 0.01 / 0.03 under resample on Gemma (SmolLM2 0.03
+/ 0.07 / 0.14 and 0.00 / 0.00 / 0.02): its resample lead is its error nodes' too.
 
 :func:`basis_comparison` makes the table (one row per basis, budget and ablation) and
 :func:`basis_figure` its figure. Nothing is tuned toward a basis: each is ranked by its own
