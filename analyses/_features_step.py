@@ -24,7 +24,9 @@ On the run's known pairs this step
     the logit difference with attention live; its strongest cross-position edges are split
     over the heads that carry them (:func:`factfind.split_edge_heads`);
  5. **swaps and steers** the top features at the subject's last token and at the final token in
-    each pair's clean run (:func:`factfind.feature_interventions`), against random controls;
+    each pair's clean run (:func:`factfind.feature_interventions`), against random controls,
+    with the clean prompts paired again with partners the model knows (:func:`known_partners`:
+    a partner the model does not know gives no attribute to swap in);
  6. compares **three bases** - features, neurons, heads/MLPs - at equal node budgets
     (:func:`~factfind.evaluate.bases.basis_comparison`, mean and resample ablation);
  7. shows dashboards (top contexts, logit lens, label) of the circuit's top features.
@@ -84,6 +86,8 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fact_finding.features")
 ORGANISM = "factfind-organism"  # the name ff.load_model("organism") gives
 MODES = ("auto", "on", "off")
+#: the fewest re-paired pairs (of the attribution's) the interventions use instead of the run's
+MIN_KNOWN_PARTNERS = 32
 T = TypeVar("T")
 
 
@@ -431,11 +435,29 @@ def _label(cg: Any, labels: dict[str, str]) -> None:
             attrs["label"] = labels[str(nid).split("@")[0]]
 
 
-def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs: Any
-                  ) -> FeaturesResult:
+def known_partners(pairs: Any, known: Any, model: Any, *, seed: int) -> Any:
+    """The clean prompts of ``pairs`` paired again with corrupt partners drawn from ``known``
+    (facts the model knows; same relation, same subject length, another attribute): an
+    intervention that moves the corrupt subject's features can only make the model say the
+    corrupt attribute if the model knows it. With fewer than :data:`MIN_KNOWN_PARTNERS` such
+    pairs (or no ``known``), ``pairs`` itself."""
+    if known is None:
+        return pairs
+    clean = ff.FactDataset(pairs.clean, name=f"{getattr(known, 'name', 'known')}|clean")
+    got = clean.corrupt(model, seed=seed, on_missing="skip", pool=known)
+    if len(got) < min(MIN_KNOWN_PARTNERS, len(pairs)):
+        log.warning("features: only %d of %d pairs found a partner the model knows; the "
+                    "interventions use the run's pairs", len(got), len(pairs))
+        return pairs
+    return got
+
+
+def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs: Any,
+                  known: Any = None) -> FeaturesResult:
     """Run the step (module docstring) if ``--features`` says so; every result cached in the
     run's folder under names that carry the step's knobs. ``cfg`` is the fact-finding run's
-    Config (seed, batch size)."""
+    Config (seed, batch size); ``known``: the facts the model knows, the interventions'
+    partners (:func:`known_partners`)."""
     fc = config_from(args)
     result = FeaturesResult(fc)
     if not enabled(fc, model):
@@ -520,9 +542,11 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
         pd.DataFrame({c: pd.Series(dtype=t) for c, t in HEAD_COLUMNS.items()})
     log.info("features: counterfactual graph done (%.0fs)", time.time() - t0)
     # 5. interventions at subject_last and final; 6. the three bases
+    ipairs = known_partners(fpairs, known, model, seed=cfg.seed)
     inter = cache.table("features_interventions", lambda: feature_interventions(
-        model, fpairs, dicts, est, top=fc.feature_top, scales=(1.0, 2.0), batch_size=bs,
-        seed=cfg.seed), params={**atp_tag, "top": fc.feature_top})
+        model, ipairs, dicts, est, top=fc.feature_top, scales=(1.0, 2.0), batch_size=bs,
+        seed=cfg.seed), params={**atp_tag, "top": fc.feature_top,
+                                "partners": ipairs.fingerprint()})
     bases = cache.table("features_bases", lambda: basis_comparison(
         model, bpairs, dicts, budgets=fc.budgets, batch_size=bs),
         params={"dicts": tag["dicts"], "pairs": bpairs.fingerprint(), "budgets": fc.budgets})
@@ -573,7 +597,10 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
     kinds = sorted({d.kind.value for d in dicts.values()})
     facts = {"dictionaries": f"{len(dicts)} ({', '.join(kinds)}, "
                              f"{next(iter(dicts.values())).d_sae:,} features each): {source}",
-             "pairs (attribution, circuit, interventions)": len(fpairs),
+             "pairs (attribution, circuit)": len(fpairs),
+             "pairs (interventions)": (f"{len(ipairs)}: the same clean prompts, partners the "
+                                       "model knows" if ipairs is not fpairs else
+                                       f"{len(ipairs)}: the attribution's"),
              "pairs (bases)": len(bpairs),
              "pairs (counterfactual graph)": len(epairs),
              "attribution": f"integrated gradients, {steps} steps" if steps else "AtP",

@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> Outcome:
     neurons = _neuron_steps(cfg, cache, model, pairs[:cfg.atp_prompts], known, pool, is_known)
     log.info("neurons: AtP* and neuron analyses done (%.0fs)", time.time() - t0)
     # 9b. features: dictionaries, feature circuits, the single-prompt graph (--features) -----
-    feats = FEATURES["features_step"](args, cfg=cfg, cache=cache, model=model, pairs=pairs)
+    feats = FEATURES["features_step"](args, cfg=cfg, cache=cache, model=model, pairs=pairs,
+                                      known=known)
 
     # 10. the report ---------------------------------------------------------------------------
     wall = time.time() - t0

@@ -278,6 +278,28 @@ def test_small_relations_share_one_circuit_group(pairs) -> None:
                          else "other")
 
 
+def test_interventions_pair_the_clean_prompts_with_partners_the_model_knows(
+        facts, gpt2_model) -> None:
+    """known_partners keeps each pair's clean prompt and draws its partner from the known
+    facts only; with too few such partners (or no known set) it keeps the run's pairs."""
+    step = runpy.run_path(str(STEP), run_name="features_step_test")
+    fn = step["known_partners"]
+    known = ff.FactDataset(list(facts)[::2], name="known")
+    # as in the run: known clean prompts, partners drawn from every fact
+    pairs = known.corrupt(gpt2_model, seed=0, on_missing="skip", pool=facts)
+    assert any(c.subject not in {f.subject for f in known} for c in pairs.corrupt)
+    assert fn(pairs, None, gpt2_model, seed=0) is pairs
+    assert len(pairs) < step["MIN_KNOWN_PARTNERS"]  # too few here: the run's pairs
+    assert fn(pairs, known, gpt2_model, seed=0) is pairs
+    fn.__globals__["MIN_KNOWN_PARTNERS"] = 1
+    got = fn(pairs, known, gpt2_model, seed=0)
+    assert got is not pairs and len(got) >= 1
+    subjects = {f.subject for f in known}
+    assert all(c.subject in subjects for c in got.corrupt)
+    assert {c for c in got.clean} <= set(pairs.clean)
+    assert all(a.attribute != b.attribute for a, b in zip(got.clean, got.corrupt, strict=True))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHECKPOINT_DIR / "model.safetensors").exists(),
                     reason="organism checkpoint not built")
