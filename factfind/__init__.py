@@ -76,7 +76,8 @@ from factfind.features.attribution import feature_atp
 from factfind.features.corpus import load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard
 from factfind.features.evaluation import evaluate_dictionaries
-from factfind.features.feature_edges import feature_edges, split_edge_heads
+from factfind.features.feature_edge_heads import split_edge_heads
+from factfind.features.feature_edges import feature_edges
 from factfind.features.formats import load_dictionaries
 from factfind.features.labels import attribute_features
 from factfind.features.training import fit_dictionary, train_dictionaries

@@ -28,8 +28,9 @@
   (:func:`to_circuit_graph`) or circuit-tracer's graph JSON (:func:`to_circuit_tracer_json`);
 * :mod:`.feature_edges`: the counterfactual graph over pairs (:func:`feature_edges`: EAP-IG
   with feature and error nodes as senders and receivers, the transcoded MLPs frozen into
-  nodes by :mod:`.feature_edges_model`; :func:`split_edge_heads` splits each cross-position
-  edge over the heads that carry it).
+  nodes by :mod:`.feature_edges_model`, the shared pieces in :mod:`.feature_edges_batch`, the
+  literal reference in :mod:`.feature_edges_reference`); :mod:`.feature_edge_heads`:
+  :func:`split_edge_heads` splits each cross-position edge over the heads that carry it.
 """
 
 from factfind.features.attribution import feature_atp
@@ -38,7 +39,8 @@ from factfind.features.corpus import Corpus, load_corpus
 from factfind.features.dashboard import FeatureDashboard, feature_dashboard, feature_dashboards
 from factfind.features.dictionary import Activation, Dictionaries, Dictionary, DictKind
 from factfind.features.evaluation import evaluate_dictionaries, feature_density
-from factfind.features.feature_edges import feature_edges, split_edge_heads
+from factfind.features.feature_edge_heads import split_edge_heads
+from factfind.features.feature_edges import feature_edges
 from factfind.features.formats import load_dictionaries, save_dictionaries
 from factfind.features.interventions import feature_interventions
 from factfind.features.labels import attribute_features, best_attribute_features
