@@ -35,7 +35,8 @@ Each result is a cache entry of the fact-finding run's folder, named by the step
 pairs' and the dictionaries' fingerprints, budgets, counts; ``RunCache``'s ``params``), so the
 folder's key - and every earlier step's cache - does not move when a feature knob does, and a
 second run is served from the cache. The report gets the sections of
-:mod:`factfind.report.features`; the pruned graph is exported beside it
+:mod:`factfind.report.feature_circuits` (and the dictionaries' quality and dashboards of
+:mod:`factfind.report.features`); the pruned graph is exported beside it
 (``<report>-features.graphml``, ``-features.json`` (node-link) and
 ``-features.circuit-tracer.json``, the file circuit-tracer's frontend opens; list its
 ``metadata`` in that folder's ``graph-metadata.json`` to serve it), and the counterfactual
@@ -80,6 +81,7 @@ from factfind.features import (
 from factfind.features.circuits import STABILITY_KS, aggregate_circuit, circuit_stability
 from factfind.features.linear_graph import linear_graph
 from factfind.features.linear_graph_export import circuit_tracer_graph, to_circuit_graph
+from factfind.report import feature_circuits as rfc
 from factfind.report import features as rf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -577,7 +579,7 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
                                 config={"steps": fc.edge_steps, "nodes": len(enodes)})
         _label(pg, labels)
         result.pairs_graph = pg
-        pairs_section = [rf.pairs_graph_section(pg, edges, heads, labels=labels, facts={
+        pairs_section = [rfc.pairs_graph_section(pg, edges, heads, labels=labels, facts={
             "nodes (features and errors)": f"{len(enodes)} strongest of the circuit's 'all' "
                                            "group, plus an embedding node per role and the "
                                            "logits",
@@ -591,9 +593,9 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
                      else bound, "error_share": error_share,
                      "interventions": inter, "bases": bases,
                      **({"edges": edges, "edge_heads": heads} if edges is not None else {})}
-    points = rf.features_summary(scores=g["scores"], error_share=error_share,
-                                 stability=stability, interventions=inter, bases=bases,
-                                 verification=verified, pairs_edges=edges, pairs_heads=heads)
+    points = rfc.features_summary(scores=g["scores"], error_share=error_share,
+                                  stability=stability, interventions=inter, bases=bases,
+                                  verification=verified, pairs_edges=edges, pairs_heads=heads)
     kinds = sorted({d.kind.value for d in dicts.values()})
     facts = {"dictionaries": f"{len(dicts)} ({', '.join(kinds)}, "
                              f"{next(iter(dicts.values())).d_sae:,} features each): {source}",
@@ -610,17 +612,17 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
              "graph prompt": g["facts"]["prompt"]}
     training = {k: v for k, v in (dicts.meta or {}).items() if isinstance(v, (int, float, str))}
     result.sections = [
-        rf.features_section(points, facts),
+        rfc.features_section(points, facts),
         rf.dictionary_quality_section(quality, training=training),
-        rf.feature_graph_section(cg, scores=g["scores"], error_share=error_share,
-                                 facts=g["facts"], caption=(
-                                     f"The pruned attribution graph of {g['facts']['prompt']!r}"
-                                     f", {kept}: feature, error, embedding and logit nodes by "
-                                     "token role.")),
+        rfc.feature_graph_section(cg, scores=g["scores"], error_share=error_share,
+                                  facts=g["facts"], caption=(
+                                      f"The pruned attribution graph of {g['facts']['prompt']!r}"
+                                      f", {kept}: feature, error, embedding and logit nodes by "
+                                      "token role.")),
         *pairs_section,
-        rf.feature_circuit_section(circuit, stability, verification=verified, bound=bound),
-        rf.interventions_section(inter),
-        rf.bases_section(bases),
+        rfc.feature_circuit_section(circuit, stability, verification=verified, bound=bound),
+        rfc.interventions_section(inter),
+        rfc.bases_section(bases),
         *([rf.dashboards_section(boards)] if boards else []),
     ]
     log.info("features step done (%.0fs)", time.time() - t0)

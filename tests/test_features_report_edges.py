@@ -1,4 +1,4 @@
-"""The report's counterfactual feature graph (factfind.report.features.pairs_graph_section).
+"""The report's counterfactual feature graph (factfind.report.feature_circuits.pairs_graph_section).
 
 From a hand-made edge frame (``ff.feature_edges``' columns) and head split (``ff.split_edge_heads``'
 columns) whose answers are known: the table lists the strongest edges first with their labels,
@@ -16,7 +16,7 @@ import pytest
 from factfind.errors import ArgumentError
 from factfind.graph import CircuitGraph
 from factfind.graph.provenance import Provenance
-from factfind.report import features as rf
+from factfind.report import feature_circuits as rfc
 
 F3 = "L1.stc.f3@subject_last"
 ERR = "L2.stc.err@final"
@@ -50,8 +50,8 @@ def _graph() -> CircuitGraph:
 
 
 def test_the_table_says_who_carries_each_edge_strongest_first() -> None:
-    table = rf.pairs_edge_table(_edges(), _heads(), graph=_graph(),
-                                labels={"L2.stc.err": "the error of L2"})
+    table = rfc.pairs_edge_table(_edges(), _heads(), graph=_graph(),
+                                 labels={"L2.stc.err": "the error of L2"})
     assert list(table.columns) == ["sender", "receiver", "effect [95% CI]", "n", "carried by"]
     assert list(table["effect [95% CI]"])[:3] == ["2.000 [1.500, 2.500]",
                                                   "-1.500 [-2.000, -1.000]",
@@ -68,27 +68,27 @@ def test_the_table_says_who_carries_each_edge_strongest_first() -> None:
         "same position 100%",             # head <NA>: no head carries it, all local
         "no head"]                        # nothing carries it at all
     assert list(table["n"]) == [16] * 6
-    assert len(rf.pairs_edge_table(_edges(), _heads(), top=2)) == 2
-    assert rf.pairs_edge_table(_edges(), _heads())["receiver"].iloc[0] == F3  # no labels
+    assert len(rfc.pairs_edge_table(_edges(), _heads(), top=2)) == 2
+    assert rfc.pairs_edge_table(_edges(), _heads())["receiver"].iloc[0] == F3  # no labels
 
 
 def test_the_summary_names_the_strongest_edge_and_its_heads() -> None:
-    first, second = rf.pairs_graph_points(_edges(), _heads())
+    first, second = rfc.pairs_graph_points(_edges(), _heads())
     assert first == ("Counterfactual graph over the pairs (EAP-IG): 6 edges scored; the "
                      f"strongest, embed@subject_last -> {F3}, has effect 2.000 [1.500, 2.500] "
                      "on the logit difference.")
     assert second == (f"The strongest cross-position edge split over heads, {F3} -> {ERR} "
                       "(effect -1.500), is carried 80% by L2.h0 and 20% by L1.h1.")
-    lines = rf.features_summary(pairs_edges=_edges(), pairs_heads=_heads())
+    lines = rfc.features_summary(pairs_edges=_edges(), pairs_heads=_heads())
     assert lines == [first, second]
     # no head split: only the strongest edge
-    assert len(rf.pairs_graph_points(_edges(), _heads().iloc[:0])) == 1
-    assert rf.features_summary(pairs_edges=_edges()) == []  # both frames or neither
+    assert len(rfc.pairs_graph_points(_edges(), _heads().iloc[:0])) == 1
+    assert rfc.features_summary(pairs_edges=_edges()) == []  # both frames or neither
 
 
 def test_the_section_holds_the_explorer_the_table_and_the_lines() -> None:
-    sec = rf.pairs_graph_section(_graph(), _edges(), _heads(), facts={"pairs": 16},
-                                 caption="the pairs graph", top_edges=4)
+    sec = rfc.pairs_graph_section(_graph(), _edges(), _heads(), facts={"pairs": 16},
+                                  caption="the pairs graph", top_edges=4)
     assert sec.id == "features-pairs-graph" and len(sec.graphs) == 1
     assert sec.graphs[0].n_edges == 6 and "the pairs graph" in sec.graphs[0].caption
     assert len(sec.tables) == 1 and len(sec.tables[0].data) == 4
@@ -106,9 +106,9 @@ def test_missing_columns_are_typed_one_line_errors(frame: str, drop: str, what: 
         edges = edges.drop(columns=[drop])
     else:
         heads = heads.drop(columns=[drop])
-    for call in (lambda: rf.pairs_graph_section(_graph(), edges, heads),
-                 lambda: rf.pairs_edge_table(edges, heads),
-                 lambda: rf.pairs_graph_points(edges, heads)):
+    for call in (lambda: rfc.pairs_graph_section(_graph(), edges, heads),
+                 lambda: rfc.pairs_edge_table(edges, heads),
+                 lambda: rfc.pairs_graph_points(edges, heads)):
         with pytest.raises(ArgumentError, match=f"{what} needs columns") as err:
             call()
         assert "\n" not in str(err.value) and drop in str(err.value)

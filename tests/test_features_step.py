@@ -23,7 +23,7 @@ from test_features_linear_graph import _check_circuit_tracer_schema
 import factfind as ff
 from factfind.errors import ArgumentError
 from factfind.organism import CHECKPOINT_DIR
-from factfind.report import features as rf
+from factfind.report import feature_circuits as rfc
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = ROOT / "analyses" / "_features_step.py"
@@ -65,7 +65,7 @@ def _error_share() -> pd.DataFrame:
 
 
 def test_basis_lines_say_where_features_lose_with_the_numbers() -> None:
-    mean, resample = rf.basis_points(_bases())
+    mean, resample = rfc.basis_points(_bases())
     assert mean.startswith("Mean ablation, faithfulness at 10/50/200 nodes:")
     assert "features 0.20/0.50/0.90" in mean and "neurons 0.40/0.45/0.80" in mean
     # features lose to neurons only at 10 nodes, and beat heads/MLPs everywhere
@@ -77,9 +77,9 @@ def test_basis_lines_say_where_features_lose_with_the_numbers() -> None:
     flipped.loc[(flipped["basis"] == "features") & (flipped["how"] == "resample"),
                 "faithfulness"] = 0.1
     assert "Features lose to neurons at 10 nodes (0.10 vs 0.30), 50 nodes (0.10 vs 0.50)" \
-        in rf.basis_points(flipped)[1]
+        in rfc.basis_points(flipped)[1]
     with pytest.raises(ArgumentError, match="basis table"):
-        rf.basis_points(pd.DataFrame({"basis": ["features"]}))
+        rfc.basis_points(pd.DataFrame({"basis": ["features"]}))
 
 
 def test_the_summary_reads_every_number_off_its_table() -> None:
@@ -88,10 +88,10 @@ def test_the_summary_reads_every_number_off_its_table() -> None:
                               "n": 20, "n_prompts": 32})
     verification = pd.DataFrame({"node": ["a", "b", "c"], "estimate": [1.0, -0.5, 0.2],
                                  "effect": [1.2, 0.1, 0.3]})
-    lines = rf.features_summary(scores={"replacement": 0.84, "completeness": 0.951},
-                                error_share=_error_share(), stability=stability,
-                                interventions=_interventions(), bases=_bases(),
-                                verification=verification)
+    lines = rfc.features_summary(scores={"replacement": 0.84, "completeness": 0.951},
+                                 error_share=_error_share(), stability=stability,
+                                 interventions=_interventions(), bases=_bases(),
+                                 verification=verification)
     assert lines[0] == ("Single-prompt graph: replacement score 0.84, completeness 0.95; error "
                         "nodes hold > 30% of their layer's influence at 2 of 4 layers (L1, L3).")
     assert "top-50 nodes" in lines[1] and "Jaccard 0.42 [0.40, 0.44]" in lines[1]
@@ -101,15 +101,15 @@ def test_the_summary_reads_every_number_off_its_table() -> None:
     assert "flips 16 of 64 answers (25%" in lines[3] and "random features: 12%" in lines[3]
     assert "sign for 2" in lines[4] and "largest exact effect is 1.200" in lines[4]
     assert any("Features lose to neurons" in line for line in lines[5:])
-    assert rf.features_summary() == []
-    assert rf.flagged_layers(_error_share()) == [1, 3]
+    assert rfc.features_summary() == []
+    assert rfc.flagged_layers(_error_share()) == [1, 3]
 
 
 def test_the_feature_sections_hold_their_parts_and_refuse_wrong_tables() -> None:
-    inter = rf.interventions_section(_interventions())
+    inter = rfc.interventions_section(_interventions())
     assert inter.id == "features-interventions" and len(inter.points) == 2
     assert len(inter.figures) == 1 and len(inter.tables[0].data) == 8
-    bases = rf.bases_section(_bases())
+    bases = rfc.bases_section(_bases())
     assert bases.id == "features-bases" and len(bases.figures) == 1
     assert len(bases.tables[0].data) == len(_bases())
     circuit = pd.DataFrame({"node": ["L1.stc.f3@final", "L0.stc.err@final", "L2.stc.f1@final"],
@@ -119,18 +119,18 @@ def test_the_feature_sections_hold_their_parts_and_refuse_wrong_tables() -> None
                               "ci_high": [0.6, 0.5], "n": 20, "n_nodes": 3})
     bound = pd.DataFrame({"rank_start": [16, 32], "rank_stop": [32, 64], "nodes": [16, 32],
                           "covered": [16, 30], "effect": [0.2, 0.05]})
-    sec = rf.feature_circuit_section(circuit, stability, bound=bound)
+    sec = rfc.feature_circuit_section(circuit, stability, bound=bound)
     assert list(sec.tables[-1].data["bound"]) == [0.2, 0.05]
-    assert len(rf.feature_circuit_section(circuit, stability).tables) == len(sec.tables) - 1
+    assert len(rfc.feature_circuit_section(circuit, stability).tables) == len(sec.tables) - 1
     shown = sec.tables[0].data
     assert list(shown["node"]) == ["L0.stc.err@final", "L1.stc.f3@final", "L2.stc.f1@final"]
     assert sec.facts["nodes attributed"] == 3
     with pytest.raises(ArgumentError, match="interventions table"):
-        rf.interventions_section(pd.DataFrame({"role": ["final"]}))
+        rfc.interventions_section(pd.DataFrame({"role": ["final"]}))
     with pytest.raises(ArgumentError, match="error-share table"):
-        rf.flagged_layers(pd.DataFrame({"layer": [0]}))
+        rfc.flagged_layers(pd.DataFrame({"layer": [0]}))
     with pytest.raises(ArgumentError, match="'all' group"):
-        rf.feature_circuit_section(circuit.assign(group="P17"), stability)
+        rfc.feature_circuit_section(circuit.assign(group="P17"), stability)
 
 
 def test_the_steps_flags_default_and_refuse_bad_values() -> None:

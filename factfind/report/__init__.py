@@ -34,7 +34,9 @@ The parts, from the bottom up:
 
 One module per part: ``document`` (data model, rendering, writing), ``figures``, ``tables``,
 ``explorer``, ``sections``, ``show``; ``neurons`` and ``concepts`` hold the sections of the
-neuron-level and concept analyses. Everything public of the first six is importable from here.
+neuron-level and concept analyses, ``features`` those of sparse dictionaries and
+``feature_circuits`` those of the circuits read in their features. Everything public of the
+first six is importable from here.
 
 Example::
 
