@@ -51,8 +51,10 @@ passes; then one ablated run per budget, basis and ablation), the single-prompt 
 missed-effect bound adds ~40 s at its default 32 nodes (64: ~50 s, 128: ~60 s). The
 counterfactual graph (4b) costs about ``m (3 + c T)`` forwards per batch of its pairs (``m``
 EAP-IG points, ``T`` receivers: its nodes and the logits, ``c`` the MLP-free backward's share
-of a forward; ``factfind.features.feature_edges``), its head split about ``layers x heads``
-backward passes per split edge's receiver, position and point.
+of a forward; ``factfind.features.feature_edges``), its head split one per-head pull-back per
+layer for each split edge's receiver and one forward-mode pass for each sender, per position and
+point. Measured: on Gemma-3-270M (2 threads) the graph took 42 s and the split of 10 edges 72 s
+of a 248 s step; on SmolLM2-135M (1 thread) 60 s and 135 s of 388 s.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ class FeaturesConfig:
                            "circuit's 'all' group (50: the middle budget, the top 50 whose "
                            "stability the report measures). Its cost grows with the receivers "
                            "T (these nodes plus the logits): about m (3 + c T) forwards per "
-                           "batch of pairs, c the MLP-free backward's share of a forward; 50 "
-                           "nodes give up to ~1,500 edges")
+                           "batch of pairs, c the MLP-free backward's share of a forward "
+                           "(0.37 on Gemma-3-270M); 50 nodes gave 1,297 edges in 42 s on "
+                           "Gemma-3-270M at 2 threads, 1,141 in 60 s on SmolLM2 at 1")
     edge_pairs: int = _opt(16, "pairs (the first of the feature pairs) the counterfactual graph "
                            "is averaged over: 16, the verification's and the bases' count, a "
                            "quarter of the attribution's pairs (the graph costs m (3 + c T) "
@@ -180,8 +183,9 @@ class FeaturesConfig:
                            "input, about m times cheaper)")
     edge_split: int = _opt(10, "strongest cross-position edges (sender and receiver at different "
                            "roles) split over the heads that carry them (ff.split_edge_heads: "
-                           "about layers x heads backward passes per receiver, position and "
-                           "point, so a handful, the table's top rows; 0: no split)")
+                           "per point a per-head pull-back per layer for each receiver and a "
+                           "forward-mode pass for each sender; 10 edges took 72 s on "
+                           "Gemma-3-270M at 2 threads, 135 s on SmolLM2 at 1; 0: no split)")
     edge_graph_edges: int = _opt(300, "edges of the counterfactual graph kept in its explorer "
                                  "and its GraphML / node-link exports: the strongest, on paths "
                                  "from the embeddings to the logits (300: what the explorer "

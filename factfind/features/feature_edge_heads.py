@@ -81,8 +81,11 @@ def split_edge_heads(
         ``head``, ``share`` (mean over prompts), ``local``, ``edge`` (the edge's effect, equal to
         :func:`feature_edges`' over the same prompts) and ``n``.
 
-    Cost: per receiver, position and point, one pass down the MLP-frozen model per layer with
-    every head batched (about ``layers x heads`` backward passes per receiver).
+    Cost, per point and batch: one run of the model and one rebuild of it with its MLPs frozen
+    (shared by every edge), per receiver and position one per-head pull-back through each
+    attention layer below it (a layer's backward, the heads batched), and per sender one
+    forward-mode pass up the MLP-frozen model (about twice its forward; shared by the edges the
+    sender sends). Gemma-3-270M, 10 edges over 16 pairs and 5 points: 72 s at 2 threads.
     """
     if isinstance(edges, pd.DataFrame):
         missing = [c for c in ("sender", "receiver") if c not in edges.columns]
