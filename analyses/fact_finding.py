@@ -131,6 +131,17 @@ class Config:
     version: str = ff.__version__
 
 
+#: Config fields that change how fast a run goes, not what it computes: left out of the run
+#: folder's key, so rerunning with another ``--threads`` is served from the same cache
+UNKEYED = ("threads",)
+
+
+def cache_key(cfg: Config) -> dict[str, Any]:
+    """The settings that name the run's cache folder: every :class:`Config` field but
+    :data:`UNKEYED` (the report's provenance still records them all)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in UNKEYED}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """The :class:`Config` from the command line (one flag per field, its default and help
     from the field) plus the run's paths."""
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> Outcome:
     model = ff.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     facts = ff.load_facts(cfg.facts)
     cache = ff.RunCache.open(args.cache, model=[model.name, model.revision, model.fingerprint()],
-                          dataset=facts.fingerprint(), config=asdict(cfg))
+                          dataset=facts.fingerprint(), config=cache_key(cfg))
     log.info("model %r, %d facts; results in %s", model, len(facts), cache.root)
     # score a seeded shuffle of the facts in chunks until 4x the facts to analyse are known
     # (at least 256 scored): a model that knows 5% of a dataset still gets enough pairs

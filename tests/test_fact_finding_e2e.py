@@ -97,3 +97,16 @@ def _check_in_browser(report: Path) -> None:
            or (e["method"] == "Network.requestWillBeSent" and not e["params"]["request"][
                "url"].startswith(("file:", "data:")))]
     assert not bad, bad[:3]
+
+
+def test_the_thread_count_does_not_name_the_cache(script, tmp_path):
+    """--threads changes how fast a run goes, not what it computes: two runs that differ only
+    in it share one cache folder; any other setting (here the seed) gets its own."""
+    one, _ = script["parse_args"](["--threads", "1"])
+    two, _ = script["parse_args"](["--threads", "2"])
+    seed, _ = script["parse_args"](["--threads", "2", "--seed", "1"])
+    key = script["cache_key"]
+    assert "threads" not in key(one) and key(one) == key(two) != key(seed)
+    roots = [ff.RunCache.open(tmp_path, model="m", dataset="d", config=key(c)).root
+             for c in (one, two, seed)]
+    assert roots[0] == roots[1] != roots[2]
