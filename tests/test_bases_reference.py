@@ -17,6 +17,10 @@ thing in the plainest code there is:
   then the logit difference of the clean answer over the corrupt one. Under resample the
   replacement is the corrupt partner's value at the same position (its own run, alone).
 
+The ``features_no_errors`` basis (the features' ranking with its error nodes left out) goes
+through :func:`~factfind.evaluate.bases.basis_comparison` end to end and must equal the same
+reference on its own circuits, none of which holds an error node.
+
 They must agree on tiny models of three families (GPT-2; a grouped-query Llama; Gemma-3 with
 its post-norms) with TopK transcoders and skip transcoders whose skip path is not zero, for
 circuits that keep some of everything, and the full circuit must give the model's own metric.
@@ -30,12 +34,19 @@ import json
 import os
 from collections.abc import Iterable
 
+import pandas as pd
 import pytest
 import torch
 
 import factfind as ff
 from factfind.data.pairs import FALLBACKS
-from factfind.evaluate.bases import evaluate_feature_circuits, feature_circuit_nodes
+from factfind.evaluate.bases import (
+    basis_circuit,
+    basis_comparison,
+    basis_scores,
+    evaluate_feature_circuits,
+    feature_circuit_nodes,
+)
 from factfind.features import Dictionaries, Dictionary
 from factfind.graph import Node
 from factfind.testing.models import tiny_model
@@ -256,6 +267,50 @@ def test_the_error_node_carries_the_skip_path(tiny):
     ref = reference_metric(model, pairs, dicts, no_skip_err, means)
     assert res["metric"].iloc[0] == pytest.approx(ref, abs=2e-5, rel=1e-4)
     assert abs(ref - res["full"].iloc[0]) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["mean", "resample"])
+def test_the_no_error_basis_equals_the_literal_reference_on_tiny_models(tiny, how):
+    """``features_no_errors`` at budgets 5 and 20 and in full: its circuits are the features'
+    ranking with the error nodes skipped (the next heads and features fill the budget), hold
+    no error node, and basis_comparison's metric equals the reference's on each."""
+    model, pairs, dicts = tiny
+    scores = basis_scores(model, pairs, dicts, neuron_method="atp", progress=False)
+    budgets = (5, 20, None)
+    table = basis_comparison(model, pairs, dicts, budgets=budgets, hows=(how,), scores=scores,
+                             neuron_method="atp", progress=False)
+    mine = pd.DataFrame(table[(table["basis"] == "features_no_errors").to_numpy()])
+    feats = pd.DataFrame(table[(table["basis"] == "features").to_numpy()])
+    assert list(mine["n_errors"]) == [0, 0, 0]
+    ranked = pd.DataFrame(scores[(scores["basis"] == "features").to_numpy()]).sort_values(
+        by=["score", "node"], ascending=[False, True], kind="stable")["node"].tolist()
+    with_errors = basis_circuit(scores, "features", 20)
+    assert with_errors is not None and any(".err@" in n for n in with_errors), \
+        "the error nodes rank high (the skip path is large): the filter must matter"
+    means, counts = reference_means(model, pairs.clean, dicts)
+    roles = sorted(counts)
+    ref = []
+    for budget in budgets:
+        ids = basis_circuit(scores, "features_no_errors", budget)
+        if ids is None:  # the full basis: every head and feature, no error node
+            ids = [f"L{layer}.attn@all" for layer in range(model.n_layers)]
+            ids += [d.feature_id(f) for d in dicts.values() for f in range(d.d_sae)]
+        else:
+            assert ids == [n for n in ranked if ".err@" not in n][:budget]
+        nodes = feature_circuit_nodes(model, dicts, ids, roles)
+        assert nodes and not any(n.kind == "error" for n in nodes)
+        ref.append(reference_metric(model, pairs, dicts, nodes,
+                                    means if how == "mean" else None))
+    assert mine["metric"].tolist() == pytest.approx(ref, abs=2e-5, rel=1e-4), (mine, ref)
+    # non-zero values, and the ablation moves the metric (on Gemma-3 under mean ablation the
+    # full no-error circuit lands 3e-4 from the empty one: its random features carry nothing)
+    assert min(abs(v) for v in ref) > 1e-3
+    assert max(abs(v - mine["empty"].iloc[0]) for v in ref) > 1e-2, ref
+    # the same m(M) and m(∅) as the features basis; its full circuit is not the model
+    assert mine["full"].tolist() == feats["full"].tolist()
+    assert mine["empty"].tolist() == feats["empty"].tolist()
+    assert abs(mine["faithfulness"].iloc[-1] - 1.0) > 0.05
+    assert feats["faithfulness"].iloc[-1] == pytest.approx(1.0, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- Gemma-3-270M

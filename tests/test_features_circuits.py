@@ -1,5 +1,6 @@
 """Feature circuits at the dataset level (issue 24, Build 4, 5, 6): interventions, aggregation
-and stability, and the three bases side by side.
+and stability, and the bases side by side (features with and without error nodes, neurons,
+heads/MLPs).
 
 The planted truth: the planted circuit (factfind.testing.planted) read through planted SAEs
 whose features are its own variables (factfind.testing.planted_features): the sport features
@@ -9,7 +10,7 @@ nothing on the answer path. So swapping the attributed features must flip every 
 random features must flip none; the top-8 nodes of the aggregate are the 8 planted ones in
 every half of the pairs. The basis engine is checked against the house's engine (the same
 full and empty metric), against a literal spliced run (one feature ablated), and at the full
-budget (F = 1 exactly).
+budget (F = 1 exactly; the features without error nodes fall short of 1 there).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from factfind.errors import ArgumentError, EmptyInputError, NotFoundError
 from factfind.evaluate.bases import (
     BASES,
     _dict_means,
+    basis_circuit,
     basis_comparison,
     basis_figure,
+    basis_scores,
     evaluate_feature_circuits,
     feature_universe,
 )
@@ -286,14 +289,44 @@ def test_basis_table_shape_full_budget_and_figure(tiny):
         assert set(part["basis"]) == set(BASES)
         assert part["full"].nunique() == 1 or np.ptp(part["full"]) < 1e-5
         if pd.isna(budget):
-            np.testing.assert_allclose(part["faithfulness"], 1.0, atol=1e-5)
+            mask = (part["basis"] == "features_no_errors").to_numpy()
+            whole = part["faithfulness"].to_numpy(dtype=float)
+            np.testing.assert_allclose(whole[~mask], 1.0, atol=1e-5)
             np.testing.assert_allclose(part["fraction"], 1.0)
+            # every head and feature but no error node: what the random features carry
+            assert mask.sum() == 1 and abs(float(whole[mask][0]) - 1.0) > 0.05
         else:
             assert (part["n_nodes"] <= budget).all() and (part["n_nodes"] > 0).all()
     feats = table[(table["basis"] == "features") & table["budget"].notna()]
     assert (feats["n_heads"] + feats["n_units"] + feats["n_errors"] <= feats["n_nodes"]).all()
-    fig = basis_figure(table)
+    assert (table["n_errors"].to_numpy()[(table["basis"] == "features_no_errors")
+                                         .to_numpy()] == 0).all()
+    fig = basis_figure(table, labels={"features_no_errors": "features, no error nodes"})
     assert len(fig.axes) == 2
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "features", "features, no error nodes", "neurons", "heads_mlps"]
+    styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert styles["features, no error nodes"] == "--" and styles["features"] == "-"
+
+
+def test_the_no_error_basis_is_the_feature_ranking_without_its_error_nodes(tiny):
+    """basis_circuit skips the error nodes of the features' ranking and fills the budget from
+    further down it; the other bases read their own ranking."""
+    model, pairs, dicts = tiny
+    scores = basis_scores(model, pairs, dicts, neuron_method="atp", progress=False)
+    feats = pd.DataFrame(scores[(scores["basis"] == "features").to_numpy()]).sort_values(
+        by=["score", "node"], ascending=[False, True], kind="stable")["node"].tolist()
+    errors = [n for n in feats if ".err@" in n]
+    assert errors and feats.index(errors[0]) < 20  # the filter matters at 20 nodes
+    for budget in (1, 5, 20, 10**6):
+        got = basis_circuit(scores, "features_no_errors", budget)
+        assert got == [n for n in feats if ".err@" not in n][:budget]
+        assert basis_circuit(scores, "features", budget) == feats[:budget]
+    assert basis_circuit(scores, "features_no_errors", None) is None
+    with pytest.raises(ArgumentError, match="basis must be one of"):
+        basis_circuit(scores, "feature", 5)
 
 
 # ----------------------------------------------------------------------------- errors

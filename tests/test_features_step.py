@@ -29,15 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP = ROOT / "analyses" / "_features_step.py"
 
 
-def _bases() -> pd.DataFrame:
+def _bases(*, no_errors: bool = False) -> pd.DataFrame:
+    """A basis table; ``no_errors`` adds the features without error nodes (full basis 0.4 under
+    mean, 0.3 under resample ablation)."""
     rows = []
-    for how, f, n, h in (("mean", (0.2, 0.5, 0.9), (0.4, 0.45, 0.8), (0.1, 0.3, 0.7)),
-                         ("resample", (0.6, 0.7, 0.95), (0.3, 0.5, 0.9), (0.2, 0.4, 0.6))):
-        for basis, vals in (("features", f), ("neurons", n), ("heads_mlps", h)):
+    for how, f, n, h, x in (("mean", (0.2, 0.5, 0.9), (0.4, 0.45, 0.8), (0.1, 0.3, 0.7),
+                             (-0.05, 0.1, 0.25, 0.4)),
+                            ("resample", (0.6, 0.7, 0.95), (0.3, 0.5, 0.9), (0.2, 0.4, 0.6),
+                             (0.01, 0.02, 0.05, 0.3))):
+        bases = [("features", (*f, 1.0)), ("neurons", (*n, 1.0)), ("heads_mlps", (*h, 1.0))]
+        if no_errors:
+            bases.insert(1, ("features_no_errors", x))
+        for basis, vals in bases:
             rows += [{"basis": basis, "budget": b, "how": how, "faithfulness": v,
-                      "n_nodes": b} for b, v in zip((10, 50, 200), vals, strict=True)]
-            rows.append({"basis": basis, "budget": pd.NA, "how": how, "faithfulness": 1.0,
-                         "n_nodes": 999})
+                      "n_nodes": 999 if b is pd.NA else b}
+                     for b, v in zip((10, 50, 200, pd.NA), vals, strict=True)]
     return pd.DataFrame(rows).astype({"budget": "Int64"})
 
 
@@ -80,6 +86,21 @@ def test_basis_lines_say_where_features_lose_with_the_numbers() -> None:
         in rfc.basis_points(flipped)[1]
     with pytest.raises(ArgumentError, match="basis table"):
         rfc.basis_points(pd.DataFrame({"basis": ["features"]}))
+
+
+def test_basis_lines_add_one_line_on_the_features_without_error_nodes() -> None:
+    plain = rfc.basis_points(_bases())
+    *lines, extra = rfc.basis_points(_bases(no_errors=True))
+    assert lines == plain  # the per-ablation lines and where features lose are unchanged
+    assert extra == ("Without error nodes (each ablated like any node outside the circuit), "
+                     "features score -0.05/0.10/0.25 at 10/50/200 nodes under mean ablation "
+                     "(with them 0.20/0.50/0.90) and 0.01/0.02/0.05 at 10/50/200 nodes under "
+                     "resample ablation (with them 0.60/0.70/0.95); every head and feature but "
+                     "no error node: 0.40 (mean), 0.30 (resample).")
+    sec = rfc.bases_section(_bases(no_errors=True))
+    assert sec.points[-1] == extra and len(sec.tables[0].data) == len(_bases(no_errors=True))
+    assert "dashed: the features without their error nodes" in sec.figures[0].caption
+    assert "dashed" not in rfc.bases_section(_bases()).figures[0].caption
 
 
 def test_the_summary_reads_every_number_off_its_table() -> None:

@@ -1,6 +1,7 @@
-"""Three bases side by side: is a circuit of features more faithful than one of neurons or MLPs?
+"""Bases side by side: is a circuit of features more faithful than one of neurons or MLPs?
 
-A circuit can be written in three bases for the MLPs (attention is read per head in all three):
+A circuit can be written in three bases for the MLPs (attention is read per head in all of
+them), and the features once more without their error nodes:
 
 * **heads/MLPs**: each MLP layer at a token role is one node (Wang et al. 2022; Conmy et al.
   2023), ranked by AtP of ``head_out`` and ``mlp_out``;
@@ -11,7 +12,14 @@ A circuit can be written in three bases for the MLPs (attention is read per head
   nodes as nodes: a circuit that needs an MLP's unexplained part must spend a node on it),
   ranked by :func:`~factfind.features.attribution.feature_atp` together with AtP of the heads
   (and of the MLPs of layers without a dictionary) - the same first-order estimate of the same
-  metric, so one ranking.
+  metric, so one ranking;
+* **features, no error nodes** (``features_no_errors``): the features basis's ranking with
+  every error node left out, the budget filled by the next heads and features, so an error
+  node is always ablated like any node outside the circuit (:func:`basis_circuit`). Its full
+  circuit is every head and feature (and the MLPs of layers without a dictionary) but no error
+  node, so its ``F`` at the full budget is below 1: it measures what the features themselves
+  carry of the model's behaviour, not the model (on the tiny test models with random
+  dictionaries about 0 to 0.94; the report's table gives it for the real models).
 
 At **equal node budgets** (10, 50, 200 nodes) the top nodes of each basis form a circuit, and
 its **faithfulness** is the house's (:mod:`factfind.evaluate.engine`): everything outside the
@@ -49,17 +57,20 @@ alone 0.00 / 0.08 / 0.03, heads and features 0.00 / 0.09 / 0.09, each kept error
 to its whole MLP 0.03 / 0.17 / 0.14. On SmolLM2-135M (16 ROME-known pairs) features and skip
 path are large opposed writes at some layers (the features' deviation ~45x the MLP's at layer
 11): heads plus error nodes 0.12 / -0.05 / -0.57, heads and features 0.02 / 0.07 / 0.15.
-Ranked without error nodes (the next heads and features fill the budget), the basis scores
--0.01 / 0.11 / 0.20 under mean and 0.01 / 0.01 / 0.03 under resample on Gemma (SmolLM2 0.03
-/ 0.07 / 0.14 and 0.00 / 0.00 / 0.02): its resample lead is its error nodes' too.
+Ranked without error nodes (``features_no_errors``: the next heads and features fill the
+budget), the basis scores -0.01 / 0.11 / 0.20 under mean and 0.01 / 0.01 / 0.03 under
+resample on Gemma (SmolLM2 0.03 / 0.07 / 0.14 and 0.00 / 0.00 / 0.02): its resample lead is
+its error nodes' too. The table carries that basis beside the others so the reader sees both.
 
 :func:`basis_comparison` makes the table (one row per basis, budget and ablation) and
 :func:`basis_figure` its figure. Nothing is tuned toward a basis: each is ranked by its own
 standard estimate and measured by the one engine; where features lose, the table says so.
 
 Cost: the rankings (AtP of heads and MLPs; AtP* of heads and neurons, ``1 + n_layers``
-backward passes per batch; feature AtP), then per ablation one stacked forward per batch and
-chunk of circuits for each basis (the budgets, the full model and the empty circuit).
+backward passes per batch; feature AtP; the no-error ranking is the features' one, filtered),
+then per ablation one stacked forward per batch and chunk of circuits for each basis (the
+budgets, the full model and the empty circuit; a feature basis adds one forward per batch for
+its dictionaries' means under mean ablation).
 
 Example::
 
@@ -110,8 +121,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: the three bases, in the table's order
-BASES = ("features", "neurons", "heads_mlps")
+#: the bases, in the table's order: the features with and without their error nodes, the
+#: neurons, the heads and whole MLPs
+BASES = ("features", "features_no_errors", "neurons", "heads_mlps")
 #: the node budgets of the issue
 BUDGETS = (10, 50, 200)
 
@@ -451,12 +463,32 @@ def basis_scores(model: Model, pairs: FactPairs, dicts: Any, *,
     return pd.DataFrame(order).reset_index(drop=True)
 
 
-def _top(scores: pd.DataFrame, basis: str, budget: int | None) -> list[str] | None:
+def basis_circuit(scores: pd.DataFrame, basis: str, budget: int | None) -> list[str] | None:
+    """The node ids of ``basis``'s circuit at ``budget``: its top-``budget`` nodes of a
+    :func:`basis_scores` frame by score (ties by node id; all of them if fewer), ``None`` for
+    the full basis (``budget=None``). ``features_no_errors`` reads the ``features`` ranking
+    and skips every error node, so the next heads and features fill its budget.
+
+    Example::
+
+        basis_circuit(basis_scores(model, pairs, dicts), "features_no_errors", 50)
+    """
+    if basis not in BASES:
+        raise ArgumentError(f"basis must be one of {BASES}, got {basis!r}")
     if budget is None:
         return None
-    sel = pd.DataFrame(scores[(scores["basis"] == basis).to_numpy()])
+    ranked = "features" if basis == "features_no_errors" else basis
+    sel = pd.DataFrame(scores[(scores["basis"] == ranked).to_numpy()])
     sel = sel.sort_values(by=["score", "node"], ascending=[False, True], kind="stable")
-    return sel["node"].head(budget).tolist()
+    if basis != "features_no_errors":
+        return sel["node"].head(budget).astype(str).tolist()
+    out: list[str] = []
+    for node in sel["node"].astype(str):  # parse only as far down as the budget reaches
+        if len(out) == budget:
+            break
+        if Node.parse(node).kind != "error":
+            out.append(node)
+    return out
 
 
 @validated
@@ -466,13 +498,16 @@ def basis_comparison(
     scores: pd.DataFrame | None = None, neuron_method: str = "atp*",
     metric: Metric | None = None, batch_size: int = 16, chunk: int = 8, progress: bool = True,
 ) -> pd.DataFrame:
-    """Faithfulness of the feature, neuron and head/MLP circuits at equal node budgets.
+    """Faithfulness of the feature (with and without error nodes), neuron and head/MLP
+    circuits at equal node budgets.
 
     Args:
         model, pairs, dicts: as :func:`evaluate_feature_circuits`.
         budgets: node counts; each basis's circuit is its top-``budget`` nodes by
-            :func:`basis_scores` (all of its ranked nodes if fewer). ``None``: the full
-            basis (every node at every role present: ``F = 1``).
+            :func:`basis_scores` (all of its ranked nodes if fewer; :func:`basis_circuit`).
+            ``None``: the full basis (every node at every role present: ``F = 1``; for
+            ``features_no_errors`` every node but the error nodes, so ``F`` is what the
+            features carry, below 1 wherever the error nodes matter).
         hows: the ablations (``"mean"``, ``"resample"``).
         scores: a :func:`basis_scores` frame (computed if not given).
         neuron_method: the neuron ranking (``"atp*"`` or ``"atp"``).
@@ -484,7 +519,8 @@ def basis_comparison(
         The table: one row per (basis, budget, how): ``basis``, ``budget`` (<NA> for the full
         basis), ``how``, ``n_nodes``, ``fraction`` (of the basis's nodes), ``faithfulness``,
         ``metric``, ``full``, ``empty``, ``n`` (pairs), ``n_heads``, ``n_units`` (MLPs,
-        neurons or features), ``n_errors`` (error nodes: features basis only).
+        neurons or features), ``n_errors`` (error nodes: features basis only; 0 in
+        ``features_no_errors`` by construction).
 
     Example::
 
@@ -514,18 +550,22 @@ def basis_comparison(
                     for c in (Component.Z, Component.NEURONS)]
             means = mean_activations(model, pairs.clean, keys)
         for basis in BASES:
-            circuits = [_top(scores, basis, b) for b in blist]
-            if basis == "features":
-                full = [[*[f"L{layer}.attn@all" for layer in range(model.n_layers)],
-                         *[f"L{layer}.mlp@all" for layer in range(model.n_layers)
-                           if layer not in {d.layer for d in ds.values()}],
-                         *[d.feature_id(f) for d in ds.values() for f in range(d.d_sae)],
-                         *[d.error_id() for d in ds.values()]]]
-                given = [c if c is not None else full[0] for c in circuits]
+            circuits = [basis_circuit(scores, basis, b) for b in blist]
+            if basis in ("features", "features_no_errors"):
+                errors = basis == "features"
+                full = [*[f"L{layer}.attn@all" for layer in range(model.n_layers)],
+                        *[f"L{layer}.mlp@all" for layer in range(model.n_layers)
+                          if layer not in {d.layer for d in ds.values()}],
+                        *[d.feature_id(f) for d in ds.values() for f in range(d.d_sae)],
+                        *([d.error_id() for d in ds.values()] if errors else [])]
+                given = [c if c is not None else full for c in circuits]
                 res = evaluate_feature_circuits(model, pairs, ds, given, how=how,
                                                 metric=metric, batch_size=batch_size,
                                                 chunk=chunk, progress=progress)
-                res["n_units"], res["n_errors"] = res["n_features"], res["n_errors"]
+                res["n_units"] = res["n_features"]
+                if not errors:  # the basis's nodes: every feature node but the error nodes
+                    res["fraction"] = res["n_nodes"] / (feature_universe(model, ds, roles)
+                                                        - len(ds) * len(roles))
             else:
                 neurons = basis == "neurons"
                 given = [c if c is not None else [f"L{layer}.{u}@all"
@@ -550,10 +590,13 @@ def basis_comparison(
     return pd.DataFrame(table[cols]).reset_index(drop=True)
 
 
-def basis_figure(table: pd.DataFrame, *, title: str = "") -> Figure:
+def basis_figure(table: pd.DataFrame, *, title: str = "",
+                 labels: Mapping[str, str] | None = None) -> Figure:
     """Faithfulness against the node budget, one line per basis, one panel per ablation
-    (seaborn); the full-basis rows (budget <NA>) are left out. A matplotlib figure (no
-    pyplot): the report wraps it with ``factfind.report.from_matplotlib``."""
+    (seaborn); the full-basis rows (budget <NA>) are left out. The features without error
+    nodes share the features' colour, dashed. ``labels`` names the bases in the legend
+    (default their table names). A matplotlib figure (no pyplot): the report wraps it with
+    ``factfind.report.from_matplotlib``."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -564,15 +607,24 @@ def basis_figure(table: pd.DataFrame, *, title: str = "") -> Figure:
     if df.empty:
         raise ArgumentError("the table has no budgeted rows to plot")
     df["budget"] = df["budget"].astype(int)
+    shown = [b for b in BASES if b in set(df["basis"])]
+    name = {b: (labels or {}).get(b, b) for b in shown}
+    cycle = {"features": "C0", "features_no_errors": "C0", "neurons": "C1", "heads_mlps": "C2"}
+    colour = {name[b]: cycle[b] for b in shown}
+    dashes: dict[str, Any] = {name[b]: (4, 2) if b == "features_no_errors" else ""
+                              for b in shown}
+    df = pd.DataFrame(df[df["basis"].isin(shown).to_numpy()])
+    df["basis"] = [name[str(b)] for b in df["basis"]]
     hows = list(dict.fromkeys(df["how"]))
     fig = Figure(figsize=(4.2 * len(hows), 3.4), layout="constrained")
     axes = fig.subplots(1, len(hows), sharey=True, squeeze=False)[0]
     for ax, how in zip(axes, hows, strict=True):
         part = pd.DataFrame(df[(df["how"] == how).to_numpy()])
         ticks = sorted(int(b) for b in set(part["budget"]))
+        order = [name[b] for b in shown if name[b] in set(part["basis"])]
         sns.lineplot(data=part, x="budget", y="faithfulness", hue="basis", style="basis",
-                     hue_order=[b for b in BASES if b in set(part["basis"])], markers=True,
-                     dashes=False, ax=ax)
+                     hue_order=order, style_order=order, palette=colour, markers=True,
+                     dashes={n: dashes[n] for n in order}, ax=ax)
         ax.set_xscale("log")
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(b) for b in ticks])
@@ -585,5 +637,5 @@ def basis_figure(table: pd.DataFrame, *, title: str = "") -> Figure:
     return fig
 
 
-__all__ = ["BASES", "BUDGETS", "basis_comparison", "basis_figure", "basis_scores",
-           "evaluate_feature_circuits", "feature_circuit_nodes", "feature_universe"]
+__all__ = ["BASES", "BUDGETS", "basis_circuit", "basis_comparison", "basis_figure",
+           "basis_scores", "evaluate_feature_circuits", "feature_circuit_nodes", "feature_universe"]

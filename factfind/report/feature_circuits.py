@@ -101,7 +101,11 @@ EXPLAIN_BASES = (
     "Each basis's top-n nodes form a circuit; everything outside it is ablated (mean: per token "
     "role over the clean prompts; resample: the corrupt partner's value) and faithfulness is "
     "(m(C) - m(empty)) / (m(model) - m(empty)) of the mean logit difference. Nothing is tuned "
-    "toward a basis: each is ranked by its own standard estimate and measured by one engine."
+    "toward a basis: each is ranked by its own standard estimate and measured by one engine. "
+    "A fourth line, features with no error nodes, takes the features' ranking without its "
+    "error nodes (the next heads and features fill the budget), so every error node is "
+    "ablated: it measures what the features themselves carry, and even its full circuit "
+    "(every head and feature) falls short of the model where the error nodes matter."
 )
 
 EXPLAIN_PAIRS_GRAPH = (
@@ -125,7 +129,8 @@ EXPLAIN_PAIRS_GRAPH = (
 
 #: an error node holding more than this share of its layer's influence is flagged (issue 24)
 ERROR_FLAG = 0.3
-BASIS_NAMES = {"features": "features", "neurons": "neurons", "heads_mlps": "heads/MLPs"}
+BASIS_NAMES = {"features": "features", "features_no_errors": "features, no error nodes",
+               "neurons": "neurons", "heads_mlps": "heads/MLPs"}
 
 
 def _num(v: Any, digits: int = 2) -> str:
@@ -150,17 +155,19 @@ def flagged_layers(error_share: pd.DataFrame, *, limit: float = ERROR_FLAG) -> l
 def basis_points(table: pd.DataFrame) -> list[str]:
     """One line per ablation of a :func:`~factfind.evaluate.bases.basis_comparison` table:
     each basis's faithfulness at every budget, then where features lose to neurons (or to
-    heads/MLPs), with the numbers."""
+    heads/MLPs), with the numbers; and, when the table has the ``features_no_errors`` basis,
+    one line on it: its faithfulness per ablation beside the features' with their error nodes,
+    and its full circuit's (every head and feature, no error node)."""
     _need(table, {"basis", "budget", "how", "faithfulness"}, "a basis table")
     df = pd.DataFrame(table[table["budget"].notna().to_numpy()])
-    lines = []
+    lines, plain = [], []
     for how, part in df.groupby("how", sort=False):
         wide = part.pivot_table(index="budget", columns="basis", values="faithfulness",
                                 aggfunc="first").sort_index()
         budgets = [int(b) for b in wide.index]
         shown = "; ".join(f"{BASIS_NAMES.get(str(b), b)} "
                           + "/".join(_num(wide.at[x, b]) for x in wide.index)
-                          for b in wide.columns)
+                          for b in wide.columns if b != "features_no_errors")
         line = (f"{str(how).capitalize()} ablation, faithfulness at "
                 f"{'/'.join(map(str, budgets))} nodes: {shown}.")
         for rival in ("neurons", "heads_mlps"):
@@ -176,6 +183,23 @@ def basis_points(table: pd.DataFrame) -> list[str]:
             else:
                 line += f" Features match or beat {BASIS_NAMES[rival]} at every budget."
         lines.append(line)
+        if "features_no_errors" in wide.columns:
+            nums = "/".join(_num(wide.at[x, "features_no_errors"]) for x in wide.index)
+            given = f"{nums} at {'/'.join(map(str, budgets))} nodes under {how} ablation"
+            if "features" in wide.columns:
+                given += (" (with them "
+                          + "/".join(_num(wide.at[x, "features"]) for x in wide.index) + ")")
+            plain.append(given)
+    if plain:
+        full = pd.DataFrame(table[(table["budget"].isna()
+                                   & (table["basis"] == "features_no_errors")).to_numpy()])
+        line = ("Without error nodes (each ablated like any node outside the circuit), "
+                f"features score {' and '.join(plain)}")
+        if len(full):
+            line += ("; every head and feature but no error node: "
+                     + ", ".join(f"{_num(f)} ({h})"
+                                 for h, f in zip(full["how"], full["faithfulness"], strict=True)))
+        lines.append(line + ".")
     return lines
 
 
@@ -557,12 +581,15 @@ def bases_section(table: pd.DataFrame, *, explanation: str = EXPLAIN_BASES) -> S
     from factfind.report.figures import from_matplotlib
 
     _need(table, {"basis", "budget", "how", "faithfulness"}, "a basis table")
-    fig = from_matplotlib(basis_figure(table), caption="Faithfulness against the node budget, "
-                          "one line per basis, one panel per ablation (dotted: the full model).",
-                          alt="faithfulness of three bases at equal budgets")
+    dashed = ("; dashed: the features without their error nodes"
+              if "features_no_errors" in set(table["basis"]) else "")
+    fig = from_matplotlib(basis_figure(table, labels=BASIS_NAMES),
+                          caption="Faithfulness against the node budget, one line per basis, "
+                          f"one panel per ablation (dotted: the full model{dashed}).",
+                          alt="faithfulness of the bases at equal budgets")
     shown = columns(table, ["how", "budget", "basis", "n_nodes", "faithfulness", "full",
                             "empty", "n", "n_heads", "n_units", "n_errors", "fraction"])
-    return Section(id="features-bases", title="Features: three bases at equal budgets",
+    return Section(id="features-bases", title="Features: bases at equal budgets",
                    explanation=explanation, points=basis_points(table), figures=[fig],
                    tables=[Table(shown.round(4), caption="Faithfulness per basis, budget and "
                                                          "ablation (budget <NA>: the full basis)",
