@@ -27,8 +27,9 @@ On the run's known pairs this step
     each pair's clean run (:func:`factfind.feature_interventions`), against random controls,
     with the clean prompts paired again with partners the model knows (:func:`known_partners`:
     a partner the model does not know gives no attribute to swap in);
- 6. compares **three bases** - features, neurons, heads/MLPs - at equal node budgets
-    (:func:`~factfind.evaluate.bases.basis_comparison`, mean and resample ablation);
+ 6. compares **the bases** - features, features without their error nodes, neurons,
+    heads/MLPs - at equal node budgets (:func:`~factfind.evaluate.bases.basis_comparison`, mean
+    and resample ablation);
  7. shows dashboards (top contexts, logit lens, label) of the circuit's top features.
 
 Each result is a cache entry of the fact-finding run's folder, named by the step's knobs (the
@@ -73,7 +74,7 @@ import numpy as np
 import pandas as pd
 
 import factfind as ff
-from factfind.evaluate.bases import basis_comparison
+from factfind.evaluate.bases import BASES, basis_comparison
 from factfind.features import (
     Dictionaries,
     FeatureDashboard,
@@ -547,7 +548,7 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
         params={**etag, "edges": split}) if split else \
         pd.DataFrame({c: pd.Series(dtype=t) for c, t in HEAD_COLUMNS.items()})
     log.info("features: counterfactual graph done (%.0fs)", time.time() - t0)
-    # 5. interventions at subject_last and final; 6. the three bases
+    # 5. interventions at subject_last and final; 6. the bases
     ipairs = known_partners(fpairs, known, model, seed=cfg.seed)
     inter = cache.table("features_interventions", lambda: feature_interventions(
         model, ipairs, dicts, est, top=fc.feature_top, scales=(1.0, 2.0), batch_size=bs,
@@ -555,7 +556,8 @@ def features_step(args: Any, *, cfg: Any, cache: ff.RunCache, model: Any, pairs:
                                 "partners": ipairs.fingerprint()})
     bases = cache.table("features_bases", lambda: basis_comparison(
         model, bpairs, dicts, budgets=fc.budgets, batch_size=bs),
-        params={"dicts": tag["dicts"], "pairs": bpairs.fingerprint(), "budgets": fc.budgets})
+        params={"dicts": tag["dicts"], "pairs": bpairs.fingerprint(), "budgets": fc.budgets,
+                "bases": list(BASES)})
     log.info("features: interventions and bases done (%.0fs)", time.time() - t0)
     # 7. dashboards of the circuit's top features
     allc = pd.DataFrame(circuit[(circuit["group"].astype(str) == "all").to_numpy()])
