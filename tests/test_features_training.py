@@ -289,3 +289,39 @@ def test_a_damaged_activation_shard_is_quarantined_and_collected_again(organism,
     assert torch.equal(b.tensor(("mlp_in", 1)), x)
     moved = list((tmp_path / "acts" / "quarantine").rglob(victim.name))
     assert len(moved) == 1 and moved[0].read_bytes() != data  # the damaged bytes, kept
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_checkpoints_two_files_still_resumes_exactly(tmp_path, one_thread,
+                                                                         monkeypatch):
+    """A checkpoint is two files written one after the other (weights, then counters): a run
+    killed between the two leaves the weights of step n beside the counters of step n - 1. The
+    resume must still reproduce the uninterrupted run (the counters ride in the weights file)."""
+    import factfind.features.trainer as tr
+
+    x, _ = planted_superposition(64, 16, seed=0).sample(8192, seed=1)
+    kw = dict(kind="sae", width=128, k=4, batch_size=64, epochs=1, checkpoint_every=0.0,
+              progress=False)
+    real = tr.atomic_write_bytes
+    writes = {"json": 0}
+
+    def killed_before_the_counters(path, data, *args, **kwargs):
+        if str(path).endswith(".json"):
+            writes["json"] += 1
+            if writes["json"] == 10:
+                raise KeyboardInterrupt("killed")
+        return real(path, data, *args, **kwargs)
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setattr(tr, "atomic_write_bytes", killed_before_the_counters)
+    with pytest.raises(KeyboardInterrupt):
+        fit_dictionary(x, checkpoint=ckpt, **kw)
+    monkeypatch.setattr(tr, "atomic_write_bytes", real)
+    counters = json.loads(ckpt.with_suffix(".json").read_text())["step"]
+    inner = json.loads(tr._safetensors_metadata(ckpt.with_suffix(".safetensors").read_bytes())[
+        tr.CHECKPOINT_META])["step"]
+    assert inner == counters + 1  # the two files disagree, as after a kill between them
+    resumed = fit_dictionary(x, checkpoint=ckpt, **kw)
+    fresh = fit_dictionary(x, checkpoint=tmp_path / "other", **kw)
+    for f in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(resumed, f), getattr(fresh, f)), f

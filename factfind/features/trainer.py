@@ -32,6 +32,19 @@ from factfind.types import Component
 
 log = logging.getLogger(__name__)
 
+#: the key of a checkpoint's counters in its safetensors metadata
+CHECKPOINT_META = "factfind.trainer"
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (its header: an 8-byte little-endian
+    length, then JSON); ``{}`` when it has none."""
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 or n > len(raw) - 8:
+        raise ValueError("not a safetensors file (its header runs past the end)")
+    header = json.loads(raw[8:8 + n])
+    return dict(header.get("__metadata__") or {})
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -363,7 +376,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, path: Path) -> None:
-        """An atomic checkpoint: weights, Adam's moments, counters (safetensors + JSON)."""
+        """An atomic checkpoint: weights, Adam's moments, counters (safetensors + JSON).
+
+        The counters also ride in the safetensors file's own metadata, and :meth:`load` reads
+        them from there: the two files are written one after the other, so a run killed
+        between the writes leaves weights of one step beside counters of the step before, and
+        a resume from that pair would not reproduce the uninterrupted run. The JSON is kept
+        for people (and older checkpoints, which have no metadata)."""
         from safetensors.torch import save as st_save
 
         s = self.s
@@ -380,8 +399,10 @@ class Trainer:
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         meta = {"step": s.step, "tokens": s.tokens, "losses": s.losses,
                 "config": asdict(self.cfg)}
-        atomic_write_bytes(path.with_suffix(".safetensors"), st_save(tensors))
-        atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+        text = json.dumps(meta)
+        atomic_write_bytes(path.with_suffix(".safetensors"),
+                           st_save(tensors, metadata={CHECKPOINT_META: text}))
+        atomic_write_bytes(path.with_suffix(".json"), text.encode())
 
     def load(self, path: Path) -> bool:
         """Restore a checkpoint written by :meth:`save`; False when there is none (or it was
@@ -389,11 +410,15 @@ class Trainer:
         from safetensors.torch import load as st_load
 
         st_path, js_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
-        if not (st_path.exists() and js_path.exists()):
+        if not st_path.exists():
             return False
         try:
-            meta = json.loads(js_path.read_text())
-            tensors = st_load(st_path.read_bytes())
+            raw = st_path.read_bytes()
+            inner = _safetensors_metadata(raw).get(CHECKPOINT_META)
+            if inner is None and not js_path.exists():
+                return False
+            meta = json.loads(inner if inner is not None else js_path.read_text())
+            tensors = st_load(raw)
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable checkpoint %s (%s)", path, e)
             return False
