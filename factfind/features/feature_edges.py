@@ -128,7 +128,7 @@ def _fast_point(model: Model, ds: Dictionaries, g: EdgeGraph, pb: PairBatch, wr:
                      for x, gr in zip(leaves, got, strict=True)]
             else:
                 cot = receiver_cotangents(model, ds, g, part, stream.reads[layer],
-                                           grads[(Component.MLP_OUT, layer)], wr.masks)
+                                          grads[(Component.MLP_OUT, layer)], wr.masks)
                 G = batched_grad(stream.reads[layer], leaves, cot.to(stream.reads[layer].dtype))
             add_dots(out, part, G, layers, wr)
     return out

@@ -142,7 +142,7 @@ class Writes:
 
 
 def endpoint_writes(model: Model, ds: Dictionaries, g: EdgeGraph, pb: PairBatch, masks: Tensor
-                     ) -> Writes:
+                    ) -> Writes:
     """``w_u(corrupt) - w_u(clean)`` for every sender, from one run of each side."""
     emb = (Component.EMBED, 0)
     sites = [emb, *stream_sites(model)]
@@ -188,31 +188,33 @@ def endpoint_writes(model: Model, ds: Dictionaries, g: EdgeGraph, pb: PairBatch,
 
 
 def receiver_cotangents(model: Model, ds: Dictionaries, g: EdgeGraph, rec: Sequence[int],
-                         reads: Tensor, g_out: Tensor, masks: Tensor) -> Tensor:
+                        reads: Tensor, g_out: Tensor, masks: Tensor) -> Tensor:
     """``[T batch pos d]``: what receivers ``rec`` (all at one layer) read from the stream at
     its MLP input, weighted by the metric's gradient through them (module docstring)."""
-    units = [g.receivers[t] for t in rec]
-    d = ds[units[0].dictionary or ""]
     x = reads.detach()
-    acts = d.encode(x)  # [B P F] at this point
-    g_dec = g_out.to(d.W_dec.dtype)
+    encoded: dict[str, Tensor] = {}  # per dictionary its activations [B P F] at this point
+    errors: dict[str, Tensor] = {}
     out = []
-    err_cot: Tensor | None = None
-    for u in units:
+    for u in (g.receivers[t] for t in rec):
+        assert u.dictionary is not None
+        d = ds[u.dictionary]
+        if u.dictionary not in encoded:
+            encoded[u.dictionary] = d.encode(x)
+        acts = encoded[u.dictionary]
         m = masks[g.roles.index(u.role)][..., None].to(x.dtype)  # [B P 1]
         if u.kind == "feature":
             assert u.feature is not None
-            coef = (g_dec @ d.W_dec[u.feature]) * (acts[..., u.feature] != 0)  # [B P]
+            coef = (g_out.to(d.W_dec.dtype) @ d.W_dec[u.feature]) * (acts[..., u.feature] != 0)
             out.append(m * coef[..., None].to(x.dtype) * d.W_enc[:, u.feature].to(x.dtype))
         else:
-            if err_cot is None:
-                err_cot = error_cotangent(model, d, x, g_out, acts)
-            out.append(m * err_cot)
+            if u.dictionary not in errors:
+                errors[u.dictionary] = error_cotangent(model, d, x, g_out, acts)
+            out.append(m * errors[u.dictionary])
     return torch.stack(out)
 
 
 def error_cotangent(model: Model, d: Dictionary, x: Tensor, g_out: Tensor, acts: Tensor
-                     ) -> Tensor:
+                    ) -> Tensor:
     """``(J_mlp - J_features)^T g_out`` at MLP input ``x``: the gradient an error node's read
     passes back (the error is the MLP minus the features' write; a skip path is its own)."""
     blk = model._block_hf(d.layer)
@@ -235,7 +237,7 @@ def ig_points(emb_clean: Tensor, emb_bad: Tensor, steps: int) -> list[Tensor]:
 
 
 def point_run(model: Model, pb: PairBatch, point: Tensor, metric: Metric | None
-               ) -> tuple[dict[Any, Tensor], dict[Any, Tensor], Tensor]:
+              ) -> tuple[dict[Any, Tensor], dict[Any, Tensor], Tensor]:
     """The live model at one point: the stream's sites, the metric's gradients at every MLP
     output and the metric ``[batch]``."""
     store: dict[str, Tensor] = {}
@@ -252,7 +254,7 @@ def point_run(model: Model, pb: PairBatch, point: Tensor, metric: Metric | None
 
 
 def add_dots(out: Tensor, rec: Sequence[int], G: Sequence[Tensor], layers: Sequence[int],
-         wr: Writes) -> None:
+             wr: Writes) -> None:
     """Add ``w_u . G_v`` (per prompt) into ``out [T S batch]`` for receivers ``rec`` with leaf
     gradients ``G`` (``[T batch pos d]`` per leaf of ``layers``)."""
     B = out.shape[2]
