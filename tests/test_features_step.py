@@ -84,6 +84,12 @@ def test_basis_lines_say_where_features_lose_with_the_numbers() -> None:
                 "faithfulness"] = 0.1
     assert "Features lose to neurons at 10 nodes (0.10 vs 0.30), 50 nodes (0.10 vs 0.50)" \
         in rfc.basis_points(flipped)[1]
+    tie = _bases()  # equal as shown (two decimals): neither loses
+    tie.loc[(tie["basis"] == "features") & (tie["how"] == "mean") & (tie["budget"] == 10),
+            "faithfulness"] = -0.0012
+    tie.loc[(tie["basis"] == "neurons") & (tie["how"] == "mean") & (tie["budget"] == 10),
+            "faithfulness"] = -0.0004
+    assert "Features lose to neurons" not in rfc.basis_points(tie)[0]
     with pytest.raises(ArgumentError, match="basis table"):
         rfc.basis_points(pd.DataFrame({"basis": ["features"]}))
 

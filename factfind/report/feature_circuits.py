@@ -173,9 +173,11 @@ def basis_points(table: pd.DataFrame) -> list[str]:
         for rival in ("neurons", "heads_mlps"):
             if "features" not in wide.columns or rival not in wide.columns:
                 continue
+            # compared as shown (two decimals): -0.001 against -0.0004 is a tie, not a loss
             lost = [(int(x), float(wide.at[x, "features"]), float(wide.at[x, rival]))
                     for x in wide.index
-                    if float(wide.at[x, "features"]) < float(wide.at[x, rival])]
+                    if round(float(wide.at[x, "features"]), 2)
+                    < round(float(wide.at[x, rival]), 2)]
             if lost:
                 line += (f" Features lose to {BASIS_NAMES[rival]} at "
                          + ", ".join(f"{b} nodes ({f:.2f} vs {r:.2f})" for b, f, r in lost)
