@@ -32,13 +32,13 @@ from factfind.features.feature_edges_batch import (
     Writes,
     edge_graph,
     endpoint_writes,
+    frozen_at_point,
     ig_points,
     node_units,
-    point_run,
     receiver_cotangents,
     roles_present,
 )
-from factfind.features.feature_edges_model import by_head, mlp_frozen_stream, stream_tangents
+from factfind.features.feature_edges_model import by_head, stream_tangents
 from factfind.types import Component, Metric, Role
 from factfind.validation import validated
 
@@ -160,8 +160,7 @@ def _split_point(model: Model, ds: Dictionaries, g: EdgeGraph, pb: PairBatch, wr
                  s_of: dict[str, int], t_of: dict[str, int],
                  acc: dict[tuple[str, str, int, int], float],
                  local: dict[tuple[str, str], float], weight: float) -> None:
-    acts, grads, m = point_run(model, pb, point, metric)
-    stream = mlp_frozen_stream(model, acts, pb, g.frozen, metric, expect=m)
+    stream, grads = frozen_at_point(model, g, pb, point, metric)
     L = model.n_layers
     tangents: dict[str, tuple[Tensor, list[Tensor]]] = {}  # per sender: its write, what it does
 

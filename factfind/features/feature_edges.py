@@ -81,13 +81,13 @@ from factfind.features.feature_edges_batch import (
     add_dots,
     edge_graph,
     endpoint_writes,
+    frozen_at_point,
     ig_points,
     node_units,
-    point_run,
     receiver_cotangents,
     roles_present,
 )
-from factfind.features.feature_edges_model import batched_grad, mlp_frozen_stream
+from factfind.features.feature_edges_model import batched_grad
 from factfind.features.feature_edges_reference import reference_point
 from factfind.localize.patching import DEFAULT_ROLES
 from factfind.model.attention import AttentionMismatchError
@@ -108,8 +108,7 @@ DEFAULT_CHUNK = 32
 def _fast_point(model: Model, ds: Dictionaries, g: EdgeGraph, pb: PairBatch, wr: Writes,
                 point: Tensor, metric: Metric | None, chunk: int) -> Tensor:
     """``[T S batch]`` one point's edge gradients dotted with the writes."""
-    acts, grads, m = point_run(model, pb, point, metric)
-    stream = mlp_frozen_stream(model, acts, pb, g.frozen, metric, expect=m)
+    stream, grads = frozen_at_point(model, g, pb, point, metric)
     B = pb.clean.input_ids.shape[0]
     out = torch.zeros(len(g.receivers), len(g.senders), B, dtype=torch.float64)
     by_layer: dict[int, list[int]] = {}

@@ -14,9 +14,10 @@ reference, :mod:`.feature_edges_reference`) and
   metric's gradient through the receiver, as a cotangent on its layer's MLP input - a feature
   ``dM/da_f 1[a_f > 0] W_enc[:, f]``, an error node ``(J_mlp - J_features)^T dM/dmlp_out``
   (:func:`error_cotangent`);
-* EAP-IG's **points** on the input embeddings (:func:`ig_points`) and the live model's run at
-  each (:func:`point_run`), and the dot products of leaf gradients with the writes
-  (:func:`add_dots`).
+* EAP-IG's **points** on the input embeddings (:func:`ig_points`), the live model's run at
+  each (:func:`point_run`) and, for the fast path and the head split, that run rebuilt with the
+  transcoded MLPs frozen (:func:`frozen_at_point`), and the dot products of leaf gradients with
+  the writes (:func:`add_dots`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor
 from factfind.data.batch import PairBatch
 from factfind.errors import ArgumentError, NotFoundError
 from factfind.features.dictionary import Dictionaries, Dictionary, DictKind
-from factfind.features.feature_edges_model import stream_sites
+from factfind.features.feature_edges_model import MlpFrozenStream, mlp_frozen_stream, stream_sites
 from factfind.graph.node import Node
 from factfind.model.architectures import _get
 from factfind.types import Component, Metric, Role
@@ -251,6 +252,14 @@ def point_run(model: Model, pb: PairBatch, point: Tensor, metric: Metric | None
                     edits={(Component.EMBED, 0): lambda e: point.to(e.dtype)},
                     metric=fn, logits=pb.answer_ids() if metric is None else "final")
     return run.acts, run.grads, store["m"]
+
+
+def frozen_at_point(model: Model, g: EdgeGraph, pb: PairBatch, point: Tensor,
+                    metric: Metric | None) -> tuple[MlpFrozenStream, dict[Any, Tensor]]:
+    """One point's live run (:func:`point_run`: the metric's gradients at the MLP outputs) and
+    the same run rebuilt with ``g``'s transcoded MLPs frozen, checked against it."""
+    acts, grads, m = point_run(model, pb, point, metric)
+    return mlp_frozen_stream(model, acts, pb, g.frozen, metric, expect=m), grads
 
 
 def add_dots(out: Tensor, rec: Sequence[int], G: Sequence[Tensor], layers: Sequence[int],
