@@ -64,3 +64,25 @@ def known_pairs(model: Any, facts: Any, n: int, *, oversample: int = 8):
     facts (seed 0), keep the known ones, pair each with a same-shape corrupt partner."""
     known = facts.sample(min(len(facts), oversample * n), seed=0).known_by(model)
     return known.corrupt(model, seed=0, on_missing="skip")[:n]
+
+
+def cached_default_dictionaries(model: Any) -> Any:
+    """The default dictionary set ``train_dictionaries`` cached for ``model`` (its fingerprint,
+    the default kind, k and width, a transcoder per layer), loaded; ``None`` if there is none
+    (training one on a real model takes ~30 min: a benchmark never does)."""
+    import json
+
+    from factfind.features.formats import load_dictionaries
+    from factfind.features.training import DEFAULTS, dictionaries_dir
+
+    fp = model.fingerprint()
+    for prov_path in sorted(dictionaries_dir().glob("*/provenance.json")):
+        prov = json.loads(prov_path.read_text())
+        cfg = prov.get("config", {})
+        if (prov.get("model_fingerprint") == fp and cfg.get("kind") == DEFAULTS["kind"]
+                and cfg.get("k") == DEFAULTS["k"]
+                and cfg.get("width") == DEFAULTS["expansion"] * model.d_model
+                and len(cfg.get("layers", [])) == model.n_layers
+                and (prov_path.parent / "dictionaries").exists()):
+            return load_dictionaries(prov_path.parent / "dictionaries")
+    return None

@@ -40,7 +40,6 @@ twice).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import time
@@ -51,14 +50,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import known_pairs, machine
+from _common import cached_default_dictionaries, known_pairs, machine
 
 import factfind as ff
 import factfind.features.attribution as attribution
 from factfind.features import Dictionaries
 from factfind.features.attribution import DEFAULT_IG_STEPS
-from factfind.features.formats import load_dictionaries
-from factfind.features.training import DEFAULTS, dictionaries_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("base fwd+bwd", "source fwd", "encoders", "scoring", "frame")
@@ -80,16 +77,9 @@ def default_dictionaries(model: Any, name: str) -> tuple[Dictionaries | None, st
                                       progress=False)
         return dicts, ("cached" if dicts.meta.get("loaded_from_cache") else
                        f"trained in {time.perf_counter() - t:.0f} s")
-    fp = model.fingerprint()
-    for prov_path in sorted(dictionaries_dir().glob("*/provenance.json")):
-        prov = json.loads(prov_path.read_text())
-        cfg = prov.get("config", {})
-        if (prov.get("model_fingerprint") == fp and cfg.get("kind") == DEFAULTS["kind"]
-                and cfg.get("k") == DEFAULTS["k"]
-                and cfg.get("width") == DEFAULTS["expansion"] * model.d_model
-                and len(cfg.get("layers", [])) == model.n_layers
-                and (prov_path.parent / "dictionaries").exists()):
-            return load_dictionaries(prov_path.parent / "dictionaries"), "cached"
+    dicts = cached_default_dictionaries(model)
+    if dicts is not None:
+        return dicts, "cached"
     return None, "no cached default set"
 
 

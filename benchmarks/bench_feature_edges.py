@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import known_pairs, machine
+from _common import cached_default_dictionaries, known_pairs, machine
 
 import factfind as ff
 from factfind.features import Dictionaries, Dictionary
@@ -45,23 +45,11 @@ def _load(name: str, n_pairs: int) -> tuple[Any, Any, Dictionaries]:
         return model, pairs, dicts
     model = ff.load_model({"smollm2": "smollm2-135m", "gemma3": "gemma-3-270m"}[name])
     pairs = known_pairs(model, ff.load_facts("athletes"), n_pairs)
-    return model, pairs, _cached_dictionaries(model)
-
-
-def _cached_dictionaries(model: Any) -> Dictionaries:
-    """The default dictionary set of ``model`` as ``train_dictionaries`` cached it (the newest
-    set in the cache whose provenance names the model; never trains)."""
-    import json
-
-    root = Path(os.environ.get("FACTFIND_CACHE", Path.home() / ".cache" / "factfind"))
-    found = sorted((p.parent for p in (root / "dictionaries").glob("*/provenance.json")
-                    if json.loads(p.read_text()).get("model") == model.name
-                    and (p.parent / "dictionaries").is_dir()),
-                   key=lambda p: p.stat().st_mtime)
-    if not found:
+    dicts = cached_default_dictionaries(model)
+    if dicts is None:
         raise SystemExit(f"no cached default dictionaries of {model.name}: run "
-                         f"`python analyses/dictionaries.py --model {model.name}` first")
-    return ff.load_dictionaries(found[-1] / "dictionaries")
+                         f"`factfind train-dictionaries --model {model.name}` first")
+    return model, pairs, dicts
 
 
 def _forward(model: Any, pairs: Any, batch_size: int) -> float:
