@@ -59,8 +59,9 @@ path are large opposed writes at some layers (the features' deviation ~45x the M
 11): heads plus error nodes 0.12 / -0.05 / -0.57, heads and features 0.02 / 0.07 / 0.15.
 Ranked without error nodes (``features_no_errors``: the next heads and features fill the
 budget), the basis scores -0.01 / 0.11 / 0.20 under mean and 0.01 / 0.01 / 0.03 under
-resample on Gemma (SmolLM2 0.03 / 0.07 / 0.14 and 0.00 / 0.00 / 0.02): its resample lead is
-its error nodes' too. The table carries that basis beside the others so the reader sees both.
+resample on Gemma; in SmolLM2's fact-finding report (its run's first 16 pairs) -0.03 / -0.04 /
+-0.10 and 0.00 / 0.00 / 0.00: the features basis's resample lead is its error nodes' too.
+The table carries that basis beside the others so the reader sees both.
 
 :func:`basis_comparison` makes the table (one row per basis, budget and ablation) and
 :func:`basis_figure` its figure. Nothing is tuned toward a basis: each is ranked by its own
